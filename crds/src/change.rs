@@ -1,0 +1,262 @@
+//! `FileChange`: one detected change of one host file, as evidence.
+//!
+//! Cluster-scoped like the policy it belongs to. The spec is immutable once
+//! created (a CEL transition rule): nobody with update rights can rewrite what an
+//! agent recorded. Acknowledging a change is a label (see [`crate::labels`]) that
+//! the agent answers in `status`.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::cel;
+use crate::policy::Attribute;
+
+/// A change of one file on one node, detected by the kube-fim agent and kept as
+/// evidence: what changed, before and after values, when and how it was found.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "fim.kube-fim.io",
+    version = "v1alpha1",
+    kind = "FileChange",
+    plural = "filechanges",
+    shortname = "fc",
+    category = "fim",
+    status = "FileChangeStatus",
+    doc = "FileChange records one detected change of a monitored host file.",
+    printcolumn(name = "Node", type_ = "string", json_path = ".spec.node", description = "Node the file is on"),
+    printcolumn(name = "Category", type_ = "string", json_path = ".spec.category", description = "Added, Modified, Removed or Summary"),
+    printcolumn(name = "Path", type_ = "string", json_path = ".spec.path", description = "Host path of the file"),
+    printcolumn(name = "Policy", type_ = "string", json_path = ".spec.policy", description = "Policy that monitors the file"),
+    printcolumn(name = "Source", type_ = "string", json_path = ".spec.source", priority = 1, description = "How the change was found"),
+    printcolumn(name = "Attributes", type_ = "string", json_path = ".spec.changedAttributes", priority = 1, description = "Attributes that changed"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    selectable = ".spec.node",
+    selectable = ".spec.policy",
+    selectable = ".spec.category",
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = kube::core::Rule::new(cel::SPEC_IMMUTABLE).message(cel::SPEC_IMMUTABLE_MSG))]
+pub struct FileChangeSpec {
+    /// Name of the node the file is on.
+    #[schemars(length(min = 1, max = 253))]
+    pub node: String,
+
+    /// Name of the FileIntegrityPolicy that monitors the file.
+    #[schemars(length(min = 1, max = 63))]
+    pub policy: String,
+
+    /// Name of the policy entry the file falls under.
+    #[schemars(length(min = 1, max = 63))]
+    pub entry: String,
+
+    /// Host path of the file. Bytes that are not UTF-8 are written as `\xNN`, and a
+    /// backslash as `\\`. For a Summary, the entry's path.
+    #[schemars(length(min = 1, max = 4096))]
+    pub path: String,
+
+    /// What happened to the file.
+    pub category: ChangeCategory,
+
+    /// Attributes that differ between before and after (empty for Added and Removed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 11), extend("x-kubernetes-list-type" = "set"))]
+    pub changed_attributes: Vec<Attribute>,
+
+    /// The file as recorded in the baseline (absent for Added).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<FileAttributes>,
+
+    /// The file as found on the host (absent for Removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<FileAttributes>,
+
+    /// When the agent detected the change.
+    pub detected_time: MicroTime,
+
+    /// How the change was found.
+    pub source: DetectionSource,
+
+    /// The process that made the change, when process attribution is on and the
+    /// kernel could tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessInfo>,
+
+    /// For category Summary: the changes this object stands for, written instead of
+    /// one object per file when a node exceeds the policy's change rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<ChangeSummary>,
+}
+
+/// What happened to a file.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ChangeCategory {
+    /// A file appeared that the baseline did not have.
+    Added,
+    /// A file's monitored attributes differ from the baseline.
+    Modified,
+    /// A file of the baseline is gone.
+    Removed,
+    /// Many changes at once (a change storm), summarised in one object.
+    Summary,
+}
+
+impl ChangeCategory {
+    /// The name used in labels, Events and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeCategory::Added => "Added",
+            ChangeCategory::Modified => "Modified",
+            ChangeCategory::Removed => "Removed",
+            ChangeCategory::Summary => "Summary",
+        }
+    }
+}
+
+/// How a change was found.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DetectionSource {
+    /// A real-time file system event (inotify).
+    Realtime,
+    /// The periodic full rescan.
+    Scan,
+    /// The agent's start, against the baseline it kept on the node: the file
+    /// changed while the agent was not running.
+    Startup,
+}
+
+/// The recorded attributes of one file. Never its content: only a hash of it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileAttributes {
+    /// File type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "type")]
+    pub file_type: Option<FileType>,
+
+    /// BLAKE3 hash of the content, hex (regular files only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub hash: Option<String>,
+
+    /// Size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+
+    /// Permission bits in octal, with setuid/setgid/sticky (`0644`, `4755`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-7]{4}$"))]
+    pub mode: Option<String>,
+
+    /// Owner user id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+
+    /// Owner group id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+
+    /// BLAKE3 digest over the extended attributes (names and values, including
+    /// POSIX ACLs and security labels), hex; absent when the file has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub xattrs: Option<String>,
+
+    /// Modification time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime: Option<MicroTime>,
+
+    /// Inode change time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctime: Option<MicroTime>,
+
+    /// Inode number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inode: Option<u64>,
+
+    /// Target of a symbolic link, as stored in the link (escaped like paths).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub link_target: Option<String>,
+}
+
+/// Type of a file system entry.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub enum FileType {
+    /// Regular file.
+    File,
+    /// Directory.
+    Directory,
+    /// Symbolic link (never followed; its target is recorded).
+    Symlink,
+    /// Named pipe (never opened).
+    Fifo,
+    /// Unix socket (never opened).
+    Socket,
+    /// Block device (never opened).
+    BlockDevice,
+    /// Character device (never opened).
+    CharDevice,
+}
+
+/// The process that made a change.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProcessInfo {
+    /// Process id on the node.
+    pub pid: i32,
+    /// Command name (`comm`) of the process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub command: Option<String>,
+    /// Real user id of the process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// User name of that uid on the node, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub user: Option<String>,
+}
+
+/// Many changes summarised in one object.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChangeSummary {
+    /// Changes this summary stands for.
+    pub count: u64,
+    /// Of which Added.
+    #[serde(default)]
+    pub added: u64,
+    /// Of which Modified.
+    #[serde(default)]
+    pub modified: u64,
+    /// Of which Removed.
+    #[serde(default)]
+    pub removed: u64,
+    /// A sample of the paths that changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50), inner(length(max = 4096)))]
+    pub sample_paths: Vec<String>,
+    /// Start of the summarised period.
+    pub window_start: MicroTime,
+    /// End of the summarised period.
+    pub window_end: MicroTime,
+}
+
+/// State of a change after it was recorded.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FileChangeStatus {
+    /// When the agent took the file's current state as its new baseline, after
+    /// the change was acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_updated_time: Option<Time>,
+
+    /// Why an acknowledgement could not be applied (for example the file changed
+    /// again since), if it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub message: Option<String>,
+}

@@ -1,0 +1,402 @@
+//! `FileIntegrityPolicy`: what to watch, on which nodes, and how to report it.
+//!
+//! The policy is cluster-scoped: it reads host files of whole nodes, which is a
+//! cluster-level capability. A namespaced policy would let anyone with edit
+//! rights in one namespace make the privileged node agents hash arbitrary host
+//! paths, so only cluster admins (or those they grant the cluster role) may
+//! create one.
+//!
+//! Validation lives in the schema (OpenAPI constraints and CEL rules), so the API
+//! server refuses a bad policy with a message naming the field. The same rules
+//! exist in Rust in [`crate::validate`], for policy files read from disk; a
+//! test runs one corpus through both and demands identical verdicts.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::cel;
+
+/// Most path entries one policy may hold.
+pub const MAX_PATHS: usize = 128;
+/// Most exclude globs one path entry may hold.
+pub const MAX_EXCLUDES: usize = 64;
+/// Longest monitored path, in bytes.
+pub const MAX_PATH_LEN: usize = 1024;
+/// Longest exclude glob, in bytes.
+pub const MAX_EXCLUDE_LEN: usize = 256;
+
+/// Declares which host files kube-fim monitors on which nodes, and how changes are
+/// reported. Every node the policy selects runs one kube-fim agent, shared with
+/// the other policies that select it; the agent hashes (BLAKE3) and watches the
+/// listed paths and reports each change as a FileChange object, an Event and
+/// metrics.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "fim.kube-fim.io",
+    version = "v1alpha1",
+    kind = "FileIntegrityPolicy",
+    plural = "fileintegritypolicies",
+    shortname = "fip",
+    category = "fim",
+    status = "FileIntegrityPolicyStatus",
+    doc = "FileIntegrityPolicy declares host paths that kube-fim monitors on the nodes it selects.",
+    printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.nodesSelected", description = "Nodes the policy selects"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.nodesReady", description = "Nodes whose agent has a baseline and is reporting"),
+    printcolumn(name = "Files", type_ = "integer", json_path = ".status.filesMonitored", description = "Files monitored, summed over nodes"),
+    printcolumn(name = "Changes(24h)", type_ = "integer", json_path = ".status.changesLast24h", description = "Changes reported in the last 24 hours"),
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", description = "Reason of the Ready condition"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 63")
+        .message("metadata.name must be at most 63 characters: policy names are used as label values")
+        .field_path(".metadata.name"),
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = kube::core::Rule::new(cel::HAS_PATHS_OR_PRESET).message(cel::HAS_PATHS_OR_PRESET_MSG).field_path(".paths"))]
+pub struct FileIntegrityPolicySpec {
+    /// Monitored entries: files, directories and wildcards on the host. Each entry
+    /// name must be unique within the policy; it is shown in every change found
+    /// under that entry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub paths: Vec<MonitoredPath>,
+
+    /// Adds a predefined list of entries. `recommended` adds the system binaries,
+    /// boot files, cron and init directories and /etc/*.conf (see the README for the
+    /// full list). Entries listed in `paths` with the same name override the
+    /// preset's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
+
+    /// Node labels that select the nodes this policy applies to (all must match).
+    /// Empty or absent selects every node the tolerations allow.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Tolerations that let the agent run on tainted nodes (for example control
+    /// plane nodes). Merged with the other policies' tolerations on the shared
+    /// agent DaemonSet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
+
+    /// Period of the full rescan that backs up real-time watching, as a duration
+    /// such as `30m` or `1h30m` (units h, m, s, ms). Between 1m and 168h.
+    #[serde(default = "default_scan_interval")]
+    #[x_kube(validation = kube::core::Rule::new(cel::SCAN_INTERVAL).message(cel::SCAN_INTERVAL_MSG))]
+    #[schemars(length(max = 32))]
+    pub scan_interval: String,
+
+    /// Window within which bursts of events on one path are coalesced into one
+    /// change (an editor's write-to-temp-and-rename is one Modified). A duration
+    /// between 0s and 60s.
+    #[serde(default = "default_debounce")]
+    #[x_kube(validation = kube::core::Rule::new(cel::DEBOUNCE).message(cel::DEBOUNCE_MSG))]
+    #[schemars(length(max = 32))]
+    pub debounce: String,
+
+    /// Most FileChange objects one node creates for this policy per minute. Past
+    /// it, the node writes one summarising FileChange (count and a sample of
+    /// paths) instead of one object per file, and says so in an Event.
+    #[serde(default = "default_max_changes_per_minute")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_changes_per_node_per_minute: u32,
+
+    /// How long and how many FileChange objects of this policy the operator keeps.
+    #[serde(default)]
+    pub retention: Retention,
+
+    /// Attributes a change to the process that made it (pid, command, user) where
+    /// the kernel can tell (fanotify). Needs an extra capability on the agent, so
+    /// it is off by default; without it changes are still reported.
+    #[serde(default)]
+    pub process_attribution: bool,
+}
+
+/// One monitored entry of a policy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = kube::core::Rule::new(cel::WHOLE_HOST).message(cel::WHOLE_HOST_MSG).field_path(".path"))]
+pub struct MonitoredPath {
+    /// Short name of the entry, shown in every change found under it. Lowercase
+    /// letters, digits and '-', at most 63 characters; unique within the policy.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+
+    /// Absolute host path: a file, a directory, or a wildcard in the last segment
+    /// only (`*`, `?`, `[...]`, as in `/etc/*.conf`). No `.` or `..` segments, no
+    /// empty segments, no trailing '/'. Resolved inside the node's root: symlinks
+    /// on the host never lead the agent outside it.
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(
+        validation = kube::core::Rule::new(cel::PATH_ABSOLUTE).message(cel::PATH_ABSOLUTE_MSG),
+        validation = kube::core::Rule::new(cel::PATH_NO_EMPTY_SEGMENT).message(cel::PATH_NO_EMPTY_SEGMENT_MSG),
+        validation = kube::core::Rule::new(cel::PATH_NO_DOT_SEGMENT).message(cel::PATH_NO_DOT_SEGMENT_MSG),
+        validation = kube::core::Rule::new(cel::PATH_WILDCARD_LAST).message(cel::PATH_WILDCARD_LAST_MSG),
+        validation = kube::core::Rule::new(cel::PATH_BRACKETS_CLOSED).message(cel::PATH_BRACKETS_CLOSED_MSG),
+        validation = kube::core::Rule::new(cel::NO_CONTROL_CHARS).message(cel::NO_CONTROL_CHARS_MSG),
+    )]
+    pub path: String,
+
+    /// Also monitor everything below a directory (or below each directory a
+    /// wildcard matches). Without it, a directory's direct entries are monitored.
+    #[serde(default)]
+    pub recursive: bool,
+
+    /// Set to false to keep the entry in the policy without monitoring it.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// Globs of paths not to monitor (and not to watch) under this entry. A glob
+    /// with a '/' matches the absolute host path (`/var/log/**`, where `**` spans
+    /// directories); one without matches the file name alone (`*.swp`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(inner(length(min = 1, max = 256)))]
+    #[x_kube(validation = kube::core::Rule::new(cel::EXCLUDES_VALID).message(cel::EXCLUDES_VALID_MSG))]
+    pub exclude: Vec<String>,
+
+    /// Which attributes count as a change. `full` (the default) compares content
+    /// hash, size, type, mode, owner, ACLs/xattrs, mtime, inode and symlink target.
+    /// `permissions` ignores content, size and mtime. `growOnly` is for
+    /// append-only files such as logs: a longer file whose old content is an
+    /// unchanged prefix is not a change.
+    #[serde(default)]
+    pub profile: AttributeProfile,
+
+    /// Explicit list of attributes to compare, replacing the profile's list (for
+    /// example `[mode, uid, gid]`). The growOnly profile keeps its prefix rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 11), extend("x-kubernetes-list-type" = "set"))]
+    pub attributes: Vec<Attribute>,
+
+    /// Allows a recursive entry on `/` or `/*`, which traverses the whole host and
+    /// usually floods the cluster with noise. Refused unless set.
+    #[serde(default)]
+    pub allow_whole_host: bool,
+}
+
+/// A predefined list of entries.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Preset {
+    /// System binaries, boot files, cron and init directories and /etc/*.conf.
+    Recommended,
+}
+
+/// A named set of attributes compared between the baseline and the host.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum AttributeProfile {
+    /// Content hash, size, type, mode, owner, ACLs/xattrs, mtime, inode, link target.
+    #[default]
+    Full,
+    /// Type, mode, owner, ACLs/xattrs, inode and link target; content is ignored.
+    Permissions,
+    /// As full, except that growth keeping the old content as a prefix is not a change.
+    GrowOnly,
+}
+
+/// A file attribute that can change.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "camelCase")]
+pub enum Attribute {
+    /// BLAKE3 hash of the content.
+    Hash,
+    /// Size in bytes.
+    Size,
+    /// File type: regular file, directory, symlink, FIFO, socket, device.
+    Type,
+    /// Permission bits, including setuid, setgid and sticky.
+    Mode,
+    /// Owner user id.
+    Uid,
+    /// Owner group id.
+    Gid,
+    /// Digest of extended attributes, including POSIX ACLs and security labels.
+    Xattrs,
+    /// Modification time.
+    Mtime,
+    /// Inode change time (off in every profile: it moves with any other change).
+    Ctime,
+    /// Inode number (a replaced file gets a new one).
+    Inode,
+    /// Target of a symbolic link.
+    LinkTarget,
+}
+
+impl Attribute {
+    /// Every attribute, in display order.
+    pub const ALL: [Attribute; 11] = [
+        Attribute::Hash,
+        Attribute::Size,
+        Attribute::Type,
+        Attribute::Mode,
+        Attribute::Uid,
+        Attribute::Gid,
+        Attribute::Xattrs,
+        Attribute::Mtime,
+        Attribute::Ctime,
+        Attribute::Inode,
+        Attribute::LinkTarget,
+    ];
+}
+
+impl AttributeProfile {
+    /// Attributes this profile compares.
+    pub fn attributes(self) -> &'static [Attribute] {
+        use Attribute::*;
+        match self {
+            AttributeProfile::Full | AttributeProfile::GrowOnly => {
+                &[Hash, Size, Type, Mode, Uid, Gid, Xattrs, Mtime, Inode, LinkTarget]
+            }
+            AttributeProfile::Permissions => &[Type, Mode, Uid, Gid, Xattrs, Inode, LinkTarget],
+        }
+    }
+}
+
+impl MonitoredPath {
+    /// Attributes compared for this entry: the explicit list if given, else the profile's.
+    pub fn effective_attributes(&self) -> Vec<Attribute> {
+        if self.attributes.is_empty() {
+            self.profile.attributes().to_vec()
+        } else {
+            let mut attrs = self.attributes.clone();
+            attrs.sort();
+            attrs.dedup();
+            attrs
+        }
+    }
+}
+
+/// Limits on the FileChange objects of a policy, enforced by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retention {
+    /// Delete changes older than this duration (units h, m, s). Between 1h and 8760h.
+    #[serde(default = "default_retention_age")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = kube::core::Rule::new(cel::RETENTION_AGE).message(cel::RETENTION_AGE_MSG))]
+    pub max_age: String,
+
+    /// Keep at most this many changes; the oldest go first.
+    #[serde(default = "default_retention_count")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_count: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: default_retention_age(),
+            max_count: default_retention_count(),
+        }
+    }
+}
+
+/// Observed state of a policy, aggregated by the operator from the agents' per-node reports.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FileIntegrityPolicyStatus {
+    /// The policy generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready`: every selected node has a baseline and reports. `Degraded`: a node
+    /// fails to scan or report, or the policy could not be applied (see reason).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// Nodes the policy selects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_selected: Option<i32>,
+
+    /// Selected nodes whose agent has a baseline and reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_ready: Option<i32>,
+
+    /// Selected nodes whose agent is still building its first baseline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_baselining: Option<i32>,
+
+    /// Files monitored, summed over the nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_monitored: Option<i64>,
+
+    /// Completion time of the least recent full scan among the nodes: every node
+    /// has scanned at least this recently.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scan_time: Option<Time>,
+
+    /// Changes reported in the last 24 hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes_last24h: Option<i64>,
+
+    /// Reported changes nobody has acknowledged yet. Stored here, not only in
+    /// process memory, so that alerts on it survive restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unacknowledged_changes: Option<i64>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_scan_interval() -> String {
+    "1h".into()
+}
+fn default_debounce() -> String {
+    "2s".into()
+}
+fn default_max_changes_per_minute() -> u32 {
+    100
+}
+fn default_retention_age() -> String {
+    "720h".into()
+}
+fn default_retention_count() -> u32 {
+    10000
+}
+
+impl Default for MonitoredPath {
+    fn default() -> Self {
+        MonitoredPath {
+            name: String::new(),
+            path: String::new(),
+            recursive: false,
+            enabled: true,
+            exclude: Vec::new(),
+            profile: AttributeProfile::default(),
+            attributes: Vec::new(),
+            allow_whole_host: false,
+        }
+    }
+}
+
+impl FileIntegrityPolicySpec {
+    /// A spec with the given entries and every other field at the API server's defaults.
+    pub fn with_paths(paths: Vec<MonitoredPath>) -> Self {
+        FileIntegrityPolicySpec {
+            paths,
+            preset: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            scan_interval: default_scan_interval(),
+            debounce: default_debounce(),
+            max_changes_per_node_per_minute: default_max_changes_per_minute(),
+            retention: Retention::default(),
+            process_attribution: false,
+        }
+    }
+}
+
+impl Default for FileIntegrityPolicySpec {
+    fn default() -> Self {
+        FileIntegrityPolicySpec::with_paths(Vec::new())
+    }
+}
