@@ -17,16 +17,20 @@ macro_rules! regex_rule {
 }
 
 /// A policy must monitor something.
-pub const HAS_PATHS_OR_PRESET: &str = "(has(self.paths) && size(self.paths) > 0) || has(self.preset)";
-pub const HAS_PATHS_OR_PRESET_MSG: &str = "a policy needs at least one entry in spec.paths or a spec.preset";
+pub const HAS_PATHS_OR_PRESET: &str =
+    "(has(self.paths) && size(self.paths) > 0) || has(self.preset)";
+pub const HAS_PATHS_OR_PRESET_MSG: &str =
+    "a policy needs at least one entry in spec.paths or a spec.preset";
 
 /// Paths are absolute.
 pub const PATH_ABSOLUTE: &str = "self.startsWith('/')";
 pub const PATH_ABSOLUTE_MSG: &str = "must be an absolute path (start with '/')";
 
 /// No `//` and no trailing `/` (except the root itself).
-pub const PATH_NO_EMPTY_SEGMENT: &str = "self == '/' || !(self.contains('//') || self.endsWith('/'))";
-pub const PATH_NO_EMPTY_SEGMENT_MSG: &str = "must not contain empty segments ('//' or a trailing '/')";
+pub const PATH_NO_EMPTY_SEGMENT: &str =
+    "self == '/' || !(self.contains('//') || self.endsWith('/'))";
+pub const PATH_NO_EMPTY_SEGMENT_MSG: &str =
+    "must not contain empty segments ('//' or a trailing '/')";
 
 regex_rule!(
     /// No `.` or `..` segment: the path is canonical, and `..` can never climb.
@@ -100,7 +104,8 @@ duration_rule!(
 
 /// Recorded changes are evidence: once created, a FileChange's spec never changes.
 pub const SPEC_IMMUTABLE: &str = "self == oldSelf";
-pub const SPEC_IMMUTABLE_MSG: &str = "a FileChange's spec is a record and cannot be changed; acknowledge it instead";
+pub const SPEC_IMMUTABLE_MSG: &str =
+    "a FileChange's spec is a record and cannot be changed; acknowledge it instead";
 
 #[cfg(test)]
 mod tests {

@@ -4,6 +4,8 @@
 //! created (a CEL transition rule): nobody with update rights can rewrite what an
 //! agent recorded. Acknowledging a change is a label (see [`crate::labels`]) that
 //! the agent answers in `status`.
+// kube's `printcolumn(...)` attributes repeat `type_ = ...` by design.
+#![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
@@ -25,16 +27,52 @@ use crate::policy::Attribute;
     category = "fim",
     status = "FileChangeStatus",
     doc = "FileChange records one detected change of a monitored host file.",
-    printcolumn(name = "Node", type_ = "string", json_path = ".spec.node", description = "Node the file is on"),
-    printcolumn(name = "Category", type_ = "string", json_path = ".spec.category", description = "Added, Modified, Removed or Summary"),
-    printcolumn(name = "Path", type_ = "string", json_path = ".spec.path", description = "Host path of the file"),
-    printcolumn(name = "Policy", type_ = "string", json_path = ".spec.policy", description = "Policy that monitors the file"),
-    printcolumn(name = "Source", type_ = "string", json_path = ".spec.source", priority = 1, description = "How the change was found"),
-    printcolumn(name = "Attributes", type_ = "string", json_path = ".spec.changedAttributes", priority = 1, description = "Attributes that changed"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Node",
+        type_ = "string",
+        json_path = ".spec.node",
+        description = "Node the file is on"
+    ),
+    printcolumn(
+        name = "Category",
+        type_ = "string",
+        json_path = ".spec.category",
+        description = "Added, Modified, Removed or Summary"
+    ),
+    printcolumn(
+        name = "Path",
+        type_ = "string",
+        json_path = ".spec.path",
+        description = "Host path of the file"
+    ),
+    printcolumn(
+        name = "Policy",
+        type_ = "string",
+        json_path = ".spec.policy",
+        description = "Policy that monitors the file"
+    ),
+    printcolumn(
+        name = "Source",
+        type_ = "string",
+        json_path = ".spec.source",
+        priority = 1,
+        description = "How the change was found"
+    ),
+    printcolumn(
+        name = "Attributes",
+        type_ = "string",
+        json_path = ".spec.changedAttributes",
+        priority = 1,
+        description = "Attributes that changed"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
     selectable = ".spec.node",
     selectable = ".spec.policy",
-    selectable = ".spec.category",
+    selectable = ".spec.category"
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(validation = kube::core::Rule::new(cel::SPEC_IMMUTABLE).message(cel::SPEC_IMMUTABLE_MSG))]
@@ -90,7 +128,9 @@ pub struct FileChangeSpec {
 }
 
 /// What happened to a file.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 pub enum ChangeCategory {
     /// A file appeared that the baseline did not have.
     Added,

@@ -10,7 +10,9 @@ use thiserror::Error;
 
 /// A duration string outside the grammar `([0-9]{1,5}(ms|s|m|h))+`.
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("{input:?} is not a duration: write one or more <number><unit> with units h, m, s or ms (at most 5 digits each), such as 90s or 1h30m")]
+#[error(
+    "{input:?} is not a duration: write one or more <number><unit> with units h, m, s or ms (at most 5 digits each), such as 90s or 1h30m"
+)]
 pub struct ParseDurationError {
     input: String,
 }
@@ -84,7 +86,9 @@ mod tests {
 
     #[test]
     fn refuses_what_the_schema_refuses() {
-        for bad in ["", "1", "h", "1d", "1.5h", "-1s", "1h 30m", "123456s", "1us", "1hm"] {
+        for bad in [
+            "", "1", "h", "1d", "1.5h", "-1s", "1h 30m", "123456s", "1us", "1hm",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
         }
     }

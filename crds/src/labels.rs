@@ -27,8 +27,14 @@ pub fn label_value(value: &str) -> String {
         && value
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && value.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
-        && value.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric());
+        && value
+            .bytes()
+            .next()
+            .is_none_or(|b| b.is_ascii_alphanumeric())
+        && value
+            .bytes()
+            .last()
+            .is_none_or(|b| b.is_ascii_alphanumeric());
     if valid {
         return value.to_string();
     }
@@ -63,7 +69,10 @@ mod tests {
     #[test]
     fn short_names_are_kept() {
         assert_eq!(label_value("worker-1"), "worker-1");
-        assert_eq!(label_value("ip-10-0-0-1.ec2.internal"), "ip-10-0-0-1.ec2.internal");
+        assert_eq!(
+            label_value("ip-10-0-0-1.ec2.internal"),
+            "ip-10-0-0-1.ec2.internal"
+        );
     }
 
     #[test]

@@ -32,7 +32,10 @@ pub const VERSION: &str = "v1alpha1";
 /// The CRDs, each with the file name it is committed under in `crds/`.
 pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
-        ("fim.kube-fim.io_fileintegritypolicies.yaml", FileIntegrityPolicy::crd()),
+        (
+            "fim.kube-fim.io_fileintegritypolicies.yaml",
+            FileIntegrityPolicy::crd(),
+        ),
         ("fim.kube-fim.io_filechanges.yaml", FileChange::crd()),
     ]
 }

@@ -10,6 +10,8 @@
 //! server refuses a bad policy with a message naming the field. The same rules
 //! exist in Rust in [`crate::validate`], for policy files read from disk; a
 //! test runs one corpus through both and demands identical verdicts.
+// kube's `printcolumn(...)` attributes repeat `type_ = ...` by design.
+#![allow(clippy::duplicated_attributes)]
 
 use std::collections::BTreeMap;
 
@@ -52,8 +54,7 @@ pub const MAX_EXCLUDE_LEN: usize = 256;
     printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", description = "Reason of the Ready condition"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = kube::core::Rule::new("size(self.metadata.name) <= 63")
-        .message("metadata.name must be at most 63 characters: policy names are used as label values")
-        .field_path(".metadata.name"),
+        .message("metadata.name must be at most 63 characters: policy names are used as label values"),
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(validation = kube::core::Rule::new(cel::HAS_PATHS_OR_PRESET).message(cel::HAS_PATHS_OR_PRESET_MSG).field_path(".paths"))]
@@ -125,7 +126,10 @@ pub struct FileIntegrityPolicySpec {
 pub struct MonitoredPath {
     /// Short name of the entry, shown in every change found under it. Lowercase
     /// letters, digits and '-', at most 63 characters; unique within the policy.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
 
     /// Absolute host path: a file, a directory, or a wildcard in the last segment
@@ -203,7 +207,9 @@ pub enum AttributeProfile {
 }
 
 /// A file attribute that can change.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum Attribute {
     /// BLAKE3 hash of the content.
@@ -252,9 +258,9 @@ impl AttributeProfile {
     pub fn attributes(self) -> &'static [Attribute] {
         use Attribute::*;
         match self {
-            AttributeProfile::Full | AttributeProfile::GrowOnly => {
-                &[Hash, Size, Type, Mode, Uid, Gid, Xattrs, Mtime, Inode, LinkTarget]
-            }
+            AttributeProfile::Full | AttributeProfile::GrowOnly => &[
+                Hash, Size, Type, Mode, Uid, Gid, Xattrs, Mtime, Inode, LinkTarget,
+            ],
             AttributeProfile::Permissions => &[Type, Mode, Uid, Gid, Xattrs, Inode, LinkTarget],
         }
     }

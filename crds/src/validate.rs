@@ -86,9 +86,8 @@ static CONTROL_CHARS: LazyLock<Regex> = LazyLock::new(|| re(cel::CONTROL_CHARS_R
 static WHOLE_HOST: LazyLock<Regex> = LazyLock::new(|| re(cel::WHOLE_HOST_RE));
 static DURATION: LazyLock<Regex> = LazyLock::new(|| re(cel::DURATION_RE));
 static ENTRY_NAME: LazyLock<Regex> = LazyLock::new(|| re(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"));
-static DNS_SUBDOMAIN: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-});
+static DNS_SUBDOMAIN: LazyLock<Regex> =
+    LazyLock::new(|| re(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"));
 
 /// Validates a whole policy object: its name and its spec.
 pub fn validate_policy(policy: &FileIntegrityPolicy) -> Result<(), ValidationErrors> {
@@ -125,7 +124,10 @@ pub fn validate_spec(spec: &FileIntegrityPolicySpec) -> Result<(), ValidationErr
     if spec.paths.len() > MAX_PATHS {
         errs.push(
             "spec.paths",
-            format!("Too many: {}: must have at most {MAX_PATHS} items", spec.paths.len()),
+            format!(
+                "Too many: {}: must have at most {MAX_PATHS} items",
+                spec.paths.len()
+            ),
         );
     }
     let mut names = HashSet::new();
@@ -143,17 +145,37 @@ pub fn validate_spec(spec: &FileIntegrityPolicySpec) -> Result<(), ValidationErr
     if spec.node_selector.len() > 32 {
         errs.push(
             "spec.nodeSelector",
-            format!("Too many: {}: must have at most 32 items", spec.node_selector.len()),
+            format!(
+                "Too many: {}: must have at most 32 items",
+                spec.node_selector.len()
+            ),
         );
     }
     if spec.tolerations.len() > 32 {
         errs.push(
             "spec.tolerations",
-            format!("Too many: {}: must have at most 32 items", spec.tolerations.len()),
+            format!(
+                "Too many: {}: must have at most 32 items",
+                spec.tolerations.len()
+            ),
         );
     }
-    duration_in("spec.scanInterval", &spec.scan_interval, "1m", "168h", cel::SCAN_INTERVAL_MSG, &mut errs);
-    duration_in("spec.debounce", &spec.debounce, "0s", "60s", cel::DEBOUNCE_MSG, &mut errs);
+    duration_in(
+        "spec.scanInterval",
+        &spec.scan_interval,
+        "1m",
+        "168h",
+        cel::SCAN_INTERVAL_MSG,
+        &mut errs,
+    );
+    duration_in(
+        "spec.debounce",
+        &spec.debounce,
+        "0s",
+        "60s",
+        cel::DEBOUNCE_MSG,
+        &mut errs,
+    );
     range(
         "spec.maxChangesPerNodePerMinute",
         u64::from(spec.max_changes_per_node_per_minute),
@@ -169,7 +191,13 @@ pub fn validate_spec(spec: &FileIntegrityPolicySpec) -> Result<(), ValidationErr
         cel::RETENTION_AGE_MSG,
         &mut errs,
     );
-    range("spec.retention.maxCount", u64::from(spec.retention.max_count), 1, 100000, &mut errs);
+    range(
+        "spec.retention.maxCount",
+        u64::from(spec.retention.max_count),
+        1,
+        100000,
+        &mut errs,
+    );
     errs.finish()
 }
 
@@ -187,7 +215,10 @@ fn validate_entry(entry: &MonitoredPath, field: &str, errs: &mut Errors) {
     let path_field = format!("{field}.path");
     let path = entry.path.as_str();
     if path.is_empty() || path.len() > MAX_PATH_LEN {
-        errs.push(&path_field, format!("must be between 1 and {MAX_PATH_LEN} bytes long"));
+        errs.push(
+            &path_field,
+            format!("must be between 1 and {MAX_PATH_LEN} bytes long"),
+        );
     }
     if !path.starts_with('/') {
         errs.push(&path_field, cel::PATH_ABSOLUTE_MSG);
@@ -215,7 +246,10 @@ fn validate_entry(entry: &MonitoredPath, field: &str, errs: &mut Errors) {
     if entry.exclude.len() > MAX_EXCLUDES {
         errs.push(
             &exclude_field,
-            format!("Too many: {}: must have at most {MAX_EXCLUDES} items", entry.exclude.len()),
+            format!(
+                "Too many: {}: must have at most {MAX_EXCLUDES} items",
+                entry.exclude.len()
+            ),
         );
     }
     for (j, glob) in entry.exclude.iter().enumerate() {
@@ -247,7 +281,11 @@ fn validate_entry(entry: &MonitoredPath, field: &str, errs: &mut Errors) {
 
 fn duration_in(field: &str, value: &str, min: &str, max: &str, message: &str, errs: &mut Errors) {
     let ok = DURATION.is_match(value)
-        && match (parse_duration(value), parse_duration(min), parse_duration(max)) {
+        && match (
+            parse_duration(value),
+            parse_duration(min),
+            parse_duration(max),
+        ) {
             (Ok(v), Ok(lo), Ok(hi)) => lo <= v && v <= hi,
             _ => false,
         };
@@ -275,7 +313,9 @@ pub enum PolicyFileError {
     #[error("not a FileIntegrityPolicy: {0}")]
     Parse(#[from] serde_yaml::Error),
     /// The document has another apiVersion or kind.
-    #[error("expected apiVersion fim.kube-fim.io/v1alpha1 and kind FileIntegrityPolicy, found {api_version} {kind}")]
+    #[error(
+        "expected apiVersion fim.kube-fim.io/v1alpha1 and kind FileIntegrityPolicy, found {api_version} {kind}"
+    )]
     WrongKind {
         /// apiVersion found.
         api_version: String,
@@ -333,7 +373,16 @@ mod tests {
 
     #[test]
     fn accepts_good_paths() {
-        for p in ["/etc/passwd", "/etc/*.conf", "/etc/ssh", "/", "/*", "/usr/lib/x86_64-linux-gnu/security/pam_[a-z]*.so", "/etc/.hidden", "/var/log/..weird"] {
+        for p in [
+            "/etc/passwd",
+            "/etc/*.conf",
+            "/etc/ssh",
+            "/",
+            "/*",
+            "/usr/lib/x86_64-linux-gnu/security/pam_[a-z]*.so",
+            "/etc/.hidden",
+            "/var/log/..weird",
+        ] {
             assert_eq!(single_path_error(p), vec![], "{p}");
         }
     }
@@ -356,7 +405,8 @@ mod tests {
         for (path, msg) in cases {
             let errs = single_path_error(path);
             assert!(
-                errs.iter().any(|e| e.field == "spec.paths[0].path" && e.message == msg),
+                errs.iter()
+                    .any(|e| e.field == "spec.paths[0].path" && e.message == msg),
                 "{path:?}: {errs:?}"
             );
         }
@@ -370,10 +420,16 @@ mod tests {
             let errs = errors_of(&FileIntegrityPolicySpec::with_paths(vec![e.clone()]));
             assert_eq!(
                 errs,
-                vec![FieldError { field: "spec.paths[0].path".into(), message: cel::WHOLE_HOST_MSG.into() }]
+                vec![FieldError {
+                    field: "spec.paths[0].path".into(),
+                    message: cel::WHOLE_HOST_MSG.into()
+                }]
             );
             e.allow_whole_host = true;
-            assert_eq!(errors_of(&FileIntegrityPolicySpec::with_paths(vec![e])), vec![]);
+            assert_eq!(
+                errors_of(&FileIntegrityPolicySpec::with_paths(vec![e])),
+                vec![]
+            );
         }
     }
 
@@ -385,7 +441,10 @@ mod tests {
         spec.preset = Some(Preset::Recommended);
         assert_eq!(errors_of(&spec), vec![]);
 
-        let errs = errors_of(&FileIntegrityPolicySpec::with_paths(vec![entry("a", "/a"), entry("a", "/b")]));
+        let errs = errors_of(&FileIntegrityPolicySpec::with_paths(vec![
+            entry("a", "/a"),
+            entry("a", "/b"),
+        ]));
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].field, "spec.paths[1]");
     }
@@ -396,7 +455,10 @@ mod tests {
         spec.scan_interval = "10s".into();
         spec.debounce = "2m".into();
         spec.max_changes_per_node_per_minute = 0;
-        spec.retention = Retention { max_age: "1d".into(), max_count: 1_000_000 };
+        spec.retention = Retention {
+            max_age: "1d".into(),
+            max_count: 1_000_000,
+        };
         let fields: Vec<String> = errors_of(&spec).into_iter().map(|e| e.field).collect();
         assert_eq!(
             fields,
@@ -412,10 +474,17 @@ mod tests {
 
     #[test]
     fn refuses_too_many_entries_and_bad_names() {
-        let many: Vec<_> = (0..=MAX_PATHS).map(|i| entry(&format!("e{i}"), "/etc")).collect();
+        let many: Vec<_> = (0..=MAX_PATHS)
+            .map(|i| entry(&format!("e{i}"), "/etc"))
+            .collect();
         let errs = errors_of(&FileIntegrityPolicySpec::with_paths(many));
-        assert!(errs.iter().any(|e| e.field == "spec.paths" && e.message.starts_with("Too many")));
-        let errs = errors_of(&FileIntegrityPolicySpec::with_paths(vec![entry("Bad_Name", "/etc")]));
+        assert!(
+            errs.iter()
+                .any(|e| e.field == "spec.paths" && e.message.starts_with("Too many"))
+        );
+        let errs = errors_of(&FileIntegrityPolicySpec::with_paths(vec![entry(
+            "Bad_Name", "/etc",
+        )]));
         assert_eq!(errs[0].field, "spec.paths[0].name");
     }
 
@@ -429,11 +498,23 @@ mod tests {
             assert!(p.spec.paths[0].enabled);
         }
         let typo = good.replace("recursive", "recursiv");
-        assert!(matches!(policy_from_yaml(&typo), Err(PolicyFileError::Parse(_))));
+        assert!(matches!(
+            policy_from_yaml(&typo),
+            Err(PolicyFileError::Parse(_))
+        ));
         let bad = good.replace("/etc,", "etc,");
-        let err = policy_from_yaml(&bad).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("spec.paths[0].path: must be an absolute path"), "{err}");
+        let err = policy_from_yaml(&bad)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("spec.paths[0].path: must be an absolute path"),
+            "{err}"
+        );
         let wrong = good.replace("FileIntegrityPolicy", "ConfigMap");
-        assert!(matches!(policy_from_yaml(&wrong), Err(PolicyFileError::WrongKind { .. })));
+        assert!(matches!(
+            policy_from_yaml(&wrong),
+            Err(PolicyFileError::WrongKind { .. })
+        ));
     }
 }

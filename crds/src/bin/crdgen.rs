@@ -6,7 +6,9 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let arg = std::env::args().nth(1);
     if arg.as_deref() == Some("--help") || arg.as_deref() == Some("-h") {
-        println!("usage: crdgen [DIR | --stdout]\nWrites the kube-fim CRDs as YAML into DIR (default: the crds/ directory).");
+        println!(
+            "usage: crdgen [DIR | --stdout]\nWrites the kube-fim CRDs as YAML into DIR (default: the crds/ directory)."
+        );
         return Ok(());
     }
     for (file, crd) in kube_fim_crds::crds() {

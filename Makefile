@@ -1,0 +1,68 @@
+# kube-fim — the two commands are `make demo` and `make test`; see README.md.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+CONTROLPLANE := e2e/controlplane/controlplane.sh
+# Where `make e2e` keeps its throw-away control plane (etcd data, certificates, logs).
+E2E_DIR ?= $(CURDIR)/target/e2e-controlplane
+DEMO_DIR ?= $(CURDIR)/target/demo
+
+.PHONY: help
+help: ## Show the targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+.PHONY: demo
+demo: controlplane ## Run kube-fim end to end on the embedded local control plane
+	@e2e/demo.sh "$(DEMO_DIR)"
+
+.PHONY: test
+test: fmt-check clippy unit e2e ## Everything CI runs: fmt, clippy, unit and integration tests
+
+.PHONY: fmt-check
+fmt-check: ## cargo fmt --check
+	$(CARGO) fmt --all -- --check
+
+.PHONY: fmt
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+.PHONY: clippy
+clippy: ## cargo clippy, warnings are errors
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+.PHONY: unit
+unit: ## Unit tests and single-node tests (no control plane needed)
+	$(CARGO) test --workspace --exclude kube-fim-e2e
+
+.PHONY: e2e
+e2e: controlplane ## Integration tests against a fresh local control plane
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p kube-fim-e2e --no-run
+	rm -rf "$(E2E_DIR)"
+	$(CONTROLPLANE) run "$(E2E_DIR)" -- $(CARGO) test -p kube-fim-e2e
+
+.PHONY: crds
+crds: ## Regenerate the CRD YAML in crds/ from the Rust types
+	$(CARGO) run -q -p kube-fim-crds --bin crdgen
+
+.PHONY: crds-check
+crds-check: ## Fail if the committed CRD YAML is stale
+	$(CARGO) test -q -p kube-fim-crds --lib committed_crd_yaml
+
+.PHONY: controlplane
+controlplane: ## Build (or find in the cache) the pinned etcd + kube-apiserver + kube-controller-manager
+	@e2e/controlplane/build.sh >/dev/null
+
+.PHONY: up
+up: controlplane ## Start a local control plane in the background (KUBECONFIG=target/dev/kubeconfig)
+	$(CONTROLPLANE) start "$(CURDIR)/target/dev"
+
+.PHONY: down
+down: ## Stop the background control plane
+	$(CONTROLPLANE) stop "$(CURDIR)/target/dev"
+
+.PHONY: bench
+bench: ## Speed and memory of the agent against b3sum and AIDE
+	node-agent/bench/bench.sh
