@@ -1,4 +1,5 @@
-//! kube-fim's API: the `FileIntegrityPolicy` and `FileChange` custom resources
+//! kube-fim's API: the `FileIntegrityPolicy`, `FileChange` and `FileIntegrityNode`
+//! custom resources
 //! (group `fim.kube-fim.io`, version `v1alpha1`), their validation, and the CRD
 //! YAML users apply.
 //!
@@ -8,6 +9,7 @@ pub mod cel;
 pub mod change;
 pub mod duration;
 pub mod labels;
+pub mod node;
 pub mod policy;
 pub mod preset;
 pub mod validate;
@@ -15,6 +17,10 @@ pub mod validate;
 pub use change::{
     ChangeCategory, ChangeSummary, DetectionSource, FileAttributes, FileChange, FileChangeSpec,
     FileChangeStatus, FileType, ProcessInfo,
+};
+pub use node::{
+    FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodePolicyPhase,
+    NodePolicyStatus,
 };
 pub use policy::{
     Attribute, AttributeProfile, FileIntegrityPolicy, FileIntegrityPolicySpec,
@@ -37,6 +43,10 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
             FileIntegrityPolicy::crd(),
         ),
         ("fim.kube-fim.io_filechanges.yaml", FileChange::crd()),
+        (
+            "fim.kube-fim.io_fileintegritynodes.yaml",
+            FileIntegrityNode::crd(),
+        ),
     ]
 }
 

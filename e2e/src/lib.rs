@@ -110,6 +110,7 @@ pub fn ensure_crds() {
             "--timeout=60s",
             "crd/fileintegritypolicies.fim.kube-fim.io",
             "crd/filechanges.fim.kube-fim.io",
+            "crd/fileintegritynodes.fim.kube-fim.io",
         ]);
         if !run.success {
             return Err(format!("CRDs not Established: {}", run.stderr));

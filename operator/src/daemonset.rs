@@ -1,0 +1,479 @@
+//! The one agent DaemonSet: scheduled on the union of the policies' node
+//! selections, with the least privilege that lets an agent read the host.
+//!
+//! One agent per node whatever the number of policies: a per-policy DaemonSet
+//! would run two agents on a node two policies select, hashing and watching the
+//! same files twice. Every agent serves every policy that selects its node.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
+};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    HostPathVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube_fim_crds::FileIntegrityPolicy;
+use kube_fim_crds::labels::{MANAGED_BY, MANAGED_BY_VALUE};
+
+use crate::config::Config;
+
+/// Label naming the component on every object the operator creates.
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// Label naming the application.
+pub const NAME_LABEL: &str = "app.kubernetes.io/name";
+/// Where the host's `/` is mounted in the agent container.
+pub const HOST_ROOT: &str = "/host";
+
+/// Capabilities of the agent container, with why each one is there. Everything
+/// else is dropped; the container is not privileged.
+pub fn agent_capabilities(process_attribution: bool) -> Vec<(&'static str, &'static str)> {
+    let mut caps = vec![(
+        "DAC_READ_SEARCH",
+        "read and list every monitored file and directory whatever its mode (/etc/shadow is 0640 root:shadow); grants no write access",
+    )];
+    if process_attribution {
+        caps.push((
+            "SYS_ADMIN",
+            "fanotify marks on the host's mounts, the only kernel interface that names the process behind a file change",
+        ));
+        caps.push((
+            "SYS_PTRACE",
+            "read /proc/<pid>/exe and status of other users' processes to name the command and user behind a change",
+        ));
+    }
+    caps
+}
+
+/// The node affinity that schedules agents on the union of the policies' node
+/// selections (terms are ORed), or `None` when some policy selects every node.
+pub fn union_affinity(policies: &[&FileIntegrityPolicy]) -> Option<Affinity> {
+    let mut terms: Vec<NodeSelectorTerm> = Vec::new();
+    for policy in policies {
+        if policy.spec.node_selector.is_empty() {
+            return None;
+        }
+        let term = NodeSelectorTerm {
+            match_expressions: Some(
+                policy
+                    .spec
+                    .node_selector
+                    .iter()
+                    .map(|(k, v)| NodeSelectorRequirement {
+                        key: k.clone(),
+                        operator: "In".into(),
+                        values: Some(vec![v.clone()]),
+                    })
+                    .collect(),
+            ),
+            match_fields: None,
+        };
+        if !terms.contains(&term) {
+            terms.push(term);
+        }
+    }
+    if terms.is_empty() {
+        return None;
+    }
+    Some(Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: terms,
+            }),
+            ..NodeAffinity::default()
+        }),
+        ..Affinity::default()
+    })
+}
+
+/// Every toleration any policy has, once each, in a stable order.
+pub fn merged_tolerations(policies: &[&FileIntegrityPolicy]) -> Vec<Toleration> {
+    let mut out: Vec<Toleration> = Vec::new();
+    for policy in policies {
+        for t in &policy.spec.tolerations {
+            if !out.contains(t) {
+                out.push(t.clone());
+            }
+        }
+    }
+    out.sort_by_key(|t| {
+        (
+            t.key.clone(),
+            t.operator.clone(),
+            t.value.clone(),
+            t.effect.clone(),
+        )
+    });
+    out
+}
+
+fn labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (NAME_LABEL.to_string(), "kube-fim".to_string()),
+        (COMPONENT_LABEL.to_string(), "agent".to_string()),
+    ])
+}
+
+fn http_probe(path: &str, port: i32, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(port),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+/// The agent DaemonSet for the given (valid, served) policies, or `None` when
+/// there are none: no policy, no agents. Policies are taken in name order so the
+/// same set always yields the same pod template (no needless rollouts).
+pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> Option<DaemonSet> {
+    if policies.is_empty() {
+        return None;
+    }
+    let mut policies = policies.to_vec();
+    policies.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let process_attribution = policies.iter().any(|p| p.spec.process_attribution);
+
+    let mut args = vec![
+        "run".to_string(),
+        "--node-name=$(NODE_NAME)".to_string(),
+        format!("--root={HOST_ROOT}"),
+        format!("--state={}", config.agent_state_dir),
+        format!("--metrics-addr=0.0.0.0:{}", config.agent_metrics_port),
+    ];
+    if let Some(selector) = &config.policy_selector {
+        args.push(format!("--policy-selector={selector}"));
+    }
+
+    let mut limits = BTreeMap::from([(
+        "memory".to_string(),
+        Quantity(config.agent_resources.memory_limit.clone()),
+    )]);
+    if let Some(cpu) = &config.agent_resources.cpu_limit {
+        limits.insert("cpu".into(), Quantity(cpu.clone()));
+    }
+
+    let container = Container {
+        name: "agent".into(),
+        image: Some(config.agent_image.clone()),
+        image_pull_policy: Some(config.agent_image_pull_policy.clone()),
+        args: Some(args),
+        env: Some(vec![
+            EnvVar {
+                name: "NODE_NAME".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "spec.nodeName".into(),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "RUST_LOG".into(),
+                value: Some("info".into()),
+                ..EnvVar::default()
+            },
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: config.agent_metrics_port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                (
+                    "cpu".to_string(),
+                    Quantity(config.agent_resources.cpu_request.clone()),
+                ),
+                (
+                    "memory".to_string(),
+                    Quantity(config.agent_resources.memory_request.clone()),
+                ),
+            ])),
+            limits: Some(limits),
+            ..ResourceRequirements::default()
+        }),
+        liveness_probe: Some(http_probe("/healthz", config.agent_metrics_port, 20)),
+        readiness_probe: Some(http_probe("/readyz", config.agent_metrics_port, 10)),
+        security_context: Some(SecurityContext {
+            // Root, to open files owned by root; the capability set below, not
+            // `privileged`, bounds what root may do.
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: Some(
+                    agent_capabilities(process_attribution)
+                        .into_iter()
+                        .map(|(c, _)| c.to_string())
+                        .collect(),
+                ),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "host".into(),
+                mount_path: HOST_ROOT.into(),
+                read_only: Some(true),
+                // Submounts of the host (/boot, /var/lib/kubelet...) read-only too
+                // where the kernel supports it (Linux 5.12+).
+                recursive_read_only: Some("IfPossible".into()),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "state".into(),
+                mount_path: config.agent_state_dir.clone(),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+
+    let template_annotations = BTreeMap::from([
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        (
+            "prometheus.io/port".to_string(),
+            config.agent_metrics_port.to_string(),
+        ),
+        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+    ]);
+
+    let pod = PodSpec {
+        service_account_name: Some(config.agent_service_account.clone()),
+        containers: vec![container],
+        affinity: union_affinity(&policies),
+        tolerations: {
+            let t = merged_tolerations(&policies);
+            (!t.is_empty()).then_some(t)
+        },
+        host_pid: process_attribution.then_some(true),
+        priority_class_name: Some("system-node-critical".into()),
+        termination_grace_period_seconds: Some(30),
+        volumes: Some(vec![
+            Volume {
+                name: "host".into(),
+                host_path: Some(HostPathVolumeSource {
+                    path: "/".into(),
+                    type_: Some("Directory".into()),
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "state".into(),
+                host_path: Some(HostPathVolumeSource {
+                    path: config.agent_state_dir.clone(),
+                    type_: Some("DirectoryOrCreate".into()),
+                }),
+                ..Volume::default()
+            },
+        ]),
+        ..PodSpec::default()
+    };
+
+    let mut meta_labels = labels();
+    meta_labels.insert(MANAGED_BY.into(), MANAGED_BY_VALUE.into());
+    Some(DaemonSet {
+        metadata: ObjectMeta {
+            name: Some(config.daemonset_name.clone()),
+            namespace: Some(config.namespace.clone()),
+            labels: Some(meta_labels),
+            ..ObjectMeta::default()
+        },
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(labels()),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels()),
+                    annotations: Some(template_annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_unavailable: Some(IntOrString::String("10%".into())),
+                    ..RollingUpdateDaemonSet::default()
+                }),
+            }),
+            ..DaemonSetSpec::default()
+        }),
+        status: None,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use kube_fim_crds::{FileIntegrityPolicySpec, MonitoredPath};
+
+    fn policy(name: &str, selector: &[(&str, &str)]) -> FileIntegrityPolicy {
+        let mut spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
+            name: "passwd".into(),
+            path: "/etc/passwd".into(),
+            ..MonitoredPath::default()
+        }]);
+        spec.node_selector = selector
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        FileIntegrityPolicy::new(name, spec)
+    }
+
+    fn terms(ds: &DaemonSet) -> Vec<NodeSelectorTerm> {
+        ds.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.as_ref())
+            .and_then(|n| {
+                n.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+            })
+            .map(|s| s.node_selector_terms.clone())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn no_policy_no_daemonset() {
+        assert!(desired_daemonset(&Config::default(), &[]).is_none());
+    }
+
+    #[test]
+    fn affinity_is_the_union_of_selections() {
+        let a = policy("a", &[("role", "web")]);
+        let b = policy("b", &[("role", "db"), ("zone", "z1")]);
+        let ds = desired_daemonset(&Config::default(), &[&b, &a]).unwrap();
+        let terms = terms(&ds);
+        assert_eq!(terms.len(), 2, "one ORed term per policy");
+        let exprs = terms[0].match_expressions.as_ref().unwrap();
+        assert_eq!(exprs.len(), 1);
+        assert_eq!(exprs[0].key, "role");
+        assert_eq!(exprs[0].values.as_deref(), Some(&["web".to_string()][..]));
+        let exprs = terms[1].match_expressions.as_ref().unwrap();
+        assert_eq!(
+            exprs.len(),
+            2,
+            "a policy's labels are ANDed within its term"
+        );
+    }
+
+    #[test]
+    fn a_policy_selecting_all_nodes_removes_the_affinity() {
+        let a = policy("a", &[("role", "web")]);
+        let all = policy("all", &[]);
+        let ds = desired_daemonset(&Config::default(), &[&a, &all]).unwrap();
+        assert!(terms(&ds).is_empty());
+    }
+
+    #[test]
+    fn same_policies_in_any_order_give_the_same_template() {
+        let a = policy("a", &[("role", "web")]);
+        let b = policy("b", &[("role", "db")]);
+        let one = desired_daemonset(&Config::default(), &[&a, &b]).unwrap();
+        let two = desired_daemonset(&Config::default(), &[&b, &a]).unwrap();
+        assert_eq!(one, two);
+    }
+
+    #[test]
+    fn tolerations_are_merged_once() {
+        let t = Toleration {
+            key: Some("node-role.kubernetes.io/control-plane".into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Toleration::default()
+        };
+        let mut a = policy("a", &[]);
+        a.spec.tolerations = vec![t.clone()];
+        let mut b = policy("b", &[]);
+        b.spec.tolerations = vec![
+            t.clone(),
+            Toleration {
+                key: Some("dedicated".into()),
+                operator: Some("Equal".into()),
+                value: Some("fim".into()),
+                effect: Some("NoExecute".into()),
+                ..Toleration::default()
+            },
+        ];
+        assert_eq!(merged_tolerations(&[&a, &b]).len(), 2);
+    }
+
+    #[test]
+    fn least_privilege_security_context() {
+        let a = policy("a", &[]);
+        let ds = desired_daemonset(&Config::default(), &[&a]).unwrap();
+        let pod = ds.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.host_pid, None);
+        let c = &pod.containers[0];
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.privileged, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!(
+            caps.add.as_deref(),
+            Some(&["DAC_READ_SEARCH".to_string()][..])
+        );
+        let host = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.mount_path == HOST_ROOT)
+            .unwrap();
+        assert_eq!(host.read_only, Some(true));
+    }
+
+    #[test]
+    fn process_attribution_adds_only_what_it_needs() {
+        let mut a = policy("a", &[]);
+        a.spec.process_attribution = true;
+        let ds = desired_daemonset(&Config::default(), &[&a]).unwrap();
+        let pod = ds.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.host_pid, Some(true));
+        let add = pod.containers[0]
+            .security_context
+            .as_ref()
+            .unwrap()
+            .capabilities
+            .as_ref()
+            .unwrap()
+            .add
+            .clone()
+            .unwrap();
+        assert_eq!(add, ["DAC_READ_SEARCH", "SYS_ADMIN", "SYS_PTRACE"]);
+    }
+}

@@ -1,0 +1,12 @@
+//! kube-fim operator: turns `FileIntegrityPolicy` objects into one agent
+//! DaemonSet covering the union of their nodes, aggregates the agents' per-node
+//! reports into each policy's status, publishes Events, enforces FileChange
+//! retention and exports Prometheus metrics.
+
+pub mod config;
+pub mod controller;
+pub mod daemonset;
+pub mod metrics;
+pub mod retention;
+pub mod server;
+pub mod status;

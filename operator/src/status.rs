@@ -1,0 +1,498 @@
+//! A policy's status, computed from the Nodes and the agents' per-node reports.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Taint, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube_fim_crds::{
+    FileIntegrityNode, FileIntegrityPolicy, FileIntegrityPolicyStatus, NodePolicyPhase,
+};
+
+/// Condition type: every selected node has a baseline and reports.
+pub const READY: &str = "Ready";
+/// Condition type: something needs an admin's attention.
+pub const DEGRADED: &str = "Degraded";
+
+/// Counts of the policy's FileChange objects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChangeCounts {
+    pub last_24h: i64,
+    pub unacknowledged: i64,
+}
+
+/// Whether `toleration` tolerates `taint` (the scheduler's rule).
+fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
+    if let Some(effect) = toleration.effect.as_deref()
+        && !effect.is_empty()
+        && effect != taint.effect
+    {
+        return false;
+    }
+    let exists = toleration.operator.as_deref() == Some("Exists");
+    match toleration.key.as_deref() {
+        None | Some("") => exists,
+        Some(key) if key != taint.key => false,
+        Some(_) => {
+            exists
+                || toleration.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("")
+        }
+    }
+}
+
+/// Whether the policy selects the node: its labels match the node selector and
+/// the policy tolerates the node's scheduling taints (so an agent can run there).
+pub fn selects(policy: &FileIntegrityPolicy, node: &Node) -> bool {
+    let labels = node.labels();
+    if !policy
+        .spec
+        .node_selector
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+    {
+        return false;
+    }
+    let taints = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    taints
+        .iter()
+        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+        .all(|t| policy.spec.tolerations.iter().any(|tol| tolerates(tol, t)))
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+    previous: &[Condition],
+) -> Condition {
+    let status = if ok { "True" } else { "False" }.to_string();
+    // The transition time moves only when the status does.
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// Everything computed about one policy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assessment {
+    pub status: FileIntegrityPolicyStatus,
+    /// Nodes whose agent failed this policy or stopped reporting, with why.
+    pub troubled_nodes: Vec<(String, String)>,
+}
+
+/// Computes a policy's status. `invalid` is the reason the policy cannot be
+/// served (it failed validation), if any.
+pub fn assess(
+    policy: &FileIntegrityPolicy,
+    invalid: Option<&str>,
+    nodes: &[Node],
+    records: &[FileIntegrityNode],
+    counts: ChangeCounts,
+    now: Timestamp,
+    heartbeat_timeout: Duration,
+) -> Assessment {
+    let name = policy.name_any();
+    let generation = policy.metadata.generation;
+    let previous = policy
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+
+    let mut selected = 0i32;
+    let mut ready = 0i32;
+    let mut baselining = 0i32;
+    let mut files = 0i64;
+    let mut oldest_scan: Option<Timestamp> = None;
+    let mut troubled = Vec::new();
+
+    if invalid.is_none() {
+        for node in nodes.iter().filter(|n| selects(policy, n)) {
+            selected += 1;
+            let node_name = node.name_any();
+            let record = records.iter().find(|r| r.name_any() == node_name);
+            let status = record.and_then(|r| r.status.as_ref());
+            let entry = status.and_then(|s| s.policies.iter().find(|p| p.policy == name));
+            let heartbeat = status.and_then(|s| s.heartbeat_time.as_ref()).map(|t| t.0);
+            let fresh = heartbeat
+                .is_some_and(|h| now.duration_since(h).unsigned_abs() <= heartbeat_timeout);
+            match (entry, fresh) {
+                // No report yet: a new node, or an agent still starting.
+                (None, _) => baselining += 1,
+                (Some(_), false) => troubled.push((
+                    node_name,
+                    format!(
+                        "agent has not reported for more than {}s",
+                        heartbeat_timeout.as_secs()
+                    ),
+                )),
+                (Some(e), true) => match e.phase {
+                    NodePolicyPhase::Baselining => baselining += 1,
+                    NodePolicyPhase::Ready => {
+                        ready += 1;
+                        files += e.files_monitored.unwrap_or(0);
+                        if let Some(t) = &e.last_scan_time {
+                            oldest_scan = Some(oldest_scan.map_or(t.0, |o| o.min(t.0)));
+                        }
+                    }
+                    NodePolicyPhase::Failed => troubled.push((
+                        node_name,
+                        e.message.clone().unwrap_or_else(|| "agent failed".into()),
+                    )),
+                },
+            }
+        }
+    }
+    troubled.sort();
+
+    let (ready_ok, ready_reason, ready_message) = if let Some(why) = invalid {
+        (false, "InvalidPolicy", why.to_string())
+    } else if selected == 0 {
+        (
+            false,
+            "NoNodesSelected",
+            "no node matches the policy's nodeSelector and tolerations".to_string(),
+        )
+    } else if ready == selected {
+        (
+            true,
+            "AllNodesReady",
+            format!("{ready} of {selected} nodes report"),
+        )
+    } else if !troubled.is_empty() {
+        (
+            false,
+            "NodesNotReady",
+            format!(
+                "{ready} of {selected} nodes report; {} failing",
+                troubled.len()
+            ),
+        )
+    } else {
+        (
+            false,
+            "Baselining",
+            format!("{ready} of {selected} nodes report; {baselining} building their baseline"),
+        )
+    };
+    let (degraded, degraded_reason, degraded_message) = if let Some(why) = invalid {
+        (true, "InvalidPolicy", why.to_string())
+    } else if troubled
+        .iter()
+        .any(|(_, m)| m.starts_with("agent has not reported"))
+    {
+        (true, "AgentNotReporting", summarize(&troubled))
+    } else if !troubled.is_empty() {
+        (true, "AgentFailed", summarize(&troubled))
+    } else {
+        (false, "AsExpected", "no trouble reported".to_string())
+    };
+
+    Assessment {
+        status: FileIntegrityPolicyStatus {
+            observed_generation: generation,
+            conditions: vec![
+                condition(
+                    READY,
+                    ready_ok,
+                    ready_reason,
+                    ready_message,
+                    generation,
+                    now,
+                    previous,
+                ),
+                condition(
+                    DEGRADED,
+                    degraded,
+                    degraded_reason,
+                    degraded_message,
+                    generation,
+                    now,
+                    previous,
+                ),
+            ],
+            nodes_selected: Some(selected),
+            nodes_ready: Some(ready),
+            nodes_baselining: Some(baselining),
+            files_monitored: Some(files),
+            last_scan_time: oldest_scan.map(Time),
+            changes_last24h: Some(counts.last_24h),
+            unacknowledged_changes: Some(counts.unacknowledged),
+        },
+        troubled_nodes: troubled,
+    }
+}
+
+fn summarize(troubled: &[(String, String)]) -> String {
+    let mut out = troubled
+        .iter()
+        .take(5)
+        .map(|(n, m)| format!("{n}: {m}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if troubled.len() > 5 {
+        out.push_str(&format!(" (and {} more nodes)", troubled.len() - 5));
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::NodeSpec;
+    use kube_fim_crds::{
+        FileIntegrityNodeSpec, FileIntegrityNodeStatus, FileIntegrityPolicySpec, MonitoredPath,
+        NodePolicyStatus,
+    };
+    use std::collections::BTreeMap;
+
+    fn policy(selector: &[(&str, &str)]) -> FileIntegrityPolicy {
+        let mut spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
+            name: "passwd".into(),
+            path: "/etc/passwd".into(),
+            ..MonitoredPath::default()
+        }]);
+        spec.node_selector = selector
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut p = FileIntegrityPolicy::new("p", spec);
+        p.metadata.generation = Some(3);
+        p
+    }
+
+    fn node(name: &str, labels: &[(&str, &str)], taints: Vec<Taint>) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+        );
+        n.spec = Some(NodeSpec {
+            taints: Some(taints),
+            ..NodeSpec::default()
+        });
+        n
+    }
+
+    fn record(
+        node: &str,
+        phase: NodePolicyPhase,
+        heartbeat: Timestamp,
+        files: i64,
+    ) -> FileIntegrityNode {
+        let mut r = FileIntegrityNode::new(node, FileIntegrityNodeSpec { node: node.into() });
+        r.status = Some(FileIntegrityNodeStatus {
+            heartbeat_time: Some(Time(heartbeat)),
+            policies: vec![NodePolicyStatus {
+                policy: "p".into(),
+                phase,
+                files_monitored: Some(files),
+                last_scan_time: Some(Time(heartbeat)),
+                message: (phase == NodePolicyPhase::Failed)
+                    .then(|| "cannot open /host: ENOENT".into()),
+                ..NodePolicyStatus::default()
+            }],
+            ..FileIntegrityNodeStatus::default()
+        });
+        r
+    }
+
+    fn cond<'a>(s: &'a FileIntegrityPolicyStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(180);
+
+    #[test]
+    fn a_new_node_is_baselining_not_failed() {
+        let now = Timestamp::now();
+        let nodes = [
+            node("a", &[("role", "web")], vec![]),
+            node("b", &[("role", "web")], vec![]),
+        ];
+        let records = [record("a", NodePolicyPhase::Ready, now, 10)];
+        let a = assess(
+            &policy(&[("role", "web")]),
+            None,
+            &nodes,
+            &records,
+            ChangeCounts::default(),
+            now,
+            TIMEOUT,
+        );
+        assert_eq!(a.status.nodes_selected, Some(2));
+        assert_eq!(a.status.nodes_ready, Some(1));
+        assert_eq!(a.status.nodes_baselining, Some(1));
+        assert_eq!(a.status.files_monitored, Some(10));
+        assert_eq!(cond(&a.status, READY).reason, "Baselining");
+        assert_eq!(cond(&a.status, DEGRADED).status, "False");
+        assert_eq!(a.status.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn all_ready_and_files_summed() {
+        let now = Timestamp::now();
+        let nodes = [node("a", &[], vec![]), node("b", &[], vec![])];
+        let records = [
+            record("a", NodePolicyPhase::Ready, now, 10),
+            record("b", NodePolicyPhase::Ready, now, 5),
+        ];
+        let a = assess(
+            &policy(&[]),
+            None,
+            &nodes,
+            &records,
+            ChangeCounts {
+                last_24h: 4,
+                unacknowledged: 2,
+            },
+            now,
+            TIMEOUT,
+        );
+        assert_eq!(cond(&a.status, READY).status, "True");
+        assert_eq!(a.status.files_monitored, Some(15));
+        assert_eq!(a.status.changes_last24h, Some(4));
+        assert_eq!(a.status.unacknowledged_changes, Some(2));
+    }
+
+    #[test]
+    fn a_silent_agent_degrades_the_policy() {
+        let now = Timestamp::now();
+        let old = now - std::time::Duration::from_secs(600);
+        let nodes = [node("a", &[], vec![])];
+        let records = [record("a", NodePolicyPhase::Ready, old, 10)];
+        let a = assess(
+            &policy(&[]),
+            None,
+            &nodes,
+            &records,
+            ChangeCounts::default(),
+            now,
+            TIMEOUT,
+        );
+        let d = cond(&a.status, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "AgentNotReporting")
+        );
+        assert!(
+            d.message.contains("a: agent has not reported"),
+            "{}",
+            d.message
+        );
+        assert_eq!(cond(&a.status, READY).reason, "NodesNotReady");
+    }
+
+    #[test]
+    fn a_failed_agent_degrades_with_its_message() {
+        let now = Timestamp::now();
+        let nodes = [node("a", &[], vec![])];
+        let records = [record("a", NodePolicyPhase::Failed, now, 0)];
+        let a = assess(
+            &policy(&[]),
+            None,
+            &nodes,
+            &records,
+            ChangeCounts::default(),
+            now,
+            TIMEOUT,
+        );
+        let d = cond(&a.status, DEGRADED);
+        assert_eq!(d.reason, "AgentFailed");
+        assert!(d.message.contains("ENOENT"));
+    }
+
+    #[test]
+    fn invalid_policy_is_degraded_and_selects_nothing() {
+        let now = Timestamp::now();
+        let nodes = [node("a", &[], vec![])];
+        let a = assess(
+            &policy(&[]),
+            Some("spec.paths[0].path: must be absolute"),
+            &nodes,
+            &[],
+            ChangeCounts::default(),
+            now,
+            TIMEOUT,
+        );
+        assert_eq!(cond(&a.status, DEGRADED).reason, "InvalidPolicy");
+        assert_eq!(cond(&a.status, READY).reason, "InvalidPolicy");
+        assert_eq!(a.status.nodes_selected, Some(0));
+    }
+
+    #[test]
+    fn untolerated_taints_deselect_a_node() {
+        let now = Timestamp::now();
+        let taint = Taint {
+            key: "node-role.kubernetes.io/control-plane".into(),
+            effect: "NoSchedule".into(),
+            ..Taint::default()
+        };
+        let nodes = [node("cp", &[], vec![taint.clone()]), node("w", &[], vec![])];
+        let mut p = policy(&[]);
+        let a = assess(&p, None, &nodes, &[], ChangeCounts::default(), now, TIMEOUT);
+        assert_eq!(a.status.nodes_selected, Some(1));
+        p.spec.tolerations = vec![Toleration {
+            key: Some(taint.key.clone()),
+            operator: Some("Exists".into()),
+            ..Toleration::default()
+        }];
+        let a = assess(&p, None, &nodes, &[], ChangeCounts::default(), now, TIMEOUT);
+        assert_eq!(a.status.nodes_selected, Some(2));
+    }
+
+    #[test]
+    fn transition_time_moves_only_on_change() {
+        let t0 = Timestamp::now();
+        let nodes = [node("a", &[], vec![])];
+        let records = [record("a", NodePolicyPhase::Ready, t0, 1)];
+        let mut p = policy(&[]);
+        let first = assess(
+            &p,
+            None,
+            &nodes,
+            &records,
+            ChangeCounts::default(),
+            t0,
+            TIMEOUT,
+        );
+        p.status = Some(first.status.clone());
+        let later = t0 + std::time::Duration::from_secs(30);
+        let second = assess(
+            &p,
+            None,
+            &nodes,
+            &records,
+            ChangeCounts::default(),
+            later,
+            TIMEOUT,
+        );
+        assert_eq!(
+            cond(&second.status, READY).last_transition_time,
+            cond(&first.status, READY).last_transition_time
+        );
+    }
+}
