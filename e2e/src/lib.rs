@@ -139,3 +139,188 @@ pub fn unique_name(prefix: &str) -> String {
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// Path of a workspace binary (`make e2e` builds them before the tests run).
+pub fn binary(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let path = target.join("debug").join(name);
+    assert!(
+        path.is_file(),
+        "{} not built: run `cargo build --workspace --bins` first (make e2e does)",
+        path.display()
+    );
+    path
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Applies `manifests/rbac.yaml` (namespace, ServiceAccounts, roles) once.
+pub fn ensure_rbac() {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    let result = DONE.get_or_init(|| {
+        let path = repo_root().join("manifests/rbac.yaml");
+        let run = kubectl([
+            "apply",
+            "--server-side",
+            "--field-manager=kube-fim-e2e",
+            "-f",
+            path.to_str().expect("utf-8 path"),
+        ]);
+        if run.success {
+            Ok(())
+        } else {
+            Err(format!("kubectl apply manifests/rbac.yaml: {}", run.stderr))
+        }
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+/// A kubeconfig that logs in as ServiceAccount `kube-fim/<sa>` with a token the
+/// API server issued, so processes run with exactly that account's rights.
+pub fn service_account_kubeconfig(sa: &str) -> PathBuf {
+    ensure_rbac();
+    let run = kubectl(["create", "token", sa, "-n", "kube-fim", "--duration=2h"]);
+    assert!(run.success, "kubectl create token {sa}: {}", run.stderr);
+    let token = run.stdout.trim().to_string();
+    let admin: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(kubeconfig()).expect("kubeconfig readable"))
+            .expect("kubeconfig is YAML");
+    let cluster = &admin["clusters"][0]["cluster"];
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {
+            "server": cluster["server"].as_str().expect("server"),
+            "certificate-authority-data": cluster["certificate-authority-data"].as_str().expect("CA"),
+        }}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": "local", "context": {"cluster": "local", "user": sa}}],
+        "current-context": "local",
+    });
+    let dir = repo_root().join("target/e2e-kubeconfigs");
+    std::fs::create_dir_all(&dir).expect("create kubeconfig dir");
+    let path = dir.join(format!("{sa}-{}.yaml", std::process::id()));
+    std::fs::write(&path, serde_yaml::to_string(&config).expect("YAML")).expect("write kubeconfig");
+    path
+}
+
+/// A process started by a test, killed when the test ends however it ends.
+pub struct Process {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Starts `program` with `args`, its output going to a log file under
+    /// `target/e2e-logs/` (printed when a test fails).
+    pub fn start(name: &str, program: &Path, args: &[String], kubeconfig: &Path) -> Process {
+        let dir = repo_root().join("target/e2e-logs");
+        std::fs::create_dir_all(&dir).expect("log dir");
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env(
+                "RUST_LOG",
+                std::env::var("KUBE_FIM_E2E_LOG")
+                    .unwrap_or_else(|_| "info,kube_client=warn,kube_runtime=warn".into()),
+            )
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        Process { child, log }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops it with SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- {} ----\n{}",
+                self.log.display(),
+                tail(&self.log(), 60)
+            );
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// GETs `http://127.0.0.1:<port><path>` and returns the body, if it answers 200.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// The value of a sample in Prometheus text output (`name` includes labels as
+/// printed, e.g. `kube_fim_operator_leader`).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or panics after `timeout`
+/// with `what` and the last observation.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) => {
+                if std::time::Instant::now() >= deadline {
+                    panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}");
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

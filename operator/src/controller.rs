@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
@@ -350,6 +350,8 @@ fn truncate(mut s: String) -> String {
 /// and Nodes. Woken by every policy or node event; also runs every 30 seconds.
 async fn fleet_loop(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()>) {
     let (policies, writer) = reflector::store::<FileIntegrityPolicy>();
+    // The fleet keeps its own policy cache, driven by its own task, so a pass
+    // always sees every event that woke it (deletions included).
     let policy_events = watcher(
         Api::<FileIntegrityPolicy>::all(ctx.client.clone()),
         watcher_config(&ctx.config),
@@ -357,21 +359,28 @@ async fn fleet_loop(ctx: Arc<Context>, shutdown: impl std::future::Future<Output
     .default_backoff()
     .reflect(writer)
     .touched_objects();
+    let wake = ctx.fleet.clone();
+    let watch_task = tokio::spawn(policy_events.for_each(move |event| {
+        if let Err(error) = event {
+            warn!(%error, "policy watch");
+        }
+        wake.notify_one();
+        std::future::ready(())
+    }));
     tokio::pin!(shutdown);
-    let mut policy_events = std::pin::pin!(policy_events);
     let mut failures = 0u32;
     loop {
         tokio::select! {
-            () = &mut shutdown => return,
-            event = next_event(&mut policy_events) => if !event { return },
+            () = &mut shutdown => break,
             () = ctx.fleet.notified() => {},
             () = tokio::time::sleep(Duration::from_secs(30)) => {},
         }
         // Let a burst of events settle into one pass.
         tokio::time::sleep(Duration::from_millis(300)).await;
         if policies.wait_until_ready().await.is_err() {
-            return;
+            break;
         }
+        debug!(policies = policies.state().len(), "fleet pass");
         match sync_fleet(&ctx, &policies).await {
             Ok(()) => failures = 0,
             Err(error) => {
@@ -387,20 +396,7 @@ async fn fleet_loop(ctx: Arc<Context>, shutdown: impl std::future::Future<Output
             }
         }
     }
-}
-
-async fn next_event<S, T>(stream: &mut std::pin::Pin<&mut S>) -> bool
-where
-    S: Stream<Item = Result<T, watcher::Error>>,
-{
-    match stream.next().await {
-        Some(Ok(_)) => true,
-        Some(Err(error)) => {
-            warn!(%error, "policy watch");
-            true
-        }
-        None => false,
-    }
+    watch_task.abort();
 }
 
 async fn sync_fleet(
