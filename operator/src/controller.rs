@@ -66,6 +66,8 @@ pub struct Context {
     pub records: Store<FileIntegrityNode>,
     /// Wakes the fleet loop.
     pub fleet: Arc<Notify>,
+    /// Policies the fleet loop saw last, to drop the metrics of deleted ones.
+    pub known_policies: tokio::sync::Mutex<HashSet<String>>,
 }
 
 fn watcher_config(config: &Config) -> watcher::Config {
@@ -123,6 +125,7 @@ pub async fn run(
         nodes: nodes.clone(),
         records: records.clone(),
         fleet: fleet.clone(),
+        known_policies: tokio::sync::Mutex::default(),
     });
 
     let shutdown = shutdown.shared();
@@ -229,6 +232,7 @@ async fn reconcile_policy(policy: &FileIntegrityPolicy, ctx: &Context) -> Result
     );
 
     publish_events(policy, &assessment.status, invalid.as_deref(), ctx).await;
+    ctx.metrics.observe_policy(&name, &assessment.status);
 
     if policy.status.as_ref() != Some(&assessment.status) {
         write_status(policy, &assessment.status, ctx).await?;
@@ -404,6 +408,14 @@ async fn sync_fleet(
     policies: &Store<FileIntegrityPolicy>,
 ) -> Result<(), kube::Error> {
     let all = policies.state();
+    let names: HashSet<String> = all.iter().map(|p| p.name_any()).collect();
+    {
+        let mut known = ctx.known_policies.lock().await;
+        for gone in known.difference(&names) {
+            ctx.metrics.forget_policy(gone);
+        }
+        *known = names;
+    }
     let valid: Vec<&FileIntegrityPolicy> = all
         .iter()
         .map(|p| &**p)

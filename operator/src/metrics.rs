@@ -16,6 +16,13 @@ pub struct Metrics {
     pub retention_deleted: IntCounter,
     pub daemonset_applies: IntCounterVec,
     pub leader: IntGauge,
+    /// Per policy, from its status (so the values survive restarts: they are
+    /// recomputed from what the cluster stores).
+    pub policy_nodes: IntGaugeVec,
+    pub policy_files: IntGaugeVec,
+    pub policy_unacknowledged: IntGaugeVec,
+    pub policy_changes_24h: IntGaugeVec,
+    pub policy_condition: IntGaugeVec,
 }
 
 impl Metrics {
@@ -58,6 +65,50 @@ impl Metrics {
             &["operation"],
         )?;
         let leader = IntGauge::new("leader", "1 when this replica holds the leader Lease")?;
+        let policy_nodes = IntGaugeVec::new(
+            Opts::new(
+                "policy_nodes",
+                "Nodes of a policy, by state (selected, ready, baselining)",
+            ),
+            &["policy", "state"],
+        )?;
+        let policy_files = IntGaugeVec::new(
+            Opts::new(
+                "policy_files_monitored",
+                "Files a policy monitors, summed over nodes",
+            ),
+            &["policy"],
+        )?;
+        let policy_unacknowledged = IntGaugeVec::new(
+            Opts::new(
+                "policy_unacknowledged_changes",
+                "FileChanges of a policy nobody has acknowledged (counted from the cluster)",
+            ),
+            &["policy"],
+        )?;
+        let policy_changes_24h = IntGaugeVec::new(
+            Opts::new(
+                "policy_changes_last_24h",
+                "FileChanges of a policy created in the last 24 hours",
+            ),
+            &["policy"],
+        )?;
+        let policy_condition = IntGaugeVec::new(
+            Opts::new(
+                "policy_condition",
+                "1 when the policy's condition of this type is True",
+            ),
+            &["policy", "type"],
+        )?;
+        for m in [
+            &policy_nodes,
+            &policy_files,
+            &policy_unacknowledged,
+            &policy_changes_24h,
+            &policy_condition,
+        ] {
+            registry.register(Box::new((*m).clone()))?;
+        }
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
@@ -74,7 +125,52 @@ impl Metrics {
             retention_deleted,
             daemonset_applies,
             leader,
+            policy_nodes,
+            policy_files,
+            policy_unacknowledged,
+            policy_changes_24h,
+            policy_condition,
         })
+    }
+
+    /// Records a policy's freshly computed status.
+    pub fn observe_policy(&self, policy: &str, status: &kube_fim_crds::FileIntegrityPolicyStatus) {
+        for (state, value) in [
+            ("selected", status.nodes_selected),
+            ("ready", status.nodes_ready),
+            ("baselining", status.nodes_baselining),
+        ] {
+            self.policy_nodes
+                .with_label_values(&[policy, state])
+                .set(i64::from(value.unwrap_or(0)));
+        }
+        self.policy_files
+            .with_label_values(&[policy])
+            .set(status.files_monitored.unwrap_or(0));
+        self.policy_unacknowledged
+            .with_label_values(&[policy])
+            .set(status.unacknowledged_changes.unwrap_or(0));
+        self.policy_changes_24h
+            .with_label_values(&[policy])
+            .set(status.changes_last24h.unwrap_or(0));
+        for c in &status.conditions {
+            self.policy_condition
+                .with_label_values(&[policy, c.type_.as_str()])
+                .set(i64::from(c.status == "True"));
+        }
+    }
+
+    /// Drops the series of a policy that no longer exists.
+    pub fn forget_policy(&self, policy: &str) {
+        for state in ["selected", "ready", "baselining"] {
+            let _ = self.policy_nodes.remove_label_values(&[policy, state]);
+        }
+        let _ = self.policy_files.remove_label_values(&[policy]);
+        let _ = self.policy_unacknowledged.remove_label_values(&[policy]);
+        let _ = self.policy_changes_24h.remove_label_values(&[policy]);
+        for t in ["Ready", "Degraded"] {
+            let _ = self.policy_condition.remove_label_values(&[policy, t]);
+        }
     }
 
     /// The metrics in the Prometheus text format.
