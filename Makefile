@@ -17,6 +17,13 @@ help: ## Show the targets
 demo: controlplane ## Run kube-fim end to end on the embedded local control plane
 	@e2e/demo.sh "$(DEMO_DIR)"
 
+.PHONY: build
+build: ## Build every binary (debug)
+	$(CARGO) build --workspace --bins
+
+.PHONY: lint
+lint: fmt-check clippy ## fmt-check and clippy
+
 .PHONY: test
 test: fmt-check clippy unit e2e ## Everything CI runs: fmt, clippy, unit and integration tests
 
