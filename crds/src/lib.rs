@@ -12,6 +12,7 @@ pub mod labels;
 pub mod node;
 pub mod policy;
 pub mod preset;
+pub mod selection;
 pub mod validate;
 
 pub use change::{

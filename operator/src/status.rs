@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Taint, Toleration};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -22,48 +22,7 @@ pub struct ChangeCounts {
     pub unacknowledged: i64,
 }
 
-/// Whether `toleration` tolerates `taint` (the scheduler's rule).
-fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
-    if let Some(effect) = toleration.effect.as_deref()
-        && !effect.is_empty()
-        && effect != taint.effect
-    {
-        return false;
-    }
-    let exists = toleration.operator.as_deref() == Some("Exists");
-    match toleration.key.as_deref() {
-        None | Some("") => exists,
-        Some(key) if key != taint.key => false,
-        Some(_) => {
-            exists
-                || toleration.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("")
-        }
-    }
-}
-
-/// Whether the policy selects the node: its labels match the node selector and
-/// the policy tolerates the node's scheduling taints (so an agent can run there).
-pub fn selects(policy: &FileIntegrityPolicy, node: &Node) -> bool {
-    let labels = node.labels();
-    if !policy
-        .spec
-        .node_selector
-        .iter()
-        .all(|(k, v)| labels.get(k) == Some(v))
-    {
-        return false;
-    }
-    let taints = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    taints
-        .iter()
-        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
-        .all(|t| policy.spec.tolerations.iter().any(|tol| tolerates(tol, t)))
-}
+pub use kube_fim_crds::selection::selects;
 
 fn condition(
     type_: &str,
@@ -259,7 +218,7 @@ fn summarize(troubled: &[(String, String)]) -> String {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::NodeSpec;
+    use k8s_openapi::api::core::v1::{NodeSpec, Taint, Toleration};
     use kube_fim_crds::{
         FileIntegrityNodeSpec, FileIntegrityNodeStatus, FileIntegrityPolicySpec, MonitoredPath,
         NodePolicyStatus,
