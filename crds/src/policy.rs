@@ -237,6 +237,23 @@ pub enum Attribute {
 }
 
 impl Attribute {
+    /// The attribute's name as written in the API (`hash`, `linkTarget`...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attribute::Hash => "hash",
+            Attribute::Size => "size",
+            Attribute::Type => "type",
+            Attribute::Mode => "mode",
+            Attribute::Uid => "uid",
+            Attribute::Gid => "gid",
+            Attribute::Xattrs => "xattrs",
+            Attribute::Mtime => "mtime",
+            Attribute::Ctime => "ctime",
+            Attribute::Inode => "inode",
+            Attribute::LinkTarget => "linkTarget",
+        }
+    }
+
     /// Every attribute, in display order.
     pub const ALL: [Attribute; 11] = [
         Attribute::Hash,
@@ -404,5 +421,18 @@ impl FileIntegrityPolicySpec {
 impl Default for FileIntegrityPolicySpec {
     fn default() -> Self {
         FileIntegrityPolicySpec::with_paths(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod attribute_tests {
+    use super::Attribute;
+
+    #[test]
+    fn as_str_is_the_serialized_name() {
+        for a in Attribute::ALL {
+            let json = serde_json::to_string(&a).unwrap_or_default();
+            assert_eq!(json, format!("\"{}\"", a.as_str()));
+        }
     }
 }
