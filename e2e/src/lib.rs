@@ -7,6 +7,8 @@
 // Test support: a failed precondition is a failed test, said as plainly as possible.
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
+pub mod fleet;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
