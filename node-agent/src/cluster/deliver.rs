@@ -1,0 +1,237 @@
+//! Delivery of queued changes to the API server: each report becomes a
+//! FileChange object and an Event, and leaves the queue only when stored.
+//!
+//! Creates are paced by a token bucket and failures back off exponentially with
+//! jitter, so a thousand agents coming back after an API outage do not hit the
+//! API server in lockstep. Names are deterministic, so a retry of a create whose
+//! answer was lost meets AlreadyExists: delivered exactly once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Api, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use kube_fim_crds::{ChangeCategory, FileChange};
+use tokio::sync::{Mutex, Notify};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::metrics::ClusterMetrics;
+use super::queue::Queue;
+
+/// Field manager of the agent's writes.
+pub const FIELD_MANAGER: &str = "kube-fim-agent";
+
+/// Pacing of API writes.
+#[derive(Clone, Copy, Debug)]
+pub struct RateLimit {
+    /// Sustained creates per second.
+    pub qps: f64,
+    /// Creates allowed in a burst.
+    pub burst: u32,
+}
+
+/// A token bucket.
+#[derive(Debug)]
+pub struct Bucket {
+    limit: RateLimit,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    pub fn new(limit: RateLimit) -> Self {
+        Bucket {
+            limit,
+            tokens: f64::from(limit.burst),
+            last: Instant::now(),
+        }
+    }
+
+    /// Waits until one request may go.
+    pub async fn take(&mut self) {
+        loop {
+            let now = Instant::now();
+            let refill = now.duration_since(self.last).as_secs_f64() * self.limit.qps;
+            self.tokens = (self.tokens + refill).min(f64::from(self.limit.burst.max(1)));
+            self.last = now;
+            if self.tokens >= 1.0 {
+                self.tokens -= 1.0;
+                return;
+            }
+            let wait = (1.0 - self.tokens) / self.limit.qps.max(0.001);
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: 0.5 s doubling to 60 s.
+pub fn backoff(failures: u32) -> Duration {
+    let cap = 500u64.saturating_mul(1 << failures.min(7)).min(60_000);
+    Duration::from_millis(fastrand::u64(cap / 2..=cap))
+}
+
+/// The Event that points at a stored FileChange.
+pub fn event_for(change: &FileChange) -> Event {
+    let spec = &change.spec;
+    let (type_, reason) = match spec.category {
+        ChangeCategory::Added => (EventType::Warning, "FileAdded"),
+        ChangeCategory::Modified => (EventType::Warning, "FileModified"),
+        ChangeCategory::Removed => (EventType::Warning, "FileRemoved"),
+        ChangeCategory::Summary => (EventType::Warning, "ChangeStorm"),
+    };
+    let note = match &spec.summary {
+        Some(s) => format!(
+            "{} changes under {} on node {} for policy {} in one minute ({} added, {} modified, {} removed); summarised",
+            s.count, spec.path, spec.node, spec.policy, s.added, s.modified, s.removed
+        ),
+        None => {
+            let attrs: Vec<&str> = spec.changed_attributes.iter().map(|a| a.as_str()).collect();
+            let what = if attrs.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", attrs.join(", "))
+            };
+            format!(
+                "{} {}{} on node {} (policy {}, entry {}, {:?})",
+                spec.path,
+                spec.category.as_str().to_lowercase(),
+                what,
+                spec.node,
+                spec.policy,
+                spec.entry,
+                spec.source
+            )
+        }
+    };
+    let mut note = note;
+    if note.len() > 1000 {
+        let mut cut = 1000;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+    }
+    Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Detect".into(),
+        secondary: None,
+    }
+}
+
+/// Delivers the queue until `shutdown`.
+pub async fn run(
+    api: Api<FileChange>,
+    recorder: Recorder,
+    queue: Arc<Mutex<Queue>>,
+    wake: Arc<Notify>,
+    metrics: ClusterMetrics,
+    limit: RateLimit,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut bucket = Bucket::new(limit);
+    let mut failures = 0u32;
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    loop {
+        let batch = {
+            let mut q = queue.lock().await;
+            metrics.reports_queued.set(q.len() as i64);
+            q.peek(32)
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = wake.notified() => continue,
+            }
+        }
+        for (seq, change) in batch {
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = bucket.take() => {},
+            }
+            let delivered = match api.create(&params, &change).await {
+                Ok(stored) => {
+                    let reference = stored.object_ref(&());
+                    if let Err(error) = recorder.publish(&event_for(&stored), &reference).await {
+                        metrics.api_errors.with_label_values(&["event"]).inc();
+                        debug!(%error, "event not published");
+                    }
+                    metrics.delivered.inc();
+                    true
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    debug!(name = %change.name_any(), "already stored");
+                    true
+                }
+                Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
+                    // The API server will never accept it: keep the evidence in
+                    // the log and the metric, and let the queue move on.
+                    metrics.api_errors.with_label_values(&["rejected"]).inc();
+                    warn!(name = %change.name_any(), path = %change.spec.path, error = %e.message, "the API server refused a change report");
+                    true
+                }
+                Err(error) => {
+                    metrics.api_errors.with_label_values(&["create"]).inc();
+                    failures += 1;
+                    let wait = backoff(failures);
+                    if failures == 1 || failures.is_multiple_of(10) {
+                        warn!(%error, ?wait, failures, "cannot deliver changes; they stay queued");
+                    }
+                    tokio::select! {
+                        () = &mut shutdown => return,
+                        () = tokio::time::sleep(wait) => {},
+                    }
+                    break;
+                }
+            };
+            if delivered {
+                if failures > 0 {
+                    info!(after_failures = failures, "delivering changes again");
+                }
+                failures = 0;
+                let mut q = queue.lock().await;
+                if let Err(error) = q.ack(seq) {
+                    warn!(%error, "could not remove a delivered report from the queue");
+                }
+                metrics.reports_queued.set(q.len() as i64);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        for f in 0..20 {
+            let d = backoff(f);
+            assert!(d <= Duration::from_secs(60));
+            assert!(d >= Duration::from_millis(250));
+        }
+        assert!(backoff(10) >= Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_paces_after_the_burst() {
+        let mut b = Bucket::new(RateLimit {
+            qps: 10.0,
+            burst: 5,
+        });
+        let start = Instant::now();
+        for _ in 0..15 {
+            b.take().await;
+        }
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(950), "{took:?}");
+        assert!(took <= Duration::from_millis(1100), "{took:?}");
+    }
+}

@@ -1,0 +1,55 @@
+//! The agent's own `FileIntegrityNode`: created once with the Node as owner
+//! (the garbage collector removes it with the Node), its status rewritten on
+//! every heartbeat.
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Resource, ResourceExt};
+use kube_fim_crds::{FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus};
+
+use super::deliver::FIELD_MANAGER;
+
+/// Creates the node's record if it does not exist yet; returns it.
+pub async fn ensure(
+    records: &Api<FileIntegrityNode>,
+    node: &Node,
+) -> Result<FileIntegrityNode, kube::Error> {
+    let name = node.name_any();
+    if let Some(existing) = records.get_opt(&name).await? {
+        return Ok(existing);
+    }
+    let mut record = FileIntegrityNode::new(&name, FileIntegrityNodeSpec { node: name.clone() });
+    if let Some(uid) = node.uid() {
+        record.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: Node::api_version(&()).into_owned(),
+            kind: Node::kind(&()).into_owned(),
+            name: name.clone(),
+            uid,
+            ..OwnerReference::default()
+        }]);
+    }
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    match records.create(&params, &record).await {
+        Ok(created) => Ok(created),
+        Err(kube::Error::Api(e)) if e.code == 409 => records.get(&name).await,
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces the record's status. A JSON merge patch replaces lists whole, so
+/// policies the agent no longer serves disappear from the record.
+pub async fn write(
+    records: &Api<FileIntegrityNode>,
+    node: &str,
+    status: &FileIntegrityNodeStatus,
+) -> Result<(), kube::Error> {
+    let patch = serde_json::json!({ "status": status });
+    records
+        .patch_status(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+}

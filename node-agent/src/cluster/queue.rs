@@ -1,0 +1,256 @@
+//! The delivery queue: every change is written to the node's state directory
+//! before any API call, and leaves it only once the API server has stored it.
+//!
+//! One file per report, named by a sequence number, written to a temporary name,
+//! fsynced and renamed into place (then the directory is fsynced): a `kill -9` or
+//! a power cut leaves either the whole report or none of it. The queue is
+//! bounded; when full, the caller folds further changes into a summary instead
+//! of dropping them.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use kube_fim_crds::FileChange;
+use thiserror::Error;
+use tracing::warn;
+
+/// Errors of the delivery queue.
+#[derive(Debug, Error)]
+pub enum QueueError {
+    #[error("delivery queue {dir}: {source}")]
+    Io {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("delivery queue is full ({0} reports waiting)")]
+    Full(usize),
+    #[error("encoding a report: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// A durable FIFO of FileChange objects waiting for the API server.
+#[derive(Debug)]
+pub struct Queue {
+    dir: PathBuf,
+    capacity: usize,
+    /// Sequence numbers on disk, oldest first.
+    entries: VecDeque<u64>,
+    next: u64,
+}
+
+const SUFFIX: &str = ".json";
+
+impl Queue {
+    /// Opens (creating) the queue in `dir`, holding at most `capacity` reports.
+    /// Left-over temporary files of an interrupted write are removed; unreadable
+    /// entries are moved to `dir/rejected/` and reported, never silently lost.
+    pub fn open(dir: &Path, capacity: usize) -> Result<Self, QueueError> {
+        let io = |source| QueueError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(io)?;
+        let mut entries = Vec::new();
+        for entry in fs::read_dir(dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with(".tmp-") {
+                let _ = fs::remove_file(entry.path());
+                continue;
+            }
+            if let Some(seq) = name
+                .strip_suffix(SUFFIX)
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                entries.push(seq);
+            }
+        }
+        entries.sort_unstable();
+        let next = entries.last().map_or(0, |last| last + 1);
+        Ok(Queue {
+            dir: dir.to_path_buf(),
+            capacity,
+            entries: entries.into(),
+            next,
+        })
+    }
+
+    fn path(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{seq:020}{SUFFIX}"))
+    }
+
+    /// Reports waiting.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether one more report fits.
+    pub fn has_room(&self) -> bool {
+        self.entries.len() < self.capacity
+    }
+
+    /// Stores a report durably; returns its sequence number.
+    pub fn push(&mut self, change: &FileChange) -> Result<u64, QueueError> {
+        if !self.has_room() {
+            return Err(QueueError::Full(self.entries.len()));
+        }
+        let io = |source| QueueError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        let seq = self.next;
+        let bytes = serde_json::to_vec(change)?;
+        let tmp = self.dir.join(format!(".tmp-{seq:020}"));
+        {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(io)?;
+            file.write_all(&bytes).map_err(io)?;
+            file.sync_all().map_err(io)?;
+        }
+        fs::rename(&tmp, self.path(seq)).map_err(io)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        self.next += 1;
+        self.entries.push_back(seq);
+        Ok(seq)
+    }
+
+    /// The oldest `n` reports, without removing them. Entries that cannot be
+    /// read back are moved to `rejected/` with a warning.
+    pub fn peek(&mut self, n: usize) -> Vec<(u64, FileChange)> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while out.len() < n && i < self.entries.len() {
+            let seq = self.entries[i];
+            let path = self.path(seq);
+            match fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<FileChange>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(change) => {
+                    out.push((seq, change));
+                    i += 1;
+                }
+                Err(error) => {
+                    let rejected = self.dir.join("rejected");
+                    let moved = fs::create_dir_all(&rejected).and_then(|()| {
+                        fs::rename(&path, rejected.join(format!("{seq:020}{SUFFIX}")))
+                    });
+                    warn!(seq, %error, moved = moved.is_ok(), "unreadable report moved out of the delivery queue");
+                    self.entries.remove(i);
+                }
+            }
+        }
+        out
+    }
+
+    /// Forgets a report the API server has stored.
+    pub fn ack(&mut self, seq: u64) -> Result<(), QueueError> {
+        match fs::remove_file(self.path(seq)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(QueueError::Io {
+                    dir: self.dir.clone(),
+                    source,
+                });
+            }
+        }
+        self.entries.retain(|s| *s != seq);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use k8s_openapi::jiff::Timestamp;
+    use kube_fim_crds::{ChangeCategory, DetectionSource, FileChangeSpec};
+
+    fn change(path: &str) -> FileChange {
+        FileChange::new(
+            &format!("n{}", path.len()),
+            FileChangeSpec {
+                node: "n".into(),
+                policy: "p".into(),
+                entry: "e".into(),
+                path: path.into(),
+                category: ChangeCategory::Added,
+                changed_attributes: vec![],
+                before: None,
+                after: None,
+                detected_time: MicroTime(Timestamp::now()),
+                source: DetectionSource::Realtime,
+                process: None,
+                summary: None,
+            },
+        )
+    }
+
+    #[test]
+    fn reports_survive_a_reopen_in_order_until_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path(), 10).unwrap();
+        q.push(&change("/a")).unwrap();
+        let b = q.push(&change("/bb")).unwrap();
+        q.push(&change("/ccc")).unwrap();
+        drop(q);
+        let mut q = Queue::open(dir.path(), 10).unwrap();
+        assert_eq!(q.len(), 3);
+        let first: Vec<String> = q.peek(2).into_iter().map(|(_, c)| c.spec.path).collect();
+        assert_eq!(first, ["/a", "/bb"]);
+        q.ack(b).unwrap();
+        let all: Vec<String> = q.peek(10).into_iter().map(|(_, c)| c.spec.path).collect();
+        assert_eq!(all, ["/a", "/ccc"]);
+        // New reports go after the old ones, also after a reopen.
+        drop(q);
+        let mut q = Queue::open(dir.path(), 10).unwrap();
+        q.push(&change("/dddd")).unwrap();
+        let all: Vec<String> = q.peek(10).into_iter().map(|(_, c)| c.spec.path).collect();
+        assert_eq!(all, ["/a", "/ccc", "/dddd"]);
+    }
+
+    #[test]
+    fn full_queue_refuses_instead_of_dropping() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path(), 2).unwrap();
+        q.push(&change("/a")).unwrap();
+        q.push(&change("/b")).unwrap();
+        assert!(matches!(q.push(&change("/c")), Err(QueueError::Full(2))));
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn interrupted_writes_and_garbage_are_cleaned_not_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path(), 10).unwrap();
+        q.push(&change("/a")).unwrap();
+        fs::write(dir.path().join(".tmp-00000000000000000007"), b"{\"half").unwrap();
+        fs::write(dir.path().join("00000000000000000005.json"), b"not json").unwrap();
+        drop(q);
+        let mut q = Queue::open(dir.path(), 10).unwrap();
+        assert!(!dir.path().join(".tmp-00000000000000000007").exists());
+        let all: Vec<String> = q.peek(10).into_iter().map(|(_, c)| c.spec.path).collect();
+        assert_eq!(all, ["/a"]);
+        assert!(
+            dir.path()
+                .join("rejected/00000000000000000005.json")
+                .exists()
+        );
+    }
+}

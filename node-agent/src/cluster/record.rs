@@ -1,0 +1,142 @@
+//! A detected change as the object the API server stores: its deterministic
+//! name and its labels.
+
+use std::collections::BTreeMap;
+
+use kube_fim_crds::labels::{self, label_value};
+use kube_fim_crds::{FileChange, FileChangeSpec};
+
+/// Longest node-name prefix kept in object names (names are at most 253 bytes).
+const NODE_PREFIX_MAX: usize = 200;
+
+/// The object name of a change: the node, then a digest of what changed.
+///
+/// The digest covers node, policy, path, category and the before/after
+/// attributes, not the detection time: detecting the same transition again
+/// (e.g. after a crash between queueing it and recording the new baseline)
+/// yields the same name, and the API server's AlreadyExists makes delivery
+/// exactly-once. A real repeat of a change differs in ctime, so it gets a name
+/// of its own.
+pub fn object_name(spec: &FileChangeSpec) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for part in [
+        spec.node.as_str(),
+        spec.policy.as_str(),
+        spec.entry.as_str(),
+        spec.path.as_str(),
+        spec.category.as_str(),
+    ] {
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    for attrs in [&spec.before, &spec.after] {
+        let json = serde_json::to_vec(attrs).unwrap_or_default();
+        hasher.update(&(json.len() as u64).to_le_bytes());
+        hasher.update(&json);
+    }
+    if let Some(summary) = &spec.summary {
+        // Summaries of one window are one object.
+        hasher.update(summary.window_start.0.to_string().as_bytes());
+    }
+    let digest = hasher.finalize().to_hex();
+    let mut node: String = spec
+        .node
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    node.truncate(NODE_PREFIX_MAX);
+    let node = node.trim_matches(|c| c == '-' || c == '.');
+    if node.is_empty() {
+        format!("fc-{}", &digest[..20])
+    } else {
+        format!("{node}-{}", &digest[..20])
+    }
+}
+
+/// The FileChange object for a change, named and labelled.
+pub fn to_object(spec: FileChangeSpec) -> FileChange {
+    let name = object_name(&spec);
+    let labels = BTreeMap::from([
+        (labels::NODE.to_string(), label_value(&spec.node)),
+        (labels::POLICY.to_string(), label_value(&spec.policy)),
+        (
+            labels::CATEGORY.to_string(),
+            spec.category.as_str().to_string(),
+        ),
+        (labels::ENTRY.to_string(), label_value(&spec.entry)),
+        (
+            labels::MANAGED_BY.to_string(),
+            labels::MANAGED_BY_VALUE.to_string(),
+        ),
+    ]);
+    let mut object = FileChange::new(&name, spec);
+    object.metadata.labels = Some(labels);
+    object
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use k8s_openapi::jiff::Timestamp;
+    use kube_fim_crds::{ChangeCategory, DetectionSource, FileAttributes};
+
+    fn spec(ctime_secs: i64, detected: Timestamp) -> FileChangeSpec {
+        FileChangeSpec {
+            node: "Worker-1.example".into(),
+            policy: "p".into(),
+            entry: "etc".into(),
+            path: "/etc/passwd".into(),
+            category: ChangeCategory::Modified,
+            changed_attributes: vec![],
+            before: Some(FileAttributes {
+                size: Some(1),
+                ..FileAttributes::default()
+            }),
+            after: Some(FileAttributes {
+                size: Some(2),
+                ctime: Some(MicroTime(Timestamp::from_second(ctime_secs).unwrap())),
+                ..FileAttributes::default()
+            }),
+            detected_time: MicroTime(detected),
+            source: DetectionSource::Realtime,
+            process: None,
+            summary: None,
+        }
+    }
+
+    #[test]
+    fn the_same_transition_detected_twice_has_one_name() {
+        let t = Timestamp::now();
+        let later = t + std::time::Duration::from_secs(60);
+        assert_eq!(object_name(&spec(100, t)), object_name(&spec(100, later)));
+    }
+
+    #[test]
+    fn a_repeated_change_gets_a_new_name() {
+        let t = Timestamp::now();
+        assert_ne!(object_name(&spec(100, t)), object_name(&spec(101, t)));
+    }
+
+    #[test]
+    fn names_are_valid_object_names_with_the_node_first() {
+        let name = object_name(&spec(1, Timestamp::now()));
+        assert!(name.starts_with("worker-1.example-"), "{name}");
+        assert!(name.len() <= 253);
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        );
+    }
+
+    #[test]
+    fn objects_carry_the_filter_labels() {
+        let o = to_object(spec(1, Timestamp::now()));
+        let l = o.metadata.labels.unwrap();
+        assert_eq!(l[labels::NODE], "Worker-1.example");
+        assert_eq!(l[labels::CATEGORY], "Modified");
+        assert_eq!(l[labels::POLICY], "p");
+    }
+}

@@ -1,0 +1,75 @@
+//! Which policies this agent serves: every valid policy that selects its node
+//! (labels and tolerated taints), recomputed whenever a policy or the Node changes.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
+use kube_fim_crds::selection::selects;
+use kube_fim_crds::validate::validate_policy;
+use kube_fim_crds::{FileIntegrityPolicy, FileIntegrityPolicySpec};
+
+/// A policy the agent serves, as it applies it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Served {
+    pub generation: Option<i64>,
+    pub spec: FileIntegrityPolicySpec,
+}
+
+/// The policies among `policies` that `node` must serve, by name. Invalid
+/// policies (stored under an older schema) are skipped: the operator reports them.
+pub fn served<'a>(
+    node: &Node,
+    policies: impl IntoIterator<Item = &'a FileIntegrityPolicy>,
+) -> BTreeMap<String, Served> {
+    policies
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| validate_policy(p).is_ok())
+        .filter(|p| selects(p, node))
+        .map(|p| {
+            (
+                p.name_any(),
+                Served {
+                    generation: p.metadata.generation,
+                    spec: p.spec.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use kube_fim_crds::MonitoredPath;
+
+    fn policy(name: &str, path: &str, selector: &[(&str, &str)]) -> FileIntegrityPolicy {
+        let mut spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
+            name: "e".into(),
+            path: path.into(),
+            ..MonitoredPath::default()
+        }]);
+        spec.node_selector = selector
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        FileIntegrityPolicy::new(name, spec)
+    }
+
+    #[test]
+    fn serves_valid_policies_selecting_the_node() {
+        let mut node = Node::default();
+        node.metadata.name = Some("n".into());
+        node.metadata.labels = Some([("role".to_string(), "web".to_string())].into());
+        let ps = [
+            policy("all", "/etc/passwd", &[]),
+            policy("web", "/etc/passwd", &[("role", "web")]),
+            policy("db", "/etc/passwd", &[("role", "db")]),
+            policy("broken", "etc/passwd", &[]),
+        ];
+        let names: Vec<String> = served(&node, &ps).into_keys().collect();
+        assert_eq!(names, ["all", "web"]);
+    }
+}

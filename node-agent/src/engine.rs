@@ -1,0 +1,746 @@
+//! The detection engine: walks what the policies monitor, inspects each path
+//! once whatever the number of policies watching it, compares with the
+//! approved baseline and produces one change per policy entry that cares.
+//!
+//! The baseline holds the *approved* state. A difference is reported once (its
+//! digest is remembered) and stays a difference until it is acknowledged, which
+//! approves the current state, or until the file returns to its approved state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube_fim_crds::{
+    Attribute, ChangeCategory, DetectionSource, FileAttributes, FileChangeSpec,
+    FileIntegrityPolicySpec,
+};
+use thiserror::Error;
+use tracing::{debug, warn};
+
+use crate::baseline::{Baseline, BaselineError, Tracked, entry_key, state_digest};
+use crate::hostfs::{HostRoot, InspectError};
+use crate::paths::{host_path, rel_path};
+use crate::plan::{Entry, Plan, PlanError};
+
+/// Engine errors (per-file trouble is not an error: it is reported and skipped).
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Baseline(#[from] BaselineError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("host root {path}: {source}")]
+    Root {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A file that could not be inspected, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanError {
+    pub path: String,
+    pub reason: String,
+}
+
+/// Result of a scan.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub changes: Vec<FileChangeSpec>,
+    pub errors: Vec<ScanError>,
+    /// Paths inspected.
+    pub files: usize,
+    /// Bytes read for hashing.
+    pub bytes: u64,
+}
+
+/// One policy as the engine serves it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyInput {
+    pub generation: Option<i64>,
+    pub spec: FileIntegrityPolicySpec,
+}
+
+/// The engine of one node.
+pub struct Engine {
+    root: HostRoot,
+    state: PathBuf,
+    node: String,
+    pub baseline: Baseline,
+    /// Digest of the baseline as found on disk at start (before any write).
+    pub loaded_digest: Option<String>,
+    plan: Plan,
+    policies: BTreeMap<String, PolicyInput>,
+    /// Directories seen by the last walk (for real-time watches).
+    dirs: BTreeSet<PathBuf>,
+    /// Files each policy monitors (last scan).
+    pub files_per_policy: BTreeMap<String, usize>,
+    /// Distinct files monitored (last scan).
+    pub files_total: usize,
+    pub last_errors: Vec<ScanError>,
+}
+
+fn is_dir(attrs: Option<&FileAttributes>) -> bool {
+    attrs
+        .and_then(|a| a.file_type)
+        .is_some_and(|t| t == kube_fim_crds::FileType::Directory)
+}
+
+/// The attributes in `attrs` that differ between `old` and `new`.
+pub fn differing(
+    old: &FileAttributes,
+    new: &FileAttributes,
+    attrs: &[Attribute],
+) -> Vec<Attribute> {
+    let mut out = Vec::new();
+    for a in Attribute::ALL {
+        if !attrs.contains(&a) {
+            continue;
+        }
+        let same = match a {
+            Attribute::Hash => old.hash == new.hash,
+            Attribute::Size => old.size == new.size,
+            Attribute::Type => old.file_type == new.file_type,
+            Attribute::Mode => old.mode == new.mode,
+            Attribute::Uid => old.uid == new.uid,
+            Attribute::Gid => old.gid == new.gid,
+            Attribute::Xattrs => old.xattrs == new.xattrs,
+            Attribute::Mtime => old.mtime == new.mtime,
+            Attribute::Ctime => old.ctime == new.ctime,
+            Attribute::Inode => old.inode == new.inode,
+            Attribute::LinkTarget => old.link_target == new.link_target,
+        };
+        if !same {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// Only the attributes an entry compares, so its report shows only those.
+fn project(a: &FileAttributes, attrs: &[Attribute]) -> FileAttributes {
+    let has = |x| attrs.contains(&x);
+    FileAttributes {
+        file_type: a.file_type.filter(|_| has(Attribute::Type)),
+        hash: a.hash.clone().filter(|_| has(Attribute::Hash)),
+        size: a.size.filter(|_| has(Attribute::Size)),
+        mode: a.mode.clone().filter(|_| has(Attribute::Mode)),
+        uid: a.uid.filter(|_| has(Attribute::Uid)),
+        gid: a.gid.filter(|_| has(Attribute::Gid)),
+        xattrs: a.xattrs.clone().filter(|_| has(Attribute::Xattrs)),
+        mtime: a.mtime.clone().filter(|_| has(Attribute::Mtime)),
+        ctime: a.ctime.clone().filter(|_| has(Attribute::Ctime)),
+        inode: a.inode.filter(|_| has(Attribute::Inode)),
+        link_target: a.link_target.clone().filter(|_| has(Attribute::LinkTarget)),
+    }
+}
+
+impl Engine {
+    /// Opens the host root and the baseline in `state` (if any).
+    pub fn open(root: &Path, state: &Path, node: &str) -> Result<Self, EngineError> {
+        let root = HostRoot::open(root).map_err(|source| EngineError::Root {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        let (baseline, loaded_digest) = match Baseline::load(state)? {
+            Some((b, d)) => (b, Some(d)),
+            None => (Baseline::default(), None),
+        };
+        Ok(Engine {
+            root,
+            state: state.to_path_buf(),
+            node: node.to_string(),
+            baseline,
+            loaded_digest,
+            plan: Plan::default(),
+            policies: BTreeMap::new(),
+            dirs: BTreeSet::new(),
+            files_per_policy: BTreeMap::new(),
+            files_total: 0,
+            last_errors: Vec::new(),
+        })
+    }
+
+    /// The host root directory.
+    pub fn root_path(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Whether a baseline existed when the engine started.
+    pub fn had_baseline(&self) -> bool {
+        self.loaded_digest.is_some()
+    }
+
+    /// The policies served.
+    pub fn policies(&self) -> &BTreeMap<String, PolicyInput> {
+        &self.policies
+    }
+
+    /// Replaces the served policies (takes effect at the next scan).
+    pub fn set_policies(
+        &mut self,
+        policies: BTreeMap<String, PolicyInput>,
+    ) -> Result<(), EngineError> {
+        let specs: BTreeMap<String, FileIntegrityPolicySpec> = policies
+            .iter()
+            .map(|(k, v)| (k.clone(), v.spec.clone()))
+            .collect();
+        self.plan = Plan::new(&specs)?;
+        // Forget what no served entry owns any more.
+        let live: BTreeSet<String> = self
+            .plan
+            .entries
+            .iter()
+            .map(|e| entry_key(&e.owner.policy, &e.owner.entry))
+            .collect();
+        self.baseline.established.retain(|k| live.contains(k));
+        self.baseline
+            .policies
+            .retain(|k, _| policies.contains_key(k));
+        self.policies = policies;
+        Ok(())
+    }
+
+    /// Writes the baseline; returns its digest.
+    pub fn save(&mut self) -> Result<String, EngineError> {
+        Ok(self.baseline.save(&self.state)?)
+    }
+
+    /// The smallest debounce and scan interval among the policies.
+    pub fn timing(&self) -> (std::time::Duration, std::time::Duration) {
+        use kube_fim_crds::duration::parse_duration;
+        let debounce = self
+            .policies
+            .values()
+            .filter_map(|p| parse_duration(&p.spec.debounce).ok())
+            .min()
+            .unwrap_or(std::time::Duration::from_secs(2));
+        let scan = self
+            .policies
+            .values()
+            .filter_map(|p| parse_duration(&p.spec.scan_interval).ok())
+            .min()
+            .unwrap_or(std::time::Duration::from_secs(3600));
+        (debounce, scan)
+    }
+
+    /// Directories to watch in real time (absolute paths).
+    pub fn watch_dirs(&self) -> Vec<PathBuf> {
+        let mut out: BTreeSet<PathBuf> = self.dirs.clone();
+        for e in &self.plan.entries {
+            // An exact file or a wildcard is watched through its directory.
+            let dir = if e.pattern.is_some() || self.dirs.contains(&e.base) {
+                e.base.clone()
+            } else {
+                e.base.parent().map(Path::to_path_buf).unwrap_or_default()
+            };
+            out.insert(dir);
+        }
+        out.into_iter().map(|d| self.root.path().join(d)).collect()
+    }
+
+    /// Walks every entry: the root-relative paths that exist now.
+    fn walk(&mut self, errors: &mut Vec<ScanError>) -> BTreeSet<PathBuf> {
+        let mut found = BTreeSet::new();
+        let mut dirs = BTreeSet::new();
+        let entries = self.plan.entries.clone();
+        for e in &entries {
+            let starts: Vec<PathBuf> = match &e.pattern {
+                Some(glob) => match self.root.list_dir(&e.base) {
+                    Ok(children) => {
+                        dirs.insert(e.base.clone());
+                        children
+                            .into_iter()
+                            .filter(|c| glob.is_match(&c.name))
+                            .map(|c| e.base.join(c.name))
+                            .filter(|p| e.covers(p))
+                            .collect()
+                    }
+                    Err(InspectError::Io(_)) | Err(InspectError::Loop) => Vec::new(),
+                    Err(err) => {
+                        errors.push(ScanError {
+                            path: host_path(&e.base),
+                            reason: err.to_string(),
+                        });
+                        Vec::new()
+                    }
+                },
+                None => vec![e.base.clone()],
+            };
+            for start in starts {
+                found.insert(start.clone());
+                let list_children = e.recursive || e.pattern.is_none();
+                if !list_children {
+                    continue;
+                }
+                let mut stack = vec![(start, true)];
+                while let Some((dir, first)) = stack.pop() {
+                    let children = match self.root.list_dir(&dir) {
+                        Ok(c) => c,
+                        // Not a directory (a file, a symlink): nothing below.
+                        Err(InspectError::Io(_)) | Err(InspectError::Loop) => continue,
+                        Err(err) => {
+                            errors.push(ScanError {
+                                path: host_path(&dir),
+                                reason: err.to_string(),
+                            });
+                            continue;
+                        }
+                    };
+                    dirs.insert(dir.clone());
+                    for c in children {
+                        let p = dir.join(&c.name);
+                        if !e.covers(&p) {
+                            continue;
+                        }
+                        found.insert(p.clone());
+                        if c.is_dir && e.recursive {
+                            stack.push((p, false));
+                        }
+                    }
+                    let _ = first;
+                }
+            }
+        }
+        self.dirs = dirs;
+        found
+    }
+
+    /// A full scan: every monitored path now, against the baseline.
+    pub fn scan(&mut self, source: DetectionSource) -> Outcome {
+        let mut out = Outcome::default();
+        if self.plan.entries.is_empty() {
+            // Nothing served: keep the baseline as it is rather than forget it.
+            self.files_per_policy.clear();
+            self.files_total = 0;
+            return out;
+        }
+        let walked = self.walk(&mut out.errors);
+        let mut candidates: BTreeSet<PathBuf> = walked;
+        candidates.extend(self.baseline.files.keys().map(|k| rel_path(k)));
+        let mut per_policy: BTreeMap<String, usize> = BTreeMap::new();
+        let mut seen_keys = BTreeSet::new();
+        let mut total = 0;
+        for path in &candidates {
+            let owners: Vec<Entry> = self.plan.owners(path).into_iter().cloned().collect();
+            let key = host_path(path);
+            if owners.is_empty() {
+                continue;
+            }
+            seen_keys.insert(key.clone());
+            let current = self.inspect(path, &owners, &mut out);
+            if current.is_some() {
+                total += 1;
+                let mut counted = BTreeSet::new();
+                for o in &owners {
+                    if counted.insert(o.owner.policy.clone()) {
+                        *per_policy.entry(o.owner.policy.clone()).or_default() += 1;
+                    }
+                }
+            }
+            self.judge(&key, path, current, &owners, source, &mut out);
+        }
+        // What no served entry owns any more is forgotten.
+        self.baseline.files.retain(|k, _| seen_keys.contains(k));
+        // Every planned entry is now established: later differences are reported.
+        let now = Timestamp::now();
+        for e in &self.plan.entries {
+            self.baseline
+                .established
+                .insert(entry_key(&e.owner.policy, &e.owner.entry));
+        }
+        for (name, p) in &self.policies {
+            let rec = self.baseline.policies.entry(name.clone()).or_default();
+            rec.generation = p.generation;
+            rec.baseline_time.get_or_insert(now);
+            rec.last_scan_time = Some(now);
+        }
+        self.files_per_policy = per_policy;
+        self.files_total = total;
+        self.last_errors = out.errors.clone();
+        out.files = total;
+        out
+    }
+
+    /// Re-examines the given root-relative paths (real-time events): each path,
+    /// what is below it now (a new directory), and what the baseline had below it.
+    pub fn rescan(
+        &mut self,
+        paths: &BTreeSet<PathBuf>,
+        source: DetectionSource,
+    ) -> (Outcome, bool) {
+        let mut out = Outcome::default();
+        let mut candidates: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut new_dirs = false;
+        for p in paths {
+            candidates.insert(p.clone());
+            let prefix = format!("{}/", host_path(p));
+            candidates.extend(
+                self.baseline
+                    .files
+                    .range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .map(|(k, _)| rel_path(k)),
+            );
+            // A directory that appeared under a recursive entry: walk it.
+            let owners = self.plan.owners(p);
+            if owners.iter().any(|o| o.recursive) {
+                let mut stack = vec![p.clone()];
+                while let Some(dir) = stack.pop() {
+                    let Ok(children) = self.root.list_dir(&dir) else {
+                        continue;
+                    };
+                    if self.dirs.insert(dir.clone()) {
+                        new_dirs = true;
+                    }
+                    for c in children {
+                        let child = dir.join(&c.name);
+                        if self.plan.owners(&child).is_empty() {
+                            continue;
+                        }
+                        candidates.insert(child.clone());
+                        if c.is_dir {
+                            stack.push(child);
+                        }
+                    }
+                }
+            }
+        }
+        for path in &candidates {
+            let owners: Vec<Entry> = self.plan.owners(path).into_iter().cloned().collect();
+            if owners.is_empty() {
+                continue;
+            }
+            let current = self.inspect(path, &owners, &mut out);
+            let key = host_path(path);
+            self.judge(&key, path, current, &owners, source, &mut out);
+        }
+        (out, new_dirs)
+    }
+
+    fn inspect(&self, path: &Path, owners: &[Entry], out: &mut Outcome) -> Option<FileAttributes> {
+        let refs: Vec<&Entry> = owners.iter().collect();
+        let want = Plan::wanted(&refs);
+        match self.root.inspect(path, &want, &mut out.bytes) {
+            Ok(a) => a,
+            Err(err) => {
+                debug!(path = %host_path(path), %err, "skipped");
+                out.errors.push(ScanError {
+                    path: host_path(path),
+                    reason: err.to_string(),
+                });
+                // Unreadable now: keep the baseline as it is, report nothing.
+                self.baseline
+                    .files
+                    .get(&host_path(path))
+                    .and_then(|t| t.approved.clone())
+            }
+        }
+    }
+
+    /// Compares one path with the baseline and records the changes to report.
+    fn judge(
+        &mut self,
+        key: &str,
+        path: &Path,
+        current: Option<FileAttributes>,
+        owners: &[Entry],
+        source: DetectionSource,
+        out: &mut Outcome,
+    ) {
+        let tracked = self.baseline.files.get(key).cloned();
+        let established: Vec<&Entry> = owners
+            .iter()
+            .filter(|o| {
+                self.baseline
+                    .established
+                    .contains(&entry_key(&o.owner.policy, &o.owner.entry))
+            })
+            .collect();
+        let approved = tracked.as_ref().and_then(|t| t.approved.clone());
+        if established.is_empty() {
+            // Only new entries watch it: what exists now is their baseline, silently.
+            match current {
+                Some(cur) => {
+                    self.baseline.files.insert(
+                        key.to_string(),
+                        Tracked {
+                            approved: Some(cur),
+                            reported: None,
+                        },
+                    );
+                }
+                None => {
+                    self.baseline.files.remove(key);
+                }
+            }
+            return;
+        }
+        if approved == current {
+            if let Some(t) = self.baseline.files.get_mut(key) {
+                t.reported = None;
+            }
+            if current.is_none() {
+                self.baseline.files.remove(key);
+            }
+            return;
+        }
+        let digest = state_digest(current.as_ref());
+        if tracked.as_ref().and_then(|t| t.reported.as_ref()) == Some(&digest) {
+            return; // already reported
+        }
+        let category = match (&approved, &current) {
+            (None, Some(_)) => ChangeCategory::Added,
+            (Some(_), None) => ChangeCategory::Removed,
+            _ => ChangeCategory::Modified,
+        };
+        // A directory's own entry changes (mtime of /etc at each file change)
+        // are noise: only its mode, owner and type count.
+        let dir_attrs = [
+            Attribute::Type,
+            Attribute::Mode,
+            Attribute::Uid,
+            Attribute::Gid,
+            Attribute::Xattrs,
+        ];
+        let now = Timestamp::now();
+        for o in established {
+            let mut attrs = o.attributes.clone();
+            if is_dir(current.as_ref()) || is_dir(approved.as_ref()) {
+                attrs.retain(|a| dir_attrs.contains(a));
+                if category != ChangeCategory::Modified {
+                    // A directory appearing or going is shown by the files in it.
+                    continue;
+                }
+            }
+            let changed = match (&approved, &current) {
+                (Some(a), Some(c)) => {
+                    let mut d = differing(a, c, &attrs);
+                    if o.grow_only && self.grew_keeping_prefix(path, a, c) {
+                        d.retain(|x| {
+                            !matches!(
+                                x,
+                                Attribute::Hash
+                                    | Attribute::Size
+                                    | Attribute::Mtime
+                                    | Attribute::Ctime
+                            )
+                        });
+                    }
+                    if d.is_empty() {
+                        continue;
+                    }
+                    d
+                }
+                _ => Vec::new(),
+            };
+            out.changes.push(FileChangeSpec {
+                node: self.node.clone(),
+                policy: o.owner.policy.clone(),
+                entry: o.owner.entry.clone(),
+                path: key.to_string(),
+                category,
+                changed_attributes: changed,
+                before: approved.as_ref().map(|a| project(a, &o.attributes)),
+                after: current.as_ref().map(|c| project(c, &o.attributes)),
+                detected_time: MicroTime(now),
+                source,
+                process: None,
+                summary: None,
+            });
+        }
+        let t = self.baseline.files.entry(key.to_string()).or_default();
+        t.reported = Some(digest);
+    }
+
+    fn grew_keeping_prefix(&self, path: &Path, old: &FileAttributes, new: &FileAttributes) -> bool {
+        match (old.size, new.size, &old.hash) {
+            (Some(o), Some(n), Some(h)) if n >= o => {
+                self.root.hash_prefix(path, o).is_ok_and(|p| &p == h)
+            }
+            _ => false,
+        }
+    }
+
+    /// Approves the current state of `path` (an acknowledged change).
+    pub fn acknowledge(&mut self, key: &str) -> bool {
+        let path = rel_path(key);
+        let owners: Vec<Entry> = self.plan.owners(&path).into_iter().cloned().collect();
+        let mut scratch = Outcome::default();
+        let current = if owners.is_empty() {
+            None
+        } else {
+            self.inspect(&path, &owners, &mut scratch)
+        };
+        match current {
+            Some(c) => {
+                self.baseline.files.insert(
+                    key.to_string(),
+                    Tracked {
+                        approved: Some(c),
+                        reported: None,
+                    },
+                );
+            }
+            None => {
+                self.baseline.files.remove(key);
+            }
+        }
+        if !scratch.errors.is_empty() {
+            warn!(path = %key, "acknowledged path could not be read");
+        }
+        true
+    }
+
+    /// Files monitored by one policy (last scan).
+    pub fn files_of(&self, policy: &str) -> usize {
+        self.files_per_policy.get(policy).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use kube_fim_crds::MonitoredPath;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn engine(root: &Path, state: &Path, paths: Vec<MonitoredPath>) -> Engine {
+        let mut e = Engine::open(root, state, "n").unwrap();
+        e.set_policies(BTreeMap::from([(
+            "p".to_string(),
+            PolicyInput {
+                generation: Some(1),
+                spec: FileIntegrityPolicySpec::with_paths(paths),
+            },
+        )]))
+        .unwrap();
+        e
+    }
+
+    fn etc(recursive: bool) -> MonitoredPath {
+        MonitoredPath {
+            name: "etc".into(),
+            path: "/etc".into(),
+            recursive,
+            ..MonitoredPath::default()
+        }
+    }
+
+    fn describe(o: &Outcome) -> Vec<String> {
+        let mut v: Vec<String> = o
+            .changes
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {} {:?}",
+                    c.category.as_str(),
+                    c.path,
+                    c.changed_attributes
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn baseline_then_changes_reported_once_until_acknowledged() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
+        std::fs::write(root.path().join("etc/old"), "o").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        assert!(
+            e.scan(DetectionSource::Startup).changes.is_empty(),
+            "first scan is the baseline"
+        );
+
+        std::fs::write(root.path().join("etc/hosts"), "bb").unwrap();
+        std::fs::write(root.path().join("etc/new"), "n").unwrap();
+        std::fs::remove_file(root.path().join("etc/old")).unwrap();
+        let o = e.scan(DetectionSource::Scan);
+        let d = describe(&o);
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(d[0].starts_with("Added /etc/new"), "{d:?}");
+        assert!(d[1].starts_with("Modified /etc/hosts"), "{d:?}");
+        assert!(d[1].contains("Hash") && d[1].contains("Size"), "{d:?}");
+        assert!(d[2].starts_with("Removed /etc/old"), "{d:?}");
+        assert!(
+            e.scan(DetectionSource::Scan).changes.is_empty(),
+            "reported once"
+        );
+
+        e.acknowledge("/etc/hosts");
+        std::fs::set_permissions(
+            root.path().join("etc/hosts"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let d = describe(&e.scan(DetectionSource::Scan));
+        assert_eq!(d, ["Modified /etc/hosts [Mode]"]);
+    }
+
+    #[test]
+    fn the_baseline_survives_a_restart() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
+        std::fs::write(root.path().join("etc/passwd"), "p").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(false)]);
+        e.scan(DetectionSource::Startup);
+        e.save().unwrap();
+        drop(e);
+        std::fs::write(root.path().join("etc/hosts"), "changed").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(false)]);
+        assert!(e.had_baseline());
+        let o = e.scan(DetectionSource::Startup);
+        assert_eq!(o.changes.len(), 1, "no false Added for untouched files");
+        assert_eq!(o.changes[0].source, DetectionSource::Startup);
+    }
+
+    #[test]
+    fn an_editor_rename_over_is_one_modified() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(false)]);
+        e.scan(DetectionSource::Startup);
+        std::fs::write(root.path().join("etc/.hosts.swp"), "new").unwrap();
+        std::fs::rename(
+            root.path().join("etc/.hosts.swp"),
+            root.path().join("etc/hosts"),
+        )
+        .unwrap();
+        let paths = BTreeSet::from([PathBuf::from("etc/.hosts.swp"), PathBuf::from("etc/hosts")]);
+        let (o, _) = e.rescan(&paths, DetectionSource::Realtime);
+        let d = describe(&o);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].starts_with("Modified /etc/hosts"));
+    }
+
+    #[test]
+    fn new_entries_baseline_silently_and_unreadable_files_are_reported_and_skipped() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc/deep/er")).unwrap();
+        std::fs::write(root.path().join("etc/deep/er/f"), "x").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        e.scan(DetectionSource::Startup);
+        // A loop below a monitored directory does not stop the scan.
+        std::os::unix::fs::symlink("l2", root.path().join("etc/l1")).unwrap();
+        std::os::unix::fs::symlink("l1", root.path().join("etc/l2")).unwrap();
+        std::fs::write(root.path().join("etc/deep/er/g"), "y").unwrap();
+        let o = e.scan(DetectionSource::Scan);
+        let d = describe(&o);
+        assert!(
+            d.iter().any(|c| c.starts_with("Added /etc/deep/er/g")),
+            "{d:?}"
+        );
+        assert!(d.iter().any(|c| c.starts_with("Added /etc/l1")), "{d:?}");
+    }
+}

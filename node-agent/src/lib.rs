@@ -1,0 +1,13 @@
+//! kube-fim node agent: resolves the policies' paths inside the host root,
+//! hashes and records them in a crash-safe baseline, detects changes at start,
+//! in real time and by periodic scans, and (in a cluster) reports them as
+//! FileChange objects and Events through a durable queue.
+
+pub mod baseline;
+pub mod cluster;
+pub mod engine;
+pub mod hostfs;
+pub mod metrics;
+pub mod paths;
+pub mod plan;
+pub mod watch;

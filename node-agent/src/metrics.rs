@@ -1,0 +1,149 @@
+//! The agent's Prometheus metrics. Every series carries the agent's `node`
+//! label; none carries a path (cardinality).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::cluster::metrics::ClusterMetrics;
+
+/// Every metric the agent exports.
+#[derive(Clone)]
+pub struct AgentMetrics {
+    registry: Registry,
+    pub changes: IntCounterVec,
+    pub files: IntGaugeVec,
+    pub bytes_hashed: IntCounter,
+    pub scan_duration: Histogram,
+    pub last_scan: GaugeVec,
+    pub scan_errors: IntCounter,
+    pub watch_errors: IntCounter,
+    pub watches: IntGauge,
+    pub cluster: ClusterMetrics,
+    pub ready: Arc<AtomicBool>,
+}
+
+impl AgentMetrics {
+    /// Creates the metrics of the agent on `node`.
+    pub fn new(node: &str) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(
+            None,
+            Some(HashMap::from([("node".to_string(), node.to_string())])),
+        )?;
+        let changes = IntCounterVec::new(
+            Opts::new(
+                "kube_fim_agent_changes_total",
+                "Changes detected, by policy and category",
+            ),
+            &["policy", "category"],
+        )?;
+        let files = IntGaugeVec::new(
+            Opts::new(
+                "kube_fim_agent_files_monitored",
+                "Files a policy monitors on this node",
+            ),
+            &["policy"],
+        )?;
+        let bytes_hashed = IntCounter::new(
+            "kube_fim_agent_bytes_hashed_total",
+            "Bytes read to hash files",
+        )?;
+        let scan_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "kube_fim_agent_scan_duration_seconds",
+                "Duration of full scans",
+            )
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+            ]),
+        )?;
+        let last_scan = GaugeVec::new(
+            Opts::new(
+                "kube_fim_agent_last_scan_success_timestamp_seconds",
+                "When the last full scan of a policy completed (Unix time)",
+            ),
+            &["policy"],
+        )?;
+        let scan_errors = IntCounter::new(
+            "kube_fim_agent_scan_errors_total",
+            "Files that could not be inspected (reported and skipped)",
+        )?;
+        let watch_errors = IntCounter::new(
+            "kube_fim_agent_watch_errors_total",
+            "Real-time watches that could not be set (e.g. the inotify limit); scans go on",
+        )?;
+        let watches = IntGauge::new(
+            "kube_fim_agent_watched_directories",
+            "Directories watched in real time",
+        )?;
+        for c in [
+            Box::new(changes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(files.clone()),
+            Box::new(bytes_hashed.clone()),
+            Box::new(scan_duration.clone()),
+            Box::new(last_scan.clone()),
+            Box::new(scan_errors.clone()),
+            Box::new(watch_errors.clone()),
+            Box::new(watches.clone()),
+        ] {
+            registry.register(c)?;
+        }
+        let cluster = ClusterMetrics::register(&registry)?;
+        Ok(AgentMetrics {
+            registry,
+            changes,
+            files,
+            bytes_hashed,
+            scan_duration,
+            last_scan,
+            scan_errors,
+            watch_errors,
+            watches,
+            cluster,
+            ready: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(%error, "encoding metrics");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` (ready once the first
+    /// baseline or startup scan is done).
+    pub async fn serve(self, addr: SocketAddr) -> std::io::Result<()> {
+        async fn metrics(
+            State(m): State<AgentMetrics>,
+        ) -> ([(&'static str, &'static str); 1], String) {
+            ([("content-type", "text/plain; version=0.0.4")], m.render())
+        }
+        async fn readyz(State(m): State<AgentMetrics>) -> (StatusCode, &'static str) {
+            if m.ready.load(Ordering::Relaxed) {
+                (StatusCode::OK, "ok")
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, "building the baseline")
+            }
+        }
+        let app = Router::new()
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .with_state(self);
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        axum::serve(listener, app).await
+    }
+}

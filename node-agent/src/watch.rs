@@ -1,0 +1,336 @@
+//! The monitoring loop: a startup scan against the baseline on disk, then
+//! real-time inotify events (coalesced per path within the debounce window)
+//! and periodic full scans, until shutdown. Nothing polls: the loop sleeps
+//! until an event, a debounce deadline, the next scan or a policy update.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube_fim_crds::{DetectionSource, FileChangeSpec};
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::engine::{Engine, Outcome, PolicyInput};
+use crate::metrics::AgentMetrics;
+
+/// Instructions to the loop.
+#[derive(Debug)]
+pub enum Control {
+    /// Serve exactly these policies from now on.
+    Policies(BTreeMap<String, PolicyInput>),
+    /// Approve the current state of a host path.
+    Acknowledge(String, oneshot::Sender<()>),
+}
+
+/// Changes to deliver; the loop records them as reported in the baseline only
+/// after the receiver answers on the oneshot (e.g. once they are queued on disk).
+pub type Batch = (Vec<FileChangeSpec>, oneshot::Sender<()>);
+
+/// What the loop last knew, for status reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// Per policy: generation applied, files, last full scan, errors.
+    pub policies: BTreeMap<String, PolicySnapshot>,
+    pub files_total: usize,
+    pub baseline_digest: Option<String>,
+    pub errors: usize,
+    /// The startup scan is done (the agent is ready).
+    pub ready: bool,
+}
+
+/// One policy's state on this node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicySnapshot {
+    pub generation: Option<i64>,
+    pub files: usize,
+    pub last_scan: Option<Timestamp>,
+    pub baseline_time: Option<Timestamp>,
+}
+
+struct Inotify {
+    watcher: Option<notify::RecommendedWatcher>,
+    watched: BTreeSet<PathBuf>,
+    limit_reported: bool,
+}
+
+impl Inotify {
+    fn new(tx: mpsc::UnboundedSender<notify::Result<notify::Event>>) -> Self {
+        let watcher = notify::recommended_watcher(move |ev| {
+            let _ = tx.send(ev);
+        });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(error) => {
+                warn!(%error, "real-time watching unavailable; periodic scans only");
+                None
+            }
+        };
+        Inotify {
+            watcher,
+            watched: BTreeSet::new(),
+            limit_reported: false,
+        }
+    }
+
+    fn sync(&mut self, dirs: Vec<PathBuf>, metrics: &AgentMetrics) {
+        let Some(w) = self.watcher.as_mut() else {
+            return;
+        };
+        let want: BTreeSet<PathBuf> = dirs.into_iter().collect();
+        for gone in self.watched.difference(&want).cloned().collect::<Vec<_>>() {
+            let _ = w.unwatch(&gone);
+            self.watched.remove(&gone);
+        }
+        for dir in want {
+            if self.watched.contains(&dir) || !dir.is_dir() {
+                continue;
+            }
+            match w.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    self.watched.insert(dir);
+                }
+                Err(error) => {
+                    metrics.watch_errors.inc();
+                    let limit = matches!(&error.kind, notify::ErrorKind::MaxFilesWatch)
+                        || error.to_string().contains("No space left");
+                    if limit && !self.limit_reported {
+                        self.limit_reported = true;
+                        warn!(
+                            "inotify watch limit reached (fs.inotify.max_user_watches): directories beyond it are covered by periodic scans only"
+                        );
+                    } else if !limit {
+                        debug!(dir = %dir.display(), %error, "cannot watch");
+                    }
+                }
+            }
+        }
+        metrics.watches.set(self.watched.len() as i64);
+    }
+}
+
+fn record(outcome: &Outcome, metrics: &AgentMetrics) {
+    metrics.bytes_hashed.inc_by(outcome.bytes);
+    metrics.scan_errors.inc_by(outcome.errors.len() as u64);
+    for c in &outcome.changes {
+        metrics
+            .changes
+            .with_label_values(&[c.policy.as_str(), c.category.as_str()])
+            .inc();
+    }
+}
+
+fn snapshot(engine: &Engine, digest: Option<String>, ready: bool) -> Snapshot {
+    Snapshot {
+        policies: engine
+            .policies()
+            .iter()
+            .map(|(name, p)| {
+                let rec = engine.baseline.policies.get(name);
+                (
+                    name.clone(),
+                    PolicySnapshot {
+                        generation: p.generation,
+                        files: engine.files_of(name),
+                        last_scan: rec.and_then(|r| r.last_scan_time),
+                        baseline_time: rec.and_then(|r| r.baseline_time),
+                    },
+                )
+            })
+            .collect(),
+        files_total: engine.files_total,
+        baseline_digest: digest,
+        errors: engine.last_errors.len(),
+        ready,
+    }
+}
+
+/// Runs the loop until `shutdown` resolves or `control` closes.
+pub async fn monitor(
+    mut engine: Engine,
+    metrics: AgentMetrics,
+    mut control: mpsc::Receiver<Control>,
+    out: mpsc::Sender<Batch>,
+    status: watch::Sender<Snapshot>,
+    wait_for_policies: bool,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Engine {
+    tokio::pin!(shutdown);
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let mut inotify = Inotify::new(ev_tx);
+    let root = engine.root_path().to_path_buf();
+    let mut pending: BTreeMap<PathBuf, Instant> = BTreeMap::new();
+    let mut first = true;
+    let mut next_scan = Instant::now();
+    let mut digest;
+    // In a cluster the served policies come from the API: no scan (which
+    // would forget the baseline of unknown policies) before they are known.
+    let mut have_policies = false;
+
+    loop {
+        let (debounce, interval) = engine.timing();
+        let due = pending.values().min().copied();
+        let may_start = have_policies || !wait_for_policies;
+        let scan_now = if first { may_start } else { Instant::now() >= next_scan };
+        if scan_now {
+            let source = if first && engine.had_baseline() {
+                DetectionSource::Startup
+            } else {
+                DetectionSource::Scan
+            };
+            let started = std::time::Instant::now();
+            let outcome = tokio::task::block_in_place(|| engine.scan(source));
+            metrics
+                .scan_duration
+                .observe(started.elapsed().as_secs_f64());
+            for name in engine.policies().keys() {
+                metrics
+                    .files
+                    .with_label_values(&[name])
+                    .set(engine.files_of(name) as i64);
+                metrics
+                    .last_scan
+                    .with_label_values(&[name])
+                    .set(Timestamp::now().as_millisecond() as f64 / 1000.0);
+            }
+            info!(
+                files = outcome.files,
+                changes = outcome.changes.len(),
+                errors = outcome.errors.len(),
+                seconds = started.elapsed().as_secs_f64(),
+                ?source,
+                "scan"
+            );
+            for e in outcome.errors.iter().take(20) {
+                warn!(path = %e.path, reason = %e.reason, "skipped");
+            }
+            record(&outcome, &metrics);
+            if !deliver(&out, outcome.changes).await {
+                return engine;
+            }
+            digest = save(&mut engine, &metrics);
+            inotify.sync(engine.watch_dirs(), &metrics);
+            first = false;
+            next_scan = Instant::now() + interval;
+            metrics
+                .ready
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = status.send(snapshot(&engine, digest.clone(), true));
+            continue;
+        }
+        let wake = if first {
+            due.unwrap_or(Instant::now() + Duration::from_secs(3600))
+        } else {
+            due.unwrap_or(next_scan).min(next_scan)
+        };
+        tokio::select! {
+            () = &mut shutdown => {
+                let _ = save(&mut engine, &metrics);
+                return engine;
+            }
+            ev = ev_rx.recv() => {
+                let Some(ev) = ev else { continue };
+                match ev {
+                    Ok(ev) => {
+                        if matches!(ev.kind, EventKind::Access(notify::event::AccessKind::Open(_))
+                            | EventKind::Access(notify::event::AccessKind::Read)
+                            | EventKind::Access(notify::event::AccessKind::Close(notify::event::AccessMode::Read))
+                            | EventKind::Access(notify::event::AccessKind::Close(notify::event::AccessMode::Execute))
+                            | EventKind::Access(notify::event::AccessKind::Any)) {
+                            continue;
+                        }
+                        let deadline = Instant::now() + debounce;
+                        for p in ev.paths {
+                            if let Ok(rel) = p.strip_prefix(&root) {
+                                pending.entry(rel.to_path_buf()).or_insert(deadline);
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        metrics.watch_errors.inc();
+                        warn!(%error, "watch error; the next scan covers it");
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                let ready: BTreeSet<PathBuf> = pending.iter().filter(|(_, d)| **d <= now).map(|(p, _)| p.clone()).collect();
+                if ready.is_empty() {
+                    continue;
+                }
+                pending.retain(|p, _| !ready.contains(p));
+                let (outcome, new_dirs) = tokio::task::block_in_place(|| engine.rescan(&ready, DetectionSource::Realtime));
+                record(&outcome, &metrics);
+                let changed = !outcome.changes.is_empty();
+                if !deliver(&out, outcome.changes).await {
+                    return engine;
+                }
+                if changed {
+                    digest = save(&mut engine, &metrics);
+                    let _ = status.send(snapshot(&engine, digest.clone(), true));
+                }
+                if new_dirs {
+                    inotify.sync(engine.watch_dirs(), &metrics);
+                }
+            }
+            msg = control.recv() => {
+                match msg {
+                    None => {
+                        let _ = save(&mut engine, &metrics);
+                        return engine;
+                    }
+                    Some(Control::Policies(p)) => {
+                        have_policies = true;
+                        if &p != engine.policies() {
+                            info!(policies = ?p.keys().collect::<Vec<_>>(), "serving");
+                            let before: Vec<String> = engine.policies().keys().cloned().collect();
+                            if let Err(error) = engine.set_policies(p) {
+                                warn!(%error, "policy not applied");
+                            }
+                            for name in before {
+                                if !engine.policies().contains_key(&name) {
+                                    let _ = metrics.files.remove_label_values(&[&name]);
+                                    let _ = metrics.last_scan.remove_label_values(&[&name]);
+                                }
+                            }
+                            // New entries are baselined, removed ones forgotten, now.
+                            next_scan = Instant::now();
+                        }
+                    }
+                    Some(Control::Acknowledge(key, done)) => {
+                        tokio::task::block_in_place(|| engine.acknowledge(&key));
+                        digest = save(&mut engine, &metrics);
+                        let _ = done.send(());
+                        let _ = status.send(snapshot(&engine, digest.clone(), true));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Hands changes over and waits until the receiver has them safe.
+async fn deliver(out: &mpsc::Sender<Batch>, changes: Vec<FileChangeSpec>) -> bool {
+    if changes.is_empty() {
+        return true;
+    }
+    let (tx, rx) = oneshot::channel();
+    if out.send((changes, tx)).await.is_err() {
+        return false;
+    }
+    rx.await.is_ok()
+}
+
+fn save(engine: &mut Engine, metrics: &AgentMetrics) -> Option<String> {
+    match tokio::task::block_in_place(|| engine.save()) {
+        Ok(d) => Some(d),
+        Err(error) => {
+            metrics.scan_errors.inc();
+            warn!(%error, "could not write the baseline");
+            None
+        }
+    }
+}
