@@ -157,23 +157,19 @@ impl Fleet {
     /// Waits until the agent on `node` reports `policy` Ready (baseline done).
     pub async fn wait_ready(&self, node: &str, policy: &str, timeout: Duration) {
         let api: Api<FileIntegrityNode> = Api::all(self.client.clone());
-        eventually(
-            &format!("{node} Ready for {policy}"),
-            timeout,
-            || async {
-                let record = api.get_opt(node).await.map_err(|e| e.to_string())?;
-                let phase = record
-                    .as_ref()
-                    .and_then(|r| r.status.as_ref())
-                    .and_then(|s| s.policies.iter().find(|p| p.policy == policy))
-                    .map(|p| p.phase);
-                if phase == Some(NodePolicyPhase::Ready) {
-                    Ok(())
-                } else {
-                    Err(format!("{phase:?}"))
-                }
-            },
-        )
+        eventually(&format!("{node} Ready for {policy}"), timeout, || async {
+            let record = api.get_opt(node).await.map_err(|e| e.to_string())?;
+            let phase = record
+                .as_ref()
+                .and_then(|r| r.status.as_ref())
+                .and_then(|s| s.policies.iter().find(|p| p.policy == policy))
+                .map(|p| p.phase);
+            if phase == Some(NodePolicyPhase::Ready) {
+                Ok(())
+            } else {
+                Err(format!("{phase:?}"))
+            }
+        })
         .await;
     }
 

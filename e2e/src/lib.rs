@@ -298,12 +298,29 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
 
-/// The value of a sample in Prometheus text output (`name` includes labels as
-/// printed, e.g. `kube_fim_operator_leader`).
+/// The value of a sample in Prometheus text output. `name` is written as
+/// Prometheus prints it, `metric{label="value",...}`; label order does not matter.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    fn split(series: &str) -> (String, std::collections::BTreeSet<String>) {
+        match series.split_once('{') {
+            Some((n, rest)) => (
+                n.to_string(),
+                rest.trim_end_matches('}')
+                    .split("\",")
+                    .filter(|l| !l.is_empty())
+                    .map(|l| l.trim_end_matches('"').to_string())
+                    .collect(),
+            ),
+            None => (series.to_string(), Default::default()),
+        }
+    }
+    let wanted = split(name);
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        (split(series) == wanted)
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, or panics after `timeout`

@@ -8,11 +8,16 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::ResourceExt;
-use kube_fim_crds::{Attribute, ChangeCategory, DetectionSource, FileIntegrityNode, FileIntegrityPolicy};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube_fim_crds::{
+    Attribute, ChangeCategory, DetectionSource, FileIntegrityNode, FileIntegrityPolicy,
+};
 use kube_fim_e2e::fleet::{Fleet, describe, entry, names};
 use kube_fim_e2e::{client, eventually, metric, unique_name};
+
+/// A mutation of a host file, with the change it must produce.
+type Step<'a> = (&'a str, Box<dyn Fn() + 'a>);
 
 const READY: Duration = Duration::from_secs(60);
 const SEEN: Duration = Duration::from_secs(20);
@@ -28,7 +33,11 @@ async fn wait_changes(fleet: &Fleet, node: &str, want: &[&str]) -> Vec<kube_fim_
     eventually(&format!("changes {want:?} on {node}"), SEEN, || async {
         let changes = fleet.changes(node).await;
         let got = sorted(changes.iter().map(describe));
-        if got == want { Ok(changes) } else { Err(format!("{got:?}")) }
+        if got == want {
+            Ok(changes)
+        } else {
+            Err(format!("{got:?}"))
+        }
     })
     .await
 }
@@ -48,17 +57,40 @@ async fn changes_on_one_node_are_reported_for_that_node_only_with_before_and_aft
     let (a, b) = (fleet.nodes[0].name.clone(), fleet.nodes[1].name.clone());
     fleet.wait_ready(&a, &policy, READY).await;
     fleet.wait_ready(&b, &policy, READY).await;
-    assert!(fleet.changes(&a).await.is_empty(), "a baseline reports nothing");
+    assert!(
+        fleet.changes(&a).await.is_empty(),
+        "a baseline reports nothing"
+    );
 
     // Modify, add, remove, chmod on node A, timing each from write to object.
     let node = &fleet.nodes[0];
     let mut latencies = Vec::new();
     let api: Api<kube_fim_crds::FileChange> = Api::all(client.clone());
-    let steps: Vec<(&str, Box<dyn Fn()>)> = vec![
-        ("Modified /etc/hosts", Box::new(|| std::fs::write(node.host("/etc/hosts"), "127.0.0.1 localhost evil\n").unwrap())),
-        ("Added /etc/new.conf", Box::new(|| std::fs::write(node.host("/etc/new.conf"), "new=1\n").unwrap())),
-        ("Removed /etc/old.conf", Box::new(|| std::fs::remove_file(node.host("/etc/old.conf")).unwrap())),
-        ("Modified /etc/passwd", Box::new(|| std::fs::set_permissions(node.host("/etc/passwd"), std::fs::Permissions::from_mode(0o600)).unwrap())),
+    let steps: Vec<Step> = vec![
+        (
+            "Modified /etc/hosts",
+            Box::new(|| {
+                std::fs::write(node.host("/etc/hosts"), "127.0.0.1 localhost evil\n").unwrap()
+            }),
+        ),
+        (
+            "Added /etc/new.conf",
+            Box::new(|| std::fs::write(node.host("/etc/new.conf"), "new=1\n").unwrap()),
+        ),
+        (
+            "Removed /etc/old.conf",
+            Box::new(|| std::fs::remove_file(node.host("/etc/old.conf")).unwrap()),
+        ),
+        (
+            "Modified /etc/passwd",
+            Box::new(|| {
+                std::fs::set_permissions(
+                    node.host("/etc/passwd"),
+                    std::fs::Permissions::from_mode(0o600),
+                )
+                .unwrap()
+            }),
+        ),
     ];
     for (want, step) in &steps {
         let start = Instant::now();
@@ -68,7 +100,11 @@ async fn changes_on_one_node_are_reported_for_that_node_only_with_before_and_aft
                 .list(&ListParams::default().fields(&format!("spec.node={a}")))
                 .await
                 .map_err(|e| e.to_string())?;
-            if list.items.iter().any(|c| describe(c) == *want) { Ok(()) } else { Err("not yet".to_string()) }
+            if list.items.iter().any(|c| describe(c) == *want) {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
         })
         .await;
         latencies.push(start.elapsed());
@@ -86,27 +122,56 @@ async fn changes_on_one_node_are_reported_for_that_node_only_with_before_and_aft
     let changes = wait_changes(
         &fleet,
         &a,
-        &["Modified /etc/hosts", "Added /etc/new.conf", "Removed /etc/old.conf", "Modified /etc/passwd"],
+        &[
+            "Modified /etc/hosts",
+            "Added /etc/new.conf",
+            "Removed /etc/old.conf",
+            "Modified /etc/passwd",
+        ],
     )
     .await;
-    assert!(fleet.changes(&b).await.is_empty(), "nothing reported for node B");
+    assert!(
+        fleet.changes(&b).await.is_empty(),
+        "nothing reported for node B"
+    );
 
     let by = |d: &str| changes.iter().find(|c| describe(c) == d).unwrap().clone();
     let hosts = by("Modified /etc/hosts");
-    assert!(hosts.spec.changed_attributes.contains(&Attribute::Hash), "{:?}", hosts.spec.changed_attributes);
+    assert!(
+        hosts.spec.changed_attributes.contains(&Attribute::Hash),
+        "{:?}",
+        hosts.spec.changed_attributes
+    );
     assert!(hosts.spec.changed_attributes.contains(&Attribute::Size));
     let before = hosts.spec.before.clone().unwrap();
     let after = hosts.spec.after.clone().unwrap();
     assert_eq!(before.size, Some(20));
     assert_eq!(after.size, Some(25));
-    assert_eq!(before.hash.as_deref(), Some(blake3::hash(b"127.0.0.1 localhost\n").to_hex().as_str()));
-    assert_eq!(after.hash.as_deref(), Some(blake3::hash(b"127.0.0.1 localhost evil\n").to_hex().as_str()));
+    assert_eq!(
+        before.hash.as_deref(),
+        Some(blake3::hash(b"127.0.0.1 localhost\n").to_hex().as_str())
+    );
+    assert_eq!(
+        after.hash.as_deref(),
+        Some(
+            blake3::hash(b"127.0.0.1 localhost evil\n")
+                .to_hex()
+                .as_str()
+        )
+    );
     assert_eq!(hosts.spec.policy, policy);
     assert_eq!(hosts.spec.entry, "etc");
-    assert!(matches!(hosts.spec.source, DetectionSource::Realtime | DetectionSource::Scan));
+    assert!(matches!(
+        hosts.spec.source,
+        DetectionSource::Realtime | DetectionSource::Scan
+    ));
 
     let passwd = by("Modified /etc/passwd");
-    assert_eq!(passwd.spec.changed_attributes, vec![Attribute::Mode], "chmod changes the mode only");
+    assert_eq!(
+        passwd.spec.changed_attributes,
+        vec![Attribute::Mode],
+        "chmod changes the mode only"
+    );
     assert_eq!(passwd.spec.before.unwrap().mode.as_deref(), Some("0644"));
     assert_eq!(passwd.spec.after.unwrap().mode.as_deref(), Some("0600"));
     assert!(by("Added /etc/new.conf").spec.before.is_none());
@@ -114,27 +179,49 @@ async fn changes_on_one_node_are_reported_for_that_node_only_with_before_and_aft
 
     // Labels filter, and an Event points at each change.
     let labelled = api
-        .list(&ListParams::default().labels(&format!("fim.kube-fim.io/node={a},fim.kube-fim.io/category=Modified")))
+        .list(&ListParams::default().labels(&format!(
+            "fim.kube-fim.io/node={a},fim.kube-fim.io/category=Modified"
+        )))
         .await
         .unwrap();
     assert_eq!(labelled.items.len(), 2);
     let wanted: BTreeSet<String> = changes.iter().map(|c| c.name_any()).collect();
     eventually("an Event per change", SEEN, || async {
-        let events = Api::<Event>::all(client.clone()).list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+        let events = Api::<Event>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
         let pointed: BTreeSet<String> = events
             .items
             .iter()
             .filter(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("FileChange"))
-            .filter(|e| matches!(e.reason.as_deref(), Some("FileAdded" | "FileModified" | "FileRemoved")))
+            .filter(|e| {
+                matches!(
+                    e.reason.as_deref(),
+                    Some("FileAdded" | "FileModified" | "FileRemoved")
+                )
+            })
             .filter_map(|e| e.regarding.as_ref().and_then(|r| r.name.clone()))
             .collect();
-        if wanted.is_subset(&pointed) { Ok(()) } else { Err(format!("{:?}", wanted.difference(&pointed).collect::<Vec<_>>())) }
+        if wanted.is_subset(&pointed) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{:?}",
+                wanted.difference(&pointed).collect::<Vec<_>>()
+            ))
+        }
     })
     .await;
 
     // The agent's metrics count them.
     let text = fleet.nodes[0].metrics().expect("agent /metrics");
-    let modified = metric(&text, &format!("kube_fim_agent_changes_total{{category=\"Modified\",node=\"{a}\",policy=\"{policy}\"}}"));
+    let modified = metric(
+        &text,
+        &format!(
+            "kube_fim_agent_changes_total{{category=\"Modified\",node=\"{a}\",policy=\"{policy}\"}}"
+        ),
+    );
     assert_eq!(modified, Some(2.0), "{text}");
     fleet.cleanup().await;
 }
@@ -145,13 +232,19 @@ async fn a_change_made_while_the_agent_was_down_is_reported_at_start() {
     let suite = unique_name("e2e");
     let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
     let policy = format!("{suite}-etc");
-    fleet.create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)])).await;
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)]))
+        .await;
     fleet.nodes[0].start_agent();
     let a = fleet.nodes[0].name.clone();
     fleet.wait_ready(&a, &policy, READY).await;
 
     fleet.nodes[0].kill_agent();
-    std::fs::write(fleet.nodes[0].host("/etc/ssh/sshd_config"), "PermitRootLogin yes\n").unwrap();
+    std::fs::write(
+        fleet.nodes[0].host("/etc/ssh/sshd_config"),
+        "PermitRootLogin yes\n",
+    )
+    .unwrap();
     fleet.nodes[0].start_agent();
     let changes = wait_changes(&fleet, &a, &["Modified /etc/ssh/sshd_config"]).await;
     assert_eq!(changes[0].spec.source, DetectionSource::Startup);
@@ -167,7 +260,9 @@ async fn a_policy_edit_takes_effect_without_restarting_the_agent() {
     let suite = unique_name("e2e");
     let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
     let policy = format!("{suite}-p");
-    fleet.create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc/hosts", false)])).await;
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc/hosts", false)]))
+        .await;
     fleet.nodes[0].start_agent();
     let a = fleet.nodes[0].name.clone();
     fleet.wait_ready(&a, &policy, READY).await;
@@ -178,21 +273,38 @@ async fn a_policy_edit_takes_effect_without_restarting_the_agent() {
     let api: Api<FileIntegrityPolicy> = Api::all(client.clone());
     let mut p = api.get(&policy).await.unwrap();
     p.spec.paths.push(entry("bin", "/usr/bin", true));
-    api.replace(&policy, &PostParams::default(), &p).await.unwrap();
+    api.replace(&policy, &PostParams::default(), &p)
+        .await
+        .unwrap();
     eventually("the new generation applied", READY, || async {
-        let r = Api::<FileIntegrityNode>::all(client.clone()).get(&a).await.map_err(|e| e.to_string())?;
+        let r = Api::<FileIntegrityNode>::all(client.clone())
+            .get(&a)
+            .await
+            .map_err(|e| e.to_string())?;
         let s = r.status.unwrap_or_default();
         let entry = s.policies.iter().find(|e| e.policy == policy).cloned();
         match entry {
-            Some(e) if e.observed_generation == Some(2) && e.phase == kube_fim_crds::NodePolicyPhase::Ready => Ok(()),
+            Some(e)
+                if e.observed_generation == Some(2)
+                    && e.phase == kube_fim_crds::NodePolicyPhase::Ready =>
+            {
+                Ok(())
+            }
             other => Err(format!("{other:?}")),
         }
     })
     .await;
-    assert!(fleet.changes(&a).await.is_empty(), "a new entry is baselined, not reported as Added");
+    assert!(
+        fleet.changes(&a).await.is_empty(),
+        "a new entry is baselined, not reported as Added"
+    );
     std::fs::write(fleet.nodes[0].host("/usr/bin/tool"), "changed after\n").unwrap();
     wait_changes(&fleet, &a, &["Modified /usr/bin/tool"]).await;
-    assert_eq!(fleet.nodes[0].agent.as_ref().unwrap().child.id(), pid, "same agent process");
+    assert_eq!(
+        fleet.nodes[0].agent.as_ref().unwrap().child.id(),
+        pid,
+        "same agent process"
+    );
     assert!(fleet.nodes[0].agent.as_mut().unwrap().running());
     fleet.cleanup().await;
 }
@@ -206,25 +318,49 @@ async fn two_policies_on_one_node_share_the_work_and_each_gets_its_changes() {
     // A big file both policies watch: hashed once, not twice.
     let big = vec![7u8; 8 << 20];
     std::fs::write(fleet.nodes[0].host("/etc/big.bin"), &big).unwrap();
-    fleet.create_policy(&fleet.policy(&p1, vec![entry("etc", "/etc", true)])).await;
-    fleet.create_policy(&fleet.policy(&p2, vec![entry("big", "/etc/big.bin", false)])).await;
+    fleet
+        .create_policy(&fleet.policy(&p1, vec![entry("etc", "/etc", true)]))
+        .await;
+    fleet
+        .create_policy(&fleet.policy(&p2, vec![entry("big", "/etc/big.bin", false)]))
+        .await;
     fleet.nodes[0].start_agent();
     let a = fleet.nodes[0].name.clone();
     fleet.wait_ready(&a, &p1, READY).await;
     fleet.wait_ready(&a, &p2, READY).await;
     let text = fleet.nodes[0].metrics().unwrap();
-    let hashed = metric(&text, &format!("kube_fim_agent_bytes_hashed_total{{node=\"{a}\"}}")).unwrap();
+    let hashed = metric(
+        &text,
+        &format!("kube_fim_agent_bytes_hashed_total{{node=\"{a}\"}}"),
+    )
+    .unwrap();
     assert!(hashed >= big.len() as f64, "{hashed}");
-    assert!(hashed < 2.0 * big.len() as f64, "the shared file was hashed once: {hashed} bytes");
+    assert!(
+        hashed < 2.0 * big.len() as f64,
+        "the shared file was hashed once: {hashed} bytes"
+    );
 
     std::fs::write(fleet.nodes[0].host("/etc/big.bin"), b"small now").unwrap();
     let changes = eventually("one change per policy", SEEN, || async {
         let c = fleet.changes(&a).await;
-        let policies = sorted(c.iter().map(|c| format!("{} {}", c.spec.policy, describe(c))));
-        if policies.len() == 2 { Ok(policies) } else { Err(format!("{policies:?}")) }
+        let policies = sorted(
+            c.iter()
+                .map(|c| format!("{} {}", c.spec.policy, describe(c))),
+        );
+        if policies.len() == 2 {
+            Ok(policies)
+        } else {
+            Err(format!("{policies:?}"))
+        }
     })
     .await;
-    assert_eq!(changes, [format!("{p1} Modified /etc/big.bin"), format!("{p2} Modified /etc/big.bin")]);
+    assert_eq!(
+        changes,
+        [
+            format!("{p1} Modified /etc/big.bin"),
+            format!("{p2} Modified /etc/big.bin")
+        ]
+    );
     fleet.cleanup().await;
 }
 
@@ -246,26 +382,63 @@ async fn a_change_storm_is_summarised() {
     for i in 0..5000 {
         std::fs::write(dir.join(format!("lib{i}.so")), format!("{i}")).unwrap();
     }
-    let changes = eventually("50 changes and a summary of the other 4950", Duration::from_secs(120), || async {
-        let c = fleet.changes(&a).await;
-        let summarised: u64 = c.iter().filter_map(|c| c.spec.summary.as_ref()).map(|s| s.count).sum();
-        let single = c.iter().filter(|c| c.spec.category != ChangeCategory::Summary).count() as u64;
-        if single + summarised == 5000 { Ok(c) } else { Err(format!("{single} single + {summarised} summarised")) }
-    })
+    let changes = eventually(
+        "50 changes and a summary of the other 4950",
+        Duration::from_secs(120),
+        || async {
+            let c = fleet.changes(&a).await;
+            let summarised: u64 = c
+                .iter()
+                .filter_map(|c| c.spec.summary.as_ref())
+                .map(|s| s.count)
+                .sum();
+            let single = c
+                .iter()
+                .filter(|c| c.spec.category != ChangeCategory::Summary)
+                .count() as u64;
+            if single + summarised == 5000 {
+                Ok(c)
+            } else {
+                Err(format!("{single} single + {summarised} summarised"))
+            }
+        },
+    )
     .await;
-    assert!(changes.len() <= 60, "a bounded number of objects: {}", changes.len());
-    let summary = changes.iter().find(|c| c.spec.category == ChangeCategory::Summary).unwrap();
+    assert!(
+        changes.len() <= 60,
+        "a bounded number of objects: {}",
+        changes.len()
+    );
+    let summary = changes
+        .iter()
+        .find(|c| c.spec.category == ChangeCategory::Summary)
+        .unwrap();
     let s = summary.spec.summary.as_ref().unwrap();
     assert!(!s.sample_paths.is_empty());
     assert_eq!(summary.spec.path, "/usr/lib/pkg");
-    let events = Api::<Event>::all(client.clone()).list(&ListParams::default()).await.unwrap();
+    let events = Api::<Event>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
     assert!(
-        events.items.iter().any(|e| e.reason.as_deref() == Some("ChangeStorm")
-            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(summary.name_any().as_str())),
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ChangeStorm")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                    == Some(summary.name_any().as_str())),
         "a ChangeStorm event"
     );
     let text = fleet.nodes[0].metrics().unwrap();
-    assert!(metric(&text, &format!("kube_fim_agent_change_storms_total{{node=\"{a}\",policy=\"{policy}\"}}")).unwrap_or(0.0) >= 1.0, "{text}");
+    assert!(
+        metric(
+            &text,
+            &format!("kube_fim_agent_change_storms_total{{node=\"{a}\",policy=\"{policy}\"}}")
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{text}"
+    );
     fleet.cleanup().await;
 }
 
@@ -275,32 +448,56 @@ async fn a_baseline_edited_on_the_node_is_detected_at_start() {
     let suite = unique_name("e2e");
     let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
     let policy = format!("{suite}-etc");
-    fleet.create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)])).await;
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)]))
+        .await;
     fleet.nodes[0].start_agent();
     let a = fleet.nodes[0].name.clone();
     fleet.wait_ready(&a, &policy, READY).await;
     fleet.nodes[0].kill_agent();
 
     // Someone with root on the node changes a file and rewrites the baseline to match.
-    std::fs::write(fleet.nodes[0].host("/etc/passwd"), "root:x:0:0::/root:/bin/sh\nevil:x:0:0::/:/bin/sh\n").unwrap();
+    std::fs::write(
+        fleet.nodes[0].host("/etc/passwd"),
+        "root:x:0:0::/root:/bin/sh\nevil:x:0:0::/:/bin/sh\n",
+    )
+    .unwrap();
     let state = fleet.nodes[0].state.clone();
     let tampered = tamper_baseline(&state);
-    assert!(tampered, "found a baseline file to edit under {}", state.display());
+    assert!(
+        tampered,
+        "found a baseline file to edit under {}",
+        state.display()
+    );
 
     fleet.nodes[0].start_agent();
     eventually("a BaselineTampered warning", SEEN, || async {
-        let events = Api::<Event>::all(client.clone()).list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+        let events = Api::<Event>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
         events
             .items
             .iter()
-            .find(|e| e.reason.as_deref() == Some("BaselineTampered") && e.type_.as_deref() == Some("Warning"))
+            .find(|e| {
+                e.reason.as_deref() == Some("BaselineTampered")
+                    && e.type_.as_deref() == Some("Warning")
+            })
             .map(|_| ())
             .ok_or_else(|| "no event".to_string())
     })
     .await;
     let text = eventually("the tamper metric", SEEN, || async {
         let t = fleet.nodes[0].metrics().ok_or("no metrics")?;
-        if metric(&t, &format!("kube_fim_agent_baseline_tampered{{node=\"{a}\"}}")) == Some(1.0) { Ok(t) } else { Err(t) }
+        if metric(
+            &t,
+            &format!("kube_fim_agent_baseline_tampered{{node=\"{a}\"}}"),
+        ) == Some(1.0)
+        {
+            Ok(t)
+        } else {
+            Err(t)
+        }
     })
     .await;
     assert!(!text.is_empty());
@@ -312,7 +509,11 @@ async fn a_baseline_edited_on_the_node_is_detected_at_start() {
 fn tamper_baseline(state: &std::path::Path) -> bool {
     let mut edited = false;
     for entry in walk(state) {
-        let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+        let name = entry
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
         if name.contains("baseline") && entry.is_file() {
             let mut bytes = std::fs::read(&entry).unwrap();
             bytes.push(b'\n');
@@ -344,32 +545,64 @@ async fn a_deleted_policy_stops_reporting_and_its_changes_go_with_it() {
     let suite = unique_name("e2e");
     let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
     let policy = format!("{suite}-etc");
-    fleet.create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)])).await;
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)]))
+        .await;
     fleet.nodes[0].start_agent();
     let a = fleet.nodes[0].name.clone();
     fleet.wait_ready(&a, &policy, READY).await;
     std::fs::write(fleet.nodes[0].host("/etc/hosts"), "10.0.0.1 x\n").unwrap();
     let before = wait_changes(&fleet, &a, &["Modified /etc/hosts"]).await;
     assert_eq!(
-        before[0].owner_references().first().map(|o| o.name.as_str()),
+        before[0]
+            .owner_references()
+            .first()
+            .map(|o| o.name.as_str()),
         Some(policy.as_str()),
         "a change is owned by its policy"
     );
 
-    Api::<FileIntegrityPolicy>::all(client.clone()).delete(&policy, &DeleteParams::default()).await.unwrap();
+    Api::<FileIntegrityPolicy>::all(client.clone())
+        .delete(&policy, &DeleteParams::default())
+        .await
+        .unwrap();
     eventually("the agent forgets the policy", SEEN, || async {
-        let r = Api::<FileIntegrityNode>::all(client.clone()).get(&a).await.map_err(|e| e.to_string())?;
-        let served: Vec<String> = r.status.unwrap_or_default().policies.into_iter().map(|p| p.policy).collect();
-        if served.is_empty() { Ok(()) } else { Err(format!("{served:?}")) }
+        let r = Api::<FileIntegrityNode>::all(client.clone())
+            .get(&a)
+            .await
+            .map_err(|e| e.to_string())?;
+        let served: Vec<String> = r
+            .status
+            .unwrap_or_default()
+            .policies
+            .into_iter()
+            .map(|p| p.policy)
+            .collect();
+        if served.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{served:?}"))
+        }
     })
     .await;
-    eventually("its FileChanges garbage-collected", Duration::from_secs(60), || async {
-        let left = names(&fleet.changes(&a).await);
-        if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) }
-    })
+    eventually(
+        "its FileChanges garbage-collected",
+        Duration::from_secs(60),
+        || async {
+            let left = names(&fleet.changes(&a).await);
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        },
+    )
     .await;
     std::fs::write(fleet.nodes[0].host("/etc/hosts"), "10.0.0.2 y\n").unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(fleet.changes(&a).await.is_empty(), "no report for a deleted policy");
+    assert!(
+        fleet.changes(&a).await.is_empty(),
+        "no report for a deleted policy"
+    );
     fleet.cleanup().await;
 }

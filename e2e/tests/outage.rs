@@ -33,13 +33,20 @@ async fn two_hundred_changes_during_a_30s_outage_are_all_delivered_once() {
         std::fs::write(dir.join(format!("f{i:03}")), "v2").unwrap();
     }
     // The agent queues while the API server is away.
-    let queued = eventually("200 reports queued on the node", Duration::from_secs(20), || async {
-        let t = fleet.nodes[0].metrics().ok_or("no metrics")?;
-        match metric(&t, &format!("kube_fim_agent_reports_queued{{node=\"{a}\"}}")) {
-            Some(q) if q >= 200.0 => Ok(q),
-            other => Err(format!("{other:?}")),
-        }
-    })
+    let queued = eventually(
+        "200 reports queued on the node",
+        Duration::from_secs(20),
+        || async {
+            let t = fleet.nodes[0].metrics().ok_or("no metrics")?;
+            match metric(
+                &t,
+                &format!("kube_fim_agent_reports_queued{{node=\"{a}\"}}"),
+            ) {
+                Some(q) if q >= 200.0 => Ok(q),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
     .await;
     assert_eq!(queued, 200.0);
     let outage = Duration::from_secs(30);
@@ -50,7 +57,11 @@ async fn two_hundred_changes_during_a_30s_outage_are_all_delivered_once() {
 
     let changes = eventually("all 200 delivered", Duration::from_secs(120), || async {
         let c = fleet.changes(&a).await;
-        if c.len() >= 200 { Ok(c) } else { Err(format!("{} so far", c.len())) }
+        if c.len() >= 200 {
+            Ok(c)
+        } else {
+            Err(format!("{} so far", c.len()))
+        }
     })
     .await;
     // Exactly once: 200 objects, one per file.
@@ -62,6 +73,12 @@ async fn two_hundred_changes_during_a_30s_outage_are_all_delivered_once() {
     assert_eq!(per_path.len(), 200);
     assert!(per_path.values().all(|n| *n == 1));
     let t = fleet.nodes[0].metrics().unwrap();
-    assert_eq!(metric(&t, &format!("kube_fim_agent_reports_queued{{node=\"{a}\"}}")), Some(0.0));
+    assert_eq!(
+        metric(
+            &t,
+            &format!("kube_fim_agent_reports_queued{{node=\"{a}\"}}")
+        ),
+        Some(0.0)
+    );
     fleet.cleanup().await;
 }

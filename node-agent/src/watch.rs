@@ -174,7 +174,11 @@ pub async fn monitor(
         let (debounce, interval) = engine.timing();
         let due = pending.values().min().copied();
         let may_start = have_policies || !wait_for_policies;
-        let scan_now = if first { may_start } else { Instant::now() >= next_scan };
+        let scan_now = if first {
+            may_start
+        } else {
+            Instant::now() >= next_scan
+        };
         if scan_now {
             let source = if first && engine.had_baseline() {
                 DetectionSource::Startup

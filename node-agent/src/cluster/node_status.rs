@@ -47,7 +47,14 @@ pub async fn write(
     node: &str,
     status: &FileIntegrityNodeStatus,
 ) -> Result<(), kube::Error> {
-    let patch = serde_json::json!({ "status": status });
+    let mut value = serde_json::to_value(status).unwrap_or_default();
+    // An empty list is left out by serde, and a merge patch would then keep the
+    // stored one: say "no policies" explicitly.
+    if let Some(map) = value.as_object_mut() {
+        map.entry("policies")
+            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+    }
+    let patch = serde_json::json!({ "status": value });
     records
         .patch_status(node, &PatchParams::default(), &Patch::Merge(&patch))
         .await

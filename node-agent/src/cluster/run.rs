@@ -386,7 +386,7 @@ async fn heartbeat(
     records: Api<FileIntegrityNode>,
     node: String,
     mut status: watch::Receiver<Snapshot>,
-    served: watch::Receiver<BTreeMap<String, i64>>,
+    mut served: watch::Receiver<BTreeMap<String, i64>>,
     queue: Arc<Mutex<Queue>>,
     tampered: bool,
     shutdown: impl std::future::Future<Output = ()>,
@@ -398,7 +398,7 @@ async fn heartbeat(
         if snap.baseline_digest.is_some() {
             digest = snap.baseline_digest.clone();
         }
-        let wanted = served.borrow().clone();
+        let wanted = served.borrow_and_update().clone();
         let policies: Vec<NodePolicyStatus> = wanted
             .iter()
             .map(|(name, generation)| {
@@ -440,6 +440,7 @@ async fn heartbeat(
         tokio::select! {
             () = &mut shutdown => return,
             r = status.changed() => if r.is_err() { return },
+            r = served.changed() => if r.is_err() { return },
             () = tokio::time::sleep(HEARTBEAT) => {},
         }
         // Coalesce bursts of snapshots.
