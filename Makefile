@@ -14,7 +14,7 @@ help: ## Show the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 .PHONY: demo
-demo: controlplane ## Run kube-fim end to end on the embedded local control plane
+demo: controlplane build ## Run kube-fim end to end on the embedded local control plane
 	@e2e/demo.sh "$(DEMO_DIR)"
 
 .PHONY: build
