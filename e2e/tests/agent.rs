@@ -606,3 +606,54 @@ async fn a_deleted_policy_stops_reporting_and_its_changes_go_with_it() {
     );
     fleet.cleanup().await;
 }
+
+#[tokio::test]
+async fn acknowledging_a_change_makes_the_current_state_the_baseline() {
+    let client = client().await;
+    let suite = unique_name("e2e");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-etc");
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)]))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+
+    std::fs::write(fleet.nodes[0].host("/etc/hosts"), "10.9.9.9 expected\n").unwrap();
+    let changes = wait_changes(&fleet, &a, &["Modified /etc/hosts"]).await;
+    let name = changes[0].name_any();
+    // The admin's gesture: a label on the change.
+    let run = kube_fim_e2e::kubectl(["label", "fc", &name, "fim.kube-fim.io/acknowledged=true"]);
+    assert!(run.success, "{}", run.stderr);
+    let api: Api<kube_fim_crds::FileChange> = Api::all(client.clone());
+    eventually("the agent approving it", SEEN, || async {
+        let c = api.get(&name).await.map_err(|e| e.to_string())?;
+        match c.status.and_then(|s| s.baseline_updated_time) {
+            Some(_) => Ok(()),
+            None => Err("not yet".to_string()),
+        }
+    })
+    .await;
+
+    // The next change is measured against the acknowledged state.
+    std::fs::set_permissions(
+        fleet.nodes[0].host("/etc/hosts"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let later = eventually("a change relative to the new baseline", SEEN, || async {
+        let c = fleet.changes(&a).await;
+        c.into_iter()
+            .find(|c| c.name_any() != name)
+            .ok_or_else(|| "not yet".to_string())
+    })
+    .await;
+    assert_eq!(later.spec.changed_attributes, vec![Attribute::Mode]);
+    assert_eq!(
+        later.spec.before.unwrap().hash.as_deref(),
+        Some(blake3::hash(b"10.9.9.9 expected\n").to_hex().as_str()),
+        "before is the acknowledged content"
+    );
+    fleet.cleanup().await;
+}
