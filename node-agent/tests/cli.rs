@@ -1,0 +1,193 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The command line: help, exit statuses, and clear errors for bad flags, bad
+//! policy files and a missing or damaged baseline.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn etc_policy() -> String {
+    policy("", "    - name: etc\n      path: /etc\n")
+}
+
+#[test]
+fn help_explains_each_command() {
+    for cmd in [
+        vec!["--help"],
+        vec!["baseline", "--help"],
+        vec!["check", "--help"],
+        vec!["watch", "--help"],
+        vec!["run", "--help"],
+    ] {
+        let r = agent(&cmd, T);
+        assert_eq!(r.code(), 0, "{cmd:?}: {r:?}");
+        assert!(r.stdout.contains("Usage:"), "{cmd:?}: {}", r.stdout);
+    }
+    let r = agent(&["check", "--help"], T);
+    for flag in ["--policy", "--root", "--state", "--output"] {
+        assert!(r.stdout.contains(flag), "check --help names {flag}");
+    }
+    assert!(
+        agent(&["watch", "--help"], T)
+            .stdout
+            .contains("--metrics-addr")
+    );
+}
+
+#[test]
+fn bad_flags_exit_2_naming_the_flag() {
+    let h = Host::new(&etc_policy());
+    h.write("/etc/hosts", "h");
+    let mut a = h.args("check");
+    a.push("--bogus");
+    let r = agent(&a, T);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("--bogus"), "{}", r.stderr);
+
+    let mut a = h.args("check");
+    a.extend(["--output", "xml"]);
+    let r = agent(&a, T);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(
+        r.stderr.contains("xml") && r.stderr.contains("--output"),
+        "{}",
+        r.stderr
+    );
+
+    let r = agent(&["check", "--root", "/", "--state", "/tmp"], T);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(
+        r.stderr.contains("--policy"),
+        "missing flag named: {}",
+        r.stderr
+    );
+
+    let r = agent(&["frobnicate"], T);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("frobnicate"), "{}", r.stderr);
+
+    let mut a = h.args("watch");
+    a.extend(["--metrics-addr", "not-an-address"]);
+    let r = agent(&a, T);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("--metrics-addr"), "{}", r.stderr);
+
+    // A root that is not a directory.
+    let mut a = h.args("baseline");
+    let missing = h.dir.path().join("no-such-root");
+    let missing = missing.to_str().unwrap();
+    a[4] = missing;
+    let r = agent(&a, T);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("--root"), "{}", r.stderr);
+}
+
+#[test]
+fn bad_policy_files_exit_2_naming_the_field() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "    - name: etc\n      path: etc/passwd\n",
+            "spec.paths[0].path",
+        ),
+        (
+            "    - name: ok\n      path: /etc/hosts\n    - name: mid\n      path: /etc/*/passwd\n",
+            "spec.paths[1].path",
+        ),
+        (
+            "    - name: dots\n      path: /etc/../shadow\n",
+            "spec.paths[0].path",
+        ),
+        (
+            "    - name: everything\n      path: /\n      recursive: true\n",
+            "spec.paths[0].path",
+        ),
+        (
+            "    - name: Bad_Name\n      path: /etc\n",
+            "spec.paths[0].name",
+        ),
+    ];
+    for (paths, field) in cases {
+        let h = Host::new(&policy("", paths));
+        for cmd in ["baseline", "check", "watch"] {
+            let r = agent(&h.args(cmd), T);
+            assert_eq!(r.code(), 2, "{cmd} with {paths}: {r:?}");
+            assert!(
+                r.stderr.contains(field),
+                "{cmd}: the error names {field}: {}",
+                r.stderr
+            );
+            assert!(
+                r.stderr.contains(h.policy.to_str().unwrap()),
+                "{cmd}: the error names the file: {}",
+                r.stderr
+            );
+        }
+    }
+
+    // Not a policy at all, an unknown field, unreadable YAML, no file.
+    let h = Host::new("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n");
+    let r = agent(&h.args("check"), T);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("ConfigMap"), "{}", r.stderr);
+
+    let h = Host::new(&policy(
+        "  scanIntervall: 1h\n",
+        "    - name: etc\n      path: /etc\n",
+    ));
+    let r = agent(&h.args("baseline"), T);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("scanIntervall"), "{}", r.stderr);
+
+    let h = Host::new("spec: [unclosed\n");
+    let r = agent(&h.args("baseline"), T);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("policy"), "{}", r.stderr);
+
+    let h = Host::new(&etc_policy());
+    std::fs::remove_file(&h.policy).unwrap();
+    let r = agent(&h.args("check"), T);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(
+        r.stderr.contains("reading policy file"),
+        "names the missing file: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn check_without_or_with_a_damaged_baseline_exits_2() {
+    let h = Host::new(&etc_policy());
+    h.write("/etc/hosts", "h");
+    let r = h.check_json();
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("no baseline"), "{}", r.stderr);
+    assert!(r.stdout.is_empty());
+
+    h.baseline();
+    assert_eq!(h.check_json().code(), 0);
+    let file = h.state.join("baseline.json");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&file, bytes).unwrap();
+    let r = h.check_json();
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("corrupt"), "{}", r.stderr);
+    assert!(r.stdout.is_empty());
+    // A new baseline repairs it.
+    h.baseline();
+    assert_eq!(h.check_json().code(), 0);
+}
+
+#[test]
+fn an_empty_policy_list_is_refused() {
+    let h = Host::new(
+        "apiVersion: fim.kube-fim.io/v1alpha1\nkind: FileIntegrityPolicy\nmetadata:\n  name: t\nspec: {}\n",
+    );
+    let r = agent(&h.args("baseline"), T);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("spec"), "{}", r.stderr);
+}

@@ -1,0 +1,213 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! `watch` as a process: real-time detection, an editor's save coalesced into
+//! one Modified, restart semantics (changes made while stopped are found at
+//! start as `Startup`, untouched files raise nothing), metrics, and a clean
+//! stop on SIGTERM.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Debounce of the test policies: short, so the suite stays fast.
+const DEBOUNCE_MS: u64 = 300;
+
+fn host() -> Host {
+    let h = Host::new(&policy(
+        &format!("  debounce: {DEBOUNCE_MS}ms\n"),
+        "    - name: etc\n      path: /etc\n      recursive: true\n    - name: conf\n      path: /opt/*.conf\n",
+    ));
+    for (p, c) in [
+        ("/etc/hosts", "127.0.0.1 localhost\n"),
+        ("/etc/passwd", "root:x:0:0::/root:/bin/sh\n"),
+        ("/etc/ssh/sshd_config", "PermitRootLogin no\n"),
+        ("/opt/app.conf", "a=1\n"),
+        ("/opt/other.txt", "not monitored\n"),
+    ] {
+        h.write(p, c);
+    }
+    for i in 0..50 {
+        h.write(&format!("/etc/many/f{i}"), format!("{i}"));
+    }
+    h
+}
+
+#[test]
+fn realtime_changes_and_an_editor_save_is_one_modified() {
+    let h = host();
+    h.baseline();
+    let w = h.watch();
+    assert!(
+        w.collect(Duration::from_millis(500)).is_empty(),
+        "nothing changed since the baseline"
+    );
+
+    // A plain write: one Realtime Modified, within ~2 s.
+    let t = Instant::now();
+    std::fs::write(h.p("/etc/hosts"), "10.0.0.1 evil\n").unwrap();
+    let (at, c) = w.next(Duration::from_secs(5)).expect("a change line");
+    let latency = at - t;
+    println!("write → line: {latency:?}");
+    assert!(latency < Duration::from_secs(2), "{latency:?}");
+    assert_eq!(c["category"], "Modified");
+    assert_eq!(c["path"], "/etc/hosts");
+    assert_eq!(c["source"], "Realtime");
+    assert_eq!(c["entry"], "etc");
+    assert_eq!(attrs(&c), ["hash", "size", "mtime"]);
+
+    // An editor's save: write a temporary file, rename it over the target.
+    let tmp = h.write("/etc/ssh/.sshd_config.swp", "PermitRootLogin yes\n");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::rename(&tmp, h.p("/etc/ssh/sshd_config")).unwrap();
+    let (_, c) = w.next(Duration::from_secs(5)).expect("a change line");
+    let rest = w.collect(Duration::from_millis(3 * DEBOUNCE_MS + 700));
+    assert!(rest.is_empty(), "one change only, got also {rest:#?}");
+    assert_eq!(c["category"], "Modified", "{c:#}");
+    assert_eq!(c["path"], "/etc/ssh/sshd_config");
+    assert!(attrs(&c).contains(&"inode".to_string()), "{c:#}");
+
+    // A new file, a removed file, a file matched by a wildcard, and one that
+    // is not monitored.
+    h.write("/etc/new", "n");
+    std::fs::remove_file(h.p("/etc/passwd")).unwrap();
+    std::fs::write(h.p("/opt/app.conf"), "a=2\n").unwrap();
+    std::fs::write(h.p("/opt/other.txt"), "still not monitored\n").unwrap();
+    let got = w.collect(Duration::from_millis(3 * DEBOUNCE_MS + 1500));
+    assert_eq!(
+        summary(&got),
+        BTreeSet::from([
+            ("Added".to_string(), "/etc/new".to_string()),
+            ("Removed".to_string(), "/etc/passwd".to_string()),
+            ("Modified".to_string(), "/opt/app.conf".to_string()),
+        ]),
+        "{got:#?}"
+    );
+    assert_eq!(got.len(), 3, "{got:#?}");
+    assert!(got.iter().all(|c| c["source"] == "Realtime"), "{got:#?}");
+
+    // A file in a directory created after the start is watched too.
+    std::fs::create_dir_all(h.p("/etc/newdir/sub")).unwrap();
+    h.write("/etc/newdir/sub/f", "1");
+    let got = w.collect(Duration::from_millis(3 * DEBOUNCE_MS + 1000));
+    assert_eq!(
+        summary(&got),
+        BTreeSet::from([("Added".to_string(), "/etc/newdir/sub/f".to_string())]),
+        "{got:#?}"
+    );
+    std::fs::write(h.p("/etc/newdir/sub/f"), "2").unwrap();
+    let (_, c) = w
+        .next(Duration::from_secs(5))
+        .expect("a change in the new directory");
+    assert_eq!(c["path"], "/etc/newdir/sub/f");
+    assert_eq!(c["category"], "Added", "still not approved: {c:#}");
+
+    let status = w.terminate(Duration::from_secs(10));
+    assert!(status.success(), "SIGTERM stops watch cleanly: {status}");
+}
+
+#[test]
+fn restart_finds_what_changed_while_stopped_and_nothing_else() {
+    let h = host();
+    h.baseline();
+    let w = h.watch();
+    assert!(w.collect(Duration::from_millis(300)).is_empty());
+    w.kill(); // as a crash: SIGKILL
+
+    std::fs::write(h.p("/etc/hosts"), "changed while stopped\n").unwrap();
+    h.write("/etc/added-while-stopped", "x");
+    std::fs::remove_file(h.p("/etc/many/f7")).unwrap();
+
+    let w = h.watch();
+    // Ready means the startup scan is done and its changes were printed.
+    let got = w.collect(Duration::from_millis(700));
+    assert_eq!(
+        summary(&got),
+        BTreeSet::from([
+            ("Modified".to_string(), "/etc/hosts".to_string()),
+            ("Added".to_string(), "/etc/added-while-stopped".to_string()),
+            ("Removed".to_string(), "/etc/many/f7".to_string()),
+        ]),
+        "no false Added for untouched files: {got:#?}"
+    );
+    assert_eq!(got.len(), 3);
+    assert!(got.iter().all(|c| c["source"] == "Startup"), "{got:#?}");
+    drop(w);
+
+    // Reported once: a second start does not repeat them (they wait for an
+    // acknowledgement).
+    let w = h.watch();
+    let again = w.collect(Duration::from_millis(700));
+    assert!(again.is_empty(), "reported again at restart: {again:#?}");
+}
+
+#[test]
+fn watch_without_a_baseline_builds_one_silently() {
+    let h = host();
+    let w = h.watch();
+    assert!(
+        w.collect(Duration::from_millis(500)).is_empty(),
+        "the first start is the baseline"
+    );
+    std::fs::write(h.p("/etc/hosts"), "x").unwrap();
+    let (_, c) = w.next(Duration::from_secs(5)).expect("a change line");
+    assert_eq!(c["source"], "Realtime");
+    assert_eq!(c["path"], "/etc/hosts");
+    w.kill();
+    assert!(h.state.join("baseline.json").exists());
+}
+
+#[test]
+fn metrics_are_served() {
+    let h = host();
+    h.baseline();
+    let w = h.watch();
+    let m = w.metrics();
+    // etc: /etc itself, 3 files, the ssh and many directories, 50 files;
+    // conf: /opt/app.conf (not /opt/other.txt).
+    let files = metric(&m, "kube_fim_agent_files_monitored", &["policy=\"test\""]);
+    assert_eq!(files, Some(57.0), "{m}");
+    let content: u64 = walk_sizes(&h);
+    let hashed = metric(&m, "kube_fim_agent_bytes_hashed_total", &[]).unwrap();
+    assert_eq!(hashed as u64, content, "bytes hashed at startup: {m}");
+    assert!(m.contains("node=\"local\""), "{m}");
+    assert!(!m.contains("/etc/hosts"), "never a label per path");
+
+    std::fs::write(h.p("/etc/hosts"), "changed\n").unwrap();
+    w.next(Duration::from_secs(5)).expect("a change line");
+    let m = wait_for("the change counted", Duration::from_secs(5), || {
+        let m = w.metrics();
+        metric(
+            &m,
+            "kube_fim_agent_changes_total",
+            &["category=\"Modified\"", "policy=\"test\""],
+        )
+        .filter(|v| *v == 1.0)
+        .map(|_| m)
+    });
+    assert!(
+        metric(&m, "kube_fim_agent_bytes_hashed_total", &[]).unwrap() as u64 > content,
+        "{m}"
+    );
+    let (code, _) = http_get(&w.addr, "/healthz").unwrap();
+    assert_eq!(code, 200);
+}
+
+/// Bytes of the monitored regular files of [`host`].
+fn walk_sizes(h: &Host) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![h.p("/etc")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                total += e.metadata().unwrap().len();
+            }
+        }
+    }
+    total + std::fs::metadata(h.p("/opt/app.conf")).unwrap().len()
+}
