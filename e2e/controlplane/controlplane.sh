@@ -79,6 +79,8 @@ launch() {
     KUBE_FIM_PARENT_PID=$$ "$bin" "$name" "$@" >>"$dir/logs/$name.log" 2>&1 </dev/null &
   fi
   echo $! >"$dir/run/$name.pid"
+  # The script tracks it by pidfile; no job-control noise when it is killed.
+  disown $! 2>/dev/null || true
 }
 
 gen_pki() {

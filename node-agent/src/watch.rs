@@ -40,6 +40,8 @@ pub struct Snapshot {
     pub errors: usize,
     /// The startup scan is done (the agent is ready).
     pub ready: bool,
+    /// The inotify watch limit was reached: some directories rely on scans only.
+    pub watch_limit: bool,
 }
 
 /// One policy's state on this node.
@@ -123,7 +125,7 @@ fn record(outcome: &Outcome, metrics: &AgentMetrics) {
     }
 }
 
-fn snapshot(engine: &Engine, digest: Option<String>, ready: bool) -> Snapshot {
+fn snapshot(engine: &Engine, digest: Option<String>, ready: bool, watch_limit: bool) -> Snapshot {
     Snapshot {
         policies: engine
             .policies()
@@ -145,6 +147,7 @@ fn snapshot(engine: &Engine, digest: Option<String>, ready: bool) -> Snapshot {
         baseline_digest: digest,
         errors: engine.last_errors.len(),
         ready,
+        watch_limit,
     }
 }
 
@@ -222,7 +225,12 @@ pub async fn monitor(
             metrics
                 .ready
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-            let _ = status.send(snapshot(&engine, digest.clone(), true));
+            let _ = status.send(snapshot(
+                &engine,
+                digest.clone(),
+                true,
+                inotify.limit_reported,
+            ));
             continue;
         }
         let wake = if first {
@@ -274,7 +282,7 @@ pub async fn monitor(
                 }
                 if changed {
                     digest = save(&mut engine, &metrics);
-                    let _ = status.send(snapshot(&engine, digest.clone(), true));
+                    let _ = status.send(snapshot(&engine, digest.clone(), true, inotify.limit_reported));
                 }
                 if new_dirs {
                     inotify.sync(engine.watch_dirs(), &metrics);
@@ -308,7 +316,7 @@ pub async fn monitor(
                         tokio::task::block_in_place(|| engine.acknowledge(&key));
                         digest = save(&mut engine, &metrics);
                         let _ = done.send(());
-                        let _ = status.send(snapshot(&engine, digest.clone(), true));
+                        let _ = status.send(snapshot(&engine, digest.clone(), true, inotify.limit_reported));
                     }
                 }
             }

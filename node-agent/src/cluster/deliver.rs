@@ -123,9 +123,11 @@ pub fn event_for(change: &FileChange) -> Event {
 }
 
 /// Delivers the queue until `shutdown`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     api: Api<FileChange>,
     recorder: Recorder,
+    node_ref: k8s_openapi::api::core::v1::ObjectReference,
     queue: Arc<Mutex<Queue>>,
     wake: Arc<Notify>,
     metrics: ClusterMetrics,
@@ -135,6 +137,7 @@ pub async fn run(
     tokio::pin!(shutdown);
     let mut bucket = Bucket::new(limit);
     let mut failures = 0u32;
+    let mut outage: Option<Instant> = None;
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..PostParams::default()
@@ -180,6 +183,7 @@ pub async fn run(
                 Err(error) => {
                     metrics.api_errors.with_label_values(&["create"]).inc();
                     failures += 1;
+                    outage.get_or_insert_with(Instant::now);
                     let wait = backoff(failures);
                     if failures == 1 || failures.is_multiple_of(10) {
                         warn!(%error, ?wait, failures, "cannot deliver changes; they stay queued");
@@ -192,8 +196,25 @@ pub async fn run(
                 }
             };
             if delivered {
-                if failures > 0 {
-                    info!(after_failures = failures, "delivering changes again");
+                if let Some(since) = outage.take() {
+                    let waited = since.elapsed().as_secs();
+                    let queued = queue.lock().await.len();
+                    info!(
+                        after_failures = failures,
+                        waited, "delivering changes again"
+                    );
+                    let event = Event {
+                        type_: EventType::Warning,
+                        reason: "APIUnreachable".into(),
+                        note: Some(format!(
+                            "could not deliver changes for {waited}s ({failures} failed attempts); they were kept on the node and are being delivered ({queued} waiting)"
+                        )),
+                        action: "Deliver".into(),
+                        secondary: None,
+                    };
+                    if let Err(error) = recorder.publish(&event, &node_ref).await {
+                        debug!(%error, "event not published");
+                    }
                 }
                 failures = 0;
                 let mut q = queue.lock().await;

@@ -258,6 +258,7 @@ pub async fn run(
     let deliverer = tokio::spawn(deliver::run(
         Api::<FileChange>::all(client.clone()),
         recorder.clone(),
+        record.object_ref(&()),
         queue.clone(),
         wake.clone(),
         metrics.cluster.clone(),
@@ -269,6 +270,8 @@ pub async fn run(
     ));
 
     let heartbeat = tokio::spawn(heartbeat(
+        recorder.clone(),
+        record.object_ref(&()),
         records.clone(),
         node_name.clone(),
         status_rx,
@@ -382,7 +385,10 @@ async fn report(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn heartbeat(
+    recorder: Recorder,
+    reference: k8s_openapi::api::core::v1::ObjectReference,
     records: Api<FileIntegrityNode>,
     node: String,
     mut status: watch::Receiver<Snapshot>,
@@ -393,8 +399,39 @@ async fn heartbeat(
 ) {
     tokio::pin!(shutdown);
     let mut digest: Option<String> = None;
+    let mut said_limit = false;
+    let mut said_errors = false;
     loop {
         let snap = status.borrow_and_update().clone();
+        // The agent's own trouble, told once per episode.
+        let mut trouble = Vec::new();
+        if snap.watch_limit && !said_limit {
+            said_limit = true;
+            trouble.push(("WatchLimitReached", format!(
+                "the inotify watch limit was reached on node {node}: some directories are covered by periodic scans only (raise fs.inotify.max_user_watches)"
+            )));
+        }
+        if snap.errors > 0 && !said_errors {
+            said_errors = true;
+            trouble.push(("ScanErrors", format!(
+                "{} monitored files on node {node} could not be inspected in the last scan; they are skipped (see the agent log)",
+                snap.errors
+            )));
+        } else if snap.errors == 0 {
+            said_errors = false;
+        }
+        for (reason, note) in trouble {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: reason.into(),
+                note: Some(note),
+                action: "Scan".into(),
+                secondary: None,
+            };
+            if let Err(error) = recorder.publish(&event, &reference).await {
+                warn!(%error, reason, "could not publish an event");
+            }
+        }
         if snap.baseline_digest.is_some() {
             digest = snap.baseline_digest.clone();
         }
