@@ -1,0 +1,226 @@
+//! `kubectl fim` (the kubectl-fim plugin found on PATH) against the real API server.
+#![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube_fim_crds::labels::{ACKNOWLEDGED, CATEGORY, NODE, POLICY};
+use kube_fim_crds::{
+    Attribute, ChangeCategory, DetectionSource, FileAttributes, FileChange, FileChangeSpec,
+    FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodePolicyPhase,
+    NodePolicyStatus,
+};
+use kube_fim_e2e::{Run, binary, client, ensure_crds, kubeconfig, unique_name};
+
+/// Runs `kubectl fim ARGS`, with the plugin's directory first on PATH.
+fn kubectl_fim(args: &[&str]) -> Run {
+    let dir = binary("kubectl-fim").parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new("kubectl")
+        .arg("fim")
+        .args(args)
+        .env("PATH", path)
+        .env("KUBECONFIG", kubeconfig())
+        .output()
+        .expect("kubectl runs")
+        .into()
+}
+
+fn change(
+    name: &str,
+    node: &str,
+    policy: &str,
+    path: &str,
+    category: ChangeCategory,
+) -> FileChange {
+    let mut fc = FileChange::new(
+        name,
+        FileChangeSpec {
+            node: node.into(),
+            policy: policy.into(),
+            entry: "etc".into(),
+            path: path.into(),
+            category,
+            changed_attributes: if category == ChangeCategory::Modified {
+                vec![Attribute::Hash]
+            } else {
+                vec![]
+            },
+            before: (category != ChangeCategory::Added).then(|| FileAttributes {
+                hash: Some("a".repeat(64)),
+                ..FileAttributes::default()
+            }),
+            after: (category != ChangeCategory::Removed).then(|| FileAttributes {
+                hash: Some("b".repeat(64)),
+                ..FileAttributes::default()
+            }),
+            detected_time: MicroTime(Timestamp::now()),
+            source: DetectionSource::Realtime,
+            process: None,
+            summary: None,
+        },
+    );
+    fc.metadata.labels = Some(BTreeMap::from([
+        (NODE.to_string(), node.to_string()),
+        (POLICY.to_string(), policy.to_string()),
+        (CATEGORY.to_string(), category.as_str().to_string()),
+    ]));
+    fc
+}
+
+#[tokio::test]
+async fn summary_export_approve_and_status() {
+    ensure_crds();
+    let client = client().await;
+    let suite = unique_name("plugin");
+    let (n1, n2, policy) = (
+        format!("{suite}-n1"),
+        format!("{suite}-n2"),
+        format!("{suite}-p"),
+    );
+    let api: Api<FileChange> = Api::all(client.clone());
+    for (i, (node, path, cat)) in [
+        (&n1, "/etc/passwd", ChangeCategory::Modified),
+        (&n1, "/etc/new,file.conf", ChangeCategory::Added),
+        (&n1, "/etc/old", ChangeCategory::Removed),
+        (&n2, "/etc/hosts", ChangeCategory::Modified),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        api.create(
+            &PostParams::default(),
+            &change(&format!("{suite}-{i}"), node, &policy, path, cat),
+        )
+        .await
+        .unwrap();
+    }
+
+    // summary: one row per node with counts by category.
+    let run = kubectl_fim(&["summary", "--since", "1d"]);
+    assert!(run.success, "{}", run.stderr);
+    let row = |node: &str| -> Vec<String> {
+        run.stdout
+            .lines()
+            .find(|l| l.starts_with(node))
+            .unwrap_or_else(|| panic!("{node} in\n{}", run.stdout))
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(row(&n1)[1..], ["1", "1", "1", "3", "3"]);
+    assert_eq!(row(&n2)[1..], ["0", "1", "0", "1", "1"]);
+
+    // export: CSV with a header, one record per change, commas quoted.
+    let run = kubectl_fim(&["export", "--since", "14d", "--format", "csv"]);
+    assert!(run.success, "{}", run.stderr);
+    let mut lines = run.stdout.lines();
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .starts_with("detected,node,policy,entry,category,path")
+    );
+    let ours: Vec<&str> = lines.filter(|l| l.contains(&suite)).collect();
+    assert_eq!(ours.len(), 4, "{ours:?}");
+    assert!(
+        ours.iter().any(|l| l.contains("\"/etc/new,file.conf\"")),
+        "{ours:?}"
+    );
+    let run = kubectl_fim(&["export", "--format", "json"]);
+    let records: Vec<serde_json::Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["spec"]["node"] == n2.as_str())
+            .count(),
+        1
+    );
+
+    // approve: by name, then everything of a node.
+    let run = kubectl_fim(&["approve", &format!("{suite}-3")]);
+    assert!(run.success, "{}", run.stderr);
+    assert_eq!(
+        api.get(&format!("{suite}-3"))
+            .await
+            .unwrap()
+            .metadata
+            .labels
+            .unwrap()
+            .get(ACKNOWLEDGED)
+            .map(String::as_str),
+        Some("true")
+    );
+    let run = kubectl_fim(&["approve", "--node", &n1]);
+    assert!(run.success, "{}", run.stderr);
+    assert_eq!(run.stdout.lines().count(), 3, "{}", run.stdout);
+    let run = kubectl_fim(&["summary", "--since", "1d"]);
+    assert_eq!(
+        row_of(&run.stdout, &n1)[5],
+        "0",
+        "nothing unacknowledged left on n1"
+    );
+    let run = kubectl_fim(&["approve"]);
+    assert!(
+        !run.success && run.stderr.contains("nothing to approve"),
+        "{}",
+        run.stderr
+    );
+
+    // status: a node's record with a failed policy shows as a problem.
+    let records: Api<FileIntegrityNode> = Api::all(client.clone());
+    records
+        .create(
+            &PostParams::default(),
+            &FileIntegrityNode::new(&n1, FileIntegrityNodeSpec { node: n1.clone() }),
+        )
+        .await
+        .unwrap();
+    let status = FileIntegrityNodeStatus {
+        heartbeat_time: Some(Time(Timestamp::now())),
+        policy_count: Some(1),
+        files_monitored: Some(42),
+        queue_length: Some(7),
+        policies: vec![NodePolicyStatus {
+            policy: policy.clone(),
+            phase: NodePolicyPhase::Failed,
+            message: Some("baseline tampered".into()),
+            ..NodePolicyStatus::default()
+        }],
+        ..FileIntegrityNodeStatus::default()
+    };
+    records
+        .patch_status(
+            &n1,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": status})),
+        )
+        .await
+        .unwrap();
+    let run = kubectl_fim(&["status"]);
+    assert!(run.success, "{}", run.stderr);
+    let node_row = row_of(&run.stdout, &n1);
+    assert_eq!(node_row[1..4], ["1", "42", "7"], "{}", run.stdout);
+    assert!(run.stdout.contains("baseline tampered"), "{}", run.stdout);
+    assert!(run.stdout.lines().next().unwrap().starts_with("POLICY"));
+}
+
+fn row_of(text: &str, first: &str) -> Vec<String> {
+    text.lines()
+        .find(|l| l.starts_with(first))
+        .unwrap_or_else(|| panic!("{first} in\n{text}"))
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
