@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""kube-fim-agent benchmark helpers.
+
+  measure.py tree ROOT FILES          generate a tree of FILES files of mixed sizes
+  measure.py watch BIN POLICY ROOT STATE N
+                                      real-time latency (write -> change line) over N
+                                      writes, then idle CPU of `watch` over 5 s
+"""
+
+import json
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def tree(root, files):
+    """~100 files per directory; sizes skewed like /usr: mostly small files,
+    some of tens of KiB, a few of hundreds of KiB and MiB."""
+    rng = random.Random(42)
+    pool = os.urandom(8 << 20)
+    total = 0
+    per_dir = 100
+    for i in range(files):
+        d = os.path.join(root, "data", f"d{i // per_dir // 100:02d}", f"d{i // per_dir:04d}")
+        if i % per_dir == 0:
+            os.makedirs(d, exist_ok=True)
+        r = rng.random()
+        if r < 0.75:
+            size = rng.randint(0, 8 << 10)
+        elif r < 0.97:
+            size = rng.randint(8 << 10, 64 << 10)
+        elif r < 0.998:
+            size = rng.randint(64 << 10, 512 << 10)
+        else:
+            size = rng.randint(512 << 10, 4 << 20)
+        off = rng.randint(0, len(pool) - size)
+        with open(os.path.join(d, f"f{i:06d}"), "wb") as f:
+            f.write(i.to_bytes(8, "little"))
+            f.write(pool[off:off + size])
+        total += size + 8
+    print(f"tree: {files} files, {total / 1e6:.0f} MB in {root}/data")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def http_status(addr, path):
+    host, port = addr.split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2) as s:
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n".encode())
+            data = s.recv(64)
+            return int(data.split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def status_kb(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def pct(values, p):
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+def watch(binary, policy, root, state, n):
+    addr = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [binary, "watch", "--policy", policy, "--root", root, "--state", state,
+         "--output", "json", "--metrics-addr", addr],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
+    try:
+        t0 = time.monotonic()
+        while http_status(addr, "/readyz") != 200:
+            if proc.poll() is not None:
+                sys.exit(f"watch exited: {proc.returncode}")
+            if time.monotonic() - t0 > 600:
+                sys.exit("watch not ready after 600 s")
+            time.sleep(0.05)
+        startup = time.monotonic() - t0
+        fd = proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        buf = b""
+
+        def lines(timeout):
+            nonlocal buf
+            out = []
+            end = time.monotonic() + timeout
+            while not out:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                r, _, _ = select.select([fd], [], [], left)
+                if r:
+                    chunk = os.read(fd, 1 << 16)
+                    if not chunk:
+                        break
+                    buf += chunk
+                    *full, buf = buf.split(b"\n")
+                    out += [json.loads(l) for l in full if l.strip()]
+            return out
+
+        lines(0.5)  # a Startup report, if any
+        data = os.path.join(root, "data")
+        dirs = sorted(os.listdir(data))
+        lat = []
+        for i in range(n):
+            sub = os.path.join(data, dirs[i % len(dirs)])
+            leaf = sorted(os.listdir(sub))[0]
+            target = os.path.join(sub, leaf, sorted(os.listdir(os.path.join(sub, leaf)))[i % 50])
+            host_path = "/" + os.path.relpath(target, root)
+            t = time.monotonic()
+            with open(target, "ab") as f:
+                f.write(b"x")
+            got = None
+            while got is None:
+                ls = lines(10)
+                if not ls:
+                    sys.exit(f"no change line within 10 s for {host_path}")
+                for c in ls:
+                    if c.get("path") == host_path:
+                        got = time.monotonic()
+            lat.append((got - t) * 1000)
+        # Idle: nothing changes for 5 s.
+        time.sleep(0.5)
+        hz = os.sysconf("SC_CLK_TCK")
+        c0, w0 = cpu_ticks(proc.pid), time.monotonic()
+        time.sleep(5)
+        c1, w1 = cpu_ticks(proc.pid), time.monotonic()
+        idle = (c1 - c0) / hz / (w1 - w0) * 100
+        hwm = status_kb(proc.pid, "VmHWM")
+        rss = status_kb(proc.pid, "VmRSS")
+        print(f"watch_startup_s={startup:.2f}")
+        print(f"latency_ms_p50={pct(lat, 50):.0f} latency_ms_p99={pct(lat, 99):.0f} "
+              f"latency_ms_max={max(lat):.0f} n={n}")
+        print(f"idle_cpu_pct={idle:.2f} idle_cpu_ticks={c1 - c0} over={w1 - w0:.1f}s")
+        print(f"watch_peak_rss_kb={hwm} watch_rss_kb={rss}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "tree":
+        tree(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1] == "watch":
+        watch(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]))
+    else:
+        sys.exit(__doc__)
