@@ -1,0 +1,59 @@
+//! The alert rules shipped with the chart: `promtool check rules` accepts them
+//! and `promtool test rules` proves each alert fires when it should and stays
+//! quiet when it should not (Debian's `prometheus` package provides promtool).
+#![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
+
+use std::process::Command;
+
+use kube_fim_e2e::repo_root;
+
+fn promtool(args: &[&str], dir: &std::path::Path) -> (bool, String) {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("promtool is not installed ({e}): `apt-get install prometheus` (.ci/run installs it)"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn alert_rules_are_valid_and_their_unit_tests_pass() {
+    let rules = repo_root().join("charts/kube-fim/rules");
+    let (ok, out) = promtool(&["check", "rules", "kube-fim-alerts.yaml"], &rules);
+    assert!(ok, "{out}");
+    assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
+    let tests = rules.join("tests");
+    let mut files: Vec<String> = std::fs::read_dir(&tests)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    let mut args = vec!["test", "rules"];
+    args.extend(files.iter().map(String::as_str));
+    let (ok, out) = promtool(&args, &tests);
+    assert!(ok, "{out}");
+    // Every alert of the rule file has at least one test that expects it to fire.
+    let rule_text = std::fs::read_to_string(rules.join("kube-fim-alerts.yaml")).unwrap();
+    let test_text: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(tests.join(f)).unwrap())
+        .collect();
+    for line in rule_text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+    {
+        assert!(
+            test_text.contains(&format!("alertname: {line}")),
+            "alert {line} has no promtool test"
+        );
+    }
+}
