@@ -20,16 +20,19 @@ fn prometheus_binary() -> std::path::PathBuf {
     panic!("prometheus is not installed: `apt-get install prometheus` (.ci/run installs it)");
 }
 
-/// The value of an instant query's first sample.
-fn query(port: u16, promql: &str) -> Option<f64> {
-    let encoded: String = promql
+fn encode(promql: &str) -> String {
+    promql
         .bytes()
         .map(|b| match b {
             b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
-        .collect();
-    let body = http_get(port, &format!("/api/v1/query?query={encoded}"))?;
+        .collect()
+}
+
+/// The value of an instant query's first sample.
+fn query(port: u16, promql: &str) -> Option<f64> {
+    let body = http_get(port, &format!("/api/v1/query?query={}", encode(promql)))?;
     let v: serde_json::Value = serde_json::from_str(&body).ok()?;
     v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
 }
@@ -129,5 +132,55 @@ async fn prometheus_scrapes_agent_and_operator_and_sees_a_change() {
         },
     )
     .await;
+
+    // Every query of the Grafana dashboard runs on this real Prometheus, and the
+    // headline panels show the change.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            kube_fim_e2e::repo_root().join("charts/kube-fim/dashboards/kube-fim.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut failures = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$node", ".*")
+                .replace("$policy", ".*")
+                .replace("$__range", "10m")
+                .replace("$__rate_interval", "1m");
+            let body = http_get(prom_port, &format!("/api/v1/query?query={}", encode(&expr)));
+            let ok = body
+                .as_deref()
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+                .is_some_and(|v| v["status"] == "success");
+            if !ok {
+                failures.push(format!("{}: {expr}: {body:?}", panel["title"]));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "dashboard queries failing:\n{}",
+        failures.join("\n")
+    );
+    let total = query(
+        prom_port,
+        &format!("sum(increase(kube_fim_agent_changes_total{{node=\"{a}\"}}[10m]))"),
+    );
+    let raw = http_get(
+        prom_port,
+        &format!(
+            "/api/v1/query?query={}",
+            encode("kube_fim_agent_changes_total[10m]")
+        ),
+    );
+    assert!(
+        total.unwrap_or(0.0) > 0.0,
+        "the Changes-in-range panel shows the change: {total:?} {raw:?}"
+    );
     fleet.cleanup().await;
 }

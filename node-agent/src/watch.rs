@@ -194,6 +194,12 @@ pub async fn monitor(
                 .scan_duration
                 .observe(started.elapsed().as_secs_f64());
             for name in engine.policies().keys() {
+                // Series start at 0, so increase() sees a policy's first change.
+                for category in ["Added", "Modified", "Removed"] {
+                    metrics
+                        .changes
+                        .with_label_values(&[name.as_str(), category]);
+                }
                 metrics
                     .files
                     .with_label_values(&[name])
