@@ -44,7 +44,7 @@ unit: ## Unit tests and single-node tests (no control plane needed)
 	$(CARGO) test --workspace --exclude kube-fim-e2e
 
 .PHONY: e2e
-e2e: controlplane ## Integration tests against a fresh local control plane
+e2e: controlplane helm ## Integration tests against a fresh local control plane
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p kube-fim-e2e --no-run
 	rm -rf "$(E2E_DIR)"
@@ -73,3 +73,11 @@ down: ## Stop the background control plane
 .PHONY: bench
 bench: ## Speed and memory of the agent against b3sum and AIDE
 	node-agent/bench/bench.sh
+
+.PHONY: helm
+helm: ## Build (or find in the cache) the pinned Helm the chart tests use
+	@e2e/helm/build.sh >/dev/null
+
+.PHONY: manifests
+manifests: helm ## Sync the chart's CRDs from crds/ and regenerate manifests/ from the chart
+	charts/render-manifests.sh

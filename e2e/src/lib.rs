@@ -343,3 +343,80 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// The pinned Helm, built from its Go module and cached by `e2e/helm/build.sh`
+/// (`make helm`; `make e2e` builds it first). Built or found once per process.
+pub fn helm_binary() -> PathBuf {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let result = BIN.get_or_init(|| {
+        let out = Command::new(repo_root().join("e2e/helm/build.sh"))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| format!("running e2e/helm/build.sh: {e}"))?;
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && Path::new(&path).is_file() {
+            Ok(PathBuf::from(path))
+        } else {
+            Err(format!(
+                "e2e/helm/build.sh failed ({}): Helm is built from its Go module, which needs Go \
+                 and the module proxy (or a warm ~/.cache/kube-fim/go-mod)",
+                out.status
+            ))
+        }
+    });
+    match result {
+        Ok(path) => path.clone(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Runs Helm with its own config, cache and data directories under `target/`
+/// (never the user's), against the control plane when `KUBECONFIG` is set.
+pub fn helm<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let home = repo_root().join("target/e2e-helm");
+    let mut command = Command::new(helm_binary());
+    command
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .args(args);
+    if let Some(path) = std::env::var_os("KUBECONFIG") {
+        command.env("KUBECONFIG", path);
+    }
+    command.output().expect("helm runs").into()
+}
+
+/// Like [`service_account_kubeconfig`], for ServiceAccount `sa` of any namespace
+/// (e.g. one a Helm release created).
+pub fn service_account_kubeconfig_in(namespace: &str, sa: &str) -> PathBuf {
+    let run = kubectl(["create", "token", sa, "-n", namespace, "--duration=1h"]);
+    assert!(
+        run.success,
+        "kubectl create token {sa} -n {namespace}: {}",
+        run.stderr
+    );
+    let admin: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(kubeconfig()).expect("kubeconfig readable"))
+            .expect("kubeconfig is YAML");
+    let cluster = &admin["clusters"][0]["cluster"];
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {
+            "server": cluster["server"].as_str().expect("server"),
+            "certificate-authority-data": cluster["certificate-authority-data"].as_str().expect("CA"),
+        }}],
+        "users": [{"name": sa, "user": {"token": run.stdout.trim()}}],
+        "contexts": [{"name": "local", "context": {"cluster": "local", "user": sa}}],
+        "current-context": "local",
+    });
+    let dir = repo_root().join("target/e2e-kubeconfigs");
+    std::fs::create_dir_all(&dir).expect("create kubeconfig dir");
+    let path = dir.join(format!("{namespace}-{sa}-{}.yaml", std::process::id()));
+    std::fs::write(&path, serde_yaml::to_string(&config).expect("YAML")).expect("write kubeconfig");
+    path
+}
