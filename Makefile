@@ -81,3 +81,7 @@ helm: ## Build (or find in the cache) the pinned Helm the chart tests use
 .PHONY: manifests
 manifests: helm ## Sync the chart's CRDs from crds/ and regenerate manifests/ from the chart
 	charts/render-manifests.sh
+
+.PHONY: alerts
+alerts: ## promtool check and unit tests of the alert rules (installs promtool if missing)
+	charts/kube-fim/rules/test.sh

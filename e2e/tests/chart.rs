@@ -1172,3 +1172,95 @@ async fn helm_install_runs_the_operator_with_the_charts_identity_and_flags() {
         );
     }
 }
+
+/// The values of `KEY` instructions (`FROM`, `USER`, ...) of a Dockerfile.
+fn instructions<'a>(dockerfile: &'a str, key: &str) -> Vec<&'a str> {
+    dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .map(str::trim)
+        .collect()
+}
+
+#[test]
+fn dockerfiles_build_the_workspace_binaries_into_the_images_the_chart_runs() {
+    let root = repo_root();
+    let docs = template("kube-fim", "kube-fim", &[]);
+    let pod = &find(&docs, "Deployment", "kube-fim-operator")["spec"]["template"]["spec"];
+    for (file, bin, package, user) in [
+        (
+            "operator/Dockerfile",
+            "kube-fim-operator",
+            "operator/Cargo.toml",
+            Some("65532:65532"),
+        ),
+        (
+            "node-agent/Dockerfile",
+            "kube-fim-agent",
+            "node-agent/Cargo.toml",
+            None,
+        ),
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let manifest = std::fs::read_to_string(root.join(package)).unwrap();
+        assert!(
+            manifest.contains(&format!("name = \"{bin}\"")),
+            "{package} has no binary {bin}"
+        );
+        // Multi-stage: a Rust builder, then a static runtime image without a shell.
+        let from = instructions(&text, "FROM");
+        assert_eq!(
+            from.len(),
+            2,
+            "{file}: builder and runtime stages: {from:?}"
+        );
+        assert!(
+            from[0].contains("rust:") && from[0].ends_with("AS builder"),
+            "{file}: {from:?}"
+        );
+        assert!(
+            from[1].starts_with("gcr.io/distroless/static"),
+            "{file}: {from:?}"
+        );
+        assert!(
+            text.contains("unknown-linux-musl"),
+            "{file}: not a static build"
+        );
+        assert!(
+            text.contains(&format!("--bin {bin}")),
+            "{file} does not build {bin}"
+        );
+        assert!(
+            text.contains("--locked"),
+            "{file}: builds must use Cargo.lock"
+        );
+        assert_eq!(
+            instructions(&text, "ENTRYPOINT"),
+            vec![format!("[\"/usr/local/bin/{bin}\"]").as_str()],
+            "{file}: the pods pass arguments only, so the entrypoint is the binary"
+        );
+        assert_eq!(
+            instructions(&text, "USER"),
+            user.into_iter().collect::<Vec<_>>()
+        );
+        // The Rust version of the builder is the workspace's rust-version.
+        let workspace = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+        let msrv = workspace
+            .lines()
+            .find_map(|l| l.strip_prefix("rust-version = "))
+            .unwrap()
+            .trim_matches('"');
+        assert!(
+            text.contains(&format!("ARG RUST_VERSION={msrv}")),
+            "{file}: builder Rust is not the workspace's rust-version {msrv}"
+        );
+    }
+    // The operator image's user is the one the chart runs it as.
+    assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+    assert_eq!(pod["securityContext"]["runAsGroup"], 65532);
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    assert!(
+        ignore.lines().any(|l| l == "target/"),
+        ".dockerignore must keep target/ out"
+    );
+}
