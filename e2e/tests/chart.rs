@@ -570,6 +570,15 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
     assert_eq!(string_map(&agent_service["spec"]["selector"]), agent_labels);
     assert_eq!(agent_service["spec"]["ports"][0]["name"], "metrics");
     assert_eq!(agent_service["spec"]["ports"][0]["port"], 9200);
+    // KubeFimAgentDown finds the agents' scrape job by the Service's name.
+    let rules = std::fs::read_to_string(chart_dir().join("rules/kube-fim-alerts.yaml")).unwrap();
+    assert!(rules.contains(r#"up{job=~".*kube-fim-agent.*"}"#));
+    assert!(
+        agent_service["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .contains("kube-fim-agent")
+    );
     assert!(
         !selects(&string_map(&agent_service["spec"]["selector"]), &pod_labels),
         "the agent Service must not select the operator"
@@ -586,6 +595,18 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
             &string_map(&service["metadata"]["labels"])
         ));
         assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+        // Agent series carry `node` themselves: a target label of that name
+        // would turn theirs into exported_node and break the dashboard.
+        assert!(
+            !serde_yaml::to_string(&monitor["spec"])
+                .unwrap()
+                .contains("targetLabel: node"),
+            "a ServiceMonitor sets a node target label"
+        );
+        assert!(
+            monitor["spec"]["jobLabel"].is_null(),
+            "the job is the Service's name"
+        );
         assert_eq!(
             monitor["spec"]["namespaceSelector"]["matchNames"][0],
             "fim-system"
