@@ -809,3 +809,49 @@ fn rbac_gives_each_component_only_what_it_needs() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+#[tokio::test]
+async fn with_the_operator_gone_deleting_the_last_policy_still_removes_the_agents() {
+    let client = client().await;
+    let suite = unique_name("gc");
+    let ds_name = unique_name("agent");
+    let mut op = start_operator(&suite, &suite, &ds_name, &unique_name("lease"));
+    let policies: Api<FileIntegrityPolicy> = Api::all(client.clone());
+    let name = format!("{suite}-p");
+    let created = policies
+        .create(&PostParams::default(), &policy(&name, &suite, &[]))
+        .await
+        .unwrap();
+    let ds = eventually("the agent DaemonSet", WAIT, || async {
+        daemonset(&client, &ds_name)
+            .await
+            .ok_or_else(|| "no DaemonSet".to_string())
+    })
+    .await;
+    let owners = ds.metadata.owner_references.unwrap_or_default();
+    assert_eq!(owners.len(), 1);
+    assert_eq!(
+        owners[0].uid,
+        created.uid().unwrap(),
+        "the policy owns the DaemonSet"
+    );
+
+    // The operator is uninstalled first (helm uninstall order); the garbage
+    // collector still removes the agents with their last owner.
+    op.process.kill();
+    policies
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the DaemonSet garbage-collected",
+        Duration::from_secs(60),
+        || async {
+            match daemonset(&client, &ds_name).await {
+                None => Ok(()),
+                Some(_) => Err("still there".to_string()),
+            }
+        },
+    )
+    .await;
+}

@@ -17,8 +17,9 @@ use k8s_openapi::api::core::v1::{
     SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
 use kube_fim_crds::FileIntegrityPolicy;
 use kube_fim_crds::labels::{MANAGED_BY, MANAGED_BY_VALUE};
 
@@ -294,11 +295,26 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
 
     let mut meta_labels = labels();
     meta_labels.insert(MANAGED_BY.into(), MANAGED_BY_VALUE.into());
+    // Every served policy owns the DaemonSet: when the last one is deleted the
+    // garbage collector removes the agents even if the operator is gone.
+    let owners: Vec<OwnerReference> = policies
+        .iter()
+        .filter_map(|p| {
+            Some(OwnerReference {
+                api_version: FileIntegrityPolicy::api_version(&()).into_owned(),
+                kind: FileIntegrityPolicy::kind(&()).into_owned(),
+                name: p.metadata.name.clone()?,
+                uid: p.metadata.uid.clone()?,
+                ..OwnerReference::default()
+            })
+        })
+        .collect();
     Some(DaemonSet {
         metadata: ObjectMeta {
             name: Some(config.daemonset_name.clone()),
             namespace: Some(config.namespace.clone()),
             labels: Some(meta_labels),
+            owner_references: (!owners.is_empty()).then_some(owners),
             ..ObjectMeta::default()
         },
         spec: Some(DaemonSetSpec {
@@ -404,6 +420,29 @@ mod tests {
         let one = desired_daemonset(&Config::default(), &[&a, &b]).unwrap();
         let two = desired_daemonset(&Config::default(), &[&b, &a]).unwrap();
         assert_eq!(one, two);
+    }
+
+    #[test]
+    fn every_policy_owns_the_daemonset() {
+        let mut a = policy("a", &[]);
+        a.metadata.uid = Some("uid-a".into());
+        let mut b = policy("b", &[]);
+        b.metadata.uid = Some("uid-b".into());
+        let ds = desired_daemonset(&Config::default(), &[&b, &a]).unwrap();
+        let owners: Vec<(String, String)> = ds
+            .metadata
+            .owner_references
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.kind, o.name))
+            .collect();
+        assert_eq!(
+            owners,
+            [
+                ("FileIntegrityPolicy".to_string(), "a".to_string()),
+                ("FileIntegrityPolicy".to_string(), "b".to_string())
+            ]
+        );
     }
 
     #[test]
