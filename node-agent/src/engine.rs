@@ -79,6 +79,9 @@ pub struct Engine {
     /// Distinct files monitored (last scan).
     pub files_total: usize,
     pub last_errors: Vec<ScanError>,
+    /// List every difference from the approved baseline, even those already
+    /// reported (`check` reports the state; it does not deliver).
+    pub list_reported: bool,
 }
 
 fn is_dir(attrs: Option<&FileAttributes>) -> bool {
@@ -139,11 +142,22 @@ fn project(a: &FileAttributes, attrs: &[Attribute]) -> FileAttributes {
 impl Engine {
     /// Opens the host root and the baseline in `state` (if any).
     pub fn open(root: &Path, state: &Path, node: &str) -> Result<Self, EngineError> {
+        Self::open_with(root, state, node, true)
+    }
+
+    /// Opens the host root with an empty baseline, ignoring (and later
+    /// replacing) whatever is in `state`, even a damaged file.
+    pub fn open_fresh(root: &Path, state: &Path, node: &str) -> Result<Self, EngineError> {
+        Self::open_with(root, state, node, false)
+    }
+
+    fn open_with(root: &Path, state: &Path, node: &str, load: bool) -> Result<Self, EngineError> {
         let root = HostRoot::open(root).map_err(|source| EngineError::Root {
             path: root.to_path_buf(),
             source,
         })?;
-        let (baseline, loaded_digest) = match Baseline::load(state)? {
+        let loaded = if load { Baseline::load(state)? } else { None };
+        let (baseline, loaded_digest) = match loaded {
             Some((b, d)) => (b, Some(d)),
             None => (Baseline::default(), None),
         };
@@ -159,6 +173,7 @@ impl Engine {
             files_per_policy: BTreeMap::new(),
             files_total: 0,
             last_errors: Vec::new(),
+            list_reported: false,
         })
     }
 
@@ -450,14 +465,22 @@ impl Engine {
         out: &mut Outcome,
     ) {
         let tracked = self.baseline.files.get(key).cloned();
-        let established: Vec<&Entry> = owners
-            .iter()
-            .filter(|o| {
-                self.baseline
-                    .established
-                    .contains(&entry_key(&o.owner.policy, &o.owner.entry))
-            })
-            .collect();
+        let mut established: Vec<&Entry> = Vec::new();
+        for o in owners.iter().filter(|o| {
+            self.baseline
+                .established
+                .contains(&entry_key(&o.owner.policy, &o.owner.entry))
+        }) {
+            // One report per policy: its most specific entry (deepest base).
+            match established
+                .iter_mut()
+                .find(|e| e.owner.policy == o.owner.policy)
+            {
+                Some(e) if o.base.components().count() > e.base.components().count() => *e = o,
+                Some(_) => {}
+                None => established.push(o),
+            }
+        }
         let approved = tracked.as_ref().and_then(|t| t.approved.clone());
         if established.is_empty() {
             // Only new entries watch it: what exists now is their baseline, silently.
@@ -487,7 +510,9 @@ impl Engine {
             return;
         }
         let digest = state_digest(current.as_ref());
-        if tracked.as_ref().and_then(|t| t.reported.as_ref()) == Some(&digest) {
+        if !self.list_reported
+            && tracked.as_ref().and_then(|t| t.reported.as_ref()) == Some(&digest)
+        {
             return; // already reported
         }
         let category = match (&approved, &current) {

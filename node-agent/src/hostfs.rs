@@ -61,6 +61,14 @@ pub struct Child {
     pub is_dir: bool,
 }
 
+thread_local! {
+    /// Read buffer reused across files (a fresh zeroed buffer per file costs
+    /// more than hashing small files).
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
+    static XATTR_BUF: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
+        std::cell::RefCell::new((vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]));
+}
+
 const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGICLINKS);
 
 fn file_type(st: &Stat) -> FileType {
@@ -255,18 +263,19 @@ impl HostRoot {
             if want.contains(&Attribute::Hash) {
                 let mut file = std::fs::File::from(fd);
                 let mut hasher = blake3::Hasher::new();
-                let mut buf = vec![0u8; 256 * 1024];
                 let mut n_total = 0u64;
-                loop {
-                    let n = match file.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(InspectError::Io(e.to_string())),
-                    };
-                    hasher.update(&buf[..n]);
-                    n_total += n as u64;
-                }
+                READ_BUF.with_borrow_mut(|buf| -> Result<(), InspectError> {
+                    loop {
+                        let n = match file.read(buf) {
+                            Ok(0) => return Ok(()),
+                            Ok(n) => n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(e) => return Err(InspectError::Io(e.to_string())),
+                        };
+                        hasher.update(&buf[..n]);
+                        n_total += n as u64;
+                    }
+                })?;
                 *hashed += n_total;
                 let after = rustix::fs::fstat(&file)?;
                 if fingerprint(&after) != fingerprint(&before) {
@@ -286,26 +295,29 @@ impl HostRoot {
 /// A digest over the sorted extended attribute names and values (POSIX ACLs
 /// are xattrs too). Never stores the values themselves.
 fn xattrs_digest(fd: &OwnedFd) -> Option<String> {
-    let mut names = vec![0u8; 64 * 1024];
-    let n = rustix::fs::flistxattr(fd, &mut names[..]).ok()?;
-    let mut list: Vec<&[u8]> = names[..n]
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .collect();
-    list.sort_unstable();
-    let mut hasher = blake3::Hasher::new();
-    let mut value = vec![0u8; 64 * 1024];
-    for name in list {
-        let Ok(cname) = std::ffi::CString::new(name) else {
-            continue;
-        };
-        let len = rustix::fs::fgetxattr(fd, cname.as_c_str(), &mut value[..]).unwrap_or(0);
-        hasher.update(&(name.len() as u64).to_le_bytes());
-        hasher.update(name);
-        hasher.update(&(len as u64).to_le_bytes());
-        hasher.update(&value[..len]);
-    }
-    Some(hasher.finalize().to_hex().to_string())
+    XATTR_BUF.with_borrow_mut(|(names, value)| {
+        let n = rustix::fs::flistxattr(fd, &mut names[..]).ok()?;
+        if n == 0 {
+            return None;
+        }
+        let mut list: Vec<&[u8]> = names[..n]
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .collect();
+        list.sort_unstable();
+        let mut hasher = blake3::Hasher::new();
+        for name in list {
+            let Ok(cname) = std::ffi::CString::new(name) else {
+                continue;
+            };
+            let len = rustix::fs::fgetxattr(fd, cname.as_c_str(), &mut value[..]).unwrap_or(0);
+            hasher.update(&(name.len() as u64).to_le_bytes());
+            hasher.update(name);
+            hasher.update(&(len as u64).to_le_bytes());
+            hasher.update(&value[..len]);
+        }
+        Some(hasher.finalize().to_hex().to_string())
+    })
 }
 
 #[cfg(test)]

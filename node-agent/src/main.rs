@@ -177,8 +177,12 @@ fn baseline(args: Standalone) -> anyhow::Result<ExitCode> {
     let policies = load_policy(&args.policy)?;
     std::fs::create_dir_all(&args.state)
         .with_context(|| format!("creating {}", args.state.display()))?;
-    let _ = std::fs::remove_file(args.state.join(kube_fim_agent::baseline::FILE));
-    let mut engine = open_engine(&args)?;
+    // The old baseline stays on disk until the new one replaces it atomically.
+    if !args.root.is_dir() {
+        bail!("--root {}: not a directory", args.root.display());
+    }
+    let mut engine = Engine::open_fresh(&args.root, &args.state, &args.node_name)
+        .context("opening the host root")?;
     engine.set_policies(policies)?;
     if std::io::stderr().is_terminal() {
         eprint!("building the baseline of {} ...\r", args.root.display());
@@ -209,6 +213,7 @@ fn check(args: Standalone, output: Output) -> anyhow::Result<ExitCode> {
         );
     }
     engine.set_policies(policies)?;
+    engine.list_reported = true;
     let outcome = engine.scan(DetectionSource::Scan);
     for e in &outcome.errors {
         eprintln!("skipped {}: {}", e.path, e.reason);
