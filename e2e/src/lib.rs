@@ -191,29 +191,7 @@ pub fn ensure_rbac() {
 /// API server issued, so processes run with exactly that account's rights.
 pub fn service_account_kubeconfig(sa: &str) -> PathBuf {
     ensure_rbac();
-    let run = kubectl(["create", "token", sa, "-n", "kube-fim", "--duration=2h"]);
-    assert!(run.success, "kubectl create token {sa}: {}", run.stderr);
-    let token = run.stdout.trim().to_string();
-    let admin: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(kubeconfig()).expect("kubeconfig readable"))
-            .expect("kubeconfig is YAML");
-    let cluster = &admin["clusters"][0]["cluster"];
-    let config = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "local", "cluster": {
-            "server": cluster["server"].as_str().expect("server"),
-            "certificate-authority-data": cluster["certificate-authority-data"].as_str().expect("CA"),
-        }}],
-        "users": [{"name": sa, "user": {"token": token}}],
-        "contexts": [{"name": "local", "context": {"cluster": "local", "user": sa}}],
-        "current-context": "local",
-    });
-    let dir = repo_root().join("target/e2e-kubeconfigs");
-    std::fs::create_dir_all(&dir).expect("create kubeconfig dir");
-    let path = dir.join(format!("{sa}-{}.yaml", std::process::id()));
-    std::fs::write(&path, serde_yaml::to_string(&config).expect("YAML")).expect("write kubeconfig");
-    path
+    service_account_kubeconfig_in("kube-fim", sa)
 }
 
 /// A process started by a test, killed when the test ends however it ends.

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
@@ -70,7 +71,8 @@ pub struct Engine {
     pub baseline: Baseline,
     /// Digest of the baseline as found on disk at start (before any write).
     pub loaded_digest: Option<String>,
-    plan: Plan,
+    /// Shared so a scan can borrow it while it updates the baseline.
+    plan: Arc<Plan>,
     policies: BTreeMap<String, PolicyInput>,
     /// Directories seen by the last walk (for real-time watches).
     dirs: BTreeSet<PathBuf>,
@@ -167,7 +169,7 @@ impl Engine {
             node: node.to_string(),
             baseline,
             loaded_digest,
-            plan: Plan::default(),
+            plan: Arc::default(),
             policies: BTreeMap::new(),
             dirs: BTreeSet::new(),
             files_per_policy: BTreeMap::new(),
@@ -201,7 +203,7 @@ impl Engine {
             .iter()
             .map(|(k, v)| (k.clone(), v.spec.clone()))
             .collect();
-        self.plan = Plan::new(&specs)?;
+        self.plan = Arc::new(Plan::new(&specs)?);
         // Forget what no served entry owns any more.
         let live: BTreeSet<String> = self
             .plan
@@ -259,8 +261,8 @@ impl Engine {
     fn walk(&mut self, errors: &mut Vec<ScanError>) -> BTreeSet<PathBuf> {
         let mut found = BTreeSet::new();
         let mut dirs = BTreeSet::new();
-        let entries = self.plan.entries.clone();
-        for e in &entries {
+        let plan = Arc::clone(&self.plan);
+        for e in &plan.entries {
             let starts: Vec<PathBuf> = match &e.pattern {
                 Some(glob) => match self.root.list_dir(&e.base) {
                     Ok(children) => {
@@ -334,11 +336,12 @@ impl Engine {
         let walked = self.walk(&mut out.errors);
         let mut candidates: BTreeSet<PathBuf> = walked;
         candidates.extend(self.baseline.files.keys().map(|k| rel_path(k)));
+        let plan = Arc::clone(&self.plan);
         let mut per_policy: BTreeMap<String, usize> = BTreeMap::new();
         let mut seen_keys = BTreeSet::new();
         let mut total = 0;
         for path in &candidates {
-            let owners: Vec<Entry> = self.plan.owners(path).into_iter().cloned().collect();
+            let owners = plan.owners(path);
             let key = host_path(path);
             if owners.is_empty() {
                 continue;
@@ -422,8 +425,9 @@ impl Engine {
                 }
             }
         }
+        let plan = Arc::clone(&self.plan);
         for path in &candidates {
-            let owners: Vec<Entry> = self.plan.owners(path).into_iter().cloned().collect();
+            let owners = plan.owners(path);
             if owners.is_empty() {
                 continue;
             }
@@ -434,9 +438,8 @@ impl Engine {
         (out, new_dirs)
     }
 
-    fn inspect(&self, path: &Path, owners: &[Entry], out: &mut Outcome) -> Option<FileAttributes> {
-        let refs: Vec<&Entry> = owners.iter().collect();
-        let want = Plan::wanted(&refs);
+    fn inspect(&self, path: &Path, owners: &[&Entry], out: &mut Outcome) -> Option<FileAttributes> {
+        let want = Plan::wanted(owners);
         match self.root.inspect(path, &want, &mut out.bytes) {
             Ok(a) => a,
             Err(err) => {
@@ -460,7 +463,7 @@ impl Engine {
         key: &str,
         path: &Path,
         current: Option<FileAttributes>,
-        owners: &[Entry],
+        owners: &[&Entry],
         source: DetectionSource,
         out: &mut Outcome,
     ) {
@@ -591,7 +594,8 @@ impl Engine {
     /// Approves the current state of `path` (an acknowledged change).
     pub fn acknowledge(&mut self, key: &str) -> bool {
         let path = rel_path(key);
-        let owners: Vec<Entry> = self.plan.owners(&path).into_iter().cloned().collect();
+        let plan = Arc::clone(&self.plan);
+        let owners = plan.owners(&path);
         let mut scratch = Outcome::default();
         let current = if owners.is_empty() {
             None

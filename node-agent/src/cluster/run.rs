@@ -325,11 +325,18 @@ async fn report(
         let finishing = done.is_none() && (batches.is_closed());
         let now = Timestamp::now();
         let mut q = queue.lock().await;
-        for change in changes {
-            let policy = policies
+        // One look at the policy cache per batch, not per change (storms).
+        let served: BTreeMap<String, Arc<FileIntegrityPolicy>> = if changes.is_empty() {
+            BTreeMap::new()
+        } else {
+            policies
                 .state()
                 .into_iter()
-                .find(|p| p.name_any() == change.policy);
+                .map(|p| (p.name_any(), p))
+                .collect()
+        };
+        for change in changes {
+            let policy = served.get(&change.policy);
             let cap = policy
                 .as_ref()
                 .map(|p| p.spec.max_changes_per_node_per_minute)
