@@ -10,4 +10,5 @@ pub mod hostfs;
 pub mod metrics;
 pub mod paths;
 pub mod plan;
+pub mod report;
 pub mod watch;

@@ -242,7 +242,7 @@ async fn watch_cmd(args: Standalone, output: Output, addr: SocketAddr) -> anyhow
         }
     });
     let (_control_tx, control_rx) = mpsc::channel::<Control>(8);
-    let (batch_tx, mut batch_rx) = mpsc::channel::<kube_fim_agent::watch::Batch>(64);
+    let (batch_tx, mut batch_rx) = mpsc::channel::<kube_fim_agent::report::Batch>(64);
     let (status_tx, _status_rx) = watch::channel(Snapshot::default());
     let printer = tokio::spawn(async move {
         while let Some((changes, done)) = batch_rx.recv().await {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use kube_fim_crds::{DetectionSource, FileChangeSpec};
+use kube_fim_crds::DetectionSource;
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::engine::{Engine, Outcome, PolicyInput};
 use crate::metrics::AgentMetrics;
+use crate::report::{Batch, hand_over};
 
 /// Instructions to the loop.
 #[derive(Debug)]
@@ -25,10 +26,6 @@ pub enum Control {
     /// Approve the current state of a host path.
     Acknowledge(String, oneshot::Sender<()>),
 }
-
-/// Changes to deliver; the loop records them as reported in the baseline only
-/// after the receiver answers on the oneshot (e.g. once they are queued on disk).
-pub type Batch = (Vec<FileChangeSpec>, oneshot::Sender<()>);
 
 /// What the loop last knew, for status reports.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -221,7 +218,7 @@ pub async fn monitor(
                 warn!(path = %e.path, reason = %e.reason, "skipped");
             }
             record(&outcome, &metrics);
-            if !deliver(&out, outcome.changes).await {
+            if !hand_over(&out, outcome.changes).await {
                 return engine;
             }
             digest = save(&mut engine, &metrics);
@@ -283,7 +280,7 @@ pub async fn monitor(
                 let (outcome, new_dirs) = tokio::task::block_in_place(|| engine.rescan(&ready, DetectionSource::Realtime));
                 record(&outcome, &metrics);
                 let changed = !outcome.changes.is_empty();
-                if !deliver(&out, outcome.changes).await {
+                if !hand_over(&out, outcome.changes).await {
                     return engine;
                 }
                 if changed {
@@ -328,18 +325,6 @@ pub async fn monitor(
             }
         }
     }
-}
-
-/// Hands changes over and waits until the receiver has them safe.
-async fn deliver(out: &mpsc::Sender<Batch>, changes: Vec<FileChangeSpec>) -> bool {
-    if changes.is_empty() {
-        return true;
-    }
-    let (tx, rx) = oneshot::channel();
-    if out.send((changes, tx)).await.is_err() {
-        return false;
-    }
-    rx.await.is_ok()
 }
 
 fn save(engine: &mut Engine, metrics: &AgentMetrics) -> Option<String> {

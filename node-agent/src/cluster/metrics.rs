@@ -10,6 +10,7 @@ pub struct ClusterMetrics {
     pub api_errors: IntCounterVec,
     pub change_storms: IntCounterVec,
     pub baseline_tampered: IntGauge,
+    pub queue_write_failing: IntGauge,
 }
 
 impl ClusterMetrics {
@@ -41,6 +42,11 @@ impl ClusterMetrics {
             "kube_fim_agent_baseline_tampered",
             "1 when the baseline on the node does not match the digest stored in the cluster",
         )?;
+        let queue_write_failing = IntGauge::new(
+            "kube_fim_agent_queue_write_failing",
+            "1 while detected changes cannot be written to the node's delivery queue (e.g. a full disk); detection waits, nothing is dropped",
+        )?;
+        registry.register(Box::new(queue_write_failing.clone()))?;
         registry.register(Box::new(reports_queued.clone()))?;
         registry.register(Box::new(delivered.clone()))?;
         registry.register(Box::new(api_errors.clone()))?;
@@ -52,6 +58,7 @@ impl ClusterMetrics {
             api_errors,
             change_storms,
             baseline_tampered,
+            queue_write_failing,
         })
     }
 }

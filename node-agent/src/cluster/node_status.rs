@@ -8,7 +8,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use kube_fim_crds::{FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus};
 
-use super::deliver::FIELD_MANAGER;
+use crate::report::deliver::FIELD_MANAGER;
 
 /// Creates the node's record if it does not exist yet; returns it.
 pub async fn ensure(

@@ -15,11 +15,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use kube_fim_crds::labels::ACKNOWLEDGED;
@@ -30,15 +30,14 @@ use kube_fim_crds::{
 use tokio::sync::{Mutex, Notify, mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use super::deliver::{self, RateLimit};
 use super::node_status;
-use super::queue::Queue;
-use super::record::to_object;
 use super::selection::served;
-use super::storm::{StormGuard, Verdict};
 use crate::engine::{Engine, PolicyInput};
 use crate::metrics::AgentMetrics;
-use crate::watch::{Batch, Control, Snapshot, monitor};
+use crate::report::deliver::{self, RateLimit};
+use crate::report::queue::Queue;
+use crate::report::{Batch, reporter};
+use crate::watch::{Control, Snapshot, monitor};
 
 /// Settings of `kube-fim-agent run`.
 #[derive(Clone, Debug)]
@@ -246,7 +245,7 @@ pub async fn run(
     ));
 
     // Reporter: storm cap, then the durable queue.
-    let reporter = tokio::spawn(report(
+    let reporter = tokio::spawn(reporter(
         batch_rx,
         queue.clone(),
         wake.clone(),
@@ -297,99 +296,6 @@ pub async fn run(
     heartbeat.abort();
     acks.abort();
     Ok(())
-}
-
-async fn report(
-    mut batches: mpsc::Receiver<Batch>,
-    queue: Arc<Mutex<Queue>>,
-    wake: Arc<Notify>,
-    policies: Store<FileIntegrityPolicy>,
-    metrics: AgentMetrics,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
-    let mut storms = StormGuard::default();
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        let (changes, done): (
-            Vec<kube_fim_crds::FileChangeSpec>,
-            Option<oneshot::Sender<()>>,
-        ) = tokio::select! {
-            () = &mut shutdown => (storms.drain(Timestamp::now()), None),
-            b = batches.recv() => match b {
-                Some((c, d)) => (c, Some(d)),
-                None => (storms.drain(Timestamp::now()), None),
-            },
-            _ = tick.tick() => (storms.due(Timestamp::now()), None),
-        };
-        let finishing = done.is_none() && (batches.is_closed());
-        let now = Timestamp::now();
-        let mut q = queue.lock().await;
-        // One look at the policy cache per batch, not per change (storms).
-        let served: BTreeMap<String, Arc<FileIntegrityPolicy>> = if changes.is_empty() {
-            BTreeMap::new()
-        } else {
-            policies
-                .state()
-                .into_iter()
-                .map(|p| (p.name_any(), p))
-                .collect()
-        };
-        for change in changes {
-            let policy = served.get(&change.policy);
-            let cap = policy
-                .as_ref()
-                .map(|p| p.spec.max_changes_per_node_per_minute)
-                .unwrap_or(100);
-            let verdict = if change.summary.is_some() {
-                Verdict::Report
-            } else if !q.has_room() {
-                // Never drop: a full queue folds into the summary.
-                storms.admit(&change, 0, now)
-            } else {
-                storms.admit(&change, cap, now)
-            };
-            match verdict {
-                Verdict::Folded { first_in_window } => {
-                    if first_in_window {
-                        metrics
-                            .cluster
-                            .change_storms
-                            .with_label_values(&[change.policy.as_str()])
-                            .inc();
-                        warn!(policy = %change.policy, cap, "change storm: summarising this minute's further changes");
-                    }
-                }
-                Verdict::Report => {
-                    let mut object = to_object(change);
-                    if let Some(p) = &policy
-                        && let Some(uid) = p.uid()
-                    {
-                        // Deleting the policy deletes its changes (garbage collector).
-                        object.metadata.owner_references = Some(vec![OwnerReference {
-                            api_version: FileIntegrityPolicy::api_version(&()).into_owned(),
-                            kind: FileIntegrityPolicy::kind(&()).into_owned(),
-                            name: p.name_any(),
-                            uid,
-                            ..OwnerReference::default()
-                        }]);
-                    }
-                    if let Err(error) = q.push(&object) {
-                        warn!(%error, "could not queue a change");
-                    }
-                }
-            }
-        }
-        metrics.cluster.reports_queued.set(q.len() as i64);
-        drop(q);
-        wake.notify_one();
-        if let Some(done) = done {
-            let _ = done.send(());
-        }
-        if finishing {
-            return;
-        }
-    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -17,8 +17,9 @@ use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::metrics::ClusterMetrics;
+use super::object::shorten;
 use super::queue::Queue;
+use crate::cluster::metrics::ClusterMetrics;
 
 /// Field manager of the agent's writes.
 pub const FIELD_MANAGER: &str = "kube-fim-agent";
@@ -122,6 +123,17 @@ pub fn event_for(change: &FileChange) -> Event {
     }
 }
 
+/// Longest text of a report re-sent after a refusal.
+const SHORT: usize = 512;
+
+async fn publish(recorder: &Recorder, stored: &FileChange, metrics: &ClusterMetrics) {
+    let reference = stored.object_ref(&());
+    if let Err(error) = recorder.publish(&event_for(stored), &reference).await {
+        metrics.api_errors.with_label_values(&["event"]).inc();
+        debug!(%error, "event not published");
+    }
+}
+
 /// Delivers the queue until `shutdown`.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
@@ -161,11 +173,7 @@ pub async fn run(
             }
             let delivered = match api.create(&params, &change).await {
                 Ok(stored) => {
-                    let reference = stored.object_ref(&());
-                    if let Err(error) = recorder.publish(&event_for(&stored), &reference).await {
-                        metrics.api_errors.with_label_values(&["event"]).inc();
-                        debug!(%error, "event not published");
-                    }
+                    publish(&recorder, &stored, &metrics).await;
                     metrics.delivered.inc();
                     true
                 }
@@ -174,11 +182,30 @@ pub async fn run(
                     true
                 }
                 Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
-                    // The API server will never accept it: keep the evidence in
-                    // the log and the metric, and let the queue move on.
+                    // Too long or otherwise invalid: send it shortened, never drop it.
                     metrics.api_errors.with_label_values(&["rejected"]).inc();
-                    warn!(name = %change.name_any(), path = %change.spec.path, error = %e.message, "the API server refused a change report");
-                    true
+                    warn!(name = %change.name_any(), path = %change.spec.path, error = %e.message, "the API server refused a change report; sending it shortened");
+                    let short = shorten(&change, SHORT);
+                    match api.create(&params, &short).await {
+                        Ok(stored) => {
+                            publish(&recorder, &stored, &metrics).await;
+                            metrics.delivered.inc();
+                            true
+                        }
+                        Err(kube::Error::Api(e)) if e.code == 409 => true,
+                        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
+                            // Kept on the node (queue's rejected/) for the logs and forensics.
+                            warn!(name = %change.name_any(), error = %e.message, "a shortened report was refused too; kept on the node");
+                            let mut q = queue.lock().await;
+                            q.reject(seq);
+                            metrics.reports_queued.set(q.len() as i64);
+                            continue;
+                        }
+                        Err(error) => {
+                            debug!(%error, "shortened report not delivered yet");
+                            false
+                        }
+                    }
                 }
                 Err(error) => {
                     metrics.api_errors.with_label_values(&["create"]).inc();

@@ -24,8 +24,6 @@ pub enum QueueError {
         dir: PathBuf,
         source: std::io::Error,
     },
-    #[error("delivery queue is full ({0} reports waiting)")]
-    Full(usize),
     #[error("encoding a report: {0}")]
     Encode(#[from] serde_json::Error),
 }
@@ -97,11 +95,10 @@ impl Queue {
         self.entries.len() < self.capacity
     }
 
-    /// Stores a report durably; returns its sequence number.
+    /// Stores a report durably; returns its sequence number. The capacity is
+    /// the caller's cue to fold changes into summaries ([`Queue::has_room`]):
+    /// a report is never refused for it, so a summary always finds a place.
     pub fn push(&mut self, change: &FileChange) -> Result<u64, QueueError> {
-        if !self.has_room() {
-            return Err(QueueError::Full(self.entries.len()));
-        }
         let io = |source| QueueError::Io {
             dir: self.dir.clone(),
             source,
@@ -155,6 +152,18 @@ impl Queue {
             }
         }
         out
+    }
+
+    /// Moves a report the API server will not store to `rejected/`, where it
+    /// stays for forensics instead of blocking the queue.
+    pub fn reject(&mut self, seq: u64) {
+        let rejected = self.dir.join("rejected");
+        let moved = fs::create_dir_all(&rejected)
+            .and_then(|()| fs::rename(self.path(seq), rejected.join(format!("{seq:020}{SUFFIX}"))));
+        if let Err(error) = moved {
+            warn!(seq, %error, "could not move a refused report out of the delivery queue");
+        }
+        self.entries.retain(|s| *s != seq);
     }
 
     /// Forgets a report the API server has stored.
@@ -226,13 +235,15 @@ mod tests {
     }
 
     #[test]
-    fn full_queue_refuses_instead_of_dropping() {
+    fn a_full_queue_asks_for_summaries_but_never_drops() {
         let dir = tempfile::tempdir().unwrap();
         let mut q = Queue::open(dir.path(), 2).unwrap();
         q.push(&change("/a")).unwrap();
+        assert!(q.has_room());
         q.push(&change("/b")).unwrap();
-        assert!(matches!(q.push(&change("/c")), Err(QueueError::Full(2))));
-        assert_eq!(q.len(), 2);
+        assert!(!q.has_room());
+        q.push(&change("/summary")).unwrap();
+        assert_eq!(q.len(), 3);
     }
 
     #[test]

@@ -54,7 +54,51 @@ pub fn object_name(spec: &FileChangeSpec) -> String {
     }
 }
 
-/// The FileChange object for a change, named and labelled.
+/// Longest path or link target the schema accepts (escaped bytes count 4).
+pub const TEXT_MAX: usize = 4096;
+
+/// `text` if it fits in `max` bytes; otherwise its head, its length and a
+/// digest of the whole, so two long paths that share a head stay apart.
+pub fn shorten_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let digest = blake3::hash(text.as_bytes()).to_hex();
+    let tail = format!("…[{} bytes, blake3 {}]", text.len(), &digest[..32]);
+    let mut cut = max.saturating_sub(tail.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{tail}", &text[..cut])
+}
+
+/// The report with its long texts (path, link targets, sample paths) cut to
+/// `max` bytes each with a digest of the whole: what is sent when the API
+/// server refuses a report, rather than dropping it.
+pub fn shorten(change: &FileChange, max: usize) -> FileChange {
+    let mut out = change.clone();
+    let spec = &mut out.spec;
+    spec.path = shorten_text(&spec.path, max);
+    for attrs in [&mut spec.before, &mut spec.after].into_iter().flatten() {
+        if let Some(t) = attrs.link_target.as_deref() {
+            attrs.link_target = Some(shorten_text(t, max));
+        }
+    }
+    if let Some(summary) = spec.summary.as_mut() {
+        summary.sample_paths.truncate(storm_sample_limit());
+        for p in &mut summary.sample_paths {
+            *p = shorten_text(p, max);
+        }
+    }
+    out
+}
+
+fn storm_sample_limit() -> usize {
+    super::storm::SAMPLE_PATHS
+}
+
+/// The FileChange object for a change, named and labelled. The name covers
+/// the whole change; texts longer than the schema allows are shortened.
 pub fn to_object(spec: FileChangeSpec) -> FileChange {
     let name = object_name(&spec);
     let labels = BTreeMap::from([
@@ -72,7 +116,7 @@ pub fn to_object(spec: FileChangeSpec) -> FileChange {
     ]);
     let mut object = FileChange::new(&name, spec);
     object.metadata.labels = Some(labels);
-    object
+    shorten(&object, TEXT_MAX)
 }
 
 #[cfg(test)]
@@ -129,6 +173,20 @@ mod tests {
             name.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         );
+    }
+
+    #[test]
+    fn long_texts_are_shortened_with_a_digest_not_dropped() {
+        let mut s = spec(1, Timestamp::now());
+        s.path = format!("/{}", "\\xff".repeat(2000));
+        let other = format!("{}x", s.path);
+        let o = to_object(s.clone());
+        assert!(o.spec.path.len() <= TEXT_MAX, "{}", o.spec.path.len());
+        assert!(o.spec.path.contains("blake3"), "{}", o.spec.path);
+        assert_ne!(shorten_text(&s.path, 100), shorten_text(&other, 100));
+        assert_eq!(o.metadata.name, Some(object_name(&s)));
+        assert_eq!(shorten_text("/etc/passwd", 100), "/etc/passwd");
+        assert!(shorten_text(&"é".repeat(300), 101).len() <= 101);
     }
 
     #[test]
