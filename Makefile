@@ -14,7 +14,7 @@ help: ## Show the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 .PHONY: demo
-demo: controlplane build ## Run kube-fim end to end on the embedded local control plane
+demo: deps controlplane build ## Run kube-fim end to end on the embedded local control plane
 	@e2e/demo.sh "$(DEMO_DIR)"
 
 .PHONY: build
@@ -25,7 +25,11 @@ build: ## Build every binary (debug)
 lint: fmt-check clippy ## fmt-check and clippy
 
 .PHONY: test
-test: fmt-check clippy unit e2e ## Everything CI runs: fmt, clippy, unit and integration tests
+test: deps fmt-check clippy unit e2e ## Everything CI runs: fmt, clippy, unit and integration tests
+
+.PHONY: deps
+deps: ## Install the Debian packages and Rust components the tests need (root; says what is missing otherwise)
+	@e2e/deps.sh
 
 .PHONY: fmt-check
 fmt-check: ## cargo fmt --check
