@@ -1,8 +1,10 @@
 // Command kube-fim-controlplane is one multi-call binary holding the pinned
 // Kubernetes control plane that kube-fim's tests and demo run against: etcd,
-// kube-apiserver and kube-controller-manager, built from upstream Go modules.
+// kube-apiserver and kube-controller-manager, plus the node components that run
+// real pods next to it (kubelet, kube-scheduler, kube-proxy), built from
+// upstream Go modules.
 //
-// Usage: kube-fim-controlplane <etcd|kube-apiserver|kube-controller-manager> [flags...]
+// Usage: kube-fim-controlplane <component> [flags...]
 //
 // One binary instead of three shares the compile and link work (the bulk of a
 // cold build) and keeps the cache small.
@@ -19,6 +21,9 @@ import (
 	"k8s.io/component-base/cli"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
+	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
 func main() {
@@ -27,7 +32,7 @@ func main() {
 	args := os.Args
 	if component == "kube-fim-controlplane" {
 		if len(args) < 2 {
-			fmt.Fprintln(os.Stderr, "usage: kube-fim-controlplane <etcd|kube-apiserver|kube-controller-manager> [flags...]")
+			fmt.Fprintln(os.Stderr, "usage: kube-fim-controlplane <"+components+"> [flags...]")
 			os.Exit(2)
 		}
 		component = args[1]
@@ -42,13 +47,24 @@ func main() {
 	case "kube-controller-manager":
 		os.Args = args
 		os.Exit(cli.Run(controllermanager.NewControllerManagerCommand()))
+	case "kube-scheduler":
+		os.Args = args
+		os.Exit(cli.Run(scheduler.NewSchedulerCommand()))
+	case "kube-proxy":
+		os.Args = args
+		os.Exit(cli.Run(proxy.NewProxyCommand()))
+	case "kubelet":
+		os.Args = args
+		os.Exit(cli.Run(kubelet.NewKubeletCommand()))
 	case "version":
 		fmt.Println(kubernetesVersion)
 	default:
-		fmt.Fprintf(os.Stderr, "unknown component %q (want etcd, kube-apiserver or kube-controller-manager)\n", component)
+		fmt.Fprintf(os.Stderr, "unknown component %q (want one of %s)\n", component, components)
 		os.Exit(2)
 	}
 }
+
+const components = "etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kube-proxy|kubelet"
 
 // kubernetesVersion is set at link time by e2e/controlplane/build.sh.
 var kubernetesVersion = "unknown"
