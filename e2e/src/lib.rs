@@ -8,6 +8,7 @@
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
 pub mod fleet;
+pub mod operator;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,29 +1,34 @@
-//! The reconcilers: one per policy (status, events, retention) built on
-//! `kube::runtime::Controller`, and the fleet loop that keeps the single agent
-//! DaemonSet equal to the union of the valid policies and removes the records of
-//! deleted nodes.
+//! The two reconcilers, both run by `kube::runtime`'s applier with one
+//! [`Context`] and one error policy:
+//! - per policy ([`reconcile`]): status, events, retention;
+//! - for the fleet ([`reconcile_fleet`]): the single agent DaemonSet equal to
+//!   the union of the valid policies, and no record left of a deleted node.
+//!
+//! Three watches (policies, Nodes, agents' FileIntegrityNodes) fill the caches
+//! and decide, per event, what is worth reconciling ([`crate::triggers`]).
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, Stream, StreamExt, stream};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::controller::Action;
+use kube::runtime::controller::{self, Action, applier};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use kube_fim_crds::duration::parse_duration;
 use kube_fim_crds::validate::validate_policy;
 use kube_fim_crds::{
     FileChange, FileIntegrityNode, FileIntegrityPolicy, FileIntegrityPolicyStatus,
 };
+use serde::de::DeserializeOwned;
 use thiserror::Error;
-use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
@@ -31,9 +36,15 @@ use crate::daemonset::desired_daemonset;
 use crate::metrics::Metrics;
 use crate::retention;
 use crate::status::{self, DEGRADED};
+use crate::triggers::{self, Change, Pending, Seen, Wake};
 
 /// Field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "kube-fim-operator";
+
+/// The fleet is looked at again this often without any event.
+const FLEET_RESYNC: Duration = Duration::from_secs(30);
+/// A failed reconcile is retried after this long.
+const RETRY: Duration = Duration::from_secs(5);
 
 /// What can go wrong while reconciling.
 #[derive(Debug, Error)]
@@ -44,6 +55,12 @@ pub enum Error {
     WriteStatus { policy: String, source: kube::Error },
     #[error("serializing status: {0}")]
     Serialize(#[from] serde_json::Error),
+    #[error("updating the agent DaemonSet: {0}")]
+    DaemonSet(#[source] kube::Error),
+    #[error("deleting the FileIntegrityNode of deleted node {node}: {source}")]
+    DeleteRecord { node: String, source: kube::Error },
+    #[error("the {0} watch stopped")]
+    WatchStopped(&'static str),
 }
 
 impl Error {
@@ -52,22 +69,32 @@ impl Error {
             Error::ListChanges { .. } => "list_changes",
             Error::WriteStatus { .. } => "write_status",
             Error::Serialize(_) => "serialize",
+            Error::DaemonSet(_) => "daemonset",
+            Error::DeleteRecord { .. } => "delete_record",
+            Error::WatchStopped(_) => "watch",
         }
     }
 }
 
-/// State shared by the reconcilers.
+/// Everything the reconcilers share.
 pub struct Context {
     pub client: Client,
     pub config: Config,
     pub metrics: Metrics,
     pub recorder: Recorder,
+    pub policies: Store<FileIntegrityPolicy>,
     pub nodes: Store<Node>,
     pub records: Store<FileIntegrityNode>,
-    /// Wakes the fleet loop.
-    pub fleet: Arc<Notify>,
-    /// Policies the fleet loop saw last, to drop the metrics of deleted ones.
-    pub known_policies: tokio::sync::Mutex<HashSet<String>>,
+    /// What the watches woke during the current batch window.
+    pending: Mutex<Pending>,
+    /// Policies the fleet saw last, to drop the metrics of deleted ones.
+    known_policies: Mutex<HashSet<String>>,
+}
+
+impl Context {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 fn watcher_config(config: &Config) -> watcher::Config {
@@ -86,30 +113,9 @@ pub async fn run(
     identity: String,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let fleet = Arc::new(Notify::new());
-
-    let (nodes, nodes_writer) = reflector::store::<Node>();
-    let (records, records_writer) = reflector::store::<FileIntegrityNode>();
-    let node_events = {
-        let fleet = fleet.clone();
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-            .default_backoff()
-            .reflect(nodes_writer)
-            .touched_objects()
-            .map(move |_| fleet.notify_one())
-    };
-    let record_events = watcher(
-        Api::<FileIntegrityNode>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(records_writer)
-    .touched_objects()
-    .map(|_| ());
-    // Node and agent report changes refresh every policy's status; the
-    // controller's debounce folds bursts (heartbeats) into one pass.
-    let triggers = futures::stream::select(node_events, record_events);
-
+    let (policies, policy_writer) = reflector::store::<FileIntegrityPolicy>();
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let (records, record_writer) = reflector::store::<FileIntegrityNode>();
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -122,40 +128,170 @@ pub async fn run(
         config: config.clone(),
         metrics,
         recorder,
-        nodes: nodes.clone(),
-        records: records.clone(),
-        fleet: fleet.clone(),
-        known_policies: tokio::sync::Mutex::default(),
+        policies: policies.clone(),
+        nodes,
+        records,
+        pending: Mutex::default(),
+        known_policies: Mutex::default(),
     });
 
-    let shutdown = shutdown.shared();
-    let fleet_task = tokio::spawn(fleet_loop(ctx.clone(), shutdown.clone()));
+    let heartbeat_timeout = config.heartbeat_timeout;
+    let watches = [
+        tokio::spawn(watch(
+            Api::<FileIntegrityPolicy>::all(client.clone()),
+            watcher_config(&config),
+            policy_writer,
+            ctx.clone(),
+            |policy, _| triggers::policy_view(policy),
+            |change, name, _| triggers::policy_wake(change, name),
+        )),
+        tokio::spawn(watch(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default(),
+            node_writer,
+            ctx.clone(),
+            |node, _| triggers::node_view(node),
+            |change, _, ctx| triggers::node_wake(change, &ctx.policies.state()),
+        )),
+        tokio::spawn(watch(
+            Api::<FileIntegrityNode>::all(client.clone()),
+            watcher::Config::default(),
+            record_writer,
+            ctx.clone(),
+            move |record, _| triggers::record_view(record, Timestamp::now(), heartbeat_timeout),
+            |change, _, _| triggers::record_wake(change),
+        )),
+    ];
 
-    Controller::new(
-        Api::<FileIntegrityPolicy>::all(client.clone()),
-        watcher_config(&config),
+    let shutdown = shutdown.shared();
+    let policy_queue = batches(config.batch_window, shutdown.clone()).flat_map({
+        let ctx = ctx.clone();
+        move |()| {
+            let names = ctx
+                .pending()
+                .take_policies(|| ctx.policies.state().iter().map(|p| p.name_any()).collect());
+            stream::iter(
+                names
+                    .into_iter()
+                    .map(|name| Ok::<_, Infallible>(ObjectRef::new(&name))),
+            )
+        }
+    });
+    let policy_loop = applier(
+        |policy, ctx| reconcile(policy, ctx).boxed(),
+        error_policy,
+        ctx.clone(),
+        policies,
+        policy_queue,
+        controller::Config::default().concurrency(4),
     )
-    .with_config(
-        kube::runtime::controller::Config::default()
-            .debounce(Duration::from_secs(1))
-            .concurrency(4),
-    )
-    .reconcile_all_on(triggers)
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {
         match result {
             Ok((obj, _)) => debug!(policy = %obj.name, "reconciled"),
-            Err(error) => debug!(%error, "reconcile stream"),
+            Err(error) => debug!(%error, "policy reconciler"),
         }
-    })
-    .await;
-    fleet_task.abort();
+    });
+
+    // The fleet reconciler's one object is the agent DaemonSet, named by the
+    // configuration whether or not it exists yet: a cache holding just its key.
+    let (fleet_key, mut fleet_writer) = reflector::store::<DaemonSet>();
+    let mut key = DaemonSet::default();
+    key.metadata.name = Some(config.daemonset_name.clone());
+    key.metadata.namespace = Some(config.namespace.clone());
+    let fleet_ref = ObjectRef::from_obj(&key);
+    for event in [
+        watcher::Event::Init,
+        watcher::Event::InitApply(key),
+        watcher::Event::InitDone,
+    ] {
+        fleet_writer.apply_watcher_event(&event);
+    }
+    let fleet_queue = batches(config.batch_window, shutdown).filter_map({
+        let ctx = ctx.clone();
+        move |()| {
+            let due = ctx.pending().take_fleet();
+            std::future::ready(due.then(|| Ok::<_, Infallible>(fleet_ref.clone())))
+        }
+    });
+    let fleet_loop = applier(
+        |_, ctx: Arc<Context>| async move { reconcile_fleet(&ctx).await }.boxed(),
+        |_, error, ctx| requeue_after_error("fleet", error, &ctx),
+        ctx.clone(),
+        fleet_key,
+        fleet_queue,
+        controller::Config::default().concurrency(1),
+    )
+    .for_each(|result| async move {
+        if let Err(error) = result {
+            debug!(%error, "fleet reconciler");
+        }
+    });
+
+    futures::join!(policy_loop, fleet_loop);
+    for task in watches {
+        task.abort();
+    }
     info!("controller stopped");
+}
+
+/// Ticks once per batch window until `shutdown`.
+fn batches(
+    window: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl Stream<Item = ()> + Send {
+    let mut interval = tokio::time::interval(window.max(Duration::from_millis(10)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    stream::unfold(interval, |mut interval| async move {
+        interval.tick().await;
+        Some(((), interval))
+    })
+    .take_until(shutdown)
+}
+
+/// Watches `api` into the cache behind `writer`; each event is seen through
+/// `view`, and what changed is turned into wake-ups by `wake`.
+async fn watch<K, V>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    ctx: Arc<Context>,
+    view: impl Fn(&K, &Context) -> V + Send + 'static,
+    wake: impl Fn(Change<V>, Option<String>, &Context) -> Wake + Send + 'static,
+) where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    V: Clone + PartialEq + Send + 'static,
+{
+    let mut seen = Seen::default();
+    let events = watcher(api, config).default_backoff().reflect(writer);
+    futures::pin_mut!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(event) => {
+                let name = match &event {
+                    watcher::Event::Apply(o) | watcher::Event::Delete(o) => Some(o.name_any()),
+                    _ => None,
+                };
+                let change = seen.observe(&event, |obj| view(obj, &ctx));
+                let woken = wake(change, name, &ctx);
+                if woken != Wake::default() {
+                    ctx.pending().add(woken, Instant::now());
+                }
+            }
+            Err(error) => warn!(kind = %K::kind(&()), %error, "watch"),
+        }
+    }
 }
 
 async fn reconcile(policy: Arc<FileIntegrityPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
+    let name = policy.name_any();
+    let waiting_since = ctx.pending().started(&name);
     let result = reconcile_policy(&policy, &ctx).await;
     ctx.metrics
         .reconcile_duration
@@ -164,17 +300,33 @@ async fn reconcile(policy: Arc<FileIntegrityPolicy>, ctx: Arc<Context>) -> Resul
         .reconciles
         .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
         .inc();
-    ctx.fleet.notify_one();
+    match (&result, waiting_since) {
+        (Ok(_), since) => {
+            if let Some(since) = since {
+                ctx.metrics
+                    .status_delay
+                    .observe(since.elapsed().as_secs_f64());
+            }
+            ctx.metrics.status_refreshed(&name);
+        }
+        (Err(_), Some(since)) => ctx.pending().failed(&name, since),
+        (Err(_), None) => {}
+    }
     result
 }
 
 fn error_policy(policy: Arc<FileIntegrityPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
-    warn!(policy = %policy.name_any(), %error, "reconcile failed");
+    requeue_after_error(&policy.name_any(), error, &ctx)
+}
+
+/// The one error policy: log, count by kind, retry soon.
+fn requeue_after_error(what: &str, error: &Error, ctx: &Context) -> Action {
+    warn!(%what, %error, "reconcile failed");
     ctx.metrics
         .reconcile_errors
         .with_label_values(&[error.kind()])
         .inc();
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(RETRY)
 }
 
 async fn reconcile_policy(policy: &FileIntegrityPolicy, ctx: &Context) -> Result<Action, Error> {
@@ -218,14 +370,20 @@ async fn reconcile_policy(policy: &FileIntegrityPolicy, ctx: &Context) -> Result
     }
     let counts = retention::counts(&kept, now);
 
-    let nodes: Vec<Node> = ctx.nodes.state().iter().map(|n| (**n).clone()).collect();
-    let records: Vec<FileIntegrityNode> =
-        ctx.records.state().iter().map(|r| (**r).clone()).collect();
+    // A cache still empty at start must not look like a cluster without nodes.
+    ctx.nodes
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::WatchStopped("Node"))?;
+    ctx.records
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::WatchStopped("FileIntegrityNode"))?;
     let assessment = status::assess(
         policy,
         invalid.as_deref(),
-        &nodes,
-        &records,
+        &ctx.nodes.state(),
+        &ctx.records.state(),
         counts,
         now,
         ctx.config.heartbeat_timeout,
@@ -350,72 +508,38 @@ fn truncate(mut s: String) -> String {
     s
 }
 
-/// Keeps the agent DaemonSet and the per-node records in line with the policies
-/// and Nodes. Woken by every policy or node event; also runs every 30 seconds.
-async fn fleet_loop(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()>) {
-    let (policies, writer) = reflector::store::<FileIntegrityPolicy>();
-    // The fleet keeps its own policy cache, driven by its own task, so a pass
-    // always sees every event that woke it (deletions included).
-    let policy_events = watcher(
-        Api::<FileIntegrityPolicy>::all(ctx.client.clone()),
-        watcher_config(&ctx.config),
-    )
-    .default_backoff()
-    .reflect(writer)
-    .touched_objects();
-    let wake = ctx.fleet.clone();
-    let watch_task = tokio::spawn(policy_events.for_each(move |event| {
-        if let Err(error) = event {
-            warn!(%error, "policy watch");
-        }
-        wake.notify_one();
-        std::future::ready(())
-    }));
-    tokio::pin!(shutdown);
-    let mut failures = 0u32;
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            () = ctx.fleet.notified() => {},
-            () = tokio::time::sleep(Duration::from_secs(30)) => {},
-        }
-        // Let a burst of events settle into one pass.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        if policies.wait_until_ready().await.is_err() {
-            break;
-        }
-        debug!(policies = policies.state().len(), "fleet pass");
-        match sync_fleet(&ctx, &policies).await {
-            Ok(()) => failures = 0,
-            Err(error) => {
-                failures += 1;
-                let backoff = Duration::from_millis(500 * 2u64.pow(failures.min(6)));
-                warn!(%error, ?backoff, "updating the agent DaemonSet failed");
-                ctx.metrics
-                    .reconcile_errors
-                    .with_label_values(&["daemonset"])
-                    .inc();
-                tokio::time::sleep(backoff).await;
-                ctx.fleet.notify_one();
-            }
-        }
-    }
-    watch_task.abort();
+/// Keeps the agent DaemonSet equal to the union of the valid policies, and
+/// deletes the records of nodes that no longer exist.
+pub async fn reconcile_fleet(ctx: &Context) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = sync_fleet(ctx).await;
+    ctx.metrics
+        .fleet_reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    result.map(|()| Action::requeue(FLEET_RESYNC))
 }
 
-async fn sync_fleet(
-    ctx: &Context,
-    policies: &Store<FileIntegrityPolicy>,
-) -> Result<(), kube::Error> {
-    let all = policies.state();
+async fn sync_fleet(ctx: &Context) -> Result<(), Error> {
+    // Records are only judged once every cache is filled: an empty node cache
+    // at start must not look like a cluster without nodes.
+    for (ready, kind) in [
+        (ctx.policies.wait_until_ready().await, "FileIntegrityPolicy"),
+        (ctx.nodes.wait_until_ready().await, "Node"),
+        (ctx.records.wait_until_ready().await, "FileIntegrityNode"),
+    ] {
+        ready.map_err(|_| Error::WatchStopped(kind))?;
+    }
+    let all = ctx.policies.state();
+    debug!(policies = all.len(), "fleet pass");
     let names: HashSet<String> = all.iter().map(|p| p.name_any()).collect();
     {
-        let mut known = ctx.known_policies.lock().await;
+        let mut known = ctx.known_policies.lock().unwrap_or_else(|e| e.into_inner());
         for gone in known.difference(&names) {
             ctx.metrics.forget_policy(gone);
         }
-        *known = names;
+        *known = names.clone();
     }
+    ctx.pending().retain(|name| names.contains(name));
     let valid: Vec<&FileIntegrityPolicy> = all
         .iter()
         .map(|p| &**p)
@@ -438,7 +562,8 @@ async fn sync_fleet(
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&ds),
             )
-            .await?;
+            .await
+            .map_err(Error::DaemonSet)?;
             ctx.metrics
                 .daemonset_applies
                 .with_label_values(&["apply"])
@@ -456,23 +581,19 @@ async fn sync_fleet(
                     .inc();
             }
             Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(Error::DaemonSet(e)),
         },
     }
 
-    // Records of nodes that no longer exist. Only once both caches are filled:
-    // an empty node cache at start must not look like a cluster without nodes.
-    if ctx.nodes.wait_until_ready().await.is_ok() && ctx.records.wait_until_ready().await.is_ok() {
-        let existing: HashSet<String> = ctx.nodes.state().iter().map(|n| n.name_any()).collect();
-        let records: Api<FileIntegrityNode> = Api::all(ctx.client.clone());
-        for record in ctx.records.state() {
-            let name = record.name_any();
-            if !existing.contains(&name) && record.metadata.deletion_timestamp.is_none() {
-                match records.delete(&name, &DeleteParams::background()).await {
-                    Ok(_) => info!(node = %name, "node is gone: its FileIntegrityNode deleted"),
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(e),
-                }
+    let existing: HashSet<String> = ctx.nodes.state().iter().map(|n| n.name_any()).collect();
+    let records: Api<FileIntegrityNode> = Api::all(ctx.client.clone());
+    for record in ctx.records.state() {
+        let name = record.name_any();
+        if !existing.contains(&name) && record.metadata.deletion_timestamp.is_none() {
+            match records.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => info!(node = %name, "node is gone: its FileIntegrityNode deleted"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(source) => return Err(Error::DeleteRecord { node: name, source }),
             }
         }
     }

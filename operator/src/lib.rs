@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod retention;
 pub mod server;
 pub mod status;
+pub mod triggers;

@@ -1,5 +1,9 @@
 //! The operator's Prometheus metrics.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -12,6 +16,9 @@ pub struct Metrics {
     pub reconciles: IntCounterVec,
     pub reconcile_errors: IntCounterVec,
     pub reconcile_duration: Histogram,
+    /// From the first change a policy's status depends on to the status that shows it.
+    pub status_delay: Histogram,
+    pub fleet_reconcile_duration: Histogram,
     pub policies: IntGaugeVec,
     pub retention_deleted: IntCounter,
     pub daemonset_applies: IntCounterVec,
@@ -23,7 +30,14 @@ pub struct Metrics {
     pub policy_unacknowledged: IntGaugeVec,
     pub policy_changes_24h: IntGaugeVec,
     pub policy_condition: IntGaugeVec,
+    policy_status_age: prometheus::GaugeVec,
+    /// When each policy's status was last computed (the age is set at scrape time).
+    refreshed: Arc<Mutex<HashMap<String, Instant>>>,
 }
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 impl Metrics {
     /// Creates and registers the metrics.
@@ -42,9 +56,29 @@ impl Metrics {
         )?;
         let reconcile_duration = Histogram::with_opts(
             HistogramOpts::new("reconcile_duration_seconds", "Time to reconcile one policy")
-                .buckets(vec![
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ]),
+                .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let status_delay = Histogram::with_opts(
+            HistogramOpts::new(
+                "status_delay_seconds",
+                "Time from a change (policy edit, Node or agent report) to the policy status \
+                 that includes it: batch window, queue and reconcile",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let fleet_reconcile_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "fleet_reconcile_duration_seconds",
+                "Time to bring the agent DaemonSet and the per-node records in line",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let policy_status_age = prometheus::GaugeVec::new(
+            Opts::new(
+                "policy_status_age_seconds",
+                "Seconds since the policy's status was last computed, at scrape time",
+            ),
+            &["policy"],
         )?;
         let policies = IntGaugeVec::new(
             Opts::new(
@@ -112,6 +146,9 @@ impl Metrics {
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
+        registry.register(Box::new(status_delay.clone()))?;
+        registry.register(Box::new(fleet_reconcile_duration.clone()))?;
+        registry.register(Box::new(policy_status_age.clone()))?;
         registry.register(Box::new(policies.clone()))?;
         registry.register(Box::new(retention_deleted.clone()))?;
         registry.register(Box::new(daemonset_applies.clone()))?;
@@ -121,6 +158,8 @@ impl Metrics {
             reconciles,
             reconcile_errors,
             reconcile_duration,
+            status_delay,
+            fleet_reconcile_duration,
             policies,
             retention_deleted,
             daemonset_applies,
@@ -130,6 +169,8 @@ impl Metrics {
             policy_unacknowledged,
             policy_changes_24h,
             policy_condition,
+            policy_status_age,
+            refreshed: Arc::default(),
         })
     }
 
@@ -160,8 +201,21 @@ impl Metrics {
         }
     }
 
+    /// A policy's status was just computed.
+    pub fn status_refreshed(&self, policy: &str) {
+        self.refreshed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(policy.to_string(), Instant::now());
+    }
+
     /// Drops the series of a policy that no longer exists.
     pub fn forget_policy(&self, policy: &str) {
+        self.refreshed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(policy);
+        let _ = self.policy_status_age.remove_label_values(&[policy]);
         for state in ["selected", "ready", "baselining"] {
             let _ = self.policy_nodes.remove_label_values(&[policy, state]);
         }
@@ -175,6 +229,16 @@ impl Metrics {
 
     /// The metrics in the Prometheus text format.
     pub fn render(&self) -> String {
+        for (policy, at) in self
+            .refreshed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            self.policy_status_age
+                .with_label_values(&[policy.as_str()])
+                .set(at.elapsed().as_secs_f64());
+        }
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();
         if let Err(error) = encoder.encode(&self.registry.gather(), &mut buf) {

@@ -1,5 +1,8 @@
 //! A policy's status, computed from the Nodes and the agents' per-node reports.
 
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
@@ -7,7 +10,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube_fim_crds::{
-    FileIntegrityNode, FileIntegrityPolicy, FileIntegrityPolicyStatus, NodePolicyPhase,
+    FileIntegrityNode, FileIntegrityNodeStatus, FileIntegrityPolicy, FileIntegrityPolicyStatus,
+    NodePolicyPhase, NodePolicyStatus,
 };
 
 /// Condition type: every selected node has a baseline and reports.
@@ -58,18 +62,49 @@ pub struct Assessment {
     pub troubled_nodes: Vec<(String, String)>,
 }
 
+/// Whether an agent's last heartbeat is recent enough for it to count as reporting.
+pub fn heartbeat_is_fresh(
+    status: Option<&FileIntegrityNodeStatus>,
+    now: Timestamp,
+    heartbeat_timeout: Duration,
+) -> bool {
+    status
+        .and_then(|s| s.heartbeat_time.as_ref())
+        .is_some_and(|h| now.duration_since(h.0).unsigned_abs() <= heartbeat_timeout)
+}
+
+/// A digest of exactly the fields of a node's report that [`assess`] reads:
+/// when it is unchanged (an agent's heartbeat), the policy's status is too.
+pub fn report_digest(report: &NodePolicyStatus) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    report.phase.hash(&mut h);
+    report.files_monitored.hash(&mut h);
+    report
+        .last_scan_time
+        .as_ref()
+        .map(|t| t.0.as_millisecond())
+        .hash(&mut h);
+    report.message.hash(&mut h);
+    h.finish()
+}
+
 /// Computes a policy's status. `invalid` is the reason the policy cannot be
-/// served (it failed validation), if any.
+/// served (it failed validation), if any. Linear in the number of nodes.
 pub fn assess(
     policy: &FileIntegrityPolicy,
     invalid: Option<&str>,
-    nodes: &[Node],
-    records: &[FileIntegrityNode],
+    nodes: &[impl Borrow<Node>],
+    records: &[impl Borrow<FileIntegrityNode>],
     counts: ChangeCounts,
     now: Timestamp,
     heartbeat_timeout: Duration,
 ) -> Assessment {
     let name = policy.name_any();
+    let records: HashMap<&str, &FileIntegrityNode> = records
+        .iter()
+        .map(|r| r.borrow())
+        .filter_map(|r| Some((r.metadata.name.as_deref()?, r)))
+        .collect();
     let generation = policy.metadata.generation;
     let previous = policy
         .status
@@ -85,15 +120,18 @@ pub fn assess(
     let mut troubled = Vec::new();
 
     if invalid.is_none() {
-        for node in nodes.iter().filter(|n| selects(policy, n)) {
+        for node in nodes
+            .iter()
+            .map(|n| n.borrow())
+            .filter(|n| selects(policy, n))
+        {
             selected += 1;
             let node_name = node.name_any();
-            let record = records.iter().find(|r| r.name_any() == node_name);
-            let status = record.and_then(|r| r.status.as_ref());
+            let status = records
+                .get(node_name.as_str())
+                .and_then(|r| r.status.as_ref());
             let entry = status.and_then(|s| s.policies.iter().find(|p| p.policy == name));
-            let heartbeat = status.and_then(|s| s.heartbeat_time.as_ref()).map(|t| t.0);
-            let fresh = heartbeat
-                .is_some_and(|h| now.duration_since(h).unsigned_abs() <= heartbeat_timeout);
+            let fresh = heartbeat_is_fresh(status, now, heartbeat_timeout);
             match (entry, fresh) {
                 // No report yet: a new node, or an agent still starting.
                 (None, _) => baselining += 1,
@@ -284,6 +322,7 @@ mod tests {
     }
 
     const TIMEOUT: Duration = Duration::from_secs(180);
+    const NO_RECORDS: &[FileIntegrityNode] = &[];
 
     #[test]
     fn a_new_node_is_baselining_not_failed() {
@@ -392,7 +431,7 @@ mod tests {
             &policy(&[]),
             Some("spec.paths[0].path: must be absolute"),
             &nodes,
-            &[],
+            NO_RECORDS,
             ChangeCounts::default(),
             now,
             TIMEOUT,
@@ -412,14 +451,30 @@ mod tests {
         };
         let nodes = [node("cp", &[], vec![taint.clone()]), node("w", &[], vec![])];
         let mut p = policy(&[]);
-        let a = assess(&p, None, &nodes, &[], ChangeCounts::default(), now, TIMEOUT);
+        let a = assess(
+            &p,
+            None,
+            &nodes,
+            NO_RECORDS,
+            ChangeCounts::default(),
+            now,
+            TIMEOUT,
+        );
         assert_eq!(a.status.nodes_selected, Some(1));
         p.spec.tolerations = vec![Toleration {
             key: Some(taint.key.clone()),
             operator: Some("Exists".into()),
             ..Toleration::default()
         }];
-        let a = assess(&p, None, &nodes, &[], ChangeCounts::default(), now, TIMEOUT);
+        let a = assess(
+            &p,
+            None,
+            &nodes,
+            NO_RECORDS,
+            ChangeCounts::default(),
+            now,
+            TIMEOUT,
+        );
         assert_eq!(a.status.nodes_selected, Some(2));
     }
 
