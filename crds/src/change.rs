@@ -66,6 +66,13 @@ use crate::policy::Attribute;
         description = "Attributes that changed"
     ),
     printcolumn(
+        name = "By",
+        type_ = "string",
+        json_path = ".spec.process.by",
+        priority = 1,
+        description = "Process or pod that made the change"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -241,16 +248,29 @@ pub enum FileType {
     CharDevice,
 }
 
-/// The process that made a change.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+/// The process that made a change, read by the agent from the node's `/proc`
+/// when the kernel (fanotify) reported the change.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProcessInfo {
-    /// Process id on the node.
+    /// Who, in one line: `sshd (pid 812, uid 0)` or `pod kube-system/evil-7d9
+    /// (container shell)`; what the BY column of `kubectl get fc -o wide` shows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub by: Option<String>,
+    /// Process id on the node (0 when the writer is outside the agent's pid namespace).
     pub pid: i32,
     /// Command name (`comm`) of the process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
     pub command: Option<String>,
+    /// Executable path, as the node sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub exe: Option<String>,
+    /// Parent process id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ppid: Option<i32>,
     /// Real user id of the process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
@@ -258,6 +278,65 @@ pub struct ProcessInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
     pub user: Option<String>,
+    /// Audit login uid (the user who logged in, kept across `sudo`), when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_uid: Option<u32>,
+    /// The process's cgroup path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub cgroup: Option<String>,
+    /// A host process's systemd unit or login session (`sshd.service`, `session-3.scope`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub unit: Option<String>,
+    /// Container id in the form of `containerStatuses[].containerID`
+    /// (`containerd://…`, `cri-o://…`), for a process in a container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub container_id: Option<String>,
+    /// The pod the process runs in, for a process in a pod of this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+    /// Why the attribution may be incomplete or stand for more than one writer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4), extend("x-kubernetes-list-type" = "set"))]
+    pub limits: Vec<AttributionLimit>,
+}
+
+/// A pod of the node, and the container in it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodRef {
+    /// Namespace of the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub namespace: Option<String>,
+    /// Name of the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub name: Option<String>,
+    /// `metadata.uid` of the pod.
+    #[schemars(length(max = 36))]
+    pub uid: String,
+    /// Name of the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub container: Option<String>,
+}
+
+/// Why an attribution is not the whole story.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttributionLimit {
+    /// The writer exited before its event was read: only its pid is known.
+    WriterExited,
+    /// The writer is outside the agent's pid namespace (the agent runs without
+    /// `hostPID`): the kernel gives no pid.
+    NotInPidNamespace,
+    /// Several processes changed the file within the debounce window; the last
+    /// one is named.
+    MultipleWriters,
+    /// The cgroup names a pod that is not (or no longer) known on this node.
+    PodUnknown,
 }
 
 /// Many changes summarised in one object.

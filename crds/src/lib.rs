@@ -16,8 +16,8 @@ pub mod selection;
 pub mod validate;
 
 pub use change::{
-    ChangeCategory, ChangeSummary, DetectionSource, FileAttributes, FileChange, FileChangeSpec,
-    FileChangeStatus, FileType, ProcessInfo,
+    AttributionLimit, ChangeCategory, ChangeSummary, DetectionSource, FileAttributes, FileChange,
+    FileChangeSpec, FileChangeStatus, FileType, PodRef, ProcessInfo,
 };
 pub use node::{
     FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodePolicyPhase,

@@ -3,6 +3,7 @@
 //! in real time and by periodic scans, and (in a cluster) reports them as
 //! FileChange objects and Events through a durable queue.
 
+pub mod attribution;
 pub mod baseline;
 pub mod cluster;
 pub mod engine;

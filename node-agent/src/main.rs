@@ -261,6 +261,7 @@ async fn watch_cmd(args: Standalone, output: Output, addr: SocketAddr) -> anyhow
         batch_tx,
         status_tx,
         false,
+        None,
         shutdown_signal(),
     )
     .await;

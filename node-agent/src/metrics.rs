@@ -29,6 +29,13 @@ pub struct AgentMetrics {
     pub scan_errors: IntCounter,
     pub watch_errors: IntCounter,
     pub watches: IntGauge,
+    /// 1 while fanotify names the writers of changes.
+    pub attribution_active: IntGauge,
+    /// 1 for the reason attribution was asked for and is off.
+    pub attribution_unavailable: IntGaugeVec,
+    pub fanotify_dirs: IntGauge,
+    pub attribution_overflows: IntCounter,
+    pub attributed_changes: IntCounterVec,
     pub cluster: ClusterMetrics,
     pub ready: Arc<AtomicBool>,
 }
@@ -86,8 +93,39 @@ impl AgentMetrics {
             "kube_fim_agent_watched_directories",
             "Directories watched in real time",
         )?;
+        let attribution_active = IntGauge::new(
+            "kube_fim_agent_attribution_active",
+            "1 while the writers of changes are named (fanotify), 0 otherwise",
+        )?;
+        let attribution_unavailable = IntGaugeVec::new(
+            Opts::new(
+                "kube_fim_agent_attribution_unavailable",
+                "1 when a policy asks for process attribution and the node cannot give it, by reason",
+            ),
+            &["reason"],
+        )?;
+        let fanotify_dirs = IntGauge::new(
+            "kube_fim_agent_fanotify_directories",
+            "Monitored directories followed through fanotify file system marks (no inotify watch each)",
+        )?;
+        let attribution_overflows = IntCounter::new(
+            "kube_fim_agent_fanotify_overflows_total",
+            "fanotify queue overflows (events lost; each triggers a full scan)",
+        )?;
+        let attributed_changes = IntCounterVec::new(
+            Opts::new(
+                "kube_fim_agent_attributed_changes_total",
+                "Changes with a named writer, by command and pod (namespace and pod empty for host processes)",
+            ),
+            &["command", "namespace", "pod"],
+        )?;
         for c in [
             Box::new(changes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(attribution_active.clone()),
+            Box::new(attribution_unavailable.clone()),
+            Box::new(fanotify_dirs.clone()),
+            Box::new(attribution_overflows.clone()),
+            Box::new(attributed_changes.clone()),
             Box::new(files.clone()),
             Box::new(bytes_hashed.clone()),
             Box::new(scan_duration.clone()),
@@ -109,9 +147,42 @@ impl AgentMetrics {
             scan_errors,
             watch_errors,
             watches,
+            attribution_active,
+            attribution_unavailable,
+            fanotify_dirs,
+            attribution_overflows,
+            attributed_changes,
             cluster,
             ready: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Publishes whether attribution is on, or why not.
+    pub fn set_attribution(&self, state: &crate::attribution::AttributionState) {
+        self.attribution_active.set(i64::from(state.active));
+        self.attribution_unavailable.reset();
+        if let Some(reason) = state.reason_label {
+            self.attribution_unavailable
+                .with_label_values(&[reason])
+                .set(1);
+        }
+        if !state.active {
+            self.fanotify_dirs.set(0);
+        }
+    }
+
+    /// Counts one change with a named writer.
+    pub fn count_attributed(&self, p: &kube_fim_crds::ProcessInfo) {
+        let command = p.command.as_deref().unwrap_or("");
+        let (ns, pod) = p.pod.as_ref().map_or(("", ""), |r| {
+            (
+                r.namespace.as_deref().unwrap_or(""),
+                r.name.as_deref().unwrap_or(""),
+            )
+        });
+        self.attributed_changes
+            .with_label_values(&[command, ns, pod])
+            .inc();
     }
 
     /// The metrics in the Prometheus text format.

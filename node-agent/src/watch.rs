@@ -14,6 +14,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::attribution::AttributionState;
+use crate::attribution::fanotify::Notice;
+use crate::attribution::join::Attribution;
+use crate::attribution::pods::PodIndex;
 use crate::engine::{Engine, Outcome, PolicyInput};
 use crate::metrics::AgentMetrics;
 use crate::report::{Batch, hand_over};
@@ -39,6 +43,8 @@ pub struct Snapshot {
     pub ready: bool,
     /// The inotify watch limit was reached: some directories rely on scans only.
     pub watch_limit: bool,
+    /// Process attribution: on, or why not.
+    pub attribution: AttributionState,
 }
 
 /// One policy's state on this node.
@@ -122,7 +128,13 @@ fn record(outcome: &Outcome, metrics: &AgentMetrics) {
     }
 }
 
-fn snapshot(engine: &Engine, digest: Option<String>, ready: bool, watch_limit: bool) -> Snapshot {
+fn snapshot(
+    engine: &Engine,
+    digest: Option<String>,
+    ready: bool,
+    watch_limit: bool,
+    attribution: &AttributionState,
+) -> Snapshot {
     Snapshot {
         policies: engine
             .policies()
@@ -145,10 +157,32 @@ fn snapshot(engine: &Engine, digest: Option<String>, ready: bool, watch_limit: b
         errors: engine.last_errors.len(),
         ready,
         watch_limit,
+        attribution: attribution.clone(),
     }
 }
 
-/// Runs the loop until `shutdown` resolves or `control` closes.
+/// Real-time sources follow the engine's directories: fanotify where it is on
+/// and can, inotify for the rest.
+fn sync_watches(
+    engine: &Engine,
+    attribution: &mut Attribution,
+    inotify: &mut Inotify,
+    metrics: &AgentMetrics,
+) {
+    let dirs = attribution.sync(engine.root_path(), engine.watch_dirs(), metrics);
+    inotify.sync(dirs, metrics);
+}
+
+fn wants_attribution(engine: &Engine) -> bool {
+    engine
+        .policies()
+        .values()
+        .any(|p| p.spec.process_attribution)
+}
+
+/// Runs the loop until `shutdown` resolves or `control` closes. `pods` (in a
+/// cluster) names the pods of process attribution.
+#[allow(clippy::too_many_arguments)]
 pub async fn monitor(
     mut engine: Engine,
     metrics: AgentMetrics,
@@ -156,11 +190,14 @@ pub async fn monitor(
     out: mpsc::Sender<Batch>,
     status: watch::Sender<Snapshot>,
     wait_for_policies: bool,
+    pods: Option<PodIndex>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Engine {
     tokio::pin!(shutdown);
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let mut inotify = Inotify::new(ev_tx);
+    let (mut attribution, mut notices) = Attribution::new(engine.root_path(), pods);
+    attribution.want(wants_attribution(&engine), &metrics);
     let root = engine.root_path().to_path_buf();
     let mut pending: BTreeMap<PathBuf, Instant> = BTreeMap::new();
     let mut first = true;
@@ -222,7 +259,7 @@ pub async fn monitor(
                 return engine;
             }
             digest = save(&mut engine, &metrics);
-            inotify.sync(engine.watch_dirs(), &metrics);
+            sync_watches(&engine, &mut attribution, &mut inotify, &metrics);
             first = false;
             next_scan = Instant::now() + interval;
             metrics
@@ -233,6 +270,7 @@ pub async fn monitor(
                 digest.clone(),
                 true,
                 inotify.limit_reported,
+                attribution.state(),
             ));
             continue;
         }
@@ -270,6 +308,20 @@ pub async fn monitor(
                     }
                 }
             }
+            notice = notices.recv() => {
+                match notice {
+                    Some(Notice::Changed { rel, writer, .. }) => {
+                        pending.entry(rel.clone()).or_insert(Instant::now() + debounce);
+                        attribution.note(rel, *writer);
+                    }
+                    Some(Notice::Overflow) => {
+                        metrics.attribution_overflows.inc();
+                        warn!("fanotify queue overflow: events lost, rescanning everything");
+                        next_scan = Instant::now();
+                    }
+                    None => {}
+                }
+            }
             () = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
                 let ready: BTreeSet<PathBuf> = pending.iter().filter(|(_, d)| **d <= now).map(|(p, _)| p.clone()).collect();
@@ -277,7 +329,8 @@ pub async fn monitor(
                     continue;
                 }
                 pending.retain(|p, _| !ready.contains(p));
-                let (outcome, new_dirs) = tokio::task::block_in_place(|| engine.rescan(&ready, DetectionSource::Realtime));
+                let (mut outcome, new_dirs) = tokio::task::block_in_place(|| engine.rescan(&ready, DetectionSource::Realtime));
+                attribution.attach(&ready, &mut outcome.changes, &metrics);
                 record(&outcome, &metrics);
                 let changed = !outcome.changes.is_empty();
                 if !hand_over(&out, outcome.changes).await {
@@ -285,10 +338,10 @@ pub async fn monitor(
                 }
                 if changed {
                     digest = save(&mut engine, &metrics);
-                    let _ = status.send(snapshot(&engine, digest.clone(), true, inotify.limit_reported));
+                    let _ = status.send(snapshot(&engine, digest.clone(), true, inotify.limit_reported, attribution.state()));
                 }
                 if new_dirs {
-                    inotify.sync(engine.watch_dirs(), &metrics);
+                    sync_watches(&engine, &mut attribution, &mut inotify, &metrics);
                 }
             }
             msg = control.recv() => {
@@ -311,6 +364,7 @@ pub async fn monitor(
                                     let _ = metrics.last_scan.remove_label_values(&[&name]);
                                 }
                             }
+                            attribution.want(wants_attribution(&engine), &metrics);
                             // New entries are baselined, removed ones forgotten, now.
                             next_scan = Instant::now();
                         }
@@ -319,7 +373,7 @@ pub async fn monitor(
                         tokio::task::block_in_place(|| engine.acknowledge(&key));
                         digest = save(&mut engine, &metrics);
                         let _ = done.send(());
-                        let _ = status.send(snapshot(&engine, digest.clone(), true, inotify.limit_reported));
+                        let _ = status.send(snapshot(&engine, digest.clone(), true, inotify.limit_reported, attribution.state()));
                     }
                 }
             }

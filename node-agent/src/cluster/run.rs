@@ -32,6 +32,7 @@ use tracing::{info, warn};
 
 use super::node_status;
 use super::selection::served;
+use crate::attribution::pods::PodIndex;
 use crate::engine::{Engine, PolicyInput};
 use crate::metrics::AgentMetrics;
 use crate::report::deliver::{self, RateLimit};
@@ -234,6 +235,9 @@ pub async fn run(
         rx
     };
 
+    // The pods of this node, to name the pod behind a change (process attribution).
+    let pods = PodIndex::default();
+    let pods_task = tokio::spawn(pods.clone().follow(client.clone(), node_name.clone()));
     let monitor_task = tokio::spawn(monitor(
         engine,
         metrics.clone(),
@@ -241,6 +245,7 @@ pub async fn run(
         batch_tx,
         status_tx,
         true,
+        Some(pods),
         shutdown.clone(),
     ));
 
@@ -293,6 +298,7 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(10), monitor_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), reporter).await;
     deliverer.abort();
+    pods_task.abort();
     heartbeat.abort();
     acks.abort();
     Ok(())

@@ -152,11 +152,25 @@ impl Host {
     /// Starts `watch --output json` with metrics on a free port, and waits
     /// until its startup scan is done (`/readyz`).
     pub fn watch(&self) -> Watch {
+        self.watch_via(&[])
+    }
+
+    /// [`Host::watch`], the agent started through `wrapper` (e.g. `setpriv
+    /// --bounding-set=-sys_admin --`), or directly when it is empty.
+    pub fn watch_via(&self, wrapper: &[&str]) -> Watch {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let mut a = self.args("watch");
         a.extend(["--output", "json", "--metrics-addr", &addr]);
-        let mut child = Command::new(BIN)
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = cmd
             .args(&a)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

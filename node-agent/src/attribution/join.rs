@@ -1,0 +1,154 @@
+//! The hook between the monitoring loop and attribution: starts fanotify when
+//! a served policy asks for it (else says why not), follows the loop's
+//! directories, remembers the writers of the paths waiting for their rescan,
+//! and puts the writer on each change the rescan finds.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use kube_fim_crds::FileChangeSpec;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::fanotify::{Listener, Notice};
+use super::pods::PodIndex;
+use super::process::ProcessSnapshot;
+use super::{AttributionState, Users, process_info};
+use crate::metrics::AgentMetrics;
+use crate::paths;
+
+/// Attribution as the loop sees it.
+pub struct Attribution {
+    listener: Option<Listener>,
+    state: AttributionState,
+    /// Last writer of each path waiting for its rescan, and whether another
+    /// process wrote it too in that window.
+    writers: HashMap<PathBuf, (ProcessSnapshot, bool)>,
+    users: Users,
+    pods: Option<PodIndex>,
+    proc: PathBuf,
+    tx: mpsc::UnboundedSender<Notice>,
+}
+
+impl Attribution {
+    /// `pods` is the node's pod index in a cluster (none standalone).
+    pub fn new(root: &Path, pods: Option<PodIndex>) -> (Self, mpsc::UnboundedReceiver<Notice>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Attribution {
+                listener: None,
+                state: AttributionState::default(),
+                writers: HashMap::new(),
+                users: Users::new(root),
+                pods,
+                proc: PathBuf::from("/proc"),
+                tx,
+            },
+            rx,
+        )
+    }
+
+    pub fn state(&self) -> &AttributionState {
+        &self.state
+    }
+
+    /// Starts or stops fanotify as the served policies want it.
+    pub fn want(&mut self, wanted: bool, metrics: &AgentMetrics) {
+        match (wanted, self.listener.is_some()) {
+            (true, false) => match Listener::start(&self.proc, self.tx.clone()) {
+                Ok(l) => {
+                    let mut features = vec![
+                        "FAN_CLASS_NOTIF",
+                        "FAN_REPORT_DFID_NAME",
+                        "FAN_MARK_FILESYSTEM",
+                    ];
+                    if l.features.pidfd {
+                        features.push("FAN_REPORT_PIDFD");
+                    }
+                    info!(?features, "process attribution on (fanotify)");
+                    self.state = AttributionState {
+                        active: true,
+                        features,
+                        ..AttributionState::default()
+                    };
+                    self.listener = Some(l);
+                }
+                Err(why) => {
+                    warn!(reason = %why, "process attribution off; inotify watches changes");
+                    self.state = AttributionState {
+                        active: false,
+                        reason: Some(why.to_string()),
+                        reason_label: Some(why.label()),
+                        ..AttributionState::default()
+                    };
+                }
+            },
+            (false, _) => {
+                self.listener = None;
+                self.writers.clear();
+                self.state = AttributionState::default();
+            }
+            (true, true) => {}
+        }
+        metrics.set_attribution(&self.state);
+    }
+
+    /// Follows `dirs` through fanotify where it can; returns the others, for inotify.
+    pub fn sync(
+        &mut self,
+        root: &Path,
+        dirs: Vec<PathBuf>,
+        metrics: &AgentMetrics,
+    ) -> Vec<PathBuf> {
+        let Some(l) = self.listener.as_mut() else {
+            return dirs;
+        };
+        let rest = l.sync(root, &dirs);
+        self.state.marks = l.marks();
+        self.state.dirs = l.followed();
+        metrics.fanotify_dirs.set(self.state.dirs as i64);
+        rest
+    }
+
+    /// Records the writer of a path that now waits for its rescan.
+    pub fn note(&mut self, rel: PathBuf, writer: ProcessSnapshot) {
+        match self.writers.get_mut(&rel) {
+            Some((last, multiple)) => {
+                *multiple |= last.pid != writer.pid;
+                *last = writer;
+            }
+            None => {
+                self.writers.insert(rel, (writer, false));
+            }
+        }
+    }
+
+    /// Names the writer on each change found by rescanning `paths`, and forgets
+    /// the writers of those paths. A change below a rescanned directory (a
+    /// file in a new directory) takes the directory's writer.
+    pub fn attach(
+        &mut self,
+        paths: &BTreeSet<PathBuf>,
+        changes: &mut [FileChangeSpec],
+        metrics: &AgentMetrics,
+    ) {
+        if self.writers.is_empty() {
+            return;
+        }
+        for c in changes.iter_mut() {
+            let rel = PathBuf::from(paths::unescape(&c.path));
+            let rel = rel.strip_prefix("/").unwrap_or(&rel);
+            let found = rel
+                .ancestors()
+                .find_map(|a| self.writers.get(a).filter(|_| paths.contains(a)));
+            if let Some((w, multiple)) = found {
+                let p = process_info(w, &mut self.users, self.pods.as_ref(), *multiple);
+                metrics.count_attributed(&p);
+                c.process = Some(p);
+            }
+        }
+        for p in paths {
+            self.writers.remove(p);
+        }
+    }
+}

@@ -1,0 +1,417 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Process attribution on the real kernel with real processes: `watch` with a
+//! policy that sets `processAttribution`, files changed by child processes of
+//! known command name, another uid, and a process in its own pid namespace
+//! inside a cgroup named as the kubelet names a container's; delete and rename;
+//! a fanotify queue overflow; and the inotify fallback without CAP_SYS_ADMIN.
+//!
+//! Needs root (fanotify file system marks, cgroups, setpriv), as the agent does.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// The overflow test lowers the machine's fanotify queue size for the groups
+/// made meanwhile: the tests of this file take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const POD_UID: &str = "3f6c2a9e-7b1d-4e8a-9c2f-0a1b2c3d4e5f";
+const CONTAINER: &str = "5d1e0c9b8a7f6e5d4c3b2a1908f7e6d5c4b3a2918f7e6d5c4b3a29180f7e6d5c";
+
+fn host(extra: &str) -> Host {
+    let h = Host::new(&policy(
+        &format!("  debounce: 300ms\n{extra}"),
+        "    - name: etc\n      path: /etc\n      recursive: true\n",
+    ));
+    h.write("/etc/hosts", "127.0.0.1 localhost\n");
+    h.write(
+        "/etc/passwd",
+        "root:x:0:0::/root:/bin/sh\ntester:x:1000:1000::/:/bin/sh\n",
+    );
+    h.write("/etc/shared.conf", "a=1\n");
+    h.write("/etc/gone.conf", "x\n");
+    h.write("/etc/old.conf", "y\n");
+    // Another uid must reach and write /etc/shared.conf.
+    for p in [h.dir.path(), &h.root, &h.p("/etc")] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    std::fs::set_permissions(
+        h.p("/etc/shared.conf"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    h
+}
+
+/// A command named `fim-writer` (a symlink: the kernel takes `comm` from the
+/// name executed) that runs Python code and then stays alive a moment, so its
+/// /proc entries are there when the agent reads the event.
+fn writer(dir: &Path) -> PathBuf {
+    let link = dir.join("fim-writer");
+    if !link.exists() {
+        std::os::unix::fs::symlink("/usr/bin/python3", &link).unwrap();
+    }
+    link
+}
+
+fn py(code: &str) -> String {
+    format!("import os, time\n{code}\ntime.sleep(1.5)\n")
+}
+
+fn python_exe() -> String {
+    std::fs::canonicalize("/usr/bin/python3")
+        .unwrap()
+        .display()
+        .to_string()
+}
+
+fn process(c: &Value) -> &Value {
+    assert!(c["process"].is_object(), "attributed: {c:#}");
+    &c["process"]
+}
+
+fn wait_change<'a>(w: &Watch, seen: &'a mut Vec<Value>, path: &str, category: &str) -> &'a Value {
+    let found = |s: &Vec<Value>| {
+        s.iter()
+            .position(|c| c["path"] == path && c["category"] == category)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while found(seen).is_none() && std::time::Instant::now() < deadline {
+        if let Some((_, c)) = w.next(Duration::from_millis(200)) {
+            seen.push(c);
+        }
+    }
+    let i = found(seen).unwrap_or_else(|| panic!("{category} {path} in {seen:#?}"));
+    &seen[i]
+}
+
+#[test]
+fn names_the_command_the_uid_and_who_deleted_and_renamed() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = host("  processAttribution: true\n");
+    h.baseline();
+    let w = h.watch();
+    let m = w.metrics();
+    assert_eq!(
+        metric(&m, "kube_fim_agent_attribution_active", &[]),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "kube_fim_agent_watched_directories", &[]),
+        Some(0.0),
+        "fanotify, no inotify watch: {m}"
+    );
+    let fim_writer = writer(h.dir.path());
+    let mut seen = Vec::new();
+
+    // A child of known command name, as root.
+    let hosts = h.p("/etc/hosts");
+    let mut child = Command::new(&fim_writer)
+        .arg("-c")
+        .arg(py(&format!(
+            "open({:?}, 'a').write('10.0.0.1 evil\\n')",
+            hosts.display().to_string()
+        )))
+        .spawn()
+        .unwrap();
+    let c = wait_change(&w, &mut seen, "/etc/hosts", "Modified").clone();
+    let p = process(&c);
+    assert_eq!(p["command"], "fim-writer");
+    assert_eq!(p["pid"], child.id());
+    assert_eq!(p["ppid"], std::process::id());
+    assert_eq!(p["uid"], 0);
+    assert_eq!(p["user"], "root");
+    assert_eq!(p["exe"], python_exe());
+    assert_eq!(p["by"], format!("fim-writer (pid {}, uid 0)", child.id()));
+    assert!(p.get("limits").is_none(), "{p:#}");
+    child.wait().unwrap();
+
+    // Another uid, through setpriv (which execs: same pid).
+    let shared = h.p("/etc/shared.conf");
+    let mut child = Command::new("setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups", "--"])
+        .arg(&fim_writer)
+        .arg("-c")
+        .arg(py(&format!(
+            "open({:?}, 'a').write('b=2\\n')",
+            shared.display().to_string()
+        )))
+        .spawn()
+        .unwrap();
+    let c = wait_change(&w, &mut seen, "/etc/shared.conf", "Modified").clone();
+    let p = process(&c);
+    assert_eq!(p["command"], "fim-writer");
+    assert_eq!(p["pid"], child.id());
+    assert_eq!(p["uid"], 1000);
+    assert_eq!(p["user"], "tester", "the node's /etc/passwd names the uid");
+    assert_eq!(c["after"]["uid"], 0, "the file's owner is not the writer");
+    child.wait().unwrap();
+
+    // Delete and rename.
+    let (gone, old, new) = (
+        h.p("/etc/gone.conf"),
+        h.p("/etc/old.conf"),
+        h.p("/etc/new.conf"),
+    );
+    let mut child = Command::new(&fim_writer)
+        .arg("-c")
+        .arg(py(&format!(
+            "os.unlink({:?}); os.rename({:?}, {:?})",
+            gone.display().to_string(),
+            old.display().to_string(),
+            new.display().to_string()
+        )))
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    for (path, category) in [
+        ("/etc/gone.conf", "Removed"),
+        ("/etc/old.conf", "Removed"),
+        ("/etc/new.conf", "Added"),
+    ] {
+        let c = wait_change(&w, &mut seen, path, category).clone();
+        let p = process(&c);
+        assert_eq!(p["command"], "fim-writer", "{path}");
+        assert_eq!(p["pid"], pid, "{path}");
+    }
+    child.wait().unwrap();
+    let m = w.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "kube_fim_agent_attributed_changes_total",
+            &["command=\"fim-writer\""]
+        ),
+        Some(5.0),
+        "{m}"
+    );
+    w.kill();
+}
+
+/// A cgroup as the kubelet makes it for a container: the cgroupfs layout on a
+/// v1 hierarchy (`pids`), the systemd layout on the unified one.
+struct PodCgroup {
+    dirs: Vec<PathBuf>,
+}
+
+impl PodCgroup {
+    fn create() -> PodCgroup {
+        let fs = Command::new("stat")
+            .args(["-fc", "%T", "/sys/fs/cgroup"])
+            .output()
+            .unwrap();
+        let v2 = String::from_utf8_lossy(&fs.stdout).trim() == "cgroup2fs";
+        let rel: Vec<String> = if v2 {
+            let uid = POD_UID.replace('-', "_");
+            vec![
+                "kubepods.slice".into(),
+                "kubepods-besteffort.slice".into(),
+                format!("kubepods-besteffort-pod{uid}.slice"),
+                format!("cri-containerd-{CONTAINER}.scope"),
+            ]
+        } else {
+            vec![
+                "pids/kubepods".into(),
+                "besteffort".into(),
+                format!("pod{POD_UID}"),
+                CONTAINER.into(),
+            ]
+        };
+        let mut dirs = Vec::new();
+        let mut p = PathBuf::from("/sys/fs/cgroup");
+        for r in rel {
+            p = p.join(r);
+            if !p.exists() {
+                std::fs::create_dir(&p).unwrap();
+                dirs.push(p.clone());
+            }
+        }
+        PodCgroup { dirs }
+    }
+
+    fn procs(&self) -> PathBuf {
+        self.dirs.last().unwrap().join("cgroup.procs")
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for d in self.dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+#[test]
+fn a_process_in_a_pod_cgroup_and_its_own_pid_namespace_is_named_by_pod_and_container() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = host("  processAttribution: true\n");
+    h.baseline();
+    let w = h.watch();
+    let cg = PodCgroup::create();
+    let fim_writer = writer(h.dir.path());
+    let hosts = h.p("/etc/hosts");
+    // Join the cgroup, then a new pid namespace in which the writer is pid 1.
+    let script = format!(
+        "echo $$ > {} && exec unshare --pid --fork {} -c \"$0\"",
+        cg.procs().display(),
+        fim_writer.display()
+    );
+    let code = py(&format!(
+        "assert os.getpid() == 1\nopen({:?}, 'a').write('from a pod\\n')",
+        hosts.display().to_string()
+    ));
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .arg(&code)
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let c = wait_change(&w, &mut seen, "/etc/hosts", "Modified").clone();
+    assert!(
+        child.wait().unwrap().success(),
+        "the writer ran as pid 1 of its namespace"
+    );
+    let p = process(&c);
+    assert_eq!(p["command"], "fim-writer");
+    let pid = p["pid"].as_i64().unwrap();
+    assert!(
+        pid > 1,
+        "the node's pid, not the one inside the namespace: {p:#}"
+    );
+    assert_eq!(p["containerId"], format!("containerd://{CONTAINER}"));
+    assert_eq!(p["pod"]["uid"], POD_UID);
+    assert!(p["cgroup"].as_str().unwrap().contains(CONTAINER), "{p:#}");
+    // Standalone the agent knows no pods: it says so rather than guessing.
+    assert_eq!(p["limits"], serde_json::json!(["PodUnknown"]));
+    assert_eq!(
+        p["by"],
+        format!(
+            "pod uid {POD_UID} (container {}, fim-writer pid {pid})",
+            &CONTAINER[..12]
+        )
+    );
+    w.kill();
+}
+
+#[test]
+fn a_queue_overflow_triggers_a_full_rescan() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = host("  processAttribution: true\n");
+    h.baseline();
+    // A tiny kernel queue for the group the agent makes at start.
+    const KNOB: &str = "/proc/sys/fs/fanotify/max_queued_events";
+    let saved = std::fs::read_to_string(KNOB).unwrap();
+    std::fs::write(KNOB, "16").unwrap();
+    let w = std::panic::catch_unwind(|| h.watch());
+    std::fs::write(KNOB, saved.trim()).unwrap();
+    let w = w.unwrap();
+    let many = h.p("/etc/many");
+    std::fs::create_dir(&many).unwrap();
+    for i in 0..500 {
+        std::fs::write(many.join(format!("f{i}")), "x").unwrap();
+    }
+    let overflowed = wait_for("an overflow", Duration::from_secs(10), || {
+        let m = w.metrics();
+        metric(&m, "kube_fim_agent_fanotify_overflows_total", &[]).filter(|v| *v >= 1.0)
+    });
+    assert!(overflowed >= 1.0);
+    // Nothing lost: the rescan reports every file.
+    let mut added = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while added.len() < 500 && std::time::Instant::now() < deadline {
+        if let Some((_, c)) = w.next(Duration::from_millis(500))
+            && c["category"] == "Added"
+        {
+            added.insert(c["path"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(
+        added.len(),
+        500,
+        "every new file reported after the overflow"
+    );
+    w.kill();
+}
+
+#[test]
+fn without_cap_sys_admin_the_agent_falls_back_to_inotify_and_says_why() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = host("  processAttribution: true\n");
+    h.baseline();
+    let mut w = h.watch_via(&[
+        "setpriv",
+        "--inh-caps=-sys_admin",
+        "--bounding-set=-sys_admin",
+        "--",
+    ]);
+    let m = w.metrics();
+    assert_eq!(
+        metric(&m, "kube_fim_agent_attribution_active", &[]),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "kube_fim_agent_attribution_unavailable",
+            &["reason=\"NoCapSysAdmin\""]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(
+        metric(&m, "kube_fim_agent_watched_directories", &[]).unwrap() >= 1.0,
+        "inotify watches: {m}"
+    );
+    std::fs::write(h.p("/etc/hosts"), "changed\n").unwrap();
+    let mut seen = Vec::new();
+    let c = wait_change(&w, &mut seen, "/etc/hosts", "Modified").clone();
+    assert_eq!(c["source"], "Realtime");
+    assert!(
+        c.get("process").is_none(),
+        "no attribution without fanotify: {c:#}"
+    );
+    let pid = w.child.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let _ = w.child.wait();
+    let err = w.take_stderr();
+    assert!(err.contains("process attribution off"), "{err}");
+}
+
+#[test]
+fn no_attribution_asked_no_fanotify() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = host("");
+    h.baseline();
+    let w = h.watch();
+    let m = w.metrics();
+    assert_eq!(
+        metric(&m, "kube_fim_agent_attribution_active", &[]),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "kube_fim_agent_fanotify_directories", &[]),
+        Some(0.0),
+        "{m}"
+    );
+    assert!(
+        !m.contains("kube_fim_agent_attribution_unavailable{"),
+        "not asked, not missing: {m}"
+    );
+    std::fs::write(h.p("/etc/hosts"), "changed\n").unwrap();
+    let mut seen = Vec::new();
+    let c = wait_change(&w, &mut seen, "/etc/hosts", "Modified").clone();
+    assert!(c.get("process").is_none(), "{c:#}");
+    w.kill();
+}
