@@ -20,8 +20,8 @@ pub use change::{
     FileChangeSpec, FileChangeStatus, FileType, PodRef, ProcessInfo,
 };
 pub use node::{
-    FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodePolicyPhase,
-    NodePolicyStatus,
+    FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodeAttribution,
+    NodePolicyPhase, NodePolicyStatus,
 };
 pub use policy::{
     Attribute, AttributeProfile, FileIntegrityPolicy, FileIntegrityPolicySpec,

@@ -43,6 +43,13 @@ use serde::{Deserialize, Serialize};
         description = "Changes waiting to be delivered to the API server"
     ),
     printcolumn(
+        name = "Attribution",
+        type_ = "string",
+        json_path = ".status.attribution.mechanism",
+        priority = 1,
+        description = "fanotify when changes name their writer; inotify when it fell back"
+    ),
+    printcolumn(
         name = "Heartbeat",
         type_ = "date",
         json_path = ".status.heartbeatTime",
@@ -97,6 +104,34 @@ pub struct FileIntegrityNodeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["policy"]))]
     pub policies: Vec<NodePolicyStatus>,
+    /// Process attribution on this node, when a served policy asks for it:
+    /// whether the writers of changes are named, and if not, why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<NodeAttribution>,
+}
+
+/// Process attribution on one node.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeAttribution {
+    /// `fanotify` when the writers of changes are named; `inotify` when the
+    /// agent fell back to it and changes carry no writer.
+    #[schemars(length(max = 16))]
+    pub mechanism: String,
+    /// Why attribution is off (no CAP_SYS_ADMIN, kernel too old, no fanotify).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub reason: Option<String>,
+    /// Kernel features in use (`FAN_REPORT_DFID_NAME`, `FAN_REPORT_PIDFD`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 64)))]
+    pub kernel_features: Vec<String>,
+    /// File systems carrying a fanotify mark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_systems: Option<i64>,
+    /// Monitored directories followed through those marks (no inotify watch each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directories: Option<i64>,
 }
 
 /// Phase of one policy on one node.

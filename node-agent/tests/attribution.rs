@@ -295,10 +295,7 @@ fn a_process_in_a_pod_cgroup_and_its_own_pid_namespace_is_named_by_pod_and_conta
     assert_eq!(p["limits"], serde_json::json!(["PodUnknown"]));
     assert_eq!(
         p["by"],
-        format!(
-            "pod uid {POD_UID} (container {}, fim-writer pid {pid})",
-            &CONTAINER[..12]
-        )
+        format!("pod uid {POD_UID} (container {})", &CONTAINER[..12])
     );
     w.kill();
 }

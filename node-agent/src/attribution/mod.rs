@@ -138,10 +138,9 @@ pub fn by(p: &ProcessInfo) -> String {
             },
             |c| Some(format!("container {c}")),
         );
-        let command = p.command.as_deref().unwrap_or("?");
         return match container {
-            Some(c) => format!("pod {name} ({c}, {command} pid {})", p.pid),
-            None => format!("pod {name} ({command} pid {})", p.pid),
+            Some(c) => format!("pod {name} ({c})"),
+            None => format!("pod {name}"),
         };
     }
     if p.pid == 0 {
@@ -183,10 +182,7 @@ mod tests {
             }),
             ..ProcessInfo::default()
         };
-        assert_eq!(
-            by(&pod),
-            "pod kube-system/evil-7d9 (container shell, sh pid 4242)"
-        );
+        assert_eq!(by(&pod), "pod kube-system/evil-7d9 (container shell)");
     }
 
     #[test]

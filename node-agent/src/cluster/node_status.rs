@@ -6,7 +6,11 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
-use kube_fim_crds::{FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus};
+use kube_fim_crds::{
+    FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodeAttribution,
+};
+
+use crate::attribution::AttributionState;
 
 use crate::report::deliver::FIELD_MANAGER;
 
@@ -53,10 +57,32 @@ pub async fn write(
     if let Some(map) = value.as_object_mut() {
         map.entry("policies")
             .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        // Likewise attribution no longer asked for is removed, not kept.
+        map.entry("attribution").or_insert(serde_json::Value::Null);
     }
     let patch = serde_json::json!({ "status": value });
     records
         .patch_status(node, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(|_| ())
+}
+
+/// What the record says about process attribution: nothing when no served
+/// policy asks for it.
+pub fn attribution(state: &AttributionState) -> Option<NodeAttribution> {
+    if state.active {
+        Some(NodeAttribution {
+            mechanism: "fanotify".into(),
+            reason: None,
+            kernel_features: state.features.iter().map(|f| f.to_string()).collect(),
+            file_systems: Some(state.marks as i64),
+            directories: Some(state.dirs as i64),
+        })
+    } else {
+        state.reason.as_ref().map(|reason| NodeAttribution {
+            mechanism: "inotify".into(),
+            reason: Some(reason.clone()),
+            ..NodeAttribution::default()
+        })
+    }
 }

@@ -389,6 +389,7 @@ async fn heartbeat(
             queue_length: Some(queue.lock().await.len() as i64),
             baseline_digest: digest.clone(),
             policies,
+            attribution: node_status::attribution(&snap.attribution),
         };
         if let Err(error) = node_status::write(&records, &node, &record).await {
             warn!(%error, "could not write this node's status");

@@ -94,8 +94,14 @@ pub fn event_for(change: &FileChange) -> Event {
             } else {
                 format!(" ({})", attrs.join(", "))
             };
+            let by = spec
+                .process
+                .as_ref()
+                .and_then(|p| p.by.as_deref())
+                .map(|b| format!(" by {b}"))
+                .unwrap_or_default();
             format!(
-                "{} {}{} on node {} (policy {}, entry {}, {:?})",
+                "{} {}{}{by} on node {} (policy {}, entry {}, {:?})",
                 spec.path,
                 spec.category.as_str().to_lowercase(),
                 what,
@@ -266,6 +272,44 @@ mod tests {
             assert!(d >= Duration::from_millis(250));
         }
         assert!(backoff(10) >= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn events_name_the_writer_when_known() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+        use kube_fim_crds::{DetectionSource, FileChangeSpec, ProcessInfo};
+        let mut spec = FileChangeSpec {
+            node: "n1".into(),
+            policy: "p".into(),
+            entry: "etc".into(),
+            path: "/etc/sudoers".into(),
+            category: ChangeCategory::Modified,
+            changed_attributes: vec![],
+            before: None,
+            after: None,
+            detected_time: MicroTime(k8s_openapi::jiff::Timestamp::now()),
+            source: DetectionSource::Realtime,
+            process: None,
+            summary: None,
+        };
+        let plain = event_for(&super::super::object::to_object(spec.clone()));
+        assert_eq!(
+            plain.note.as_deref(),
+            Some("/etc/sudoers modified on node n1 (policy p, entry etc, Realtime)")
+        );
+        // Changes found by a scan carry no writer and so no "by".
+        spec.process = Some(ProcessInfo {
+            by: Some("sshd (pid 812, uid 0)".into()),
+            pid: 812,
+            ..ProcessInfo::default()
+        });
+        let by = event_for(&super::super::object::to_object(spec));
+        assert_eq!(
+            by.note.as_deref(),
+            Some(
+                "/etc/sudoers modified by sshd (pid 812, uid 0) on node n1 (policy p, entry etc, Realtime)"
+            )
+        );
     }
 
     #[tokio::test(start_paused = true)]
