@@ -8,6 +8,8 @@ CONTROLPLANE := e2e/controlplane/controlplane.sh
 # Where `make e2e` keeps its throw-away control plane (etcd data, certificates, logs).
 E2E_DIR ?= $(CURDIR)/target/e2e-controlplane
 DEMO_DIR ?= $(CURDIR)/target/demo
+# Where `make scale` keeps its throw-away control plane.
+SCALE_DIR ?= $(CURDIR)/target/scale-controlplane
 
 .PHONY: help
 help: ## Show the targets
@@ -42,6 +44,7 @@ fmt: ## Format the code
 .PHONY: clippy
 clippy: ## cargo clippy, warnings are errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p kube-fim-e2e --test scale -- -D warnings
 
 .PHONY: unit
 unit: ## Unit tests and single-node tests (no control plane needed)
@@ -77,6 +80,13 @@ down: ## Stop the background control plane
 .PHONY: bench
 bench: ## Speed and memory of the agent against b3sum and AIDE
 	node-agent/bench/bench.sh
+
+.PHONY: scale
+scale: controlplane ## SCALE_NODES (100) simulated nodes with real agents on one API server: apply→Ready, a change storm, API server and operator load
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p kube-fim-e2e --test scale --no-run
+	rm -rf "$(SCALE_DIR)"
+	$(CONTROLPLANE) run "$(SCALE_DIR)" -- $(CARGO) test -p kube-fim-e2e --test scale
 
 .PHONY: helm
 helm: ## Build (or find in the cache) the pinned Helm the chart tests use
