@@ -295,6 +295,48 @@ async fn stored_objects(client: &Client) -> BTreeMap<String, f64> {
     ])
 }
 
+/// Resident and peak memory (MiB) of a process, from /proc.
+fn memory(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<f64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Memory of the control plane's processes and the operator, and the agents' average.
+fn memory_report(operator: u32, agents: &[u32]) {
+    let dir = std::env::var_os("KUBE_FIM_CONTROLPLANE_DIR").map(PathBuf::from);
+    let mut rows = Vec::new();
+    for name in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+        let pid = dir
+            .as_ref()
+            .and_then(|d| std::fs::read_to_string(d.join("run").join(format!("{name}.pid"))).ok())
+            .and_then(|p| p.trim().parse().ok());
+        if let Some((rss, peak)) = pid.and_then(memory) {
+            rows.push((name.to_string(), rss, peak));
+        }
+    }
+    if let Some((rss, peak)) = memory(operator) {
+        rows.push(("kube-fim-operator".to_string(), rss, peak));
+    }
+    let agent: Vec<(f64, f64)> = agents.iter().filter_map(|p| memory(*p)).collect();
+    if !agent.is_empty() {
+        let n = agent.len() as f64;
+        rows.push((
+            format!("kube-fim-agent (mean of {})", agent.len()),
+            agent.iter().map(|a| a.0).sum::<f64>() / n,
+            agent.iter().map(|a| a.1).sum::<f64>() / n,
+        ));
+    }
+    println!("memory (MiB, debug builds):");
+    for (name, rss, peak) in rows {
+        println!("  {name:<44} rss {rss:>7.1} peak {peak:>7.1}");
+    }
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -314,7 +356,7 @@ fn put(root: &Path, path: &str, content: &str) {
 struct SimNode {
     name: String,
     root: PathBuf,
-    _agent: Process,
+    agent: Process,
 }
 
 async fn run() {
@@ -411,7 +453,7 @@ async fn run() {
         nodes.push(SimNode {
             name: name.clone(),
             root,
-            _agent: agent,
+            agent,
         });
     }
     let op = Operator::start(&suite, &suite, &[]);
@@ -685,6 +727,10 @@ async fn run() {
     }
 
     // Operator.
+    println!();
+    let agent_pids: Vec<u32> = nodes.iter().map(|n| n.agent.child.id()).collect();
+    memory_report(op.process.child.id(), &agent_pids);
+
     let rd = |m: &[(String, BTreeMap<String, String>, f64)], name: &str| histogram(m, name);
     let p = |name: &str, q: f64| quantile(Some(&rd(&op_before, name)), &rd(&op_after, name), q);
     let count = |m: &[(String, BTreeMap<String, String>, f64)], name: &str| {
