@@ -142,6 +142,7 @@ pub async fn run(
             watcher_config(&config),
             policy_writer,
             ctx.clone(),
+            |policy| policy.managed_fields_mut().clear(),
             |policy, _| triggers::policy_view(policy),
             |change, name, _| triggers::policy_wake(change, name),
         )),
@@ -150,6 +151,12 @@ pub async fn run(
             watcher::Config::default(),
             node_writer,
             ctx.clone(),
+            // Only labels, taints and names are read: a Node's status (images,
+            // conditions) is most of its size, times thousands of nodes.
+            |node| {
+                node.managed_fields_mut().clear();
+                node.status = None;
+            },
             |node, _| triggers::node_view(node),
             |change, _, ctx| triggers::node_wake(change, &ctx.policies.state()),
         )),
@@ -158,6 +165,7 @@ pub async fn run(
             watcher::Config::default(),
             record_writer,
             ctx.clone(),
+            |record| record.managed_fields_mut().clear(),
             move |record, _| triggers::record_view(record, Timestamp::now(), heartbeat_timeout),
             |change, _, _| triggers::record_wake(change),
         )),
@@ -248,13 +256,15 @@ fn batches(
     .take_until(shutdown)
 }
 
-/// Watches `api` into the cache behind `writer`; each event is seen through
-/// `view`, and what changed is turned into wake-ups by `wake`.
+/// Watches `api` into the cache behind `writer`, keeping of each object what
+/// `trim` leaves; each event is seen through `view`, and what changed is turned
+/// into wake-ups by `wake`.
 async fn watch<K, V>(
     api: Api<K>,
     config: watcher::Config,
     writer: reflector::store::Writer<K>,
     ctx: Arc<Context>,
+    trim: fn(&mut K),
     view: impl Fn(&K, &Context) -> V + Send + 'static,
     wake: impl Fn(Change<V>, Option<String>, &Context) -> Wake + Send + 'static,
 ) where
@@ -268,7 +278,10 @@ async fn watch<K, V>(
     V: Clone + PartialEq + Send + 'static,
 {
     let mut seen = Seen::default();
-    let events = watcher(api, config).default_backoff().reflect(writer);
+    let events = watcher(api, config)
+        .default_backoff()
+        .modify(trim)
+        .reflect(writer);
     futures::pin_mut!(events);
     while let Some(event) = events.next().await {
         match event {
