@@ -261,6 +261,60 @@ async fn changes_name_the_host_process_or_the_pod_and_container_that_made_them()
     );
     assert!(run.stdout.contains(&by), "{}", run.stdout);
 
+    // `kubectl fim export` carries it: the whole spec in JSON, the writer's
+    // columns in CSV.
+    let plugin_dir = kube_fim_e2e::binary("kubectl-fim")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let export = |format: &str| {
+        let out = Command::new("kubectl")
+            .args(["fim", "export", "--since", "1h", "--format", format])
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    plugin_dir.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .env("KUBECONFIG", kube_fim_e2e::kubeconfig())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let csv = export("csv");
+    assert!(
+        csv.lines()
+            .next()
+            .unwrap()
+            .ends_with(",by,pid,command,uid,pod,container"),
+        "{csv}"
+    );
+    let row = csv
+        .lines()
+        .find(|l| l.contains(&c.name_any()))
+        .expect("the change exported");
+    assert!(
+        row.ends_with(&format!(
+            ",{by},{},fim-writer,0,default/{pod_name},shell",
+            p.pid
+        )),
+        "{row}"
+    );
+    let json = export("json");
+    let record: serde_json::Value = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["name"] == c.name_any().as_str())
+        .expect("the change exported");
+    assert_eq!(record["spec"]["process"]["pod"]["container"], "shell");
+
     drop(cgroup);
     let _ = Api::<Pod>::namespaced(client.clone(), "default")
         .delete(&pod_name, &DeleteParams::default().grace_period(0))

@@ -60,6 +60,11 @@ const METRICS: &[&str] = &[
     "kube_fim_agent_api_errors_total",
     "kube_fim_agent_change_storms_total",
     "kube_fim_agent_baseline_tampered",
+    "kube_fim_agent_attribution_active",
+    "kube_fim_agent_attribution_unavailable",
+    "kube_fim_agent_fanotify_directories",
+    "kube_fim_agent_fanotify_overflows_total",
+    "kube_fim_agent_attributed_changes_total",
 ];
 
 fn chart_dir() -> PathBuf {
@@ -685,6 +690,8 @@ fn the_dashboard_has_the_panels_and_variables_a_security_team_expects() {
         "scan duration",
         "errors",
         "queued",
+        "by process",
+        "by pod",
     ] {
         assert!(
             titles.iter().any(|t| t.contains(wanted)),
@@ -704,7 +711,9 @@ fn the_dashboard_has_the_panels_and_variables_a_security_team_expects() {
         for target in targets {
             let expr = target["expr"].as_str().unwrap();
             // Changes are per node and policy: filtering must follow the variables.
-            if expr.contains("kube_fim_agent_changes_total") {
+            if expr.contains("kube_fim_agent_changes_total")
+                || expr.contains("kube_fim_agent_attributed_changes_total")
+            {
                 assert!(
                     expr.contains("node=~\"$node\"") && expr.contains("policy=~\"$policy\""),
                     "{expr} ignores the node or policy variable"

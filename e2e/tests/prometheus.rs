@@ -45,7 +45,12 @@ async fn prometheus_scrapes_agent_and_operator_and_sees_a_change() {
     let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
     let policy = format!("{suite}-etc");
     fleet
-        .create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)]))
+        .create_policy(&{
+            // With attribution, so that the by-process panel has data too.
+            let mut p = fleet.policy(&policy, vec![entry("etc", "/etc", true)]);
+            p.spec.process_attribution = true;
+            p
+        })
         .await;
     fleet.nodes[0].start_agent();
     let a = fleet.nodes[0].name.clone();
@@ -182,5 +187,39 @@ async fn prometheus_scrapes_agent_and_operator_and_sees_a_change() {
         total.unwrap_or(0.0) > 0.0,
         "the Changes-in-range panel shows the change: {total:?} {raw:?}"
     );
+    // The by-process panel, its own query, names this test's process as the
+    // writer (fanotify reports the process, whose main thread names it).
+    let me = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let panel = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["title"] == "Changes in range by process")
+        .expect("a by-process panel");
+    let expr = panel["targets"][0]["expr"]
+        .as_str()
+        .unwrap()
+        .replace("$node", &a)
+        .replace("$policy", &policy)
+        .replace("$__range", "10m");
+    let shown = eventually(
+        "the writer in the by-process panel",
+        Duration::from_secs(30),
+        || async {
+            let body = http_get(prom_port, &format!("/api/v1/query?query={}", encode(&expr)))
+                .ok_or("no answer")?;
+            let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+            v["data"]["result"]
+                .as_array()
+                .and_then(|r| {
+                    r.iter()
+                        .find(|s| s["metric"]["command"] == me.trim())
+                        .cloned()
+                })
+                .ok_or(body)
+        },
+    )
+    .await;
+    assert_eq!(shown["value"][1], "1", "{shown}");
     fleet.cleanup().await;
 }

@@ -213,7 +213,7 @@ async fn export(client: &Client, since: &str, format: Format) -> anyhow::Result<
         Format::Csv => {
             writeln!(
                 out,
-                "detected,node,policy,entry,category,path,changed_attributes,source,before_hash,after_hash,count,acknowledged,name"
+                "detected,node,policy,entry,category,path,changed_attributes,source,before_hash,after_hash,count,acknowledged,name,by,pid,command,uid,pod,container"
             )?;
             for c in &changes {
                 let attrs: Vec<&str> = c
@@ -245,6 +245,23 @@ async fn export(client: &Client, since: &str, format: Format) -> anyhow::Result<
                     acknowledged(c).to_string(),
                     c.name_any(),
                 ];
+                // Who made the change, when process attribution named the writer.
+                let p = c.spec.process.as_ref();
+                let pod = p.and_then(|p| p.pod.as_ref());
+                let who = [
+                    p.and_then(|p| p.by.clone()).unwrap_or_default(),
+                    p.map(|p| p.pid.to_string()).unwrap_or_default(),
+                    p.and_then(|p| p.command.clone()).unwrap_or_default(),
+                    p.and_then(|p| p.uid)
+                        .map(|u| u.to_string())
+                        .unwrap_or_default(),
+                    pod.and_then(|r| {
+                        Some(format!("{}/{}", r.namespace.as_ref()?, r.name.as_ref()?))
+                    })
+                    .unwrap_or_default(),
+                    pod.and_then(|r| r.container.clone()).unwrap_or_default(),
+                ];
+                let fields: Vec<&String> = fields.iter().chain(who.iter()).collect();
                 let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
                 writeln!(out, "{}", line.join(","))?;
             }

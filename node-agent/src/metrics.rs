@@ -115,9 +115,9 @@ impl AgentMetrics {
         let attributed_changes = IntCounterVec::new(
             Opts::new(
                 "kube_fim_agent_attributed_changes_total",
-                "Changes with a named writer, by command and pod (namespace and pod empty for host processes)",
+                "Changes with a named writer, by policy, command and pod (namespace and pod empty for host processes)",
             ),
-            &["command", "namespace", "pod"],
+            &["policy", "command", "namespace", "pod"],
         )?;
         for c in [
             Box::new(changes.clone()) as Box<dyn prometheus::core::Collector>,
@@ -171,8 +171,8 @@ impl AgentMetrics {
         }
     }
 
-    /// Counts one change with a named writer.
-    pub fn count_attributed(&self, p: &kube_fim_crds::ProcessInfo) {
+    /// Counts one change of `policy` with a named writer.
+    pub fn count_attributed(&self, policy: &str, p: &kube_fim_crds::ProcessInfo) {
         let command = p.command.as_deref().unwrap_or("");
         let (ns, pod) = p.pod.as_ref().map_or(("", ""), |r| {
             (
@@ -181,7 +181,7 @@ impl AgentMetrics {
             )
         });
         self.attributed_changes
-            .with_label_values(&[command, ns, pod])
+            .with_label_values(&[policy, command, ns, pod])
             .inc();
     }
 

@@ -143,7 +143,7 @@ impl Attribution {
                 .find_map(|a| self.writers.get(a).filter(|_| paths.contains(a)));
             if let Some((w, multiple)) = found {
                 let p = process_info(w, &mut self.users, self.pods.as_ref(), *multiple);
-                metrics.count_attributed(&p);
+                metrics.count_attributed(&c.policy, &p);
                 c.process = Some(p);
             }
         }
