@@ -10,14 +10,20 @@ E2E_DIR ?= $(CURDIR)/target/e2e-controlplane
 DEMO_DIR ?= $(CURDIR)/target/demo
 # Where `make scale` keeps its throw-away control plane.
 SCALE_DIR ?= $(CURDIR)/target/scale-controlplane
+# Where `make e2e-node` keeps its control plane and node (certificates, containerd, kubelet).
+NODE_DIR ?= $(CURDIR)/target/e2e-node
 
 .PHONY: help
 help: ## Show the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 .PHONY: demo
-demo: deps controlplane build ## Run kube-fim end to end on the embedded local control plane
+demo: deps controlplane helm build release ## Run kube-fim end to end: the chart on a local real node (or local processes)
 	@e2e/demo.sh "$(DEMO_DIR)"
+
+.PHONY: release
+release: ## Release build of the agent and the operator (the binaries of the local images)
+	$(CARGO) build --release -p kube-fim-agent -p kube-fim-operator --bins
 
 .PHONY: build
 build: ## Build every binary (debug)
@@ -27,7 +33,7 @@ build: ## Build every binary (debug)
 lint: fmt-check clippy ## fmt-check and clippy
 
 .PHONY: test
-test: deps fmt-check clippy unit e2e ## Everything CI runs: fmt, clippy, unit and integration tests
+test: deps fmt-check clippy unit e2e e2e-node ## Everything CI runs: fmt, clippy, unit, integration and real-node tests
 
 .PHONY: deps
 deps: ## Install the Debian packages and Rust components the tests need (root; says what is missing otherwise)
@@ -44,7 +50,7 @@ fmt: ## Format the code
 .PHONY: clippy
 clippy: ## cargo clippy, warnings are errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy -p kube-fim-e2e --test scale -- -D warnings
+	$(CARGO) clippy -p kube-fim-e2e --test scale --test node -- -D warnings
 
 .PHONY: unit
 unit: ## Unit tests and single-node tests (no control plane needed)
@@ -56,6 +62,12 @@ e2e: controlplane helm ## Integration tests against a fresh local control plane
 	$(CARGO) test -p kube-fim-e2e --no-run
 	rm -rf "$(E2E_DIR)"
 	$(CONTROLPLANE) run "$(E2E_DIR)" -- $(CARGO) test -p kube-fim-e2e
+
+.PHONY: e2e-node
+e2e-node: deps controlplane helm release ## Real-node tests: the chart's images as pods under a real kubelet (root)
+	$(CARGO) test -p kube-fim-e2e --test node --no-run
+	rm -rf "$(NODE_DIR)"
+	e2e/node/node.sh run "$(NODE_DIR)" -- $(CARGO) test -p kube-fim-e2e --test node
 
 .PHONY: crds
 crds: ## Regenerate the CRD YAML in crds/ from the Rust types

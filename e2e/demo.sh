@@ -1,25 +1,104 @@
 #!/usr/bin/env bash
 # `make demo`: kube-fim end to end on the embedded local control plane, no
-# cluster needed. Starts etcd + kube-apiserver + kube-controller-manager on
-# loopback, installs the CRDs and RBAC, runs the operator and two agents standing
-# for two nodes (each with its own host root directory and a Node object),
-# applies the sample policy, then changes, adds and removes files on one "node"
-# and shows what a user sees. On a terminal it then keeps running (use the
-# printed KUBECONFIG to look around); Ctrl-C stops everything.
+# cluster needed.
+#
+# Where this machine can run a node (root, cgroups, the packages of `make deps`),
+# e2e/node/node.sh starts the control plane and a real node next to it
+# (containerd, kubelet, kube-scheduler, kube-proxy); the demo installs the chart
+# with `helm install` and the locally built images, applies the sample policy,
+# and the agent runs as a DaemonSet pod on that node. A change under the node's
+# root directory then shows up in `kubectl get fc`.
+#
+# Elsewhere it says so in one line and runs the operator and two agents as local
+# processes standing for two nodes (each with its own host root directory and a
+# Node object) against the control plane alone.
+#
+# On a terminal it then keeps running (use the printed KUBECONFIG to look
+# around); Ctrl-C stops everything.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 target="${CARGO_TARGET_DIR:-$root/target}"
 
-if [[ "${1:-}" != "--inside" ]]; then
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+show() { printf '\033[2m$ %s\033[0m\n' "$*"; "$@"; }
+
+if [[ "${1:-}" != --inside* ]]; then
   dir="${1:-$root/target/demo}"
   rm -rf "$dir"
   mkdir -p "$dir"
+  if why="$("$root/e2e/node/node.sh" can-run 2>&1)"; then
+    exec "$root/e2e/node/node.sh" run "$dir" -- "$root/e2e/demo.sh" --inside-node "$dir"
+  fi
+  echo "demo: this machine cannot run a Kubernetes node ($why); the agents run as local processes instead"
   exec "$root/e2e/controlplane/controlplane.sh" run "$dir" -- "$root/e2e/demo.sh" --inside "$dir"
 fi
 dir="$2"
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-show() { printf '\033[2m$ %s\033[0m\n' "$*"; "$@"; }
+if [[ "$1" == --inside-node ]]; then
+  cd "$root"
+  h="$KUBE_FIM_NODE_ROOT"
+  step "A real node: kubelet, containerd, kube-scheduler, kube-proxy"
+  show kubectl get nodes -o wide
+  mkdir -p "$h/etc/ssh" "$h/etc/sudoers.d" "$h/var/lib/kubelet"
+  printf 'root:x:0:0:root:/root:/bin/bash\n' >"$h/etc/passwd"
+  printf 'root:*:19000:0:99999:7:::\n' >"$h/etc/shadow"; chmod 640 "$h/etc/shadow"
+  printf 'PermitRootLogin no\n' >"$h/etc/ssh/sshd_config"
+  printf 'multi on\n' >"$h/etc/host.conf"
+  printf 'kind: KubeletConfiguration\n' >"$h/var/lib/kubelet/config.yaml"
+  echo "  the node's / for the agent: $h"
+
+  step "helm install the chart with the locally built images"
+  kubectl create namespace kube-fim >/dev/null
+  kubectl label namespace kube-fim pod-security.kubernetes.io/enforce=privileged >/dev/null
+  helm="$("$root/e2e/helm/build.sh")"
+  export HELM_CACHE_HOME="$dir/helm/cache" HELM_CONFIG_HOME="$dir/helm/config" HELM_DATA_HOME="$dir/helm/data"
+  show "$helm" install kube-fim charts/kube-fim --namespace kube-fim \
+    --set operator.image.repository=localhost/kube-fim/kube-fim-operator \
+    --set agent.image.repository=localhost/kube-fim/kube-fim-agent \
+    --set operator.image.tag="$KUBE_FIM_NODE_TAG" --set agent.image.tag="$KUBE_FIM_NODE_TAG" \
+    --set operator.image.pullPolicy=Never --set agent.image.pullPolicy=Never \
+    --set agent.hostRoot="$h" --set agent.stateDir="$KUBE_FIM_NODE_STATE" >/dev/null
+  kubectl rollout status deployment/kube-fim-operator -n kube-fim --timeout=120s
+  show kubectl get pods -n kube-fim -o wide
+
+  step "Apply the sample policy: the operator creates the agent DaemonSet"
+  show kubectl apply -f examples/policy.yaml
+  for _ in $(seq 1 120); do
+    kubectl get daemonset kube-fim-agent -n kube-fim >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  kubectl rollout status daemonset/kube-fim-agent -n kube-fim --timeout=120s
+  show kubectl get daemonset -n kube-fim
+  printf 'waiting for the agent to build its baseline'
+  for _ in $(seq 1 120); do
+    [[ "$(kubectl get fip node-baseline -o jsonpath='{.status.nodesReady}' 2>/dev/null)" == 1 ]] && break
+    printf '.'; sleep 0.5
+  done
+  echo
+  show kubectl get fip
+
+  step "On $KUBE_FIM_NODE_NAME: edit sshd_config, add a .conf, remove host.conf, chmod shadow"
+  show sh -c "echo 'PermitRootLogin yes' > '$h/etc/ssh/sshd_config'"
+  show sh -c "echo 'evil=1' > '$h/etc/backdoor.conf'"
+  show rm "$h/etc/host.conf"
+  show chmod 644 "$h/etc/shadow"
+  printf 'waiting for the changes to reach the API server'
+  for _ in $(seq 1 60); do
+    [[ "$(kubectl get filechanges -o name 2>/dev/null | wc -l)" -ge 4 ]] && break
+    printf '.'; sleep 0.5
+  done
+  echo
+
+  step "What a user sees"
+  show kubectl get fc
+  show kubectl get events -A --field-selector reason=FileModified
+  show kubectl get fip
+  if [[ -t 0 ]]; then
+    step "Still running: export KUBECONFIG=$KUBECONFIG — edit files under $h and watch kubectl get fc -w. Ctrl-C stops everything."
+    while sleep 3600; do :; done
+  fi
+  exit 0
+fi
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done

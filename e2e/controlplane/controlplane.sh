@@ -13,6 +13,12 @@
 #
 # CMD under `run` sees KUBECONFIG, KUBE_FIM_CONTROLPLANE_DIR and
 # KUBE_FIM_CONTROLPLANE (this script), so tests can stop and restart the API server.
+#
+# KUBE_FIM_APISERVER_ADDRESS (default 127.0.0.1) is the one address the API server
+# listens on and advertises. e2e/node/node.sh sets it to an address of a dummy
+# interface that pods can reach; the `kubernetes` Service then gets it as its
+# endpoint. The API server authorizes kubelets (Node authorizer, NodeRestriction)
+# and reaches them with a client certificate of the local CA.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -84,7 +90,7 @@ launch() {
 }
 
 gen_pki() {
-  local pki="$1/pki"
+  local pki="$1/pki" address="$2"
   [[ -f "$pki/apiserver.crt" ]] && return 0
   command -v openssl >/dev/null || die "openssl is required"
   mkdir -p "$pki"
@@ -95,12 +101,18 @@ gen_pki() {
     openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr \
       -subj "/CN=kube-apiserver" 2>/dev/null
     cat >apiserver.ext <<EOF
-subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
+subjectAltName=IP:127.0.0.1,IP:$address,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
 extendedKeyUsage=serverAuth
 keyUsage=digitalSignature,keyEncipherment
 EOF
     openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
       -out apiserver.crt -days 3650 -extfile apiserver.ext 2>/dev/null
+    # The API server's login at the kubelets (logs, exec, port-forward).
+    openssl req -newkey rsa:2048 -nodes -keyout kubelet-client.key -out kubelet-client.csr \
+      -subj "/CN=kube-apiserver-kubelet-client" 2>/dev/null
+    printf 'extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n' >client.ext
+    openssl x509 -req -in kubelet-client.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+      -out kubelet-client.crt -days 3650 -extfile client.ext 2>/dev/null
     openssl genrsa -out sa.key 2048 2>/dev/null
     openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
     chmod 600 ./*.key
@@ -123,6 +135,7 @@ gen_tokens() {
 write_kubeconfig() {
   local dir="$1" file="$2" token="$3" user="$4"
   local port; port="$(cat "$dir/run/apiserver.port")"
+  local address; address="$(cat "$dir/run/apiserver.address")"
   local ca; ca="$(base64 -w0 <"$dir/pki/ca.crt")"
   cat >"$file" <<EOF
 apiVersion: v1
@@ -130,7 +143,7 @@ kind: Config
 clusters:
 - name: kube-fim-local
   cluster:
-    server: https://127.0.0.1:$port
+    server: https://$address:$port
     certificate-authority-data: $ca
 users:
 - name: $user
@@ -170,28 +183,38 @@ start_etcd() {
 apiserver_ready() {
   local dir="$1"
   curl -fsS --cacert "$dir/pki/ca.crt" -H "Authorization: Bearer $(cat "$dir/pki/admin.token")" \
-    "https://127.0.0.1:$(cat "$dir/run/apiserver.port")/readyz"
+    "https://$(cat "$dir/run/apiserver.address"):$(cat "$dir/run/apiserver.port")/readyz"
 }
 
 start_apiserver() {
   local dir="$1"
   local pki="$dir/pki"
+  local address; address="$(cat "$dir/run/apiserver.address")"
+  # On loopback no pod can reach the API server: no endpoint for the
+  # `kubernetes` Service (a loopback endpoint is invalid).
+  local reconciler=lease
+  [[ "$address" == 127.0.0.1 ]] && reconciler=none
   launch "$dir" kube-apiserver \
     --etcd-servers="http://127.0.0.1:$(cat "$dir/run/etcd.port")" \
-    --bind-address=127.0.0.1 \
-    --advertise-address=127.0.0.1 \
+    --bind-address="$address" \
+    --advertise-address="$address" \
     --secure-port="$(cat "$dir/run/apiserver.port")" \
     --cert-dir="$pki" \
     --tls-cert-file="$pki/apiserver.crt" \
     --tls-private-key-file="$pki/apiserver.key" \
     --client-ca-file="$pki/ca.crt" \
     --token-auth-file="$pki/tokens.csv" \
-    --authorization-mode=RBAC \
+    --authorization-mode=Node,RBAC \
+    --enable-admission-plugins=NodeRestriction \
+    --kubelet-client-certificate="$pki/kubelet-client.crt" \
+    --kubelet-client-key="$pki/kubelet-client.key" \
+    --kubelet-certificate-authority="$pki/ca.crt" \
+    --kubelet-preferred-address-types=InternalIP,Hostname \
     --service-account-issuer=https://kubernetes.default.svc \
     --service-account-key-file="$pki/sa.pub" \
     --service-account-signing-key-file="$pki/sa.key" \
     --service-cluster-ip-range=10.0.0.0/24 \
-    --endpoint-reconciler-type=none \
+    --endpoint-reconciler-type="$reconciler" \
     --allow-privileged=true \
     --profiling=false \
     --v=1
@@ -229,7 +252,9 @@ cmd_start() {
   command -v kubectl >/dev/null || die "kubectl is required"
   local bin; bin="$("$here/build.sh")"
   echo "$bin" >"$dir/run/binary"
-  gen_pki "$dir"
+  local address="${KUBE_FIM_APISERVER_ADDRESS:-127.0.0.1}"
+  echo "$address" >"$dir/run/apiserver.address"
+  gen_pki "$dir" "$address"
   gen_tokens "$dir"
   free_port >"$dir/run/etcd.port"
   free_port >"$dir/run/etcd-peer.port"
@@ -239,7 +264,7 @@ cmd_start() {
   start_etcd "$dir"
   start_apiserver "$dir"
   start_controller_manager "$dir"
-  log "Kubernetes $("$bin" version) up in $(( $(date +%s) - start ))s at https://127.0.0.1:$(cat "$dir/run/apiserver.port")"
+  log "Kubernetes $("$bin" version) up in $(( $(date +%s) - start ))s at https://$address:$(cat "$dir/run/apiserver.port")"
   log "export KUBECONFIG=$dir/kubeconfig"
 }
 

@@ -53,6 +53,10 @@ pub struct Config {
     /// Host directory holding the agents' baselines and delivery queues.
     #[arg(long, default_value = "/var/lib/kube-fim")]
     pub agent_state_dir: String,
+    /// Host directory the agents mount read-only as the node's root: `/`, or a
+    /// directory standing for it on a test node.
+    #[arg(long, default_value = "/")]
+    pub agent_host_root: String,
     /// Port the agents serve `/metrics`, `/healthz` and `/readyz` on.
     #[arg(long, default_value_t = 9101)]
     pub agent_metrics_port: i32,
@@ -163,6 +167,7 @@ mod tests {
             c.agent_image_pull_policy
         );
         assert_eq!(value(&v, "agent.stateDir"), c.agent_state_dir);
+        assert_eq!(value(&v, "agent.hostRoot"), c.agent_host_root);
         assert_eq!(
             value(&v, "agent.metricsPort"),
             c.agent_metrics_port.to_string()

@@ -276,7 +276,7 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
             Volume {
                 name: "host".into(),
                 host_path: Some(HostPathVolumeSource {
-                    path: "/".into(),
+                    path: config.agent_host_root.clone(),
                     type_: Some("Directory".into()),
                 }),
                 ..Volume::default()

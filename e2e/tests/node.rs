@@ -1,0 +1,680 @@
+//! The real-node tier: the chart's own images run as pods under a real kubelet.
+//!
+//! `make e2e-node` runs this file inside `e2e/node/node.sh run`: a control plane
+//! whose API server pods can reach, and a node next to it (containerd, runc,
+//! bridge CNI, kubelet, kube-scheduler, kube-proxy) that holds the images built
+//! from the release binaries by `e2e/node/images.sh`. The tests install the
+//! chart with `helm install` (values only for the image names, the node's
+//! directories and test addresses), and watch what a user would: the operator
+//! pods leading, the agent DaemonSet pod Ready on the node with the chart's
+//! security context, a changed file as a FileChange, a killed agent restarted by
+//! the kubelet with nothing lost and no tamper alarm, and the least-privilege
+//! claims (DAC_READ_SEARCH reads a mode-0000 file; the host mount and the image
+//! are read-only; the agent's token cannot read Secrets). node.sh checks after
+//! the run that the node left nothing behind.
+#![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use kube_fim_e2e::{eventually, helm, kubectl, kubectl_stdin, repo_root};
+use serde_json::Value;
+
+const NAMESPACE: &str = "kube-fim";
+const RELEASE: &str = "kube-fim";
+const POLICY: &str = "real-node";
+
+fn node_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: the real-node tests run on the local node of \
+             `make e2e-node` (e2e/node/node.sh run DIR -- cargo test -p kube-fim-e2e --test node)"
+        )
+    })
+}
+
+fn node_root() -> PathBuf {
+    PathBuf::from(node_env("KUBE_FIM_NODE_ROOT"))
+}
+
+fn json(args: &[&str]) -> Result<Value, String> {
+    let run = kubectl(args);
+    if !run.success {
+        return Err(run.stderr);
+    }
+    serde_json::from_str(&run.stdout).map_err(|e| e.to_string())
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+// ------------------------------------------------------------------ images
+
+/// What a Dockerfile's final stage says about the image.
+#[derive(Debug, Default, PartialEq)]
+struct ImageSpec {
+    entrypoint: Vec<String>,
+    user: String,
+    exposed: Vec<String>,
+    /// Destinations of the final stage's COPY instructions.
+    files: Vec<String>,
+}
+
+fn dockerfile_spec(path: &Path) -> ImageSpec {
+    let text = std::fs::read_to_string(path).expect("Dockerfile");
+    let mut spec = ImageSpec::default();
+    for line in text.lines().map(str::trim) {
+        let (instr, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match instr {
+            // A new stage starts from scratch: only the last one is the image.
+            "FROM" => spec = ImageSpec::default(),
+            "ENTRYPOINT" => {
+                spec.entrypoint = serde_json::from_str(rest).expect("exec-form ENTRYPOINT")
+            }
+            "USER" => spec.user = rest.to_string(),
+            "EXPOSE" => {
+                spec.exposed = rest
+                    .split_whitespace()
+                    .map(|p| format!("{p}/tcp"))
+                    .collect()
+            }
+            "COPY" => spec.files.push(
+                rest.split_whitespace()
+                    .last()
+                    .expect("COPY destination")
+                    .into(),
+            ),
+            _ => {}
+        }
+    }
+    spec
+}
+
+/// The locally built image's config and files: `skopeo inspect --config` and
+/// an `umoci unpack` of its OCI layout.
+fn local_image_spec(name: &str, files: &[String]) -> (ImageSpec, Vec<(String, u32)>) {
+    let layout = format!(
+        "oci:{}/{name}:{}",
+        node_env("KUBE_FIM_NODE_IMAGES"),
+        node_env("KUBE_FIM_NODE_TAG")
+    );
+    let out = Command::new("skopeo")
+        .args(["inspect", "--config", &layout])
+        .output()
+        .expect("skopeo runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: Value = serde_json::from_slice(&out.stdout).expect("image config");
+    let c = &config["config"];
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut exposed: Vec<String> = c["ExposedPorts"]
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    exposed.sort();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bundle = dir.path().join("bundle");
+    let layout_dir = format!(
+        "{}/{name}:{}",
+        node_env("KUBE_FIM_NODE_IMAGES"),
+        node_env("KUBE_FIM_NODE_TAG")
+    );
+    let out = Command::new("umoci")
+        .args(["unpack", "--image", &layout_dir, path_str(&bundle)])
+        .output()
+        .expect("umoci runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let modes = files
+        .iter()
+        .map(|f| {
+            let meta = std::fs::metadata(bundle.join("rootfs").join(f.trim_start_matches('/')))
+                .unwrap_or_else(|e| panic!("{f} in image {name}: {e}"));
+            (f.clone(), meta.permissions().mode() & 0o7777)
+        })
+        .collect();
+    (
+        ImageSpec {
+            entrypoint: strings(&c["Entrypoint"]),
+            user: c["User"].as_str().unwrap_or_default().to_string(),
+            exposed,
+            files: files.to_vec(),
+        },
+        modes,
+    )
+}
+
+#[test]
+fn local_images_have_the_entrypoint_user_ports_and_layout_of_the_dockerfiles() {
+    for (name, dockerfile) in [
+        ("kube-fim-agent", "node-agent/Dockerfile"),
+        ("kube-fim-operator", "operator/Dockerfile"),
+    ] {
+        let want = dockerfile_spec(&repo_root().join(dockerfile));
+        assert!(
+            !want.entrypoint.is_empty(),
+            "{dockerfile} has an ENTRYPOINT"
+        );
+        let (got, modes) = local_image_spec(name, &want.files);
+        assert_eq!(got, want, "image {name} against {dockerfile}");
+        for (file, mode) in modes {
+            assert_eq!(mode, 0o755, "{file} in {name} is an executable binary");
+        }
+    }
+}
+
+// ------------------------------------------------------------------ the chart on the node
+
+fn write(path: &Path, content: &str, mode: u32) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, content).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// The node's "/" as the agent sees it: a few files a policy watches, a secret
+/// no one may read without DAC_READ_SEARCH, and a static busybox to probe the
+/// agent container from inside (the agent image has no shell).
+fn prepare_node_root(root: &Path) {
+    write(
+        &root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\n",
+        0o644,
+    );
+    write(
+        &root.join("etc/ssh/sshd_config"),
+        "PermitRootLogin no\n",
+        0o600,
+    );
+    write(&root.join("etc/host.conf"), "multi on\n", 0o644);
+    write(&root.join("etc/vault.conf"), "token=s3cret\n", 0o000);
+    std::fs::create_dir_all(root.join("bin")).expect("bin");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("busybox (make deps installs busybox-static)");
+}
+
+fn helm_install(root: &Path) {
+    let state = node_env("KUBE_FIM_NODE_STATE");
+    let chart = repo_root().join("charts/kube-fim");
+    let values = [
+        "operator.image.repository=localhost/kube-fim/kube-fim-operator".to_string(),
+        "agent.image.repository=localhost/kube-fim/kube-fim-agent".to_string(),
+        format!("operator.image.tag={}", node_env("KUBE_FIM_NODE_TAG")),
+        format!("agent.image.tag={}", node_env("KUBE_FIM_NODE_TAG")),
+        "operator.image.pullPolicy=Never".to_string(),
+        "agent.image.pullPolicy=Never".to_string(),
+        format!("agent.hostRoot={}", root.display()),
+        format!("agent.stateDir={state}"),
+    ];
+    let run = kubectl(["create", "namespace", NAMESPACE]);
+    assert!(run.success, "{}", run.stderr);
+    // What the chart's README asks for: the agents mount the host.
+    let run = kubectl([
+        "label",
+        "namespace",
+        NAMESPACE,
+        "pod-security.kubernetes.io/enforce=privileged",
+    ]);
+    assert!(run.success, "{}", run.stderr);
+    let mut args = vec![
+        "install".to_string(),
+        RELEASE.into(),
+        path_str(&chart).into(),
+        "--namespace".into(),
+        NAMESPACE.into(),
+    ];
+    for v in values {
+        args.push("--set".into());
+        args.push(v);
+    }
+    let run = helm(&args);
+    assert!(run.success, "helm install: {}{}", run.stdout, run.stderr);
+}
+
+fn apply_policy() {
+    let policy = format!(
+        r#"apiVersion: fim.kube-fim.io/v1alpha1
+kind: FileIntegrityPolicy
+metadata:
+  name: {POLICY}
+spec:
+  nodeSelector:
+    kubernetes.io/os: linux
+  paths:
+    - name: accounts
+      path: /etc/passwd
+    - name: ssh
+      path: /etc/ssh
+      recursive: true
+    - name: etc-conf
+      path: /etc/*.conf
+  scanInterval: 1h
+  debounce: 1s
+"#
+    );
+    let run = kubectl_stdin(&["apply", "-f", "-"], &policy);
+    assert!(run.success, "{}", run.stderr);
+}
+
+/// The agent pod on the node, once it is Running and Ready.
+async fn ready_agent_pod() -> Value {
+    eventually(
+        "the agent DaemonSet pod to be Running and Ready on the node",
+        Duration::from_secs(120),
+        || async {
+            let pods = json(&[
+                "get",
+                "pods",
+                "-n",
+                NAMESPACE,
+                "-l",
+                "app.kubernetes.io/component=agent",
+                "-o",
+                "json",
+            ])?;
+            let pod = pods["items"]
+                .as_array()
+                .and_then(|a| a.first())
+                .cloned()
+                .ok_or("no agent pod")?;
+            let ready = pod["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            if pod["status"]["phase"] == "Running" && ready {
+                Ok(pod)
+            } else {
+                Err(format!("{}", pod["status"]))
+            }
+        },
+    )
+    .await
+}
+
+fn file_changes() -> Vec<Value> {
+    json(&["get", "filechanges", "-o", "json"])
+        .map(|v| v["items"].as_array().cloned().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+async fn file_change(path: &str, category: &str) -> Value {
+    eventually(
+        &format!("a FileChange {category} {path}"),
+        Duration::from_secs(60),
+        || async {
+            file_changes()
+                .into_iter()
+                .find(|c| c["spec"]["path"] == path && c["spec"]["category"] == category)
+                .ok_or_else(|| {
+                    format!(
+                        "{:?}",
+                        file_changes()
+                            .iter()
+                            .map(|c| format!("{} {}", c["spec"]["category"], c["spec"]["path"]))
+                            .collect::<Vec<_>>()
+                    )
+                })
+        },
+    )
+    .await
+}
+
+/// `kubectl exec` into the agent container: the static busybox of the node root
+/// (seen at /host/bin/busybox) runs with the container's identity, capabilities
+/// and mounts.
+fn agent_exec(pod: &str, args: &[&str]) -> kube_fim_e2e::Run {
+    let mut all = vec![
+        "exec",
+        "-n",
+        NAMESPACE,
+        pod,
+        "-c",
+        "agent",
+        "--",
+        "/host/bin/busybox",
+    ];
+    all.extend_from_slice(args);
+    kubectl(all)
+}
+
+fn tamper_events() -> Vec<String> {
+    json(&[
+        "get",
+        "events",
+        "-A",
+        "--field-selector",
+        "reason=BaselineTampered",
+        "-o",
+        "json",
+    ])
+    .map(|v| {
+        v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e["message"].to_string())
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chart_runs_on_a_real_node_and_its_agent_catches_a_change() {
+    let node = node_env("KUBE_FIM_NODE_NAME");
+    let root = node_root();
+    prepare_node_root(&root);
+
+    // The node is a real kubelet's: Ready, with the kubelet's own report.
+    let n = json(&["get", "node", &node, "-o", "json"]).expect("the node");
+    assert!(
+        n["status"]["nodeInfo"]["kubeletVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("v1."),
+        "{}",
+        n["status"]["nodeInfo"]
+    );
+    assert!(
+        n["status"]["nodeInfo"]["containerRuntimeVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("containerd://"),
+        "{}",
+        n["status"]["nodeInfo"]
+    );
+
+    helm_install(&root);
+
+    // The operator pods run from the local image and one of them leads.
+    let leader: String = eventually(
+        "an operator pod to hold the leader Lease",
+        Duration::from_secs(120),
+        || async {
+            let pods = json(&[
+                "get",
+                "pods",
+                "-n",
+                NAMESPACE,
+                "-l",
+                "app.kubernetes.io/component=operator",
+                "-o",
+                "json",
+            ])?;
+            let ready: Vec<String> = pods["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| {
+                    p["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+                .map(|p| {
+                    p["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect();
+            let lease = json(&[
+                "get",
+                "lease",
+                "-n",
+                NAMESPACE,
+                &format!("{RELEASE}-operator"),
+                "-o",
+                "json",
+            ])?;
+            let holder = lease["spec"]["holderIdentity"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if ready.contains(&holder) {
+                Ok(holder)
+            } else {
+                Err(format!("ready {ready:?}, lease holder {holder:?}"))
+            }
+        },
+    )
+    .await;
+    let log = kubectl(["logs", "-n", NAMESPACE, &leader]);
+    assert!(
+        log.success,
+        "kubectl logs through the kubelet: {}",
+        log.stderr
+    );
+
+    apply_policy();
+    let pod = ready_agent_pod().await;
+    let pod_name = pod["metadata"]["name"]
+        .as_str()
+        .expect("pod name")
+        .to_string();
+    assert_eq!(pod["spec"]["nodeName"], node.as_str());
+
+    // Exactly the chart's security context and probes, on a running container.
+    let container = &pod["spec"]["containers"][0];
+    let sc = &container["securityContext"];
+    assert_eq!(sc["runAsUser"], 0, "{sc}");
+    assert_eq!(sc["privileged"], false, "{sc}");
+    assert_eq!(sc["allowPrivilegeEscalation"], false, "{sc}");
+    assert_eq!(sc["readOnlyRootFilesystem"], true, "{sc}");
+    assert_eq!(
+        sc["capabilities"]["drop"],
+        serde_json::json!(["ALL"]),
+        "{sc}"
+    );
+    assert_eq!(
+        sc["capabilities"]["add"],
+        serde_json::json!(["DAC_READ_SEARCH"]),
+        "{sc}"
+    );
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let host = container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["mountPath"] == "/host")
+        .cloned()
+        .expect("the host mount");
+    assert_eq!(host["readOnly"], true, "{host}");
+
+    eventually(
+        "the policy to count the node Ready",
+        Duration::from_secs(90),
+        || async {
+            let fip = json(&["get", "fip", POLICY, "-o", "json"])?;
+            if fip["status"]["nodesReady"] == 1 {
+                Ok(())
+            } else {
+                Err(format!("{}", fip["status"]))
+            }
+        },
+    )
+    .await;
+
+    // A change on the node (under the rshared bind mount) becomes a FileChange.
+    write(
+        &root.join("etc/ssh/sshd_config"),
+        "PermitRootLogin yes\n",
+        0o600,
+    );
+    let change = file_change("/etc/ssh/sshd_config", "Modified").await;
+    assert_eq!(change["spec"]["node"], node.as_str(), "{change}");
+    assert_eq!(change["spec"]["policy"], POLICY, "{change}");
+
+    // Least privilege, from inside the agent container.
+    let read = agent_exec(&pod_name, &["cat", "/host/etc/vault.conf"]);
+    assert!(
+        read.success && read.stdout == "token=s3cret\n",
+        "DAC_READ_SEARCH reads a mode-0000 file: {read:?}"
+    );
+    let perms = std::fs::metadata(root.join("etc/vault.conf"))
+        .expect("vault.conf")
+        .permissions();
+    assert_eq!(perms.mode() & 0o777, 0, "the secret is mode 0000");
+    let host_write = agent_exec(&pod_name, &["touch", "/host/etc/planted"]);
+    assert!(
+        !host_write.success,
+        "the host mount is read-only: {host_write:?}"
+    );
+    assert!(
+        host_write.stderr.contains("Read-only file system"),
+        "{host_write:?}"
+    );
+    assert!(!root.join("etc/planted").exists());
+    let own_write = agent_exec(&pod_name, &["touch", "/usr/local/bin/planted"]);
+    assert!(
+        !own_write.success,
+        "the image's filesystem is read-only: {own_write:?}"
+    );
+    assert!(
+        own_write.stderr.contains("Read-only file system"),
+        "{own_write:?}"
+    );
+    let token = agent_exec(
+        &pod_name,
+        &["cat", "/var/run/secrets/kubernetes.io/serviceaccount/token"],
+    );
+    assert!(token.success && !token.stdout.is_empty(), "{token:?}");
+    let secrets = kubectl([
+        "get",
+        "secrets",
+        "-n",
+        NAMESPACE,
+        &format!("--token={}", token.stdout.trim()),
+    ]);
+    assert!(
+        !secrets.success,
+        "the agent's token reads no Secrets: {secrets:?}"
+    );
+    assert!(secrets.stderr.contains("Forbidden"), "{secrets:?}");
+    assert!(
+        secrets
+            .stderr
+            .contains(&format!("system:serviceaccount:{NAMESPACE}:")),
+        "refused as the agent's ServiceAccount: {}",
+        secrets.stderr
+    );
+
+    // The agent is killed; a file changes while it is down; the kubelet restarts
+    // it and it reports that change, nothing twice, and no tamper alarm.
+    let before: BTreeMap<String, Value> = file_changes()
+        .into_iter()
+        .map(|c| {
+            (
+                c["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                c,
+            )
+        })
+        .collect();
+    let restarts = |p: &Value| {
+        p["status"]["containerStatuses"][0]["restartCount"]
+            .as_i64()
+            .unwrap_or(0)
+    };
+    let restarts_before = restarts(&pod);
+    let container_id = pod["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .and_then(|id| id.strip_prefix("containerd://"))
+        .expect("a containerd container id")
+        .to_string();
+    let killed = Command::new("ctr")
+        .args([
+            "-a",
+            &node_env("KUBE_FIM_NODE_CONTAINERD"),
+            "-n",
+            "k8s.io",
+            "tasks",
+            "kill",
+            "-s",
+            "SIGKILL",
+            &container_id,
+        ])
+        .output()
+        .expect("ctr runs");
+    assert!(
+        killed.status.success(),
+        "killing the agent: {}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    write(
+        &root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nmallory:x:0:0::/:/bin/sh\n",
+        0o644,
+    );
+    let restarted: Value = eventually(
+        "the kubelet to restart the agent container",
+        Duration::from_secs(90),
+        || async {
+            let p = json(&["get", "pod", "-n", NAMESPACE, &pod_name, "-o", "json"])?;
+            let ready = p["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            if restarts(&p) > restarts_before && ready {
+                Ok(p)
+            } else {
+                Err(format!("{}", p["status"]["containerStatuses"]))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        restarted["metadata"]["uid"], pod["metadata"]["uid"],
+        "the same pod, restarted in place"
+    );
+    let missed = file_change("/etc/passwd", "Modified").await;
+    assert_eq!(missed["spec"]["node"], node.as_str(), "{missed}");
+    // Let the restarted agent finish its comparison, then look for duplicates.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = file_changes();
+    let sshd: Vec<&Value> = after
+        .iter()
+        .filter(|c| c["spec"]["path"] == "/etc/ssh/sshd_config")
+        .collect();
+    assert_eq!(
+        sshd.len(),
+        1,
+        "the change before the kill is not reported again: {sshd:?}"
+    );
+    for c in &after {
+        let name = c["metadata"]["name"].as_str().unwrap_or_default();
+        if !before.contains_key(name) {
+            assert_eq!(
+                c["spec"]["path"], "/etc/passwd",
+                "only the missed change is new: {c}"
+            );
+        }
+    }
+    assert!(
+        tamper_events().is_empty(),
+        "no tamper alarm: {:?}",
+        tamper_events()
+    );
+}
