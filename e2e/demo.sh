@@ -92,6 +92,10 @@ if [[ "$1" == --inside-node ]]; then
   step "What a user sees"
   show kubectl get fc
   show kubectl get events -A --field-selector reason=FileModified
+  for _ in $(seq 1 30); do
+    [[ "$(kubectl get fip node-baseline -o jsonpath='{.status.changesLast24h}')" -ge 4 ]] && break
+    sleep 0.5
+  done
   show kubectl get fip
   if [[ -t 0 ]]; then
     step "Still running: export KUBECONFIG=$KUBECONFIG — edit files under $h and watch kubectl get fc -w. Ctrl-C stops everything."
