@@ -67,6 +67,13 @@ NS
 
 {
   echo "$header"
+  echo "# Admission policies (an agent speaks for its own node only; approvals name"
+  echo "# their approver, who holds the approve verb) and the agents' API priority level."
+  render admission.yaml
+} >"$out/admission.yaml"
+
+{
+  echo "$header"
   echo "# The operator (it creates the agent DaemonSet) and the metrics Services."
   render operator-deployment.yaml operator-pdb.yaml services.yaml
 } >"$out/workload.yaml"
@@ -83,6 +90,7 @@ kind: Kustomization
 resources:
   - crds.yaml
   - rbac.yaml
+  - admission.yaml
   - workload.yaml
 KUSTOMIZATION
 

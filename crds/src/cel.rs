@@ -105,7 +105,15 @@ duration_rule!(
 /// Recorded changes are evidence: once created, a FileChange's spec never changes.
 pub const SPEC_IMMUTABLE: &str = "self == oldSelf";
 pub const SPEC_IMMUTABLE_MSG: &str =
-    "a FileChange's spec is a record and cannot be changed; acknowledge it instead";
+    "a FileChange's spec is a record and cannot be changed; approve it instead";
+
+/// An approval, once given, is never rewritten.
+pub const APPROVAL_IMMUTABLE: &str = "self == oldSelf";
+pub const APPROVAL_IMMUTABLE_MSG: &str = "an approval is a record and cannot be changed once given";
+
+/// ... nor removed (a transition rule on the status: the old one had it).
+pub const APPROVAL_KEPT: &str = "!has(oldSelf.approval) || has(self.approval)";
+pub const APPROVAL_KEPT_MSG: &str = "an approval is a record and cannot be removed once given";
 
 #[cfg(test)]
 mod tests {

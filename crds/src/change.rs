@@ -2,8 +2,12 @@
 //!
 //! Cluster-scoped like the policy it belongs to. The spec is immutable once
 //! created (a CEL transition rule): nobody with update rights can rewrite what an
-//! agent recorded. Acknowledging a change is a label (see [`crate::labels`]) that
-//! the agent answers in `status`.
+//! agent recorded. Approving a change is a recorded decision, `status.approval`
+//! (who, when, why), written once through the status subresource like a
+//! CertificateSigningRequest's approval: the schema forbids changing or removing
+//! it, and the chart's ValidatingAdmissionPolicy requires the approver to be the
+//! requesting user and to hold the `approve` verb on filechanges. The agent of
+//! the node answers in `status.outcome`.
 // kube's `printcolumn(...)` attributes repeat `type_ = ...` by design.
 #![allow(clippy::duplicated_attributes)]
 
@@ -367,15 +371,61 @@ pub struct ChangeSummary {
 /// State of a change after it was recorded.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(cel::APPROVAL_KEPT).message(cel::APPROVAL_KEPT_MSG))]
 pub struct FileChangeStatus {
-    /// When the agent took the file's current state as its new baseline, after
-    /// the change was acknowledged.
+    /// The decision that this change was expected. Set once, by an approver
+    /// (`kubectl fim approve`); never changed or removed afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new(cel::APPROVAL_IMMUTABLE).message(cel::APPROVAL_IMMUTABLE_MSG))]
+    pub approval: Option<Approval>,
+
+    /// What the node's agent did with the approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<ApprovalOutcome>,
+
+    /// When the agent took the approved state as its new baseline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline_updated_time: Option<Time>,
 
-    /// Why an acknowledgement could not be applied (for example the file changed
-    /// again since), if it could not.
+    /// The agent's account of the outcome, e.g. that the file changed again
+    /// since and which new FileChange reports its present state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub message: Option<String>,
+}
+
+/// Who decided that a change was expected, when and why.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Approval {
+    /// User name of the approver, as the API server authenticated them. The
+    /// admission policy refuses any other value than the requesting user's.
+    #[schemars(length(min = 1, max = 512))]
+    pub approved_by: String,
+
+    /// When the approval was given.
+    pub approved_at: Time,
+
+    /// Why the change is expected (a ticket, a maintenance window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub reason: Option<String>,
+}
+
+/// What the agent did with an approval.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ApprovalOutcome {
+    /// The file still matched the approved state (`spec.after`): that state is
+    /// the node's baseline now.
+    Applied,
+    /// The file no longer matched the approved state: nothing was approved, and
+    /// its present state is reported as a new change (see `message`).
+    Superseded,
+}
+
+impl FileChange {
+    /// The recorded approval, if any.
+    pub fn approval(&self) -> Option<&Approval> {
+        self.status.as_ref().and_then(|s| s.approval.as_ref())
+    }
 }

@@ -1,7 +1,9 @@
 //! Label and annotation keys shared by the operator, the agents and users.
 //!
 //! `kubectl get fc -l fim.kube-fim.io/node=worker-1,fim.kube-fim.io/category=Modified`
-//! filters changes; label values longer than 63 characters (node names may reach
+//! filters changes. Labels are filters only, never decisions: anyone with patch
+//! rights can set one, so approval is `status.approval` (see
+//! [`crate::change`]), not a label. Label values longer than 63 characters (node names may reach
 //! 253) are shortened by [`label_value`].
 
 /// Node a FileChange was detected on.
@@ -12,9 +14,6 @@ pub const POLICY: &str = "fim.kube-fim.io/policy";
 pub const CATEGORY: &str = "fim.kube-fim.io/category";
 /// Entry name of a FileChange.
 pub const ENTRY: &str = "fim.kube-fim.io/entry";
-/// Set to `true` by an admin to accept a change: the agent makes the file's
-/// current state its new baseline.
-pub const ACKNOWLEDGED: &str = "fim.kube-fim.io/acknowledged";
 /// Marks objects made by kube-fim (`app.kubernetes.io/managed-by`).
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY`].

@@ -16,15 +16,15 @@ pub mod selection;
 pub mod validate;
 
 pub use change::{
-    AttributionLimit, ChangeCategory, ChangeSummary, DetectionSource, FileAttributes, FileChange,
-    FileChangeSpec, FileChangeStatus, FileType, PodRef, ProcessInfo,
+    Approval, ApprovalOutcome, AttributionLimit, ChangeCategory, ChangeSummary, DetectionSource,
+    FileAttributes, FileChange, FileChangeSpec, FileChangeStatus, FileType, PodRef, ProcessInfo,
 };
 pub use node::{
     FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodeAttribution,
     NodePolicyPhase, NodePolicyStatus,
 };
 pub use policy::{
-    Attribute, AttributeProfile, FileIntegrityPolicy, FileIntegrityPolicySpec,
+    Attribute, AttributeProfile, Evidence, FileIntegrityPolicy, FileIntegrityPolicySpec,
     FileIntegrityPolicyStatus, MonitoredPath, Preset, Retention,
 };
 

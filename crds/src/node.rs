@@ -75,6 +75,7 @@ pub struct FileIntegrityNodeSpec {
 pub struct FileIntegrityNodeStatus {
     /// Version of the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub agent_version: Option<String>,
 
     /// Last time the agent wrote this status. The operator counts a node whose
@@ -98,11 +99,12 @@ pub struct FileIntegrityNodeStatus {
     /// agent compares its baseline on disk with this value; a mismatch means the
     /// baseline was edited on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub baseline_digest: Option<String>,
 
     /// One entry per policy the agent serves.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["policy"]))]
+    #[schemars(length(max = 1024), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["policy"]))]
     pub policies: Vec<NodePolicyStatus>,
     /// Process attribution on this node, when a served policy asks for it:
     /// whether the writers of changes are named, and if not, why.
@@ -151,6 +153,7 @@ pub enum NodePolicyPhase {
 #[serde(rename_all = "camelCase")]
 pub struct NodePolicyStatus {
     /// Name of the policy.
+    #[schemars(length(min = 1, max = 63))]
     pub policy: String,
 
     /// The policy generation the agent applied.

@@ -112,6 +112,12 @@ pub struct FileIntegrityPolicySpec {
     #[serde(default)]
     pub retention: Retention,
 
+    /// What happens to this policy's FileChanges when the policy is deleted.
+    /// `Retain` (the default) keeps them as evidence; `Delete` has the operator
+    /// delete them before the policy goes.
+    #[serde(default)]
+    pub evidence: Evidence,
+
     /// Attributes a change to the process that made it (pid, command, user) where
     /// the kernel can tell (fanotify). Needs an extra capability on the agent, so
     /// it is off by default; without it changes are still reported.
@@ -307,10 +313,17 @@ pub struct Retention {
     #[x_kube(validation = kube::core::Rule::new(cel::RETENTION_AGE).message(cel::RETENTION_AGE_MSG))]
     pub max_age: String,
 
-    /// Keep at most this many changes; the oldest go first.
+    /// Keep at most this many changes per node; the oldest go first. Counted
+    /// per node so that one node cannot push another node's records out.
     #[serde(default = "default_retention_count")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_count: u32,
+
+    /// Also delete changes nobody approved once they are past `maxAge` or
+    /// `maxCount`. Off by default: an unapproved change is evidence nobody has
+    /// looked at, and retention keeps it however old or many.
+    #[serde(default)]
+    pub delete_unapproved: bool,
 }
 
 impl Default for Retention {
@@ -318,8 +331,20 @@ impl Default for Retention {
         Retention {
             max_age: default_retention_age(),
             max_count: default_retention_count(),
+            delete_unapproved: false,
         }
     }
+}
+
+/// What happens to a policy's FileChanges when the policy is deleted.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Evidence {
+    /// Keep them: evidence outlives the policy that produced it.
+    #[default]
+    Retain,
+    /// Delete them with the policy (the operator holds the policy with a
+    /// finalizer until they are gone).
+    Delete,
 }
 
 /// Observed state of a policy, aggregated by the operator from the agents' per-node reports.
@@ -361,7 +386,7 @@ pub struct FileIntegrityPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changes_last24h: Option<i64>,
 
-    /// Reported changes nobody has acknowledged yet. Stored here, not only in
+    /// Reported changes nobody has approved yet. Stored here, not only in
     /// process memory, so that alerts on it survive restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unacknowledged_changes: Option<i64>,
@@ -413,6 +438,7 @@ impl FileIntegrityPolicySpec {
             debounce: default_debounce(),
             max_changes_per_node_per_minute: default_max_changes_per_minute(),
             retention: Retention::default(),
+            evidence: Evidence::default(),
             process_attribution: false,
         }
     }

@@ -458,6 +458,7 @@ mod tests {
         spec.retention = Retention {
             max_age: "1d".into(),
             max_count: 1_000_000,
+            delete_unapproved: false,
         };
         let fields: Vec<String> = errors_of(&spec).into_iter().map(|e| e.field).collect();
         assert_eq!(

@@ -15,8 +15,7 @@ use kube_fim_crds::{
 };
 
 use crate::{
-    Process, binary, ensure_crds, eventually, free_port, http_get, repo_root,
-    service_account_kubeconfig,
+    Process, binary, ensure_crds, eventually, free_port, http_get, node_bound_kubeconfig, repo_root,
 };
 
 /// Label that scopes a test's policies to its own agents.
@@ -38,9 +37,10 @@ impl TestNode {
         self.root.join(path.trim_start_matches('/'))
     }
 
-    /// Starts (or restarts) the agent process.
+    /// Starts (or restarts) the agent process, logged in as the kube-fim-agent
+    /// ServiceAccount with a token bound to this node (as a pod's would be).
     pub fn start_agent(&mut self) {
-        let kubeconfig = service_account_kubeconfig("kube-fim-agent");
+        let kubeconfig = node_bound_kubeconfig(&self.name);
         let args = vec![
             "run".to_string(),
             format!("--node-name={}", self.name),

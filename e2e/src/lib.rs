@@ -87,8 +87,9 @@ pub fn kubectl_stdin(args: &[&str], input: &str) -> Run {
     child.wait_with_output().expect("kubectl finishes").into()
 }
 
-/// Installs the committed CRD YAML (what users apply) once per test process and
-/// waits until the API server reports both CRDs Established.
+/// Installs the committed CRD YAML and admission policies (what users apply)
+/// once per test process and waits until the API server reports the CRDs
+/// Established.
 pub fn ensure_crds() {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     let result = DONE.get_or_init(|| {
@@ -106,6 +107,23 @@ pub fn ensure_crds() {
             if !run.success {
                 return Err(format!("kubectl apply {file}: {}", run.stderr));
             }
+        }
+        // The admission policies belong to the API as much as the schema does:
+        // every test sees the rules a real install enforces.
+        let admission = root.join("manifests/admission.yaml");
+        let run = kubectl([
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=kube-fim-e2e",
+            "-f",
+            admission.to_str().expect("utf-8 path"),
+        ]);
+        if !run.success {
+            return Err(format!(
+                "kubectl apply manifests/admission.yaml: {}",
+                run.stderr
+            ));
         }
         let run = kubectl([
             "wait",
@@ -378,6 +396,111 @@ pub fn service_account_kubeconfig_in(namespace: &str, sa: &str) -> PathBuf {
         "kubectl create token {sa} -n {namespace}: {}",
         run.stderr
     );
+    token_kubeconfig(&format!("{namespace}-{sa}"), run.stdout.trim())
+}
+
+/// A kubeconfig for the kube-fim-agent ServiceAccount with a token bound to
+/// Node `node`, as the kubelet gives an agent pod: the API server adds
+/// `authentication.kubernetes.io/node-name` to every request made with it.
+pub fn node_bound_kubeconfig(node: &str) -> PathBuf {
+    ensure_rbac();
+    let uid = kubectl(["get", "node", node, "-o", "jsonpath={.metadata.uid}"]);
+    assert!(uid.success, "node {node}: {}", uid.stderr);
+    let run = kubectl([
+        "create",
+        "token",
+        "kube-fim-agent",
+        "-n",
+        "kube-fim",
+        "--duration=1h",
+        "--bound-object-kind=Node",
+        &format!("--bound-object-name={node}"),
+        &format!("--bound-object-uid={}", uid.stdout.trim()),
+    ]);
+    assert!(run.success, "node-bound token for {node}: {}", run.stderr);
+    token_kubeconfig(&format!("agent-{node}"), run.stdout.trim())
+}
+
+/// ServiceAccount `kube-fim/<sa>`, bound to ClusterRole `role`, and a
+/// kubeconfig logging in as it (e.g. an approver or an auditor).
+pub fn service_account_with_cluster_role(sa: &str, role: &str) -> PathBuf {
+    ensure_rbac();
+    let manifest = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {"apiVersion": "v1", "kind": "ServiceAccount",
+             "metadata": {"name": sa, "namespace": "kube-fim"}},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+             "metadata": {"name": format!("kube-fim-e2e-{sa}")},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+             "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": "kube-fim"}]},
+        ],
+    });
+    let run = kubectl_stdin(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=kube-fim-e2e",
+            "-f",
+            "-",
+        ],
+        &manifest.to_string(),
+    );
+    assert!(run.success, "{sa} bound to {role}: {}", run.stderr);
+    service_account_kubeconfig_in("kube-fim", sa)
+}
+
+/// A client logged in with `kubeconfig`.
+pub async fn client_for(kubeconfig: &Path) -> kube::Client {
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(kubeconfig).expect("kubeconfig readable"),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("a client config");
+    kube::Client::try_from(config).expect("a client")
+}
+
+/// The user name the API server authenticates `client` as (SelfSubjectReview).
+pub async fn whoami(client: &kube::Client) -> String {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let review = kube::Api::<SelfSubjectReview>::all(client.clone())
+        .create(&Default::default(), &SelfSubjectReview::default())
+        .await
+        .expect("SelfSubjectReview");
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .expect("a user name")
+}
+
+/// Records `client`'s user's approval of FileChange `name`, as `kubectl fim
+/// approve` does.
+pub async fn approve(
+    client: &kube::Client,
+    name: &str,
+    reason: &str,
+) -> Result<kube_fim_crds::FileChange, kube::Error> {
+    let approval = kube_fim_crds::Approval {
+        approved_by: whoami(client).await,
+        approved_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ),
+        reason: Some(reason.to_string()),
+    };
+    kube::Api::<kube_fim_crds::FileChange>::all(client.clone())
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {"approval": approval}})),
+        )
+        .await
+}
+
+/// A kubeconfig for the control plane that logs in with `token`.
+fn token_kubeconfig(label: &str, token: &str) -> PathBuf {
     let admin: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(kubeconfig()).expect("kubeconfig readable"))
             .expect("kubeconfig is YAML");
@@ -389,13 +512,13 @@ pub fn service_account_kubeconfig_in(namespace: &str, sa: &str) -> PathBuf {
             "server": cluster["server"].as_str().expect("server"),
             "certificate-authority-data": cluster["certificate-authority-data"].as_str().expect("CA"),
         }}],
-        "users": [{"name": sa, "user": {"token": run.stdout.trim()}}],
-        "contexts": [{"name": "local", "context": {"cluster": "local", "user": sa}}],
+        "users": [{"name": label, "user": {"token": token}}],
+        "contexts": [{"name": "local", "context": {"cluster": "local", "user": label}}],
         "current-context": "local",
     });
     let dir = repo_root().join("target/e2e-kubeconfigs");
     std::fs::create_dir_all(&dir).expect("create kubeconfig dir");
-    let path = dir.join(format!("{namespace}-{sa}-{}.yaml", std::process::id()));
+    let path = dir.join(format!("{label}-{}.yaml", std::process::id()));
     std::fs::write(&path, serde_yaml::to_string(&config).expect("YAML")).expect("write kubeconfig");
     path
 }

@@ -558,7 +558,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 #[tokio::test]
-async fn a_deleted_policy_stops_reporting_and_its_changes_go_with_it() {
+async fn a_deleted_policy_stops_reporting_and_leaves_its_evidence() {
     let client = client().await;
     let suite = unique_name("e2e");
     let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
@@ -571,13 +571,9 @@ async fn a_deleted_policy_stops_reporting_and_its_changes_go_with_it() {
     fleet.wait_ready(&a, &policy, READY).await;
     std::fs::write(fleet.nodes[0].host("/etc/hosts"), "10.0.0.1 x\n").unwrap();
     let before = wait_changes(&fleet, &a, &["Modified /etc/hosts"]).await;
-    assert_eq!(
-        before[0]
-            .owner_references()
-            .first()
-            .map(|o| o.name.as_str()),
-        Some(policy.as_str()),
-        "a change is owned by its policy"
+    assert!(
+        before[0].owner_references().is_empty(),
+        "a change is owned by nothing the garbage collector could delete it with"
     );
 
     Api::<FileIntegrityPolicy>::all(client.clone())
@@ -603,30 +599,21 @@ async fn a_deleted_policy_stops_reporting_and_its_changes_go_with_it() {
         }
     })
     .await;
-    eventually(
-        "its FileChanges garbage-collected",
-        Duration::from_secs(60),
-        || async {
-            let left = names(&fleet.changes(&a).await);
-            if left.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("{left:?}"))
-            }
-        },
-    )
-    .await;
+    // Evidence outlives the policy (evidence: Retain, the default).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(names(&fleet.changes(&a).await), names(&before));
     std::fs::write(fleet.nodes[0].host("/etc/hosts"), "10.0.0.2 y\n").unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        fleet.changes(&a).await.is_empty(),
+    assert_eq!(
+        names(&fleet.changes(&a).await),
+        names(&before),
         "no report for a deleted policy"
     );
     fleet.cleanup().await;
 }
 
 #[tokio::test]
-async fn acknowledging_a_change_makes_the_current_state_the_baseline() {
+async fn approving_a_change_makes_the_approved_state_the_baseline() {
     let client = client().await;
     let suite = unique_name("e2e");
     let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
@@ -641,18 +628,29 @@ async fn acknowledging_a_change_makes_the_current_state_the_baseline() {
     std::fs::write(fleet.nodes[0].host("/etc/hosts"), "10.9.9.9 expected\n").unwrap();
     let changes = wait_changes(&fleet, &a, &["Modified /etc/hosts"]).await;
     let name = changes[0].name_any();
-    // The admin's gesture: a label on the change.
-    let run = kube_fim_e2e::kubectl(["label", "fc", &name, "fim.kube-fim.io/acknowledged=true"]);
-    assert!(run.success, "{}", run.stderr);
+    // The approver's gesture: a recorded approval in the change's status.
+    kube_fim_e2e::approve(&client, &name, "expected hosts entry")
+        .await
+        .unwrap();
     let api: Api<kube_fim_crds::FileChange> = Api::all(client.clone());
-    eventually("the agent approving it", SEEN, || async {
+    let answered = eventually("the agent applying the approval", SEEN, || async {
         let c = api.get(&name).await.map_err(|e| e.to_string())?;
-        match c.status.and_then(|s| s.baseline_updated_time) {
-            Some(_) => Ok(()),
-            None => Err("not yet".to_string()),
+        match c.status.clone().and_then(|s| s.baseline_updated_time) {
+            Some(_) => Ok(c),
+            None => Err(format!("{:?}", c.status)),
         }
     })
     .await;
+    let status = answered.status.unwrap();
+    assert_eq!(
+        status.outcome,
+        Some(kube_fim_crds::ApprovalOutcome::Applied)
+    );
+    assert_eq!(
+        status.approval.unwrap().reason.as_deref(),
+        Some("expected hosts entry"),
+        "the approval record survives the agent's answer"
+    );
 
     // The next change is measured against the acknowledged state.
     std::fs::set_permissions(
@@ -671,7 +669,79 @@ async fn acknowledging_a_change_makes_the_current_state_the_baseline() {
     assert_eq!(
         later.spec.before.unwrap().hash.as_deref(),
         Some(blake3::hash(b"10.9.9.9 expected\n").to_hex().as_str()),
-        "before is the acknowledged content"
+        "before is the approved content"
+    );
+    fleet.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_approval_of_a_state_the_file_has_left_approves_nothing() {
+    let client = client().await;
+    let suite = unique_name("e2e");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-etc");
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)]))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+
+    std::fs::write(fleet.nodes[0].host("/etc/sudoers"), "admin ALL\n").unwrap();
+    let seen = wait_changes(&fleet, &a, &["Added /etc/sudoers"]).await;
+    let name = seen[0].name_any();
+    // While the agent is down, root edits the file again; then an approver
+    // approves what they saw.
+    fleet.nodes[0].kill_agent();
+    std::fs::write(
+        fleet.nodes[0].host("/etc/sudoers"),
+        "ALL ALL=(ALL) NOPASSWD: ALL\n",
+    )
+    .unwrap();
+    kube_fim_e2e::approve(&client, &name, "new admin")
+        .await
+        .unwrap();
+    fleet.nodes[0].start_agent();
+
+    let api: Api<kube_fim_crds::FileChange> = Api::all(client.clone());
+    let answered = eventually("the agent refusing the stale approval", SEEN, || async {
+        let c = api.get(&name).await.map_err(|e| e.to_string())?;
+        match c.status.as_ref().and_then(|s| s.outcome) {
+            Some(_) => Ok(c),
+            None => Err(format!("{:?}", c.status)),
+        }
+    })
+    .await;
+    let status = answered.status.unwrap();
+    assert_eq!(
+        status.outcome,
+        Some(kube_fim_crds::ApprovalOutcome::Superseded)
+    );
+    assert!(status.baseline_updated_time.is_none(), "nothing approved");
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.contains("no longer is in the approved state"),
+        "{message}"
+    );
+    // The present state is a change of its own, still unapproved.
+    let present = blake3::hash(b"ALL ALL=(ALL) NOPASSWD: ALL\n")
+        .to_hex()
+        .to_string();
+    let newer = eventually("the present state reported", SEEN, || async {
+        fleet
+            .changes(&a)
+            .await
+            .into_iter()
+            .find(|c| {
+                c.spec.after.as_ref().and_then(|x| x.hash.as_deref()) == Some(present.as_str())
+            })
+            .ok_or_else(|| "not yet".to_string())
+    })
+    .await;
+    assert!(newer.approval().is_none());
+    assert!(
+        message.contains(&newer.name_any()) || message.contains("reported already"),
+        "{message}"
     );
     fleet.cleanup().await;
 }

@@ -398,18 +398,22 @@ async fn a_filechange_shows_the_printer_columns_and_is_immutable() {
     assert_eq!(stored.spec.path, "/etc/passwd");
 
     // Status is a subresource: writing it through the main resource is ignored,
-    // through /status it is kept.
-    api.patch_status(
+    // through /status it is kept (an approval, in the approver's own name).
+    api.patch(
         &name,
         &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"status": {"message": "acknowledged by e2e"}})),
+        &Patch::Merge(serde_json::json!({"status": {"message": "ignored"}})),
     )
     .await
-    .expect("status subresource");
+    .expect("main resource");
+    assert_eq!(api.get(&name).await.unwrap().status, None);
+    kube_fim_e2e::approve(&client, &name, "approved by e2e")
+        .await
+        .expect("status subresource");
     let stored = api.get(&name).await.unwrap();
     assert_eq!(
-        stored.status.and_then(|s| s.message).as_deref(),
-        Some("acknowledged by e2e")
+        stored.approval().and_then(|a| a.reason.as_deref()),
+        Some("approved by e2e")
     );
 
     api.delete(&name, &DeleteParams::default()).await.unwrap();

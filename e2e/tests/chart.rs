@@ -247,6 +247,7 @@ fn manifests_are_rendered_from_the_current_chart() {
         "Kustomization",
         "crds.yaml",
         "rbac.yaml",
+        "admission.yaml",
         "workload.yaml",
         "grafana/kube-fim.json",
         "prometheus/kube-fim-alerts.yaml",
@@ -345,11 +346,15 @@ fn default_values_render_only_the_core_objects() {
         "ClusterRole",
         "ClusterRoleBinding",
         "Deployment",
+        "FlowSchema",
         "PodDisruptionBudget",
+        "PriorityLevelConfiguration",
         "Role",
         "RoleBinding",
         "Service",
         "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -361,6 +366,17 @@ fn default_values_render_only_the_core_objects() {
         ("ServiceAccount", "kube-fim-agent"),
         ("ClusterRole", "kube-fim-operator"),
         ("ClusterRole", "kube-fim-agent"),
+        ("ClusterRole", "kube-fim-approver"),
+        ("ClusterRole", "kube-fim-viewer"),
+        ("ValidatingAdmissionPolicy", "kube-fim-agent-node-bound"),
+        (
+            "ValidatingAdmissionPolicyBinding",
+            "kube-fim-agent-node-bound",
+        ),
+        ("ValidatingAdmissionPolicy", "kube-fim-approval"),
+        ("ValidatingAdmissionPolicyBinding", "kube-fim-approval"),
+        ("FlowSchema", "kube-fim-agents"),
+        ("PriorityLevelConfiguration", "kube-fim-agents"),
         ("ClusterRoleBinding", "kube-fim-operator"),
         ("ClusterRoleBinding", "kube-fim-agent"),
         ("Role", "kube-fim-operator"),
@@ -984,6 +1000,18 @@ async fn helm_install_runs_the_operator_with_the_charts_identity_and_flags() {
         ("clusterrole", format!("{prefix}-agent")),
         ("clusterrolebinding", format!("{prefix}-operator")),
         ("clusterrolebinding", format!("{prefix}-agent")),
+        ("clusterrole", format!("{prefix}-approver")),
+        ("clusterrole", format!("{prefix}-viewer")),
+        (
+            "validatingadmissionpolicy",
+            format!("{prefix}-agent-node-bound"),
+        ),
+        (
+            "validatingadmissionpolicybinding",
+            format!("{prefix}-approval"),
+        ),
+        ("flowschema", format!("{prefix}-agents")),
+        ("prioritylevelconfiguration", format!("{prefix}-agents")),
     ] {
         let run = kubectl(["get", kind, &name, "-n", NAMESPACE]);
         assert!(run.success, "{kind}/{name}: {}", run.stderr);

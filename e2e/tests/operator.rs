@@ -573,6 +573,8 @@ async fn retention_deletes_the_oldest_changes_past_the_count_limit() {
     let api: Api<FileIntegrityPolicy> = Api::all(client.clone());
     let mut p = policy(&name, &suite, &[]);
     p.spec.retention.max_count = 5;
+    // Nobody approved these: only a policy that says so lets retention delete them.
+    p.spec.retention.delete_unapproved = true;
     api.create(&PostParams::default(), &p).await.unwrap();
     let op = start_operator(&suite, &suite, &unique_name("agent"), &unique_name("lease"));
 

@@ -7,7 +7,7 @@ use std::process::Command;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube_fim_crds::labels::{ACKNOWLEDGED, CATEGORY, NODE, POLICY};
+use kube_fim_crds::labels::{CATEGORY, NODE, POLICY};
 use kube_fim_crds::{
     Attribute, ChangeCategory, DetectionSource, FileAttributes, FileChange, FileChangeSpec,
     FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodePolicyPhase,
@@ -134,33 +134,43 @@ async fn summary_export_approve_and_status() {
         ours.iter().any(|l| l.contains("\"/etc/new,file.conf\"")),
         "{ours:?}"
     );
+    // JSON lines of whole objects: the archive reads back as FileChanges.
     let run = kubectl_fim(&["export", "--format", "json"]);
-    let records: Vec<serde_json::Value> = run
+    let records: Vec<FileChange> = run
         .stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    let archived: Vec<&FileChange> = records.iter().filter(|r| r.spec.node == n2).collect();
+    assert_eq!(archived.len(), 1);
     assert_eq!(
-        records
-            .iter()
-            .filter(|r| r["spec"]["node"] == n2.as_str())
-            .count(),
-        1
+        archived[0].spec,
+        api.get(&format!("{suite}-3")).await.unwrap().spec
     );
 
-    // approve: by name, then everything of a node.
-    let run = kubectl_fim(&["approve", &format!("{suite}-3")]);
+    // approve: by name (recorded as the approving user, with the reason),
+    // then everything of a node.
+    let run = kubectl_fim(&["approve", &format!("{suite}-3"), "--reason", "CHG-1234"]);
     assert!(run.success, "{}", run.stderr);
+    let approval = api
+        .get(&format!("{suite}-3"))
+        .await
+        .unwrap()
+        .approval()
+        .cloned()
+        .expect("an approval");
+    assert_eq!(approval.approved_by, kube_fim_e2e::whoami(&client).await);
+    assert_eq!(approval.reason.as_deref(), Some("CHG-1234"));
+    let run = kubectl_fim(&["approve", &format!("{suite}-3"), "--reason", "other"]);
+    assert!(
+        run.success && run.stdout.contains("already approved by"),
+        "approving twice rewrites nothing: {} {}",
+        run.stdout,
+        run.stderr
+    );
     assert_eq!(
-        api.get(&format!("{suite}-3"))
-            .await
-            .unwrap()
-            .metadata
-            .labels
-            .unwrap()
-            .get(ACKNOWLEDGED)
-            .map(String::as_str),
-        Some("true")
+        api.get(&format!("{suite}-3")).await.unwrap().approval(),
+        Some(&approval)
     );
     let run = kubectl_fim(&["approve", "--node", &n1]);
     assert!(run.success, "{}", run.stderr);
@@ -169,7 +179,7 @@ async fn summary_export_approve_and_status() {
     assert_eq!(
         row_of(&run.stdout, &n1)[5],
         "0",
-        "nothing unacknowledged left on n1"
+        "nothing unapproved left on n1"
     );
     let run = kubectl_fim(&["approve"]);
     assert!(

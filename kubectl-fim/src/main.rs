@@ -1,8 +1,10 @@
 //! `kubectl fim`: kube-fim from the terminal (install as `kubectl-fim` on PATH).
 //!
 //! `summary` counts changes per node and category, `export` writes the change
-//! records for archiving, `approve` acknowledges expected changes (the agents
-//! then make the current state the baseline), `status` shows policies and nodes.
+//! records for archiving (JSON lines of whole FileChange objects, approvals
+//! included, that read back as FileChanges), `approve` records the decision
+//! that changes were expected (the agents then make the approved state the
+//! baseline, if the file still is in it), `status` shows policies and nodes.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -10,11 +12,16 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use kube_fim_crds::labels::{ACKNOWLEDGED, NODE, POLICY, label_value};
-use kube_fim_crds::{FileChange, FileIntegrityNode, FileIntegrityPolicy, NodePolicyPhase};
+use kube_fim_crds::labels::{NODE, POLICY, label_value};
+use kube_fim_crds::{
+    Approval, FileChange, FileIntegrityNode, FileIntegrityPolicy, NodePolicyPhase,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,11 +57,16 @@ enum Command {
         #[arg(long, value_enum, default_value = "csv")]
         format: Format,
     },
-    /// Acknowledge expected changes: the agents make the files' current state the baseline.
+    /// Record that changes were expected (who, when, why). The node's agent then
+    /// makes the approved state its baseline, if the file is still in it.
+    /// Needs the ClusterRole kube-fim-approver.
     Approve {
         /// FileChange names.
         names: Vec<String>,
-        /// Every unacknowledged change of this node...
+        /// Why the changes are expected (a ticket, a maintenance window).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Every unapproved change of this node...
         #[arg(long)]
         node: Option<String>,
         /// ...and/or of this policy.
@@ -116,8 +128,8 @@ async fn changes_since(client: &Client, since: Duration) -> anyhow::Result<Vec<F
     Ok(out)
 }
 
-fn acknowledged(c: &FileChange) -> bool {
-    c.labels().get(ACKNOWLEDGED).is_some_and(|v| v == "true")
+fn approved(c: &FileChange) -> bool {
+    c.approval().is_some()
 }
 
 fn count(c: &FileChange) -> u64 {
@@ -143,12 +155,12 @@ async fn summary(client: &Client, since: &str) -> anyhow::Result<()> {
                 }
             }
         }
-        if !acknowledged(c) {
+        if !approved(c) {
             row[3] += count(c);
         }
         let p = per_policy.entry(c.spec.policy.clone()).or_default();
         p.0 += count(c);
-        if !acknowledged(c) {
+        if !approved(c) {
             p.1 += count(c);
         }
     }
@@ -162,7 +174,7 @@ async fn summary(client: &Client, since: &str) -> anyhow::Result<()> {
     writeln!(
         out,
         "{:<40} {:>8} {:>8} {:>8} {:>8} {:>14}",
-        "NODE", "ADDED", "MODIFIED", "REMOVED", "TOTAL", "UNACKNOWLEDGED"
+        "NODE", "ADDED", "MODIFIED", "REMOVED", "TOTAL", "UNAPPROVED"
     )?;
     for (node, r) in &per_node {
         writeln!(
@@ -177,11 +189,7 @@ async fn summary(client: &Client, since: &str) -> anyhow::Result<()> {
         )?;
     }
     writeln!(out)?;
-    writeln!(
-        out,
-        "{:<40} {:>8} {:>14}",
-        "POLICY", "TOTAL", "UNACKNOWLEDGED"
-    )?;
+    writeln!(out, "{:<40} {:>8} {:>14}", "POLICY", "TOTAL", "UNAPPROVED")?;
     for (policy, (total, unacked)) in &per_policy {
         writeln!(out, "{:<40} {:>8} {:>14}", policy, total, unacked)?;
     }
@@ -201,19 +209,17 @@ async fn export(client: &Client, since: &str, format: Format) -> anyhow::Result<
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
+            // Whole objects, one per line: an archive reads back as FileChanges.
             for c in &changes {
-                let record = serde_json::json!({
-                    "name": c.name_any(),
-                    "acknowledged": acknowledged(c),
-                    "spec": c.spec,
-                });
+                let mut record = c.clone();
+                record.metadata.managed_fields = None;
                 writeln!(out, "{}", serde_json::to_string(&record)?)?;
             }
         }
         Format::Csv => {
             writeln!(
                 out,
-                "detected,node,policy,entry,category,path,changed_attributes,source,before_hash,after_hash,count,acknowledged,name,by,pid,command,uid,pod,container"
+                "detected,node,policy,entry,category,path,changed_attributes,source,before_hash,after_hash,count,approved_by,approved_at,approval_reason,name,by,pid,command,uid,pod,container"
             )?;
             for c in &changes {
                 let attrs: Vec<&str> = c
@@ -242,7 +248,15 @@ async fn export(client: &Client, since: &str, format: Format) -> anyhow::Result<
                         .and_then(|a| a.hash.clone())
                         .unwrap_or_default(),
                     count(c).to_string(),
-                    acknowledged(c).to_string(),
+                    c.approval()
+                        .map(|a| a.approved_by.clone())
+                        .unwrap_or_default(),
+                    c.approval()
+                        .map(|a| a.approved_at.0.to_string())
+                        .unwrap_or_default(),
+                    c.approval()
+                        .and_then(|a| a.reason.clone())
+                        .unwrap_or_default(),
                     c.name_any(),
                 ];
                 // Who made the change, when process attribution named the writer.
@@ -270,16 +284,31 @@ async fn export(client: &Client, since: &str, format: Format) -> anyhow::Result<
     Ok(())
 }
 
+/// The user the API server authenticates this client as (SelfSubjectReview).
+async fn whoami(client: &Client) -> anyhow::Result<String> {
+    let api: Api<SelfSubjectReview> = Api::all(client.clone());
+    let review = api
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .context("asking the API server who this is (SelfSubjectReview)")?;
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .context("the API server did not say who this is")
+}
+
 async fn approve(
     client: &Client,
     names: Vec<String>,
+    reason: Option<String>,
     node: Option<String>,
     policy: Option<String>,
 ) -> anyhow::Result<()> {
     let api: Api<FileChange> = Api::all(client.clone());
     let mut targets = names;
     if node.is_some() || policy.is_some() {
-        let mut selector = vec![format!("{ACKNOWLEDGED}!=true")];
+        let mut selector = Vec::new();
         if let Some(n) = &node {
             selector.push(format!("{NODE}={}", label_value(n)));
         }
@@ -290,25 +319,53 @@ async fn approve(
             .list(&ListParams::default().labels(&selector.join(",")))
             .await
             .context("listing FileChanges")?;
-        targets.extend(list.items.iter().map(|c| c.name_any()));
+        // Labels only narrow the listing; the spec says what the change is.
+        targets.extend(
+            list.items
+                .iter()
+                .filter(|c| !approved(c))
+                .filter(|c| node.as_ref().is_none_or(|n| *n == c.spec.node))
+                .filter(|c| policy.as_ref().is_none_or(|p| *p == c.spec.policy))
+                .map(|c| c.name_any()),
+        );
     }
     if targets.is_empty() {
         bail!("nothing to approve: name FileChanges, or select them with --node and/or --policy");
     }
-    let patch = serde_json::json!({"metadata": {"labels": {ACKNOWLEDGED: "true"}}});
+    let approval = Approval {
+        approved_by: whoami(client).await?,
+        approved_at: Time(Timestamp::now()),
+        reason,
+    };
+    let patch = serde_json::json!({"status": {"approval": approval}});
     let mut failed = 0;
     for name in &targets {
+        // An approval is given once; a second one would rewrite nothing.
+        if let Ok(c) = api.get(name).await
+            && let Some(given) = c.approval()
+        {
+            println!(
+                "filechange/{name} already approved by {} at {}",
+                given.approved_by, given.approved_at.0
+            );
+            continue;
+        }
         match api
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
             Ok(c) => println!(
-                "filechange/{} approved ({} {} on {})",
+                "filechange/{} approved by {} ({} {} on {})",
                 name,
+                approval.approved_by,
                 c.spec.category.as_str(),
                 c.spec.path,
                 c.spec.node
             ),
+            Err(kube::Error::Api(e)) => {
+                failed += 1;
+                eprintln!("filechange/{name}: {}", e.message);
+            }
             Err(e) => {
                 failed += 1;
                 eprintln!("filechange/{name}: {e}");
@@ -437,9 +494,10 @@ async fn main() -> std::process::ExitCode {
             Command::Export { since, format } => export(&client, &since, format).await,
             Command::Approve {
                 names,
+                reason,
                 node,
                 policy,
-            } => approve(&client, names, node, policy).await,
+            } => approve(&client, names, reason, node, policy).await,
             Command::Status => status(&client).await,
         }
     }

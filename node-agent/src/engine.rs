@@ -3,8 +3,9 @@
 //! approved baseline and produces one change per policy entry that cares.
 //!
 //! The baseline holds the *approved* state. A difference is reported once (its
-//! digest is remembered) and stays a difference until it is acknowledged, which
-//! approves the current state, or until the file returns to its approved state.
+//! digest is remembered) and stays a difference until an approver approves the
+//! reported state (and the file is still in it), or until the file returns to
+//! its approved state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -121,6 +122,35 @@ pub fn differing(
         }
     }
     out
+}
+
+/// The attributes a recorded state has.
+fn present(a: &FileAttributes) -> Vec<Attribute> {
+    Attribute::ALL
+        .into_iter()
+        .filter(|x| match x {
+            Attribute::Hash => a.hash.is_some(),
+            Attribute::Size => a.size.is_some(),
+            Attribute::Type => a.file_type.is_some(),
+            Attribute::Mode => a.mode.is_some(),
+            Attribute::Uid => a.uid.is_some(),
+            Attribute::Gid => a.gid.is_some(),
+            Attribute::Xattrs => a.xattrs.is_some(),
+            Attribute::Mtime => a.mtime.is_some(),
+            Attribute::Ctime => a.ctime.is_some(),
+            Attribute::Inode => a.inode.is_some(),
+            Attribute::LinkTarget => a.link_target.is_some(),
+        })
+        .collect()
+}
+
+/// What became of an approval.
+#[derive(Debug)]
+pub enum Approved {
+    /// The file was in the approved state, which is the baseline now.
+    Applied,
+    /// The file has moved on: nothing approved; these changes report it.
+    Superseded(Outcome),
 }
 
 /// Only the attributes an entry compares, so its report shows only those.
@@ -591,8 +621,12 @@ impl Engine {
         }
     }
 
-    /// Approves the current state of `path` (an acknowledged change).
-    pub fn acknowledge(&mut self, key: &str) -> bool {
+    /// Makes the approved state of `key` its baseline, if the file is still in
+    /// it. `after` is the state the approver saw: a FileChange's `after` (the
+    /// entry's compared attributes only), `None` for a removal. When the file
+    /// has moved on, nothing is approved and the outcome holds the changes
+    /// that report its present state (none if that was reported already).
+    pub fn approve(&mut self, key: &str, after: Option<&FileAttributes>) -> Approved {
         let path = rel_path(key);
         let plan = Arc::clone(&self.plan);
         let owners = plan.owners(&path);
@@ -602,6 +636,18 @@ impl Engine {
         } else {
             self.inspect(&path, &owners, &mut scratch)
         };
+        if !scratch.errors.is_empty() {
+            warn!(path = %key, "approved path could not be read");
+        }
+        let still = match (after, &current) {
+            (None, None) => true,
+            (Some(a), Some(c)) => project(c, &present(a)) == *a,
+            _ => false,
+        };
+        if !still {
+            let (outcome, _) = self.rescan(&BTreeSet::from([path]), DetectionSource::Scan);
+            return Approved::Superseded(outcome);
+        }
         match current {
             Some(c) => {
                 self.baseline.files.insert(
@@ -616,10 +662,7 @@ impl Engine {
                 self.baseline.files.remove(key);
             }
         }
-        if !scratch.errors.is_empty() {
-            warn!(path = %key, "acknowledged path could not be read");
-        }
-        true
+        Approved::Applied
     }
 
     /// Files monitored by one policy (last scan).
@@ -675,7 +718,7 @@ mod tests {
     }
 
     #[test]
-    fn baseline_then_changes_reported_once_until_acknowledged() {
+    fn baseline_then_changes_reported_once_until_approved() {
         let root = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("etc")).unwrap();
@@ -692,6 +735,11 @@ mod tests {
         std::fs::remove_file(root.path().join("etc/old")).unwrap();
         let o = e.scan(DetectionSource::Scan);
         let d = describe(&o);
+        let hosts = o
+            .changes
+            .iter()
+            .find(|c| c.path == "/etc/hosts")
+            .and_then(|c| c.after.clone());
         assert_eq!(d.len(), 3, "{d:?}");
         assert!(d[0].starts_with("Added /etc/new"), "{d:?}");
         assert!(d[1].starts_with("Modified /etc/hosts"), "{d:?}");
@@ -702,7 +750,10 @@ mod tests {
             "reported once"
         );
 
-        e.acknowledge("/etc/hosts");
+        assert!(matches!(
+            e.approve("/etc/hosts", hosts.as_ref()),
+            Approved::Applied
+        ));
         std::fs::set_permissions(
             root.path().join("etc/hosts"),
             std::fs::Permissions::from_mode(0o600),
@@ -710,6 +761,33 @@ mod tests {
         .unwrap();
         let d = describe(&e.scan(DetectionSource::Scan));
         assert_eq!(d, ["Modified /etc/hosts [Mode]"]);
+    }
+
+    #[test]
+    fn an_approval_of_a_state_the_file_has_left_approves_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(false)]);
+        e.scan(DetectionSource::Startup);
+        std::fs::write(root.path().join("etc/hosts"), "approved").unwrap();
+        let seen = e.scan(DetectionSource::Scan).changes[0].after.clone();
+        // Changed again before the approval arrives: the new state is reported.
+        std::fs::write(root.path().join("etc/hosts"), "sneaked in").unwrap();
+        let o = match e.approve("/etc/hosts", seen.as_ref()) {
+            Approved::Superseded(o) => o,
+            Approved::Applied => Outcome::default(),
+        };
+        let d = describe(&o);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].starts_with("Modified /etc/hosts"), "{d:?}");
+        assert_ne!(o.changes[0].after, seen);
+        // The baseline is still the original: the next change is measured from it.
+        std::fs::write(root.path().join("etc/hosts"), "third").unwrap();
+        let next = e.scan(DetectionSource::Scan).changes;
+        let before = next[0].before.as_ref().and_then(|b| b.hash.clone());
+        assert_eq!(before, Some(blake3::hash(b"a").to_hex().to_string()));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::attribution::AttributionState;
 use crate::attribution::fanotify::Notice;
 use crate::attribution::join::Attribution;
 use crate::attribution::pods::PodIndex;
-use crate::engine::{Engine, Outcome, PolicyInput};
+use crate::engine::{Approved, Engine, Outcome, PolicyInput};
 use crate::metrics::AgentMetrics;
 use crate::report::{Batch, hand_over};
 
@@ -27,8 +27,14 @@ use crate::report::{Batch, hand_over};
 pub enum Control {
     /// Serve exactly these policies from now on.
     Policies(BTreeMap<String, PolicyInput>),
-    /// Approve the current state of a host path.
-    Acknowledge(String, oneshot::Sender<()>),
+    /// An approver approved this state of a host path (a FileChange's
+    /// `after`); answers with the names of the FileChanges that report the
+    /// file's present state if it has moved on (`Err`), or `Ok` once applied.
+    Approve {
+        key: String,
+        after: Option<Box<kube_fim_crds::FileAttributes>>,
+        done: oneshot::Sender<Result<(), Vec<String>>>,
+    },
 }
 
 /// What the loop last knew, for status reports.
@@ -369,10 +375,20 @@ pub async fn monitor(
                             next_scan = Instant::now();
                         }
                     }
-                    Some(Control::Acknowledge(key, done)) => {
-                        tokio::task::block_in_place(|| engine.acknowledge(&key));
+                    Some(Control::Approve { key, after, done }) => {
+                        let answer = match tokio::task::block_in_place(|| engine.approve(&key, after.as_deref())) {
+                            Approved::Applied => Ok(()),
+                            Approved::Superseded(outcome) => {
+                                record(&outcome, &metrics);
+                                let names = outcome.changes.iter().map(crate::report::object::object_name).collect();
+                                if !hand_over(&out, outcome.changes).await {
+                                    return engine;
+                                }
+                                Err(names)
+                            }
+                        };
                         digest = save(&mut engine, &metrics);
-                        let _ = done.send(());
+                        let _ = done.send(answer);
                         let _ = status.send(snapshot(&engine, digest.clone(), true, inotify.limit_reported, attribution.state()));
                     }
                 }

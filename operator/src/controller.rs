@@ -34,9 +34,9 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::daemonset::desired_daemonset;
 use crate::metrics::Metrics;
-use crate::retention;
 use crate::status::{self, DEGRADED};
 use crate::triggers::{self, Change, Pending, Seen, Wake};
+use crate::{evidence, retention};
 
 /// Field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "kube-fim-operator";
@@ -61,6 +61,8 @@ pub enum Error {
     DeleteRecord { node: String, source: kube::Error },
     #[error("the {0} watch stopped")]
     WatchStopped(&'static str),
+    #[error("updating the evidence finalizer of policy {policy}: {source}")]
+    Finalizer { policy: String, source: kube::Error },
 }
 
 impl Error {
@@ -72,6 +74,7 @@ impl Error {
             Error::DaemonSet(_) => "daemonset",
             Error::DeleteRecord { .. } => "delete_record",
             Error::WatchStopped(_) => "watch",
+            Error::Finalizer { .. } => "finalizer",
         }
     }
 }
@@ -343,6 +346,9 @@ fn requeue_after_error(what: &str, error: &Error, ctx: &Context) -> Action {
 }
 
 async fn reconcile_policy(policy: &FileIntegrityPolicy, ctx: &Context) -> Result<Action, Error> {
+    if let Some(action) = evidence::reconcile(policy, ctx).await? {
+        return Ok(action);
+    }
     let name = policy.name_any();
     let now = Timestamp::now();
     let invalid = validate_policy(policy).err().map(|e| e.to_string());
@@ -355,16 +361,22 @@ async fn reconcile_policy(policy: &FileIntegrityPolicy, ctx: &Context) -> Result
             policy: name.clone(),
             source,
         })?;
-    let max_age = parse_duration(&policy.spec.retention.max_age).ok();
-    let (doomed, kept) = match max_age {
-        Some(max_age) => retention::select_for_deletion(
+    let selection = match parse_duration(&policy.spec.retention.max_age) {
+        Ok(max_age) => retention::select_for_deletion(
             items,
-            max_age,
-            policy.spec.retention.max_count as usize,
+            retention::Limits {
+                max_age,
+                max_count_per_node: policy.spec.retention.max_count as usize,
+                delete_unapproved: policy.spec.retention.delete_unapproved,
+            },
             now,
         ),
-        None => (Vec::new(), items),
+        Err(_) => retention::Selection {
+            kept: items,
+            ..retention::Selection::default()
+        },
     };
+    let (doomed, kept) = (selection.doomed, selection.kept);
     let mut requeue = ctx.config.resync;
     if !doomed.is_empty() {
         let pass = &doomed[..doomed.len().min(ctx.config.retention_max_per_pass)];
@@ -375,8 +387,32 @@ async fn reconcile_policy(policy: &FileIntegrityPolicy, ctx: &Context) -> Result
             ctx.config.retention_pause,
         )
         .await;
-        ctx.metrics.retention_deleted.inc_by(deleted as u64);
-        info!(policy = %name, deleted, pending = doomed.len() - pass.len(), "retention");
+        ctx.metrics.retention_deleted.inc_by(deleted.len() as u64);
+        info!(policy = %name, deleted = deleted.len(), pending = doomed.len() - pass.len(), "retention");
+        if !deleted.is_empty() {
+            let what = format!(
+                "retention (maxAge {}, maxCount {} per node{}) deleted",
+                policy.spec.retention.max_age,
+                policy.spec.retention.max_count,
+                if policy.spec.retention.delete_unapproved {
+                    ", unapproved too"
+                } else {
+                    ", approved only"
+                }
+            );
+            publish(
+                policy,
+                ctx,
+                Event {
+                    type_: EventType::Normal,
+                    reason: "RetentionDeleted".into(),
+                    note: Some(retention::describe_deleted(&what, &deleted)),
+                    action: "Retain".into(),
+                    secondary: None,
+                },
+            )
+            .await;
+        }
         if doomed.len() > pass.len() {
             requeue = Duration::from_secs(5);
         }
@@ -505,6 +541,13 @@ async fn publish_events(
         if let Err(error) = ctx.recorder.publish(&event, &reference).await {
             warn!(policy = %policy.name_any(), reason = %event.reason, %error, "could not publish event");
         }
+    }
+}
+
+/// Publishes one Event on `policy`.
+pub(crate) async fn publish(policy: &FileIntegrityPolicy, ctx: &Context, event: Event) {
+    if let Err(error) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
+        warn!(policy = %policy.name_any(), reason = %event.reason, %error, "could not publish event");
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod controller;
 pub mod daemonset;
+pub mod evidence;
 pub mod metrics;
 pub mod retention;
 pub mod server;

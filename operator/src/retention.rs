@@ -1,13 +1,23 @@
-//! Retention: FileChange objects past a policy's age or count limit are deleted,
-//! oldest first, in small paced batches so retention never floods the API server.
+//! Retention: which FileChanges a policy's limits let go, and deleting them in
+//! small paced batches so retention never floods the API server.
+//!
+//! FileChanges are evidence, so retention is conservative:
+//! - only approved changes are deleted, unless the policy sets
+//!   `retention.deleteUnapproved` (an unapproved change is evidence nobody
+//!   has looked at yet);
+//! - `maxCount` is counted per node: the admission policy lets an agent create
+//!   changes for its own node only, so a node flooding the API with changes can
+//!   push out its own records at most, never another node's.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams};
 use kube_fim_crds::FileChange;
-use kube_fim_crds::labels::{ACKNOWLEDGED, POLICY, label_value};
+use kube_fim_crds::labels::{POLICY, label_value};
 use tracing::{debug, warn};
 
 use crate::status::ChangeCounts;
@@ -16,33 +26,57 @@ use crate::status::ChangeCounts;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Item {
     pub name: String,
+    pub node: String,
     pub created: Timestamp,
-    pub acknowledged: bool,
+    pub approved: bool,
 }
 
-/// Names to delete: everything older than `max_age`, then the oldest of the rest
-/// until at most `max_count` remain.
-pub fn select_for_deletion(
-    mut items: Vec<Item>,
-    max_age: Duration,
-    max_count: usize,
-    now: Timestamp,
-) -> (Vec<String>, Vec<Item>) {
-    items.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
-    let mut doomed = Vec::new();
-    let mut kept = Vec::new();
+/// The limits of one policy.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_age: Duration,
+    pub max_count_per_node: usize,
+    pub delete_unapproved: bool,
+}
+
+/// What retention decided.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Names to delete, oldest first.
+    pub doomed: Vec<String>,
+    /// Everything else.
+    pub kept: Vec<Item>,
+    /// Of the kept, changes past a limit that are kept because nobody approved them.
+    pub held: usize,
+}
+
+/// Per node: everything deletable older than `max_age`, then the oldest
+/// deletable ones until at most `max_count_per_node` remain.
+pub fn select_for_deletion(items: Vec<Item>, limits: Limits, now: Timestamp) -> Selection {
+    let mut per_node: BTreeMap<String, Vec<Item>> = BTreeMap::new();
     for item in items {
-        if now.duration_since(item.created).unsigned_abs() > max_age {
-            doomed.push(item.name);
-        } else {
-            kept.push(item);
+        per_node.entry(item.node.clone()).or_default().push(item);
+    }
+    let mut out = Selection::default();
+    for (_, mut items) in per_node {
+        items.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
+        let mut remaining = items.len();
+        for item in items {
+            let too_old = now.duration_since(item.created).unsigned_abs() > limits.max_age;
+            let too_many = remaining > limits.max_count_per_node;
+            let deletable = item.approved || limits.delete_unapproved;
+            if (too_old || too_many) && deletable {
+                remaining -= 1;
+                out.doomed.push(item.name);
+            } else {
+                if too_old || too_many {
+                    out.held += 1;
+                }
+                out.kept.push(item);
+            }
         }
     }
-    if kept.len() > max_count {
-        let excess = kept.len() - max_count;
-        doomed.extend(kept.drain(..excess).map(|i| i.name));
-    }
-    (doomed, kept)
+    out
 }
 
 /// Counts of the kept changes for the policy status.
@@ -53,37 +87,33 @@ pub fn counts(kept: &[Item], now: Timestamp) -> ChangeCounts {
             .iter()
             .filter(|i| now.duration_since(i.created).unsigned_abs() <= day)
             .count() as i64,
-        unacknowledged: kept.iter().filter(|i| !i.acknowledged).count() as i64,
+        unacknowledged: kept.iter().filter(|i| !i.approved).count() as i64,
     }
 }
 
-/// Lists a policy's FileChanges (metadata only, paginated).
+/// Lists a policy's FileChanges (paginated). Whole objects, not metadata: the
+/// node and the approval are in spec and status, not in labels anyone could set.
 pub async fn list(api: &Api<FileChange>, policy: &str) -> Result<Vec<Item>, kube::Error> {
     let mut params = ListParams::default()
         .labels(&format!("{POLICY}={}", label_value(policy)))
         .limit(500);
     let mut out = Vec::new();
     loop {
-        let page = api.list_metadata(&params).await?;
+        let page = api.list(&params).await?;
         for obj in page.items {
-            let Some(name) = obj.metadata.name else {
+            if obj.spec.policy != policy {
                 continue;
-            };
-            let created = obj
-                .metadata
-                .creation_timestamp
-                .map(|t| t.0)
-                .unwrap_or_else(Timestamp::now);
-            let acknowledged = obj
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(ACKNOWLEDGED))
-                .is_some_and(|v| v == "true");
+            }
+            let approved = obj.approval().is_some();
             out.push(Item {
-                name,
-                created,
-                acknowledged,
+                name: obj.name_any(),
+                node: obj.spec.node,
+                created: obj
+                    .metadata
+                    .creation_timestamp
+                    .map(|t| t.0)
+                    .unwrap_or_else(Timestamp::now),
+                approved,
             });
         }
         match page.metadata.continue_ {
@@ -95,14 +125,14 @@ pub async fn list(api: &Api<FileChange>, policy: &str) -> Result<Vec<Item>, kube
 }
 
 /// Deletes `names` in batches of `batch` (four requests in flight at most),
-/// pausing `pause` between batches. Returns how many were deleted.
+/// pausing `pause` between batches. Returns the names deleted (or already gone).
 pub async fn delete(
     api: &Api<FileChange>,
     names: &[String],
     batch: usize,
     pause: Duration,
-) -> usize {
-    let mut deleted = 0;
+) -> Vec<String> {
+    let mut deleted = Vec::new();
     for (i, chunk) in names.chunks(batch.max(1)).enumerate() {
         if i > 0 {
             tokio::time::sleep(pause).await;
@@ -120,57 +150,115 @@ pub async fn delete(
             .await;
         for (name, result) in results {
             match result {
-                Ok(_) => deleted += 1,
-                Err(kube::Error::Api(e)) if e.code == 404 => debug!(%name, "already gone"),
-                Err(error) => warn!(%name, %error, "retention could not delete a FileChange"),
+                Ok(_) => deleted.push(name),
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    debug!(%name, "already gone");
+                    deleted.push(name);
+                }
+                Err(error) => warn!(%name, %error, "could not delete a FileChange"),
             }
         }
     }
     deleted
 }
 
+/// An Event note naming deleted changes, within the Events API's 1 KiB.
+pub fn describe_deleted(what: &str, names: &[String]) -> String {
+    const MAX: usize = 1000;
+    let mut note = format!("{what}: {} FileChange(s):", names.len());
+    for (i, name) in names.iter().enumerate() {
+        let rest = names.len() - i;
+        let more = format!(" and {rest} more");
+        if note.len() + 1 + name.len() + " and 99999 more".len() > MAX {
+            note.push_str(&more);
+            break;
+        }
+        note.push(' ');
+        note.push_str(name);
+    }
+    note
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn item(name: &str, age_secs: u64, now: Timestamp) -> Item {
+    fn item(name: &str, node: &str, age_secs: u64, approved: bool, now: Timestamp) -> Item {
         Item {
             name: name.into(),
+            node: node.into(),
             created: now - Duration::from_secs(age_secs),
-            acknowledged: false,
+            approved,
         }
     }
 
+    fn limits(max_age_secs: u64, max_count: usize, delete_unapproved: bool) -> Limits {
+        Limits {
+            max_age: Duration::from_secs(max_age_secs),
+            max_count_per_node: max_count,
+            delete_unapproved,
+        }
+    }
+
+    fn kept_names(s: &Selection) -> Vec<&str> {
+        s.kept.iter().map(|i| i.name.as_str()).collect()
+    }
+
     #[test]
-    fn deletes_past_age_then_oldest_past_count() {
+    fn deletes_approved_past_age_then_oldest_past_count() {
         let now = Timestamp::now();
         let items = vec![
-            item("new", 10, now),
-            item("old", 7200, now),
-            item("mid", 100, now),
-            item("older-mid", 200, now),
+            item("new", "a", 10, true, now),
+            item("old", "a", 7200, true, now),
+            item("mid", "a", 100, true, now),
+            item("older-mid", "a", 200, true, now),
         ];
-        let (doomed, kept) = select_for_deletion(items, Duration::from_secs(3600), 2, now);
-        assert_eq!(doomed, ["old", "older-mid"]);
-        let kept: Vec<_> = kept.iter().map(|i| i.name.as_str()).collect();
-        assert_eq!(kept, ["mid", "new"]);
+        let s = select_for_deletion(items, limits(3600, 2, false), now);
+        assert_eq!(s.doomed, ["old", "older-mid"]);
+        assert_eq!(kept_names(&s), ["mid", "new"]);
+        assert_eq!(s.held, 0);
     }
 
     #[test]
-    fn nothing_to_delete_within_limits() {
+    fn unapproved_changes_are_held_unless_the_policy_allows_deleting_them() {
         let now = Timestamp::now();
-        let (doomed, kept) =
-            select_for_deletion(vec![item("a", 1, now)], Duration::from_secs(60), 10, now);
-        assert!(doomed.is_empty());
-        assert_eq!(kept.len(), 1);
+        let items = || {
+            vec![
+                item("old-unapproved", "a", 7200, false, now),
+                item("old-approved", "a", 7000, true, now),
+                item("new", "a", 10, false, now),
+            ]
+        };
+        let s = select_for_deletion(items(), limits(3600, 1, false), now);
+        assert_eq!(s.doomed, ["old-approved"]);
+        assert_eq!(kept_names(&s), ["old-unapproved", "new"]);
+        assert_eq!(s.held, 2);
+        let s = select_for_deletion(items(), limits(3600, 1, true), now);
+        assert_eq!(s.doomed, ["old-unapproved", "old-approved"]);
+        assert_eq!(kept_names(&s), ["new"]);
     }
 
     #[test]
-    fn counts_last_day_and_unacknowledged() {
+    fn one_node_flooding_cannot_push_out_another_nodes_changes() {
         let now = Timestamp::now();
-        let mut acked = item("a", 10, now);
-        acked.acknowledged = true;
-        let kept = vec![acked, item("b", 10, now), item("c", 90_000, now)];
+        let mut items = vec![item("real", "b", 500, true, now)];
+        for i in 0..100 {
+            items.push(item(&format!("flood-{i:03}"), "a", 10, true, now));
+        }
+        let s = select_for_deletion(items, limits(3600, 5, true), now);
+        assert_eq!(s.doomed.len(), 95);
+        assert!(s.doomed.iter().all(|n| n.starts_with("flood-")));
+        assert!(kept_names(&s).contains(&"real"));
+    }
+
+    #[test]
+    fn counts_last_day_and_unapproved() {
+        let now = Timestamp::now();
+        let kept = vec![
+            item("a", "n", 10, true, now),
+            item("b", "n", 10, false, now),
+            item("c", "n", 90_000, false, now),
+        ];
         assert_eq!(
             counts(&kept, now),
             ChangeCounts {
@@ -178,5 +266,16 @@ mod tests {
                 unacknowledged: 2
             }
         );
+    }
+
+    #[test]
+    fn deleted_names_fit_an_event() {
+        let names: Vec<String> = (0..500).map(|i| format!("node-a-{i:020}")).collect();
+        let note = describe_deleted("retention", &names);
+        assert!(note.len() <= 1024, "{}", note.len());
+        assert!(note.starts_with("retention: 500 FileChange(s): node-a-"));
+        assert!(note.ends_with(" more"), "{note}");
+        let few = describe_deleted("retention", &names[..2]);
+        assert!(few.ends_with("node-a-00000000000000000001"), "{few}");
     }
 }

@@ -3,8 +3,8 @@
 //! Tasks: the policy/Node watch decides what the node serves; the monitoring
 //! loop detects changes; the reporter caps storms and queues each change on
 //! disk; the deliverer stores them as FileChanges and Events; the heartbeat
-//! writes the node's FileIntegrityNode; the acknowledgement watch approves
-//! changes an admin labelled as expected.
+//! writes the node's FileIntegrityNode; the acknowledgement watch answers
+//! the approvals of the node's changes.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -22,10 +22,9 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use kube_fim_crds::labels::ACKNOWLEDGED;
 use kube_fim_crds::{
-    FileChange, FileIntegrityNode, FileIntegrityNodeStatus, FileIntegrityPolicy, NodePolicyPhase,
-    NodePolicyStatus,
+    ApprovalOutcome, ChangeCategory, FileChange, FileIntegrityNode, FileIntegrityNodeStatus,
+    FileIntegrityPolicy, NodePolicyPhase, NodePolicyStatus,
 };
 use tokio::sync::{Mutex, Notify, mpsc, oneshot, watch};
 use tracing::{info, warn};
@@ -273,6 +272,8 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    // Approvals wait for the first policy decision (see acknowledgements).
+    let first_policies = served_tx.clone();
     let heartbeat = tokio::spawn(heartbeat(
         recorder.clone(),
         record.object_ref(&()),
@@ -288,6 +289,7 @@ pub async fn run(
     let acks = tokio::spawn(acknowledgements(
         Api::<FileChange>::all(client.clone()),
         node_name.clone(),
+        first_policies,
         control_tx.clone(),
         shutdown.clone(),
     ));
@@ -405,19 +407,27 @@ async fn heartbeat(
     }
 }
 
-/// An admin acknowledges an expected change by labelling it
-/// `fim.kube-fim.io/acknowledged=true`; the agent approves the file's current
-/// state as its new baseline and records when in the change's status.
+/// An approver records that a change was expected (`status.approval`, which
+/// the admission policy lets only holders of the approve verb write, in their
+/// own name). The agent makes the approved state (`spec.after`) its baseline
+/// only if the file is still in it; otherwise it approves nothing, reports the
+/// present state as a new change, and says so on the approved one. Labels are
+/// not looked at: anyone with patch rights can set a label.
 async fn acknowledgements(
     api: Api<FileChange>,
     node: String,
+    mut policies: watch::Receiver<BTreeMap<String, i64>>,
     control: mpsc::Sender<Control>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let wc = watcher::Config::default()
-        .labels(&format!("{ACKNOWLEDGED}=true"))
-        .fields(&format!("spec.node={node}"));
+    // Judged before the monitor knows what it serves, every approval would
+    // look like a file nobody monitors.
+    tokio::select! {
+        () = &mut shutdown => return,
+        r = policies.changed() => if r.is_err() { return },
+    }
+    let wc = watcher::Config::default().fields(&format!("spec.node={node}"));
     let mut stream = std::pin::pin!(watcher(api.clone(), wc).default_backoff().applied_objects());
     loop {
         let change = tokio::select! {
@@ -428,38 +438,69 @@ async fn acknowledgements(
                 None => return,
             },
         };
-        if change
-            .status
-            .as_ref()
-            .and_then(|s| s.baseline_updated_time.as_ref())
-            .is_some()
-        {
+        let answered = change.status.as_ref().is_some_and(|s| s.outcome.is_some());
+        let Some(approval) = change.approval().filter(|_| !answered) else {
             continue;
+        };
+        let path = &change.spec.path;
+        let (outcome, message, applied) = if change.spec.category == ChangeCategory::Summary {
+            (
+                ApprovalOutcome::Superseded,
+                format!(
+                    "a Summary stands for many files and approves none of them on {node}: approve their own changes"
+                ),
+                false,
+            )
+        } else {
+            let (tx, rx) = oneshot::channel();
+            let request = Control::Approve {
+                key: path.clone(),
+                after: change.spec.after.clone().map(Box::new),
+                done: tx,
+            };
+            if control.send(request).await.is_err() {
+                return;
+            }
+            match rx.await {
+                Ok(Ok(())) => (
+                    ApprovalOutcome::Applied,
+                    format!(
+                        "approved by {}: the approved state of {path} is the baseline on {node}",
+                        approval.approved_by
+                    ),
+                    true,
+                ),
+                Ok(Err(names)) => (
+                    ApprovalOutcome::Superseded,
+                    format!(
+                        "{path} on {node} no longer is in the approved state (spec.after): nothing was approved; {}",
+                        if names.is_empty() {
+                            "its present state was reported already as a newer FileChange"
+                                .to_string()
+                        } else {
+                            format!("its present state is reported as {}", names.join(", "))
+                        }
+                    ),
+                    false,
+                ),
+                Err(_) => return,
+            }
+        };
+        let mut status = serde_json::json!({"outcome": outcome, "message": message});
+        if applied {
+            status["baselineUpdatedTime"] = serde_json::json!(Time(Timestamp::now()));
         }
-        let (tx, rx) = oneshot::channel();
-        if control
-            .send(Control::Acknowledge(change.spec.path.clone(), tx))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        let _ = rx.await;
-        let patch = serde_json::json!({"status": {
-            "baselineUpdatedTime": Time(Timestamp::now()),
-            "message": format!("acknowledged: the current state of {} is the baseline on {node}", change.spec.path),
-        }});
         if let Err(error) = api
             .patch_status(
                 &change.name_any(),
                 &PatchParams::default(),
-                &Patch::Merge(&patch),
+                &Patch::Merge(&serde_json::json!({ "status": status })),
             )
             .await
         {
-            warn!(%error, "could not record an acknowledgement");
+            warn!(%error, "could not record the outcome of an approval");
         } else {
-            info!(path = %change.spec.path, "acknowledged change approved into the baseline");
+            info!(%path, ?outcome, approver = %approval.approved_by, "approval answered");
         }
     }
 }

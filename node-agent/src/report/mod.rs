@@ -44,10 +44,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::runtime::reflector::Store;
-use kube::{Resource, ResourceExt};
 use kube_fim_crds::{FileChangeSpec, FileIntegrityPolicy};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tracing::warn;
@@ -133,19 +132,9 @@ pub async fn reporter(
                     }
                 }
                 Verdict::Report => {
-                    let mut object = object::to_object(change);
-                    if let Some(p) = &policy
-                        && let Some(uid) = p.uid()
-                    {
-                        // Deleting the policy deletes its changes (garbage collector).
-                        object.metadata.owner_references = Some(vec![OwnerReference {
-                            api_version: FileIntegrityPolicy::api_version(&()).into_owned(),
-                            kind: FileIntegrityPolicy::kind(&()).into_owned(),
-                            name: p.name_any(),
-                            uid,
-                            ..OwnerReference::default()
-                        }]);
-                    }
+                    // No owner reference: evidence is not garbage-collected
+                    // with its policy (see the policy's `evidence` field).
+                    let object = object::to_object(change);
                     push_durably(&queue, &object, &metrics).await;
                 }
             }

@@ -1,0 +1,509 @@
+//! What one node's agent token, an approver, an auditor and kube-fim's own
+//! ServiceAccounts can and cannot do, tried with real tokens against the real
+//! API server with the admission policies and RBAC the chart ships.
+#![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use kube_fim_crds::labels::{CATEGORY, NODE, POLICY};
+use kube_fim_crds::{
+    Approval, ChangeCategory, DetectionSource, FileAttributes, FileChange, FileChangeSpec,
+    FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
+};
+use kube_fim_e2e::{
+    approve, client, client_for, ensure_crds, kubectl, node_bound_kubeconfig,
+    service_account_kubeconfig, service_account_with_cluster_role, unique_name, whoami,
+};
+
+const AGENT: &str = "system:serviceaccount:kube-fim:kube-fim-agent";
+
+async fn create_node(client: &Client, name: &str) {
+    let mut node = Node::default();
+    node.metadata.name = Some(name.to_string());
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .unwrap();
+}
+
+/// A FileChange as the agent of `node` would report it.
+fn change(name: &str, node: &str, policy: &str) -> FileChange {
+    let mut fc = FileChange::new(
+        name,
+        FileChangeSpec {
+            node: node.into(),
+            policy: policy.into(),
+            entry: "etc".into(),
+            path: "/etc/sudoers".into(),
+            category: ChangeCategory::Modified,
+            changed_attributes: vec![],
+            before: Some(FileAttributes {
+                hash: Some("a".repeat(64)),
+                ..FileAttributes::default()
+            }),
+            after: Some(FileAttributes {
+                hash: Some("b".repeat(64)),
+                ..FileAttributes::default()
+            }),
+            detected_time: MicroTime(Timestamp::now()),
+            source: DetectionSource::Realtime,
+            process: None,
+            summary: None,
+        },
+    );
+    fc.metadata.labels = Some(BTreeMap::from([
+        (NODE.to_string(), node.to_string()),
+        (POLICY.to_string(), policy.to_string()),
+        (CATEGORY.to_string(), "Modified".to_string()),
+    ]));
+    fc
+}
+
+/// The refusal of `result`, as the user sees it.
+fn refusal<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> String {
+    match result {
+        Ok(v) => panic!("accepted: {v:?}"),
+        Err(kube::Error::Api(e)) => {
+            assert!(
+                e.code == 403 || e.code == 422,
+                "refused with {}: {}",
+                e.code,
+                e.message
+            );
+            e.message
+        }
+        Err(e) => panic!("not an API refusal: {e}"),
+    }
+}
+
+fn assert_refused<T: std::fmt::Debug>(result: Result<T, kube::Error>, expected: &str) {
+    let message = refusal(result);
+    assert!(
+        message.contains(expected),
+        "refusal should say {expected:?}: {message}"
+    );
+}
+
+fn approval(by: &str) -> serde_json::Value {
+    serde_json::json!({"status": {"approval": Approval {
+        approved_by: by.into(),
+        approved_at: Time(Timestamp::now()),
+        reason: Some("forged".into()),
+    }}})
+}
+
+#[tokio::test]
+async fn an_agent_token_speaks_for_its_own_node_only() {
+    ensure_crds();
+    let admin = client().await;
+    let suite = unique_name("sec");
+    let (mine, other) = (format!("{suite}-a"), format!("{suite}-b"));
+    create_node(&admin, &mine).await;
+    create_node(&admin, &other).await;
+    let agent = client_for(&node_bound_kubeconfig(&mine)).await;
+    let unbound = client_for(&service_account_kubeconfig("kube-fim-agent")).await;
+    assert_eq!(whoami(&agent).await, AGENT);
+    assert_eq!(whoami(&unbound).await, AGENT, "same account, no node claim");
+    let changes = |c: &Client| Api::<FileChange>::all(c.clone());
+    let records = |c: &Client| Api::<FileIntegrityNode>::all(c.clone());
+    let pp = PostParams::default();
+
+    // The legitimate actions: its own node's change and report.
+    let own = changes(&agent)
+        .create(&pp, &change(&format!("{suite}-own"), &mine, "p"))
+        .await
+        .expect("an agent reports its own node's change");
+    records(&agent)
+        .create(
+            &pp,
+            &FileIntegrityNode::new(&mine, FileIntegrityNodeSpec { node: mine.clone() }),
+        )
+        .await
+        .expect("an agent creates its own node's record");
+    let heartbeat = serde_json::json!({"status": FileIntegrityNodeStatus {
+        heartbeat_time: Some(Time(Timestamp::now())),
+        ..FileIntegrityNodeStatus::default()
+    }});
+    records(&agent)
+        .patch_status(&mine, &PatchParams::default(), &Patch::Merge(&heartbeat))
+        .await
+        .expect("an agent writes its own heartbeat");
+
+    // Another node's change, record and heartbeat.
+    assert_refused(
+        changes(&agent)
+            .create(&pp, &change(&format!("{suite}-forged"), &other, "p"))
+            .await,
+        &format!(
+            "an agent may only report changes of its own node: this token is bound to node {mine}, the change is for node {other}"
+        ),
+    );
+    records(&admin)
+        .create(
+            &pp,
+            &FileIntegrityNode::new(
+                &other,
+                FileIntegrityNodeSpec {
+                    node: other.clone(),
+                },
+            ),
+        )
+        .await
+        .unwrap();
+    assert_refused(
+        records(&agent)
+            .patch_status(&other, &PatchParams::default(), &Patch::Merge(&heartbeat))
+            .await,
+        &format!(
+            "an agent may only write its own node's FileIntegrityNode: this token is bound to node {mine}, the object is {other}"
+        ),
+    );
+    assert_refused(
+        records(&agent)
+            .create(
+                &pp,
+                &FileIntegrityNode::new(
+                    &format!("{suite}-c"),
+                    FileIntegrityNodeSpec {
+                        node: format!("{suite}-c"),
+                    },
+                ),
+            )
+            .await,
+        "an agent may only write its own node's FileIntegrityNode",
+    );
+
+    // The same account without the node claim can write nothing.
+    let no_claim = "kube-fim agents must authenticate with a token bound to their node";
+    assert_refused(
+        changes(&unbound)
+            .create(&pp, &change(&format!("{suite}-unbound"), &mine, "p"))
+            .await,
+        no_claim,
+    );
+    assert_refused(
+        records(&unbound)
+            .patch_status(&mine, &PatchParams::default(), &Patch::Merge(&heartbeat))
+            .await,
+        no_claim,
+    );
+
+    // No approval: neither the field (both admission policies refuse it: no
+    // approve verb, and never from an agent), nor a label that used to mean
+    // one, nor owners that would let the garbage collector erase the change.
+    let message = refusal(
+        changes(&agent)
+            .patch_status(
+                &own.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(approval(AGENT)),
+            )
+            .await,
+    );
+    assert!(
+        message.contains("an agent may never approve a FileChange")
+            || message.contains(&format!("user {AGENT} may not approve FileChanges")),
+        "{message}"
+    );
+    let mut labelled = change(&format!("{suite}-labelled"), &mine, "p");
+    labelled
+        .labels_mut()
+        .insert("fim.kube-fim.io/acknowledged".into(), "true".into());
+    assert_refused(
+        changes(&agent).create(&pp, &labelled).await,
+        "an agent may only set kube-fim's filter labels",
+    );
+    let mut disguised = change(&format!("{suite}-disguised"), &mine, "p");
+    disguised.labels_mut().insert(NODE.into(), other.clone());
+    assert_refused(
+        changes(&agent).create(&pp, &disguised).await,
+        "with its own node in the node label",
+    );
+    let mut owned = change(&format!("{suite}-owned"), &mine, "p");
+    owned.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "v1".into(),
+        kind: "Node".into(),
+        name: mine.clone(),
+        uid: "00000000-0000-0000-0000-000000000000".into(),
+        ..OwnerReference::default()
+    }]);
+    assert_refused(
+        changes(&agent).create(&pp, &owned).await,
+        "an agent may not give a FileChange owners, finalizers or annotations",
+    );
+
+    // Events only in its own node's name.
+    let event = |instance: &str| Event {
+        metadata: kube::api::ObjectMeta {
+            generate_name: Some("sec-".into()),
+            namespace: Some("default".into()),
+            ..Default::default()
+        },
+        event_time: Some(MicroTime(Timestamp::now())),
+        reason: Some("FileModified".into()),
+        action: Some("Detect".into()),
+        type_: Some("Warning".into()),
+        note: Some("forged".into()),
+        reporting_controller: Some("kube-fim-agent".into()),
+        reporting_instance: Some(instance.into()),
+        ..Default::default()
+    };
+    let events = |c: &Client| Api::<Event>::namespaced(c.clone(), "default");
+    events(&agent)
+        .create(&pp, &event(&mine))
+        .await
+        .expect("an agent publishes Events as its own node");
+    assert_refused(
+        events(&agent).create(&pp, &event(&other)).await,
+        &format!(
+            "an agent may only publish Events as its own node: this token is bound to node {mine}"
+        ),
+    );
+
+    // Nothing of the refused was stored.
+    let stored: Vec<String> = changes(&admin)
+        .list(&kube::api::ListParams::default().labels(&format!("{POLICY}=p")))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|c| c.name_any())
+        .filter(|n| n.starts_with(&suite))
+        .collect();
+    assert_eq!(stored, [format!("{suite}-own")]);
+    for n in [&mine, &other] {
+        let _ = Api::<Node>::all(admin.clone())
+            .delete(n, &Default::default())
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn approval_is_a_recorded_decision_of_an_approver() {
+    ensure_crds();
+    let admin = client().await;
+    let suite = unique_name("approval");
+    let node = format!("{suite}-a");
+    create_node(&admin, &node).await;
+    let agent = client_for(&node_bound_kubeconfig(&node)).await;
+    let approver_config = service_account_with_cluster_role("e2e-approver", "kube-fim-approver");
+    let approver = client_for(&approver_config).await;
+    let auditor = client_for(&service_account_with_cluster_role(
+        "e2e-auditor",
+        "kube-fim-viewer",
+    ))
+    .await;
+    // Someone who may patch FileChanges' status but holds no approve verb.
+    let run = kubectl([
+        "create",
+        "clusterrole",
+        "kube-fim-e2e-status-writer",
+        "--verb=get,patch",
+        "--resource=filechanges.fim.kube-fim.io,filechanges.fim.kube-fim.io/status",
+    ]);
+    assert!(
+        run.success || run.stderr.contains("AlreadyExists"),
+        "{}",
+        run.stderr
+    );
+    let writer = client_for(&service_account_with_cluster_role(
+        "e2e-status-writer",
+        "kube-fim-e2e-status-writer",
+    ))
+    .await;
+    let approver_name = whoami(&approver).await;
+    assert_eq!(approver_name, "system:serviceaccount:kube-fim:e2e-approver");
+
+    let api = |c: &Client| Api::<FileChange>::all(c.clone());
+    let name = format!("{suite}-sudoers");
+    api(&agent)
+        .create(&PostParams::default(), &change(&name, &node, "p"))
+        .await
+        .unwrap();
+
+    // The auditor reads, and can do nothing else.
+    let read = api(&auditor).get(&name).await.expect("an auditor reads");
+    assert_eq!(read.spec.node, node);
+    assert_refused(
+        approve(&auditor, &name, "looks fine").await,
+        "cannot patch resource \"filechanges/status\"",
+    );
+    // Status write rights are not the right to approve.
+    assert_refused(
+        approve(&writer, &name, "trust me").await,
+        "may not approve FileChanges: approving needs the approve verb on filechanges.fim.kube-fim.io (ClusterRole kube-fim-approver)",
+    );
+    // An approver cannot approve in someone else's name.
+    assert_refused(
+        api(&approver)
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(approval("kube-fim-admin")),
+            )
+            .await,
+        &format!("status.approval.approvedBy must name the approving user, {approver_name}"),
+    );
+    // Nor forge the agent's answer.
+    assert_refused(
+        api(&approver)
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": {"outcome": "Applied"}})),
+            )
+            .await,
+        "only the node's agent answers an approval",
+    );
+
+    // The front door: kubectl fim approve, as the approver.
+    let plugin_dir = kube_fim_e2e::binary("kubectl-fim")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let run: kube_fim_e2e::Run = std::process::Command::new("kubectl")
+        .args(["fim", "approve", &name, "--reason", "CHG-42 sudo for ops"])
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                plugin_dir.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("KUBECONFIG", Path::new(&approver_config))
+        .output()
+        .unwrap()
+        .into();
+    assert!(run.success, "{}", run.stderr);
+    assert!(
+        run.stdout.contains(&format!("approved by {approver_name}")),
+        "{}",
+        run.stdout
+    );
+    let approved = api(&auditor).get(&name).await.unwrap();
+    let record = approved
+        .approval()
+        .cloned()
+        .expect("the approval is recorded");
+    assert_eq!(record.approved_by, approver_name);
+    assert_eq!(record.reason.as_deref(), Some("CHG-42 sudo for ops"));
+
+    // It cannot be silently undone or rewritten, not even by an admin.
+    assert_refused(
+        api(&admin)
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Json::<()>(
+                    serde_json::from_value(serde_json::json!([
+                        {"op": "remove", "path": "/status/approval"}
+                    ]))
+                    .unwrap(),
+                ),
+            )
+            .await,
+        "an approval is a record and cannot be removed once given",
+    );
+    assert_refused(
+        api(&approver)
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    serde_json::json!({"status": {"approval": {"reason": "nothing to see"}}}),
+                ),
+            )
+            .await,
+        "an approval is a record and cannot be changed once given",
+    );
+    // The agent answers (outcome); the approval stays as it was.
+    api(&agent)
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"status": {"outcome": "Applied", "message": "applied"}}),
+            ),
+        )
+        .await
+        .expect("the node's agent answers");
+    let after = api(&auditor).get(&name).await.unwrap();
+    assert_eq!(
+        after.approval(),
+        Some(&record),
+        "the approval record survives"
+    );
+    let _ = Api::<Node>::all(admin.clone())
+        .delete(&node, &Default::default())
+        .await;
+}
+
+/// `kubectl auth can-i` (a SubjectAccessReview) for a kube-fim ServiceAccount.
+fn can_i(sa: &str, verb: &str, resource: &str) -> bool {
+    let run = kubectl([
+        "auth",
+        "can-i",
+        verb,
+        resource,
+        "--all-namespaces",
+        &format!("--as=system:serviceaccount:kube-fim:{sa}"),
+    ]);
+    run.stdout.trim() == "yes"
+}
+
+#[tokio::test]
+async fn neither_kube_fim_account_reads_secrets_configmaps_or_logs() {
+    kube_fim_e2e::ensure_rbac();
+    for sa in ["kube-fim-operator", "kube-fim-agent"] {
+        for resource in ["secrets", "configmaps", "pods", "pods/log"] {
+            for verb in ["get", "list", "watch"] {
+                assert!(
+                    !can_i(sa, verb, resource),
+                    "{sa} may {verb} {resource} somewhere"
+                );
+            }
+        }
+        // And with its real token, a real request is refused.
+        let run = kubectl([
+            "--kubeconfig",
+            service_account_kubeconfig(sa).to_str().unwrap(),
+            "get",
+            "secrets",
+            "--all-namespaces",
+        ]);
+        assert!(
+            !run.success && run.stderr.contains("cannot list resource \"secrets\""),
+            "{sa}: {}",
+            run.stderr
+        );
+    }
+    // What they need, they have: the check above is not vacuous.
+    assert!(can_i(
+        "kube-fim-agent",
+        "create",
+        "filechanges.fim.kube-fim.io"
+    ));
+    assert!(can_i(
+        "kube-fim-operator",
+        "delete",
+        "filechanges.fim.kube-fim.io"
+    ));
+    assert!(!can_i(
+        "kube-fim-agent",
+        "approve",
+        "filechanges.fim.kube-fim.io"
+    ));
+    assert!(!can_i(
+        "kube-fim-operator",
+        "approve",
+        "filechanges.fim.kube-fim.io"
+    ));
+}
