@@ -448,22 +448,31 @@ async fn approval_is_a_recorded_decision_of_an_approver() {
 
 /// `kubectl auth can-i` (a SubjectAccessReview) for a kube-fim ServiceAccount.
 fn can_i(sa: &str, verb: &str, resource: &str) -> bool {
-    let run = kubectl([
-        "auth",
-        "can-i",
-        verb,
-        resource,
-        "--all-namespaces",
-        &format!("--as=system:serviceaccount:kube-fim:{sa}"),
-    ]);
-    run.stdout.trim() == "yes"
+    let mut args = vec![
+        "auth".to_string(),
+        "can-i".into(),
+        verb.into(),
+        "--all-namespaces".into(),
+        format!("--as=system:serviceaccount:kube-fim:{sa}"),
+    ];
+    // `pods/log` would be read as pod "log": name the subresource.
+    match resource.split_once('/') {
+        Some((resource, sub)) => {
+            args.push(resource.into());
+            args.push(format!("--subresource={sub}"));
+        }
+        None => args.push(resource.into()),
+    }
+    kubectl(&args).stdout.trim() == "yes"
 }
 
 #[tokio::test]
 async fn neither_kube_fim_account_reads_secrets_configmaps_or_logs() {
     kube_fim_e2e::ensure_rbac();
     for sa in ["kube-fim-operator", "kube-fim-agent"] {
-        for resource in ["secrets", "configmaps", "pods", "pods/log"] {
+        // Pods themselves the agent may read (process attribution names the pod
+        // of a process on its node); their logs, nobody.
+        for resource in ["secrets", "configmaps", "pods/log"] {
             for verb in ["get", "list", "watch"] {
                 assert!(
                     !can_i(sa, verb, resource),
@@ -506,4 +515,70 @@ async fn neither_kube_fim_account_reads_secrets_configmaps_or_logs() {
         "approve",
         "filechanges.fim.kube-fim.io"
     ));
+}
+
+/// The API server's Priority and Fairness classification of a `kubectl get fip`
+/// made with `kubeconfig`: the FlowSchema and priority level UIDs it answers with.
+fn classification(kubeconfig: &Path) -> (String, String) {
+    let run = kubectl([
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "get",
+        "fip",
+        "-v=8",
+    ]);
+    let header = |name: &str| {
+        run.stderr
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    (
+        header("X-Kubernetes-Pf-Flowschema-Uid:"),
+        header("X-Kubernetes-Pf-Prioritylevel-Uid:"),
+    )
+}
+
+#[tokio::test]
+async fn the_agents_requests_have_a_priority_level_of_their_own() {
+    ensure_crds();
+    let admin = client().await;
+    let node = unique_name("apf");
+    create_node(&admin, &node).await;
+    let uid = |kind: &str| {
+        let run = kubectl([
+            "get",
+            kind,
+            "kube-fim-agents",
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ]);
+        assert!(run.success, "{kind}: {}", run.stderr);
+        run.stdout
+    };
+    let expected = (uid("flowschema"), uid("prioritylevelconfiguration"));
+    let agent = node_bound_kubeconfig(&node);
+    // The API server picks new FlowSchemas up within seconds.
+    kube_fim_e2e::eventually(
+        "agent requests classified as kube-fim-agents",
+        std::time::Duration::from_secs(30),
+        || async {
+            let seen = classification(&agent);
+            if seen == expected {
+                Ok(())
+            } else {
+                Err(format!("{seen:?}, expected {expected:?}"))
+            }
+        },
+    )
+    .await;
+    let admin_seen = classification(&kube_fim_e2e::kubeconfig());
+    assert_ne!(admin_seen.1, expected.1, "other clients are not in it");
+    assert!(
+        !admin_seen.1.is_empty(),
+        "the header is there: {admin_seen:?}"
+    );
+    let _ = Api::<Node>::all(admin.clone())
+        .delete(&node, &Default::default())
+        .await;
 }
