@@ -652,7 +652,7 @@ async fn approving_a_change_makes_the_approved_state_the_baseline() {
         "the approval record survives the agent's answer"
     );
 
-    // The next change is measured against the acknowledged state.
+    // The next change is measured against the approved state.
     std::fs::set_permissions(
         fleet.nodes[0].host("/etc/hosts"),
         std::fs::Permissions::from_mode(0o600),

@@ -311,7 +311,7 @@ async fn changes_name_the_host_process_or_the_pod_and_container_that_made_them()
     let record: serde_json::Value = json
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|r| r["name"] == c.name_any().as_str())
+        .find(|r| r["metadata"]["name"] == c.name_any().as_str())
         .expect("the change exported");
     assert_eq!(record["spec"]["process"]["pod"]["container"], "shell");
 
