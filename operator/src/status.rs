@@ -18,6 +18,13 @@ use kube_fim_crds::{
 pub const READY: &str = "Ready";
 /// Condition type: something needs an admin's attention.
 pub const DEGRADED: &str = "Degraded";
+/// Condition type, on policies that set `processAttribution`: the ready nodes
+/// name the writer of each change.
+pub const ATTRIBUTION: &str = "ProcessAttribution";
+
+/// What the condition says about privileges: one DaemonSet serves every policy,
+/// so attribution widens the agent's privileges wherever it runs.
+pub const ATTRIBUTION_PRIVILEGES: &str = "while any policy sets processAttribution, the one agent DaemonSet runs with CAP_SYS_ADMIN, CAP_SYS_PTRACE and hostPID on every node it runs on, also the nodes of policies that do not ask for it";
 
 /// Counts of the policy's FileChange objects.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -52,6 +59,47 @@ fn condition(
         observed_generation: generation,
         last_transition_time,
     }
+}
+
+/// The ProcessAttribution condition from the ready nodes' reports.
+fn attribution_condition(
+    nodes: &[(String, Option<kube_fim_crds::NodeAttribution>)],
+) -> (bool, &'static str, String) {
+    let on = nodes
+        .iter()
+        .filter(|(_, a)| a.as_ref().is_some_and(|a| a.mechanism == "fanotify"))
+        .count();
+    let off: Vec<(String, String)> = nodes
+        .iter()
+        .filter(|(_, a)| a.as_ref().is_none_or(|a| a.mechanism != "fanotify"))
+        .map(|(n, a)| {
+            let why = a
+                .as_ref()
+                .and_then(|a| a.reason.clone())
+                .unwrap_or_else(|| "not reported yet".into());
+            (n.clone(), why)
+        })
+        .collect();
+    let head = format!(
+        "{on} of {} ready nodes name the writer of each change (fanotify)",
+        nodes.len()
+    );
+    let (ok, reason, head) = if nodes.is_empty() {
+        (false, "NoNodeReady", head)
+    } else if off.is_empty() {
+        (true, "WritersNamed", head)
+    } else {
+        (
+            false,
+            "AttributionOff",
+            format!("{head}; off (inotify only) on {}", summarize(&off)),
+        )
+    };
+    (
+        ok,
+        reason,
+        format!("{head}. Privileges: {ATTRIBUTION_PRIVILEGES}"),
+    )
 }
 
 /// Everything computed about one policy.
@@ -118,6 +166,8 @@ pub fn assess(
     let mut files = 0i64;
     let mut oldest_scan: Option<Timestamp> = None;
     let mut troubled = Vec::new();
+    // Ready nodes and what each says about attribution (`None`: nothing yet).
+    let mut attribution: Vec<(String, Option<kube_fim_crds::NodeAttribution>)> = Vec::new();
 
     if invalid.is_none() {
         for node in nodes
@@ -146,6 +196,12 @@ pub fn assess(
                     NodePolicyPhase::Baselining => baselining += 1,
                     NodePolicyPhase::Ready => {
                         ready += 1;
+                        if policy.spec.process_attribution {
+                            attribution.push((
+                                node_name.clone(),
+                                status.and_then(|s| s.attribution.clone()),
+                            ));
+                        }
                         files += e.files_monitored.unwrap_or(0);
                         if let Some(t) = &e.last_scan_time {
                             oldest_scan = Some(oldest_scan.map_or(t.0, |o| o.min(t.0)));
@@ -204,29 +260,43 @@ pub fn assess(
         (false, "AsExpected", "no trouble reported".to_string())
     };
 
+    let mut conditions = vec![
+        condition(
+            READY,
+            ready_ok,
+            ready_reason,
+            ready_message,
+            generation,
+            now,
+            previous,
+        ),
+        condition(
+            DEGRADED,
+            degraded,
+            degraded_reason,
+            degraded_message,
+            generation,
+            now,
+            previous,
+        ),
+    ];
+    if policy.spec.process_attribution && invalid.is_none() {
+        let (ok, reason, message) = attribution_condition(&attribution);
+        conditions.push(condition(
+            ATTRIBUTION,
+            ok,
+            reason,
+            message,
+            generation,
+            now,
+            previous,
+        ));
+    }
+
     Assessment {
         status: FileIntegrityPolicyStatus {
             observed_generation: generation,
-            conditions: vec![
-                condition(
-                    READY,
-                    ready_ok,
-                    ready_reason,
-                    ready_message,
-                    generation,
-                    now,
-                    previous,
-                ),
-                condition(
-                    DEGRADED,
-                    degraded,
-                    degraded_reason,
-                    degraded_message,
-                    generation,
-                    now,
-                    previous,
-                ),
-            ],
+            conditions,
             nodes_selected: Some(selected),
             nodes_ready: Some(ready),
             nodes_baselining: Some(baselining),
@@ -323,6 +393,67 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_secs(180);
     const NO_RECORDS: &[FileIntegrityNode] = &[];
+
+    #[test]
+    fn attribution_says_which_nodes_name_writers_and_what_it_costs() {
+        let now = Timestamp::now();
+        let nodes = [node("a", &[], vec![]), node("b", &[], vec![])];
+        let mut records = [
+            record("a", NodePolicyPhase::Ready, now, 1),
+            record("b", NodePolicyPhase::Ready, now, 1),
+        ];
+        let with = |mechanism: &str, reason: Option<&str>| kube_fim_crds::NodeAttribution {
+            mechanism: mechanism.into(),
+            reason: reason.map(String::from),
+            ..Default::default()
+        };
+        records[0].status.as_mut().unwrap().attribution = Some(with("fanotify", None));
+        records[1].status.as_mut().unwrap().attribution =
+            Some(with("inotify", Some("fanotify refused: no CAP_SYS_ADMIN")));
+        let mut p = policy(&[]);
+        let assess_with = |p: &FileIntegrityPolicy, records: &[FileIntegrityNode]| {
+            assess(
+                p,
+                None,
+                &nodes,
+                records,
+                ChangeCounts::default(),
+                now,
+                TIMEOUT,
+            )
+        };
+        // Not asked: no condition.
+        let a = assess_with(&p, &records);
+        assert!(a.status.conditions.iter().all(|c| c.type_ != ATTRIBUTION));
+        p.spec.process_attribution = true;
+        let a = assess_with(&p, &records);
+        let c = cond(&a.status, ATTRIBUTION);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "AttributionOff")
+        );
+        assert!(
+            c.message.starts_with("1 of 2 ready nodes name the writer"),
+            "{}",
+            c.message
+        );
+        assert!(
+            c.message.contains("b: fanotify refused: no CAP_SYS_ADMIN"),
+            "{}",
+            c.message
+        );
+        assert!(
+            c.message
+                .contains("CAP_SYS_ADMIN, CAP_SYS_PTRACE and hostPID on every node")
+        );
+        records[1].status.as_mut().unwrap().attribution = Some(with("fanotify", None));
+        let a = assess_with(&p, &records);
+        let c = cond(&a.status, ATTRIBUTION);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "WritersNamed")
+        );
+    }
 
     #[test]
     fn a_new_node_is_baselining_not_failed() {
