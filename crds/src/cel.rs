@@ -57,11 +57,18 @@ regex_rule!(
 );
 pub const NO_CONTROL_CHARS_MSG: &str = "must not contain control characters";
 
-/// Exclude globs: no control characters and no unclosed `[`.
+/// Braces of alternates: balanced and not nested (`{a,b}`).
+pub const BRACES_BALANCED_RE: &str = r"^[^{}]*(\{[^{}]*\}[^{}]*)*$";
+/// Exclude globs: no control characters, no unclosed `[`.
 pub const EXCLUDES_VALID: &str =
     r"self.all(g, !g.matches(r'[\x00-\x1f\x7f]') && !g.matches(r'\[[^\]]*$'))";
 pub const EXCLUDES_VALID_MSG: &str =
     "exclude globs must not contain control characters or an unclosed '['";
+/// Exclude globs: balanced, unnested `{}` (a rule of its own: the API
+/// server's CEL cost budget is per rule). The agent's glob compiler, run by
+/// the operator and the agent, refuses the rest (a dangling `\`).
+pub const EXCLUDES_BRACES: &str = r"self.all(g, g.matches(r'^[^{}]*(\{[^{}]*\}[^{}]*)*$'))";
+pub const EXCLUDES_BRACES_MSG: &str = "exclude globs must not have unbalanced or nested '{}'";
 
 /// Recursive `/` or `/*` only when explicitly allowed.
 pub const WHOLE_HOST: &str = r"!(has(self.recursive) && self.recursive && self.path.matches(r'^/\**$')) || (has(self.allowWholeHost) && self.allowWholeHost)";
@@ -127,5 +134,6 @@ mod tests {
         assert!(WHOLE_HOST.contains(WHOLE_HOST_RE));
         assert!(EXCLUDES_VALID.contains(CONTROL_CHARS_RE));
         assert!(EXCLUDES_VALID.contains(UNCLOSED_BRACKET_RE));
+        assert!(EXCLUDES_BRACES.contains(BRACES_BALANCED_RE));
     }
 }

@@ -14,6 +14,10 @@ pub const POLICY: &str = "fim.kube-fim.io/policy";
 pub const CATEGORY: &str = "fim.kube-fim.io/category";
 /// Entry name of a FileChange.
 pub const ENTRY: &str = "fim.kube-fim.io/entry";
+/// Annotation an admin sets on a FileIntegrityNode, to the id of its
+/// `status.baselineAlarm`, to clear that alarm (the recorded act: the API
+/// server's audit log and the object's managed fields say who and when).
+pub const CLEAR_BASELINE_ALARM: &str = "fim.kube-fim.io/clear-baseline-alarm";
 /// Marks objects made by kube-fim (`app.kubernetes.io/managed-by`).
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY`].

@@ -8,6 +8,7 @@
 pub mod cel;
 pub mod change;
 pub mod duration;
+pub mod glob;
 pub mod labels;
 pub mod node;
 pub mod policy;
@@ -20,8 +21,8 @@ pub use change::{
     FileAttributes, FileChange, FileChangeSpec, FileChangeStatus, FileType, PodRef, ProcessInfo,
 };
 pub use node::{
-    FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodeAttribution,
-    NodePolicyPhase, NodePolicyStatus,
+    BaselineAlarm, EntryDigest, FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
+    NodeAttribution, NodePolicyPhase, NodePolicyStatus,
 };
 pub use policy::{
     Attribute, AttributeProfile, Evidence, FileIntegrityPolicy, FileIntegrityPolicySpec,

@@ -110,6 +110,58 @@ pub struct FileIntegrityNodeStatus {
     /// whether the writers of changes are named, and if not, why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attribution: Option<NodeAttribution>,
+
+    /// A digest per policy entry of the baseline (a Merkle summary): after the
+    /// state directory is lost or replaced, the agent compares a fresh
+    /// baseline with these and names the entries that differ.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["policy", "entry"]))]
+    pub entries: Vec<EntryDigest>,
+
+    /// Set when the baseline on the node is missing, unreadable or not the one
+    /// the cluster knows. It stays (the node's policies Failed) until an admin
+    /// clears it by annotating this object with
+    /// `fim.kube-fim.io/clear-baseline-alarm=<id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_alarm: Option<BaselineAlarm>,
+}
+
+/// The digest of one policy entry's part of the baseline.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EntryDigest {
+    /// Policy name.
+    #[schemars(length(max = 63))]
+    pub policy: String,
+    /// Entry name within the policy.
+    #[schemars(length(max = 63))]
+    pub entry: String,
+    /// BLAKE3 over the entry's paths and approved states, in path order.
+    #[schemars(length(max = 64))]
+    pub digest: String,
+    /// Paths the entry covers in the baseline.
+    pub files: i64,
+    /// For an entry that covers exactly one path: that path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub path: Option<String>,
+}
+
+/// An alarm about the baseline on the node.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BaselineAlarm {
+    /// Identifies this alarm: the value of the annotation that clears it.
+    #[schemars(length(max = 64))]
+    pub id: String,
+    /// `BaselineMissing`, `BaselineUnreadable` or `BaselineTampered`.
+    #[schemars(length(max = 64))]
+    pub reason: String,
+    /// When the agent raised it.
+    pub since: Time,
+    /// What was found, and the entries that differ from what the cluster last saw.
+    #[schemars(length(max = 4096))]
+    pub message: String,
 }
 
 /// Process attribution on one node.

@@ -169,6 +169,7 @@ pub struct MonitoredPath {
     #[schemars(length(max = 64))]
     #[schemars(inner(length(min = 1, max = 256)))]
     #[x_kube(validation = kube::core::Rule::new(cel::EXCLUDES_VALID).message(cel::EXCLUDES_VALID_MSG))]
+    #[x_kube(validation = kube::core::Rule::new(cel::EXCLUDES_BRACES).message(cel::EXCLUDES_BRACES_MSG))]
     pub exclude: Vec<String>,
 
     /// Which attributes count as a change. `full` (the default) compares content

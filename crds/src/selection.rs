@@ -25,16 +25,36 @@ fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
     }
 }
 
-/// Whether the policy selects the node: its labels match the node selector and
-/// the policy tolerates the node's scheduling taints (so an agent can run there).
-pub fn selects(policy: &FileIntegrityPolicy, node: &Node) -> bool {
+/// Taints the kubelet and the node lifecycle controller put on a node in
+/// trouble (and `kubectl cordon`). The agent DaemonSet tolerates them all: a
+/// node in trouble is when an attacker acts, so they never stop monitoring.
+pub const NODE_CONDITION_TAINTS: &[&str] = &[
+    "node.kubernetes.io/unschedulable",
+    "node.kubernetes.io/not-ready",
+    "node.kubernetes.io/unreachable",
+    "node.kubernetes.io/disk-pressure",
+    "node.kubernetes.io/memory-pressure",
+    "node.kubernetes.io/pid-pressure",
+    "node.kubernetes.io/network-unavailable",
+];
+
+/// Whether the policy's node selector matches the node's labels. This alone
+/// decides what a running agent serves: taints decide where agents run, never
+/// whether a running agent keeps monitoring.
+pub fn matches_labels(policy: &FileIntegrityPolicy, node: &Node) -> bool {
     let labels = node.labels();
-    if !policy
+    policy
         .spec
         .node_selector
         .iter()
         .all(|(k, v)| labels.get(k) == Some(v))
-    {
+}
+
+/// Whether the policy selects the node: its labels match the node selector and
+/// the policy tolerates the node's scheduling taints (so an agent can run
+/// there). Node-condition taints and cordon are always tolerated.
+pub fn selects(policy: &FileIntegrityPolicy, node: &Node) -> bool {
+    if !matches_labels(policy, node) {
         return false;
     }
     let taints = node
@@ -46,5 +66,6 @@ pub fn selects(policy: &FileIntegrityPolicy, node: &Node) -> bool {
     taints
         .iter()
         .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+        .filter(|t| !NODE_CONDITION_TAINTS.contains(&t.key.as_str()))
         .all(|t| policy.spec.tolerations.iter().any(|tol| tolerates(tol, t)))
 }

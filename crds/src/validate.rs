@@ -83,6 +83,7 @@ static DOT_SEGMENT: LazyLock<Regex> = LazyLock::new(|| re(cel::DOT_SEGMENT_RE));
 static WILDCARD_NOT_LAST: LazyLock<Regex> = LazyLock::new(|| re(cel::WILDCARD_NOT_LAST_RE));
 static UNCLOSED_BRACKET: LazyLock<Regex> = LazyLock::new(|| re(cel::UNCLOSED_BRACKET_RE));
 static CONTROL_CHARS: LazyLock<Regex> = LazyLock::new(|| re(cel::CONTROL_CHARS_RE));
+static BRACES_BALANCED: LazyLock<Regex> = LazyLock::new(|| re(cel::BRACES_BALANCED_RE));
 static WHOLE_HOST: LazyLock<Regex> = LazyLock::new(|| re(cel::WHOLE_HOST_RE));
 static DURATION: LazyLock<Regex> = LazyLock::new(|| re(cel::DURATION_RE));
 static ENTRY_NAME: LazyLock<Regex> = LazyLock::new(|| re(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"));
@@ -267,6 +268,23 @@ fn validate_entry(entry: &MonitoredPath, field: &str, errs: &mut Errors) {
     {
         errs.push(&exclude_field, cel::EXCLUDES_VALID_MSG);
     }
+    if entry.exclude.iter().any(|g| !BRACES_BALANCED.is_match(g)) {
+        errs.push(&exclude_field, cel::EXCLUDES_BRACES_MSG);
+    }
+    // The agent's own compiler has the last word.
+    for (j, g) in entry.exclude.iter().enumerate() {
+        if let Err(e) = crate::glob::exclude(g) {
+            errs.push(
+                format!("{exclude_field}[{j}]"),
+                format!("invalid glob: {e}"),
+            );
+        }
+    }
+    if let Some((_, last)) = crate::glob::last_segment_pattern(path)
+        && let Err(e) = crate::glob::path_pattern(last)
+    {
+        errs.push(&path_field, format!("invalid glob: {e}"));
+    }
 
     let mut seen = HashSet::new();
     for (j, a) in entry.attributes.iter().enumerate() {
@@ -410,6 +428,23 @@ mod tests {
                 "{path:?}: {errs:?}"
             );
         }
+    }
+
+    #[test]
+    fn globs_the_agent_cannot_compile_are_refused() {
+        for glob in ["*.{bak,swp", "a{b,{c}}", "x}", "tail\\"] {
+            let mut e = entry("etc", "/etc");
+            e.exclude = vec![glob.into()];
+            let errs = errors_of(&FileIntegrityPolicySpec::with_paths(vec![e]));
+            assert!(
+                errs.iter()
+                    .any(|e| e.field.starts_with("spec.paths[0].exclude")),
+                "{glob}: {errs:?}"
+            );
+        }
+        let mut e = entry("etc", "/etc");
+        e.exclude = vec!["*.{bak,swp}".into(), "/etc/cache/**".into()];
+        assert!(errors_of(&FileIntegrityPolicySpec::with_paths(vec![e])).is_empty());
     }
 
     #[test]

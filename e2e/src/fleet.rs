@@ -1,13 +1,22 @@
 //! A small fleet for end-to-end tests: Node objects in the API, each with a
 //! host root directory standing for its `/`, and a real `kube-fim-agent run`
 //! process per node logged in as the kube-fim-agent ServiceAccount.
+//!
+//! Each node behaves like a real one: a stand-in kubelet keeps it `Ready` and
+//! renews its Lease in `kube-node-lease` every 10 s (as `kwok` does for
+//! simulated nodes), so the node lifecycle controller leaves it alone.
+//! [`TestNode::stop_kubelet`] takes one NotReady on purpose: the controller
+//! then taints it `node.kubernetes.io/unreachable` after its grace period.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use kube_fim_crds::{
     FileChange, FileIntegrityNode, FileIntegrityPolicy, FileIntegrityPolicySpec, MonitoredPath,
@@ -29,6 +38,59 @@ pub struct TestNode {
     pub metrics_port: u16,
     pub agent: Option<Process>,
     suite: String,
+    client: Client,
+    kubelet: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// How often the stand-in kubelet posts status and renews the Lease.
+const KUBELET_BEAT: Duration = Duration::from_secs(10);
+
+/// One kubelet heartbeat: the Ready condition and the node Lease, as a kubelet
+/// posts them.
+async fn kubelet_beat(client: &Client, node: &str, uid: Option<&str>) -> Result<(), kube::Error> {
+    let now = Timestamp::now();
+    let status = serde_json::json!({"status": {"conditions": [{
+        "type": "Ready",
+        "status": "True",
+        "reason": "KubeletReady",
+        "message": "kube-fim test kubelet is posting ready status",
+        "lastHeartbeatTime": Time(now),
+        "lastTransitionTime": Time(now),
+    }]}});
+    Api::<Node>::all(client.clone())
+        .patch_status(node, &PatchParams::default(), &Patch::Strategic(&status))
+        .await?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let spec = LeaseSpec {
+        holder_identity: Some(node.to_string()),
+        lease_duration_seconds: Some(40),
+        renew_time: Some(MicroTime(now)),
+        ..LeaseSpec::default()
+    };
+    if leases.get_opt(node).await?.is_some() {
+        let patch =
+            serde_json::json!({"spec": {"renewTime": MicroTime(now), "holderIdentity": node}});
+        leases
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    } else {
+        let mut lease = Lease {
+            spec: Some(spec),
+            ..Lease::default()
+        };
+        lease.metadata.name = Some(node.to_string());
+        if let Some(uid) = uid {
+            lease.metadata.owner_references = Some(vec![OwnerReference {
+                api_version: "v1".into(),
+                kind: "Node".into(),
+                name: node.to_string(),
+                uid: uid.to_string(),
+                ..OwnerReference::default()
+            }]);
+        }
+        leases.create(&PostParams::default(), &lease).await?;
+    }
+    Ok(())
 }
 
 impl TestNode {
@@ -58,6 +120,37 @@ impl TestNode {
         ));
     }
 
+    /// Starts the stand-in kubelet: Ready status and Lease renewal every 10 s.
+    pub async fn start_kubelet(&mut self) {
+        self.stop_kubelet();
+        let client = self.client.clone();
+        let node = self.name.clone();
+        let uid = Api::<Node>::all(client.clone())
+            .get(&node)
+            .await
+            .ok()
+            .and_then(|n| n.metadata.uid);
+        kubelet_beat(&client, &node, uid.as_deref())
+            .await
+            .expect("first kubelet heartbeat");
+        self.kubelet = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(KUBELET_BEAT).await;
+                if let Err(e) = kubelet_beat(&client, &node, uid.as_deref()).await {
+                    eprintln!("kubelet heartbeat of {node}: {e}");
+                }
+            }
+        }));
+    }
+
+    /// Stops the stand-in kubelet: the node stops posting status, and the
+    /// node lifecycle controller takes it NotReady (and taints it unreachable).
+    pub fn stop_kubelet(&mut self) {
+        if let Some(k) = self.kubelet.take() {
+            k.abort();
+        }
+    }
+
     /// Kills the agent (SIGKILL: no chance to tidy up).
     pub fn kill_agent(&mut self) {
         if let Some(mut p) = self.agent.take() {
@@ -68,6 +161,12 @@ impl TestNode {
     /// The agent's metrics text.
     pub fn metrics(&self) -> Option<String> {
         http_get(self.metrics_port, "/metrics")
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.stop_kubelet();
     }
 }
 
@@ -116,14 +215,18 @@ impl Fleet {
                 std::fs::write(&p, content).expect("write");
             }
             std::fs::create_dir_all(&state).expect("state dir");
-            nodes.push(TestNode {
+            let mut node = TestNode {
                 name,
                 root,
                 state,
                 metrics_port: free_port(),
                 agent: None,
                 suite: suite.to_string(),
-            });
+                client: client.clone(),
+                kubelet: None,
+            };
+            node.start_kubelet().await;
+            nodes.push(node);
         }
         Fleet {
             client,
@@ -186,6 +289,10 @@ impl Fleet {
     pub async fn cleanup(&mut self) {
         for n in &mut self.nodes {
             n.kill_agent();
+            n.stop_kubelet();
+            let _ = Api::<Lease>::namespaced(self.client.clone(), "kube-node-lease")
+                .delete(&n.name, &DeleteParams::default())
+                .await;
             let _ = Api::<Node>::all(self.client.clone())
                 .delete(&n.name, &DeleteParams::default())
                 .await;

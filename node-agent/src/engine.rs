@@ -14,14 +14,15 @@ use std::sync::Arc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube_fim_crds::{
-    Attribute, ChangeCategory, DetectionSource, FileAttributes, FileChangeSpec,
+    Attribute, ChangeCategory, DetectionSource, EntryDigest, FileAttributes, FileChangeSpec,
     FileIntegrityPolicySpec,
 };
 use thiserror::Error;
 use tracing::{debug, warn};
 
-use crate::baseline::{Baseline, BaselineError, Tracked, entry_key, state_digest};
+use crate::baseline::{Baseline, BaselineError, Journal, state_digest};
 use crate::hostfs::{HostRoot, InspectError};
+use crate::metrics::Progress;
 use crate::paths::{host_path, rel_path};
 use crate::plan::{Entry, Plan, PlanError};
 
@@ -50,6 +51,11 @@ pub struct ScanError {
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub changes: Vec<FileChangeSpec>,
+    /// Epoch of each reported path (part of its reports' names).
+    pub epochs: BTreeMap<String, u64>,
+    /// Differences to mark reported once the changes are safely queued
+    /// ([`Engine::mark_reported`]): path and state digest.
+    marks: Vec<(String, String)>,
     pub errors: Vec<ScanError>,
     /// Paths inspected.
     pub files: usize,
@@ -69,12 +75,23 @@ pub struct Engine {
     root: HostRoot,
     state: PathBuf,
     node: String,
-    pub baseline: Baseline,
+    baseline: Baseline,
     /// Digest of the baseline as found on disk at start (before any write).
-    pub loaded_digest: Option<String>,
+    loaded_digest: Option<String>,
+    /// Policies served again after a pause with their baseline kept: their
+    /// differences found by the next scan are reported as `Startup`.
+    resumed: BTreeSet<String>,
+    /// Policies that could not be compiled, with why (not served).
+    failed: BTreeMap<String, String>,
+    /// Whether policies were set before in this run.
+    policies_set: bool,
     /// Shared so a scan can borrow it while it updates the baseline.
     plan: Arc<Plan>,
     policies: BTreeMap<String, PolicyInput>,
+    /// Entry digests the cluster last saw, to compare after the first scan.
+    known_entries: Option<Vec<EntryDigest>>,
+    /// Stamped file by file, so a long scan is not taken for a stall.
+    progress: Progress,
     /// Directories seen by the last walk (for real-time watches).
     dirs: BTreeSet<PathBuf>,
     /// Files each policy monitors (last scan).
@@ -153,6 +170,15 @@ pub enum Approved {
     Superseded(Outcome),
 }
 
+/// What a directory's record compares (its mtime moves with every file in it).
+const DIR_ATTRS: [Attribute; 5] = [
+    Attribute::Type,
+    Attribute::Mode,
+    Attribute::Uid,
+    Attribute::Gid,
+    Attribute::Xattrs,
+];
+
 /// Only the attributes an entry compares, so its report shows only those.
 fn project(a: &FileAttributes, attrs: &[Attribute]) -> FileAttributes {
     let has = |x| attrs.contains(&x);
@@ -199,6 +225,11 @@ impl Engine {
             node: node.to_string(),
             baseline,
             loaded_digest,
+            resumed: BTreeSet::new(),
+            policies_set: false,
+            failed: BTreeMap::new(),
+            progress: Progress::default(),
+            known_entries: None,
             plan: Arc::default(),
             policies: BTreeMap::new(),
             dirs: BTreeSet::new(),
@@ -219,34 +250,89 @@ impl Engine {
         self.loaded_digest.is_some()
     }
 
+    /// Digest of the baseline as found on disk at start.
+    pub fn loaded_digest(&self) -> Option<&str> {
+        self.loaded_digest.as_deref()
+    }
+
+    /// The baseline (read-only: its rules are its own methods).
+    pub fn baseline(&self) -> &Baseline {
+        &self.baseline
+    }
+
+    /// After the first scan, compare the entry digests with these (what the
+    /// cluster last saw) and report what differs (a lost or replaced baseline).
+    pub fn compare_first_scan_with(&mut self, known: Vec<EntryDigest>) {
+        self.known_entries = Some(known);
+    }
+
+    /// The comparison asked for by [`Engine::compare_first_scan_with`], once.
+    pub fn take_known_entries(&mut self) -> Option<Vec<EntryDigest>> {
+        self.known_entries.take()
+    }
+
+    /// Shares the progress stamp `/healthz` reads.
+    pub fn set_progress(&mut self, progress: Progress) {
+        self.progress = progress;
+    }
+
+    /// The journal of baseline digests of the state directory.
+    pub fn journal(&self) -> Journal {
+        Journal::new(&self.state)
+    }
+
+    /// Policies left out because they cannot be compiled, with why.
+    pub fn failed(&self) -> &BTreeMap<String, String> {
+        &self.failed
+    }
+
     /// The policies served.
     pub fn policies(&self) -> &BTreeMap<String, PolicyInput> {
         &self.policies
     }
 
-    /// Replaces the served policies (takes effect at the next scan).
+    /// Replaces the served policies (takes effect at the next scan). A policy
+    /// that cannot be compiled is left out alone (see [`Engine::failed`]), the
+    /// others are served; its error is returned after the others are applied.
     pub fn set_policies(
         &mut self,
         policies: BTreeMap<String, PolicyInput>,
     ) -> Result<(), EngineError> {
+        let mut first_error = None;
+        self.failed.clear();
+        let mut policies = policies;
+        policies.retain(|name, p| {
+            match Plan::new(&BTreeMap::from([(name.clone(), p.spec.clone())])) {
+                Ok(_) => true,
+                Err(e) => {
+                    self.failed.insert(name.clone(), e.to_string());
+                    first_error.get_or_insert(e);
+                    false
+                }
+            }
+        });
         let specs: BTreeMap<String, FileIntegrityPolicySpec> = policies
             .iter()
             .map(|(k, v)| (k.clone(), v.spec.clone()))
             .collect();
         self.plan = Arc::new(Plan::new(&specs)?);
-        // Forget what no served entry owns any more.
-        let live: BTreeSet<String> = self
-            .plan
-            .entries
-            .iter()
-            .map(|e| entry_key(&e.owner.policy, &e.owner.entry))
-            .collect();
-        self.baseline.established.retain(|k| live.contains(k));
-        self.baseline
-            .policies
-            .retain(|k, _| policies.contains_key(k));
+        // A policy that stops being served keeps its baseline; served again,
+        // every difference since is reported.
+        // (The first policies of a run need no mark: the caller scans them as
+        // `Startup` when a baseline was found.)
+        if self.policies_set {
+            for name in policies.keys() {
+                if !self.policies.contains_key(name) && self.baseline.knows_policy(name) {
+                    self.resumed.insert(name.clone());
+                }
+            }
+        }
+        self.policies_set = true;
         self.policies = policies;
-        Ok(())
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 
     /// Writes the baseline; returns its digest.
@@ -365,10 +451,9 @@ impl Engine {
         }
         let walked = self.walk(&mut out.errors);
         let mut candidates: BTreeSet<PathBuf> = walked;
-        candidates.extend(self.baseline.files.keys().map(|k| rel_path(k)));
+        candidates.extend(self.baseline.keys().map(|k| rel_path(k)));
         let plan = Arc::clone(&self.plan);
         let mut per_policy: BTreeMap<String, usize> = BTreeMap::new();
-        let mut seen_keys = BTreeSet::new();
         let mut total = 0;
         for path in &candidates {
             let owners = plan.owners(path);
@@ -376,7 +461,6 @@ impl Engine {
             if owners.is_empty() {
                 continue;
             }
-            seen_keys.insert(key.clone());
             let current = self.inspect(path, &owners, &mut out);
             if current.is_some() {
                 total += 1;
@@ -389,21 +473,17 @@ impl Engine {
             }
             self.judge(&key, path, current, &owners, source, &mut out);
         }
-        // What no served entry owns any more is forgotten.
-        self.baseline.files.retain(|k, _| seen_keys.contains(k));
-        // Every planned entry is now established: later differences are reported.
+        // Paths no served entry owns stay in the baseline: a policy served
+        // again later compares with them. Every planned entry is now
+        // established: later differences are reported.
         let now = Timestamp::now();
-        for e in &self.plan.entries {
-            self.baseline
-                .established
-                .insert(entry_key(&e.owner.policy, &e.owner.entry));
+        for e in &plan.entries {
+            self.baseline.establish(&e.owner.policy, &e.owner.entry);
         }
         for (name, p) in &self.policies {
-            let rec = self.baseline.policies.entry(name.clone()).or_default();
-            rec.generation = p.generation;
-            rec.baseline_time.get_or_insert(now);
-            rec.last_scan_time = Some(now);
+            self.baseline.scanned(name, p.generation, now);
         }
+        self.resumed.clear();
         self.files_per_policy = per_policy;
         self.files_total = total;
         self.last_errors = out.errors.clone();
@@ -423,14 +503,7 @@ impl Engine {
         let mut new_dirs = false;
         for p in paths {
             candidates.insert(p.clone());
-            let prefix = format!("{}/", host_path(p));
-            candidates.extend(
-                self.baseline
-                    .files
-                    .range(prefix.clone()..)
-                    .take_while(|(k, _)| k.starts_with(&prefix))
-                    .map(|(k, _)| rel_path(k)),
-            );
+            candidates.extend(self.baseline.keys_under(&host_path(p)).map(|k| rel_path(k)));
             // A directory that appeared under a recursive entry: walk it.
             let owners = self.plan.owners(p);
             if owners.iter().any(|o| o.recursive) {
@@ -469,6 +542,7 @@ impl Engine {
     }
 
     fn inspect(&self, path: &Path, owners: &[&Entry], out: &mut Outcome) -> Option<FileAttributes> {
+        self.progress.beat();
         let want = Plan::wanted(owners);
         match self.root.inspect(path, &want, &mut out.bytes) {
             Ok(a) => a,
@@ -479,10 +553,7 @@ impl Engine {
                     reason: err.to_string(),
                 });
                 // Unreadable now: keep the baseline as it is, report nothing.
-                self.baseline
-                    .files
-                    .get(&host_path(path))
-                    .and_then(|t| t.approved.clone())
+                self.baseline.approved(&host_path(path)).cloned()
             }
         }
     }
@@ -497,12 +568,10 @@ impl Engine {
         source: DetectionSource,
         out: &mut Outcome,
     ) {
-        let tracked = self.baseline.files.get(key).cloned();
         let mut established: Vec<&Entry> = Vec::new();
         for o in owners.iter().filter(|o| {
             self.baseline
-                .established
-                .contains(&entry_key(&o.owner.policy, &o.owner.entry))
+                .is_established(&o.owner.policy, &o.owner.entry)
         }) {
             // One report per policy: its most specific entry (deepest base).
             match established
@@ -514,38 +583,18 @@ impl Engine {
                 None => established.push(o),
             }
         }
-        let approved = tracked.as_ref().and_then(|t| t.approved.clone());
         if established.is_empty() {
             // Only new entries watch it: what exists now is their baseline, silently.
-            match current {
-                Some(cur) => {
-                    self.baseline.files.insert(
-                        key.to_string(),
-                        Tracked {
-                            approved: Some(cur),
-                            reported: None,
-                        },
-                    );
-                }
-                None => {
-                    self.baseline.files.remove(key);
-                }
-            }
+            self.baseline.establish_path(key, current);
             return;
         }
+        let approved = self.baseline.approved(key).cloned();
         if approved == current {
-            if let Some(t) = self.baseline.files.get_mut(key) {
-                t.reported = None;
-            }
-            if current.is_none() {
-                self.baseline.files.remove(key);
-            }
+            self.baseline.settled(key);
             return;
         }
         let digest = state_digest(current.as_ref());
-        if !self.list_reported
-            && tracked.as_ref().and_then(|t| t.reported.as_ref()) == Some(&digest)
-        {
+        if !self.list_reported && self.baseline.reported(key) == Some(digest.as_str()) {
             return; // already reported
         }
         let category = match (&approved, &current) {
@@ -554,23 +603,15 @@ impl Engine {
             _ => ChangeCategory::Modified,
         };
         // A directory's own entry changes (mtime of /etc at each file change)
-        // are noise: only its mode, owner and type count.
-        let dir_attrs = [
-            Attribute::Type,
-            Attribute::Mode,
-            Attribute::Uid,
-            Attribute::Gid,
-            Attribute::Xattrs,
-        ];
+        // are noise: only its mode, owner and type count. A directory that
+        // appears or goes is reported like a file (a hidden directory is how
+        // payloads hide).
         let now = Timestamp::now();
+        let mut reported = false;
         for o in established {
             let mut attrs = o.attributes.clone();
             if is_dir(current.as_ref()) || is_dir(approved.as_ref()) {
-                attrs.retain(|a| dir_attrs.contains(a));
-                if category != ChangeCategory::Modified {
-                    // A directory appearing or going is shown by the files in it.
-                    continue;
-                }
+                attrs.retain(|a| DIR_ATTRS.contains(a));
             }
             let changed = match (&approved, &current) {
                 (Some(a), Some(c)) => {
@@ -593,6 +634,12 @@ impl Engine {
                 }
                 _ => Vec::new(),
             };
+            let source = if self.resumed.contains(&o.owner.policy) {
+                DetectionSource::Startup
+            } else {
+                source
+            };
+            reported = true;
             out.changes.push(FileChangeSpec {
                 node: self.node.clone(),
                 policy: o.owner.policy.clone(),
@@ -608,8 +655,20 @@ impl Engine {
                 summary: None,
             });
         }
-        let t = self.baseline.files.entry(key.to_string()).or_default();
-        t.reported = Some(digest);
+        if reported {
+            out.epochs.insert(key.to_string(), self.baseline.epoch(key));
+        }
+        // Marked even when no entry found a difference worth a report (a
+        // directory's mtime): judged once per state.
+        out.marks.push((key.to_string(), digest));
+    }
+
+    /// Step 4 of the reporting protocol: the changes of `outcome` are safely
+    /// queued, so their states are marked reported.
+    pub fn mark_reported(&mut self, outcome: &Outcome) {
+        for (key, digest) in &outcome.marks {
+            self.baseline.mark_reported(key, digest.clone());
+        }
     }
 
     fn grew_keeping_prefix(&self, path: &Path, old: &FileAttributes, new: &FileAttributes) -> bool {
@@ -630,6 +689,10 @@ impl Engine {
         let path = rel_path(key);
         let plan = Arc::clone(&self.plan);
         let owners = plan.owners(&path);
+        if owners.is_empty() {
+            warn!(path = %key, "not monitored here: nothing to approve");
+            return Approved::Applied;
+        }
         let mut scratch = Outcome::default();
         let current = if owners.is_empty() {
             None
@@ -648,21 +711,112 @@ impl Engine {
             let (outcome, _) = self.rescan(&BTreeSet::from([path]), DetectionSource::Scan);
             return Approved::Superseded(outcome);
         }
-        match current {
-            Some(c) => {
-                self.baseline.files.insert(
-                    key.to_string(),
-                    Tracked {
-                        approved: Some(c),
-                        reported: None,
-                    },
-                );
-            }
-            None => {
-                self.baseline.files.remove(key);
+        self.baseline.approve(key, current);
+        Approved::Applied
+    }
+
+    /// A digest per established entry of the served policies: BLAKE3 over its
+    /// paths and approved states (only the attributes it compares), in path
+    /// order, so two baselines of the same files agree whoever built them.
+    pub fn entry_digests(&self) -> Vec<EntryDigest> {
+        struct Acc {
+            hasher: blake3::Hasher,
+            files: i64,
+            path: Option<String>,
+        }
+        let mut acc: BTreeMap<(String, String), Acc> = BTreeMap::new();
+        for e in &self.plan.entries {
+            if self
+                .baseline
+                .is_established(&e.owner.policy, &e.owner.entry)
+            {
+                acc.entry((e.owner.policy.clone(), e.owner.entry.clone()))
+                    .or_insert_with(|| Acc {
+                        hasher: blake3::Hasher::new(),
+                        files: 0,
+                        path: None,
+                    });
             }
         }
-        Approved::Applied
+        for (key, approved) in self.baseline.approved_states() {
+            let Some(state) = approved else { continue };
+            for o in self.plan.owners(&rel_path(key)) {
+                let Some(a) = acc.get_mut(&(o.owner.policy.clone(), o.owner.entry.clone())) else {
+                    continue;
+                };
+                let mut attrs = o.attributes.clone();
+                if is_dir(Some(state)) {
+                    attrs.retain(|x| DIR_ATTRS.contains(x));
+                }
+                let projected = project(state, &attrs);
+                a.hasher.update(&(key.len() as u64).to_le_bytes());
+                a.hasher.update(key.as_bytes());
+                a.hasher.update(state_digest(Some(&projected)).as_bytes());
+                a.files += 1;
+                a.path = (a.files == 1).then(|| key.clone());
+            }
+        }
+        acc.into_iter()
+            .map(|((policy, entry), a)| EntryDigest {
+                policy,
+                entry,
+                digest: a.hasher.finalize().to_hex().to_string(),
+                files: a.files,
+                path: a.path,
+            })
+            .collect()
+    }
+
+    /// Compares the entry digests with `known`, what the cluster last saw: the
+    /// entries that differ (`policy/entry`), and a change (source `Startup`)
+    /// for each differing entry that covers a single path, naming that file.
+    pub fn differing_entries(&self, known: &[EntryDigest]) -> (Vec<String>, Vec<FileChangeSpec>) {
+        let now: BTreeMap<(String, String), EntryDigest> = self
+            .entry_digests()
+            .into_iter()
+            .map(|d| ((d.policy.clone(), d.entry.clone()), d))
+            .collect();
+        let mut names = Vec::new();
+        let mut changes = Vec::new();
+        for k in known {
+            let Some(d) = now.get(&(k.policy.clone(), k.entry.clone())) else {
+                continue; // not served here now
+            };
+            if d.digest == k.digest {
+                continue;
+            }
+            names.push(format!("{}/{}", k.policy, k.entry));
+            let Some(path) = k.path.as_ref().filter(|_| k.files == 1) else {
+                continue;
+            };
+            let attrs = self
+                .plan
+                .entries
+                .iter()
+                .find(|e| e.owner.policy == k.policy && e.owner.entry == k.entry)
+                .map(|e| e.attributes.clone())
+                .unwrap_or_default();
+            let after = self.baseline.approved(path).map(|a| project(a, &attrs));
+            changes.push(FileChangeSpec {
+                node: self.node.clone(),
+                policy: k.policy.clone(),
+                entry: k.entry.clone(),
+                path: path.clone(),
+                category: if after.is_some() {
+                    ChangeCategory::Modified
+                } else {
+                    ChangeCategory::Removed
+                },
+                changed_attributes: Vec::new(),
+                before: None,
+                after,
+                detected_time: MicroTime(Timestamp::now()),
+                source: DetectionSource::Startup,
+                process: None,
+                summary: None,
+            });
+        }
+        (names, changes)
     }
 
     /// Files monitored by one policy (last scan).
@@ -689,6 +843,13 @@ mod tests {
         )]))
         .unwrap();
         e
+    }
+
+    /// A scan whose changes are taken as queued (protocol step 4).
+    fn scan(e: &mut Engine, source: DetectionSource) -> Outcome {
+        let o = e.scan(source);
+        e.mark_reported(&o);
+        o
     }
 
     fn etc(recursive: bool) -> MonitoredPath {
@@ -726,14 +887,14 @@ mod tests {
         std::fs::write(root.path().join("etc/old"), "o").unwrap();
         let mut e = engine(root.path(), state.path(), vec![etc(true)]);
         assert!(
-            e.scan(DetectionSource::Startup).changes.is_empty(),
+            scan(&mut e, DetectionSource::Startup).changes.is_empty(),
             "first scan is the baseline"
         );
 
         std::fs::write(root.path().join("etc/hosts"), "bb").unwrap();
         std::fs::write(root.path().join("etc/new"), "n").unwrap();
         std::fs::remove_file(root.path().join("etc/old")).unwrap();
-        let o = e.scan(DetectionSource::Scan);
+        let o = scan(&mut e, DetectionSource::Scan);
         let d = describe(&o);
         let hosts = o
             .changes
@@ -746,7 +907,7 @@ mod tests {
         assert!(d[1].contains("Hash") && d[1].contains("Size"), "{d:?}");
         assert!(d[2].starts_with("Removed /etc/old"), "{d:?}");
         assert!(
-            e.scan(DetectionSource::Scan).changes.is_empty(),
+            scan(&mut e, DetectionSource::Scan).changes.is_empty(),
             "reported once"
         );
 
@@ -759,7 +920,7 @@ mod tests {
             std::fs::Permissions::from_mode(0o600),
         )
         .unwrap();
-        let d = describe(&e.scan(DetectionSource::Scan));
+        let d = describe(&scan(&mut e, DetectionSource::Scan));
         assert_eq!(d, ["Modified /etc/hosts [Mode]"]);
     }
 
@@ -791,6 +952,33 @@ mod tests {
     }
 
     #[test]
+    fn one_policy_that_cannot_compile_never_blinds_the_others() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
+        let mut e = Engine::open(root.path(), state.path(), "n").unwrap();
+        let mut bad = etc(true);
+        bad.exclude = vec!["*.{bak,swp".into()];
+        let input = |p: MonitoredPath| PolicyInput {
+            generation: Some(1),
+            spec: FileIntegrityPolicySpec::with_paths(vec![p]),
+        };
+        let result = e.set_policies(BTreeMap::from([
+            ("bad".to_string(), input(bad)),
+            ("good".to_string(), input(etc(true))),
+        ]));
+        assert!(result.is_err());
+        assert_eq!(e.failed().keys().collect::<Vec<_>>(), ["bad"]);
+        assert_eq!(e.policies().keys().collect::<Vec<_>>(), ["good"]);
+        scan(&mut e, DetectionSource::Startup);
+        std::fs::write(root.path().join("etc/hosts"), "evil").unwrap();
+        let d = describe(&scan(&mut e, DetectionSource::Scan));
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].starts_with("Modified /etc/hosts"), "{d:?}");
+    }
+
+    #[test]
     fn the_baseline_survives_a_restart() {
         let root = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
@@ -798,13 +986,13 @@ mod tests {
         std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
         std::fs::write(root.path().join("etc/passwd"), "p").unwrap();
         let mut e = engine(root.path(), state.path(), vec![etc(false)]);
-        e.scan(DetectionSource::Startup);
+        scan(&mut e, DetectionSource::Startup);
         e.save().unwrap();
         drop(e);
         std::fs::write(root.path().join("etc/hosts"), "changed").unwrap();
         let mut e = engine(root.path(), state.path(), vec![etc(false)]);
         assert!(e.had_baseline());
-        let o = e.scan(DetectionSource::Startup);
+        let o = scan(&mut e, DetectionSource::Startup);
         assert_eq!(o.changes.len(), 1, "no false Added for untouched files");
         assert_eq!(o.changes[0].source, DetectionSource::Startup);
     }
@@ -816,7 +1004,7 @@ mod tests {
         std::fs::create_dir_all(root.path().join("etc")).unwrap();
         std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
         let mut e = engine(root.path(), state.path(), vec![etc(false)]);
-        e.scan(DetectionSource::Startup);
+        scan(&mut e, DetectionSource::Startup);
         std::fs::write(root.path().join("etc/.hosts.swp"), "new").unwrap();
         std::fs::rename(
             root.path().join("etc/.hosts.swp"),
@@ -825,6 +1013,7 @@ mod tests {
         .unwrap();
         let paths = BTreeSet::from([PathBuf::from("etc/.hosts.swp"), PathBuf::from("etc/hosts")]);
         let (o, _) = e.rescan(&paths, DetectionSource::Realtime);
+        e.mark_reported(&o);
         let d = describe(&o);
         assert_eq!(d.len(), 1, "{d:?}");
         assert!(d[0].starts_with("Modified /etc/hosts"));
@@ -837,12 +1026,12 @@ mod tests {
         std::fs::create_dir_all(root.path().join("etc/deep/er")).unwrap();
         std::fs::write(root.path().join("etc/deep/er/f"), "x").unwrap();
         let mut e = engine(root.path(), state.path(), vec![etc(true)]);
-        e.scan(DetectionSource::Startup);
+        scan(&mut e, DetectionSource::Startup);
         // A loop below a monitored directory does not stop the scan.
         std::os::unix::fs::symlink("l2", root.path().join("etc/l1")).unwrap();
         std::os::unix::fs::symlink("l1", root.path().join("etc/l2")).unwrap();
         std::fs::write(root.path().join("etc/deep/er/g"), "y").unwrap();
-        let o = e.scan(DetectionSource::Scan);
+        let o = scan(&mut e, DetectionSource::Scan);
         let d = describe(&o);
         assert!(
             d.iter().any(|c| c.starts_with("Added /etc/deep/er/g")),

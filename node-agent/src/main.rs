@@ -247,7 +247,7 @@ async fn watch_cmd(args: Standalone, output: Output, addr: SocketAddr) -> anyhow
     let printer = tokio::spawn(async move {
         while let Some((changes, done)) = batch_rx.recv().await {
             for c in &changes {
-                if let Err(e) = print_change(c, output) {
+                if let Err(e) = print_change(&c.spec, output) {
                     tracing::warn!(error = %e, "printing");
                 }
             }

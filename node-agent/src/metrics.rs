@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::State;
@@ -16,6 +17,35 @@ use prometheus::{
 };
 
 use crate::cluster::metrics::ClusterMetrics;
+
+/// When the monitoring loop (or a scan inside it) last made progress.
+#[derive(Clone, Debug, Default)]
+pub struct Progress(Arc<AtomicU64>);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Progress {
+    /// Records progress now.
+    pub fn beat(&self) {
+        self.0.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Time since the last progress (`None` before the first).
+    pub fn age(&self) -> Option<Duration> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(Duration::from_millis(now_ms().saturating_sub(t))),
+        }
+    }
+}
+
+/// `/healthz` fails when the loop made no progress for this long (it wakes
+/// every 10 s even when idle, and a scan records progress file by file).
+pub const STALLED: Duration = Duration::from_secs(90);
 
 /// Every metric the agent exports.
 #[derive(Clone)]
@@ -38,6 +68,7 @@ pub struct AgentMetrics {
     pub attributed_changes: IntCounterVec,
     pub cluster: ClusterMetrics,
     pub ready: Arc<AtomicBool>,
+    pub progress: Progress,
 }
 
 impl AgentMetrics {
@@ -154,6 +185,7 @@ impl AgentMetrics {
             attributed_changes,
             cluster,
             ready: Arc::new(AtomicBool::new(false)),
+            progress: Progress::default(),
         })
     }
 
@@ -194,8 +226,8 @@ impl AgentMetrics {
         String::from_utf8_lossy(&buf).into_owned()
     }
 
-    /// Serves `/metrics`, `/healthz` and `/readyz` (ready once the first
-    /// baseline or startup scan is done).
+    /// Serves `/metrics`, `/healthz` (fails when the monitoring loop stalls)
+    /// and `/readyz` (ready once the first baseline or startup scan is done).
     pub async fn serve(self, addr: SocketAddr) -> std::io::Result<()> {
         async fn metrics(
             State(m): State<AgentMetrics>,
@@ -209,9 +241,21 @@ impl AgentMetrics {
                 (StatusCode::SERVICE_UNAVAILABLE, "building the baseline")
             }
         }
+        async fn healthz(State(m): State<AgentMetrics>) -> (StatusCode, String) {
+            match m.progress.age() {
+                Some(age) if age > STALLED => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the monitoring loop made no progress for {}s",
+                        age.as_secs()
+                    ),
+                ),
+                _ => (StatusCode::OK, "ok".into()),
+            }
+        }
         let app = Router::new()
             .route("/metrics", get(metrics))
-            .route("/healthz", get(|| async { "ok" }))
+            .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .with_state(self);
         let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -31,30 +31,36 @@ pub fn host_path(rel: &Path) -> String {
     s
 }
 
-/// Reverses [`escape`].
+/// Reverses [`escape`]. Never panics, whatever the input (paths come from API
+/// objects anyone with create rights can write): a backslash that starts no
+/// valid escape stands for itself.
 pub fn unescape(s: &str) -> std::ffi::OsString {
     use std::os::unix::ffi::OsStringExt;
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 1 < b.len() && b[i + 1] == b'\\' {
-            out.push(b'\\');
-            i += 2;
-        } else if b[i] == b'\\' && i + 3 < b.len() && b[i + 1] == b'x' {
-            match u8::from_str_radix(&s[i + 2..i + 4], 16) {
-                Ok(v) => {
-                    out.push(v);
-                    i += 4;
-                }
-                Err(_) => {
-                    out.push(b[i]);
-                    i += 1;
-                }
+        match (
+            b[i],
+            b.get(i + 1),
+            b.get(i + 2).copied().and_then(hex),
+            b.get(i + 3).copied().and_then(hex),
+        ) {
+            (b'\\', Some(b'\\'), _, _) => {
+                out.push(b'\\');
+                i += 2;
             }
-        } else {
-            out.push(b[i]);
-            i += 1;
+            (b'\\', Some(b'x'), Some(h), Some(l)) => {
+                out.push(h * 16 + l);
+                i += 4;
+            }
+            (c, _, _, _) => {
+                out.push(c);
+                i += 1;
+            }
         }
     }
     std::ffi::OsString::from_vec(out)
@@ -68,7 +74,38 @@ pub fn rel_path(host: &str) -> std::path::PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::ffi::OsStr;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// Any bytes survive escape then unescape.
+        #[test]
+        fn escape_round_trips_any_bytes(raw in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let os = OsStr::from_bytes(&raw);
+            prop_assert_eq!(unescape(&escape(os)), os);
+        }
+
+        /// Any string (a FileChange path written by anyone) unescapes without
+        /// panicking, and what it stands for round-trips.
+        #[test]
+        fn unescape_never_panics(s in ".{0,40}", tail in r"(\\\\|\\x[0-9a-fé]{0,2}|é|x)*") {
+            let text = format!("{s}{tail}");
+            let raw = unescape(&text);
+            prop_assert_eq!(unescape(&escape(&raw)), raw.clone());
+            let _ = rel_path(&text);
+        }
+    }
+
+    #[test]
+    fn malformed_escapes_stand_for_themselves() {
+        for s in [r"\x", "\\x\u{e9}1", r"a\", r"\xg0", r"\x4"] {
+            let _ = unescape(s);
+        }
+        assert_eq!(unescape(r"\xzz"), OsStr::new(r"\xzz"));
+        assert_eq!(unescape(r"\x41"), OsStr::new("A"));
+    }
 
     #[test]
     fn escapes_non_utf8_and_backslashes() {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use globset::{GlobMatcher, GlobSet, GlobSetBuilder};
 use kube_fim_crds::{Attribute, AttributeProfile, FileIntegrityPolicySpec, MonitoredPath};
 use thiserror::Error;
 
@@ -57,10 +57,8 @@ impl Entry {
         };
         let (base, pattern) = match e.path.rsplit_once('/') {
             Some((dir, last)) if has_wildcard(last) => {
-                let glob = GlobBuilder::new(last)
-                    .literal_separator(true)
-                    .build()
-                    .map_err(|x| err(x.to_string()))?;
+                let glob =
+                    kube_fim_crds::glob::path_pattern(last).map_err(|x| err(x.to_string()))?;
                 (
                     rel(if dir.is_empty() { "/" } else { dir }),
                     Some(glob.compile_matcher()),
@@ -71,15 +69,11 @@ impl Entry {
         let mut names = GlobSetBuilder::new();
         let mut paths = GlobSetBuilder::new();
         for x in &e.exclude {
+            let glob = kube_fim_crds::glob::exclude(x).map_err(|y| err(y.to_string()))?;
             if x.contains('/') {
-                paths.add(
-                    GlobBuilder::new(x)
-                        .literal_separator(true)
-                        .build()
-                        .map_err(|y| err(y.to_string()))?,
-                );
+                paths.add(glob);
             } else {
-                names.add(Glob::new(x).map_err(|y| err(y.to_string()))?);
+                names.add(glob);
             }
         }
         Ok(Entry {

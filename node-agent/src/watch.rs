@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use kube_fim_crds::DetectionSource;
+use kube_fim_crds::{DetectionSource, EntryDigest};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -20,7 +20,7 @@ use crate::attribution::join::Attribution;
 use crate::attribution::pods::PodIndex;
 use crate::engine::{Approved, Engine, Outcome, PolicyInput};
 use crate::metrics::AgentMetrics;
-use crate::report::{Batch, hand_over};
+use crate::report::{Batch, Detected, detected, hand_over};
 
 /// Instructions to the loop.
 #[derive(Debug)]
@@ -51,6 +51,13 @@ pub struct Snapshot {
     pub watch_limit: bool,
     /// Process attribution: on, or why not.
     pub attribution: AttributionState,
+    /// Policies that cannot be compiled, with why (the others are served).
+    pub failed: BTreeMap<String, String>,
+    /// Per-entry digests of the baseline (published for the next start).
+    pub entries: Vec<EntryDigest>,
+    /// Entries (`policy/entry`) found different from what the cluster last
+    /// saw, when the baseline on disk was lost or replaced.
+    pub differing: Option<Vec<String>>,
 }
 
 /// One policy's state on this node.
@@ -146,7 +153,7 @@ fn snapshot(
             .policies()
             .iter()
             .map(|(name, p)| {
-                let rec = engine.baseline.policies.get(name);
+                let rec = engine.baseline().policy(name);
                 (
                     name.clone(),
                     PolicySnapshot {
@@ -164,6 +171,9 @@ fn snapshot(
         ready,
         watch_limit,
         attribution: attribution.clone(),
+        failed: engine.failed().clone(),
+        entries: engine.entry_digests(),
+        differing: None,
     }
 }
 
@@ -213,7 +223,10 @@ pub async fn monitor(
     // would forget the baseline of unknown policies) before they are known.
     let mut have_policies = false;
 
+    // The loop wakes at least this often, so /healthz can tell idle from stalled.
+    const BEAT: Duration = Duration::from_secs(10);
     loop {
+        metrics.progress.beat();
         let (debounce, interval) = engine.timing();
         let due = pending.values().min().copied();
         let may_start = have_policies || !wait_for_policies;
@@ -229,7 +242,7 @@ pub async fn monitor(
                 DetectionSource::Scan
             };
             let started = std::time::Instant::now();
-            let outcome = tokio::task::block_in_place(|| engine.scan(source));
+            let mut outcome = tokio::task::block_in_place(|| engine.scan(source));
             metrics
                 .scan_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -261,8 +274,24 @@ pub async fn monitor(
                 warn!(path = %e.path, reason = %e.reason, "skipped");
             }
             record(&outcome, &metrics);
-            if !hand_over(&out, outcome.changes).await {
+            if !hand_over(&out, detected(&mut outcome)).await {
                 return engine;
+            }
+            engine.mark_reported(&outcome);
+            let mut differing = None;
+            if let Some(known) = engine.take_known_entries() {
+                let (names, changes) = engine.differing_entries(&known);
+                if !names.is_empty() {
+                    warn!(entries = ?names, "entries differ from the baseline the cluster last saw");
+                }
+                let changes = changes
+                    .into_iter()
+                    .map(|spec| Detected { spec, epoch: 0 })
+                    .collect();
+                if !hand_over(&out, changes).await {
+                    return engine;
+                }
+                differing = Some(names);
             }
             digest = save(&mut engine, &metrics);
             sync_watches(&engine, &mut attribution, &mut inotify, &metrics);
@@ -271,20 +300,23 @@ pub async fn monitor(
             metrics
                 .ready
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-            let _ = status.send(snapshot(
+            let mut snap = snapshot(
                 &engine,
                 digest.clone(),
                 true,
                 inotify.limit_reported,
                 attribution.state(),
-            ));
+            );
+            snap.differing = differing;
+            let _ = status.send(snap);
             continue;
         }
         let wake = if first {
-            due.unwrap_or(Instant::now() + Duration::from_secs(3600))
+            due.unwrap_or(Instant::now() + BEAT)
         } else {
             due.unwrap_or(next_scan).min(next_scan)
-        };
+        }
+        .min(Instant::now() + BEAT);
         tokio::select! {
             () = &mut shutdown => {
                 let _ = save(&mut engine, &metrics);
@@ -294,6 +326,14 @@ pub async fn monitor(
                 let Some(ev) = ev else { continue };
                 match ev {
                     Ok(ev) => {
+                        if ev.need_rescan() {
+                            // The kernel's event queue overflowed: events were
+                            // lost, so look at everything now.
+                            warn!("real-time event queue overflowed; rescanning now");
+                            metrics.watch_errors.inc();
+                            next_scan = Instant::now();
+                            continue;
+                        }
                         if matches!(ev.kind, EventKind::Access(notify::event::AccessKind::Open(_))
                             | EventKind::Access(notify::event::AccessKind::Read)
                             | EventKind::Access(notify::event::AccessKind::Close(notify::event::AccessMode::Read))
@@ -338,11 +378,11 @@ pub async fn monitor(
                 let (mut outcome, new_dirs) = tokio::task::block_in_place(|| engine.rescan(&ready, DetectionSource::Realtime));
                 attribution.attach(&ready, &mut outcome.changes, &metrics);
                 record(&outcome, &metrics);
-                let changed = !outcome.changes.is_empty();
-                if !hand_over(&out, outcome.changes).await {
+                if !hand_over(&out, detected(&mut outcome)).await {
                     return engine;
                 }
-                if changed {
+                engine.mark_reported(&outcome);
+                if engine.baseline().is_dirty() {
                     digest = save(&mut engine, &metrics);
                     let _ = status.send(snapshot(&engine, digest.clone(), true, inotify.limit_reported, attribution.state()));
                 }
@@ -378,12 +418,14 @@ pub async fn monitor(
                     Some(Control::Approve { key, after, done }) => {
                         let answer = match tokio::task::block_in_place(|| engine.approve(&key, after.as_deref())) {
                             Approved::Applied => Ok(()),
-                            Approved::Superseded(outcome) => {
+                            Approved::Superseded(mut outcome) => {
                                 record(&outcome, &metrics);
-                                let names = outcome.changes.iter().map(crate::report::object::object_name).collect();
-                                if !hand_over(&out, outcome.changes).await {
+                                let reports = detected(&mut outcome);
+                                let names = reports.iter().map(|d| crate::report::object::object_name(&d.spec, d.epoch)).collect();
+                                if !hand_over(&out, reports).await {
                                     return engine;
                                 }
+                                engine.mark_reported(&outcome);
                                 Err(names)
                             }
                         };

@@ -32,6 +32,11 @@ fn monitored(policy_yaml: &str, files: &[&str]) -> BTreeSet<String> {
         changes.iter().all(|c| c["category"] == "Removed"),
         "{changes:#?}"
     );
+    // Directories are reported too; this helper lists the files.
+    let changes: Vec<_> = changes
+        .into_iter()
+        .filter(|c| c["before"]["type"] != "directory")
+        .collect();
     let paths: BTreeSet<String> = summary(&changes).into_iter().map(|(_, p)| p).collect();
     // One change per (path, entry): a path two entries cover is reported under each.
     let per_entry: BTreeSet<(String, String)> = changes

@@ -93,6 +93,20 @@ pub fn union_affinity(policies: &[&FileIntegrityPolicy]) -> Option<Affinity> {
     })
 }
 
+/// The agent runs through cordon and every node-condition taint (a node in
+/// trouble is when an attacker acts): tolerated explicitly, whatever the
+/// DaemonSet controller adds by itself.
+pub fn node_condition_tolerations() -> Vec<Toleration> {
+    kube_fim_crds::selection::NODE_CONDITION_TAINTS
+        .iter()
+        .map(|key| Toleration {
+            key: Some((*key).to_string()),
+            operator: Some("Exists".into()),
+            ..Toleration::default()
+        })
+        .collect()
+}
+
 /// Every toleration any policy has, once each, in a stable order.
 pub fn merged_tolerations(policies: &[&FileIntegrityPolicy]) -> Vec<Toleration> {
     let mut out: Vec<Toleration> = Vec::new();
@@ -266,8 +280,9 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
         containers: vec![container],
         affinity: union_affinity(&policies),
         tolerations: {
-            let t = merged_tolerations(&policies);
-            (!t.is_empty()).then_some(t)
+            let mut t = node_condition_tolerations();
+            t.extend(merged_tolerations(&policies));
+            Some(t)
         },
         host_pid: process_attribution.then_some(true),
         priority_class_name: Some("system-node-critical".into()),

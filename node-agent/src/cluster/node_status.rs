@@ -44,13 +44,14 @@ pub async fn ensure(
     }
 }
 
-/// Replaces the record's status. A JSON merge patch replaces lists whole, so
-/// policies the agent no longer serves disappear from the record.
+/// Replaces the record's status; returns the stored object. A JSON merge
+/// patch replaces lists whole, so policies the agent no longer serves
+/// disappear from the record.
 pub async fn write(
     records: &Api<FileIntegrityNode>,
     node: &str,
     status: &FileIntegrityNodeStatus,
-) -> Result<(), kube::Error> {
+) -> Result<FileIntegrityNode, kube::Error> {
     let mut value = serde_json::to_value(status).unwrap_or_default();
     // An empty list is left out by serde, and a merge patch would then keep the
     // stored one: say "no policies" explicitly.
@@ -59,12 +60,16 @@ pub async fn write(
             .or_insert_with(|| serde_json::Value::Array(Vec::new()));
         // Likewise attribution no longer asked for is removed, not kept.
         map.entry("attribution").or_insert(serde_json::Value::Null);
+        map.entry("entries")
+            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        // A cleared alarm is removed (null), not left as it was.
+        map.entry("baselineAlarm")
+            .or_insert(serde_json::Value::Null);
     }
     let patch = serde_json::json!({ "status": value });
     records
         .patch_status(node, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .map(|_| ())
 }
 
 /// What the record says about process attribution: nothing when no served

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -22,9 +23,10 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
+use kube_fim_crds::labels::CLEAR_BASELINE_ALARM;
 use kube_fim_crds::{
-    ApprovalOutcome, ChangeCategory, FileChange, FileIntegrityNode, FileIntegrityNodeStatus,
-    FileIntegrityPolicy, NodePolicyPhase, NodePolicyStatus,
+    ApprovalOutcome, BaselineAlarm, ChangeCategory, FileChange, FileIntegrityNode,
+    FileIntegrityNodeStatus, FileIntegrityPolicy, NodePolicyPhase, NodePolicyStatus,
 };
 use tokio::sync::{Mutex, Notify, mpsc, oneshot, watch};
 use tracing::{info, warn};
@@ -32,7 +34,8 @@ use tracing::{info, warn};
 use super::node_status;
 use super::selection::served;
 use crate::attribution::pods::PodIndex;
-use crate::engine::{Engine, PolicyInput};
+use crate::baseline::Journal;
+use crate::engine::{Engine, EngineError, PolicyInput};
 use crate::metrics::AgentMetrics;
 use crate::report::deliver::{self, RateLimit};
 use crate::report::queue::Queue;
@@ -75,13 +78,98 @@ where
     }
 }
 
+/// Spawns one of the agent's long-running tasks. If it ends before shutdown
+/// (it returned, or panicked), the process exits non-zero so the kubelet
+/// restarts the agent: a half-alive agent that answers /healthz but watches
+/// nothing is the worst outcome.
+fn critical<T: Send + 'static>(
+    name: &'static str,
+    stopping: &Arc<AtomicBool>,
+    task: impl std::future::Future<Output = T> + Send + 'static,
+) -> tokio::task::JoinHandle<Option<T>> {
+    let stopping = stopping.clone();
+    tokio::spawn(async move {
+        let result = std::panic::AssertUnwindSafe(task).catch_unwind().await;
+        match result {
+            Ok(v) if stopping.load(Ordering::SeqCst) => Some(v),
+            Ok(_) => {
+                tracing::error!(
+                    task = name,
+                    "a task of the agent ended; exiting to be restarted"
+                );
+                std::process::exit(70);
+            }
+            Err(_) => {
+                tracing::error!(
+                    task = name,
+                    "a task of the agent panicked; exiting to be restarted"
+                );
+                std::process::exit(70);
+            }
+        }
+    })
+}
+
+/// Why the baseline found at start is not the one the cluster knows, if it is not.
+fn check_baseline(
+    on_disk: Option<&str>,
+    in_cluster: Option<&str>,
+    unreadable: Option<&str>,
+    journal: &Journal,
+    node: &str,
+) -> Option<BaselineAlarm> {
+    let short = |d: &str| d.chars().take(16).collect::<String>();
+    let in_cluster = in_cluster?;
+    let (reason, message) = match (on_disk, unreadable) {
+        (_, Some(error)) => (
+            "BaselineUnreadable",
+            format!(
+                "the baseline on node {node} cannot be read ({error}); a new one is built and compared entry by entry with what the cluster last saw"
+            ),
+        ),
+        (Some(d), None) if d == in_cluster || journal.vouches(in_cluster, d) => return None,
+        (Some(d), None) => (
+            "BaselineTampered",
+            format!(
+                "the baseline on node {node} was modified outside the agent (digest {} instead of {}); a new one is built and compared entry by entry with what the cluster last saw",
+                short(d),
+                short(in_cluster)
+            ),
+        ),
+        (None, None) => (
+            "BaselineMissing",
+            format!(
+                "the cluster knows a baseline for node {node} (digest {}) but none is on disk; a new one is built and compared entry by entry with what the cluster last saw",
+                short(in_cluster)
+            ),
+        ),
+    };
+    let now = Timestamp::now();
+    Some(BaselineAlarm {
+        id: blake3::hash(format!("{node}{reason}{now}").as_bytes()).to_hex()[..16].to_string(),
+        reason: reason.into(),
+        since: Time(now),
+        message,
+    })
+}
+
 /// Runs the agent until `shutdown`.
 pub async fn run(
     client: Client,
     config: RunConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let shutdown = shutdown.shared();
+    // Set as soon as shutdown begins, before any task can see it: a task that
+    // ends after that is stopping, not failing.
+    let stopping = Arc::new(AtomicBool::new(false));
+    let shutdown = {
+        let stopping = stopping.clone();
+        async move {
+            shutdown.await;
+            stopping.store(true, Ordering::SeqCst);
+        }
+    }
+    .shared();
     let node_name = config.node.clone();
     let metrics = AgentMetrics::new(&node_name).context("metrics")?;
     {
@@ -95,8 +183,27 @@ pub async fn run(
         });
     }
 
-    let engine = Engine::open(&config.root, &config.state, &node_name)
-        .context("opening the host root and state")?;
+    // The state directory is the agent's alone (file names and digests of
+    // root-only directories are not for other users of the node).
+    crate::baseline::create_state_dir(&config.state).context("creating the state directory")?;
+    let (mut engine, unreadable) = match Engine::open(&config.root, &config.state, &node_name) {
+        Ok(e) => (e, None),
+        Err(EngineError::Baseline(error)) => {
+            // Kept for forensics, never silently replaced.
+            let aside = config.state.join(format!(
+                "{}.unreadable-{}",
+                crate::baseline::FILE,
+                Timestamp::now().as_second()
+            ));
+            let _ = std::fs::rename(config.state.join(crate::baseline::FILE), &aside);
+            warn!(%error, aside = %aside.display(), "the baseline on this node cannot be read");
+            let e = Engine::open_fresh(&config.root, &config.state, &node_name)
+                .context("opening the host root")?;
+            (e, Some(error.to_string()))
+        }
+        Err(error) => return Err(error).context("opening the host root and state"),
+    };
+    engine.set_progress(metrics.progress.clone());
     let queue = Arc::new(Mutex::new(
         Queue::open(&config.state.join("queue"), config.queue_capacity)
             .context("opening the delivery queue")?,
@@ -121,43 +228,52 @@ pub async fn run(
         },
     );
 
-    // Was the baseline on disk edited while the agent was away?
-    let stored = record
-        .status
-        .as_ref()
-        .and_then(|s| s.baseline_digest.clone());
-    let tampered = match (&engine.loaded_digest, &stored) {
-        (Some(on_disk), Some(in_cluster)) if on_disk != in_cluster => {
-            warn!(
-                on_disk,
-                in_cluster,
-                "the baseline on this node does not match the digest the cluster stored: it was modified outside the agent"
-            );
-            metrics.cluster.baseline_tampered.set(1);
-            let event = Event {
-                type_: EventType::Warning,
-                reason: "BaselineTampered".into(),
-                note: Some(format!(
-                    "the baseline on node {node_name} was modified outside the agent (digest {} instead of {}); changes made before this start may be hidden",
-                    &on_disk[..16.min(on_disk.len())],
-                    &in_cluster[..16.min(in_cluster.len())]
-                )),
-                action: "VerifyBaseline".into(),
-                secondary: None,
-            };
-            if let Err(error) = recorder.publish(&event, &record.object_ref(&())).await {
-                warn!(%error, "could not publish the BaselineTampered event");
-            }
-            true
+    // Is the baseline on disk the one the cluster knows (or one this agent
+    // wrote after it, per the journal)? Anything else is an alarm.
+    let status = record.status.clone().unwrap_or_default();
+    let cleared = record.annotations().get(CLEAR_BASELINE_ALARM).cloned();
+    let mut alarm = status
+        .baseline_alarm
+        .clone()
+        .filter(|a| cleared.as_deref() != Some(a.id.as_str()));
+    if let Some(found) = check_baseline(
+        engine.loaded_digest(),
+        status.baseline_digest.as_deref(),
+        unreadable.as_deref(),
+        &engine.journal(),
+        &node_name,
+    ) {
+        warn!(reason = found.reason, "{}", found.message);
+        if found.reason == "BaselineTampered" {
+            // A foreign baseline could hide anything: start from what is on
+            // disk now and let the entry digests say what differs.
+            let aside = config.state.join(format!(
+                "{}.foreign-{}",
+                crate::baseline::FILE,
+                Timestamp::now().as_second()
+            ));
+            let _ = std::fs::rename(config.state.join(crate::baseline::FILE), &aside);
+            engine = Engine::open_fresh(&config.root, &config.state, &node_name)
+                .context("opening the host root")?;
+            engine.set_progress(metrics.progress.clone());
         }
-        (None, Some(_)) => {
-            warn!(
-                "the cluster knows a baseline for this node but none is on disk: building a new one"
-            );
-            false
+        engine.compare_first_scan_with(status.entries.clone());
+        let event = Event {
+            type_: EventType::Warning,
+            reason: found.reason.clone(),
+            note: Some(found.message.clone()),
+            action: "VerifyBaseline".into(),
+            secondary: None,
+        };
+        if let Err(error) = recorder.publish(&event, &record.object_ref(&())).await {
+            warn!(%error, "could not publish the baseline alarm");
         }
-        _ => false,
-    };
+        alarm = Some(found);
+    }
+    metrics
+        .cluster
+        .baseline_tampered
+        .set(i64::from(alarm.is_some()));
 
     let (control_tx, control_rx) = mpsc::channel::<Control>(16);
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(16);
@@ -188,7 +304,7 @@ pub async fn run(
         let policies = policy_store.clone();
         let nodes_store = node_store.clone();
         let node_name = node_name.clone();
-        tokio::spawn(async move {
+        critical("policy watch", &stopping, async move {
             // Every watch event, the initial listing's end included (so an empty
             // cluster is known to be empty).
             let mut events = std::pin::pin!(futures::stream::select(policy_events, node_events));
@@ -237,62 +353,87 @@ pub async fn run(
     // The pods of this node, to name the pod behind a change (process attribution).
     let pods = PodIndex::default();
     let pods_task = tokio::spawn(pods.clone().follow(client.clone(), node_name.clone()));
-    let monitor_task = tokio::spawn(monitor(
-        engine,
-        metrics.clone(),
-        control_rx,
-        batch_tx,
-        status_tx,
-        true,
-        Some(pods),
-        shutdown.clone(),
-    ));
+    let engine_journal = engine.journal();
+    let monitor_task = critical(
+        "monitor",
+        &stopping,
+        monitor(
+            engine,
+            metrics.clone(),
+            control_rx,
+            batch_tx,
+            status_tx,
+            true,
+            Some(pods),
+            shutdown.clone(),
+        ),
+    );
 
     // Reporter: storm cap, then the durable queue.
-    let reporter = tokio::spawn(reporter(
-        batch_rx,
-        queue.clone(),
-        wake.clone(),
-        policy_store.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    let reporter = critical(
+        "reporter",
+        &stopping,
+        reporter(
+            batch_rx,
+            queue.clone(),
+            wake.clone(),
+            policy_store.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ),
+    );
 
-    let deliverer = tokio::spawn(deliver::run(
-        Api::<FileChange>::all(client.clone()),
-        recorder.clone(),
-        record.object_ref(&()),
-        queue.clone(),
-        wake.clone(),
-        metrics.cluster.clone(),
-        RateLimit {
-            qps: config.qps,
-            burst: config.burst,
-        },
-        shutdown.clone(),
-    ));
+    let deliverer = critical(
+        "deliverer",
+        &stopping,
+        deliver::run(
+            Api::<FileChange>::all(client.clone()),
+            recorder.clone(),
+            record.object_ref(&()),
+            queue.clone(),
+            wake.clone(),
+            metrics.cluster.clone(),
+            RateLimit {
+                qps: config.qps,
+                burst: config.burst,
+            },
+            shutdown.clone(),
+        ),
+    );
 
     // Approvals wait for the first policy decision (see acknowledgements).
     let first_policies = served_tx.clone();
-    let heartbeat = tokio::spawn(heartbeat(
-        recorder.clone(),
-        record.object_ref(&()),
-        records.clone(),
-        node_name.clone(),
-        status_rx,
-        served_tx,
-        queue.clone(),
-        tampered,
-        shutdown.clone(),
-    ));
+    let heartbeat = critical(
+        "heartbeat",
+        &stopping,
+        heartbeat(
+            Beat {
+                recorder: recorder.clone(),
+                reference: record.object_ref(&()),
+                records: records.clone(),
+                node: node_name.clone(),
+                queue: queue.clone(),
+                journal: engine_journal,
+                metrics: metrics.clone(),
+            },
+            status_rx,
+            served_tx,
+            alarm,
+            shutdown.clone(),
+        ),
+    );
 
-    let acks = tokio::spawn(acknowledgements(
-        Api::<FileChange>::all(client.clone()),
-        node_name.clone(),
-        first_policies,
-        control_tx.clone(),
-        shutdown.clone(),
-    ));
+    let acks = critical(
+        "acknowledgements",
+        &stopping,
+        acknowledgements(
+            Api::<FileChange>::all(client.clone()),
+            node_name.clone(),
+            first_policies,
+            control_tx.clone(),
+            shutdown.clone(),
+        ),
+    );
 
     info!(node = %node_name, root = %config.root.display(), "agent running");
     shutdown.clone().await;
@@ -306,55 +447,92 @@ pub async fn run(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn heartbeat(
+/// What the heartbeat writes with.
+struct Beat {
     recorder: Recorder,
     reference: k8s_openapi::api::core::v1::ObjectReference,
     records: Api<FileIntegrityNode>,
     node: String,
+    queue: Arc<Mutex<Queue>>,
+    journal: Journal,
+    metrics: AgentMetrics,
+}
+
+impl Beat {
+    async fn event(&self, type_: EventType, reason: &str, note: String, action: &str) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &self.reference).await {
+            warn!(%error, reason, "could not publish an event");
+        }
+    }
+}
+
+fn shorten(text: &str, max: usize) -> String {
+    crate::report::object::shorten_text(text, max)
+}
+
+async fn heartbeat(
+    beat: Beat,
     mut status: watch::Receiver<Snapshot>,
     mut served: watch::Receiver<BTreeMap<String, i64>>,
-    queue: Arc<Mutex<Queue>>,
-    tampered: bool,
+    mut alarm: Option<BaselineAlarm>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let node = beat.node.clone();
     let mut digest: Option<String> = None;
+    let mut entries = Vec::new();
     let mut said_limit = false;
     let mut said_errors = false;
+    let mut said_differing = false;
     loop {
         let snap = status.borrow_and_update().clone();
         // The agent's own trouble, told once per episode.
-        let mut trouble = Vec::new();
         if snap.watch_limit && !said_limit {
             said_limit = true;
-            trouble.push(("WatchLimitReached", format!(
+            beat.event(EventType::Warning, "WatchLimitReached", format!(
                 "the inotify watch limit was reached on node {node}: some directories are covered by periodic scans only (raise fs.inotify.max_user_watches)"
-            )));
+            ), "Scan").await;
         }
         if snap.errors > 0 && !said_errors {
             said_errors = true;
-            trouble.push(("ScanErrors", format!(
+            beat.event(EventType::Warning, "ScanErrors", format!(
                 "{} monitored files on node {node} could not be inspected in the last scan; they are skipped (see the agent log)",
                 snap.errors
-            )));
+            ), "Scan").await;
         } else if snap.errors == 0 {
             said_errors = false;
         }
-        for (reason, note) in trouble {
-            let event = Event {
-                type_: EventType::Warning,
-                reason: reason.into(),
-                note: Some(note),
-                action: "Scan".into(),
-                secondary: None,
+        if let (Some(names), Some(a)) = (&snap.differing, alarm.as_mut())
+            && !said_differing
+        {
+            said_differing = true;
+            let what = if names.is_empty() {
+                "no entry differs from what the cluster last saw".to_string()
+            } else {
+                format!(
+                    "entries that differ from what the cluster last saw: {}",
+                    names.join(", ")
+                )
             };
-            if let Err(error) = recorder.publish(&event, &reference).await {
-                warn!(%error, reason, "could not publish an event");
-            }
+            a.message = shorten(&format!("{}; {what}", a.message), 4000);
+            beat.event(
+                EventType::Warning,
+                "BaselineEntriesDiffer",
+                shorten(&format!("node {node}: {what}"), 1000),
+                "VerifyBaseline",
+            )
+            .await;
         }
         if snap.baseline_digest.is_some() {
             digest = snap.baseline_digest.clone();
+            entries = snap.entries.clone();
         }
         let wanted = served.borrow_and_update().clone();
         let policies: Vec<NodePolicyStatus> = wanted
@@ -362,7 +540,8 @@ async fn heartbeat(
             .map(|(name, generation)| {
                 let p = snap.policies.get(name);
                 let applied = p.is_some_and(|p| p.generation.unwrap_or(0) == *generation && p.last_scan.is_some());
-                let phase = if tampered {
+                let broken = snap.failed.get(name);
+                let phase = if alarm.is_some() || broken.is_some() {
                     NodePolicyPhase::Failed
                 } else if applied && snap.ready {
                     NodePolicyPhase::Ready
@@ -377,9 +556,16 @@ async fn heartbeat(
                     last_scan_time: p.and_then(|p| p.last_scan).map(Time),
                     baseline_time: p.and_then(|p| p.baseline_time).map(Time),
                     errors: Some(snap.errors as i64),
-                    message: tampered.then(|| {
-                        "the baseline on this node was modified outside the agent; investigate, then restart the agent".to_string()
-                    }),
+                    message: alarm
+                        .as_ref()
+                        .map(|a| {
+                            format!(
+                                "{}: {} (clear with: kubectl annotate fin {node} {CLEAR_BASELINE_ALARM}={})",
+                                a.reason, a.message, a.id
+                            )
+                        })
+                        .or_else(|| broken.map(|e| format!("cannot be served on this node: {e}")))
+                        .map(|m| shorten(&m, 1024)),
                 }
             })
             .collect();
@@ -388,13 +574,41 @@ async fn heartbeat(
             heartbeat_time: Some(Time(Timestamp::now())),
             policy_count: Some(policies.len() as i32),
             files_monitored: Some(snap.files_total as i64),
-            queue_length: Some(queue.lock().await.len() as i64),
+            queue_length: Some(beat.queue.lock().await.len() as i64),
             baseline_digest: digest.clone(),
             policies,
             attribution: node_status::attribution(&snap.attribution),
+            entries: entries.clone(),
+            baseline_alarm: alarm.clone(),
         };
-        if let Err(error) = node_status::write(&records, &node, &record).await {
-            warn!(%error, "could not write this node's status");
+        match node_status::write(&beat.records, &node, &record).await {
+            Ok(stored) => {
+                if let Some(d) = &digest
+                    && let Err(error) = beat.journal.published(d)
+                {
+                    warn!(%error, "could not trim the baseline journal");
+                }
+                // An admin cleared the alarm: a recorded act on this object.
+                if let Some(a) = &alarm
+                    && stored.annotations().get(CLEAR_BASELINE_ALARM) == Some(&a.id)
+                {
+                    info!(id = %a.id, "baseline alarm cleared");
+                    beat.event(
+                        EventType::Normal,
+                        "BaselineAlarmCleared",
+                        format!(
+                            "the baseline alarm {} ({}) on node {node} was cleared",
+                            a.id, a.reason
+                        ),
+                        "VerifyBaseline",
+                    )
+                    .await;
+                    alarm = None;
+                    beat.metrics.cluster.baseline_tampered.set(0);
+                    continue;
+                }
+            }
+            Err(error) => warn!(%error, "could not write this node's status"),
         }
         tokio::select! {
             () = &mut shutdown => return,

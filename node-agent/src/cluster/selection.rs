@@ -1,11 +1,13 @@
-//! Which policies this agent serves: every valid policy that selects its node
-//! (labels and tolerated taints), recomputed whenever a policy or the Node changes.
+//! Which policies this agent serves: every valid policy whose node selector
+//! matches its node's labels, recomputed whenever a policy or the Node changes.
+//! Taints and cordon never change it: they decide where agents run, and a
+//! running agent keeps monitoring through them.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
-use kube_fim_crds::selection::selects;
+use kube_fim_crds::selection::matches_labels;
 use kube_fim_crds::validate::validate_policy;
 use kube_fim_crds::{FileIntegrityPolicy, FileIntegrityPolicySpec};
 
@@ -26,7 +28,7 @@ pub fn served<'a>(
         .into_iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| validate_policy(p).is_ok())
-        .filter(|p| selects(p, node))
+        .filter(|p| matches_labels(p, node))
         .map(|p| {
             (
                 p.name_any(),
@@ -71,5 +73,35 @@ mod tests {
         ];
         let names: Vec<String> = served(&node, &ps).into_keys().collect();
         assert_eq!(names, ["all", "web"]);
+    }
+
+    #[test]
+    fn cordon_taints_and_not_ready_never_change_what_is_served() {
+        use k8s_openapi::api::core::v1::{NodeSpec, Taint};
+        let mut node = Node::default();
+        node.metadata.name = Some("n".into());
+        let ps = [policy("all", "/etc/passwd", &[])];
+        let before: Vec<String> = served(&node, &ps).into_keys().collect();
+        node.spec = Some(NodeSpec {
+            unschedulable: Some(true),
+            taints: Some(
+                [
+                    ("node.kubernetes.io/unschedulable", "NoSchedule"),
+                    ("node.kubernetes.io/unreachable", "NoExecute"),
+                    ("dedicated", "NoSchedule"),
+                ]
+                .into_iter()
+                .map(|(key, effect)| Taint {
+                    key: key.into(),
+                    effect: effect.into(),
+                    ..Taint::default()
+                })
+                .collect(),
+            ),
+            ..NodeSpec::default()
+        });
+        let after: Vec<String> = served(&node, &ps).into_keys().collect();
+        assert_eq!(before, after);
+        assert_eq!(after, ["all"]);
     }
 }

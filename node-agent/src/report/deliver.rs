@@ -292,7 +292,7 @@ mod tests {
             process: None,
             summary: None,
         };
-        let plain = event_for(&super::super::object::to_object(spec.clone()));
+        let plain = event_for(&super::super::object::to_object(spec.clone(), 0));
         assert_eq!(
             plain.note.as_deref(),
             Some("/etc/sudoers modified on node n1 (policy p, entry etc, Realtime)")
@@ -303,7 +303,7 @@ mod tests {
             pid: 812,
             ..ProcessInfo::default()
         });
-        let by = event_for(&super::super::object::to_object(spec));
+        let by = event_for(&super::super::object::to_object(spec, 0));
         assert_eq!(
             by.note.as_deref(),
             Some(

@@ -51,17 +51,37 @@ use kube_fim_crds::{FileChangeSpec, FileIntegrityPolicy};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tracing::warn;
 
+use crate::engine::Outcome;
 use crate::metrics::AgentMetrics;
 use queue::Queue;
 use storm::{StormGuard, Verdict};
 
+/// A detected change and the epoch of its path (part of its object's name).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Detected {
+    pub spec: FileChangeSpec,
+    pub epoch: u64,
+}
+
 /// Changes to report; the monitoring loop marks them reported in the baseline
 /// only after the receiver answers on the oneshot (step 3: queued on disk).
-pub type Batch = (Vec<FileChangeSpec>, oneshot::Sender<()>);
+pub type Batch = (Vec<Detected>, oneshot::Sender<()>);
+
+/// The changes of a scan outcome, each with its path's epoch.
+pub fn detected(outcome: &mut Outcome) -> Vec<Detected> {
+    let epochs = std::mem::take(&mut outcome.epochs);
+    std::mem::take(&mut outcome.changes)
+        .into_iter()
+        .map(|spec| Detected {
+            epoch: epochs.get(&spec.path).copied().unwrap_or(0),
+            spec,
+        })
+        .collect()
+}
 
 /// Step 2: hands changes over and waits until the receiver has them safe.
 /// `false` when the receiver is gone (shutting down): mark nothing then.
-pub async fn hand_over(out: &mpsc::Sender<Batch>, changes: Vec<FileChangeSpec>) -> bool {
+pub async fn hand_over(out: &mpsc::Sender<Batch>, changes: Vec<Detected>) -> bool {
     if changes.is_empty() {
         return true;
     }
@@ -85,13 +105,19 @@ pub async fn reporter(
     let mut storms = StormGuard::default();
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
-        let (changes, done): (Vec<FileChangeSpec>, Option<oneshot::Sender<()>>) = tokio::select! {
-            () = &mut shutdown => (storms.drain(Timestamp::now()), None),
+        let summaries = |specs: Vec<FileChangeSpec>| {
+            specs
+                .into_iter()
+                .map(|spec| Detected { spec, epoch: 0 })
+                .collect::<Vec<_>>()
+        };
+        let (changes, done): (Vec<Detected>, Option<oneshot::Sender<()>>) = tokio::select! {
+            () = &mut shutdown => (summaries(storms.drain(Timestamp::now())), None),
             b = batches.recv() => match b {
                 Some((c, d)) => (c, Some(d)),
-                None => (storms.drain(Timestamp::now()), None),
+                None => (summaries(storms.drain(Timestamp::now())), None),
             },
-            _ = tick.tick() => (storms.due(Timestamp::now()), None),
+            _ = tick.tick() => (summaries(storms.due(Timestamp::now())), None),
         };
         let finishing = done.is_none() && batches.is_closed();
         let now = Timestamp::now();
@@ -105,7 +131,11 @@ pub async fn reporter(
                 .map(|p| (p.name_any(), p))
                 .collect()
         };
-        for change in changes {
+        for Detected {
+            spec: change,
+            epoch,
+        } in changes
+        {
             let policy = served.get(&change.policy);
             let cap = policy
                 .as_ref()
@@ -134,7 +164,7 @@ pub async fn reporter(
                 Verdict::Report => {
                     // No owner reference: evidence is not garbage-collected
                     // with its policy (see the policy's `evidence` field).
-                    let object = object::to_object(change);
+                    let object = object::to_object(change, epoch);
                     push_durably(&queue, &object, &metrics).await;
                 }
             }

@@ -17,7 +17,7 @@ const NODE_PREFIX_MAX: usize = 200;
 /// yields the same name, and the API server's AlreadyExists makes delivery
 /// exactly-once. A real repeat of a change differs in ctime, so it gets a name
 /// of its own.
-pub fn object_name(spec: &FileChangeSpec) -> String {
+pub fn object_name(spec: &FileChangeSpec, epoch: u64) -> String {
     let mut hasher = blake3::Hasher::new();
     for part in [
         spec.node.as_str(),
@@ -33,6 +33,12 @@ pub fn object_name(spec: &FileChangeSpec) -> String {
         let json = serde_json::to_vec(attrs).unwrap_or_default();
         hasher.update(&(json.len() as u64).to_le_bytes());
         hasher.update(&json);
+    }
+    if epoch > 0 {
+        // The same transition again after the path returned to or was
+        // approved into its baseline: a new report.
+        hasher.update(b"epoch");
+        hasher.update(&epoch.to_le_bytes());
     }
     if let Some(summary) = &spec.summary {
         // Summaries of one window are one object.
@@ -99,8 +105,8 @@ fn storm_sample_limit() -> usize {
 
 /// The FileChange object for a change, named and labelled. The name covers
 /// the whole change; texts longer than the schema allows are shortened.
-pub fn to_object(spec: FileChangeSpec) -> FileChange {
-    let name = object_name(&spec);
+pub fn to_object(spec: FileChangeSpec, epoch: u64) -> FileChange {
+    let name = object_name(&spec, epoch);
     let labels = BTreeMap::from([
         (labels::NODE.to_string(), label_value(&spec.node)),
         (labels::POLICY.to_string(), label_value(&spec.policy)),
@@ -155,18 +161,23 @@ mod tests {
     fn the_same_transition_detected_twice_has_one_name() {
         let t = Timestamp::now();
         let later = t + std::time::Duration::from_secs(60);
-        assert_eq!(object_name(&spec(100, t)), object_name(&spec(100, later)));
+        assert_eq!(
+            object_name(&spec(100, t), 3),
+            object_name(&spec(100, later), 3)
+        );
     }
 
     #[test]
     fn a_repeated_change_gets_a_new_name() {
         let t = Timestamp::now();
-        assert_ne!(object_name(&spec(100, t)), object_name(&spec(101, t)));
+        assert_ne!(object_name(&spec(100, t), 0), object_name(&spec(101, t), 0));
+        // The same states after an approval: a recurrence, not a retry.
+        assert_ne!(object_name(&spec(100, t), 0), object_name(&spec(100, t), 1));
     }
 
     #[test]
     fn names_are_valid_object_names_with_the_node_first() {
-        let name = object_name(&spec(1, Timestamp::now()));
+        let name = object_name(&spec(1, Timestamp::now()), 0);
         assert!(name.starts_with("worker-1.example-"), "{name}");
         assert!(name.len() <= 253);
         assert!(
@@ -180,18 +191,18 @@ mod tests {
         let mut s = spec(1, Timestamp::now());
         s.path = format!("/{}", "\\xff".repeat(2000));
         let other = format!("{}x", s.path);
-        let o = to_object(s.clone());
+        let o = to_object(s.clone(), 0);
         assert!(o.spec.path.len() <= TEXT_MAX, "{}", o.spec.path.len());
         assert!(o.spec.path.contains("blake3"), "{}", o.spec.path);
         assert_ne!(shorten_text(&s.path, 100), shorten_text(&other, 100));
-        assert_eq!(o.metadata.name, Some(object_name(&s)));
+        assert_eq!(o.metadata.name, Some(object_name(&s, 0)));
         assert_eq!(shorten_text("/etc/passwd", 100), "/etc/passwd");
         assert!(shorten_text(&"é".repeat(300), 101).len() <= 101);
     }
 
     #[test]
     fn objects_carry_the_filter_labels() {
-        let o = to_object(spec(1, Timestamp::now()));
+        let o = to_object(spec(1, Timestamp::now()), 0);
         let l = o.metadata.labels.unwrap();
         assert_eq!(l[labels::NODE], "Worker-1.example");
         assert_eq!(l[labels::CATEGORY], "Modified");

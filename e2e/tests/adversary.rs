@@ -1,0 +1,492 @@
+//! Attacks on the agent, each against the real agent binary and the real API
+//! server, each asserting what a security team sees: a FileChange, an Event, a
+//! condition, a metric. The threat model is in the README ("Security model").
+#![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::events::v1::Event;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube_fim_crds::labels::CLEAR_BASELINE_ALARM;
+use kube_fim_crds::{
+    ChangeCategory, DetectionSource, FileChange, FileChangeSpec, FileIntegrityNode, NodePolicyPhase,
+};
+use kube_fim_e2e::fleet::{Fleet, describe, entry};
+use kube_fim_e2e::{client, eventually, http_get, kubectl, metric, unique_name};
+
+const READY: Duration = Duration::from_secs(60);
+const SEEN: Duration = Duration::from_secs(20);
+
+/// Waits for a FileChange `Category path` on `node`; returns it.
+async fn wait_change(fleet: &Fleet, node: &str, want: &str) -> FileChange {
+    eventually(&format!("{want} on {node}"), SEEN, || async {
+        let changes = fleet.changes(node).await;
+        changes
+            .iter()
+            .find(|c| describe(c) == want)
+            .cloned()
+            .ok_or_else(|| format!("{:?}", changes.iter().map(describe).collect::<Vec<_>>()))
+    })
+    .await
+}
+
+/// Warning Events with `reason` whose note mentions `node`.
+async fn warnings(client: &kube::Client, reason: &str, node: &str) -> Vec<Event> {
+    Api::<Event>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.type_.as_deref() == Some("Warning")
+                && e.note.as_deref().unwrap_or("").contains(node)
+        })
+        .collect()
+}
+
+async fn wait_warning(client: &kube::Client, reason: &str, node: &str) -> Event {
+    eventually(&format!("a {reason} warning for {node}"), SEEN, || async {
+        warnings(client, reason, node)
+            .await
+            .into_iter()
+            .next()
+            .ok_or_else(|| "none yet".to_string())
+    })
+    .await
+}
+
+async fn record(client: &kube::Client, node: &str) -> FileIntegrityNode {
+    Api::<FileIntegrityNode>::all(client.clone())
+        .get(node)
+        .await
+        .unwrap()
+}
+
+async fn phase(client: &kube::Client, node: &str, policy: &str) -> Option<NodePolicyPhase> {
+    record(client, node)
+        .await
+        .status
+        .and_then(|s| s.policies.into_iter().find(|p| p.policy == policy))
+        .map(|p| p.phase)
+}
+
+/// Cordon, the taints that come with it and a label change in between: the
+/// change made while the node was cordoned is reported in real time, and the
+/// policy stays Ready throughout.
+#[tokio::test]
+async fn cordon_never_changes_what_is_monitored() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-etc");
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)]))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+
+    let run = kubectl(["cordon", a.as_str()]);
+    assert!(run.success, "{}", run.stderr);
+    // The controller taints a cordoned node; a custom NoSchedule taint too.
+    let run = kubectl(["taint", "node", a.as_str(), "dedicated=db:NoSchedule"]);
+    assert!(run.success, "{}", run.stderr);
+    eventually("the unschedulable taint", SEEN, || async {
+        let n = Api::<Node>::all(client.clone()).get(&a).await.unwrap();
+        let taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
+        taints
+            .iter()
+            .any(|t| t.key == "node.kubernetes.io/unschedulable")
+            .then_some(())
+            .ok_or_else(|| format!("{taints:?}"))
+    })
+    .await;
+    std::fs::write(fleet.nodes[0].host("/etc/hosts"), "10.0.0.66 evil\n").unwrap();
+    let c = wait_change(&fleet, &a, "Modified /etc/hosts").await;
+    assert_eq!(c.spec.source, DetectionSource::Realtime);
+    assert_eq!(
+        phase(&client, &a, &policy).await,
+        Some(NodePolicyPhase::Ready)
+    );
+
+    let run = kubectl(["uncordon", a.as_str()]);
+    assert!(run.success, "{}", run.stderr);
+    std::fs::write(
+        fleet.nodes[0].host("/etc/passwd"),
+        "evil:x:0:0::/:/bin/sh\n",
+    )
+    .unwrap();
+    wait_change(&fleet, &a, "Modified /etc/passwd").await;
+    assert_eq!(
+        fleet.changes(&a).await.len(),
+        2,
+        "no silent re-baseline, no duplicate"
+    );
+    fleet.cleanup().await;
+}
+
+/// A node whose kubelet stops posting status: the real node lifecycle
+/// controller marks it NotReady and taints it unreachable; its agent keeps
+/// monitoring and reporting.
+#[tokio::test]
+async fn a_node_gone_not_ready_keeps_being_monitored() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-etc");
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)]))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+
+    fleet.nodes[0].stop_kubelet();
+    eventually(
+        "the node lifecycle controller taints the node unreachable",
+        Duration::from_secs(150),
+        || async {
+            let n = Api::<Node>::all(client.clone()).get(&a).await.unwrap();
+            let taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
+            taints
+                .iter()
+                .any(|t| t.key == "node.kubernetes.io/unreachable")
+                .then_some(())
+                .ok_or_else(|| format!("{taints:?}"))
+        },
+    )
+    .await;
+    std::fs::write(
+        fleet.nodes[0].host("/etc/ssh/sshd_config"),
+        "PermitRootLogin yes\n",
+    )
+    .unwrap();
+    let c = wait_change(&fleet, &a, "Modified /etc/ssh/sshd_config").await;
+    assert_eq!(c.spec.source, DetectionSource::Realtime);
+    assert_eq!(
+        phase(&client, &a, &policy).await,
+        Some(NodePolicyPhase::Ready)
+    );
+    fleet.cleanup().await;
+}
+
+/// A policy that stops selecting a node keeps that node's baseline; selected
+/// again, the change made in between is reported with source Startup.
+#[tokio::test]
+async fn a_policy_that_stops_selecting_a_node_keeps_its_baseline() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-etc");
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)]))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    let relabel = |role: String| {
+        let nodes = nodes.clone();
+        let a = a.clone();
+        async move {
+            let patch = serde_json::json!({"metadata": {"labels": {"role": role}}});
+            nodes
+                .patch(&a, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+        }
+    };
+    relabel(format!("{suite}-elsewhere")).await;
+    eventually("the policy is no longer served", SEEN, || async {
+        match phase(&client, &a, &policy).await {
+            None => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    std::fs::write(fleet.nodes[0].host("/etc/hosts"), "10.0.0.66 evil\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    relabel(suite.clone()).await;
+    let c = wait_change(&fleet, &a, "Modified /etc/hosts").await;
+    assert_eq!(c.spec.source, DetectionSource::Startup);
+    assert_eq!(fleet.changes(&a).await.len(), 1);
+    fleet.cleanup().await;
+}
+
+/// The state directory wiped while the agent is down, a monitored file edited:
+/// an alarm (Event, metric, policy Failed) that names the entry and the file,
+/// until an admin clears it with a recorded act.
+#[tokio::test]
+async fn a_wiped_state_directory_is_an_alarm_naming_the_file() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-p");
+    fleet
+        .create_policy(&fleet.policy(
+            &policy,
+            vec![
+                entry("passwd", "/etc/passwd", false),
+                entry("ssh", "/etc/ssh", true),
+            ],
+        ))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+    eventually("entry digests published", SEEN, || async {
+        let entries = record(&client, &a)
+            .await
+            .status
+            .map(|s| s.entries)
+            .unwrap_or_default();
+        (entries.len() == 2)
+            .then_some(())
+            .ok_or(format!("{entries:?}"))
+    })
+    .await;
+    fleet.nodes[0].kill_agent();
+
+    std::fs::write(
+        fleet.nodes[0].host("/etc/passwd"),
+        "evil:x:0:0::/:/bin/sh\n",
+    )
+    .unwrap();
+    let state = fleet.nodes[0].state.clone();
+    for e in std::fs::read_dir(&state).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            std::fs::remove_dir_all(p).unwrap();
+        } else {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    fleet.nodes[0].start_agent();
+
+    wait_warning(&client, "BaselineMissing", &a).await;
+    let differ = wait_warning(&client, "BaselineEntriesDiffer", &a).await;
+    let note = differ.note.unwrap_or_default();
+    assert!(note.contains(&format!("{policy}/passwd")), "{note}");
+    assert!(!note.contains(&format!("{policy}/ssh")), "{note}");
+    let c = wait_change(&fleet, &a, "Modified /etc/passwd").await;
+    assert_eq!(c.spec.source, DetectionSource::Startup);
+    assert_eq!(c.spec.category, ChangeCategory::Modified);
+    let text = fleet.nodes[0].metrics().unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            &format!("kube_fim_agent_baseline_tampered{{node=\"{a}\"}}")
+        ),
+        Some(1.0)
+    );
+    let alarm = eventually("policy Failed with the alarm", SEEN, || async {
+        let r = record(&client, &a).await;
+        let s = r.status.unwrap_or_default();
+        match (s.baseline_alarm, s.policies.first().map(|p| p.phase)) {
+            (Some(alarm), Some(NodePolicyPhase::Failed)) => Ok(alarm),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(alarm.reason, "BaselineMissing");
+    // A restart does not clear it.
+    fleet.nodes[0].kill_agent();
+    fleet.nodes[0].start_agent();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        phase(&client, &a, &policy).await,
+        Some(NodePolicyPhase::Failed)
+    );
+
+    // The recorded act: an annotation naming the alarm.
+    let run = kubectl([
+        "annotate".to_string(),
+        "fileintegritynode".to_string(),
+        a.clone(),
+        format!("{CLEAR_BASELINE_ALARM}={}", alarm.id),
+    ]);
+    assert!(run.success, "{}", run.stderr);
+    fleet.wait_ready(&a, &policy, Duration::from_secs(60)).await;
+    let text = fleet.nodes[0].metrics().unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            &format!("kube_fim_agent_baseline_tampered{{node=\"{a}\"}}")
+        ),
+        Some(0.0)
+    );
+    fleet.cleanup().await;
+}
+
+/// A FileChange with a malformed escape in its path, acknowledged: the agent
+/// of the node it names neither panics nor stalls, and keeps reporting.
+#[tokio::test]
+async fn a_malformed_change_from_the_api_cannot_stall_the_agent() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-etc");
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)]))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+
+    let api: Api<FileChange> = Api::all(client.clone());
+    for (i, path) in [
+        "/etc/\\x",
+        "/etc/\\xé",
+        "/etc/\\x\u{e9}1/\\",
+        "/../../etc/passwd",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = FileChange::new(
+            &format!("{a}-malformed-{i}"),
+            FileChangeSpec {
+                node: a.clone(),
+                policy: policy.clone(),
+                entry: "etc".into(),
+                path: path.into(),
+                category: ChangeCategory::Modified,
+                changed_attributes: vec![],
+                before: None,
+                after: None,
+                detected_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                    k8s_openapi::jiff::Timestamp::now(),
+                ),
+                source: DetectionSource::Realtime,
+                process: None,
+                summary: None,
+            },
+        );
+        c.metadata.labels = Some(BTreeMap::from([(
+            "e2e.kube-fim.io/malformed".to_string(),
+            "true".to_string(),
+        )]));
+        api.create(&PostParams::default(), &c).await.unwrap();
+        // Approved, so the agent's approval handler reads it.
+        let _ = kube_fim_e2e::approve(&client, &c.name_any(), "malformed").await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        fleet.nodes[0].agent.as_mut().unwrap().running(),
+        "the agent is alive"
+    );
+    std::fs::write(fleet.nodes[0].host("/etc/hosts"), "10.0.0.66 evil\n").unwrap();
+    let real = wait_change(&fleet, &a, "Modified /etc/hosts").await;
+    assert_eq!(
+        http_get(fleet.nodes[0].metrics_port, "/healthz").as_deref(),
+        Some("ok")
+    );
+    // The handler that read the malformed objects still works.
+    kube_fim_e2e::approve(&client, &real.name_any(), "expected")
+        .await
+        .unwrap();
+    eventually("a later acknowledgement is applied", SEEN, || async {
+        let c = api.get(&real.name_any()).await.map_err(|e| e.to_string())?;
+        c.status
+            .and_then(|s| s.baseline_updated_time)
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_string())
+    })
+    .await;
+    fleet.cleanup().await;
+}
+
+/// A hidden directory under a non-recursive entry (`/usr/bin/.x`) is reported.
+#[tokio::test]
+async fn a_hidden_directory_under_a_non_recursive_entry_is_reported() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-bin");
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("bin", "/usr/bin", false)]))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+
+    std::fs::create_dir(fleet.nodes[0].host("/usr/bin/.x")).unwrap();
+    std::fs::write(fleet.nodes[0].host("/usr/bin/.x/payload"), "\x7fELF").unwrap();
+    let c = wait_change(&fleet, &a, "Added /usr/bin/.x").await;
+    assert_eq!(
+        c.spec.after.and_then(|a| a.file_type),
+        Some(kube_fim_crds::FileType::Directory)
+    );
+    fleet.cleanup().await;
+}
+
+/// setuid set, reverted, acknowledged, set again: two FileChanges, not one.
+#[tokio::test]
+async fn a_recurrence_after_acknowledgement_is_a_new_change() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-bin");
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("bin", "/usr/bin", false)]))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+    let tool = fleet.nodes[0].host("/usr/bin/tool");
+    let mode =
+        |m: u32| std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(m)).unwrap();
+
+    let api: Api<FileChange> = Api::all(client.clone());
+    let approve_and_wait = |name: String| {
+        let api = api.clone();
+        let client = client.clone();
+        async move {
+            kube_fim_e2e::approve(&client, &name, "expected")
+                .await
+                .unwrap();
+            eventually("the approval is applied", SEEN, || async {
+                let c = api.get(&name).await.map_err(|e| e.to_string())?;
+                c.status
+                    .and_then(|s| s.baseline_updated_time)
+                    .map(|_| ())
+                    .ok_or_else(|| "not yet".to_string())
+            })
+            .await;
+        }
+    };
+    // setuid set (approved), reverted (approved), set again: a third report.
+    mode(0o4755);
+    let first = wait_change(&fleet, &a, "Modified /usr/bin/tool").await;
+    approve_and_wait(first.name_any()).await;
+    mode(0o644);
+    let second = eventually("the revert is reported", SEEN, || async {
+        fleet
+            .changes(&a)
+            .await
+            .into_iter()
+            .find(|c| describe(c) == "Modified /usr/bin/tool" && c.name_any() != first.name_any())
+            .ok_or_else(|| "not yet".to_string())
+    })
+    .await;
+    approve_and_wait(second.name_any()).await;
+    mode(0o4755);
+    eventually("a second FileChange for the recurrence", SEEN, || async {
+        let n = fleet
+            .changes(&a)
+            .await
+            .iter()
+            .filter(|c| describe(c) == "Modified /usr/bin/tool")
+            .count();
+        (n == 3).then_some(()).ok_or(format!("{n}"))
+    })
+    .await;
+    fleet.cleanup().await;
+}
