@@ -88,15 +88,21 @@ fn realtime_changes_and_an_editor_save_is_one_modified() {
     assert_eq!(got.len(), 3, "{got:#?}");
     assert!(got.iter().all(|c| c["source"] == "Realtime"), "{got:#?}");
 
-    // A file in a directory created after the start is watched too.
+    // A file in a directory created after the start is watched too, and the
+    // new directories are reported as entries of their own.
     std::fs::create_dir_all(h.p("/etc/newdir/sub")).unwrap();
     h.write("/etc/newdir/sub/f", "1");
     let got = w.collect(Duration::from_millis(3 * DEBOUNCE_MS + 1000));
     assert_eq!(
         summary(&got),
-        BTreeSet::from([("Added".to_string(), "/etc/newdir/sub/f".to_string())]),
+        BTreeSet::from([
+            ("Added".to_string(), "/etc/newdir".to_string()),
+            ("Added".to_string(), "/etc/newdir/sub".to_string()),
+            ("Added".to_string(), "/etc/newdir/sub/f".to_string()),
+        ]),
         "{got:#?}"
     );
+    assert_eq!(got.len(), 3, "{got:#?}");
     std::fs::write(h.p("/etc/newdir/sub/f"), "2").unwrap();
     let (_, c) = w
         .next(Duration::from_secs(5))
