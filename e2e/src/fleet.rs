@@ -28,7 +28,7 @@ use crate::{
 };
 
 /// Label that scopes a test's policies to its own agents.
-pub const SUITE_LABEL: &str = "e2e.kube-fim.io/suite";
+pub use crate::operator::SUITE_LABEL;
 
 /// One simulated node.
 pub struct TestNode {

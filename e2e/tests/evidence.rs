@@ -18,33 +18,14 @@ use kube_fim_crds::{
     ChangeCategory, DetectionSource, Evidence, FileAttributes, FileChange, FileChangeSpec,
     FileIntegrityPolicy, FileIntegrityPolicySpec, MonitoredPath,
 };
-use kube_fim_e2e::{
-    Process, approve, binary, client, ensure_crds, eventually, free_port, kubeconfig,
-    service_account_kubeconfig, unique_name,
-};
+use kube_fim_e2e::operator::{Operator, SUITE_LABEL};
+use kube_fim_e2e::{approve, binary, client, ensure_crds, eventually, kubeconfig, unique_name};
 
-const SUITE_LABEL: &str = "e2e.kube-fim.io/suite";
 const WAIT: Duration = Duration::from_secs(30);
 
-fn start_operator(suite: &str) -> Process {
-    ensure_crds();
-    let args = [
-        "--namespace=kube-fim".to_string(),
-        format!("--daemonset-name={}", unique_name("agent")),
-        format!("--policy-selector={SUITE_LABEL}={suite}"),
-        format!("--metrics-addr=127.0.0.1:{}", free_port()),
-        format!("--lease-name={}", unique_name("lease")),
-        "--lease-duration=4".to_string(),
-        "--resync=2s".to_string(),
-        "--agent-image=kube-fim-agent:e2e".to_string(),
-        format!("--identity={suite}"),
-    ];
-    Process::start(
-        &format!("operator-{suite}"),
-        &binary("kube-fim-operator"),
-        &args,
-        &service_account_kubeconfig("kube-fim-operator"),
-    )
+/// The real operator serving only this test's policies, resyncing every 2 s.
+fn start_operator(suite: &str) -> Operator {
+    Operator::start(suite, suite, &["--resync=2s".to_string()])
 }
 
 fn policy(name: &str, suite: &str) -> FileIntegrityPolicy {
