@@ -60,6 +60,7 @@ const METRICS: &[&str] = &[
     "kube_fim_agent_api_errors_total",
     "kube_fim_agent_change_storms_total",
     "kube_fim_agent_baseline_tampered",
+    "kube_fim_agent_queue_write_failing",
     "kube_fim_agent_attribution_active",
     "kube_fim_agent_attribution_unavailable",
     "kube_fim_agent_fanotify_directories",
@@ -793,6 +794,8 @@ fn alert_rules_use_only_published_metrics_and_cover_each_failure() {
         "kube_fim_agent_scan_errors_total",
         "kube_fim_agent_reports_queued",
         "kube_fim_agent_change_storms_total",
+        "kube_fim_agent_baseline_tampered",
+        "kube_fim_agent_queue_write_failing",
     ] {
         assert!(
             alerts.values().any(|m| m.contains(metric)),
