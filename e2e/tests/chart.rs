@@ -306,6 +306,7 @@ fn values_schema_refuses_bad_values_at_install() {
         ("operator.extraArgs[0]=verbose", "operator.extraArgs.0"),
         ("agent.stateDir=var/lib/kube-fim", "agent.stateDir"),
         ("agent.metricsPort=70000", "agent.metricsPort"),
+        ("agent.threads=-1", "agent.threads"),
         ("agent.image.pullPolicy=Sometimes", "agent.image.pullPolicy"),
         (
             "agent.resources.requests.memory=lots",
@@ -405,6 +406,7 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         "agent.image.tag=1.2.3",
         "agent.resources.limits.cpu=500m",
         "agent.metricsPort=9200",
+        "agent.threads=2",
     ]);
     let docs = template("fim", "fim-system", &sets);
     let deployment = find(&docs, "Deployment", "fim-kube-fim-operator");
@@ -466,6 +468,7 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         "--agent-image=ghcr.io/kube-fim/kube-fim-agent:1.2.3",
         "--agent-service-account=fim-kube-fim-agent",
         "--agent-metrics-port=9200",
+        "--agent-threads=2",
         "--agent-cpu-limit=500m",
         "--policy-selector=team=platform",
     ] {

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """kube-fim-agent benchmark helpers.
 
-  measure.py tree ROOT FILES          generate a tree of FILES files of mixed sizes
+  measure.py tree ROOT FILES [mixed|small]
+                                      generate a tree of FILES files of mixed sizes,
+                                      or of 0-2 KiB in 10,000 directories
   measure.py watch BIN POLICY ROOT STATE N
                                       real-time latency (write -> change line) over N
                                       writes, then idle CPU of `watch` over 5 s
@@ -18,19 +20,24 @@ import sys
 import time
 
 
-def tree(root, files):
-    """~100 files per directory; sizes skewed like /usr: mostly small files,
-    some of tens of KiB, a few of hundreds of KiB and MiB."""
+def tree(root, files, profile="mixed"):
+    """mixed: ~100 files per directory, sizes skewed like /usr: mostly small
+    files, some of tens of KiB, a few of hundreds of KiB and MiB.
+    small: files of 0-2 KiB in 10,000 directories (like a container layer's
+    /usr/share or /var/lib/dpkg)."""
     rng = random.Random(42)
     pool = os.urandom(8 << 20)
     total = 0
-    per_dir = 100
+    per_dir = 100 if profile == "mixed" else max(1, files // 10000)
     for i in range(files):
-        d = os.path.join(root, "data", f"d{i // per_dir // 100:02d}", f"d{i // per_dir:04d}")
+        leaf = i // per_dir
+        d = os.path.join(root, "data", f"d{leaf // 100:03d}", f"d{leaf:05d}")
         if i % per_dir == 0:
             os.makedirs(d, exist_ok=True)
         r = rng.random()
-        if r < 0.75:
+        if profile == "small":
+            size = rng.randint(0, 2 << 10)
+        elif r < 0.75:
             size = rng.randint(0, 8 << 10)
         elif r < 0.97:
             size = rng.randint(8 << 10, 64 << 10)
@@ -39,11 +46,11 @@ def tree(root, files):
         else:
             size = rng.randint(512 << 10, 4 << 20)
         off = rng.randint(0, len(pool) - size)
-        with open(os.path.join(d, f"f{i:06d}"), "wb") as f:
+        with open(os.path.join(d, f"f{i:07d}"), "wb") as f:
             f.write(i.to_bytes(8, "little"))
             f.write(pool[off:off + size])
         total += size + 8
-    print(f"tree: {files} files, {total / 1e6:.0f} MB in {root}/data")
+    print(f"tree: {files} files ({profile}), {total / 1e6:.0f} MB in {root}/data")
 
 
 def free_port():
@@ -166,7 +173,7 @@ def watch(binary, policy, root, state, n):
 
 if __name__ == "__main__":
     if sys.argv[1] == "tree":
-        tree(sys.argv[2], int(sys.argv[3]))
+        tree(sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])
     elif sys.argv[1] == "watch":
         watch(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]))
     else:

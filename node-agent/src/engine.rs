@@ -21,7 +21,7 @@ use thiserror::Error;
 use tracing::{debug, warn};
 
 use crate::baseline::{Baseline, BaselineError, Journal, state_digest};
-use crate::hostfs::{HostRoot, InspectError};
+use crate::hostfs::{HostRoot, InspectError, Inspected, Item};
 use crate::metrics::Progress;
 use crate::paths::{host_path, rel_path};
 use crate::plan::{Entry, Plan, PlanError};
@@ -170,6 +170,9 @@ pub enum Approved {
     Superseded(Outcome),
 }
 
+/// Paths inspected together on the scan's threads before being judged.
+const SCAN_BATCH: usize = 4096;
+
 /// What a directory's record compares (its mtime moves with every file in it).
 const DIR_ATTRS: [Attribute; 5] = [
     Attribute::Type,
@@ -238,6 +241,11 @@ impl Engine {
             last_errors: Vec::new(),
             list_reported: false,
         })
+    }
+
+    /// Threads a scan hashes on (at least 1; default: the CPU budget).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.root.set_threads(threads);
     }
 
     /// The host root directory.
@@ -452,26 +460,40 @@ impl Engine {
         let walked = self.walk(&mut out.errors);
         let mut candidates: BTreeSet<PathBuf> = walked;
         candidates.extend(self.baseline.keys().map(|k| rel_path(k)));
+        let candidates: Vec<PathBuf> = candidates.into_iter().collect();
         let plan = Arc::clone(&self.plan);
         let mut per_policy: BTreeMap<String, usize> = BTreeMap::new();
         let mut total = 0;
-        for path in &candidates {
-            let owners = plan.owners(path);
-            let key = host_path(path);
-            if owners.is_empty() {
-                continue;
-            }
-            let current = self.inspect(path, &owners, &mut out);
-            if current.is_some() {
-                total += 1;
-                let mut counted = BTreeSet::new();
-                for o in &owners {
-                    if counted.insert(o.owner.policy.clone()) {
-                        *per_policy.entry(o.owner.policy.clone()).or_default() += 1;
+        // Inspected in parallel a batch at a time, judged in path order.
+        for batch in candidates.chunks(SCAN_BATCH) {
+            let batch: Vec<(&PathBuf, Vec<&Entry>, Vec<Attribute>)> = batch
+                .iter()
+                .filter_map(|path| {
+                    let owners = plan.owners(path);
+                    let want = Plan::wanted(&owners);
+                    (!owners.is_empty()).then_some((path, owners, want))
+                })
+                .collect();
+            let items: Vec<Item> = batch
+                .iter()
+                .map(|(path, _, want)| Item::of(path, want))
+                .collect();
+            self.progress.beat();
+            let inspected = self.root.inspect_batch(&items, &mut out.bytes);
+            for ((path, owners, _), result) in batch.iter().zip(inspected) {
+                let current = self.settle(path, result, &mut out);
+                let key = host_path(path);
+                if current.is_some() {
+                    total += 1;
+                    let mut counted = BTreeSet::new();
+                    for o in owners {
+                        if counted.insert(o.owner.policy.clone()) {
+                            *per_policy.entry(o.owner.policy.clone()).or_default() += 1;
+                        }
                     }
                 }
+                self.judge(&key, path, current, owners, source, &mut out);
             }
-            self.judge(&key, path, current, &owners, source, &mut out);
         }
         // Paths no served entry owns stay in the baseline: a policy served
         // again later compares with them. Every planned entry is now
@@ -544,7 +566,13 @@ impl Engine {
     fn inspect(&self, path: &Path, owners: &[&Entry], out: &mut Outcome) -> Option<FileAttributes> {
         self.progress.beat();
         let want = Plan::wanted(owners);
-        match self.root.inspect(path, &want, &mut out.bytes) {
+        let result = self.root.inspect(path, &want, &mut out.bytes);
+        self.settle(path, result, out)
+    }
+
+    /// The state of `path` to judge from what inspecting it gave.
+    fn settle(&self, path: &Path, result: Inspected, out: &mut Outcome) -> Option<FileAttributes> {
+        match result {
             Ok(a) => a,
             Err(err) => {
                 debug!(path = %host_path(path), %err, "skipped");

@@ -1,26 +1,42 @@
 //! Reading the host's files through its root directory, never outside it.
 //!
-//! Every path is opened with `openat2(2)` relative to a descriptor of the host
-//! root with `RESOLVE_IN_ROOT`: the kernel resolves `..` and absolute or
+//! A directory is opened with `openat2(2)` relative to a descriptor of the
+//! host root with `RESOLVE_IN_ROOT`: the kernel resolves `..` and absolute or
 //! relative symlinks as if the root were `/`, so a host symlink to
 //! `/etc/shadow` means the host's file and nothing can lead outside the root.
-//! The last component is never followed (`O_NOFOLLOW`): a symlink is recorded as
-//! a symlink with its target. FIFOs, sockets and devices are only ever opened
-//! with `O_PATH` (no read, no side effect); regular files are opened
-//! non-blocking and hashed from the descriptor that was checked.
+//! A file is then looked at by its bare name relative to that directory's
+//! descriptor (no `/`, never `..`), never following it (`AT_SYMLINK_NOFOLLOW`,
+//! `O_NOFOLLOW`): a symlink is recorded as a symlink with its target, and one
+//! lookup in a directory inside the root stays inside the root. FIFOs, sockets
+//! and devices are never opened; regular files are opened non-blocking and
+//! hashed from the descriptor, checked to be the file that was looked at.
+//!
+//! Per regular file: `statx`, `openat`, `flistxattr` (skipped on file
+//! systems without extended attributes), the reads, `statx` of the
+//! descriptor (did it change while it was read?), `close`.
+//!
+//! [`HostRoot::inspect_batch`] inspects many files at once on the scan's
+//! thread pool (`--threads`, at low CPU and I/O priority, see
+//! [`crate::budget`]); the results come back in the order asked.
 
+use std::cell::RefCell;
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube_fim_crds::{Attribute, FileAttributes, FileType};
-use rustix::fs::{Dir, FileType as RawType, Mode, OFlags, ResolveFlags, Stat};
+use rayon::prelude::*;
+use rustix::fs::{
+    AtFlags, Dir, FileType as RawType, Mode, OFlags, ResolveFlags, Statx, StatxFlags,
+};
 use rustix::io::Errno;
 use thiserror::Error;
+use tracing::{debug, warn};
 
 /// Why a file could not be inspected.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -45,13 +61,47 @@ impl From<Errno> for InspectError {
     }
 }
 
-/// The host root, held open.
+/// One file for [`HostRoot::inspect_batch`]: `name` in the directory `dir`
+/// (root-relative), with the attributes wanted.
+#[derive(Clone, Copy, Debug)]
+pub struct Item<'a> {
+    pub dir: &'a Path,
+    pub name: &'a OsStr,
+    pub want: &'a [Attribute],
+}
+
+impl<'a> Item<'a> {
+    /// The item of a root-relative path (the root itself is `.` in `""`).
+    pub fn of(path: &'a Path, want: &'a [Attribute]) -> Self {
+        match path.file_name() {
+            Some(name) => Item {
+                dir: path.parent().unwrap_or(Path::new("")),
+                name,
+                want,
+            },
+            None => Item {
+                dir: path,
+                name: OsStr::new("."),
+                want,
+            },
+        }
+    }
+}
+
+/// What inspecting one file gave.
+pub type Inspected = Result<Option<FileAttributes>, InspectError>;
+
+/// The host root, held open, with the scan's thread pool.
 #[derive(Debug)]
 pub struct HostRoot {
     fd: OwnedFd,
     path: PathBuf,
     /// Files larger than this are not hashed (their other attributes are).
     pub max_hash_size: u64,
+    threads: usize,
+    /// Built at the first batch (`None`: threads could not be started; the
+    /// batch runs on the caller's thread).
+    pool: OnceLock<Option<rayon::ThreadPool>>,
 }
 
 /// A directory entry.
@@ -64,15 +114,24 @@ pub struct Child {
 thread_local! {
     /// Read buffer reused across files (a fresh zeroed buffer per file costs
     /// more than hashing small files).
-    static READ_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
-    static XATTR_BUF: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
-        std::cell::RefCell::new((vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]));
+    static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 256 * 1024]);
+    static XATTR_BUF: RefCell<(Vec<u8>, Vec<u8>)> =
+        RefCell::new((vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]));
+    /// Devices whose file system has no extended attributes (`ENOTSUP`): not
+    /// asked again.
+    static NO_XATTRS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
 }
 
 const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGICLINKS);
+const LOOK: AtFlags = AtFlags::SYMLINK_NOFOLLOW.union(AtFlags::NO_AUTOMOUNT);
+const STATX: StatxFlags = StatxFlags::BASIC_STATS;
 
-fn file_type(st: &Stat) -> FileType {
-    match RawType::from_raw_mode(st.st_mode) {
+fn raw_type(st: &Statx) -> RawType {
+    RawType::from_raw_mode(st.stx_mode.into())
+}
+
+fn file_type(st: &Statx) -> FileType {
+    match raw_type(st) {
         RawType::RegularFile => FileType::File,
         RawType::Directory => FileType::Directory,
         RawType::Symlink => FileType::Symlink,
@@ -90,20 +149,63 @@ fn micro_time(secs: i64, nsec: i64) -> Option<MicroTime> {
         .map(MicroTime)
 }
 
+fn dev(st: &Statx) -> u64 {
+    (u64::from(st.stx_dev_major) << 32) | u64::from(st.stx_dev_minor)
+}
+
 /// Stable facts of a stat, to notice a file changing while it is hashed.
-fn fingerprint(st: &Stat) -> (u64, i64, i64, i64, i64, u64) {
+fn fingerprint(st: &Statx) -> (u64, i64, u32, i64, u32, u64, u64) {
     (
-        st.st_size as u64,
-        st.st_mtime,
-        st.st_mtime_nsec as i64,
-        st.st_ctime,
-        st.st_ctime_nsec as i64,
-        st.st_ino,
+        st.stx_size,
+        st.stx_mtime.tv_sec,
+        st.stx_mtime.tv_nsec,
+        st.stx_ctime.tv_sec,
+        st.stx_ctime.tv_nsec,
+        st.stx_ino,
+        dev(st),
     )
 }
 
+/// A bare name, looked up in one directory: never `..` nor a path.
+fn is_bare_name(name: &OsStr) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty() && b != b".." && !b.contains(&b'/')
+}
+
+/// The directories a batch worker has open, most recent last (a sorted list
+/// of paths comes back to a parent after each subdirectory).
+#[derive(Default)]
+struct DirCache {
+    open: Vec<(PathBuf, Result<Option<OwnedFd>, InspectError>)>,
+}
+
+impl DirCache {
+    const SIZE: usize = 8;
+
+    fn get(&mut self, root: &HostRoot, dir: &Path) -> &Result<Option<OwnedFd>, InspectError> {
+        let at = match self.open.iter().rposition(|(p, _)| p == dir) {
+            Some(i) => i,
+            None => {
+                if self.open.len() == Self::SIZE {
+                    drop(self.open.remove(0));
+                }
+                let fd = match root.open_dir(dir) {
+                    Ok(fd) => Ok(Some(fd)),
+                    Err(Errno::NOENT | Errno::NOTDIR) => Ok(None),
+                    Err(e) => Err(e.into()),
+                };
+                self.open.push((dir.to_path_buf(), fd));
+                self.open.len() - 1
+            }
+        };
+        &self.open[at].1
+    }
+}
+
 impl HostRoot {
-    /// Opens the host root directory.
+    /// Opens the host root directory; scans use the threads of the CPU
+    /// budget ([`crate::budget::threads`]) unless [`HostRoot::set_threads`]
+    /// says otherwise.
     pub fn open(path: &Path) -> std::io::Result<Self> {
         let fd = rustix::fs::open(
             path,
@@ -114,12 +216,46 @@ impl HostRoot {
             fd,
             path: path.to_path_buf(),
             max_hash_size: 4 << 30,
+            threads: crate::budget::threads(),
+            pool: OnceLock::new(),
         })
     }
 
     /// The directory standing for the host's `/`.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Threads of the scan's pool (at least 1).
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Sets the threads of the scan's pool (at least 1).
+    pub fn set_threads(&mut self, threads: usize) {
+        let threads = threads.max(1);
+        if threads != self.threads {
+            self.threads = threads;
+            self.pool = OnceLock::new();
+        }
+    }
+
+    fn pool(&self) -> Option<&rayon::ThreadPool> {
+        self.pool
+            .get_or_init(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(self.threads)
+                    .thread_name(|i| format!("scan-{i}"))
+                    .start_handler(|_| {
+                        if let Err(e) = crate::budget::lower_this_thread() {
+                            debug!(%e, "scan thread keeps its priority");
+                        }
+                    })
+                    .build()
+                    .map_err(|e| warn!(%e, "no scan threads: scanning on one thread"))
+                    .ok()
+            })
+            .as_ref()
     }
 
     /// Opens `rel` (relative to the root) inside the root, never following its
@@ -134,6 +270,23 @@ impl HostRoot {
             &self.fd,
             rel,
             flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            RESOLVE,
+        )
+    }
+
+    /// A descriptor (`O_PATH`) of directory `rel`, resolved inside the root,
+    /// following a symlink as its last component too.
+    fn open_dir(&self, rel: &Path) -> Result<OwnedFd, Errno> {
+        let rel = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        rustix::fs::openat2(
+            &self.fd,
+            rel,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
             RESOLVE,
         )
@@ -159,61 +312,107 @@ impl HostRoot {
     }
 
     /// The attributes of `rel` that `want` asks for, `Ok(None)` if it does not
-    /// exist. `hashed` is increased by the bytes read for hashing.
-    pub fn inspect(
+    /// exist. `hashed` is increased by the bytes read for hashing. Runs on the
+    /// caller's thread, at its priority (real-time events).
+    pub fn inspect(&self, rel: &Path, want: &[Attribute], hashed: &mut u64) -> Inspected {
+        let item = Item::of(rel, want);
+        match self.open_dir(item.dir) {
+            Ok(dir) => self.inspect_at(&dir, item.name, want, hashed),
+            Err(Errno::NOENT | Errno::NOTDIR) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// [`HostRoot::inspect`] of every item, in parallel on the scan's pool;
+    /// the results are in the order of `items`, one per item. Items of one
+    /// directory next to each other share its descriptor.
+    pub fn inspect_batch(&self, items: &[Item<'_>], hashed: &mut u64) -> Vec<Inspected> {
+        let one = |cache: &mut DirCache, item: &Item<'_>| -> (Inspected, u64) {
+            let mut n = 0;
+            let result = if !is_bare_name(item.name) {
+                Err(InspectError::Io(format!(
+                    "not a file name: {}",
+                    item.name.to_string_lossy()
+                )))
+            } else {
+                match cache.get(self, item.dir) {
+                    Ok(Some(dir)) => self.inspect_at(dir, item.name, item.want, &mut n),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e.clone()),
+                }
+            };
+            (result, n)
+        };
+        let done: Vec<(Inspected, u64)> = match self.pool() {
+            Some(pool) => {
+                pool.install(|| items.par_iter().map_init(DirCache::default, one).collect())
+            }
+            None => {
+                let mut cache = DirCache::default();
+                items.iter().map(|i| one(&mut cache, i)).collect()
+            }
+        };
+        done.into_iter()
+            .map(|(result, n)| {
+                *hashed += n;
+                result
+            })
+            .collect()
+    }
+
+    /// Inspects `name` (a bare name) in the directory `dir`.
+    fn inspect_at(
         &self,
-        rel: &Path,
+        dir: &OwnedFd,
+        name: &OsStr,
         want: &[Attribute],
         hashed: &mut u64,
-    ) -> Result<Option<FileAttributes>, InspectError> {
-        let fd = match self.open_in(rel, OFlags::PATH) {
-            Ok(fd) => fd,
+    ) -> Inspected {
+        let mut st = match rustix::fs::statx(dir, name, LOOK, STATX) {
+            Ok(st) => st,
             Err(Errno::NOENT | Errno::NOTDIR) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let st = rustix::fs::fstat(&fd)?;
         let kind = file_type(&st);
         let has = |a: Attribute| want.contains(&a);
-        let mut attrs = FileAttributes {
-            file_type: has(Attribute::Type).then_some(kind),
-            size: (has(Attribute::Size) && kind != FileType::Directory)
-                .then_some(st.st_size as u64),
-            mode: has(Attribute::Mode).then(|| format!("{:04o}", st.st_mode & 0o7777)),
-            uid: has(Attribute::Uid).then_some(st.st_uid),
-            gid: has(Attribute::Gid).then_some(st.st_gid),
-            mtime: if has(Attribute::Mtime) {
-                micro_time(st.st_mtime as i64, st.st_mtime_nsec as i64)
-            } else {
-                None
-            },
-            ctime: if has(Attribute::Ctime) {
-                micro_time(st.st_ctime as i64, st.st_ctime_nsec as i64)
-            } else {
-                None
-            },
-            inode: has(Attribute::Inode).then_some(st.st_ino as u64),
-            ..FileAttributes::default()
-        };
+        let mut attrs = FileAttributes::default();
         match kind {
             FileType::Symlink if has(Attribute::LinkTarget) => {
-                let target = rustix::fs::readlinkat(&fd, "", Vec::new())?;
+                let target = rustix::fs::readlinkat(dir, name, Vec::new())?;
                 attrs.link_target =
                     Some(crate::paths::escape(OsStr::from_bytes(target.as_bytes())));
             }
-            FileType::File if has(Attribute::Hash) || has(Attribute::Xattrs) => {
-                if st.st_size as u64 > self.max_hash_size {
-                    attrs.hash = None;
-                } else {
-                    self.read_file(rel, &st, &mut attrs, want, hashed)?;
-                }
+            // Larger files keep their other attributes, unhashed.
+            FileType::File
+                if (has(Attribute::Hash) || has(Attribute::Xattrs))
+                    && st.stx_size <= self.max_hash_size =>
+            {
+                let content = read_file(dir, name, &st, want, hashed)?;
+                // The attributes of the state that was hashed.
+                st = content.st;
+                attrs.hash = content.hash;
+                attrs.xattrs = content.xattrs;
             }
             FileType::Directory if has(Attribute::Xattrs) => {
-                if let Ok(dir) = self.open_in(rel, OFlags::RDONLY | OFlags::DIRECTORY) {
-                    attrs.xattrs = xattrs_digest(&dir);
+                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                if let Ok(fd) = rustix::fs::openat(dir, name, flags, Mode::empty()) {
+                    attrs.xattrs = xattrs_digest(&fd, dev(&st));
                 }
             }
             _ => {}
         }
+        attrs.file_type = has(Attribute::Type).then_some(kind);
+        attrs.size = (has(Attribute::Size) && kind != FileType::Directory).then_some(st.stx_size);
+        attrs.mode = has(Attribute::Mode).then(|| format!("{:04o}", st.stx_mode & 0o7777));
+        attrs.uid = has(Attribute::Uid).then_some(st.stx_uid);
+        attrs.gid = has(Attribute::Gid).then_some(st.stx_gid);
+        if has(Attribute::Mtime) {
+            attrs.mtime = micro_time(st.stx_mtime.tv_sec, st.stx_mtime.tv_nsec.into());
+        }
+        if has(Attribute::Ctime) {
+            attrs.ctime = micro_time(st.stx_ctime.tv_sec, st.stx_ctime.tv_nsec.into());
+        }
+        attrs.inode = has(Attribute::Inode).then_some(st.stx_ino);
         Ok(Some(attrs))
     }
 
@@ -230,73 +429,109 @@ impl HostRoot {
         std::io::copy(&mut file, &mut hasher).map_err(|e| InspectError::Io(e.to_string()))?;
         Ok(hasher.finalize().to_hex().to_string())
     }
+}
 
-    /// Hashes a regular file from a descriptor checked to be the same file,
-    /// retrying when it changes underneath.
-    fn read_file(
-        &self,
-        rel: &Path,
-        st: &Stat,
-        attrs: &mut FileAttributes,
-        want: &[Attribute],
-        hashed: &mut u64,
-    ) -> Result<(), InspectError> {
-        const ATTEMPTS: u32 = 3;
-        for _ in 0..ATTEMPTS {
-            let fd = match self.open_in(rel, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY) {
-                Ok(fd) => fd,
-                Err(Errno::NOENT) => {
-                    return Err(InspectError::Io("vanished while being read".into()));
-                }
+/// What was read of a regular file, and the `statx` of the state read.
+struct Content {
+    st: Statx,
+    hash: Option<String>,
+    xattrs: Option<String>,
+}
+
+/// Hashes the regular file `name` in `dir` (looked at as `first`) from a
+/// descriptor, retrying when it changes underneath: the descriptor's `statx`
+/// after reading must match the one before opening (same inode, size,
+/// mtime, ctime), or the file was replaced or written meanwhile.
+fn read_file(
+    dir: &OwnedFd,
+    name: &OsStr,
+    first: &Statx,
+    want: &[Attribute],
+    hashed: &mut u64,
+) -> Result<Content, InspectError> {
+    const ATTEMPTS: u32 = 3;
+    let vanished = || InspectError::Io("vanished while being read".into());
+    let mut before = *first;
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            before = match rustix::fs::statx(dir, name, LOOK, STATX) {
+                Ok(st) => st,
+                Err(Errno::NOENT) => return Err(vanished()),
                 Err(e) => return Err(e.into()),
             };
-            let before = rustix::fs::fstat(&fd)?;
-            if RawType::from_raw_mode(before.st_mode) != RawType::RegularFile
-                || before.st_ino != st.st_ino
-            {
-                // Replaced between the two opens: look again next time.
+            if raw_type(&before) != RawType::RegularFile || before.stx_ino != first.stx_ino {
+                // Replaced since it was looked at: look again next time.
                 continue;
             }
-            if want.contains(&Attribute::Xattrs) {
-                attrs.xattrs = xattrs_digest(&fd);
-            }
-            if want.contains(&Attribute::Hash) {
-                let mut file = std::fs::File::from(fd);
-                let mut hasher = blake3::Hasher::new();
-                let mut n_total = 0u64;
-                READ_BUF.with_borrow_mut(|buf| -> Result<(), InspectError> {
-                    loop {
-                        let n = match file.read(buf) {
-                            Ok(0) => return Ok(()),
-                            Ok(n) => n,
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                            Err(e) => return Err(InspectError::Io(e.to_string())),
-                        };
-                        hasher.update(&buf[..n]);
-                        n_total += n as u64;
-                    }
-                })?;
-                *hashed += n_total;
-                let after = rustix::fs::fstat(&file)?;
-                if fingerprint(&after) != fingerprint(&before) {
-                    continue;
-                }
-                attrs.hash = Some(hasher.finalize().to_hex().to_string());
-                if let Some(size) = attrs.size.as_mut() {
-                    *size = after.st_size as u64;
-                }
-            }
-            return Ok(());
         }
-        Err(InspectError::Unstable(ATTEMPTS))
+        let flags =
+            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Err(vanished()),
+            // Replaced by a symlink since it was looked at.
+            Err(Errno::LOOP) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let xattrs = if want.contains(&Attribute::Xattrs) {
+            xattrs_digest(&fd, dev(&before))
+        } else {
+            None
+        };
+        let mut file = std::fs::File::from(fd);
+        let mut hash = None;
+        if want.contains(&Attribute::Hash) {
+            let mut hasher = blake3::Hasher::new();
+            let mut n_total = 0u64;
+            // Up to the size looked at (the check below notices growth), or to
+            // the end when the size says nothing (0: /proc and the like).
+            let expected = before.stx_size;
+            let read = READ_BUF.with_borrow_mut(|buf| -> Result<(), InspectError> {
+                while expected == 0 || n_total < expected {
+                    let n = match file.read(buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(InspectError::Io(e.to_string())),
+                    };
+                    hasher.update(&buf[..n]);
+                    n_total += n as u64;
+                }
+                Ok(())
+            });
+            *hashed += n_total;
+            read?;
+            hash = Some(hasher.finalize().to_hex().to_string());
+        }
+        let after = rustix::fs::statx(&file, "", AtFlags::EMPTY_PATH, STATX)?;
+        if fingerprint(&after) != fingerprint(&before) {
+            continue;
+        }
+        return Ok(Content {
+            st: after,
+            hash,
+            xattrs,
+        });
     }
+    Err(InspectError::Unstable(ATTEMPTS))
 }
 
 /// A digest over the sorted extended attribute names and values (POSIX ACLs
-/// are xattrs too). Never stores the values themselves.
-fn xattrs_digest(fd: &OwnedFd) -> Option<String> {
+/// are xattrs too). Never stores the values themselves. A file system found
+/// without extended attributes (`ENOTSUP`) is not asked again.
+fn xattrs_digest(fd: &OwnedFd, dev: u64) -> Option<String> {
+    if NO_XATTRS.with_borrow(|no| no.contains(&dev)) {
+        return None;
+    }
     XATTR_BUF.with_borrow_mut(|(names, value)| {
-        let n = rustix::fs::flistxattr(fd, &mut names[..]).ok()?;
+        let n = match rustix::fs::flistxattr(fd, &mut names[..]) {
+            Ok(n) => n,
+            Err(Errno::NOTSUP) => {
+                NO_XATTRS.with_borrow_mut(|no| no.push(dev));
+                return None;
+            }
+            Err(_) => return None,
+        };
         if n == 0 {
             return None;
         }
@@ -423,5 +658,110 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_batch_answers_each_item_in_order_and_stays_in_the_root() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "outside").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let etc = root.path().join("etc");
+        std::fs::create_dir_all(etc.join("sub")).unwrap();
+        for i in 0..200 {
+            std::fs::write(etc.join(format!("f{i:03}")), format!("content {i}")).unwrap();
+        }
+        std::fs::write(root.path().join("etc/secret"), "inside").unwrap();
+        symlink(outside.path(), root.path().join("escape")).unwrap();
+        symlink("/etc", root.path().join("etcdir")).unwrap();
+        symlink("loop2", root.path().join("loop1")).unwrap();
+        symlink("loop1", root.path().join("loop2")).unwrap();
+        let mut host = HostRoot::open(root.path()).unwrap();
+        host.set_threads(2);
+        let want = all();
+        let mut paths: Vec<PathBuf> = (0..200)
+            .map(|i| PathBuf::from(format!("etc/f{i:03}")))
+            .collect();
+        paths.extend(
+            [
+                "escape/secret",
+                "etcdir/secret",
+                "etc/missing",
+                "loop1/x",
+                "etc/sub",
+                "",
+            ]
+            .map(PathBuf::from),
+        );
+        let mut items: Vec<Item> = paths.iter().map(|p| Item::of(p, &want)).collect();
+        // A name that is not a bare name never resolves above its directory.
+        items.push(Item {
+            dir: Path::new("etc"),
+            name: OsStr::new(".."),
+            want: &want,
+        });
+        items.push(Item {
+            dir: Path::new("etc"),
+            name: OsStr::new("sub/../../escape"),
+            want: &want,
+        });
+        let mut n = 0;
+        let got = host.inspect_batch(&items, &mut n);
+        assert_eq!(got.len(), items.len());
+        for (i, r) in got[..200].iter().enumerate() {
+            let content = format!("content {i}");
+            let a = r.as_ref().unwrap().as_ref().unwrap();
+            assert_eq!(
+                a.hash,
+                Some(blake3::hash(content.as_bytes()).to_hex().to_string())
+            );
+            assert_eq!(a.size, Some(content.len() as u64));
+        }
+        let tail = &got[200..];
+        assert_eq!(
+            tail[0],
+            Ok(None),
+            "an absolute link resolves inside the root"
+        );
+        let via = tail[1].as_ref().unwrap().as_ref().unwrap();
+        assert_eq!(via.hash, Some(blake3::hash(b"inside").to_hex().to_string()));
+        assert_eq!(tail[2], Ok(None));
+        assert_eq!(tail[3], Err(InspectError::Loop));
+        assert_eq!(
+            tail[4].as_ref().unwrap().as_ref().unwrap().file_type,
+            Some(FileType::Directory)
+        );
+        assert_eq!(
+            tail[5].as_ref().unwrap().as_ref().unwrap().file_type,
+            Some(FileType::Directory),
+            "the root itself"
+        );
+        assert!(matches!(tail[6], Err(InspectError::Io(_))), "{:?}", tail[6]);
+        assert!(matches!(tail[7], Err(InspectError::Io(_))), "{:?}", tail[7]);
+        // The same answers one at a time, on the caller's thread.
+        let mut m = 0;
+        for (p, batch) in paths.iter().zip(&got) {
+            assert_eq!(&host.inspect(p, &want, &mut m), batch, "{}", p.display());
+        }
+        assert_eq!(n, m);
+    }
+
+    #[test]
+    fn a_file_written_while_hashed_is_hashed_again() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("growing");
+        std::fs::write(&path, vec![b'a'; 1 << 20]).unwrap();
+        let host = HostRoot::open(root.path()).unwrap();
+        let want = [Attribute::Hash, Attribute::Size];
+        let dir = host.open_dir(Path::new("")).unwrap();
+        // Looked at before a write: the read sees a newer file and retries.
+        let stale = rustix::fs::statx(&dir, "growing", LOOK, STATX).unwrap();
+        std::fs::write(&path, vec![b'b'; 1 << 19]).unwrap();
+        let mut n = 0;
+        let content = read_file(&dir, OsStr::new("growing"), &stale, &want, &mut n).unwrap();
+        assert_eq!(
+            content.hash,
+            Some(blake3::hash(&vec![b'b'; 1 << 19]).to_hex().to_string())
+        );
+        assert_eq!(content.st.stx_size, 1 << 19);
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod attribution;
 pub mod baseline;
+pub mod budget;
 pub mod cluster;
 pub mod engine;
 pub mod hostfs;

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -30,6 +31,10 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Threads a scan hashes on, at low CPU and I/O priority (default: what
+    /// the container's cgroup CPU quota allows, else every core).
+    #[arg(long, global = true, env = "KUBE_FIM_THREADS")]
+    threads: Option<NonZeroUsize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -353,6 +358,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
+    let threads = kube_fim_agent::budget::configure(cli.threads.map(NonZeroUsize::get));
+    tracing::debug!(threads, "scan threads");
     match real_main(cli).await {
         Ok(code) => code,
         Err(e) => {

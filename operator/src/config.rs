@@ -60,6 +60,11 @@ pub struct Config {
     /// Port the agents serve `/metrics`, `/healthz` and `/readyz` on.
     #[arg(long, default_value_t = 9101)]
     pub agent_metrics_port: i32,
+    /// Threads an agent's scans hash on, at low CPU and I/O priority (the
+    /// agents' `--threads`); 0: what the agent container's CPU limit allows,
+    /// else every core of the node.
+    #[arg(long, default_value_t = 0)]
+    pub agent_threads: u32,
     /// Agent container resources.
     #[command(flatten)]
     pub agent_resources: AgentResources,
@@ -172,6 +177,7 @@ mod tests {
             value(&v, "agent.metricsPort"),
             c.agent_metrics_port.to_string()
         );
+        assert_eq!(value(&v, "agent.threads"), c.agent_threads.to_string());
         let r = &c.agent_resources;
         assert_eq!(value(&v, "agent.resources.requests.cpu"), r.cpu_request);
         assert_eq!(

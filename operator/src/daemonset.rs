@@ -170,6 +170,9 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
     if let Some(selector) = &config.policy_selector {
         args.push(format!("--policy-selector={selector}"));
     }
+    if config.agent_threads > 0 {
+        args.push(format!("--threads={}", config.agent_threads));
+    }
 
     let mut limits = BTreeMap::from([(
         "memory".to_string(),
@@ -394,6 +397,34 @@ mod tests {
             })
             .map(|s| s.node_selector_terms.clone())
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn agents_hash_on_the_threads_configured_or_their_cpu_budget() {
+        let a = policy("a", &[]);
+        let args = |c: &Config| {
+            desired_daemonset(c, &[&a])
+                .unwrap()
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .containers[0]
+                .args
+                .clone()
+                .unwrap()
+        };
+        let default = Config::default();
+        assert!(
+            !args(&default).iter().any(|a| a.starts_with("--threads")),
+            "by default the agent sizes itself from its CPU limit"
+        );
+        let three = Config {
+            agent_threads: 3,
+            ..Config::default()
+        };
+        assert!(args(&three).contains(&"--threads=3".to_string()));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - [`process`]: that `/proc` snapshot;
 //! - [`cgroup`]: the cgroup path parsed into container id and pod uid;
 //! - [`pods`]: the pods of this node, to name the pod and container;
-//! - `sys`: the only unsafe code, the system calls no crate wraps.
+//! - `sys`: the only unsafe code, the system calls no crate wraps (also
+//!   `ioprio_set` for the scan threads, see [`crate::budget`]).
 //!
 //! Where fanotify is not available the agent keeps using inotify and says
 //! why ([`fanotify::Unavailable`]).
@@ -16,7 +17,7 @@ pub mod fanotify;
 pub mod join;
 pub mod pods;
 pub mod process;
-mod sys;
+pub(crate) mod sys;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

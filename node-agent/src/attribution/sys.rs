@@ -1,5 +1,5 @@
-//! The few fanotify and file-handle system calls that neither rustix nor the
-//! standard library wrap. Everything else (reading events, parsing them,
+//! The few fanotify, file-handle and I/O priority system calls that neither
+//! rustix nor the standard library wrap. Everything else (reading events, parsing them,
 //! /proc) is safe code; this file is the only `unsafe` of the agent.
 #![allow(unsafe_code)]
 
@@ -97,4 +97,28 @@ pub fn own_fd(raw: i32) -> Option<OwnedFd> {
     // SAFETY: the kernel created this descriptor in our table while handing
     // us the event; nothing else knows it, so this is its only owner.
     Some(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// `ioprio_set(2)` of the calling thread: best-effort class, lowest level (7).
+/// Best effort rather than idle, so that a scan on a disk that is never idle
+/// still finishes.
+pub fn ioprio_lowest_best_effort() -> io::Result<()> {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_BE: libc::c_long = 2;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    let prio = (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 7;
+    // SAFETY: plain system call with integer arguments; who = 0 is the
+    // calling thread.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0 as libc::c_long,
+            prio,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
