@@ -3,7 +3,7 @@
 //! ServiceAccount, report host file changes into the real API server.
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
@@ -203,34 +203,72 @@ async fn changes_on_one_node_are_reported_for_that_node_only_with_before_and_aft
         .await
         .unwrap();
     assert_eq!(labelled.items.len(), 2);
-    let wanted: BTreeSet<String> = changes.iter().map(|c| c.name_any()).collect();
-    eventually("an Event per change", SEEN, || async {
-        let events = Api::<Event>::all(client.clone())
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| e.to_string())?;
-        let pointed: BTreeSet<String> = events
-            .items
-            .iter()
-            .filter(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("FileChange"))
-            .filter(|e| {
-                matches!(
-                    e.reason.as_deref(),
-                    Some("FileAdded" | "FileModified" | "FileRemoved")
-                )
-            })
-            .filter_map(|e| e.regarding.as_ref().and_then(|r| r.name.clone()))
-            .collect();
-        if wanted.is_subset(&pointed) {
-            Ok(())
-        } else {
-            Err(format!(
-                "{:?}",
-                wanted.difference(&pointed).collect::<Vec<_>>()
-            ))
-        }
-    })
+    // Events aggregate them: one per category on this node for the policy,
+    // whose series counts every change of that category.
+    let mut wanted: BTreeMap<String, i32> = BTreeMap::new();
+    for c in &changes {
+        *wanted
+            .entry(format!("File{}", c.spec.category.as_str()))
+            .or_default() += 1;
+    }
+    eventually(
+        "Event series counting the changes",
+        // The agent writes a series' count at most every 30 s.
+        SEEN + Duration::from_secs(30),
+        || async {
+            let events = Api::<Event>::all(client.clone())
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut counted: BTreeMap<String, i32> = BTreeMap::new();
+            let mut events_of = 0;
+            for e in events.items.iter().filter(|e| {
+                e.reporting_instance.as_deref() == Some(a.as_str())
+                    && e.regarding.as_ref().and_then(|r| r.kind.as_deref())
+                        == Some("FileIntegrityPolicy")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(policy.as_str())
+            }) {
+                events_of += 1;
+                *counted.entry(e.reason.clone().unwrap_or_default()).or_default() +=
+                    e.series.as_ref().map_or(1, |s| s.count);
+            }
+            if counted == wanted && events_of == wanted.len() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{events_of} Events counting {counted:?}, want one per category counting {wanted:?}"
+                ))
+            }
+        },
+    )
     .await;
+    let first = Api::<Event>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|e| {
+            e.reporting_instance.as_deref() == Some(a.as_str())
+                && e.reason.as_deref() == Some("FileRemoved")
+        })
+        .expect("the FileRemoved Event");
+    assert_eq!(
+        first.note.as_deref(),
+        Some(
+            format!(
+                "/etc/old.conf removed on node {a} (policy {policy}, entry etc, {:?}) — the first \
+                 of the files removed under policy {policy} on node {a} this Event's series counts",
+                by("Removed /etc/old.conf").spec.source
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(
+        first.related.and_then(|r| r.name),
+        Some(by("Removed /etc/old.conf").name_any()),
+        "the Event relates to the first change it counts"
+    );
 
     // The agent's metrics count them.
     let text = fleet.nodes[0].metrics().expect("agent /metrics");
@@ -443,7 +481,7 @@ async fn a_change_storm_is_summarised() {
             .items
             .iter()
             .any(|e| e.reason.as_deref() == Some("ChangeStorm")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                && e.related.as_ref().and_then(|r| r.name.as_deref())
                     == Some(summary.name_any().as_str())),
         "a ChangeStorm event"
     );

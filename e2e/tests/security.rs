@@ -256,12 +256,40 @@ async fn an_agent_token_speaks_for_its_own_node_only() {
         ..Default::default()
     };
     let events = |c: &Client| Api::<Event>::namespaced(c.clone(), "default");
-    events(&agent)
+    let own = events(&agent)
         .create(&pp, &event(&mine))
         .await
         .expect("an agent publishes Events as its own node");
     assert_refused(
         events(&agent).create(&pp, &event(&other)).await,
+        &format!(
+            "an agent may only publish Events as its own node: this token is bound to node {mine}"
+        ),
+    );
+    // It counts its own Events' series, and not another node's.
+    let series = serde_json::json!({
+        "series": {"count": 2, "lastObservedTime": MicroTime(Timestamp::now())},
+    });
+    events(&agent)
+        .patch(
+            &own.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&series),
+        )
+        .await
+        .expect("an agent updates its own Event's series");
+    let others = events(&admin)
+        .create(&pp, &event(&other))
+        .await
+        .expect("the admin publishes an Event as the other node");
+    assert_refused(
+        events(&agent)
+            .patch(
+                &others.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&series),
+            )
+            .await,
         &format!(
             "an agent may only publish Events as its own node: this token is bound to node {mine}"
         ),

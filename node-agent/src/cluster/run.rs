@@ -39,6 +39,7 @@ use crate::engine::{Engine, EngineError, PolicyInput};
 use crate::metrics::AgentMetrics;
 use crate::report::deliver::{self, RateLimit};
 use crate::report::queue::Queue;
+use crate::report::series::ChangeEvents;
 use crate::report::{Batch, reporter};
 use crate::watch::{Control, Snapshot, monitor};
 
@@ -223,7 +224,7 @@ pub async fn run(
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
-            controller: "kube-fim-agent".into(),
+            controller: crate::report::series::CONTROLLER.into(),
             instance: Some(node_name.clone()),
         },
     );
@@ -389,6 +390,12 @@ pub async fn run(
         deliver::run(
             Api::<FileChange>::all(client.clone()),
             recorder.clone(),
+            ChangeEvents::new(
+                client.clone(),
+                node_name.clone(),
+                policy_store.clone(),
+                metrics.cluster.clone(),
+            ),
             record.object_ref(&()),
             queue.clone(),
             wake.clone(),

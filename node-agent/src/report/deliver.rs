@@ -1,5 +1,6 @@
 //! Delivery of queued changes to the API server: each report becomes a
-//! FileChange object and an Event, and leaves the queue only when stored.
+//! FileChange object, counted in an Event series ([`super::series`]), and
+//! leaves the queue only when stored.
 //!
 //! Creates are paced by a token bucket and failures back off exponentially with
 //! jitter, so a thousand agents coming back after an API outage do not hit the
@@ -9,16 +10,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Resource, ResourceExt};
-use kube_fim_crds::{ChangeCategory, FileChange};
+use kube_fim_crds::FileChange;
 use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::object::shorten;
 use super::queue::Queue;
+use super::series::ChangeEvents;
 use crate::cluster::metrics::ClusterMetrics;
 
 /// Field manager of the agent's writes.
@@ -73,78 +75,15 @@ pub fn backoff(failures: u32) -> Duration {
     Duration::from_millis(fastrand::u64(cap / 2..=cap))
 }
 
-/// The Event that points at a stored FileChange.
-pub fn event_for(change: &FileChange) -> Event {
-    let spec = &change.spec;
-    let (type_, reason) = match spec.category {
-        ChangeCategory::Added => (EventType::Warning, "FileAdded"),
-        ChangeCategory::Modified => (EventType::Warning, "FileModified"),
-        ChangeCategory::Removed => (EventType::Warning, "FileRemoved"),
-        ChangeCategory::Summary => (EventType::Warning, "ChangeStorm"),
-    };
-    let note = match &spec.summary {
-        Some(s) => format!(
-            "{} changes under {} on node {} for policy {} in one minute ({} added, {} modified, {} removed); summarised",
-            s.count, spec.path, spec.node, spec.policy, s.added, s.modified, s.removed
-        ),
-        None => {
-            let attrs: Vec<&str> = spec.changed_attributes.iter().map(|a| a.as_str()).collect();
-            let what = if attrs.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", attrs.join(", "))
-            };
-            let by = spec
-                .process
-                .as_ref()
-                .and_then(|p| p.by.as_deref())
-                .map(|b| format!(" by {b}"))
-                .unwrap_or_default();
-            format!(
-                "{} {}{}{by} on node {} (policy {}, entry {}, {:?})",
-                spec.path,
-                spec.category.as_str().to_lowercase(),
-                what,
-                spec.node,
-                spec.policy,
-                spec.entry,
-                spec.source
-            )
-        }
-    };
-    let mut note = note;
-    if note.len() > 1000 {
-        let mut cut = 1000;
-        while !note.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        note.truncate(cut);
-    }
-    Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Detect".into(),
-        secondary: None,
-    }
-}
-
 /// Longest text of a report re-sent after a refusal.
 const SHORT: usize = 512;
-
-async fn publish(recorder: &Recorder, stored: &FileChange, metrics: &ClusterMetrics) {
-    let reference = stored.object_ref(&());
-    if let Err(error) = recorder.publish(&event_for(stored), &reference).await {
-        metrics.api_errors.with_label_values(&["event"]).inc();
-        debug!(%error, "event not published");
-    }
-}
 
 /// Delivers the queue until `shutdown`.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     api: Api<FileChange>,
     recorder: Recorder,
+    mut events: ChangeEvents,
     node_ref: k8s_openapi::api::core::v1::ObjectReference,
     queue: Arc<Mutex<Queue>>,
     wake: Arc<Notify>,
@@ -166,10 +105,21 @@ pub async fn run(
             metrics.reports_queued.set(q.len() as i64);
             q.peek(32)
         };
+        let flush_at = events.flush(false).await;
         if batch.is_empty() {
+            let flush = async {
+                match flush_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                () = &mut shutdown => return,
+                () = &mut shutdown => {
+                    events.flush(true).await;
+                    return;
+                }
                 () = wake.notified() => continue,
+                () = flush => continue,
             }
         }
         for (seq, change) in batch {
@@ -179,7 +129,7 @@ pub async fn run(
             }
             let delivered = match api.create(&params, &change).await {
                 Ok(stored) => {
-                    publish(&recorder, &stored, &metrics).await;
+                    events.record(&stored).await;
                     metrics.delivered.inc();
                     true
                 }
@@ -194,7 +144,7 @@ pub async fn run(
                     let short = shorten(&change, SHORT);
                     match api.create(&params, &short).await {
                         Ok(stored) => {
-                            publish(&recorder, &stored, &metrics).await;
+                            events.record(&stored).await;
                             metrics.delivered.inc();
                             true
                         }
@@ -272,44 +222,6 @@ mod tests {
             assert!(d >= Duration::from_millis(250));
         }
         assert!(backoff(10) >= Duration::from_secs(30));
-    }
-
-    #[test]
-    fn events_name_the_writer_when_known() {
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-        use kube_fim_crds::{DetectionSource, FileChangeSpec, ProcessInfo};
-        let mut spec = FileChangeSpec {
-            node: "n1".into(),
-            policy: "p".into(),
-            entry: "etc".into(),
-            path: "/etc/sudoers".into(),
-            category: ChangeCategory::Modified,
-            changed_attributes: vec![],
-            before: None,
-            after: None,
-            detected_time: MicroTime(k8s_openapi::jiff::Timestamp::now()),
-            source: DetectionSource::Realtime,
-            process: None,
-            summary: None,
-        };
-        let plain = event_for(&super::super::object::to_object(spec.clone(), 0));
-        assert_eq!(
-            plain.note.as_deref(),
-            Some("/etc/sudoers modified on node n1 (policy p, entry etc, Realtime)")
-        );
-        // Changes found by a scan carry no writer and so no "by".
-        spec.process = Some(ProcessInfo {
-            by: Some("sshd (pid 812, uid 0)".into()),
-            pid: 812,
-            ..ProcessInfo::default()
-        });
-        let by = event_for(&super::super::object::to_object(spec, 0));
-        assert_eq!(
-            by.note.as_deref(),
-            Some(
-                "/etc/sudoers modified by sshd (pid 812, uid 0) on node n1 (policy p, entry etc, Realtime)"
-            )
-        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,8 +20,8 @@
 //!    written is journaled before it replaces the old one
 //!    ([`crate::baseline`]), so a restart tells its own unpublished states
 //!    from an edit made by someone else.
-//! 5. **Deliver.** The deliverer ([`deliver`]) creates the FileChange and its
-//!    Event, and removes the report from the queue only once the API server
+//! 5. **Deliver.** The deliverer ([`deliver`]) creates the FileChange, counts
+//!    it in an Event series ([`series`]), and removes the report from the queue only once the API server
 //!    stored it (created, or AlreadyExists). A report the API server refuses
 //!    as invalid is shortened ([`object::shorten`]) and sent again, never
 //!    dropped.
@@ -38,6 +38,7 @@
 pub mod deliver;
 pub mod object;
 pub mod queue;
+pub mod series;
 pub mod storm;
 
 use std::collections::BTreeMap;
