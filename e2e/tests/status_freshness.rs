@@ -2,7 +2,8 @@
 //! FileIntegrityNode heartbeats arrive many times a second (a thousand nodes
 //! at 30 s are 33 a second), and a real report change among them still shows
 //! in the policy's status within a bound, while the heartbeats themselves
-//! cost no reconcile.
+//! cost no reconcile. And a policy's change count follows new FileChanges
+//! within seconds, not at the next resync.
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -11,16 +12,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube_fim_crds::{
-    FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, FileIntegrityPolicy,
-    FileIntegrityPolicySpec, MonitoredPath, NodePolicyPhase, NodePolicyStatus,
+    ChangeCategory, DetectionSource, FileChange, FileChangeSpec, FileIntegrityNode,
+    FileIntegrityNodeSpec, FileIntegrityNodeStatus, FileIntegrityPolicy, FileIntegrityPolicySpec,
+    MonitoredPath, NodePolicyPhase, NodePolicyStatus, labels,
 };
 use kube_fim_e2e::operator::{Operator, SUITE_LABEL};
-use kube_fim_e2e::{client, eventually, metric, unique_name};
+use kube_fim_e2e::{client, eventually, kubectl, metric, unique_name};
 
 const NODES: usize = 30;
 /// A change must show in the status this soon (batch window 1 s, plus reconcile
@@ -214,4 +216,154 @@ async fn status_follows_a_report_change_within_a_bound_during_a_heartbeat_storm(
             .delete(name, &DeleteParams::default())
             .await;
     }
+}
+
+fn file_change(name: &str, node: &str, policy: &str) -> FileChange {
+    let mut fc = FileChange::new(
+        name,
+        FileChangeSpec {
+            node: node.into(),
+            policy: policy.into(),
+            entry: "passwd".into(),
+            path: "/etc/passwd".into(),
+            category: ChangeCategory::Modified,
+            changed_attributes: vec![],
+            before: None,
+            after: None,
+            detected_time: MicroTime(Timestamp::now()),
+            source: DetectionSource::Realtime,
+            process: None,
+            summary: None,
+        },
+    );
+    fc.metadata.labels = Some(BTreeMap::from([
+        (labels::POLICY.to_string(), labels::label_value(policy)),
+        (labels::NODE.to_string(), labels::label_value(node)),
+    ]));
+    fc
+}
+
+/// `kubectl get fip` CHANGES(24H): what the printer column shows.
+fn changes_column(policy: &str) -> String {
+    let run = kubectl(["get", "fip", policy, "--no-headers", "-o", "wide"]);
+    assert!(run.success, "{}", run.stderr);
+    let header = kubectl(["get", "fip", policy, "-o", "wide"]);
+    let columns: Vec<&str> = header
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let at = columns
+        .iter()
+        .position(|c| *c == "CHANGES(24H)")
+        .unwrap_or_else(|| panic!("a CHANGES(24H) column: {columns:?}"));
+    run.stdout
+        .split_whitespace()
+        .nth(at)
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn the_change_count_follows_new_file_changes_within_seconds() {
+    let client = client().await;
+    let suite = unique_name("fresh-fc");
+    // Status refreshes only on events here: the count must not wait for a resync.
+    let op = Operator::start(&suite, &suite, &["--resync=10m".into()]);
+    let node = format!("{suite}-n");
+    let policy = format!("{suite}-p");
+    let mut n = Node::default();
+    n.metadata.name = Some(node.clone());
+    n.metadata.labels = Some(BTreeMap::from([("role".to_string(), suite.clone())]));
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &n)
+        .await
+        .unwrap();
+    let mut spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
+        name: "passwd".into(),
+        path: "/etc/passwd".into(),
+        ..MonitoredPath::default()
+    }]);
+    spec.node_selector = BTreeMap::from([("role".to_string(), suite.clone())]);
+    let mut p = FileIntegrityPolicy::new(&policy, spec);
+    p.metadata.labels = Some(BTreeMap::from([(SUITE_LABEL.to_string(), suite.clone())]));
+    let policies: Api<FileIntegrityPolicy> = Api::all(client.clone());
+    policies.create(&PostParams::default(), &p).await.unwrap();
+    let changes_24h = |p: &FileIntegrityPolicy| p.status.as_ref().and_then(|s| s.changes_last24h);
+    eventually(
+        "the policy's first status",
+        Duration::from_secs(30),
+        || async {
+            let p = policies.get(&policy).await.map_err(|e| e.to_string())?;
+            if changes_24h(&p) == Some(0) {
+                Ok(())
+            } else {
+                Err(format!("{:?}", p.status))
+            }
+        },
+    )
+    .await;
+    assert_eq!(changes_column(&policy), "0");
+
+    // Agents report changes; the count follows each burst within seconds, long
+    // before the 10 min resync.
+    let api: Api<FileChange> = Api::all(client.clone());
+    let mut created = 0;
+    let mut took = Vec::new();
+    for burst in [1, 3] {
+        let start = Instant::now();
+        for _ in 0..burst {
+            api.create(
+                &PostParams::default(),
+                &file_change(&format!("{policy}-{created}"), &node, &policy),
+            )
+            .await
+            .unwrap();
+            created += 1;
+        }
+        let want = created;
+        took.push(
+            eventually(
+                &format!("CHANGES(24H) to show {want}"),
+                Duration::from_secs(60),
+                || async {
+                    let p = policies.get(&policy).await.map_err(|e| e.to_string())?;
+                    if changes_24h(&p) == Some(want) {
+                        Ok(start.elapsed())
+                    } else {
+                        Err(format!("{:?}", changes_24h(&p)))
+                    }
+                },
+            )
+            .await,
+        );
+        assert_eq!(changes_column(&policy), want.to_string());
+    }
+    eprintln!("CHANGES(24H) followed new FileChanges after {took:?}");
+    for t in &took {
+        assert!(
+            *t <= FRESH,
+            "the count took {t:?} to follow new FileChanges"
+        );
+    }
+    let text = op.metrics().unwrap();
+    assert!(
+        metric(&text, "kube_fim_operator_status_delay_seconds_count").unwrap_or(0.0) >= 2.0,
+        "the refreshes were woken by the changes: {text}"
+    );
+
+    policies
+        .delete(&policy, &DeleteParams::default())
+        .await
+        .unwrap();
+    for i in 0..created {
+        let _ = api
+            .delete(&format!("{policy}-{i}"), &DeleteParams::default())
+            .await;
+    }
+    let _ = Api::<Node>::all(client.clone())
+        .delete(&node, &DeleteParams::default())
+        .await;
 }

@@ -17,6 +17,7 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, applier};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -172,6 +173,10 @@ pub async fn run(
             move |record, _| triggers::record_view(record, Timestamp::now(), heartbeat_timeout),
             |change, _, _| triggers::record_wake(change),
         )),
+        tokio::spawn(watch_changes(
+            Api::<PartialObjectMeta<FileChange>>::all(client.clone()),
+            ctx.clone(),
+        )),
     ];
 
     let shutdown = shutdown.shared();
@@ -300,6 +305,25 @@ async fn watch<K, V>(
                 }
             }
             Err(error) => warn!(kind = %K::kind(&()), %error, "watch"),
+        }
+    }
+}
+
+/// FileChanges come and go (agents report them, approvals and retention):
+/// their policy's counts follow within a batch window, not at the next resync.
+/// Only their metadata is watched, and none of it is kept.
+async fn watch_changes(api: Api<PartialObjectMeta<FileChange>>, ctx: Arc<Context>) {
+    let events = watcher(api, watcher::Config::default()).default_backoff();
+    futures::pin_mut!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(event) => {
+                let woken = triggers::change_wake(&event, &ctx.policies.state());
+                if woken != Wake::default() {
+                    ctx.pending().add(woken, Instant::now());
+                }
+            }
+            Err(error) => warn!(kind = "FileChange", %error, "watch"),
         }
     }
 }

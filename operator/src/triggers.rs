@@ -19,8 +19,10 @@ use k8s_openapi::api::core::v1::{Node, NodeSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
+use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
-use kube_fim_crds::{FileIntegrityNode, FileIntegrityPolicy};
+use kube_fim_crds::labels::{POLICY, label_value};
+use kube_fim_crds::{FileChange, FileIntegrityNode, FileIntegrityPolicy};
 
 use crate::status::{heartbeat_is_fresh, report_digest, selects};
 
@@ -213,6 +215,34 @@ pub fn record_wake(change: Change<RecordView>) -> Wake {
     }
 }
 
+/// A FileChange was reported, answered, approved or deleted: its policy's
+/// counts changed. After a re-list, changes may have gone unseen: every policy.
+pub fn change_wake(
+    event: &watcher::Event<PartialObjectMeta<FileChange>>,
+    policies: &[Arc<FileIntegrityPolicy>],
+) -> Wake {
+    match event {
+        watcher::Event::Apply(change) | watcher::Event::Delete(change) => {
+            let Some(label) = change.labels().get(POLICY) else {
+                return Wake::default();
+            };
+            Wake {
+                policies: policies
+                    .iter()
+                    .map(|p| p.name_any())
+                    .filter(|name| label_value(name) == *label)
+                    .collect(),
+                ..Wake::default()
+            }
+        }
+        watcher::Event::InitDone => Wake {
+            all_policies: true,
+            ..Wake::default()
+        },
+        watcher::Event::Init | watcher::Event::InitApply(_) => Wake::default(),
+    }
+}
+
 /// What of a policy the reconcilers act on; a status write changes none of it.
 pub fn policy_view(policy: &FileIntegrityPolicy) -> u64 {
     let meta = &policy.metadata;
@@ -329,6 +359,37 @@ mod tests {
         let mut p = FileIntegrityPolicy::new(name, spec);
         p.metadata.generation = Some(1);
         Arc::new(p)
+    }
+
+    #[test]
+    fn a_file_change_wakes_its_policy_and_a_relist_every_policy() {
+        let long = "p".repeat(80);
+        let policies = [policy("a", "x"), policy("b", "x"), policy(&long, "x")];
+        let change = |policy: &str| {
+            use kube::core::PartialObjectMetaExt;
+            ObjectMeta {
+                name: Some("c1".into()),
+                labels: Some(BTreeMap::from([(POLICY.to_string(), label_value(policy))])),
+                ..ObjectMeta::default()
+            }
+            .into_response_partial::<FileChange>()
+        };
+        let woke = |e: watcher::Event<PartialObjectMeta<FileChange>>| change_wake(&e, &policies);
+        assert_eq!(
+            woke(watcher::Event::Apply(change("b"))).policies,
+            BTreeSet::from(["b".to_string()])
+        );
+        assert_eq!(
+            woke(watcher::Event::Delete(change(&long))).policies,
+            BTreeSet::from([long.clone()]),
+            "a name too long for a label is matched through its label value"
+        );
+        assert_eq!(woke(watcher::Event::Apply(change("gone"))), Wake::default());
+        assert_eq!(
+            woke(watcher::Event::InitApply(change("a"))),
+            Wake::default()
+        );
+        assert!(woke(watcher::Event::InitDone).all_policies);
     }
 
     fn node(role: &str) -> Node {
