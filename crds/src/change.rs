@@ -110,7 +110,7 @@ pub struct FileChangeSpec {
 
     /// Attributes that differ between before and after (empty for Added and Removed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 11), extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(length(max = 12), extend("x-kubernetes-list-type" = "set"))]
     pub changed_attributes: Vec<Attribute>,
 
     /// The file as recorded in the baseline (absent for Added).
@@ -225,6 +225,10 @@ pub struct FileAttributes {
     /// Inode number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inode: Option<u64>,
+
+    /// Number of hard links (not recorded for directories).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub links: Option<u64>,
 
     /// Target of a symbolic link, as stored in the link (escaped like paths).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -173,8 +173,8 @@ pub struct MonitoredPath {
     pub exclude: Vec<String>,
 
     /// Which attributes count as a change. `full` (the default) compares content
-    /// hash, size, type, mode, owner, ACLs/xattrs, mtime, inode and symlink target.
-    /// `permissions` ignores content, size and mtime. `growOnly` is for
+    /// hash, size, type, mode, owner, ACLs/xattrs, mtime, inode, hard-link count
+    /// and symlink target. `permissions` ignores content, size and mtime. `growOnly` is for
     /// append-only files such as logs: a longer file whose old content is an
     /// unchanged prefix is not a change.
     #[serde(default)]
@@ -183,7 +183,7 @@ pub struct MonitoredPath {
     /// Explicit list of attributes to compare, replacing the profile's list (for
     /// example `[mode, uid, gid]`). The growOnly profile keeps its prefix rule.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 11), extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(length(max = 12), extend("x-kubernetes-list-type" = "set"))]
     pub attributes: Vec<Attribute>,
 
     /// Allows a recursive entry on `/` or `/*`, which traverses the whole host and
@@ -204,10 +204,12 @@ pub enum Preset {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub enum AttributeProfile {
-    /// Content hash, size, type, mode, owner, ACLs/xattrs, mtime, inode, link target.
+    /// Content hash, size, type, mode, owner, ACLs/xattrs, mtime, inode, hard-link
+    /// count, link target.
     #[default]
     Full,
-    /// Type, mode, owner, ACLs/xattrs, inode and link target; content is ignored.
+    /// Type, mode, owner, ACLs/xattrs, inode, hard-link count and link target;
+    /// content is ignored.
     Permissions,
     /// As full, except that growth keeping the old content as a prefix is not a change.
     GrowOnly,
@@ -239,6 +241,11 @@ pub enum Attribute {
     Ctime,
     /// Inode number (a replaced file gets a new one).
     Inode,
+    /// Number of hard links: a new name for a file (a hard link to a setuid
+    /// binary kept where no one looks) shows on the file itself. Not recorded for
+    /// directories, whose count moves with their subdirectories (each reported
+    /// as an entry of its own).
+    Links,
     /// Target of a symbolic link.
     LinkTarget,
 }
@@ -257,12 +264,13 @@ impl Attribute {
             Attribute::Mtime => "mtime",
             Attribute::Ctime => "ctime",
             Attribute::Inode => "inode",
+            Attribute::Links => "links",
             Attribute::LinkTarget => "linkTarget",
         }
     }
 
     /// Every attribute, in display order.
-    pub const ALL: [Attribute; 11] = [
+    pub const ALL: [Attribute; 12] = [
         Attribute::Hash,
         Attribute::Size,
         Attribute::Type,
@@ -273,6 +281,7 @@ impl Attribute {
         Attribute::Mtime,
         Attribute::Ctime,
         Attribute::Inode,
+        Attribute::Links,
         Attribute::LinkTarget,
     ];
 }
@@ -283,9 +292,11 @@ impl AttributeProfile {
         use Attribute::*;
         match self {
             AttributeProfile::Full | AttributeProfile::GrowOnly => &[
-                Hash, Size, Type, Mode, Uid, Gid, Xattrs, Mtime, Inode, LinkTarget,
+                Hash, Size, Type, Mode, Uid, Gid, Xattrs, Mtime, Inode, Links, LinkTarget,
             ],
-            AttributeProfile::Permissions => &[Type, Mode, Uid, Gid, Xattrs, Inode, LinkTarget],
+            AttributeProfile::Permissions => {
+                &[Type, Mode, Uid, Gid, Xattrs, Inode, Links, LinkTarget]
+            }
         }
     }
 }

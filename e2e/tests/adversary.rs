@@ -490,3 +490,47 @@ async fn a_recurrence_after_acknowledgement_is_a_new_change() {
     .await;
     fleet.cleanup().await;
 }
+
+/// A second name for a monitored setuid binary, made where no entry looks,
+/// shows on the binary itself: its link count, as AIDE shows it.
+#[tokio::test]
+async fn a_hard_link_to_a_setuid_binary_shows_on_the_binary() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-bin");
+    // A new link changes the file's inode, not its directory: no directory
+    // watch hears it, the next full scan (the shortest period here) does.
+    let mut p = fleet.policy(&policy, vec![entry("bin", "/usr/bin", false)]);
+    p.spec.scan_interval = "1m".into();
+    fleet.create_policy(&p).await;
+    let tool = fleet.nodes[0].host("/usr/bin/tool");
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+
+    let hidden = fleet.nodes[0].host("/var/tmp/.t");
+    std::fs::create_dir_all(hidden.parent().unwrap()).unwrap();
+    std::fs::hard_link(&tool, &hidden).unwrap();
+    let c = eventually(
+        "Modified /usr/bin/tool at the next scan",
+        Duration::from_secs(100),
+        || async {
+            fleet
+                .changes(&a)
+                .await
+                .into_iter()
+                .find(|c| describe(c) == "Modified /usr/bin/tool")
+                .ok_or_else(|| "not yet".to_string())
+        },
+    )
+    .await;
+    assert_eq!(
+        c.spec.changed_attributes,
+        vec![kube_fim_crds::Attribute::Links]
+    );
+    assert_eq!(c.spec.before.and_then(|b| b.links), Some(1));
+    assert_eq!(c.spec.after.and_then(|a| a.links), Some(2));
+    fleet.cleanup().await;
+}

@@ -270,6 +270,19 @@ impl Baseline {
         }
     }
 
+    /// Records an attribute measured for the first time (a link count) into the
+    /// approved state of a path that still matches it on everything else: the
+    /// path is in its approved state, so the next difference is a new
+    /// transition.
+    pub fn adopt(&mut self, key: &str, state: FileAttributes) {
+        let t = self.files.entry(key.to_string()).or_default();
+        t.approved = Some(state);
+        if t.reported.take().is_some() {
+            t.epoch += 1;
+        }
+        self.dirty = true;
+    }
+
     /// Approves `state` as the path's baseline (an explicit, recorded act).
     pub fn approve(&mut self, key: &str, state: Option<FileAttributes>) {
         let t = self.files.entry(key.to_string()).or_default();

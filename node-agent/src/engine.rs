@@ -132,6 +132,9 @@ pub fn differing(
             Attribute::Mtime => old.mtime == new.mtime,
             Attribute::Ctime => old.ctime == new.ctime,
             Attribute::Inode => old.inode == new.inode,
+            // Absent from a state recorded before link counts were: not
+            // compared until that state is approved again.
+            Attribute::Links => old.links.is_none() || old.links == new.links,
             Attribute::LinkTarget => old.link_target == new.link_target,
         };
         if !same {
@@ -156,6 +159,7 @@ fn present(a: &FileAttributes) -> Vec<Attribute> {
             Attribute::Mtime => a.mtime.is_some(),
             Attribute::Ctime => a.ctime.is_some(),
             Attribute::Inode => a.inode.is_some(),
+            Attribute::Links => a.links.is_some(),
             Attribute::LinkTarget => a.link_target.is_some(),
         })
         .collect()
@@ -196,6 +200,7 @@ fn project(a: &FileAttributes, attrs: &[Attribute]) -> FileAttributes {
         mtime: a.mtime.clone().filter(|_| has(Attribute::Mtime)),
         ctime: a.ctime.clone().filter(|_| has(Attribute::Ctime)),
         inode: a.inode.filter(|_| has(Attribute::Inode)),
+        links: a.links.filter(|_| has(Attribute::Links)),
         link_target: a.link_target.clone().filter(|_| has(Attribute::LinkTarget)),
     }
 }
@@ -621,6 +626,26 @@ impl Engine {
             self.baseline.settled(key);
             return;
         }
+        if let (Some(a), Some(c)) = (&approved, &current)
+            && a.links.is_none()
+            && c.links.is_some()
+        {
+            let unmeasured = FileAttributes {
+                links: None,
+                ..c.clone()
+            };
+            if unmeasured == *a {
+                // A state approved before link counts were recorded, unchanged
+                // since: its count now is its baseline, as for a new entry.
+                self.baseline.adopt(key, c.clone());
+                return;
+            }
+            if !self.list_reported
+                && self.baseline.reported(key) == Some(state_digest(Some(&unmeasured)).as_str())
+            {
+                return; // reported before link counts were recorded
+            }
+        }
         let digest = state_digest(current.as_ref());
         if !self.list_reported && self.baseline.reported(key) == Some(digest.as_str()) {
             return; // already reported
@@ -857,7 +882,7 @@ impl Engine {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use kube_fim_crds::MonitoredPath;
+    use kube_fim_crds::{AttributeProfile, MonitoredPath};
     use std::os::unix::fs::PermissionsExt;
 
     fn engine(root: &Path, state: &Path, paths: Vec<MonitoredPath>) -> Engine {
@@ -1066,5 +1091,97 @@ mod tests {
             "{d:?}"
         );
         assert!(d.iter().any(|c| c.starts_with("Added /etc/l1")), "{d:?}");
+    }
+
+    fn usr_bin(attributes: Vec<Attribute>) -> MonitoredPath {
+        MonitoredPath {
+            name: "bin".into(),
+            path: "/usr/bin".into(),
+            attributes,
+            ..MonitoredPath::default()
+        }
+    }
+
+    #[test]
+    fn a_new_hard_link_shows_on_the_file_itself() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let bin = root.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(root.path().join("var/tmp")).unwrap();
+        std::fs::write(bin.join("sudo"), "sudo").unwrap();
+        std::fs::set_permissions(bin.join("sudo"), std::fs::Permissions::from_mode(0o4755))
+            .unwrap();
+        let mut e = engine(
+            root.path(),
+            state.path(),
+            vec![usr_bin(Vec::new()), etc(true)],
+        );
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        scan(&mut e, DetectionSource::Startup);
+
+        // A second name, where no entry looks: the binary itself changed.
+        std::fs::hard_link(bin.join("sudo"), root.path().join("var/tmp/.s")).unwrap();
+        // A new subdirectory moves its parent's link count: only the
+        // subdirectory is reported.
+        std::fs::create_dir(root.path().join("etc/sub")).unwrap();
+        let o = scan(&mut e, DetectionSource::Scan);
+        assert_eq!(
+            describe(&o),
+            ["Added /etc/sub []", "Modified /usr/bin/sudo [Links]"]
+        );
+        let sudo = o
+            .changes
+            .iter()
+            .find(|c| c.path == "/usr/bin/sudo")
+            .unwrap();
+        assert_eq!(sudo.before.as_ref().and_then(|b| b.links), Some(1));
+        assert_eq!(sudo.after.as_ref().and_then(|a| a.links), Some(2));
+        let sub = o.changes.iter().find(|c| c.path == "/etc/sub").unwrap();
+        assert_eq!(sub.after.as_ref().and_then(|a| a.links), None);
+    }
+
+    #[test]
+    fn a_baseline_from_before_link_counts_upgrades_without_a_report() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let bin = root.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("sudo"), "sudo").unwrap();
+        std::fs::write(bin.join("su"), "su").unwrap();
+        // What an agent that did not record link counts compared by default.
+        let before: Vec<Attribute> = AttributeProfile::Full
+            .attributes()
+            .iter()
+            .copied()
+            .filter(|a| *a != Attribute::Links)
+            .collect();
+        let mut old = engine(root.path(), state.path(), vec![usr_bin(before)]);
+        scan(&mut old, DetectionSource::Startup);
+        // A change reported (and not yet approved) by the old agent.
+        std::fs::write(bin.join("su"), "evil su").unwrap();
+        assert_eq!(scan(&mut old, DetectionSource::Scan).changes.len(), 1);
+        old.save().unwrap();
+        let digests = old.entry_digests();
+        let on_disk = std::fs::read(state.path().join("baseline.json")).unwrap();
+        drop(old);
+
+        let mut new = engine(root.path(), state.path(), vec![usr_bin(Vec::new())]);
+        // Nothing for the cluster to tell from what it last saw.
+        assert_eq!(new.entry_digests(), digests);
+        assert_eq!(
+            std::fs::read(state.path().join("baseline.json")).unwrap(),
+            on_disk
+        );
+        let o = scan(&mut new, DetectionSource::Startup);
+        assert_eq!(describe(&o), Vec::<String>::new(), "no flood on upgrade");
+        new.save().unwrap();
+        // The unchanged binary's count is its baseline now.
+        std::fs::hard_link(bin.join("sudo"), root.path().join("usr/.s")).unwrap();
+        let o = scan(&mut new, DetectionSource::Scan);
+        assert_eq!(describe(&o), ["Modified /usr/bin/sudo [Links]"]);
+        // The changed one is compared on its count once approved again.
+        let su = o.changes.iter().find(|c| c.path == "/usr/bin/su");
+        assert!(su.is_none());
     }
 }

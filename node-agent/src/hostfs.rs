@@ -413,6 +413,8 @@ impl HostRoot {
             attrs.ctime = micro_time(st.stx_ctime.tv_sec, st.stx_ctime.tv_nsec.into());
         }
         attrs.inode = has(Attribute::Inode).then_some(st.stx_ino);
+        attrs.links =
+            (has(Attribute::Links) && kind != FileType::Directory).then_some(st.stx_nlink.into());
         Ok(Some(attrs))
     }
 

@@ -35,6 +35,7 @@ struct Seen {
     gid: u32,
     mtime_us: i64,
     inode: u64,
+    links: u64,
     link: Option<String>,
 }
 
@@ -66,6 +67,7 @@ fn seen(p: &Path) -> Seen {
         gid: m.gid(),
         mtime_us: m.mtime() * 1_000_000 + m.mtime_nsec() / 1000,
         inode: m.ino(),
+        links: m.nlink(),
         link: ft
             .is_symlink()
             .then(|| std::fs::read_link(p).unwrap().to_str().unwrap().to_string()),
@@ -89,6 +91,7 @@ fn expected_attrs(a: &Seen, b: &Seen) -> Vec<String> {
     push(a.gid != b.gid, "gid");
     push(a.mtime_us != b.mtime_us, "mtime");
     push(a.inode != b.inode, "inode");
+    push(a.links != b.links, "links");
     push(a.link != b.link, "linkTarget");
     v
 }
@@ -106,6 +109,9 @@ fn assert_values(v: &Value, s: &Seen, what: &str) {
     }
     if s.kind != "directory" {
         assert_eq!(v["size"], s.size, "{what} size: {v}");
+        assert_eq!(v["links"], s.links, "{what} links: {v}");
+    } else {
+        assert!(v.get("links").is_none(), "{what}: {v}");
     }
     match &s.link {
         Some(t) => assert_eq!(v["linkTarget"], t.as_str(), "{what} linkTarget: {v}"),
@@ -174,6 +180,7 @@ fn nasty_host() -> Nasty {
         ("/etc/renamed", b"old content\n"),
         ("/etc/gone", b"to be deleted\n"),
         ("/etc/recreated", b"first life\n"),
+        ("/etc/hardlinked", b"one name\n"),
         ("/etc/untouched", b"untouched\n"),
         ("/etc/locked", b"mode 000\n"),
         ("/etc/sub/dir/nested", b"nested\n"),
@@ -290,6 +297,7 @@ fn nasty_host_root_baseline_check_and_exact_changes() {
         "/etc/renamed",
         "/etc/recreated",
         "/etc/link",
+        "/etc/hardlinked",
         "/data/many/f12345",
         "/var/sparse.img",
     ];
@@ -333,6 +341,8 @@ fn nasty_host_root_baseline_check_and_exact_changes() {
     .unwrap();
     std::fs::remove_file(h.p("/etc/link")).unwrap();
     symlink("target-b", h.p("/etc/link")).unwrap();
+    // A second name where no entry looks.
+    std::fs::hard_link(h.p("/etc/hardlinked"), h.p("/var/second-name")).unwrap();
     std::fs::write(raw.clone(), b"latin-1 name, edited\n").unwrap();
     std::fs::write(h.p(&n.deep_leaf), b"deep leaf, edited\n").unwrap();
     std::fs::write(h.p("/data/many/f12345"), b"edited\n").unwrap();
@@ -386,6 +396,8 @@ fn nasty_host_root_baseline_check_and_exact_changes() {
     assert_eq!(a("/etc/renamed"), ["hash", "size", "mtime", "inode"]);
     assert!(a("/etc/link").contains(&"linkTarget".to_string()));
     assert_eq!(a("/var/sparse.img"), ["hash", "mtime"]);
+    assert_eq!(a("/etc/hardlinked"), ["links"]);
+    assert_eq!(only(&changes, "/etc/hardlinked")["after"]["links"], 2);
     assert_eq!(
         only(&changes, "/etc/link")["after"]["linkTarget"],
         "target-b"
