@@ -110,7 +110,7 @@ pub struct FileChangeSpec {
 
     /// Attributes that differ between before and after (empty for Added and Removed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 12), extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(length(max = 13), extend("x-kubernetes-list-type" = "set"))]
     pub changed_attributes: Vec<Attribute>,
 
     /// The file as recorded in the baseline (absent for Added).
@@ -234,6 +234,30 @@ pub struct FileAttributes {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
     pub link_target: Option<String>,
+
+    /// The host mount the path is read through, from the host's mount table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<Mount>,
+}
+
+/// A mount of the host, as its mount table (`/proc/1/mountinfo`) lists it.
+/// Texts are escaped like paths.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mount {
+    /// Where it is mounted on the host.
+    #[schemars(length(max = 4096))]
+    pub mount_point: String,
+    /// File system type (`ext4`, `tmpfs`, `overlay`...).
+    #[schemars(length(max = 256))]
+    pub fs_type: String,
+    /// What is mounted: a device, or a name such as `tmpfs`.
+    #[schemars(length(max = 4096))]
+    pub source: String,
+    /// The directory of the source's file system mounted there: `/` for a
+    /// whole file system, the bound path for a bind mount.
+    #[schemars(length(max = 4096))]
+    pub root: String,
 }
 
 /// Type of a file system entry.

@@ -173,8 +173,9 @@ pub struct MonitoredPath {
     pub exclude: Vec<String>,
 
     /// Which attributes count as a change. `full` (the default) compares content
-    /// hash, size, type, mode, owner, ACLs/xattrs, mtime, inode, hard-link count
-    /// and symlink target. `permissions` ignores content, size and mtime. `growOnly` is for
+    /// hash, size, type, mode, owner, ACLs/xattrs, mtime, inode, hard-link count,
+    /// symlink target and the host mount the path is read through.
+    /// `permissions` ignores content, size and mtime. `growOnly` is for
     /// append-only files such as logs: a longer file whose old content is an
     /// unchanged prefix is not a change.
     #[serde(default)]
@@ -183,7 +184,7 @@ pub struct MonitoredPath {
     /// Explicit list of attributes to compare, replacing the profile's list (for
     /// example `[mode, uid, gid]`). The growOnly profile keeps its prefix rule.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 12), extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(length(max = 13), extend("x-kubernetes-list-type" = "set"))]
     pub attributes: Vec<Attribute>,
 
     /// Allows a recursive entry on `/` or `/*`, which traverses the whole host and
@@ -205,11 +206,11 @@ pub enum Preset {
 #[serde(rename_all = "camelCase")]
 pub enum AttributeProfile {
     /// Content hash, size, type, mode, owner, ACLs/xattrs, mtime, inode, hard-link
-    /// count, link target.
+    /// count, link target, mount.
     #[default]
     Full,
-    /// Type, mode, owner, ACLs/xattrs, inode, hard-link count and link target;
-    /// content is ignored.
+    /// Type, mode, owner, ACLs/xattrs, inode, hard-link count, link target and
+    /// mount; content is ignored.
     Permissions,
     /// As full, except that growth keeping the old content as a prefix is not a change.
     GrowOnly,
@@ -248,6 +249,10 @@ pub enum Attribute {
     Links,
     /// Target of a symbolic link.
     LinkTarget,
+    /// The host mount the path is read through (the last mount made at it or
+    /// above it): a mount made over a monitored path (`mount --bind evil
+    /// /usr/bin/sudo`) changes it.
+    Mount,
 }
 
 impl Attribute {
@@ -266,11 +271,12 @@ impl Attribute {
             Attribute::Inode => "inode",
             Attribute::Links => "links",
             Attribute::LinkTarget => "linkTarget",
+            Attribute::Mount => "mount",
         }
     }
 
     /// Every attribute, in display order.
-    pub const ALL: [Attribute; 12] = [
+    pub const ALL: [Attribute; 13] = [
         Attribute::Hash,
         Attribute::Size,
         Attribute::Type,
@@ -283,6 +289,7 @@ impl Attribute {
         Attribute::Inode,
         Attribute::Links,
         Attribute::LinkTarget,
+        Attribute::Mount,
     ];
 }
 
@@ -292,11 +299,11 @@ impl AttributeProfile {
         use Attribute::*;
         match self {
             AttributeProfile::Full | AttributeProfile::GrowOnly => &[
-                Hash, Size, Type, Mode, Uid, Gid, Xattrs, Mtime, Inode, Links, LinkTarget,
+                Hash, Size, Type, Mode, Uid, Gid, Xattrs, Mtime, Inode, Links, LinkTarget, Mount,
             ],
-            AttributeProfile::Permissions => {
-                &[Type, Mode, Uid, Gid, Xattrs, Inode, Links, LinkTarget]
-            }
+            AttributeProfile::Permissions => &[
+                Type, Mode, Uid, Gid, Xattrs, Inode, Links, LinkTarget, Mount,
+            ],
         }
     }
 }

@@ -102,8 +102,13 @@ impl TestNode {
     /// Starts (or restarts) the agent process, logged in as the kube-fim-agent
     /// ServiceAccount with a token bound to this node (as a pod's would be).
     pub fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    /// [`TestNode::start_agent`] with more command-line arguments.
+    pub fn start_agent_with(&mut self, extra: &[String]) {
         let kubeconfig = node_bound_kubeconfig(&self.name);
-        let args = vec![
+        let mut args = vec![
             "run".to_string(),
             format!("--node-name={}", self.name),
             format!("--root={}", self.root.display()),
@@ -112,6 +117,7 @@ impl TestNode {
             format!("--policy-selector={SUITE_LABEL}={}", self.suite),
             format!("--kubeconfig={}", kubeconfig.display()),
         ];
+        args.extend_from_slice(extra);
         self.agent = Some(Process::start(
             &format!("agent-{}", self.name),
             &binary("kube-fim-agent"),

@@ -534,3 +534,83 @@ async fn a_hard_link_to_a_setuid_binary_shows_on_the_binary() {
     assert_eq!(c.spec.after.and_then(|a| a.links), Some(2));
     fleet.cleanup().await;
 }
+
+/// A bind mount, undone when dropped (even when the test fails).
+struct BindMount(std::path::PathBuf);
+
+impl BindMount {
+    fn new(source: &std::path::Path, target: &std::path::Path) -> Self {
+        let out = std::process::Command::new("mount")
+            .arg("--bind")
+            .arg(source)
+            .arg(target)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount --bind: {out:?}");
+        BindMount(target.to_path_buf())
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// `mount --bind evil /usr/bin/tool` on the host after the agent started: the
+/// agent's own view of the host root is the one of its start, but the host's
+/// mount table says what the host reads there now. A FileChange of the tool
+/// naming the mount, and a MountedOver Warning Event.
+#[tokio::test]
+async fn a_mount_over_a_monitored_file_is_seen() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-bin");
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("bin", "/usr/bin", false)]))
+        .await;
+    let node = &mut fleet.nodes[0];
+    // The agents of this harness share the test's mount namespace, where the
+    // host root is a directory: its table is read from there.
+    let root = node.host("/").canonicalize().unwrap();
+    node.start_agent_with(&[
+        "--mount-table=/proc/self/mountinfo".to_string(),
+        format!("--mount-table-root={}", root.display()),
+    ]);
+    let a = node.name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+
+    let evil = fleet.nodes[0].host("/var/tmp/evil");
+    std::fs::create_dir_all(evil.parent().unwrap()).unwrap();
+    std::fs::write(&evil, "#!/bin/sh\necho evil\n").unwrap();
+    let mount = BindMount::new(&evil, &fleet.nodes[0].host("/usr/bin/tool"));
+    let c = wait_change(&fleet, &a, "Modified /usr/bin/tool").await;
+    assert!(
+        c.spec
+            .changed_attributes
+            .contains(&kube_fim_crds::Attribute::Mount),
+        "{:?}",
+        c.spec.changed_attributes
+    );
+    // This agent shares the mount namespace it watches, so it also reads the
+    // content behind the mount (a pod's view is the one of its start: there
+    // the mount is what is reported, until the agent restarts).
+    assert_eq!(
+        c.spec.after.as_ref().and_then(|a| a.hash.clone()),
+        Some(blake3::hash(b"#!/bin/sh\necho evil\n").to_hex().to_string())
+    );
+    let after = c.spec.after.and_then(|a| a.mount).unwrap();
+    assert_eq!(after.mount_point, "/usr/bin/tool");
+    assert!(after.root.ends_with("/var/tmp/evil"), "{after:?}");
+    let before = c.spec.before.and_then(|b| b.mount).unwrap();
+    assert_eq!(before.mount_point, "/");
+    let event = wait_warning(&client, "MountedOver", &a).await;
+    let note = event.note.unwrap_or_default();
+    assert!(
+        note.contains("/usr/bin/tool") && note.contains("/var/tmp/evil"),
+        "{note}"
+    );
+    drop(mount);
+    fleet.cleanup().await;
+}

@@ -270,8 +270,9 @@ impl Baseline {
         }
     }
 
-    /// Records an attribute measured for the first time (a link count) into the
-    /// approved state of a path that still matches it on everything else: the
+    /// Records attributes measured for the first time (a link count, a mount)
+    /// into the approved state of a path that still matches it on everything
+    /// else: the
     /// path is in its approved state, so the next difference is a new
     /// transition.
     pub fn adopt(&mut self, key: &str, state: FileAttributes) {

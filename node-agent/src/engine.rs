@@ -23,6 +23,7 @@ use tracing::{debug, warn};
 use crate::baseline::{Baseline, BaselineError, Journal, state_digest};
 use crate::hostfs::{HostRoot, InspectError, Inspected, Item};
 use crate::metrics::Progress;
+use crate::mounts::{MountSource, MountTable};
 use crate::paths::{host_path, rel_path};
 use crate::plan::{Entry, Plan, PlanError};
 
@@ -94,6 +95,11 @@ pub struct Engine {
     progress: Progress,
     /// Directories seen by the last walk (for real-time watches).
     dirs: BTreeSet<PathBuf>,
+    /// The host's mount table: where it is read, as last read (for
+    /// inspections), and as last compared (see [`Engine::mounts_changed`]).
+    mount_source: MountSource,
+    mounts: Option<MountTable>,
+    mounts_compared: Option<MountTable>,
     /// Files each policy monitors (last scan).
     pub files_per_policy: BTreeMap<String, usize>,
     /// Distinct files monitored (last scan).
@@ -136,6 +142,8 @@ pub fn differing(
             // compared until that state is approved again.
             Attribute::Links => old.links.is_none() || old.links == new.links,
             Attribute::LinkTarget => old.link_target == new.link_target,
+            // As for links: a state recorded without it is not compared on it.
+            Attribute::Mount => old.mount.is_none() || old.mount == new.mount,
         };
         if !same {
             out.push(a);
@@ -161,8 +169,27 @@ fn present(a: &FileAttributes) -> Vec<Attribute> {
             Attribute::Inode => a.inode.is_some(),
             Attribute::Links => a.links.is_some(),
             Attribute::LinkTarget => a.link_target.is_some(),
+            Attribute::Mount => a.mount.is_some(),
         })
         .collect()
+}
+
+/// `current` without the attributes recorded only by later versions (link
+/// count, mount) that `approved` lacks; `None` if it has them all. An absent
+/// link count or mount means "not measured" (never "none"), so such a state
+/// is compared on them only once approved again.
+fn without_late_attributes(
+    approved: &FileAttributes,
+    current: &FileAttributes,
+) -> Option<FileAttributes> {
+    let mut out = current.clone();
+    if approved.links.is_none() {
+        out.links = None;
+    }
+    if approved.mount.is_none() {
+        out.mount = None;
+    }
+    (out != *current).then_some(out)
 }
 
 /// What became of an approval.
@@ -178,12 +205,13 @@ pub enum Approved {
 const SCAN_BATCH: usize = 4096;
 
 /// What a directory's record compares (its mtime moves with every file in it).
-const DIR_ATTRS: [Attribute; 5] = [
+const DIR_ATTRS: [Attribute; 6] = [
     Attribute::Type,
     Attribute::Mode,
     Attribute::Uid,
     Attribute::Gid,
     Attribute::Xattrs,
+    Attribute::Mount,
 ];
 
 /// Only the attributes an entry compares, so its report shows only those.
@@ -202,6 +230,7 @@ fn project(a: &FileAttributes, attrs: &[Attribute]) -> FileAttributes {
         inode: a.inode.filter(|_| has(Attribute::Inode)),
         links: a.links.filter(|_| has(Attribute::Links)),
         link_target: a.link_target.clone().filter(|_| has(Attribute::LinkTarget)),
+        mount: a.mount.clone().filter(|_| has(Attribute::Mount)),
     }
 }
 
@@ -228,6 +257,9 @@ impl Engine {
             None => (Baseline::default(), None),
         };
         Ok(Engine {
+            mount_source: MountSource::of_host(root.path()),
+            mounts: None,
+            mounts_compared: None,
             root,
             state: state.to_path_buf(),
             node: node.to_string(),
@@ -251,6 +283,41 @@ impl Engine {
     /// Threads a scan hashes on (at least 1; default: the CPU budget).
     pub fn set_threads(&mut self, threads: usize) {
         self.root.set_threads(threads);
+    }
+
+    /// Reads the host's mount table from `source` rather than from the host
+    /// root's procfs.
+    pub fn set_mount_source(&mut self, source: MountSource) {
+        self.mount_source = source;
+    }
+
+    /// Where the host's mount table is read.
+    pub fn mount_source(&self) -> &MountSource {
+        &self.mount_source
+    }
+
+    /// Re-reads the host's mount table; the monitored paths at and below the
+    /// mount points that changed (to re-examine).
+    pub fn mounts_changed(&mut self) -> BTreeSet<PathBuf> {
+        let now = self.mount_source.read();
+        let changed = match (&self.mounts_compared, &now) {
+            (Some(old), Some(new)) => old.changed_points(new),
+            (Some(old), None) => old.changed_points(&MountTable::default()),
+            // Before the first scan, which reads the table itself.
+            (None, _) => BTreeSet::new(),
+        };
+        self.mounts_compared = now;
+        let mut paths = BTreeSet::new();
+        for point in changed {
+            paths.extend(
+                self.baseline
+                    .keys_under(&host_path(&point))
+                    .map(|k| rel_path(k)),
+            );
+            paths.insert(point);
+        }
+        paths.retain(|p| !self.plan.owners(p).is_empty());
+        paths
     }
 
     /// The host root directory.
@@ -462,6 +529,10 @@ impl Engine {
             self.files_total = 0;
             return out;
         }
+        self.mounts = self.mount_source.read();
+        if self.mounts_compared.is_none() {
+            self.mounts_compared = self.mounts.clone();
+        }
         let walked = self.walk(&mut out.errors);
         let mut candidates: BTreeSet<PathBuf> = walked;
         candidates.extend(self.baseline.keys().map(|k| rel_path(k)));
@@ -485,8 +556,8 @@ impl Engine {
                 .collect();
             self.progress.beat();
             let inspected = self.root.inspect_batch(&items, &mut out.bytes);
-            for ((path, owners, _), result) in batch.iter().zip(inspected) {
-                let current = self.settle(path, result, &mut out);
+            for ((path, owners, want), result) in batch.iter().zip(inspected) {
+                let current = self.settle(path, want, result, &mut out);
                 let key = host_path(path);
                 if current.is_some() {
                     total += 1;
@@ -526,6 +597,7 @@ impl Engine {
         source: DetectionSource,
     ) -> (Outcome, bool) {
         let mut out = Outcome::default();
+        self.mounts = self.mount_source.read();
         let mut candidates: BTreeSet<PathBuf> = BTreeSet::new();
         let mut new_dirs = false;
         for p in paths {
@@ -572,13 +644,25 @@ impl Engine {
         self.progress.beat();
         let want = Plan::wanted(owners);
         let result = self.root.inspect(path, &want, &mut out.bytes);
-        self.settle(path, result, out)
+        self.settle(path, &want, result, out)
     }
 
-    /// The state of `path` to judge from what inspecting it gave.
-    fn settle(&self, path: &Path, result: Inspected, out: &mut Outcome) -> Option<FileAttributes> {
+    /// The state of `path` to judge from what inspecting it for `want` gave.
+    fn settle(
+        &self,
+        path: &Path,
+        want: &[Attribute],
+        result: Inspected,
+        out: &mut Outcome,
+    ) -> Option<FileAttributes> {
         match result {
-            Ok(a) => a,
+            Ok(Some(mut a)) => {
+                if want.contains(&Attribute::Mount) {
+                    a.mount = self.mounts.as_ref().and_then(|t| t.covering(path)).cloned();
+                }
+                Some(a)
+            }
+            Ok(None) => None,
             Err(err) => {
                 debug!(path = %host_path(path), %err, "skipped");
                 out.errors.push(ScanError {
@@ -627,23 +711,19 @@ impl Engine {
             return;
         }
         if let (Some(a), Some(c)) = (&approved, &current)
-            && a.links.is_none()
-            && c.links.is_some()
+            && let Some(unmeasured) = without_late_attributes(a, c)
         {
-            let unmeasured = FileAttributes {
-                links: None,
-                ..c.clone()
-            };
             if unmeasured == *a {
-                // A state approved before link counts were recorded, unchanged
-                // since: its count now is its baseline, as for a new entry.
+                // A state approved before these attributes were recorded,
+                // unchanged since: their values now are its baseline, as for a
+                // new entry.
                 self.baseline.adopt(key, c.clone());
                 return;
             }
             if !self.list_reported
                 && self.baseline.reported(key) == Some(state_digest(Some(&unmeasured)).as_str())
             {
-                return; // reported before link counts were recorded
+                return; // reported before these attributes were recorded
             }
         }
         let digest = state_digest(current.as_ref());
@@ -882,6 +962,7 @@ impl Engine {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::mounts::MountSource;
     use kube_fim_crds::{AttributeProfile, MonitoredPath};
     use std::os::unix::fs::PermissionsExt;
 
@@ -1183,5 +1264,103 @@ mod tests {
         // The changed one is compared on its count once approved again.
         let su = o.changes.iter().find(|c| c.path == "/usr/bin/su");
         assert!(su.is_none());
+    }
+
+    #[test]
+    fn a_mount_over_a_monitored_path_is_a_change_of_that_path() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let table = tempfile::NamedTempFile::new().unwrap();
+        let host = "27 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n";
+        std::fs::write(table.path(), host).unwrap();
+        let bin = root.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("sudo"), "sudo").unwrap();
+        std::fs::write(bin.join("su"), "su").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![usr_bin(Vec::new())]);
+        e.set_mount_source(MountSource {
+            table: table.path().to_path_buf(),
+            root: PathBuf::from("/"),
+        });
+        assert!(scan(&mut e, DetectionSource::Startup).changes.is_empty());
+        assert!(e.mounts_changed().is_empty(), "nothing mounted since");
+
+        // mount --bind /tmp/evil /usr/bin/sudo
+        let bound =
+            format!("{host}41 27 8:1 /tmp/evil /usr/bin/sudo rw shared:1 - ext4 /dev/sda1 rw\n");
+        std::fs::write(table.path(), &bound).unwrap();
+        let paths = e.mounts_changed();
+        assert_eq!(paths, BTreeSet::from([PathBuf::from("usr/bin/sudo")]));
+        let (o, _) = e.rescan(&paths, DetectionSource::Realtime);
+        e.mark_reported(&o);
+        assert_eq!(describe(&o), ["Modified /usr/bin/sudo [Mount]"]);
+        let after = o.changes[0]
+            .after
+            .as_ref()
+            .and_then(|a| a.mount.clone())
+            .unwrap();
+        assert_eq!(
+            (after.mount_point.as_str(), after.root.as_str()),
+            ("/usr/bin/sudo", "/tmp/evil")
+        );
+        let before = o.changes[0]
+            .before
+            .as_ref()
+            .and_then(|a| a.mount.clone())
+            .unwrap();
+        assert_eq!(before.mount_point, "/");
+
+        // A tmpfs over the whole directory: the directory and each file in it.
+        let hidden = format!("{bound}42 27 0:50 / /usr/bin rw - tmpfs tmpfs rw\n");
+        std::fs::write(table.path(), &hidden).unwrap();
+        let paths = e.mounts_changed();
+        let (o, _) = e.rescan(&paths, DetectionSource::Realtime);
+        e.mark_reported(&o);
+        assert_eq!(
+            describe(&o),
+            [
+                "Modified /usr/bin [Mount]",
+                "Modified /usr/bin/su [Mount]",
+                "Modified /usr/bin/sudo [Mount]"
+            ]
+        );
+        // Unmounted: back in the approved state (a scan finds nothing new).
+        std::fs::write(table.path(), host).unwrap();
+        let paths = e.mounts_changed();
+        let (o, _) = e.rescan(&paths, DetectionSource::Realtime);
+        assert!(o.changes.is_empty(), "{:?}", describe(&o));
+        assert!(scan(&mut e, DetectionSource::Scan).changes.is_empty());
+    }
+
+    #[test]
+    fn a_baseline_without_mounts_takes_the_first_table_without_a_report() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let table = tempfile::NamedTempFile::new().unwrap();
+        let bin = root.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("sudo"), "sudo").unwrap();
+        let source = MountSource {
+            table: table.path().to_path_buf(),
+            root: PathBuf::from("/"),
+        };
+        // No table yet (as with an agent that did not read one).
+        std::fs::remove_file(table.path()).unwrap();
+        let mut e = engine(root.path(), state.path(), vec![usr_bin(Vec::new())]);
+        e.set_mount_source(source.clone());
+        scan(&mut e, DetectionSource::Startup);
+        e.save().unwrap();
+        drop(e);
+        std::fs::write(table.path(), "27 1 8:1 / / rw - ext4 /dev/sda1 rw\n").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![usr_bin(Vec::new())]);
+        e.set_mount_source(source);
+        assert!(scan(&mut e, DetectionSource::Startup).changes.is_empty());
+        std::fs::write(
+            table.path(),
+            "27 1 8:1 / / rw - ext4 /dev/sda1 rw\n41 27 0:50 / /usr/bin/sudo rw - tmpfs tmpfs rw\n",
+        )
+        .unwrap();
+        let d = describe(&scan(&mut e, DetectionSource::Scan));
+        assert_eq!(d, ["Modified /usr/bin/sudo [Mount]"]);
     }
 }

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod engine;
 pub mod hostfs;
 pub mod metrics;
+pub mod mounts;
 pub mod paths;
 pub mod plan;
 pub mod report;

@@ -17,6 +17,7 @@ use kube::ResourceExt;
 use kube_fim_agent::cluster::run::{RunConfig, run};
 use kube_fim_agent::engine::{Engine, PolicyInput};
 use kube_fim_agent::metrics::AgentMetrics;
+use kube_fim_agent::mounts::MountSource;
 use kube_fim_agent::watch::{Control, Snapshot, monitor};
 use kube_fim_crds::validate::policy_from_yaml;
 use kube_fim_crds::{DetectionSource, FileChangeSpec};
@@ -119,6 +120,14 @@ enum Command {
         /// are summarised, never dropped.
         #[arg(long, default_value_t = 100_000)]
         queue_capacity: usize,
+        /// The host's mount table (default: `<root>/proc/1/mountinfo`, the
+        /// host's own procfs inside the host root).
+        #[arg(long)]
+        mount_table: Option<PathBuf>,
+        /// Where the host's `/` is in --mount-table's paths (another mount
+        /// namespace's table, in which the host root is a directory).
+        #[arg(long, default_value = "/", requires = "mount_table")]
+        mount_table_root: PathBuf,
     },
 }
 
@@ -324,6 +333,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             qps,
             burst,
             queue_capacity,
+            mount_table,
+            mount_table_root,
         } => {
             if node_name.is_empty() {
                 bail!("--node-name (or NODE_NAME from the downward API) is required");
@@ -345,6 +356,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     qps,
                     burst,
                     queue_capacity,
+                    mount_table: mount_table.map(|table| MountSource {
+                        table,
+                        root: mount_table_root,
+                    }),
                 },
                 shutdown_signal(),
             )

@@ -213,6 +213,9 @@ pub async fn monitor(
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let mut inotify = Inotify::new(ev_tx);
     let (mut attribution, mut notices) = Attribution::new(engine.root_path(), pods);
+    // A mount made over a monitored path changes what the host reads there.
+    let (mounts_tx, mut mounts_rx) = mpsc::unbounded_channel::<()>();
+    crate::mounts::follow(engine.mount_source(), move || mounts_tx.send(()).is_ok());
     attribution.want(wants_attribution(&engine), &metrics);
     let root = engine.root_path().to_path_buf();
     let mut pending: BTreeMap<PathBuf, Instant> = BTreeMap::new();
@@ -352,6 +355,16 @@ pub async fn monitor(
                         metrics.watch_errors.inc();
                         warn!(%error, "watch error; the next scan covers it");
                     }
+                }
+            }
+            Some(()) = mounts_rx.recv() => {
+                let paths = engine.mounts_changed();
+                if !paths.is_empty() {
+                    info!(paths = paths.len(), "host mounts changed over monitored paths");
+                }
+                let now = Instant::now();
+                for p in paths {
+                    pending.insert(p, now);
                 }
             }
             notice = notices.recv() => {

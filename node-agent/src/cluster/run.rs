@@ -54,6 +54,8 @@ pub struct RunConfig {
     pub qps: f64,
     pub burst: u32,
     pub queue_capacity: usize,
+    /// Where the host's mount table is read, if not from the host root's procfs.
+    pub mount_table: Option<crate::mounts::MountSource>,
 }
 
 const HEARTBEAT: Duration = Duration::from_secs(30);
@@ -354,6 +356,9 @@ pub async fn run(
     // The pods of this node, to name the pod behind a change (process attribution).
     let pods = PodIndex::default();
     let pods_task = tokio::spawn(pods.clone().follow(client.clone(), node_name.clone()));
+    if let Some(source) = config.mount_table.clone() {
+        engine.set_mount_source(source);
+    }
     let engine_journal = engine.journal();
     let monitor_task = critical(
         "monitor",

@@ -89,6 +89,12 @@ pub fn shorten(change: &FileChange, max: usize) -> FileChange {
         if let Some(t) = attrs.link_target.as_deref() {
             attrs.link_target = Some(shorten_text(t, max));
         }
+        if let Some(m) = attrs.mount.as_mut() {
+            for text in [&mut m.mount_point, &mut m.source, &mut m.root] {
+                *text = shorten_text(text, max);
+            }
+            m.fs_type = shorten_text(&m.fs_type, max.min(256));
+        }
     }
     if let Some(summary) = spec.summary.as_mut() {
         summary.sample_paths.truncate(storm_sample_limit());

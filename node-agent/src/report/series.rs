@@ -25,7 +25,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource};
-use kube_fim_crds::{ChangeCategory, FileChange, FileIntegrityPolicy};
+use kube_fim_crds::{Attribute, ChangeCategory, FileChange, FileChangeSpec, FileIntegrityPolicy};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -48,14 +48,20 @@ const NAMESPACE: &str = "default";
 /// Longest note the API server takes.
 const MAX_NOTE: usize = 1000;
 
-/// The reason of the Events of a category.
-pub fn reason(category: ChangeCategory) -> &'static str {
-    match category {
+/// The reason of a change's Event: its category's, or `MountedOver` for a
+/// path the host now reads through another mount.
+pub fn reason(spec: &FileChangeSpec) -> &'static str {
+    match spec.category {
+        ChangeCategory::Modified if mounted(spec) => "MountedOver",
         ChangeCategory::Added => "FileAdded",
         ChangeCategory::Modified => "FileModified",
         ChangeCategory::Removed => "FileRemoved",
         ChangeCategory::Summary => "ChangeStorm",
     }
+}
+
+fn mounted(spec: &FileChangeSpec) -> bool {
+    spec.changed_attributes.contains(&Attribute::Mount)
 }
 
 /// What one change says about itself: `/etc/sudoers modified (mode) by sshd
@@ -81,8 +87,16 @@ pub fn describe(change: &FileChange) -> String {
                 .and_then(|p| p.by.as_deref())
                 .map(|b| format!(" by {b}"))
                 .unwrap_or_default();
+            let through = match spec.after.as_ref().and_then(|a| a.mount.as_ref()) {
+                Some(m) if mounted(spec) => format!(
+                    "; the host reads it through {} {}[{}] mounted at {}",
+                    m.fs_type, m.source, m.root, m.mount_point
+                ),
+                None if mounted(spec) => "; the host's mount table no longer shows it".into(),
+                _ => String::new(),
+            };
             format!(
-                "{} {}{}{by} on node {} (policy {}, entry {}, {:?})",
+                "{} {}{}{by} on node {} (policy {}, entry {}, {:?}){through}",
                 spec.path,
                 spec.category.as_str().to_lowercase(),
                 what,
@@ -101,6 +115,7 @@ pub fn note(change: &FileChange) -> String {
     let spec = &change.spec;
     let counted = match spec.category {
         ChangeCategory::Summary => "change storms".to_string(),
+        _ if mounted(spec) => "paths mounted over".to_string(),
         c => format!("files {}", c.as_str().to_lowercase()),
     };
     let tail = format!(
@@ -119,8 +134,8 @@ pub fn note(change: &FileChange) -> String {
     first + &tail
 }
 
-/// Series are per policy and category (the node is the agent's own).
-type Key = (String, ChangeCategory);
+/// Series are per policy and reason (the node is the agent's own).
+type Key = (String, &'static str);
 
 /// One open series.
 #[derive(Clone, Debug, PartialEq)]
@@ -235,7 +250,7 @@ impl ChangeEvents {
 
     /// Records a stored change: a new Event, or one more in an open series.
     pub async fn record(&mut self, change: &FileChange) {
-        let key = (change.spec.policy.clone(), change.spec.category);
+        let key = (change.spec.policy.clone(), reason(&change.spec));
         let now = Instant::now();
         let at = Timestamp::now();
         if self.book.observe(&key, now, at) == Step::Counted {
@@ -313,7 +328,7 @@ impl ChangeEvents {
             },
             event_time: Some(MicroTime(at)),
             action: Some("Detect".into()),
-            reason: Some(reason(spec.category).into()),
+            reason: Some(reason(spec).into()),
             type_: Some("Warning".into()),
             note: Some(note(change)),
             regarding: Some(regarding),
@@ -375,11 +390,40 @@ mod tests {
         assert!(long.ends_with("this Event's series counts"), "{long}");
     }
 
+    #[test]
+    fn a_mount_over_a_file_is_a_mounted_over_warning_naming_the_mount() {
+        use kube_fim_crds::{FileAttributes, Mount};
+        let mount = |point: &str, root: &str| FileAttributes {
+            mount: Some(Mount {
+                mount_point: point.into(),
+                fs_type: "ext4".into(),
+                source: "/dev/sda1".into(),
+                root: root.into(),
+            }),
+            ..FileAttributes::default()
+        };
+        let mut c = change("/usr/bin/sudo");
+        c.spec.entry = "bin".into();
+        c.spec.changed_attributes = vec![Attribute::Mount];
+        c.spec.before = Some(mount("/", "/"));
+        c.spec.after = Some(mount("/usr/bin/sudo", "/tmp/evil"));
+        assert_eq!(reason(&c.spec), "MountedOver");
+        assert_eq!(
+            note(&c),
+            "/usr/bin/sudo modified (mount) on node n1 (policy p, entry bin, Realtime); the \
+             host reads it through ext4 /dev/sda1[/tmp/evil] mounted at /usr/bin/sudo — the \
+             first of the paths mounted over under policy p on node n1 this Event's series \
+             counts"
+        );
+        c.spec.changed_attributes = vec![Attribute::Mode];
+        assert_eq!(reason(&c.spec), "FileModified");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_burst_is_one_event_whose_series_is_written_at_most_every_refresh() {
         let mut book = Book::default();
-        let key: Key = ("p".into(), ChangeCategory::Modified);
-        let other: Key = ("p".into(), ChangeCategory::Added);
+        let key: Key = ("p".into(), "FileModified");
+        let other: Key = ("p".into(), "FileAdded");
         let t0 = Instant::now();
         let at = Timestamp::now();
         assert_eq!(book.observe(&key, t0, at), Step::Create);
