@@ -9,7 +9,7 @@
 //! tells it what the host sees on top of it. `poll(2)` on the file wakes on
 //! every change of the table (`POLLPRI`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -56,6 +56,9 @@ impl MountSource {
 pub struct MountTable {
     /// (host mount point, root-relative; the mount as reported).
     mounts: Vec<(PathBuf, Mount)>,
+    /// The last mount at each mount point (a node running pods has thousands
+    /// of mounts: a path's few ancestors are looked up instead).
+    last_at: HashMap<PathBuf, usize>,
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space).
@@ -110,16 +113,21 @@ impl MountTable {
             };
             mounts.push((rel, mount));
         }
-        MountTable { mounts }
+        let last_at = mounts
+            .iter()
+            .enumerate()
+            .map(|(i, (point, _))| (point.clone(), i))
+            .collect();
+        MountTable { mounts, last_at }
     }
 
     /// The mount the host reads `rel` (root-relative) through: the last one
     /// made at it or at one of its ancestors.
     pub fn covering(&self, rel: &Path) -> Option<&Mount> {
-        self.mounts
-            .iter()
-            .rev()
-            .find(|(point, _)| rel.starts_with(point))
+        rel.ancestors()
+            .filter_map(|a| self.last_at.get(a))
+            .max()
+            .and_then(|i| self.mounts.get(*i))
             .map(|(_, m)| m)
     }
 
@@ -191,6 +199,42 @@ mod tests {
         assert_eq!((su.mount_point.as_str(), su.root.as_str()), ("/", "/"));
         let spaced = t.covering(Path::new("srv/host root/x")).unwrap();
         assert_eq!(spaced.mount_point, "/srv/host root");
+    }
+
+    #[test]
+    fn a_mount_made_later_above_a_path_hides_the_one_at_it() {
+        let table = format!("{TABLE}50 27 0:51 / /usr rw - tmpfs tmpfs rw\n");
+        let t = MountTable::parse(table.as_bytes(), Path::new("/"));
+        let sudo = t.covering(Path::new("usr/bin/sudo")).unwrap();
+        assert_eq!(
+            (sudo.mount_point.as_str(), sudo.fs_type.as_str()),
+            ("/usr", "tmpfs")
+        );
+    }
+
+    #[test]
+    fn thousands_of_mounts_are_looked_up_by_ancestor() {
+        let mut table = String::from(TABLE);
+        for i in 0..5000 {
+            table.push_str(&format!(
+                "{} 27 0:{i} / /var/lib/kubelet/pods/{i}/volumes rw - tmpfs tmpfs rw\n",
+                100 + i
+            ));
+        }
+        let t = MountTable::parse(table.as_bytes(), Path::new("/"));
+        let started = std::time::Instant::now();
+        for _ in 0..100_000 {
+            assert_eq!(
+                t.covering(Path::new("usr/bin/su")).unwrap().mount_point,
+                "/"
+            );
+        }
+        // A full scan of 100k files must not pay per mount of the node.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
