@@ -25,7 +25,8 @@ use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
@@ -88,20 +89,73 @@ impl<'a> Item<'a> {
     }
 }
 
+/// An [`Item`] that owns its names, for [`HostRoot::spawn_batch`].
+#[derive(Clone, Debug)]
+pub struct OwnedItem {
+    pub dir: PathBuf,
+    pub name: OsString,
+    pub want: Arc<[Attribute]>,
+}
+
+impl OwnedItem {
+    /// The item of a root-relative path.
+    pub fn of(path: &Path, want: Arc<[Attribute]>) -> Self {
+        let item = Item::of(path, &[]);
+        OwnedItem {
+            dir: item.dir.to_path_buf(),
+            name: item.name.to_os_string(),
+            want,
+        }
+    }
+
+    fn item(&self) -> Item<'_> {
+        Item {
+            dir: &self.dir,
+            name: &self.name,
+            want: &self.want,
+        }
+    }
+}
+
 /// What inspecting one file gave.
 pub type Inspected = Result<Option<FileAttributes>, InspectError>;
 
-/// The host root, held open, with the scan's thread pool.
+/// A batch on the scan's threads ([`HostRoot::spawn_batch`]).
 #[derive(Debug)]
+pub struct Pending {
+    items: usize,
+    done: mpsc::Receiver<(Vec<Inspected>, u64)>,
+}
+
+impl Pending {
+    /// Waits for the results, in the order of the items; `hashed` is increased
+    /// by the bytes read.
+    pub fn wait(self, hashed: &mut u64) -> Vec<Inspected> {
+        match self.done.recv() {
+            Ok((results, n)) => {
+                *hashed += n;
+                results
+            }
+            Err(_) => {
+                let lost = InspectError::Io("the scan thread stopped".into());
+                vec![Err(lost); self.items]
+            }
+        }
+    }
+}
+
+/// The host root, held open, with the scan's thread pool (a clone shares
+/// both).
+#[derive(Clone, Debug)]
 pub struct HostRoot {
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
     path: PathBuf,
     /// Files larger than this are not hashed (their other attributes are).
     pub max_hash_size: u64,
     threads: usize,
     /// Built at the first batch (`None`: threads could not be started; the
     /// batch runs on the caller's thread).
-    pool: OnceLock<Option<rayon::ThreadPool>>,
+    pool: Arc<OnceLock<Option<rayon::ThreadPool>>>,
 }
 
 /// A directory entry.
@@ -213,11 +267,11 @@ impl HostRoot {
             Mode::empty(),
         )?;
         Ok(HostRoot {
-            fd,
+            fd: Arc::new(fd),
             path: path.to_path_buf(),
             max_hash_size: 4 << 30,
             threads: crate::budget::threads(),
-            pool: OnceLock::new(),
+            pool: Arc::default(),
         })
     }
 
@@ -236,7 +290,7 @@ impl HostRoot {
         let threads = threads.max(1);
         if threads != self.threads {
             self.threads = threads;
-            self.pool = OnceLock::new();
+            self.pool = Arc::default();
         }
     }
 
@@ -267,7 +321,7 @@ impl HostRoot {
             rel
         };
         rustix::fs::openat2(
-            &self.fd,
+            &*self.fd,
             rel,
             flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
@@ -284,7 +338,7 @@ impl HostRoot {
             rel
         };
         rustix::fs::openat2(
-            &self.fd,
+            &*self.fd,
             rel,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
@@ -327,6 +381,38 @@ impl HostRoot {
     /// the results are in the order of `items`, one per item. Items of one
     /// directory next to each other share its descriptor.
     pub fn inspect_batch(&self, items: &[Item<'_>], hashed: &mut u64) -> Vec<Inspected> {
+        let (results, n) = match self.pool() {
+            Some(pool) => pool.install(|| self.run_batch(items, true)),
+            None => self.run_batch(items, false),
+        };
+        *hashed += n;
+        results
+    }
+
+    /// [`HostRoot::inspect_batch`] without waiting: the batch runs on the
+    /// scan's threads while the caller goes on (judging the previous batch,
+    /// listing the next directory); [`Pending::wait`] gives the results.
+    pub fn spawn_batch(&self, items: Vec<OwnedItem>) -> Pending {
+        let (tx, done) = mpsc::sync_channel(1);
+        let pending = Pending {
+            items: items.len(),
+            done,
+        };
+        let root = self.clone();
+        let job = move |parallel| {
+            let borrowed: Vec<Item<'_>> = items.iter().map(OwnedItem::item).collect();
+            let _ = tx.send(root.run_batch(&borrowed, parallel));
+        };
+        match self.pool() {
+            Some(pool) => pool.spawn(move || job(true)),
+            None => job(false),
+        }
+        pending
+    }
+
+    /// Inspects `items` on the scan's pool (`parallel`, called from one of
+    /// its threads) or on the calling thread; the results and the bytes read.
+    fn run_batch(&self, items: &[Item<'_>], parallel: bool) -> (Vec<Inspected>, u64) {
         let one = |cache: &mut DirCache, item: &Item<'_>| -> (Inspected, u64) {
             let mut n = 0;
             let result = if !is_bare_name(item.name) {
@@ -343,21 +429,21 @@ impl HostRoot {
             };
             (result, n)
         };
-        let done: Vec<(Inspected, u64)> = match self.pool() {
-            Some(pool) => {
-                pool.install(|| items.par_iter().map_init(DirCache::default, one).collect())
-            }
-            None => {
-                let mut cache = DirCache::default();
-                items.iter().map(|i| one(&mut cache, i)).collect()
-            }
+        let done: Vec<(Inspected, u64)> = if parallel {
+            items.par_iter().map_init(DirCache::default, one).collect()
+        } else {
+            let mut cache = DirCache::default();
+            items.iter().map(|i| one(&mut cache, i)).collect()
         };
-        done.into_iter()
+        let mut hashed = 0;
+        let results = done
+            .into_iter()
             .map(|(result, n)| {
-                *hashed += n;
+                hashed += n;
                 result
             })
-            .collect()
+            .collect();
+        (results, hashed)
     }
 
     /// Inspects `name` (a bare name) in the directory `dir`.
@@ -745,6 +831,18 @@ mod tests {
             assert_eq!(&host.inspect(p, &want, &mut m), batch, "{}", p.display());
         }
         assert_eq!(n, m);
+        // Handed over without waiting, two batches at once: the same answers.
+        let owned: Vec<OwnedItem> = paths
+            .iter()
+            .map(|p| OwnedItem::of(p, want.clone().into()))
+            .collect();
+        let first = host.spawn_batch(owned[..100].to_vec());
+        let second = host.spawn_batch(owned[100..].to_vec());
+        let mut k = 0;
+        let mut spawned = first.wait(&mut k);
+        spawned.extend(second.wait(&mut k));
+        assert_eq!(spawned, got[..paths.len()]);
+        assert_eq!(k, n);
     }
 
     #[test]
