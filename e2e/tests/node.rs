@@ -8,10 +8,12 @@
 //! directories and test addresses), and watch what a user would: the operator
 //! pods leading, the agent DaemonSet pod Ready on the node with the chart's
 //! security context, a changed file as a FileChange, a killed agent restarted by
-//! the kubelet with nothing lost and no tamper alarm, and the least-privilege
-//! claims (DAC_READ_SEARCH reads a mode-0000 file; the host mount and the image
-//! are read-only; the agent's token cannot read Secrets). node.sh checks after
-//! the run that the node left nothing behind.
+//! the kubelet with nothing lost and no tamper alarm, a monitoring loop stalled
+//! by a hung filesystem (a FUSE share whose server stops answering) failing the
+//! liveness probe until the kubelet restarts the container, and the
+//! least-privilege claims (DAC_READ_SEARCH reads a mode-0000 file; the host
+//! mount and the image are read-only; the agent's token cannot read Secrets).
+//! node.sh checks after the run that the node left nothing behind.
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -210,6 +212,78 @@ fn prepare_node_root(root: &Path) {
         .expect("busybox (make deps installs busybox-static)");
 }
 
+/// A network share mounted on the node at /srv/share: a FUSE filesystem
+/// (bindfs of a directory of the test) whose server the test can stop. A stopped
+/// server is a hung filesystem, as a hard NFS mount whose server went away:
+/// every access to it blocks in the kernel until the server answers.
+struct Share {
+    server: std::process::Child,
+    mountpoint: PathBuf,
+}
+
+impl Share {
+    fn mount(root: &Path) -> Share {
+        let backing = PathBuf::from(node_env("KUBE_FIM_NODE_DIR")).join("share");
+        write(&backing.join("app.conf"), "replicas=3\n", 0o644);
+        let mountpoint = root.join("srv/share");
+        std::fs::create_dir_all(&mountpoint).expect("mountpoint");
+        let server = Command::new("bindfs")
+            .args(["-f", "-o", "allow_other"])
+            .arg(&backing)
+            .arg(&mountpoint)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("bindfs (make deps installs it)");
+        let share = Share { server, mountpoint };
+        let mounted = std::time::Instant::now();
+        while !share.is_mounted() {
+            assert!(
+                mounted.elapsed() < Duration::from_secs(10),
+                "bindfs mounted {}",
+                share.mountpoint.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        share
+    }
+
+    fn is_mounted(&self) -> bool {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(path_str(&self.mountpoint)))
+    }
+
+    fn signal(&self, signal: &str) {
+        let run = Command::new("kill")
+            .args([signal, &self.server.id().to_string()])
+            .output()
+            .expect("kill runs");
+        assert!(
+            run.status.success(),
+            "kill {signal} the share's server: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+
+    /// The server stops answering: the share hangs.
+    fn hang(&self) -> Hung<'_> {
+        self.signal("-STOP");
+        Hung(self)
+    }
+}
+
+/// A hung share; it answers again when dropped (even when a test fails, so the
+/// node's teardown can unmount it).
+struct Hung<'a>(&'a Share);
+
+impl Drop for Hung<'_> {
+    fn drop(&mut self) {
+        self.0.signal("-CONT");
+    }
+}
+
 fn helm_install(root: &Path) {
     let state = node_env("KUBE_FIM_NODE_STATE");
     let chart = repo_root().join("charts/kube-fim");
@@ -265,12 +339,29 @@ spec:
       recursive: true
     - name: etc-conf
       path: /etc/*.conf
+    - name: share
+      path: /srv/share
+      recursive: true
   scanInterval: 1h
   debounce: 1s
 "#
     );
     let run = kubectl_stdin(&["apply", "-f", "-"], &policy);
     assert!(run.success, "{}", run.stderr);
+}
+
+fn is_ready(pod: &Value) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+fn restarts(pod: &Value) -> i64 {
+    pod["status"]["containerStatuses"][0]["restartCount"]
+        .as_i64()
+        .unwrap_or(0)
 }
 
 /// The agent pod on the node, once it is Running and Ready.
@@ -294,12 +385,7 @@ async fn ready_agent_pod() -> Value {
                 .and_then(|a| a.first())
                 .cloned()
                 .ok_or("no agent pod")?;
-            let ready = pod["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True");
-            if pod["status"]["phase"] == "Running" && ready {
+            if pod["status"]["phase"] == "Running" && is_ready(&pod) {
                 Ok(pod)
             } else {
                 Err(format!("{}", pod["status"]))
@@ -376,31 +462,31 @@ fn tamper_events() -> Vec<String> {
     .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_chart_runs_on_a_real_node_and_its_agent_catches_a_change() {
-    let node = node_env("KUBE_FIM_NODE_NAME");
+/// What the scenarios share: the chart installed on the node, the policy
+/// applied and the agent Ready on the node. The first scenario sets it up;
+/// scenarios run one at a time (each holds the lock) because they share the
+/// node and its agent.
+struct Installed {
+    root: PathBuf,
+    /// The operator pod holding the leader Lease when the chart came up.
+    leader: String,
+    share: Share,
+}
+
+static NODE: tokio::sync::Mutex<Option<Installed>> = tokio::sync::Mutex::const_new(None);
+
+async fn installed() -> tokio::sync::MappedMutexGuard<'static, Installed> {
+    let mut node = NODE.lock().await;
+    if node.is_none() {
+        *node = Some(install().await);
+    }
+    tokio::sync::MutexGuard::map(node, |n| n.as_mut().expect("installed"))
+}
+
+async fn install() -> Installed {
     let root = node_root();
     prepare_node_root(&root);
-
-    // The node is a real kubelet's: Ready, with the kubelet's own report.
-    let n = json(&["get", "node", &node, "-o", "json"]).expect("the node");
-    assert!(
-        n["status"]["nodeInfo"]["kubeletVersion"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("v1."),
-        "{}",
-        n["status"]["nodeInfo"]
-    );
-    assert!(
-        n["status"]["nodeInfo"]["containerRuntimeVersion"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("containerd://"),
-        "{}",
-        n["status"]["nodeInfo"]
-    );
-
+    let share = Share::mount(&root);
     helm_install(&root);
 
     // The operator pods run from the local image and one of them leads.
@@ -457,14 +543,60 @@ async fn the_chart_runs_on_a_real_node_and_its_agent_catches_a_change() {
         },
     )
     .await;
-    let log = kubectl(["logs", "-n", NAMESPACE, &leader]);
+    apply_policy();
+    ready_agent_pod().await;
+    eventually(
+        "the policy to count the node Ready",
+        Duration::from_secs(90),
+        || async {
+            let fip = json(&["get", "fip", POLICY, "-o", "json"])?;
+            if fip["status"]["nodesReady"] == 1 {
+                Ok(())
+            } else {
+                Err(format!("{}", fip["status"]))
+            }
+        },
+    )
+    .await;
+    Installed {
+        root,
+        leader,
+        share,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chart_runs_on_a_real_node_and_its_agent_catches_a_change() {
+    let installed = installed().await;
+    let node = node_env("KUBE_FIM_NODE_NAME");
+    let root = installed.root.clone();
+
+    // The node is a real kubelet's: Ready, with the kubelet's own report.
+    let n = json(&["get", "node", &node, "-o", "json"]).expect("the node");
+    assert!(
+        n["status"]["nodeInfo"]["kubeletVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("v1."),
+        "{}",
+        n["status"]["nodeInfo"]
+    );
+    assert!(
+        n["status"]["nodeInfo"]["containerRuntimeVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("containerd://"),
+        "{}",
+        n["status"]["nodeInfo"]
+    );
+
+    let log = kubectl(["logs", "-n", NAMESPACE, &installed.leader]);
     assert!(
         log.success,
         "kubectl logs through the kubelet: {}",
         log.stderr
     );
 
-    apply_policy();
     let pod = ready_agent_pod().await;
     let pod_name = pod["metadata"]["name"]
         .as_str()
@@ -499,20 +631,6 @@ async fn the_chart_runs_on_a_real_node_and_its_agent_catches_a_change() {
         .cloned()
         .expect("the host mount");
     assert_eq!(host["readOnly"], true, "{host}");
-
-    eventually(
-        "the policy to count the node Ready",
-        Duration::from_secs(90),
-        || async {
-            let fip = json(&["get", "fip", POLICY, "-o", "json"])?;
-            if fip["status"]["nodesReady"] == 1 {
-                Ok(())
-            } else {
-                Err(format!("{}", fip["status"]))
-            }
-        },
-    )
-    .await;
 
     // A change on the node (under the rshared bind mount) becomes a FileChange.
     write(
@@ -592,11 +710,6 @@ async fn the_chart_runs_on_a_real_node_and_its_agent_catches_a_change() {
             )
         })
         .collect();
-    let restarts = |p: &Value| {
-        p["status"]["containerStatuses"][0]["restartCount"]
-            .as_i64()
-            .unwrap_or(0)
-    };
     let restarts_before = restarts(&pod);
     let container_id = pod["status"]["containerStatuses"][0]["containerID"]
         .as_str()
@@ -632,12 +745,7 @@ async fn the_chart_runs_on_a_real_node_and_its_agent_catches_a_change() {
         Duration::from_secs(90),
         || async {
             let p = json(&["get", "pod", "-n", NAMESPACE, &pod_name, "-o", "json"])?;
-            let ready = p["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True");
-            if restarts(&p) > restarts_before && ready {
+            if restarts(&p) > restarts_before && is_ready(&p) {
                 Ok(p)
             } else {
                 Err(format!("{}", p["status"]["containerStatuses"]))
@@ -676,5 +784,164 @@ async fn the_chart_runs_on_a_real_node_and_its_agent_catches_a_change() {
         tamper_events().is_empty(),
         "no tamper alarm: {:?}",
         tamper_events()
+    );
+}
+
+/// The kubelet's Events about a pod: (reason, message).
+fn pod_events(pod: &str) -> Vec<(String, String)> {
+    json(&[
+        "get",
+        "events",
+        "-n",
+        NAMESPACE,
+        "--field-selector",
+        &format!("involvedObject.name={pod}"),
+        "-o",
+        "json",
+    ])
+    .map(|v| {
+        v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["reason"].as_str().unwrap_or_default().to_string(),
+                    e["message"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// The first of the pod's Events with `reason` whose message has `text`,
+/// polled every 2 s (the waits here are minutes long).
+async fn pod_event(pod: &str, reason: &str, text: &str, timeout: Duration) -> String {
+    eventually(
+        &format!("an Event {reason} \"…{text}…\" about {pod}"),
+        timeout,
+        || async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let events = pod_events(pod);
+            events
+                .iter()
+                .find(|(r, m)| r == reason && m.contains(text))
+                .map(|(_, m)| m.clone())
+                .ok_or_else(|| format!("{events:?}"))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_monitor_fails_the_liveness_probe_and_the_kubelet_restarts_the_agent() {
+    let installed = installed().await;
+    let root = installed.root.clone();
+    let node = node_env("KUBE_FIM_NODE_NAME");
+    let pod = ready_agent_pod().await;
+    let pod_name = pod["metadata"]["name"]
+        .as_str()
+        .expect("pod name")
+        .to_string();
+    let restarts_before = restarts(&pod);
+    let liveness_failures = |events: &[(String, String)]| {
+        events
+            .iter()
+            .filter(|(r, m)| r == "Unhealthy" && m.starts_with("Liveness probe failed"))
+            .count()
+    };
+    assert_eq!(
+        liveness_failures(&pod_events(&pod_name)),
+        0,
+        "a healthy agent passes its liveness probe: {:?}",
+        pod_events(&pod_name)
+    );
+    let started = std::time::Instant::now();
+
+    // A file lands on the share and the share's server stops answering: the
+    // agent goes to hash the file and its monitoring loop blocks in the kernel.
+    // Its HTTP server still answers: /healthz says the loop stalled.
+    write(
+        &installed.share.mountpoint.join("deploy.conf"),
+        "image=v2\n",
+        0o644,
+    );
+    let hung = installed.share.hang();
+    // Meanwhile a file elsewhere changes; the stalled loop cannot report it.
+    write(&root.join("etc/host.conf"), "multi off\n", 0o644);
+
+    // The kubelet's liveness probe fails on the agent's own verdict (503 after
+    // 90 s without progress, not a timeout), and the kubelet kills the container.
+    let unhealthy = pod_event(
+        &pod_name,
+        "Unhealthy",
+        "Liveness probe failed",
+        Duration::from_secs(240),
+    )
+    .await;
+    assert!(
+        unhealthy.contains("statuscode: 503"),
+        "the agent answered that its loop stalled: {unhealthy}"
+    );
+    let killing = pod_event(
+        &pod_name,
+        "Killing",
+        "failed liveness probe",
+        Duration::from_secs(120),
+    )
+    .await;
+    let stalled_for = started.elapsed();
+
+    // The container is restarted (the share still hung: the agent exits anyway).
+    eventually(
+        "the kubelet to restart the agent container",
+        Duration::from_secs(120),
+        || async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let p = json(&["get", "pod", "-n", NAMESPACE, &pod_name, "-o", "json"])?;
+            if restarts(&p) > restarts_before {
+                Ok(())
+            } else {
+                Err(format!("{}", p["status"]["containerStatuses"]))
+            }
+        },
+    )
+    .await;
+    let restarted_after = started.elapsed();
+
+    // The share answers again; the restarted agent finishes its first scan,
+    // becomes Ready and reports both changes, with no tamper alarm.
+    drop(hung);
+    let restarted = ready_agent_pod().await;
+    assert_eq!(
+        restarted["metadata"]["uid"], pod["metadata"]["uid"],
+        "the same pod, its container restarted in place"
+    );
+    assert_eq!(
+        restarts(&restarted),
+        restarts_before + 1,
+        "restarted once: {}",
+        restarted["status"]["containerStatuses"]
+    );
+    let missed = file_change("/etc/host.conf", "Modified").await;
+    assert_eq!(missed["spec"]["node"], node.as_str(), "{missed}");
+    let stalled_on = file_change("/srv/share/deploy.conf", "Added").await;
+    assert_eq!(stalled_on["spec"]["policy"], POLICY, "{stalled_on}");
+    let record = json(&["get", "fileintegritynode", &node, "-o", "json"]).expect("the record");
+    assert!(
+        record["status"]["baselineAlarm"].is_null(),
+        "no tamper alarm: {}",
+        record["status"]
+    );
+    assert!(
+        tamper_events().is_empty(),
+        "no tamper alarm: {:?}",
+        tamper_events()
+    );
+    eprintln!(
+        "stalled monitor: killed by the kubelet after {stalled_for:?} ({killing}), \
+         restarted after {restarted_after:?}, Ready and reported after {:?}",
+        started.elapsed()
     );
 }

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -369,17 +369,27 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
     let threads = kube_fim_agent::budget::configure(cli.threads.map(NonZeroUsize::get));
     tracing::debug!(threads, "scan threads");
-    match real_main(cli).await {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kube-fim-agent: starting the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = match runtime.block_on(real_main(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("kube-fim-agent: {e:#}");
             ExitCode::from(2)
         }
-    }
+    };
+    // A scan blocked in the kernel (a hung network filesystem under the host
+    // root) must not keep the agent from exiting when it is told to stop.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }
