@@ -119,17 +119,21 @@ impl Entry {
         if !covered {
             return false;
         }
+        if self.names.is_empty() && self.paths.is_empty() {
+            return true;
+        }
         // An exclude also removes everything below the excluded path.
-        let mut p = path.to_path_buf();
+        let mut p = path;
         loop {
             if p.as_os_str().is_empty() || !p.starts_with(&self.base) {
                 return true;
             }
-            if self.excluded(&p) {
+            if self.excluded(p) {
                 return false;
             }
-            if !p.pop() {
-                return true;
+            match p.parent() {
+                Some(parent) => p = parent,
+                None => return true,
             }
         }
     }
