@@ -18,7 +18,8 @@
 #
 # Other settings: BENCH_THREADS (default: nproc), BENCH_DIR (default: a
 # temporary directory, removed at the end), BENCH_AIDE (default 1; 0 skips
-# AIDE), BENCH_LATENCY_N (default 100; 0 skips the watch run), BENCH_DEBOUNCE
+# AIDE), BENCH_REPEAT (runs per measurement, the fastest counts; default 1),
+# BENCH_LATENCY_N (default 100; 0 skips the watch run), BENCH_DEBOUNCE
 # (default 100ms), CARGO_TARGET_DIR (default target).
 #
 # Fairness: every command runs at the agent's scan priority (nice 19,
@@ -34,6 +35,7 @@ usr="${BENCH_USR-/usr}"
 threads="${BENCH_THREADS:-$(nproc)}"
 with_aide="${BENCH_AIDE:-1}"
 latency_n="${BENCH_LATENCY_N:-100}"
+repeat="${BENCH_REPEAT:-1}"
 debounce="${BENCH_DEBOUNCE:-100ms}"
 target="${CARGO_TARGET_DIR:-$repo/target}"
 bin="$target/release/kube-fim-agent"
@@ -62,24 +64,33 @@ else
 fi
 
 lowprio=(nice -n 19 ionice -c 2 -n 7)
-declare -A wall rss
+declare -A wall cpu rss
 rows=()
 
-# measure KEY COMMAND...: wall seconds and peak RSS (KiB) of the command and
-# its children, from GNU time; the command's exit status is kept in $status.
+# measure KEY COMMAND...: wall seconds, CPU seconds (user + system) and peak
+# RSS (KiB) of the command and its children, from GNU time, the fastest of
+# BENCH_REPEAT runs; the command's exit status is kept in $status.
 measure() {
     local key="$1"
     shift
-    local out="$work/time.$key"
-    set +e
-    /usr/bin/time -v -o "$out" "${lowprio[@]}" "$@" >"$work/out.$key" 2>"$work/err.$key"
-    status=$?
-    set -e
-    local elapsed
-    elapsed=$(sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): //p' "$out")
-    wall[$key]=$(awk -F: '{ s = 0; for (i = 1; i <= NF; i++) s = s * 60 + $i; printf "%.2f", s }' <<<"$elapsed")
-    rss[$key]=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$out")
-    printf '  %-28s %8.2f s  %8d KiB peak RSS  (exit %d)\n' "$key" "${wall[$key]}" "${rss[$key]}" "$status"
+    local out="$work/time.$key" i elapsed w c
+    wall[$key]=""
+    for ((i = 0; i < repeat; i++)); do
+        set +e
+        /usr/bin/time -v -o "$out" "${lowprio[@]}" "$@" >"$work/out.$key" 2>"$work/err.$key"
+        status=$?
+        set -e
+        elapsed=$(sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): //p' "$out")
+        w=$(awk -F: '{ s = 0; for (i = 1; i <= NF; i++) s = s * 60 + $i; printf "%.2f", s }' <<<"$elapsed")
+        c=$(awk '/User time|System time/ { s += $NF } END { printf "%.2f", s }' "$out")
+        if [ -z "${wall[$key]}" ] || awk -v a="$w" -v b="${wall[$key]}" 'BEGIN { exit !(a < b) }'; then
+            wall[$key]=$w
+            cpu[$key]=$c
+            rss[$key]=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$out")
+        fi
+    done
+    printf '  %-28s %8.2f s  %8.2f s CPU  %8d KiB peak RSS  (exit %d)\n' \
+        "$key" "${wall[$key]}" "${cpu[$key]}" "${rss[$key]}" "$status"
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else print "-" }'; }
