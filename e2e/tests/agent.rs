@@ -512,14 +512,15 @@ async fn a_baseline_edited_on_the_node_is_detected_at_start() {
     fleet.wait_ready(&a, &policy, READY).await;
     fleet.nodes[0].kill_agent();
 
-    // Someone with root on the node changes a file and rewrites the baseline to match.
-    std::fs::write(
-        fleet.nodes[0].host("/etc/passwd"),
-        "root:x:0:0::/root:/bin/sh\nevil:x:0:0::/:/bin/sh\n",
-    )
-    .unwrap();
+    // Someone with root on the node changes a file and rewrites the content
+    // hash the baseline holds for it to match.
+    let passwd = fleet.nodes[0].host("/etc/passwd");
+    let recorded = blake3::hash(&std::fs::read(&passwd).unwrap()).to_hex();
+    let evil = "root:x:0:0::/root:/bin/sh\nevil:x:0:0::/:/bin/sh\n";
+    std::fs::write(&passwd, evil).unwrap();
+    let forged = blake3::hash(evil.as_bytes()).to_hex();
     let state = fleet.nodes[0].state.clone();
-    let tampered = tamper_baseline(&state);
+    let tampered = tamper_baseline(&state, recorded.as_bytes(), forged.as_bytes());
     assert!(
         tampered,
         "found a baseline file to edit under {}",
@@ -527,7 +528,10 @@ async fn a_baseline_edited_on_the_node_is_detected_at_start() {
     );
 
     fleet.nodes[0].start_agent();
-    eventually("a BaselineTampered warning", SEEN, || async {
+    // The digest recomputed from the records no longer matches the cluster's
+    // (BaselineTampered); after an unclean stop the store's own checksums
+    // catch the edit first (BaselineUnreadable). Either is an alarm.
+    eventually("a baseline alarm", SEEN, || async {
         let events = Api::<Event>::all(client.clone())
             .list(&ListParams::default())
             .await
@@ -536,8 +540,11 @@ async fn a_baseline_edited_on_the_node_is_detected_at_start() {
             .items
             .iter()
             .find(|e| {
-                e.reason.as_deref() == Some("BaselineTampered")
-                    && e.type_.as_deref() == Some("Warning")
+                matches!(
+                    e.reason.as_deref(),
+                    Some("BaselineTampered" | "BaselineUnreadable")
+                ) && e.type_.as_deref() == Some("Warning")
+                    && e.note.as_deref().unwrap_or("").contains(&a)
             })
             .map(|_| ())
             .ok_or_else(|| "no event".to_string())
@@ -560,9 +567,10 @@ async fn a_baseline_edited_on_the_node_is_detected_at_start() {
     fleet.cleanup().await;
 }
 
-/// Edits the agent's baseline on disk the way an intruder would: appends a byte
-/// to every baseline file, so its digest no longer matches the cluster's record.
-fn tamper_baseline(state: &std::path::Path) -> bool {
+/// Edits the agent's baseline on disk the way an intruder would: replaces
+/// `from` with `to` (same length) wherever it is in a baseline file of
+/// `state`, in place; whether anything was replaced.
+fn tamper_baseline(state: &std::path::Path, from: &[u8], to: &[u8]) -> bool {
     let mut edited = false;
     for entry in walk(state) {
         let name = entry
@@ -570,11 +578,15 @@ fn tamper_baseline(state: &std::path::Path) -> bool {
             .and_then(|n| n.to_str())
             .unwrap_or("")
             .to_string();
-        if name.contains("baseline") && entry.is_file() {
+        if name.starts_with("baseline") && entry.is_file() {
             let mut bytes = std::fs::read(&entry).unwrap();
-            bytes.push(b'\n');
+            let mut i = 0;
+            while let Some(at) = bytes[i..].windows(from.len()).position(|w| w == from) {
+                bytes[i + at..i + at + to.len()].copy_from_slice(to);
+                i += at + to.len();
+                edited = true;
+            }
             std::fs::write(&entry, bytes).unwrap();
-            edited = true;
         }
     }
     edited

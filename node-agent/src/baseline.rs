@@ -1,40 +1,79 @@
 //! The baseline on the node: the approved state of every monitored file, which
 //! policy entries are established, and which differences were already reported.
 //!
-//! Stored as one JSON document written atomically (temporary file, fsync,
-//! rename, fsync of the directory): a `kill -9` at any moment leaves the old or
-//! the new baseline, never a torn one. One well-understood format with no
-//! embedded-database dependency: the agent reads it whole at start and writes it
-//! after each batch of changes. Its BLAKE3 digest is published in the cluster,
-//! so an edit made on the node while the agent is down is noticed at start.
+//! Stored in an embedded database ([redb]: a copy-on-write B-tree in one file,
+//! each commit atomic and durable, a `kill -9` at any moment leaves the last
+//! committed state), keyed by host path. Nothing holds the whole baseline in
+//! memory: reads go through a small page cache ([`CACHE_BYTES`]), changes are
+//! kept until [`Baseline::save`] (or a full batch, [`Baseline::flush_if_full`])
+//! writes them in one transaction, and scans read one directory at a time
+//! ([`Baseline::children`]).
+//!
+//! Its digest, published in the cluster, is a homomorphic multiset hash
+//! (LtHash: 1024 lanes of 16 bits, added modulo 2^16, of a BLAKE3 XOF of each
+//! record) kept up to date record by record as changes are written, so a save
+//! costs what it changes, not the size of the baseline. At start it is
+//! recomputed from the records in one streaming pass: an edit made on the
+//! node while the agent is down changes it and is noticed.
 //!
 //! Every digest is appended to a journal (fsynced) *before* the baseline with
-//! that digest replaces the old one, and the journal is trimmed only once the
-//! cluster holds a digest: a restart after a crash finds its own unpublished
-//! baseline in the journal, after the published one, and raises no false alarm.
+//! that digest becomes the durable one, and the journal is trimmed only once
+//! the cluster holds a digest: a restart after a crash finds its own
+//! unpublished baseline in the journal, after the published one, and raises no
+//! false alarm.
+//!
+//! A node upgraded from a version that kept the baseline as one JSON document
+//! ([`LEGACY_FILE`]) is migrated on start: the document's digest is checked
+//! like any baseline's, its records are imported, and the document is set
+//! aside only once the imported baseline is saved (its digest journaled).
 //!
 //! Its rules live behind methods: [`Baseline::establish_path`] (the silent first
 //! baseline of a new entry), [`Baseline::mark_reported`],
 //! [`Baseline::settled`] (back to the approved state), [`Baseline::approve`]
 //! and [`Baseline::forget`]. Nothing is forgotten as a side effect: a policy
 //! that stops being served keeps its baseline.
+//!
+//! [redb]: https://docs.rs/redb
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use k8s_openapi::jiff::Timestamp;
 use kube_fim_crds::FileAttributes;
+use redb::{Database, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tracing::{info, warn};
 
 /// File name of the baseline in the state directory.
-pub const FILE: &str = "baseline.json";
+pub const FILE: &str = "baseline.redb";
+/// File name of the baseline of earlier versions (one JSON document), migrated
+/// on start.
+pub const LEGACY_FILE: &str = "baseline.json";
 /// File name of the digest journal in the state directory.
 pub const JOURNAL: &str = "baseline.journal";
-const VERSION: u32 = 1;
+/// A baseline being built from nothing, until its first save moves it over
+/// [`FILE`] (the old one stays in place until then).
+const NEW_FILE: &str = ".baseline.redb.new";
+const VERSION: &[u8] = b"2";
+const LEGACY_VERSION: u32 = 1;
+/// Memory the database may use for caching pages. redb's default is 1 GiB;
+/// every access of a scan is in key order, so a small cache serves it.
+pub const CACHE_BYTES: usize = 4 << 20;
+/// Changed records kept in memory before a scan writes them.
+const BATCH: usize = 4096;
+
+const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
+const ESTABLISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("established");
+const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const TAG_FILE: u8 = b'f';
+const TAG_ESTABLISHED: u8 = b'e';
+const TAG_POLICY: u8 = b'p';
 
 /// Errors reading or writing the baseline.
 #[derive(Debug, Error)]
@@ -46,6 +85,29 @@ pub enum BaselineError {
     },
     #[error("baseline {path} is corrupt: {message}")]
     Corrupt { path: PathBuf, message: String },
+    #[error("baseline {path} is in use by another process")]
+    InUse { path: PathBuf },
+}
+
+impl BaselineError {
+    fn store(path: &Path, e: impl Into<redb::Error>) -> Self {
+        let path = path.to_path_buf();
+        match e.into() {
+            redb::Error::Io(source)
+                if !matches!(
+                    source.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+                ) =>
+            {
+                BaselineError::Io { path, source }
+            }
+            redb::Error::DatabaseAlreadyOpen => BaselineError::InUse { path },
+            other => BaselineError::Corrupt {
+                path,
+                message: other.to_string(),
+            },
+        }
+    }
 }
 
 /// One monitored path.
@@ -78,18 +140,116 @@ pub struct PolicyRecord {
     pub last_scan_time: Option<Timestamp>,
 }
 
-/// The whole persisted state.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// The baseline document of earlier versions.
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Baseline {
+struct Legacy {
     version: u32,
-    /// Host path (escaped, as in FileChange.path) → record.
+    #[serde(default)]
     files: BTreeMap<String, Tracked>,
+    #[serde(default)]
+    established: BTreeSet<String>,
+    #[serde(default)]
+    policies: BTreeMap<String, PolicyRecord>,
+}
+
+/// The multiset hash of the records (LtHash with 16-bit lanes): adding and
+/// removing a record costs one BLAKE3 XOF, whatever the size of the set, and
+/// the order records were written in does not matter. XOR or a single 256-bit
+/// sum would let an attacker balance a forged record with chosen others.
+#[derive(Clone, PartialEq, Eq)]
+struct SetHash(Box<[u16; SetHash::LANES]>);
+
+impl SetHash {
+    const LANES: usize = 1024;
+
+    fn zero() -> Self {
+        SetHash(Box::new([0; Self::LANES]))
+    }
+
+    fn element(tag: u8, key: &str, value: &[u8]) -> Box<[u8; 2 * SetHash::LANES]> {
+        let mut h = blake3::Hasher::new_derive_key("kube-fim baseline record v2");
+        h.update(&[tag]);
+        h.update(&(key.len() as u64).to_le_bytes());
+        h.update(key.as_bytes());
+        h.update(value);
+        let mut out = Box::new([0u8; 2 * Self::LANES]);
+        h.finalize_xof().fill(&mut out[..]);
+        out
+    }
+
+    fn add(&mut self, tag: u8, key: &str, value: &[u8]) {
+        let e = Self::element(tag, key, value);
+        for (lane, b) in self.0.iter_mut().zip(e.chunks_exact(2)) {
+            *lane = lane.wrapping_add(u16::from_le_bytes([b[0], b[1]]));
+        }
+    }
+
+    fn remove(&mut self, tag: u8, key: &str, value: &[u8]) {
+        let e = Self::element(tag, key, value);
+        for (lane, b) in self.0.iter_mut().zip(e.chunks_exact(2)) {
+            *lane = lane.wrapping_sub(u16::from_le_bytes([b[0], b[1]]));
+        }
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        self.0.iter().flat_map(|l| l.to_le_bytes()).collect()
+    }
+
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != 2 * Self::LANES {
+            return None;
+        }
+        let mut s = Self::zero();
+        for (lane, c) in s.0.iter_mut().zip(b.chunks_exact(2)) {
+            *lane = u16::from_le_bytes([c[0], c[1]]);
+        }
+        Some(s)
+    }
+
+    /// The digest published in the cluster.
+    fn digest(&self) -> String {
+        blake3::hash(&self.to_bytes()).to_hex().to_string()
+    }
+}
+
+/// A direct child of a directory, as the baseline knows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KnownChild {
+    /// The baseline has a record of the child itself.
+    pub known: bool,
+    /// The baseline has records below the child.
+    pub below: bool,
+}
+
+/// Reads of the committed state: one snapshot, its files table, and the last
+/// record read (a scan asks several questions about each path in turn).
+#[derive(Default)]
+struct Reader {
+    files: Option<ReadOnlyTable<&'static str, &'static [u8]>>,
+    last: Option<(String, Option<Tracked>)>,
+}
+
+/// The persisted state.
+pub struct Baseline {
+    db: Database,
+    state: PathBuf,
+    /// Built from nothing at [`NEW_FILE`] until its first save.
+    fresh: bool,
+    /// Imported from [`LEGACY_FILE`], set aside at the first save.
+    legacy: bool,
+    /// Digest of the committed records.
+    sum: SetHash,
+    /// Records changed since the last write (`None`: removed).
+    pending: BTreeMap<String, Option<Tracked>>,
     /// `policy/entry` pairs whose first baseline is complete: only they report.
+    /// (A few per policy: held in memory, written when changed.)
     established: BTreeSet<String>,
     policies: BTreeMap<String, PolicyRecord>,
+    /// Keys of `established` and `policies` changed since the last write.
+    changed: BTreeSet<(u8, String)>,
+    reader: Mutex<Reader>,
     /// Changed since the last save.
-    #[serde(skip)]
     dirty: bool,
 }
 
@@ -123,49 +283,436 @@ pub fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<(
     File::open(dir).and_then(|d| d.sync_all())
 }
 
+/// Moves the baseline of `state` (whatever its format) aside with `suffix`
+/// (kept for forensics, never silently replaced); the paths it was moved to.
+pub fn set_aside(state: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut moved = Vec::new();
+    for name in [FILE, LEGACY_FILE] {
+        let from = state.join(name);
+        let to = state.join(format!("{name}.{suffix}"));
+        if fs::rename(&from, &to).is_ok() {
+            moved.push(to);
+        }
+    }
+    moved
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir).and_then(|d| d.sync_all())
+}
+
+fn builder() -> redb::Builder {
+    let mut b = Database::builder();
+    b.set_cache_size(CACHE_BYTES);
+    b
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
 impl Baseline {
-    /// Reads the baseline of `state`, or `None` if there is none yet.
+    /// Opens the baseline of `state` and recomputes its digest from its
+    /// records, or `None` if there is none yet.
     pub fn load(state: &Path) -> Result<Option<(Baseline, String)>, BaselineError> {
         let path = state.join(FILE);
+        match fs::symlink_metadata(&path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Self::migrate(state),
+            Err(source) => return Err(BaselineError::Io { path, source }),
+        }
+        // redb asserts some of what it reads from the file's header: a
+        // damaged file is a corrupt baseline, not a reason to stop.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let db = builder()
+                .open(&path)
+                .map_err(|e| BaselineError::store(&path, e))?;
+            let mut b = Self::with_db(db, state, false);
+            b.read_all(&path)?;
+            let digest = b.sum.digest();
+            Ok((b, digest))
+        }));
+        match opened {
+            Ok(r) => r.map(Some),
+            Err(_) => Err(BaselineError::Corrupt {
+                path,
+                message: "the database cannot be opened".into(),
+            }),
+        }
+    }
+
+    /// A new, empty baseline for `state`; the one on disk (if any) stays until
+    /// the first [`Baseline::save`] replaces it.
+    pub fn create(state: &Path) -> Result<Baseline, BaselineError> {
+        let path = state.join(NEW_FILE);
+        let io = |source| BaselineError::Io {
+            path: path.clone(),
+            source,
+        };
+        create_state_dir(state).map_err(io)?;
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        let db = builder()
+            .create_file(file)
+            .map_err(|e| BaselineError::store(&path, e))?;
+        let b = Self::with_db(db, state, true);
+        let store = |e: redb::Error| BaselineError::store(&path, e);
+        let tx = b.db.begin_write().map_err(|e| store(e.into()))?;
+        {
+            for t in [FILES, ESTABLISHED, POLICIES] {
+                tx.open_table(t).map_err(|e| store(e.into()))?;
+            }
+            let mut meta = tx.open_table(META).map_err(|e| store(e.into()))?;
+            meta.insert("version", VERSION)
+                .map_err(|e| store(e.into()))?;
+            meta.insert("sum", b.sum.to_bytes().as_slice())
+                .map_err(|e| store(e.into()))?;
+        }
+        tx.commit().map_err(|e| store(e.into()))?;
+        Ok(b)
+    }
+
+    fn with_db(db: Database, state: &Path, fresh: bool) -> Baseline {
+        Baseline {
+            db,
+            state: state.to_path_buf(),
+            fresh,
+            legacy: false,
+            sum: SetHash::zero(),
+            pending: BTreeMap::new(),
+            established: BTreeSet::new(),
+            policies: BTreeMap::new(),
+            changed: BTreeSet::new(),
+            reader: Mutex::new(Reader::default()),
+            dirty: fresh,
+        }
+    }
+
+    /// One streaming pass over every record: the small tables are loaded, the
+    /// digest recomputed and compared with the one the store recorded.
+    fn read_all(&mut self, path: &Path) -> Result<(), BaselineError> {
+        let store = |e: redb::Error| BaselineError::store(path, e);
+        let corrupt = |message: String| BaselineError::Corrupt {
+            path: path.to_path_buf(),
+            message,
+        };
+        let tx = self.db.begin_read().map_err(|e| store(e.into()))?;
+        let meta = tx.open_table(META).map_err(|e| store(e.into()))?;
+        let version = meta.get("version").map_err(|e| store(e.into()))?;
+        if version.as_ref().map(|v| v.value()) != Some(VERSION) {
+            return Err(corrupt(format!(
+                "version {:?} (this agent reads {})",
+                version.map(|v| String::from_utf8_lossy(v.value()).into_owned()),
+                String::from_utf8_lossy(VERSION)
+            )));
+        }
+        let recorded = meta
+            .get("sum")
+            .map_err(|e| store(e.into()))?
+            .and_then(|v| SetHash::from_bytes(v.value()));
+        let mut sum = SetHash::zero();
+        let files = tx.open_table(FILES).map_err(|e| store(e.into()))?;
+        for item in files.iter().map_err(|e| store(e.into()))? {
+            let (k, v) = item.map_err(|e| store(e.into()))?;
+            serde_json::from_slice::<Tracked>(v.value())
+                .map_err(|e| corrupt(format!("{}: {e}", k.value())))?;
+            sum.add(TAG_FILE, k.value(), v.value());
+        }
+        let established = tx.open_table(ESTABLISHED).map_err(|e| store(e.into()))?;
+        for item in established.iter().map_err(|e| store(e.into()))? {
+            let (k, v) = item.map_err(|e| store(e.into()))?;
+            sum.add(TAG_ESTABLISHED, k.value(), v.value());
+            self.established.insert(k.value().to_string());
+        }
+        let policies = tx.open_table(POLICIES).map_err(|e| store(e.into()))?;
+        for item in policies.iter().map_err(|e| store(e.into()))? {
+            let (k, v) = item.map_err(|e| store(e.into()))?;
+            let rec: PolicyRecord = serde_json::from_slice(v.value())
+                .map_err(|e| corrupt(format!("policy {}: {e}", k.value())))?;
+            sum.add(TAG_POLICY, k.value(), v.value());
+            self.policies.insert(k.value().to_string(), rec);
+        }
+        if recorded.as_ref() != Some(&sum) {
+            warn!(
+                path = %path.display(),
+                "the baseline's records do not add up to the digest it recorded: edited outside the agent"
+            );
+        }
+        self.sum = sum;
+        Ok(())
+    }
+
+    /// Imports the baseline document of earlier versions, if there is one.
+    /// Its digest is the one returned (what the cluster holds): it is checked
+    /// like any baseline's; the import becomes the baseline at the first save.
+    fn migrate(state: &Path) -> Result<Option<(Baseline, String)>, BaselineError> {
+        let path = state.join(LEGACY_FILE);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(BaselineError::Io { path, source }),
         };
         let digest = blake3::hash(&bytes).to_hex().to_string();
-        let baseline: Baseline =
+        let legacy: Legacy =
             serde_json::from_slice(&bytes).map_err(|e| BaselineError::Corrupt {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
-        if baseline.version != VERSION {
+        drop(bytes);
+        if legacy.version != LEGACY_VERSION {
             return Err(BaselineError::Corrupt {
                 path,
-                message: format!("version {} (this agent reads {VERSION})", baseline.version),
+                message: format!(
+                    "version {} (this agent reads {LEGACY_VERSION})",
+                    legacy.version
+                ),
             });
         }
-        Ok(Some((baseline, digest)))
+        let mut b = Baseline::create(state)?;
+        let files = legacy.files.len();
+        for (k, t) in legacy.files {
+            b.pending.insert(k, Some(t));
+            b.flush_if_full()?;
+        }
+        for k in legacy.established {
+            b.changed.insert((TAG_ESTABLISHED, k.clone()));
+            b.established.insert(k);
+        }
+        for (k, rec) in legacy.policies {
+            b.changed.insert((TAG_POLICY, k.clone()));
+            b.policies.insert(k, rec);
+        }
+        b.write(false)?;
+        b.legacy = true;
+        info!(files, from = %path.display(), "baseline imported into the store; the document is set aside at the first save");
+        Ok(Some((b, digest)))
     }
 
-    /// Writes the baseline atomically, its digest journaled first; returns the
-    /// digest of what was written.
-    pub fn save(&mut self, state: &Path) -> Result<String, BaselineError> {
-        self.version = VERSION;
-        let path = state.join(FILE);
-        let io = |source| BaselineError::Io {
-            path: path.clone(),
-            source,
-        };
-        create_state_dir(state).map_err(io)?;
-        let bytes = serde_json::to_vec(self).map_err(|e| BaselineError::Corrupt {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        let digest = blake3::hash(&bytes).to_hex().to_string();
-        Journal::new(state).append(&digest).map_err(io)?;
-        write_private(state, &path, &bytes).map_err(io)?;
+    /// Writes the changes and makes this baseline the one on disk, its digest
+    /// journaled first; returns the digest of what was written.
+    pub fn save(&mut self) -> Result<String, BaselineError> {
+        if !self.dirty {
+            return Ok(self.sum.digest());
+        }
+        let digest = self.write(true)?;
+        if self.fresh {
+            let io = |source| BaselineError::Io {
+                path: self.state.join(FILE),
+                source,
+            };
+            fs::rename(self.state.join(NEW_FILE), self.state.join(FILE)).map_err(io)?;
+            sync_dir(&self.state).map_err(io)?;
+            self.fresh = false;
+            if self.legacy {
+                let aside = self.state.join(format!("{LEGACY_FILE}.migrated"));
+                if fs::rename(self.state.join(LEGACY_FILE), &aside).is_ok() {
+                    info!(aside = %aside.display(), "the baseline document of the earlier version is set aside");
+                }
+                self.legacy = false;
+            }
+        }
         self.dirty = false;
         Ok(digest)
+    }
+
+    /// Writes the pending changes once there are [`BATCH`] of them, so a scan
+    /// of any size holds a bounded number in memory.
+    pub fn flush_if_full(&mut self) -> Result<(), BaselineError> {
+        if self.pending.len() < BATCH {
+            return Ok(());
+        }
+        if self.fresh {
+            // Not the baseline yet: nothing to journal.
+            self.write(false).map(|_| ())
+        } else {
+            self.save().map(|_| ())
+        }
+    }
+
+    /// One transaction with every pending change; `durable` journals the
+    /// digest before the commit makes it the state on disk.
+    fn write(&mut self, durable: bool) -> Result<String, BaselineError> {
+        let path = self.state.join(if self.fresh { NEW_FILE } else { FILE });
+        let store = |e: redb::Error| BaselineError::store(&path, e);
+        let mut sum = self.sum.clone();
+        let mut tx = self.db.begin_write().map_err(|e| store(e.into()))?;
+        if durable {
+            // Recovery after a crash then never has to trust a checksum to
+            // choose between commits (which a crafted edit could steer).
+            tx.set_two_phase_commit(true);
+        } else {
+            tx.set_durability(Durability::None)
+                .map_err(|e| store(redb::Error::Corrupted(e.to_string())))?;
+        }
+        {
+            let mut files = tx.open_table(FILES).map_err(|e| store(e.into()))?;
+            for (k, t) in &self.pending {
+                let old = match t {
+                    Some(t) => {
+                        let v = encode(t);
+                        sum.add(TAG_FILE, k, &v);
+                        files.insert(k.as_str(), v.as_slice())
+                    }
+                    None => files.remove(k.as_str()),
+                }
+                .map_err(|e| store(e.into()))?;
+                if let Some(old) = old {
+                    sum.remove(TAG_FILE, k, old.value());
+                }
+            }
+            let mut established = tx.open_table(ESTABLISHED).map_err(|e| store(e.into()))?;
+            let mut policies = tx.open_table(POLICIES).map_err(|e| store(e.into()))?;
+            for (tag, k) in &self.changed {
+                let (old, tag) = match *tag {
+                    TAG_ESTABLISHED if self.established.contains(k) => {
+                        sum.add(TAG_ESTABLISHED, k, b"");
+                        (
+                            established.insert(k.as_str(), b"".as_slice()),
+                            TAG_ESTABLISHED,
+                        )
+                    }
+                    TAG_ESTABLISHED => (established.remove(k.as_str()), TAG_ESTABLISHED),
+                    _ => match self.policies.get(k) {
+                        Some(rec) => {
+                            let v = encode(rec);
+                            sum.add(TAG_POLICY, k, &v);
+                            (policies.insert(k.as_str(), v.as_slice()), TAG_POLICY)
+                        }
+                        None => (policies.remove(k.as_str()), TAG_POLICY),
+                    },
+                };
+                if let Some(old) = old.map_err(|e| store(e.into()))? {
+                    sum.remove(tag, k, old.value());
+                }
+            }
+            let mut meta = tx.open_table(META).map_err(|e| store(e.into()))?;
+            meta.insert("sum", sum.to_bytes().as_slice())
+                .map_err(|e| store(e.into()))?;
+        }
+        let digest = sum.digest();
+        if durable {
+            Journal::new(&self.state)
+                .append(&digest)
+                .map_err(|source| BaselineError::Io {
+                    path: self.state.join(JOURNAL),
+                    source,
+                })?;
+        }
+        // A reader's snapshot would keep the pages this commit frees.
+        *self.reader() = Reader::default();
+        tx.commit().map_err(|e| store(e.into()))?;
+        self.sum = sum;
+        self.pending.clear();
+        self.changed.clear();
+        Ok(digest)
+    }
+
+    fn reader(&self) -> MutexGuard<'_, Reader> {
+        self.reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the committed files table.
+    fn with_files<R>(
+        &self,
+        f: impl FnOnce(&ReadOnlyTable<&'static str, &'static [u8]>) -> Result<R, redb::Error>,
+    ) -> Result<R, redb::Error> {
+        let mut reader = self.reader();
+        let table = match &mut reader.files {
+            Some(t) => t,
+            slot @ None => slot.insert(self.db.begin_read()?.open_table(FILES)?),
+        };
+        f(table)
+    }
+
+    /// The record of a path, pending changes first.
+    fn record(&self, key: &str) -> Option<Tracked> {
+        if let Some(p) = self.pending.get(key) {
+            return p.clone();
+        }
+        if let Some((k, t)) = &self.reader().last
+            && k == key
+        {
+            return t.clone();
+        }
+        let read = self.with_files(|t| {
+            Ok(match t.get(key)? {
+                Some(v) => serde_json::from_slice::<Tracked>(v.value())
+                    .map_err(|e| redb::Error::Corrupted(format!("{key}: {e}")))
+                    .map(Some)?,
+                None => None,
+            })
+        });
+        match read {
+            Ok(t) => {
+                self.reader().last = Some((key.to_string(), t.clone()));
+                t
+            }
+            Err(error) => {
+                warn!(path = %key, %error, "baseline record unreadable");
+                None
+            }
+        }
+    }
+
+    fn put(&mut self, key: &str, t: Option<Tracked>) {
+        self.pending.insert(key.to_string(), t);
+        self.dirty = true;
+    }
+
+    /// Calls `f` on every record whose key starts with `prefix`, in key order.
+    fn for_each_under(&self, prefix: &str, mut f: impl FnMut(&str, &Tracked)) {
+        let mut pending = self
+            .pending
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .peekable();
+        let read = self.with_files(|table| {
+            for item in table.range::<&str>(prefix..)? {
+                let (k, v) = item?;
+                let k = k.value();
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                while let Some((pk, pv)) = pending.next_if(|(pk, _)| pk.as_str() < k) {
+                    if let Some(t) = pv {
+                        f(pk, t);
+                    }
+                }
+                if let Some((pk, pv)) = pending.next_if(|(pk, _)| pk.as_str() == k) {
+                    if let Some(t) = pv {
+                        f(pk, t);
+                    }
+                    continue;
+                }
+                match serde_json::from_slice::<Tracked>(v.value()) {
+                    Ok(t) => f(k, &t),
+                    Err(error) => warn!(path = %k, %error, "baseline record unreadable"),
+                }
+            }
+            Ok(())
+        });
+        if let Err(error) = read {
+            warn!(%error, "reading the baseline");
+        }
+        for (pk, pv) in pending {
+            if let Some(t) = pv {
+                f(pk, t);
+            }
+        }
     }
 
     /// Whether anything changed since the last save.
@@ -174,42 +721,90 @@ impl Baseline {
     }
 
     /// The approved state of a path.
-    pub fn approved(&self, key: &str) -> Option<&FileAttributes> {
-        self.files.get(key).and_then(|t| t.approved.as_ref())
+    pub fn approved(&self, key: &str) -> Option<FileAttributes> {
+        self.record(key).and_then(|t| t.approved)
     }
 
     /// Whether the baseline knows the path (present or approved as absent).
     pub fn knows(&self, key: &str) -> bool {
-        self.files.contains_key(key)
+        self.record(key).is_some()
     }
 
     /// Digest of the state last reported for a path.
-    pub fn reported(&self, key: &str) -> Option<&str> {
-        self.files.get(key).and_then(|t| t.reported.as_deref())
+    pub fn reported(&self, key: &str) -> Option<String> {
+        self.record(key).and_then(|t| t.reported)
     }
 
     /// The path's epoch (see the reporting protocol in [`crate::report`]).
     pub fn epoch(&self, key: &str) -> u64 {
-        self.files.get(key).map_or(0, |t| t.epoch)
+        self.record(key).map_or(0, |t| t.epoch)
     }
 
-    /// Every known path.
-    pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.files.keys()
-    }
-
-    /// Known paths strictly below `dir` (a host path).
-    pub fn keys_under(&self, dir: &str) -> impl Iterator<Item = &String> {
+    /// Known paths strictly below `dir` (a host path), in key order.
+    pub fn keys_under(&self, dir: &str) -> Vec<String> {
         let prefix = format!("{}/", dir.trim_end_matches('/'));
-        self.files
-            .range(prefix.clone()..)
-            .take_while(move |(k, _)| k.starts_with(&prefix))
-            .map(|(k, _)| k)
+        let mut out = Vec::new();
+        self.for_each_under(&prefix, |k, _| out.push(k.to_string()));
+        out
     }
 
-    /// The approved states of all paths, in path order (for entry digests).
-    pub fn approved_states(&self) -> impl Iterator<Item = (&String, Option<&FileAttributes>)> {
-        self.files.iter().map(|(k, t)| (k, t.approved.as_ref()))
+    /// The direct children of `dir` (a host path) the baseline knows, by name
+    /// (as in keys), in name order: what a scan of that directory compares
+    /// with. Reads the records of the children, not of their subtrees.
+    pub fn children(&self, dir: &str) -> BTreeMap<String, KnownChild> {
+        let prefix = format!("{}/", dir.trim_end_matches('/'));
+        let mut out: BTreeMap<String, KnownChild> = BTreeMap::new();
+        let read = self.with_files(|table| {
+            let mut from = prefix.clone();
+            'seek: loop {
+                for item in table.range::<&str>(from.as_str()..)? {
+                    let (k, _) = item?;
+                    let Some(rest) = k.value().strip_prefix(prefix.as_str()) else {
+                        break 'seek;
+                    };
+                    match rest.split_once('/') {
+                        None => out.entry(rest.to_string()).or_default().known = true,
+                        Some((name, _)) => {
+                            out.entry(name.to_string()).or_default().below = true;
+                            // Skip the child's subtree ('0' follows '/').
+                            from = format!("{prefix}{name}0");
+                            continue 'seek;
+                        }
+                    }
+                }
+                break;
+            }
+            Ok(())
+        });
+        if let Err(error) = read {
+            warn!(dir, %error, "reading the baseline");
+        }
+        for (k, t) in self
+            .pending
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(k, _)| k.starts_with(prefix.as_str()))
+        {
+            let rest = &k[prefix.len()..];
+            match rest.split_once('/') {
+                None => out.entry(rest.to_string()).or_default().known = t.is_some(),
+                Some((name, _)) => {
+                    if t.is_some() {
+                        out.entry(name.to_string()).or_default().below = true;
+                    }
+                }
+            }
+        }
+        out.retain(|_, c| c.known || c.below);
+        out
+    }
+
+    /// Calls `f` with the approved state of every path, in path order (for
+    /// entry digests), reading the store as a stream.
+    pub fn for_each_approved(&self, mut f: impl FnMut(&str, Option<&FileAttributes>)) {
+        self.for_each_under("", |k, t| f(k, t.approved.as_ref()));
     }
 
     /// Whether an entry's first baseline is complete (its changes are reported).
@@ -225,7 +820,9 @@ impl Baseline {
 
     /// Marks an entry's first baseline complete.
     pub fn establish(&mut self, policy: &str, entry: &str) {
-        if self.established.insert(entry_key(policy, entry)) {
+        let k = entry_key(policy, entry);
+        if self.established.insert(k.clone()) {
+            self.changed.insert((TAG_ESTABLISHED, k));
             self.dirty = true;
         }
     }
@@ -233,18 +830,19 @@ impl Baseline {
     /// Records the current state of a path only entries being established
     /// watch: their first baseline, silently.
     pub fn establish_path(&mut self, key: &str, state: Option<FileAttributes>) {
+        let old = self.record(key);
         match state {
             Some(s) => {
-                let t = self.files.entry(key.to_string()).or_default();
+                let mut t = old.unwrap_or_default();
                 if t.approved.as_ref() != Some(&s) || t.reported.is_some() {
                     t.approved = Some(s);
                     t.reported = None;
-                    self.dirty = true;
+                    self.put(key, Some(t));
                 }
             }
             None => {
-                if self.files.remove(key).is_some() {
-                    self.dirty = true;
+                if old.is_some() {
+                    self.put(key, None);
                 }
             }
         }
@@ -252,21 +850,21 @@ impl Baseline {
 
     /// Remembers that the state with `digest` was reported (after it was queued).
     pub fn mark_reported(&mut self, key: &str, digest: String) {
-        let t = self.files.entry(key.to_string()).or_default();
+        let mut t = self.record(key).unwrap_or_default();
         if t.reported.as_ref() != Some(&digest) {
             t.reported = Some(digest);
-            self.dirty = true;
+            self.put(key, Some(t));
         }
     }
 
     /// The path is back in its approved state: the next difference is a new
     /// transition.
     pub fn settled(&mut self, key: &str) {
-        if let Some(t) = self.files.get_mut(key)
+        if let Some(mut t) = self.record(key)
             && t.reported.take().is_some()
         {
             t.epoch += 1;
-            self.dirty = true;
+            self.put(key, Some(t));
         }
     }
 
@@ -276,29 +874,40 @@ impl Baseline {
     /// path is in its approved state, so the next difference is a new
     /// transition.
     pub fn adopt(&mut self, key: &str, state: FileAttributes) {
-        let t = self.files.entry(key.to_string()).or_default();
+        let mut t = self.record(key).unwrap_or_default();
         t.approved = Some(state);
         if t.reported.take().is_some() {
             t.epoch += 1;
         }
-        self.dirty = true;
+        self.put(key, Some(t));
     }
 
     /// Approves `state` as the path's baseline (an explicit, recorded act).
     pub fn approve(&mut self, key: &str, state: Option<FileAttributes>) {
-        let t = self.files.entry(key.to_string()).or_default();
+        let mut t = self.record(key).unwrap_or_default();
         t.approved = state;
         t.reported = None;
         t.epoch += 1;
-        self.dirty = true;
+        self.put(key, Some(t));
     }
 
     /// Forgets a policy's entries and its record, so its next scan is a first
     /// baseline again (only ever on an explicit request). Paths stay known.
     pub fn forget(&mut self, policy: &str) {
         let prefix = format!("{policy}/");
-        self.established.retain(|k| !k.starts_with(&prefix));
-        self.policies.remove(policy);
+        let gone: Vec<String> = self
+            .established
+            .iter()
+            .filter(|k| k.starts_with(&prefix))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.established.remove(&k);
+            self.changed.insert((TAG_ESTABLISHED, k));
+        }
+        if self.policies.remove(policy).is_some() {
+            self.changed.insert((TAG_POLICY, policy.to_string()));
+        }
         self.dirty = true;
     }
 
@@ -313,6 +922,7 @@ impl Baseline {
         rec.generation = generation;
         rec.baseline_time.get_or_insert(now);
         rec.last_scan_time = Some(now);
+        self.changed.insert((TAG_POLICY, name.to_string()));
         self.dirty = true;
     }
 }
@@ -405,32 +1015,72 @@ mod tests {
         }
     }
 
+    fn reopen(state: &Path) -> (Baseline, String) {
+        Baseline::load(state).unwrap().unwrap()
+    }
+
     #[test]
     fn round_trip_and_digest_of_what_is_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         assert!(Baseline::load(dir.path()).unwrap().is_none());
-        let mut b = Baseline::default();
+        let mut b = Baseline::create(dir.path()).unwrap();
         b.establish_path("/etc/passwd", Some(attrs(3)));
         b.establish("p", "e");
-        let digest = b.save(dir.path()).unwrap();
-        let (loaded, on_disk) = Baseline::load(dir.path()).unwrap().unwrap();
-        assert_eq!(loaded, b);
+        let digest = b.save().unwrap();
+        drop(b);
+        let (loaded, on_disk) = reopen(dir.path());
         assert_eq!(on_disk, digest);
-        // An edit on the node changes the digest.
-        let path = dir.path().join(FILE);
-        let mut bytes = fs::read(&path).unwrap();
-        bytes.push(b' ');
-        fs::write(&path, bytes).unwrap();
-        let (_, edited) = Baseline::load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.approved("/etc/passwd"), Some(attrs(3)));
+        assert!(loaded.is_established("p", "e"));
+        drop(loaded);
+
+        // An edit of a record on the node, made with the store's own library
+        // (everything but the agent's digest bookkeeping), changes the digest.
+        {
+            let db = builder().open(dir.path().join(FILE)).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut files = tx.open_table(FILES).unwrap();
+                let forged = encode(&Tracked {
+                    approved: Some(attrs(4)),
+                    ..Tracked::default()
+                });
+                files.insert("/etc/passwd", forged.as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let (_, edited) = reopen(dir.path());
         assert_ne!(edited, digest);
+    }
+
+    #[test]
+    fn the_digest_is_the_same_however_the_records_were_written() {
+        let one = tempfile::tempdir().unwrap();
+        let mut a = Baseline::create(one.path()).unwrap();
+        a.establish_path("/a", Some(attrs(1)));
+        a.establish_path("/b", Some(attrs(2)));
+        a.save().unwrap();
+        a.establish_path("/b", Some(attrs(3)));
+        a.mark_reported("/c", "x".into());
+        a.establish_path("/c", None);
+        let da = a.save().unwrap();
+
+        let two = tempfile::tempdir().unwrap();
+        let mut b = Baseline::create(two.path()).unwrap();
+        b.establish_path("/b", Some(attrs(3)));
+        b.establish_path("/a", Some(attrs(1)));
+        let db = b.save().unwrap();
+        assert_eq!(da, db, "incremental and one-shot writes agree");
+        drop(a);
+        assert_eq!(reopen(one.path()).1, da, "and the recomputation at start");
     }
 
     #[test]
     fn the_state_is_private_to_its_owner() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
-        let mut b = Baseline::default();
-        b.save(&state).unwrap();
+        let mut b = Baseline::create(&state).unwrap();
+        b.save().unwrap();
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&state), 0o700);
         assert_eq!(mode(&state.join(FILE)), 0o600);
@@ -440,10 +1090,11 @@ mod tests {
     #[test]
     fn the_journal_vouches_for_unpublished_states_only() {
         let dir = tempfile::tempdir().unwrap();
-        let mut b = Baseline::default();
-        let d1 = b.save(dir.path()).unwrap();
+        let mut b = Baseline::create(dir.path()).unwrap();
+        let d1 = b.save().unwrap();
         b.establish("p", "e");
-        let d2 = b.save(dir.path()).unwrap();
+        let d2 = b.save().unwrap();
+        assert_ne!(d1, d2);
         let j = Journal::new(dir.path());
         assert!(j.vouches(&d1, &d2), "written after the published one");
         assert!(!j.vouches(&d2, &"0".repeat(64)), "someone else's edit");
@@ -453,41 +1104,188 @@ mod tests {
     }
 
     #[test]
+    fn a_large_change_is_written_in_batches_each_journaled_before_it_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Baseline::create(dir.path()).unwrap();
+        let published = b.save().unwrap();
+        for i in 0..(2 * BATCH + 10) {
+            b.establish_path(&format!("/d/f{i:05}"), Some(attrs(i as u64)));
+            b.flush_if_full().unwrap();
+        }
+        assert!(b.pending.len() < BATCH, "written as the scan goes");
+        // A crash now: what is on disk is a state the journal vouches for.
+        let written = Journal::new(dir.path()).read();
+        assert!(written.len() >= 3, "{written:?}");
+        drop(b);
+        let (b, on_disk) = reopen(dir.path());
+        assert!(Journal::new(dir.path()).vouches(&published, &on_disk));
+        assert_eq!(b.keys_under("/d").len(), 2 * BATCH);
+    }
+
+    #[test]
+    fn a_new_baseline_replaces_the_old_one_only_when_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = Baseline::create(dir.path()).unwrap();
+        old.establish_path("/old", Some(attrs(1)));
+        let d_old = old.save().unwrap();
+        drop(old);
+        let mut new = Baseline::create(dir.path()).unwrap();
+        for i in 0..(BATCH + 1) {
+            new.establish_path(&format!("/new/{i}"), Some(attrs(1)));
+            new.flush_if_full().unwrap();
+        }
+        assert_eq!(reopen(dir.path()).1, d_old, "not replaced before the save");
+        let d_new = new.save().unwrap();
+        drop(new);
+        let (b, d) = reopen(dir.path());
+        assert_eq!(d, d_new);
+        assert!(!b.knows("/old"));
+        assert!(b.knows("/new/0"));
+    }
+
+    #[test]
+    fn children_are_read_one_directory_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Baseline::create(dir.path()).unwrap();
+        for k in [
+            "/etc",
+            "/etc/a",
+            "/etc/a-b",
+            "/etc/a/x/y",
+            "/etc/b/c",
+            "/etcx",
+        ] {
+            b.establish_path(k, Some(attrs(1)));
+        }
+        b.save().unwrap();
+        b.establish_path("/etc/z", Some(attrs(2)));
+        b.establish_path("/etc/a-b", None);
+        let names: Vec<(String, bool, bool)> = b
+            .children("/etc")
+            .into_iter()
+            .map(|(n, c)| (n, c.known, c.below))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("a".to_string(), true, true),
+                ("b".to_string(), false, true),
+                ("z".to_string(), true, false),
+            ]
+        );
+        assert_eq!(b.children("/").len(), 2, "{:?}", b.children("/"));
+        assert_eq!(b.keys_under("/etc").len(), 4);
+    }
+
+    #[test]
     fn epochs_tell_a_recurrence_from_a_retry() {
-        let mut b = Baseline::default();
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Baseline::create(dir.path()).unwrap();
         b.establish_path("/f", Some(attrs(1)));
         assert_eq!(b.epoch("/f"), 0);
         b.mark_reported("/f", "x".into());
+        b.save().unwrap();
         b.mark_reported("/f", "x".into());
+        assert!(!b.is_dirty(), "a retry changes nothing");
         assert_eq!(b.epoch("/f"), 0, "a retry keeps the epoch");
         b.settled("/f");
         assert_eq!(b.epoch("/f"), 1, "back to the approved state");
+        b.save().unwrap();
         b.settled("/f");
         assert_eq!(b.epoch("/f"), 1, "nothing was reported");
         b.approve("/f", Some(attrs(2)));
         assert_eq!(b.epoch("/f"), 2);
-        assert_eq!(b.approved("/f"), Some(&attrs(2)));
+        assert_eq!(b.approved("/f"), Some(attrs(2)));
         assert!(b.reported("/f").is_none());
     }
 
     #[test]
-    fn a_torn_temporary_file_never_replaces_the_baseline() {
+    fn a_torn_new_baseline_never_replaces_the_baseline() {
         let dir = tempfile::tempdir().unwrap();
-        let mut b = Baseline::default();
+        let mut b = Baseline::create(dir.path()).unwrap();
         b.establish("p", "e");
-        b.save(dir.path()).unwrap();
-        fs::write(dir.path().join(format!(".{FILE}.tmp")), b"{\"vers").unwrap();
-        let (loaded, _) = Baseline::load(dir.path()).unwrap().unwrap();
-        assert_eq!(loaded, b);
+        let d = b.save().unwrap();
+        drop(b);
+        fs::write(dir.path().join(NEW_FILE), b"redb\0torn").unwrap();
+        let (loaded, on_disk) = reopen(dir.path());
+        assert_eq!(on_disk, d);
+        assert!(loaded.is_established("p", "e"));
     }
 
     #[test]
     fn garbage_is_reported_as_corrupt() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join(FILE), b"not json").unwrap();
+        fs::write(dir.path().join(FILE), b"not a database at all").unwrap();
+        let r = Baseline::load(dir.path()).map(|_| ());
+        assert!(matches!(r, Err(BaselineError::Corrupt { .. })), "{r:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Baseline::create(dir.path()).unwrap();
+        b.establish_path("/f", Some(attrs(1)));
+        b.save().unwrap();
+        drop(b);
+        let file = dir.path().join(FILE);
+        let len = fs::metadata(&file).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let r = Baseline::load(dir.path()).map(|_| ());
+        assert!(matches!(r, Err(BaselineError::Corrupt { .. })), "{r:?}");
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(LEGACY_FILE), b"not json").unwrap();
         assert!(matches!(
             Baseline::load(dir.path()),
             Err(BaselineError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn the_document_of_earlier_versions_is_imported_whole_and_set_aside_once_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let doc = serde_json::json!({
+            "version": 1,
+            "files": {
+                "/etc/hosts": {"approved": {"size": 3}, "reported": "abc", "epoch": 2},
+                "/etc/gone": {"epoch": 1},
+            },
+            "established": ["p/etc"],
+            "policies": {"p": {"generation": 4, "baselineTime": "2026-01-01T00:00:00Z", "lastScanTime": null}},
+        });
+        let bytes = serde_json::to_vec(&doc).unwrap();
+        fs::write(dir.path().join(LEGACY_FILE), &bytes).unwrap();
+        Journal::new(dir.path())
+            .append(&blake3::hash(&bytes).to_hex())
+            .unwrap();
+
+        let (mut b, digest) = reopen(dir.path());
+        assert_eq!(
+            digest,
+            blake3::hash(&bytes).to_hex().to_string(),
+            "checked against what the cluster holds"
+        );
+        assert_eq!(b.approved("/etc/hosts"), Some(attrs(3)));
+        assert_eq!(b.reported("/etc/hosts").as_deref(), Some("abc"));
+        assert_eq!(b.epoch("/etc/hosts"), 2);
+        assert!(b.knows("/etc/gone") && b.approved("/etc/gone").is_none());
+        assert!(b.is_established("p", "etc"));
+        assert_eq!(b.policy("p").and_then(|p| p.generation), Some(4));
+        assert!(
+            dir.path().join(LEGACY_FILE).exists(),
+            "the document stays the baseline until the import is saved"
+        );
+
+        let new = b.save().unwrap();
+        assert!(!dir.path().join(LEGACY_FILE).exists());
+        assert!(dir.path().join(format!("{LEGACY_FILE}.migrated")).exists());
+        assert!(
+            Journal::new(dir.path()).vouches(&digest, &new),
+            "the import is this agent's own state, after the published one"
+        );
+        drop(b);
+        let (b, on_disk) = reopen(dir.path());
+        assert_eq!(on_disk, new);
+        assert_eq!(b.epoch("/etc/hosts"), 2);
     }
 }

@@ -24,7 +24,7 @@ use crate::baseline::{Baseline, BaselineError, Journal, state_digest};
 use crate::hostfs::{HostRoot, InspectError, Inspected, Item};
 use crate::metrics::Progress;
 use crate::mounts::{MountSource, MountTable};
-use crate::paths::{host_path, rel_path};
+use crate::paths::{escape, host_path, rel_path, unescape};
 use crate::plan::{Entry, Plan, PlanError};
 
 /// Engine errors (per-file trouble is not an error: it is reported and skipped).
@@ -108,6 +108,8 @@ pub struct Engine {
     /// List every difference from the approved baseline, even those already
     /// reported (`check` reports the state; it does not deliver).
     pub list_reported: bool,
+    /// Write nothing (`check`): the scan's bookkeeping stays in memory.
+    pub dry_run: bool,
 }
 
 fn is_dir(attrs: Option<&FileAttributes>) -> bool {
@@ -192,6 +194,68 @@ fn without_late_attributes(
     (out != *current).then_some(out)
 }
 
+/// A path a scan reaches, and what is known of it.
+#[derive(Clone, Debug)]
+struct Node {
+    path: PathBuf,
+    /// Listed by its directory: `Some(true)` for a directory.
+    listed: Option<bool>,
+    /// The baseline has a record of the path / records below it.
+    known: bool,
+    below: bool,
+}
+
+/// Files counted by a scan.
+#[derive(Default)]
+struct Tally {
+    per_policy: BTreeMap<String, usize>,
+    total: usize,
+}
+
+impl Tally {
+    fn count(&mut self, owners: &[&Entry]) {
+        self.total += 1;
+        let mut counted = BTreeSet::new();
+        for o in owners {
+            if counted.insert(&o.owner.policy) {
+                *self.per_policy.entry(o.owner.policy.clone()).or_default() += 1;
+            }
+        }
+    }
+}
+
+/// Whether the scan judges the path (if an entry owns it): found on disk,
+/// known to the baseline, or an entry's base.
+fn candidate(plan: &Plan, node: &Node) -> bool {
+    node.listed.is_some() || node.known || is_base(plan, &node.path)
+}
+
+fn is_base(plan: &Plan, path: &Path) -> bool {
+    plan.entries.iter().any(|e| e.base == path)
+}
+
+/// Whether an entry lists the directory's entries on disk: its own base, or a
+/// directory its recursion covers.
+fn lists(plan: &Plan, node: &Node) -> bool {
+    is_base(plan, &node.path)
+        || (node.listed == Some(true)
+            && plan
+                .entries
+                .iter()
+                .any(|e| e.recursive && e.covers(&node.path)))
+}
+
+/// Whether the scan goes below the path: listed, known below, or on the way to
+/// a deeper entry's base.
+fn descends(plan: &Plan, node: &Node) -> bool {
+    node.below
+        || lists(plan, node)
+        || plan
+            .entries
+            .iter()
+            .any(|e| e.base != node.path && e.base.starts_with(&node.path))
+}
+
 /// What became of an approval.
 #[derive(Debug)]
 pub enum Approved {
@@ -254,7 +318,7 @@ impl Engine {
         let loaded = if load { Baseline::load(state)? } else { None };
         let (baseline, loaded_digest) = match loaded {
             Some((b, d)) => (b, Some(d)),
-            None => (Baseline::default(), None),
+            None => (Baseline::create(state)?, None),
         };
         Ok(Engine {
             mount_source: MountSource::of_host(root.path()),
@@ -277,6 +341,7 @@ impl Engine {
             files_total: 0,
             last_errors: Vec::new(),
             list_reported: false,
+            dry_run: false,
         })
     }
 
@@ -312,6 +377,7 @@ impl Engine {
             paths.extend(
                 self.baseline
                     .keys_under(&host_path(&point))
+                    .iter()
                     .map(|k| rel_path(k)),
             );
             paths.insert(point);
@@ -417,7 +483,7 @@ impl Engine {
 
     /// Writes the baseline; returns its digest.
     pub fn save(&mut self) -> Result<String, EngineError> {
-        Ok(self.baseline.save(&self.state)?)
+        Ok(self.baseline.save()?)
     }
 
     /// The smallest debounce and scan interval among the policies.
@@ -453,74 +519,10 @@ impl Engine {
         out.into_iter().map(|d| self.root.path().join(d)).collect()
     }
 
-    /// Walks every entry: the root-relative paths that exist now.
-    fn walk(&mut self, errors: &mut Vec<ScanError>) -> BTreeSet<PathBuf> {
-        let mut found = BTreeSet::new();
-        let mut dirs = BTreeSet::new();
-        let plan = Arc::clone(&self.plan);
-        for e in &plan.entries {
-            let starts: Vec<PathBuf> = match &e.pattern {
-                Some(glob) => match self.root.list_dir(&e.base) {
-                    Ok(children) => {
-                        dirs.insert(e.base.clone());
-                        children
-                            .into_iter()
-                            .filter(|c| glob.is_match(&c.name))
-                            .map(|c| e.base.join(c.name))
-                            .filter(|p| e.covers(p))
-                            .collect()
-                    }
-                    Err(InspectError::Io(_)) | Err(InspectError::Loop) => Vec::new(),
-                    Err(err) => {
-                        errors.push(ScanError {
-                            path: host_path(&e.base),
-                            reason: err.to_string(),
-                        });
-                        Vec::new()
-                    }
-                },
-                None => vec![e.base.clone()],
-            };
-            for start in starts {
-                found.insert(start.clone());
-                let list_children = e.recursive || e.pattern.is_none();
-                if !list_children {
-                    continue;
-                }
-                let mut stack = vec![(start, true)];
-                while let Some((dir, first)) = stack.pop() {
-                    let children = match self.root.list_dir(&dir) {
-                        Ok(c) => c,
-                        // Not a directory (a file, a symlink): nothing below.
-                        Err(InspectError::Io(_)) | Err(InspectError::Loop) => continue,
-                        Err(err) => {
-                            errors.push(ScanError {
-                                path: host_path(&dir),
-                                reason: err.to_string(),
-                            });
-                            continue;
-                        }
-                    };
-                    dirs.insert(dir.clone());
-                    for c in children {
-                        let p = dir.join(&c.name);
-                        if !e.covers(&p) {
-                            continue;
-                        }
-                        found.insert(p.clone());
-                        if c.is_dir && e.recursive {
-                            stack.push((p, false));
-                        }
-                    }
-                    let _ = first;
-                }
-            }
-        }
-        self.dirs = dirs;
-        found
-    }
-
-    /// A full scan: every monitored path now, against the baseline.
+    /// A full scan: every monitored path now, against the baseline. One
+    /// directory at a time, depth first: its entries on disk merged with the
+    /// baseline's records of its children, so memory holds a directory, never
+    /// the tree, and the changes are written in batches as the scan goes.
     pub fn scan(&mut self, source: DetectionSource) -> Outcome {
         let mut out = Outcome::default();
         if self.plan.entries.is_empty() {
@@ -533,44 +535,49 @@ impl Engine {
         if self.mounts_compared.is_none() {
             self.mounts_compared = self.mounts.clone();
         }
-        let walked = self.walk(&mut out.errors);
-        let mut candidates: BTreeSet<PathBuf> = walked;
-        candidates.extend(self.baseline.keys().map(|k| rel_path(k)));
-        let candidates: Vec<PathBuf> = candidates.into_iter().collect();
         let plan = Arc::clone(&self.plan);
-        let mut per_policy: BTreeMap<String, usize> = BTreeMap::new();
-        let mut total = 0;
-        // Inspected in parallel a batch at a time, judged in path order.
-        for batch in candidates.chunks(SCAN_BATCH) {
-            let batch: Vec<(&PathBuf, Vec<&Entry>, Vec<Attribute>)> = batch
-                .iter()
-                .filter_map(|path| {
-                    let owners = plan.owners(path);
-                    let want = Plan::wanted(&owners);
-                    (!owners.is_empty()).then_some((path, owners, want))
-                })
-                .collect();
-            let items: Vec<Item> = batch
-                .iter()
-                .map(|(path, _, want)| Item::of(path, want))
-                .collect();
-            self.progress.beat();
-            let inspected = self.root.inspect_batch(&items, &mut out.bytes);
-            for ((path, owners, want), result) in batch.iter().zip(inspected) {
-                let current = self.settle(path, want, result, &mut out);
-                let key = host_path(path);
-                if current.is_some() {
-                    total += 1;
-                    let mut counted = BTreeSet::new();
-                    for o in owners {
-                        if counted.insert(o.owner.policy.clone()) {
-                            *per_policy.entry(o.owner.policy.clone()).or_default() += 1;
-                        }
-                    }
+        let mut tally = Tally::default();
+        self.dirs.clear();
+        // The bases no other base contains: the subtrees the scan visits.
+        let mut bases: Vec<&Path> = plan.entries.iter().map(|e| e.base.as_path()).collect();
+        bases.sort();
+        bases.dedup();
+        let roots: Vec<Node> = bases
+            .iter()
+            .filter(|b| !bases.iter().any(|o| o != *b && b.starts_with(o)))
+            .map(|b| Node {
+                path: b.to_path_buf(),
+                listed: None,
+                known: self.baseline.knows(&host_path(b)),
+                below: true,
+            })
+            .collect();
+        // Inspected in parallel a batch at a time (across directories), judged
+        // in the order the walk found them.
+        let mut batch: Vec<Node> = roots
+            .iter()
+            .filter(|n| candidate(&plan, n))
+            .cloned()
+            .collect();
+        let mut stack: Vec<Node> = roots.into_iter().rev().collect();
+        while let Some(node) = stack.pop() {
+            if !descends(&plan, &node) {
+                continue;
+            }
+            let children = self.children(&node, &plan, &mut out.errors);
+            batch.extend(children.iter().filter(|n| candidate(&plan, n)).cloned());
+            stack.extend(children.into_iter().rev());
+            if batch.len() >= SCAN_BATCH {
+                self.judge_nodes(&batch, &plan, source, &mut out, &mut tally);
+                batch.clear();
+                if !self.dry_run
+                    && let Err(error) = self.baseline.flush_if_full()
+                {
+                    warn!(%error, "could not write the baseline; changes kept in memory");
                 }
-                self.judge(&key, path, current, owners, source, &mut out);
             }
         }
+        self.judge_nodes(&batch, &plan, source, &mut out, &mut tally);
         // Paths no served entry owns stay in the baseline: a policy served
         // again later compares with them. Every planned entry is now
         // established: later differences are reported.
@@ -582,11 +589,100 @@ impl Engine {
             self.baseline.scanned(name, p.generation, now);
         }
         self.resumed.clear();
-        self.files_per_policy = per_policy;
-        self.files_total = total;
+        self.files_per_policy = tally.per_policy;
+        self.files_total = tally.total;
         self.last_errors = out.errors.clone();
-        out.files = total;
+        out.files = tally.total;
         out
+    }
+
+    /// The children of a directory the scan descends into, in name order:
+    /// what is in it on disk (if an entry lists it), what the baseline knows
+    /// in it, and the way to the bases of entries deeper down.
+    fn children(&mut self, node: &Node, plan: &Plan, errors: &mut Vec<ScanError>) -> Vec<Node> {
+        let mut by_name: BTreeMap<String, Node> = BTreeMap::new();
+        if lists(plan, node) {
+            match self.root.list_dir(&node.path) {
+                Ok(children) => {
+                    self.dirs.insert(node.path.clone());
+                    for c in children {
+                        by_name.insert(
+                            escape(&c.name),
+                            Node {
+                                path: node.path.join(&c.name),
+                                listed: Some(c.is_dir),
+                                known: false,
+                                below: false,
+                            },
+                        );
+                    }
+                }
+                // Not a directory (a file, a symlink): nothing below.
+                Err(InspectError::Io(_)) | Err(InspectError::Loop) => {}
+                Err(err) => errors.push(ScanError {
+                    path: host_path(&node.path),
+                    reason: err.to_string(),
+                }),
+            }
+        }
+        for e in &plan.entries {
+            if let Ok(rest) = e.base.strip_prefix(&node.path)
+                && let Some(first) = rest.components().next()
+            {
+                let name = first.as_os_str();
+                by_name.entry(escape(name)).or_insert_with(|| Node {
+                    path: node.path.join(name),
+                    listed: None,
+                    known: false,
+                    below: false,
+                });
+            }
+        }
+        for (name, k) in self.baseline.children(&host_path(&node.path)) {
+            let n = by_name.entry(name).or_insert_with_key(|name| Node {
+                path: node.path.join(unescape(name)),
+                listed: None,
+                known: false,
+                below: false,
+            });
+            n.known = k.known;
+            n.below = k.below;
+        }
+        by_name.into_values().collect()
+    }
+
+    /// Inspects the paths of `nodes` some entry monitors (in parallel), then
+    /// judges them in order.
+    fn judge_nodes(
+        &mut self,
+        nodes: &[Node],
+        plan: &Plan,
+        source: DetectionSource,
+        out: &mut Outcome,
+        tally: &mut Tally,
+    ) {
+        let todo: Vec<(&Node, Vec<&Entry>, Vec<Attribute>)> = nodes
+            .iter()
+            .filter_map(|n| {
+                let owners = plan.owners(&n.path);
+                let want = Plan::wanted(&owners);
+                (!owners.is_empty()).then_some((n, owners, want))
+            })
+            .collect();
+        let items: Vec<Item> = todo
+            .iter()
+            .map(|(n, _, want)| Item::of(&n.path, want))
+            .collect();
+        self.progress.beat();
+        let inspected = self.root.inspect_batch(&items, &mut out.bytes);
+        for ((node, owners, want), result) in todo.iter().zip(inspected) {
+            let current = self.settle(&node.path, want, result, out);
+            if current.is_some() {
+                tally.count(owners);
+            }
+            let key = host_path(&node.path);
+            self.judge(&key, &node.path, current, owners, source, out);
+        }
     }
 
     /// Re-examines the given root-relative paths (real-time events): each path,
@@ -602,7 +698,12 @@ impl Engine {
         let mut new_dirs = false;
         for p in paths {
             candidates.insert(p.clone());
-            candidates.extend(self.baseline.keys_under(&host_path(p)).map(|k| rel_path(k)));
+            candidates.extend(
+                self.baseline
+                    .keys_under(&host_path(p))
+                    .iter()
+                    .map(|k| rel_path(k)),
+            );
             // A directory that appeared under a recursive entry: walk it.
             let owners = self.plan.owners(p);
             if owners.iter().any(|o| o.recursive) {
@@ -670,7 +771,7 @@ impl Engine {
                     reason: err.to_string(),
                 });
                 // Unreadable now: keep the baseline as it is, report nothing.
-                self.baseline.approved(&host_path(path)).cloned()
+                self.baseline.approved(&host_path(path))
             }
         }
     }
@@ -705,7 +806,7 @@ impl Engine {
             self.baseline.establish_path(key, current);
             return;
         }
-        let approved = self.baseline.approved(key).cloned();
+        let approved = self.baseline.approved(key);
         if approved == current {
             self.baseline.settled(key);
             return;
@@ -721,13 +822,14 @@ impl Engine {
                 return;
             }
             if !self.list_reported
-                && self.baseline.reported(key) == Some(state_digest(Some(&unmeasured)).as_str())
+                && self.baseline.reported(key).as_deref()
+                    == Some(state_digest(Some(&unmeasured)).as_str())
             {
                 return; // reported before these attributes were recorded
             }
         }
         let digest = state_digest(current.as_ref());
-        if !self.list_reported && self.baseline.reported(key) == Some(digest.as_str()) {
+        if !self.list_reported && self.baseline.reported(key).as_deref() == Some(digest.as_str()) {
             return; // already reported
         }
         let category = match (&approved, &current) {
@@ -871,9 +973,10 @@ impl Engine {
                     });
             }
         }
-        for (key, approved) in self.baseline.approved_states() {
-            let Some(state) = approved else { continue };
-            for o in self.plan.owners(&rel_path(key)) {
+        let plan = &self.plan;
+        self.baseline.for_each_approved(|key, approved| {
+            let Some(state) = approved else { return };
+            for o in plan.owners(&rel_path(key)) {
                 let Some(a) = acc.get_mut(&(o.owner.policy.clone(), o.owner.entry.clone())) else {
                     continue;
                 };
@@ -886,9 +989,9 @@ impl Engine {
                 a.hasher.update(key.as_bytes());
                 a.hasher.update(state_digest(Some(&projected)).as_bytes());
                 a.files += 1;
-                a.path = (a.files == 1).then(|| key.clone());
+                a.path = (a.files == 1).then(|| key.to_string());
             }
-        }
+        });
         acc.into_iter()
             .map(|((policy, entry), a)| EntryDigest {
                 policy,
@@ -929,7 +1032,7 @@ impl Engine {
                 .find(|e| e.owner.policy == k.policy && e.owner.entry == k.entry)
                 .map(|e| e.attributes.clone())
                 .unwrap_or_default();
-            let after = self.baseline.approved(path).map(|a| project(a, &attrs));
+            let after = self.baseline.approved(path).map(|a| project(&a, &attrs));
             changes.push(FileChangeSpec {
                 node: self.node.clone(),
                 policy: k.policy.clone(),
@@ -1183,6 +1286,15 @@ mod tests {
         }
     }
 
+    fn entry(name: &str, path: &str, recursive: bool) -> MonitoredPath {
+        MonitoredPath {
+            name: name.into(),
+            path: path.into(),
+            recursive,
+            ..MonitoredPath::default()
+        }
+    }
+
     #[test]
     fn a_new_hard_link_shows_on_the_file_itself() {
         let root = tempfile::tempdir().unwrap();
@@ -1242,18 +1354,14 @@ mod tests {
         // A change reported (and not yet approved) by the old agent.
         std::fs::write(bin.join("su"), "evil su").unwrap();
         assert_eq!(scan(&mut old, DetectionSource::Scan).changes.len(), 1);
-        old.save().unwrap();
+        let on_disk = old.save().unwrap();
         let digests = old.entry_digests();
-        let on_disk = std::fs::read(state.path().join("baseline.json")).unwrap();
         drop(old);
 
         let mut new = engine(root.path(), state.path(), vec![usr_bin(Vec::new())]);
         // Nothing for the cluster to tell from what it last saw.
         assert_eq!(new.entry_digests(), digests);
-        assert_eq!(
-            std::fs::read(state.path().join("baseline.json")).unwrap(),
-            on_disk
-        );
+        assert_eq!(new.loaded_digest(), Some(on_disk.as_str()));
         let o = scan(&mut new, DetectionSource::Startup);
         assert_eq!(describe(&o), Vec::<String>::new(), "no flood on upgrade");
         new.save().unwrap();
@@ -1362,5 +1470,73 @@ mod tests {
         .unwrap();
         let d = describe(&scan(&mut e, DetectionSource::Scan));
         assert_eq!(d, ["Modified /usr/bin/sudo [Mount]"]);
+    }
+
+    #[test]
+    fn nested_deep_and_wildcard_entries_are_scanned_once_each() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let w = |p: &str, c: &str| {
+            let p = root.path().join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, c).unwrap();
+        };
+        w("etc/x", "x");
+        w("etc/a/b/c/d/f", "f");
+        w("etc/a/b/other", "o");
+        w("var/a.log", "l");
+        w("var/b.txt", "t");
+        let mut e = engine(
+            root.path(),
+            state.path(),
+            vec![
+                entry("etc", "/etc", false),
+                entry("deep", "/etc/a/b/c", true),
+                entry("logs", "/var/*.log", false),
+            ],
+        );
+        assert!(scan(&mut e, DetectionSource::Startup).changes.is_empty());
+        // etc, etc/x, etc/a; etc/a/b/c, its d and d/f; var/a.log.
+        assert_eq!(e.files_total, 7);
+
+        w("etc/a/b/c/d/new", "n");
+        w("etc/a/b/unwatched", "u");
+        w("var/new.log", "n");
+        w("var/new.txt", "n");
+        std::fs::remove_file(root.path().join("etc/x")).unwrap();
+        let d = describe(&scan(&mut e, DetectionSource::Scan));
+        assert_eq!(
+            d,
+            [
+                "Added /etc/a/b/c/d/new []",
+                "Added /var/new.log []",
+                "Removed /etc/x []"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_file_reports_what_was_below_it() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc/sub/deeper")).unwrap();
+        std::fs::write(root.path().join("etc/sub/deeper/f"), "f").unwrap();
+        std::fs::write(root.path().join("etc/sub-file"), "g").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        scan(&mut e, DetectionSource::Startup);
+        e.save().unwrap();
+        drop(e);
+        std::fs::remove_dir_all(root.path().join("etc/sub")).unwrap();
+        std::fs::write(root.path().join("etc/sub"), "now a file").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        let d = describe(&scan(&mut e, DetectionSource::Startup));
+        assert_eq!(
+            d,
+            [
+                "Modified /etc/sub [Type, Mode]",
+                "Removed /etc/sub/deeper []",
+                "Removed /etc/sub/deeper/f []"
+            ],
+        );
     }
 }

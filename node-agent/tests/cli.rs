@@ -169,7 +169,7 @@ fn check_without_or_with_a_damaged_baseline_exits_2() {
 
     h.baseline();
     assert_eq!(h.check_json().code(), 0);
-    let file = h.state.join("baseline.json");
+    let file = h.state.join("baseline.redb");
     let mut bytes = std::fs::read(&file).unwrap();
     bytes.truncate(bytes.len() / 2);
     std::fs::write(&file, bytes).unwrap();

@@ -162,7 +162,7 @@ fn watch_without_a_baseline_builds_one_silently() {
     assert_eq!(c["source"], "Realtime");
     assert_eq!(c["path"], "/etc/hosts");
     w.kill();
-    assert!(h.state.join("baseline.json").exists());
+    assert!(h.state.join("baseline.redb").exists());
 }
 
 #[test]

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use super::node_status;
 use super::selection::served;
 use crate::attribution::pods::PodIndex;
-use crate::baseline::Journal;
+use crate::baseline::{BaselineError, Journal};
 use crate::engine::{Engine, EngineError, PolicyInput};
 use crate::metrics::AgentMetrics;
 use crate::report::deliver::{self, RateLimit};
@@ -191,15 +191,16 @@ pub async fn run(
     crate::baseline::create_state_dir(&config.state).context("creating the state directory")?;
     let (mut engine, unreadable) = match Engine::open(&config.root, &config.state, &node_name) {
         Ok(e) => (e, None),
+        Err(EngineError::Baseline(error @ BaselineError::InUse { .. })) => {
+            return Err(error).context("another agent serves this state directory");
+        }
         Err(EngineError::Baseline(error)) => {
             // Kept for forensics, never silently replaced.
-            let aside = config.state.join(format!(
-                "{}.unreadable-{}",
-                crate::baseline::FILE,
-                Timestamp::now().as_second()
-            ));
-            let _ = std::fs::rename(config.state.join(crate::baseline::FILE), &aside);
-            warn!(%error, aside = %aside.display(), "the baseline on this node cannot be read");
+            let aside = crate::baseline::set_aside(
+                &config.state,
+                &format!("unreadable-{}", Timestamp::now().as_second()),
+            );
+            warn!(%error, ?aside, "the baseline on this node cannot be read");
             let e = Engine::open_fresh(&config.root, &config.state, &node_name)
                 .context("opening the host root")?;
             (e, Some(error.to_string()))
@@ -250,12 +251,11 @@ pub async fn run(
         if found.reason == "BaselineTampered" {
             // A foreign baseline could hide anything: start from what is on
             // disk now and let the entry digests say what differs.
-            let aside = config.state.join(format!(
-                "{}.foreign-{}",
-                crate::baseline::FILE,
-                Timestamp::now().as_second()
-            ));
-            let _ = std::fs::rename(config.state.join(crate::baseline::FILE), &aside);
+            drop(engine);
+            crate::baseline::set_aside(
+                &config.state,
+                &format!("foreign-{}", Timestamp::now().as_second()),
+            );
             engine = Engine::open_fresh(&config.root, &config.state, &node_name)
                 .context("opening the host root")?;
             engine.set_progress(metrics.progress.clone());
