@@ -236,8 +236,9 @@ pub struct Baseline {
     state: PathBuf,
     /// Built from nothing at [`NEW_FILE`] until its first save.
     fresh: bool,
-    /// Imported from [`LEGACY_FILE`], set aside at the first save.
-    legacy: bool,
+    /// Imported from [`LEGACY_FILE`] (with its digest), set aside at the first
+    /// save.
+    legacy: Option<String>,
     /// Digest of the committed records.
     sum: SetHash,
     /// Records changed since the last write (`None`: removed).
@@ -386,7 +387,7 @@ impl Baseline {
             db,
             state: state.to_path_buf(),
             fresh,
-            legacy: false,
+            legacy: None,
             sum: SetHash::zero(),
             pending: BTreeMap::new(),
             established: BTreeSet::new(),
@@ -492,7 +493,7 @@ impl Baseline {
             b.policies.insert(k, rec);
         }
         b.write(false)?;
-        b.legacy = true;
+        b.legacy = Some(digest.clone());
         info!(files, from = %path.display(), "baseline imported into the store; the document is set aside at the first save");
         Ok(Some((b, digest)))
     }
@@ -503,6 +504,22 @@ impl Baseline {
         if !self.dirty {
             return Ok(self.sum.digest());
         }
+        if let Some(imported) = &self.legacy {
+            // The document this baseline was imported from was checked against
+            // the cluster's digest before this first save: journaled, the
+            // import written after it is this agent's own state, even if a
+            // crash comes before the cluster holds the new digest (a journal
+            // from before the document's digest was journaled lacks it).
+            let journal = Journal::new(&self.state);
+            if !journal.read().contains(imported) {
+                journal
+                    .append(imported)
+                    .map_err(|source| BaselineError::Io {
+                        path: self.state.join(JOURNAL),
+                        source,
+                    })?;
+            }
+        }
         let digest = self.write(true)?;
         if self.fresh {
             let io = |source| BaselineError::Io {
@@ -512,12 +529,11 @@ impl Baseline {
             fs::rename(self.state.join(NEW_FILE), self.state.join(FILE)).map_err(io)?;
             sync_dir(&self.state).map_err(io)?;
             self.fresh = false;
-            if self.legacy {
+            if self.legacy.take().is_some() {
                 let aside = self.state.join(format!("{LEGACY_FILE}.migrated"));
                 if fs::rename(self.state.join(LEGACY_FILE), &aside).is_ok() {
                     info!(aside = %aside.display(), "the baseline document of the earlier version is set aside");
                 }
-                self.legacy = false;
             }
         }
         self.dirty = false;
@@ -713,6 +729,23 @@ impl Baseline {
                 f(pk, t);
             }
         }
+    }
+
+    /// The baseline in the document format of earlier versions (to test
+    /// their migration).
+    #[cfg(test)]
+    pub(crate) fn to_legacy_document(&self) -> Vec<u8> {
+        let mut files = serde_json::Map::new();
+        self.for_each_under("", |k, t| {
+            files.insert(k.to_string(), serde_json::to_value(t).unwrap_or_default());
+        });
+        let doc = serde_json::json!({
+            "version": LEGACY_VERSION,
+            "files": files,
+            "established": self.established,
+            "policies": self.policies,
+        });
+        serde_json::to_vec(&doc).unwrap_or_default()
     }
 
     /// Whether anything changed since the last save.

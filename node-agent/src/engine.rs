@@ -1539,4 +1539,48 @@ mod tests {
             ],
         );
     }
+
+    #[test]
+    fn a_baseline_of_an_earlier_version_is_migrated_without_a_report() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc/ssh")).unwrap();
+        std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
+        std::fs::write(root.path().join("etc/ssh/sshd_config"), "b").unwrap();
+        let mut old = engine(root.path(), state.path(), vec![etc(true)]);
+        scan(&mut old, DetectionSource::Startup);
+        // A change reported and not approved: it stays reported once.
+        std::fs::write(root.path().join("etc/hosts"), "changed").unwrap();
+        assert_eq!(scan(&mut old, DetectionSource::Scan).changes.len(), 1);
+        old.save().unwrap();
+        let digests = old.entry_digests();
+        let epoch = old.baseline().epoch("/etc/hosts");
+        // What an earlier version kept on disk instead, and published.
+        let doc = old.baseline().to_legacy_document();
+        drop(old);
+        for f in [crate::baseline::FILE, crate::baseline::JOURNAL] {
+            std::fs::remove_file(state.path().join(f)).unwrap();
+        }
+        std::fs::write(state.path().join(crate::baseline::LEGACY_FILE), &doc).unwrap();
+        let published = blake3::hash(&doc).to_hex().to_string();
+
+        let mut new = engine(root.path(), state.path(), vec![etc(true)]);
+        assert!(new.had_baseline());
+        assert_eq!(new.loaded_digest(), Some(published.as_str()), "no alarm");
+        assert_eq!(new.entry_digests(), digests);
+        assert_eq!(new.baseline().epoch("/etc/hosts"), epoch);
+        let o = scan(&mut new, DetectionSource::Startup);
+        assert!(o.changes.is_empty(), "{:?}", describe(&o));
+        let saved = new.save().unwrap();
+        assert!(new.journal().vouches(&published, &saved));
+        drop(new);
+        assert!(!state.path().join(crate::baseline::LEGACY_FILE).exists());
+
+        std::fs::write(root.path().join("etc/ssh/sshd_config"), "evil").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        assert_eq!(e.loaded_digest(), Some(saved.as_str()));
+        let d = describe(&scan(&mut e, DetectionSource::Startup));
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].starts_with("Modified /etc/ssh/sshd_config"), "{d:?}");
+    }
 }
