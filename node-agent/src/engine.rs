@@ -21,7 +21,7 @@ use thiserror::Error;
 use tracing::{debug, warn};
 
 use crate::baseline::{Baseline, BaselineError, Journal, state_digest};
-use crate::hostfs::{HostRoot, InspectError, Inspected, Item};
+use crate::hostfs::{HostRoot, InspectError, Inspected, OwnedItem, Pending};
 use crate::metrics::Progress;
 use crate::mounts::{MountSource, MountTable};
 use crate::paths::{escape, host_path, rel_path, unescape};
@@ -267,6 +267,35 @@ pub enum Approved {
 
 /// Paths inspected together on the scan's threads before being judged.
 const SCAN_BATCH: usize = 4096;
+
+/// A path to judge: its owners and the attributes they want.
+type Todo<'p> = (Node, Vec<&'p Entry>, Arc<[Attribute]>);
+
+/// A batch of paths on the scan threads ([`HostRoot::spawn_batch`]): those
+/// some entry monitors, with their owners and the attributes wanted.
+struct Spawned<'p> {
+    todo: Vec<Todo<'p>>,
+    pending: Pending,
+}
+
+impl<'p> Spawned<'p> {
+    fn new(root: &HostRoot, plan: &'p Plan, nodes: Vec<Node>) -> Self {
+        let todo: Vec<Todo> = nodes
+            .into_iter()
+            .filter_map(|n| {
+                let owners = plan.owners(&n.path);
+                let want = Plan::wanted(&owners).into();
+                (!owners.is_empty()).then_some((n, owners, want))
+            })
+            .collect();
+        let items = todo
+            .iter()
+            .map(|(n, _, want)| OwnedItem::of(&n.path, Arc::clone(want)))
+            .collect();
+        let pending = root.spawn_batch(items);
+        Spawned { todo, pending }
+    }
+}
 
 /// What a directory's record compares (its mtime moves with every file in it).
 const DIR_ATTRS: [Attribute; 6] = [
@@ -552,8 +581,10 @@ impl Engine {
                 below: true,
             })
             .collect();
-        // Inspected in parallel a batch at a time (across directories), judged
-        // in the order the walk found them.
+        // Inspected in parallel a batch at a time (across directories) on the
+        // scan threads, one batch ahead of the judging, which goes in the
+        // order the walk found them.
+        let mut ahead: Option<Spawned> = None;
         let mut batch: Vec<Node> = roots
             .iter()
             .filter(|n| candidate(&plan, n))
@@ -568,16 +599,21 @@ impl Engine {
             batch.extend(children.iter().filter(|n| candidate(&plan, n)).cloned());
             stack.extend(children.into_iter().rev());
             if batch.len() >= SCAN_BATCH {
-                self.judge_nodes(&batch, &plan, source, &mut out, &mut tally);
-                batch.clear();
-                if !self.dry_run
-                    && let Err(error) = self.baseline.flush_if_full()
-                {
-                    warn!(%error, "could not write the baseline; changes kept in memory");
+                let next = Spawned::new(&self.root, &plan, std::mem::take(&mut batch));
+                if let Some(previous) = ahead.replace(next) {
+                    self.judge_nodes(previous, source, &mut out, &mut tally);
+                    if !self.dry_run
+                        && let Err(error) = self.baseline.flush_if_full()
+                    {
+                        warn!(%error, "could not write the baseline; changes kept in memory");
+                    }
                 }
             }
         }
-        self.judge_nodes(&batch, &plan, source, &mut out, &mut tally);
+        let last = Spawned::new(&self.root, &plan, batch);
+        for spawned in ahead.into_iter().chain([last]) {
+            self.judge_nodes(spawned, source, &mut out, &mut tally);
+        }
         // Paths no served entry owns stay in the baseline: a policy served
         // again later compares with them. Every planned entry is now
         // established: later differences are reported.
@@ -655,27 +691,14 @@ impl Engine {
     /// judges them in order.
     fn judge_nodes(
         &mut self,
-        nodes: &[Node],
-        plan: &Plan,
+        batch: Spawned<'_>,
         source: DetectionSource,
         out: &mut Outcome,
         tally: &mut Tally,
     ) {
-        let todo: Vec<(&Node, Vec<&Entry>, Vec<Attribute>)> = nodes
-            .iter()
-            .filter_map(|n| {
-                let owners = plan.owners(&n.path);
-                let want = Plan::wanted(&owners);
-                (!owners.is_empty()).then_some((n, owners, want))
-            })
-            .collect();
-        let items: Vec<Item> = todo
-            .iter()
-            .map(|(n, _, want)| Item::of(&n.path, want))
-            .collect();
         self.progress.beat();
-        let inspected = self.root.inspect_batch(&items, &mut out.bytes);
-        for ((node, owners, want), result) in todo.iter().zip(inspected) {
+        let inspected = batch.pending.wait(&mut out.bytes);
+        for ((node, owners, want), result) in batch.todo.iter().zip(inspected) {
             let current = self.settle(&node.path, want, result, out);
             if current.is_some() {
                 tally.count(owners);
