@@ -472,19 +472,29 @@ async fn a_change_storm_is_summarised() {
     let s = summary.spec.summary.as_ref().unwrap();
     assert!(!s.sample_paths.is_empty());
     assert_eq!(summary.spec.path, "/usr/lib/pkg");
-    let events = Api::<Event>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .unwrap();
-    assert!(
-        events
-            .items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("ChangeStorm")
-                && e.related.as_ref().and_then(|r| r.name.as_deref())
-                    == Some(summary.name_any().as_str())),
-        "a ChangeStorm event"
-    );
+    // The Event is written after its FileChange: wait for it as a user would.
+    let summary_name = summary.name_any();
+    eventually(
+        "a ChangeStorm event related to the summary",
+        Duration::from_secs(30),
+        || async {
+            let events = Api::<Event>::all(client.clone())
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            events
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("ChangeStorm")
+                        && e.related.as_ref().and_then(|r| r.name.as_deref())
+                            == Some(summary_name.as_str())
+                })
+                .then_some(())
+                .ok_or_else(|| format!("{} events, none of them", events.items.len()))
+        },
+    )
+    .await;
     let text = fleet.nodes[0].metrics().unwrap();
     assert!(
         metric(
