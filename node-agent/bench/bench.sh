@@ -64,6 +64,7 @@ else
 fi
 
 lowprio=(nice -n 19 ionice -c 2 -n 7)
+rm -f "$work/watch.txt"
 declare -A wall cpu rss
 rows=()
 
