@@ -522,3 +522,108 @@ fn token_kubeconfig(label: &str, token: &str) -> PathBuf {
     std::fs::write(&path, serde_yaml::to_string(&config).expect("YAML")).expect("write kubeconfig");
     path
 }
+
+/// A FileChange as the agent of `node` reports it under `policy`: by default a
+/// realtime modification of `/etc/sudoers` (entry `etc`) with its hash before
+/// (`a…`) and after (`b…`), and kube-fim's node, policy and category labels.
+/// [`ChangeFixture::path`] and [`ChangeFixture::category`] vary it.
+pub struct ChangeFixture {
+    name: String,
+    node: String,
+    policy: String,
+    path: String,
+    category: kube_fim_crds::ChangeCategory,
+}
+
+impl ChangeFixture {
+    pub fn new(name: &str, node: &str, policy: &str) -> ChangeFixture {
+        ChangeFixture {
+            name: name.into(),
+            node: node.into(),
+            policy: policy.into(),
+            path: "/etc/sudoers".into(),
+            category: kube_fim_crds::ChangeCategory::Modified,
+        }
+    }
+
+    /// The file that changed.
+    pub fn path(mut self, path: &str) -> ChangeFixture {
+        self.path = path.into();
+        self
+    }
+
+    /// Added (no state before), Removed (none after) or Modified (both).
+    pub fn category(mut self, category: kube_fim_crds::ChangeCategory) -> ChangeFixture {
+        self.category = category;
+        self
+    }
+
+    pub fn build(self) -> kube_fim_crds::FileChange {
+        use kube_fim_crds::labels::{CATEGORY, NODE, POLICY, label_value};
+        use kube_fim_crds::{
+            Attribute, ChangeCategory, DetectionSource, FileAttributes, FileChange, FileChangeSpec,
+        };
+        let hash = |c: &str| FileAttributes {
+            hash: Some(c.repeat(64)),
+            ..FileAttributes::default()
+        };
+        let category = self.category;
+        let mut fc = FileChange::new(
+            &self.name,
+            FileChangeSpec {
+                node: self.node.clone(),
+                policy: self.policy.clone(),
+                entry: "etc".into(),
+                path: self.path,
+                category,
+                changed_attributes: if category == ChangeCategory::Modified {
+                    vec![Attribute::Hash]
+                } else {
+                    vec![]
+                },
+                before: (category != ChangeCategory::Added).then(|| hash("a")),
+                after: (category != ChangeCategory::Removed).then(|| hash("b")),
+                detected_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                    k8s_openapi::jiff::Timestamp::now(),
+                ),
+                source: DetectionSource::Realtime,
+                process: None,
+                summary: None,
+            },
+        );
+        fc.metadata.labels = Some(std::collections::BTreeMap::from([
+            (NODE.to_string(), label_value(&self.node)),
+            (POLICY.to_string(), label_value(&self.policy)),
+            (CATEGORY.to_string(), category.as_str().to_string()),
+        ]));
+        fc
+    }
+}
+
+/// [`ChangeFixture`] with its defaults.
+pub fn file_change(name: &str, node: &str, policy: &str) -> kube_fim_crds::FileChange {
+    ChangeFixture::new(name, node, policy).build()
+}
+
+/// The sum of the API server's samples of `metric` whose labels include all of
+/// `labels` (e.g. `apiserver_request_total` with `verb=LIST`), from its /metrics.
+pub fn apiserver_metric(metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let run = kubectl(["get", "--raw", "/metrics"]);
+    assert!(run.success, "apiserver /metrics: {}", run.stderr);
+    run.stdout
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, rest) = series.split_once('{').unwrap_or((series, ""));
+            let has = |(k, v): &(&str, &str)| {
+                rest.trim_end_matches('}')
+                    .split("\",")
+                    .any(|pair| pair.trim_end_matches('"') == format!("{k}=\"{v}"))
+            };
+            (name == metric && labels.iter().all(has))
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}

@@ -1,11 +1,13 @@
 //! The two reconcilers, both run by `kube::runtime`'s applier with one
 //! [`Context`] and one error policy:
-//! - per policy ([`reconcile`]): status, events, retention;
+//! - per policy ([`reconcile`]): status and events;
 //! - for the fleet ([`reconcile_fleet`]): the single agent DaemonSet equal to
 //!   the union of the valid policies, and no record left of a deleted node.
 //!
-//! Three watches (policies, Nodes, agents' FileIntegrityNodes) fill the caches
-//! and decide, per event, what is worth reconciling ([`crate::triggers`]).
+//! Four watches (policies, Nodes, agents' FileIntegrityNodes, FileChanges) fill
+//! the caches and decide, per event, what is worth reconciling
+//! ([`crate::triggers`]). Retention runs on a clock of its own
+//! ([`crate::retention::run`]).
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -17,13 +19,11 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, applier};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use kube_fim_crds::duration::parse_duration;
 use kube_fim_crds::validate::validate_policy;
 use kube_fim_crds::{
     FileChange, FileIntegrityNode, FileIntegrityPolicy, FileIntegrityPolicyStatus,
@@ -32,6 +32,7 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+use crate::changes::Changes;
 use crate::config::Config;
 use crate::daemonset::desired_daemonset;
 use crate::metrics::Metrics;
@@ -89,6 +90,8 @@ pub struct Context {
     pub policies: Store<FileIntegrityPolicy>,
     pub nodes: Store<Node>,
     pub records: Store<FileIntegrityNode>,
+    /// What the policies' status and retention need of each FileChange.
+    pub changes: Changes,
     /// What the watches woke during the current batch window.
     pending: Mutex<Pending>,
     /// Policies the fleet saw last, to drop the metrics of deleted ones.
@@ -135,6 +138,7 @@ pub async fn run(
         policies: policies.clone(),
         nodes,
         records,
+        changes: Changes::default(),
         pending: Mutex::default(),
         known_policies: Mutex::default(),
     });
@@ -174,9 +178,10 @@ pub async fn run(
             |change, _, _| triggers::record_wake(change),
         )),
         tokio::spawn(watch_changes(
-            Api::<PartialObjectMeta<FileChange>>::all(client.clone()),
+            Api::<FileChange>::all(client.clone()),
             ctx.clone(),
         )),
+        tokio::spawn(retention::run(ctx.clone())),
     ];
 
     let shutdown = shutdown.shared();
@@ -311,14 +316,15 @@ async fn watch<K, V>(
 
 /// FileChanges come and go (agents report them, approvals and retention):
 /// their policy's counts follow within a batch window, not at the next resync.
-/// Only their metadata is watched, and none of it is kept.
-async fn watch_changes(api: Api<PartialObjectMeta<FileChange>>, ctx: Arc<Context>) {
+/// Of each, only what the counts and retention need is kept ([`Changes`]).
+async fn watch_changes(api: Api<FileChange>, ctx: Arc<Context>) {
     let events = watcher(api, watcher::Config::default()).default_backoff();
     futures::pin_mut!(events);
     while let Some(event) = events.next().await {
         match event {
             Ok(event) => {
-                let woken = triggers::change_wake(&event, &ctx.policies.state());
+                let change = ctx.changes.observe(&event);
+                let woken = triggers::change_wake(change, &ctx.policies.state());
                 if woken != Wake::default() {
                     ctx.pending().add(woken, Instant::now());
                 }
@@ -377,73 +383,8 @@ async fn reconcile_policy(policy: &FileIntegrityPolicy, ctx: &Context) -> Result
     let now = Timestamp::now();
     let invalid = validate_policy(policy).err().map(|e| e.to_string());
 
-    // Retention, and the change counts the status shows.
-    let changes: Api<FileChange> = Api::all(ctx.client.clone());
-    let items = retention::list(&changes, &name)
-        .await
-        .map_err(|source| Error::ListChanges {
-            policy: name.clone(),
-            source,
-        })?;
-    let selection = match parse_duration(&policy.spec.retention.max_age) {
-        Ok(max_age) => retention::select_for_deletion(
-            items,
-            retention::Limits {
-                max_age,
-                max_count_per_node: policy.spec.retention.max_count as usize,
-                delete_unapproved: policy.spec.retention.delete_unapproved,
-            },
-            now,
-        ),
-        Err(_) => retention::Selection {
-            kept: items,
-            ..retention::Selection::default()
-        },
-    };
-    let (doomed, kept) = (selection.doomed, selection.kept);
-    let mut requeue = ctx.config.resync;
-    if !doomed.is_empty() {
-        let pass = &doomed[..doomed.len().min(ctx.config.retention_max_per_pass)];
-        let deleted = retention::delete(
-            &changes,
-            pass,
-            ctx.config.retention_batch,
-            ctx.config.retention_pause,
-        )
-        .await;
-        ctx.metrics.retention_deleted.inc_by(deleted.len() as u64);
-        info!(policy = %name, deleted = deleted.len(), pending = doomed.len() - pass.len(), "retention");
-        if !deleted.is_empty() {
-            let what = format!(
-                "retention (maxAge {}, maxCount {} per node{}) deleted",
-                policy.spec.retention.max_age,
-                policy.spec.retention.max_count,
-                if policy.spec.retention.delete_unapproved {
-                    ", unapproved too"
-                } else {
-                    ", approved only"
-                }
-            );
-            publish(
-                policy,
-                ctx,
-                Event {
-                    type_: EventType::Normal,
-                    reason: "RetentionDeleted".into(),
-                    note: Some(retention::describe_deleted(&what, &deleted)),
-                    action: "Retain".into(),
-                    secondary: None,
-                },
-            )
-            .await;
-        }
-        if doomed.len() > pass.len() {
-            requeue = Duration::from_secs(5);
-        }
-    }
-    let counts = retention::counts(&kept, now);
-
-    // A cache still empty at start must not look like a cluster without nodes.
+    // Caches still empty at start must not look like a cluster without nodes
+    // or changes.
     ctx.nodes
         .wait_until_ready()
         .await
@@ -452,12 +393,13 @@ async fn reconcile_policy(policy: &FileIntegrityPolicy, ctx: &Context) -> Result
         .wait_until_ready()
         .await
         .map_err(|_| Error::WatchStopped("FileIntegrityNode"))?;
+    ctx.changes.wait_until_listed().await;
     let assessment = status::assess(
         policy,
         invalid.as_deref(),
         &ctx.nodes.state(),
         &ctx.records.state(),
-        counts,
+        ctx.changes.counts(&name, now),
         now,
         ctx.config.heartbeat_timeout,
     );
@@ -468,7 +410,7 @@ async fn reconcile_policy(policy: &FileIntegrityPolicy, ctx: &Context) -> Result
     if policy.status.as_ref() != Some(&assessment.status) {
         write_status(policy, &assessment.status, ctx).await?;
     }
-    Ok(Action::requeue(requeue))
+    Ok(Action::requeue(ctx.config.resync))
 }
 
 async fn write_status(

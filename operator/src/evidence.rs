@@ -8,9 +8,10 @@
 //! finalizer and the changes stay.
 
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube_fim_crds::labels::{POLICY, label_value};
 use kube_fim_crds::{Evidence, FileChange, FileIntegrityPolicy};
 use tracing::info;
 
@@ -34,14 +35,12 @@ pub async fn reconcile(
             return Ok(Some(Action::await_change()));
         }
         let changes: Api<FileChange> = Api::all(ctx.client.clone());
-        let items =
-            retention::list(&changes, &name)
-                .await
-                .map_err(|source| Error::ListChanges {
-                    policy: name.clone(),
-                    source,
-                })?;
-        let names: Vec<String> = items.into_iter().map(|i| i.name).collect();
+        let names = list(&changes, &name)
+            .await
+            .map_err(|source| Error::ListChanges {
+                policy: name.clone(),
+                source,
+            })?;
         let pass = &names[..names.len().min(ctx.config.retention_max_per_pass)];
         let deleted = retention::delete(
             &changes,
@@ -80,6 +79,31 @@ pub async fn reconcile(
         _ => {}
     }
     Ok(None)
+}
+
+/// Names of `policy`'s FileChanges, listed from the API server (paginated),
+/// not taken from the operator's watch: the policy is released only once none
+/// is left, and the watch may not have seen the latest yet. Once per deleted
+/// policy, not per change.
+async fn list(api: &Api<FileChange>, policy: &str) -> Result<Vec<String>, kube::Error> {
+    let mut params = ListParams::default()
+        .labels(&format!("{POLICY}={}", label_value(policy)))
+        .limit(500);
+    let mut names = Vec::new();
+    loop {
+        let page = api.list(&params).await?;
+        names.extend(
+            page.items
+                .iter()
+                .filter(|c| c.spec.policy == policy)
+                .map(|c| c.name_any()),
+        );
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => break,
+        }
+    }
+    Ok(names)
 }
 
 /// Adds or removes [`FINALIZER`], other finalizers untouched. The

@@ -3,6 +3,7 @@
 //! reports into each policy's status, publishes Events, enforces FileChange
 //! retention and exports Prometheus metrics.
 
+pub mod changes;
 pub mod config;
 pub mod controller;
 pub mod daemonset;

@@ -1,6 +1,12 @@
 //! Retention: which FileChanges a policy's limits let go, and deleting them in
 //! small paced batches so retention never floods the API server.
 //!
+//! Retention keeps a clock of its own ([`run`]): a pass over every policy each
+//! `--resync`, sooner while a pass leaves a backlog, selecting from the changes
+//! the operator's watch knows ([`crate::changes`]) without listing them. It
+//! does not run on every change: during a storm that would select, delete and
+//! announce a few changes once per batch window.
+//!
 //! FileChanges are evidence, so retention is conservative:
 //! - only approved changes are deleted, unless the policy sets
 //!   `retention.deleteUnapproved` (an unapproved change is evidence nobody
@@ -10,26 +16,23 @@
 //!   push out its own records at most, never another node's.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams};
-use kube_fim_crds::FileChange;
-use kube_fim_crds::labels::{POLICY, label_value};
-use tracing::{debug, warn};
+use kube::api::{Api, DeleteParams};
+use kube::runtime::events::{Event, EventType};
+use kube_fim_crds::duration::parse_duration;
+use kube_fim_crds::{FileChange, FileIntegrityPolicy};
+use tracing::{debug, info, warn};
 
-use crate::status::ChangeCounts;
+use crate::changes::Item;
+use crate::controller::{Context, publish};
 
-/// One FileChange as retention sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Item {
-    pub name: String,
-    pub node: String,
-    pub created: Timestamp,
-    pub approved: bool,
-}
+/// The next pass comes this soon when one left changes to delete.
+const BACKLOG: Duration = Duration::from_secs(5);
 
 /// The limits of one policy.
 #[derive(Clone, Copy, Debug)]
@@ -79,49 +82,85 @@ pub fn select_for_deletion(items: Vec<Item>, limits: Limits, now: Timestamp) -> 
     out
 }
 
-/// Counts of the kept changes for the policy status.
-pub fn counts(kept: &[Item], now: Timestamp) -> ChangeCounts {
-    let day = Duration::from_secs(24 * 3600);
-    ChangeCounts {
-        last_24h: kept
-            .iter()
-            .filter(|i| now.duration_since(i.created).unsigned_abs() <= day)
-            .count() as i64,
-        unacknowledged: kept.iter().filter(|i| !i.approved).count() as i64,
+/// Retention's clock: a pass over every policy once the watch has listed the
+/// changes, then every `--resync` (every few seconds while a backlog remains).
+/// Runs until the controller stops it.
+pub async fn run(ctx: Arc<Context>) {
+    ctx.changes.wait_until_listed().await;
+    if ctx.policies.wait_until_ready().await.is_err() {
+        return;
+    }
+    loop {
+        let mut backlog = false;
+        for policy in ctx.policies.state() {
+            // A policy being deleted is evidence's concern (crate::evidence).
+            if policy.metadata.deletion_timestamp.is_none() {
+                backlog |= pass(&policy, &ctx).await;
+            }
+        }
+        tokio::time::sleep(if backlog { BACKLOG } else { ctx.config.resync }).await;
     }
 }
 
-/// Lists a policy's FileChanges (paginated). Whole objects, not metadata: the
-/// node and the approval are in spec and status, not in labels anyone could set.
-pub async fn list(api: &Api<FileChange>, policy: &str) -> Result<Vec<Item>, kube::Error> {
-    let mut params = ListParams::default()
-        .labels(&format!("{POLICY}={}", label_value(policy)))
-        .limit(500);
-    let mut out = Vec::new();
-    loop {
-        let page = api.list(&params).await?;
-        for obj in page.items {
-            if obj.spec.policy != policy {
-                continue;
-            }
-            let approved = obj.approval().is_some();
-            out.push(Item {
-                name: obj.name_any(),
-                node: obj.spec.node,
-                created: obj
-                    .metadata
-                    .creation_timestamp
-                    .map(|t| t.0)
-                    .unwrap_or_else(Timestamp::now),
-                approved,
-            });
-        }
-        match page.metadata.continue_ {
-            Some(token) if !token.is_empty() => params = params.continue_token(&token),
-            _ => break,
-        }
+/// One policy's pass: deletes at most `--retention-max-per-pass` changes past
+/// its limits and names them in a `RetentionDeleted` Event. Whether some are
+/// left for the next pass.
+async fn pass(policy: &FileIntegrityPolicy, ctx: &Context) -> bool {
+    let retention = &policy.spec.retention;
+    // A policy the API server holds with an unreadable maxAge is reported
+    // invalid by its status; nothing of it is deleted.
+    let Ok(max_age) = parse_duration(&retention.max_age) else {
+        return false;
+    };
+    let name = policy.name_any();
+    let doomed = select_for_deletion(
+        ctx.changes.of_policy(&name),
+        Limits {
+            max_age,
+            max_count_per_node: retention.max_count as usize,
+            delete_unapproved: retention.delete_unapproved,
+        },
+        Timestamp::now(),
+    )
+    .doomed;
+    if doomed.is_empty() {
+        return false;
     }
-    Ok(out)
+    let pass = &doomed[..doomed.len().min(ctx.config.retention_max_per_pass)];
+    let deleted = delete(
+        &Api::all(ctx.client.clone()),
+        pass,
+        ctx.config.retention_batch,
+        ctx.config.retention_pause,
+    )
+    .await;
+    ctx.metrics.retention_deleted.inc_by(deleted.len() as u64);
+    info!(policy = %name, deleted = deleted.len(), pending = doomed.len() - pass.len(), "retention");
+    if !deleted.is_empty() {
+        let what = format!(
+            "retention (maxAge {}, maxCount {} per node{}) deleted",
+            retention.max_age,
+            retention.max_count,
+            if retention.delete_unapproved {
+                ", unapproved too"
+            } else {
+                ", approved only"
+            }
+        );
+        publish(
+            policy,
+            ctx,
+            Event {
+                type_: EventType::Normal,
+                reason: "RetentionDeleted".into(),
+                note: Some(describe_deleted(&what, &deleted)),
+                action: "Retain".into(),
+                secondary: None,
+            },
+        )
+        .await;
+    }
+    doomed.len() > pass.len()
 }
 
 /// Deletes `names` in batches of `batch` (four requests in flight at most),
@@ -186,6 +225,7 @@ mod tests {
     fn item(name: &str, node: &str, age_secs: u64, approved: bool, now: Timestamp) -> Item {
         Item {
             name: name.into(),
+            policy: "p".into(),
             node: node.into(),
             created: now - Duration::from_secs(age_secs),
             approved,
@@ -249,23 +289,6 @@ mod tests {
         assert_eq!(s.doomed.len(), 95);
         assert!(s.doomed.iter().all(|n| n.starts_with("flood-")));
         assert!(kept_names(&s).contains(&"real"));
-    }
-
-    #[test]
-    fn counts_last_day_and_unapproved() {
-        let now = Timestamp::now();
-        let kept = vec![
-            item("a", "n", 10, true, now),
-            item("b", "n", 10, false, now),
-            item("c", "n", 90_000, false, now),
-        ];
-        assert_eq!(
-            counts(&kept, now),
-            ChangeCounts {
-                last_24h: 2,
-                unacknowledged: 2
-            }
-        );
     }
 
     #[test]

@@ -19,11 +19,10 @@ use k8s_openapi::api::core::v1::{Node, NodeSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
-use kube_fim_crds::labels::{POLICY, label_value};
-use kube_fim_crds::{FileChange, FileIntegrityNode, FileIntegrityPolicy};
+use kube_fim_crds::{FileIntegrityNode, FileIntegrityPolicy};
 
+use crate::changes::Item;
 use crate::status::{heartbeat_is_fresh, report_digest, selects};
 
 /// What the reconcilers must look at again.
@@ -215,31 +214,27 @@ pub fn record_wake(change: Change<RecordView>) -> Wake {
     }
 }
 
-/// A FileChange was reported, answered, approved or deleted: its policy's
-/// counts changed. After a re-list, changes may have gone unseen: every policy.
-pub fn change_wake(
-    event: &watcher::Event<PartialObjectMeta<FileChange>>,
-    policies: &[Arc<FileIntegrityPolicy>],
-) -> Wake {
-    match event {
-        watcher::Event::Apply(change) | watcher::Event::Delete(change) => {
-            let Some(label) = change.labels().get(POLICY) else {
-                return Wake::default();
-            };
+/// A FileChange was reported, approved or deleted: its policy's counts
+/// changed (the agent's answer to an approval changes none of them). After a
+/// re-list, changes may have gone unseen: every policy.
+pub fn change_wake(change: Change<Item>, policies: &[Arc<FileIntegrityPolicy>]) -> Wake {
+    match change {
+        Change::Same => Wake::default(),
+        Change::Relisted => Wake {
+            all_policies: true,
+            ..Wake::default()
+        },
+        Change::Changed { old, new } => {
+            let touched: BTreeSet<String> = old.into_iter().chain(new).map(|i| i.policy).collect();
             Wake {
                 policies: policies
                     .iter()
                     .map(|p| p.name_any())
-                    .filter(|name| label_value(name) == *label)
+                    .filter(|name| touched.contains(name))
                     .collect(),
                 ..Wake::default()
             }
         }
-        watcher::Event::InitDone => Wake {
-            all_policies: true,
-            ..Wake::default()
-        },
-        watcher::Event::Init | watcher::Event::InitApply(_) => Wake::default(),
     }
 }
 
@@ -363,33 +358,38 @@ mod tests {
 
     #[test]
     fn a_file_change_wakes_its_policy_and_a_relist_every_policy() {
-        let long = "p".repeat(80);
-        let policies = [policy("a", "x"), policy("b", "x"), policy(&long, "x")];
-        let change = |policy: &str| {
-            use kube::core::PartialObjectMetaExt;
-            ObjectMeta {
-                name: Some("c1".into()),
-                labels: Some(BTreeMap::from([(POLICY.to_string(), label_value(policy))])),
-                ..ObjectMeta::default()
-            }
-            .into_response_partial::<FileChange>()
+        let policies = [policy("a", "x"), policy("b", "x")];
+        let item = |policy: &str, approved: bool| Item {
+            name: "c1".into(),
+            policy: policy.into(),
+            node: "n1".into(),
+            created: Timestamp::now(),
+            approved,
         };
-        let woke = |e: watcher::Event<PartialObjectMeta<FileChange>>| change_wake(&e, &policies);
-        assert_eq!(
-            woke(watcher::Event::Apply(change("b"))).policies,
-            BTreeSet::from(["b".to_string()])
-        );
-        assert_eq!(
-            woke(watcher::Event::Delete(change(&long))).policies,
-            BTreeSet::from([long.clone()]),
-            "a name too long for a label is matched through its label value"
-        );
-        assert_eq!(woke(watcher::Event::Apply(change("gone"))), Wake::default());
-        assert_eq!(
-            woke(watcher::Event::InitApply(change("a"))),
-            Wake::default()
-        );
-        assert!(woke(watcher::Event::InitDone).all_policies);
+        let woke = |change: Change<Item>| change_wake(change, &policies);
+        let b = BTreeSet::from(["b".to_string()]);
+        let reported = Change::Changed {
+            old: None,
+            new: Some(item("b", false)),
+        };
+        assert_eq!(woke(reported).policies, b);
+        let approved = Change::Changed {
+            old: Some(item("b", false)),
+            new: Some(item("b", true)),
+        };
+        assert_eq!(woke(approved).policies, b);
+        let deleted = Change::Changed {
+            old: Some(item("b", true)),
+            new: None,
+        };
+        assert_eq!(woke(deleted).policies, b);
+        let elsewhere = Change::Changed {
+            old: None,
+            new: Some(item("served-by-another-operator", false)),
+        };
+        assert_eq!(woke(elsewhere), Wake::default());
+        assert_eq!(woke(Change::Same), Wake::default());
+        assert!(woke(Change::Relisted).all_policies);
     }
 
     fn node(role: &str) -> Node {

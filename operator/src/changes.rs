@@ -1,0 +1,289 @@
+//! The FileChanges the operator knows of.
+//!
+//! One watch of every FileChange keeps, of each, what a policy's status and
+//! retention need: its policy and node (spec), when it was created, and whether
+//! it is approved (status). A status refresh counts from here and a retention
+//! pass selects from here, so neither lists the changes again: a storm of N
+//! changes costs the API server N watch events, not a list of up to N objects
+//! per refresh. Policy, node and approval are read from the objects, never from
+//! labels (anyone with patch rights can set a label).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::watcher;
+use kube_fim_crds::FileChange;
+use tokio::sync::watch;
+
+use crate::status::ChangeCounts;
+use crate::triggers::Change;
+
+/// One FileChange as the status and retention see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    pub name: String,
+    pub policy: String,
+    pub node: String,
+    pub created: Timestamp,
+    pub approved: bool,
+}
+
+impl Item {
+    pub fn of(change: &FileChange) -> Item {
+        Item {
+            name: change.name_any(),
+            policy: change.spec.policy.clone(),
+            node: change.spec.node.clone(),
+            created: change
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0)
+                .unwrap_or_else(Timestamp::now),
+            approved: change.approval().is_some(),
+        }
+    }
+}
+
+/// Per policy, its changes by name.
+type ByPolicy = HashMap<String, HashMap<String, Item>>;
+
+#[derive(Debug, Default)]
+struct Index {
+    current: ByPolicy,
+    /// What a re-list has brought so far; replaces `current` when it is done.
+    relist: ByPolicy,
+}
+
+fn insert(map: &mut ByPolicy, item: Item) -> Option<Item> {
+    map.entry(item.policy.clone())
+        .or_default()
+        .insert(item.name.clone(), item)
+}
+
+impl Index {
+    fn observe(&mut self, event: &watcher::Event<FileChange>) -> Change<Item> {
+        match event {
+            watcher::Event::Apply(change) => {
+                let new = Item::of(change);
+                match insert(&mut self.current, new.clone()) {
+                    Some(old) if old == new => Change::Same,
+                    old => Change::Changed {
+                        old,
+                        new: Some(new),
+                    },
+                }
+            }
+            watcher::Event::Delete(change) => {
+                // A FileChange's spec never changes: its policy is the one it
+                // was filed under.
+                let gone = Item::of(change);
+                let Some(names) = self.current.get_mut(&gone.policy) else {
+                    return Change::Same;
+                };
+                let old = names.remove(&gone.name);
+                if names.is_empty() {
+                    self.current.remove(&gone.policy);
+                }
+                match old {
+                    Some(old) => Change::Changed {
+                        old: Some(old),
+                        new: None,
+                    },
+                    None => Change::Same,
+                }
+            }
+            watcher::Event::Init => {
+                self.relist.clear();
+                Change::Same
+            }
+            watcher::Event::InitApply(change) => {
+                insert(&mut self.relist, Item::of(change));
+                Change::Same
+            }
+            watcher::Event::InitDone => {
+                self.current = std::mem::take(&mut self.relist);
+                Change::Relisted
+            }
+        }
+    }
+}
+
+/// The FileChanges the operator knows of, filled by the watch.
+#[derive(Debug)]
+pub struct Changes {
+    index: Mutex<Index>,
+    listed: watch::Sender<bool>,
+}
+
+impl Default for Changes {
+    fn default() -> Self {
+        Changes {
+            index: Mutex::default(),
+            listed: watch::Sender::new(false),
+        }
+    }
+}
+
+impl Changes {
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records one event of the FileChange watch: what it changed.
+    pub fn observe(&self, event: &watcher::Event<FileChange>) -> Change<Item> {
+        let change = self.index().observe(event);
+        if change == Change::Relisted {
+            self.listed.send_replace(true);
+        }
+        change
+    }
+
+    /// Waits until the watch has listed every FileChange once: until then, no
+    /// count is known (a policy with none yet is not a policy without any).
+    pub async fn wait_until_listed(&self) {
+        let mut listed = self.listed.subscribe();
+        // The sender lives as long as `self`: waiting cannot fail.
+        let _ = listed.wait_for(|listed| *listed).await;
+    }
+
+    /// The changes of `policy`.
+    pub fn of_policy(&self, policy: &str) -> Vec<Item> {
+        self.index()
+            .current
+            .get(policy)
+            .map(|names| names.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// What `policy`'s status shows of its changes, at `now`.
+    pub fn counts(&self, policy: &str, now: Timestamp) -> ChangeCounts {
+        let index = self.index();
+        let Some(names) = index.current.get(policy) else {
+            return ChangeCounts::default();
+        };
+        let day = Duration::from_secs(24 * 3600);
+        ChangeCounts {
+            last_24h: names
+                .values()
+                .filter(|i| now.duration_since(i.created).unsigned_abs() <= day)
+                .count() as i64,
+            unacknowledged: names.values().filter(|i| !i.approved).count() as i64,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+    use kube_fim_crds::{
+        Approval, ChangeCategory, DetectionSource, FileChangeSpec, FileChangeStatus,
+    };
+
+    fn change(name: &str, policy: &str, created: Timestamp) -> FileChange {
+        let mut fc = FileChange::new(
+            name,
+            FileChangeSpec {
+                node: "n1".into(),
+                policy: policy.into(),
+                entry: "etc".into(),
+                path: "/etc/passwd".into(),
+                category: ChangeCategory::Modified,
+                changed_attributes: vec![],
+                before: None,
+                after: None,
+                detected_time: MicroTime(created),
+                source: DetectionSource::Realtime,
+                process: None,
+                summary: None,
+            },
+        );
+        fc.metadata.creation_timestamp = Some(Time(created));
+        fc
+    }
+
+    fn approved(mut fc: FileChange) -> FileChange {
+        fc.status = Some(FileChangeStatus {
+            approval: Some(Approval {
+                approved_by: "admin".into(),
+                approved_at: Time(Timestamp::now()),
+                reason: None,
+            }),
+            ..FileChangeStatus::default()
+        });
+        fc
+    }
+
+    fn counts(last_24h: i64, unacknowledged: i64) -> ChangeCounts {
+        ChangeCounts {
+            last_24h,
+            unacknowledged,
+        }
+    }
+
+    #[test]
+    fn counts_follow_the_watch_per_policy() {
+        let now = Timestamp::now();
+        let old = now - Duration::from_secs(90_000);
+        let changes = Changes::default();
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(change("a", "web", now)),
+            watcher::Event::InitApply(change("b", "web", old)),
+            watcher::Event::InitApply(change("c", "db", now)),
+        ] {
+            assert_eq!(changes.observe(&event), Change::Same);
+        }
+        assert_eq!(changes.counts("web", now), counts(0, 0), "not listed yet");
+        assert_eq!(changes.observe(&watcher::Event::InitDone), Change::Relisted);
+        assert_eq!(changes.counts("web", now), counts(1, 2));
+        assert_eq!(changes.counts("db", now), counts(1, 1));
+
+        // Approved: no longer unacknowledged.
+        assert!(matches!(
+            changes.observe(&watcher::Event::Apply(approved(change("a", "web", now)))),
+            Change::Changed {
+                old: Some(_),
+                new: Some(_)
+            }
+        ));
+        assert_eq!(changes.counts("web", now), counts(1, 1));
+        // The agent's answer to the approval changes nothing counted.
+        let mut answered = approved(change("a", "web", now));
+        answered.status.as_mut().unwrap().message = Some("baseline updated".into());
+        assert_eq!(
+            changes.observe(&watcher::Event::Apply(answered)),
+            Change::Same
+        );
+
+        assert!(matches!(
+            changes.observe(&watcher::Event::Delete(change("c", "db", now))),
+            Change::Changed { new: None, .. }
+        ));
+        assert_eq!(changes.counts("db", now), counts(0, 0));
+        assert!(changes.of_policy("db").is_empty());
+        assert_eq!(changes.of_policy("web").len(), 2);
+    }
+
+    #[test]
+    fn a_relist_replaces_what_was_known() {
+        let now = Timestamp::now();
+        let changes = Changes::default();
+        changes.observe(&watcher::Event::Apply(change("gone", "web", now)));
+        changes.observe(&watcher::Event::Init);
+        changes.observe(&watcher::Event::InitApply(change("new", "web", now)));
+        assert_eq!(changes.counts("web", now), counts(1, 1));
+        changes.observe(&watcher::Event::InitDone);
+        let names: Vec<String> = changes
+            .of_policy("web")
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        assert_eq!(names, ["new"]);
+    }
+}
