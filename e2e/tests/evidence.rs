@@ -9,17 +9,16 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
-use kube_fim_crds::labels::{CATEGORY, NODE, POLICY};
+use kube_fim_crds::labels::POLICY;
 use kube_fim_crds::{
-    ChangeCategory, DetectionSource, Evidence, FileAttributes, FileChange, FileChangeSpec,
-    FileIntegrityPolicy, FileIntegrityPolicySpec, MonitoredPath,
+    Evidence, FileChange, FileIntegrityPolicy, FileIntegrityPolicySpec, MonitoredPath,
 };
 use kube_fim_e2e::operator::{Operator, SUITE_LABEL};
-use kube_fim_e2e::{approve, binary, client, ensure_crds, eventually, kubeconfig, unique_name};
+use kube_fim_e2e::{
+    approve, binary, client, ensure_crds, eventually, file_change, kubeconfig, unique_name,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -39,35 +38,6 @@ fn policy(name: &str, suite: &str) -> FileIntegrityPolicy {
     let mut p = FileIntegrityPolicy::new(name, spec);
     p.metadata.labels = Some(BTreeMap::from([(SUITE_LABEL.into(), suite.into())]));
     p
-}
-
-fn change(name: &str, node: &str, policy: &str) -> FileChange {
-    let mut fc = FileChange::new(
-        name,
-        FileChangeSpec {
-            node: node.into(),
-            policy: policy.into(),
-            entry: "etc".into(),
-            path: "/etc/sudoers".into(),
-            category: ChangeCategory::Modified,
-            changed_attributes: vec![],
-            before: None,
-            after: Some(FileAttributes {
-                hash: Some("c".repeat(64)),
-                ..FileAttributes::default()
-            }),
-            detected_time: MicroTime(Timestamp::now()),
-            source: DetectionSource::Scan,
-            process: None,
-            summary: None,
-        },
-    );
-    fc.metadata.labels = Some(BTreeMap::from([
-        (NODE.to_string(), node.to_string()),
-        (POLICY.to_string(), policy.to_string()),
-        (CATEGORY.to_string(), "Modified".to_string()),
-    ]));
-    fc
 }
 
 async fn names_of(client: &Client, policy: &str) -> Vec<String> {
@@ -141,13 +111,13 @@ async fn retention_deletes_only_approved_changes_per_node_and_names_them() {
     // Node b's one approved change is the oldest of all; node a then floods.
     let pp = PostParams::default();
     changes
-        .create(&pp, &change(&format!("{name}-b0"), "node-b", &name))
+        .create(&pp, &file_change(&format!("{name}-b0"), "node-b", &name))
         .await
         .unwrap();
     approve(&client, &format!("{name}-b0"), "ok").await.unwrap();
     for i in 0..5 {
         changes
-            .create(&pp, &change(&format!("{name}-a{i}"), "node-a", &name))
+            .create(&pp, &file_change(&format!("{name}-a{i}"), "node-a", &name))
             .await
             .unwrap();
     }
@@ -239,7 +209,10 @@ async fn a_deleted_policy_keeps_its_evidence_unless_it_says_delete() {
         .unwrap();
     for (policy, i) in [(&retain, 0), (&retain, 1), (&delete, 0), (&delete, 1)] {
         changes
-            .create(&pp, &change(&format!("{policy}-{i}"), "node-a", policy))
+            .create(
+                &pp,
+                &file_change(&format!("{policy}-{i}"), "node-a", policy),
+            )
             .await
             .unwrap();
     }

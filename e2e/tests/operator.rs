@@ -12,18 +12,17 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Toleration};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use kube_fim_crds::{
-    ChangeCategory, DetectionSource, FileChange, FileChangeSpec, FileIntegrityNode,
-    FileIntegrityNodeSpec, FileIntegrityNodeStatus, FileIntegrityPolicy, FileIntegrityPolicySpec,
-    MonitoredPath, NodePolicyPhase, NodePolicyStatus,
+    FileChange, FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
+    FileIntegrityPolicy, FileIntegrityPolicySpec, MonitoredPath, NodePolicyPhase, NodePolicyStatus,
 };
 use kube_fim_e2e::{
-    Process, binary, client, ensure_crds, eventually, free_port, http_get, kubectl, metric,
-    service_account_kubeconfig, unique_name,
+    Process, binary, client, ensure_crds, eventually, file_change, free_port, http_get, kubectl,
+    metric, service_account_kubeconfig, unique_name,
 };
 
 const SUITE_LABEL: &str = "e2e.kube-fim.io/suite";
@@ -532,34 +531,6 @@ async fn policy_status_comes_from_the_agents_reports_and_deleted_nodes_lose_thei
     api.delete(&name, &DeleteParams::default()).await.unwrap();
 }
 
-fn change(name: &str, node: &str, policy: &str) -> FileChange {
-    let mut fc = FileChange::new(
-        name,
-        FileChangeSpec {
-            node: node.into(),
-            policy: policy.into(),
-            entry: "passwd".into(),
-            path: "/etc/passwd".into(),
-            category: ChangeCategory::Modified,
-            changed_attributes: vec![],
-            before: None,
-            after: None,
-            detected_time: MicroTime(Timestamp::now()),
-            source: DetectionSource::Scan,
-            process: None,
-            summary: None,
-        },
-    );
-    fc.metadata.labels = Some(BTreeMap::from([
-        (
-            kube_fim_crds::labels::POLICY.to_string(),
-            policy.to_string(),
-        ),
-        (kube_fim_crds::labels::NODE.to_string(), node.to_string()),
-    ]));
-    fc
-}
-
 #[tokio::test]
 async fn retention_deletes_the_oldest_changes_past_the_count_limit() {
     let client = client().await;
@@ -572,7 +543,7 @@ async fn retention_deletes_the_oldest_changes_past_the_count_limit() {
         changes
             .create(
                 &PostParams::default(),
-                &change(&format!("{name}-{i}"), "n1", &name),
+                &file_change(&format!("{name}-{i}"), "n1", &name),
             )
             .await
             .unwrap();

@@ -1,19 +1,16 @@
 //! `kubectl fim` (the kubectl-fim plugin found on PATH) against the real API server.
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::process::Command;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube_fim_crds::labels::{CATEGORY, NODE, POLICY};
 use kube_fim_crds::{
-    Attribute, ChangeCategory, DetectionSource, FileAttributes, FileChange, FileChangeSpec,
-    FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodePolicyPhase,
-    NodePolicyStatus,
+    ChangeCategory, FileChange, FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
+    NodePolicyPhase, NodePolicyStatus,
 };
-use kube_fim_e2e::{Run, binary, client, ensure_crds, kubeconfig, unique_name};
+use kube_fim_e2e::{ChangeFixture, Run, binary, client, ensure_crds, kubeconfig, unique_name};
 
 /// Runs `kubectl fim ARGS`, with the plugin's directory first on PATH.
 fn kubectl_fim(args: &[&str]) -> Run {
@@ -31,48 +28,6 @@ fn kubectl_fim(args: &[&str]) -> Run {
         .output()
         .expect("kubectl runs")
         .into()
-}
-
-fn change(
-    name: &str,
-    node: &str,
-    policy: &str,
-    path: &str,
-    category: ChangeCategory,
-) -> FileChange {
-    let mut fc = FileChange::new(
-        name,
-        FileChangeSpec {
-            node: node.into(),
-            policy: policy.into(),
-            entry: "etc".into(),
-            path: path.into(),
-            category,
-            changed_attributes: if category == ChangeCategory::Modified {
-                vec![Attribute::Hash]
-            } else {
-                vec![]
-            },
-            before: (category != ChangeCategory::Added).then(|| FileAttributes {
-                hash: Some("a".repeat(64)),
-                ..FileAttributes::default()
-            }),
-            after: (category != ChangeCategory::Removed).then(|| FileAttributes {
-                hash: Some("b".repeat(64)),
-                ..FileAttributes::default()
-            }),
-            detected_time: MicroTime(Timestamp::now()),
-            source: DetectionSource::Realtime,
-            process: None,
-            summary: None,
-        },
-    );
-    fc.metadata.labels = Some(BTreeMap::from([
-        (NODE.to_string(), node.to_string()),
-        (POLICY.to_string(), policy.to_string()),
-        (CATEGORY.to_string(), category.as_str().to_string()),
-    ]));
-    fc
 }
 
 #[tokio::test]
@@ -97,7 +52,10 @@ async fn summary_export_approve_and_status() {
     {
         api.create(
             &PostParams::default(),
-            &change(&format!("{suite}-{i}"), node, &policy, path, cat),
+            &ChangeFixture::new(&format!("{suite}-{i}"), node, &policy)
+                .path(path)
+                .category(cat)
+                .build(),
         )
         .await
         .unwrap();

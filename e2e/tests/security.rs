@@ -3,7 +3,6 @@
 //! API server with the admission policies and RBAC the chart ships.
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use k8s_openapi::api::core::v1::Node;
@@ -12,13 +11,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, 
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use kube_fim_crds::labels::{CATEGORY, NODE, POLICY};
+use kube_fim_crds::labels::{NODE, POLICY};
 use kube_fim_crds::{
-    Approval, ChangeCategory, DetectionSource, FileAttributes, FileChange, FileChangeSpec,
-    FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
+    Approval, FileChange, FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
 };
 use kube_fim_e2e::{
-    approve, client, client_for, ensure_crds, kubectl, node_bound_kubeconfig,
+    approve, client, client_for, ensure_crds, file_change, kubectl, node_bound_kubeconfig,
     service_account_kubeconfig, service_account_with_cluster_role, unique_name, whoami,
 };
 
@@ -31,39 +29,6 @@ async fn create_node(client: &Client, name: &str) {
         .create(&PostParams::default(), &node)
         .await
         .unwrap();
-}
-
-/// A FileChange as the agent of `node` would report it.
-fn change(name: &str, node: &str, policy: &str) -> FileChange {
-    let mut fc = FileChange::new(
-        name,
-        FileChangeSpec {
-            node: node.into(),
-            policy: policy.into(),
-            entry: "etc".into(),
-            path: "/etc/sudoers".into(),
-            category: ChangeCategory::Modified,
-            changed_attributes: vec![],
-            before: Some(FileAttributes {
-                hash: Some("a".repeat(64)),
-                ..FileAttributes::default()
-            }),
-            after: Some(FileAttributes {
-                hash: Some("b".repeat(64)),
-                ..FileAttributes::default()
-            }),
-            detected_time: MicroTime(Timestamp::now()),
-            source: DetectionSource::Realtime,
-            process: None,
-            summary: None,
-        },
-    );
-    fc.metadata.labels = Some(BTreeMap::from([
-        (NODE.to_string(), node.to_string()),
-        (POLICY.to_string(), policy.to_string()),
-        (CATEGORY.to_string(), "Modified".to_string()),
-    ]));
-    fc
 }
 
 /// The refusal of `result`, as the user sees it.
@@ -117,7 +82,7 @@ async fn an_agent_token_speaks_for_its_own_node_only() {
 
     // The legitimate actions: its own node's change and report.
     let own = changes(&agent)
-        .create(&pp, &change(&format!("{suite}-own"), &mine, "p"))
+        .create(&pp, &file_change(&format!("{suite}-own"), &mine, "p"))
         .await
         .expect("an agent reports its own node's change");
     records(&agent)
@@ -139,7 +104,7 @@ async fn an_agent_token_speaks_for_its_own_node_only() {
     // Another node's change, record and heartbeat.
     assert_refused(
         changes(&agent)
-            .create(&pp, &change(&format!("{suite}-forged"), &other, "p"))
+            .create(&pp, &file_change(&format!("{suite}-forged"), &other, "p"))
             .await,
         &format!(
             "an agent may only report changes of its own node: this token is bound to node {mine}, the change is for node {other}"
@@ -184,7 +149,7 @@ async fn an_agent_token_speaks_for_its_own_node_only() {
     let no_claim = "kube-fim agents must authenticate with a token bound to their node";
     assert_refused(
         changes(&unbound)
-            .create(&pp, &change(&format!("{suite}-unbound"), &mine, "p"))
+            .create(&pp, &file_change(&format!("{suite}-unbound"), &mine, "p"))
             .await,
         no_claim,
     );
@@ -212,7 +177,7 @@ async fn an_agent_token_speaks_for_its_own_node_only() {
             || message.contains(&format!("user {AGENT} may not approve FileChanges")),
         "{message}"
     );
-    let mut labelled = change(&format!("{suite}-labelled"), &mine, "p");
+    let mut labelled = file_change(&format!("{suite}-labelled"), &mine, "p");
     labelled
         .labels_mut()
         .insert("fim.kube-fim.io/acknowledged".into(), "true".into());
@@ -220,13 +185,13 @@ async fn an_agent_token_speaks_for_its_own_node_only() {
         changes(&agent).create(&pp, &labelled).await,
         "an agent may only set kube-fim's filter labels",
     );
-    let mut disguised = change(&format!("{suite}-disguised"), &mine, "p");
+    let mut disguised = file_change(&format!("{suite}-disguised"), &mine, "p");
     disguised.labels_mut().insert(NODE.into(), other.clone());
     assert_refused(
         changes(&agent).create(&pp, &disguised).await,
         "with its own node in the node label",
     );
-    let mut owned = change(&format!("{suite}-owned"), &mine, "p");
+    let mut owned = file_change(&format!("{suite}-owned"), &mine, "p");
     owned.metadata.owner_references = Some(vec![OwnerReference {
         api_version: "v1".into(),
         kind: "Node".into(),
@@ -352,7 +317,7 @@ async fn approval_is_a_recorded_decision_of_an_approver() {
     let api = |c: &Client| Api::<FileChange>::all(c.clone());
     let name = format!("{suite}-sudoers");
     api(&agent)
-        .create(&PostParams::default(), &change(&name, &node, "p"))
+        .create(&PostParams::default(), &file_change(&name, &node, "p"))
         .await
         .unwrap();
 
