@@ -75,7 +75,8 @@ pub struct Config {
     /// A node whose agent has not written its status for this long is not reporting.
     #[arg(long, default_value = "3m", value_parser = duration)]
     pub heartbeat_timeout: Duration,
-    /// How often a policy's status is refreshed without any event.
+    /// How often a policy's status is refreshed without any event, and how
+    /// often retention makes a pass.
     #[arg(long, default_value = "1m", value_parser = duration)]
     pub resync: Duration,
     /// Changes (policy edits, Node and agent reports) are collected for this
@@ -89,7 +90,7 @@ pub struct Config {
     /// Pause between two retention batches, so retention never floods the API server.
     #[arg(long, default_value = "200ms", value_parser = duration)]
     pub retention_pause: Duration,
-    /// FileChanges retention deletes per policy and reconcile at most (the rest next time).
+    /// FileChanges retention deletes per policy and pass at most (the rest a few seconds later).
     #[arg(long, default_value_t = 1000)]
     pub retention_max_per_pass: usize,
 }
