@@ -13,13 +13,40 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
+use kube::core::{ApiResource, Object};
 use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
 use kube_fim_crds::FileChange;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
 use tokio::sync::watch;
 
 use crate::status::ChangeCounts;
 use crate::triggers::Change;
+
+/// A FileChange as the watch decodes it. The rest of the object (states,
+/// hashes, the writer) is skipped unread: less to decode per event, and a
+/// later change of that part of the schema cannot stop the watch.
+pub type ChangeView = Object<ViewSpec, ViewStatus>;
+
+/// Of a FileChange's spec, what it was filed under.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ViewSpec {
+    pub policy: String,
+    pub node: String,
+}
+
+/// Of a FileChange's status, whether it holds an approval.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ViewStatus {
+    #[serde(default)]
+    pub approval: Option<IgnoredAny>,
+}
+
+/// The cluster's FileChanges, decoded as [`ChangeView`]s.
+pub fn api(client: Client) -> Api<ChangeView> {
+    Api::all_with(client, &ApiResource::erase::<FileChange>(&()))
+}
 
 /// One FileChange as the status and retention see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,7 +59,7 @@ pub struct Item {
 }
 
 impl Item {
-    pub fn of(change: &FileChange) -> Item {
+    pub fn of(change: &ChangeView) -> Item {
         Item {
             name: change.name_any(),
             policy: change.spec.policy.clone(),
@@ -43,7 +70,7 @@ impl Item {
                 .as_ref()
                 .map(|t| t.0)
                 .unwrap_or_else(Timestamp::now),
-            approved: change.approval().is_some(),
+            approved: change.status.as_ref().is_some_and(|s| s.approval.is_some()),
         }
     }
 }
@@ -65,7 +92,7 @@ fn insert(map: &mut ByPolicy, item: Item) -> Option<Item> {
 }
 
 impl Index {
-    fn observe(&mut self, event: &watcher::Event<FileChange>) -> Change<Item> {
+    fn observe(&mut self, event: &watcher::Event<ChangeView>) -> Change<Item> {
         match event {
             watcher::Event::Apply(change) => {
                 let new = Item::of(change);
@@ -134,7 +161,7 @@ impl Changes {
     }
 
     /// Records one event of the FileChange watch: what it changed.
-    pub fn observe(&self, event: &watcher::Event<FileChange>) -> Change<Item> {
+    pub fn observe(&self, event: &watcher::Event<ChangeView>) -> Change<Item> {
         let change = self.index().observe(event);
         if change == Change::Relisted {
             self.listed.send_replace(true);
@@ -185,6 +212,11 @@ mod tests {
         Approval, ChangeCategory, DetectionSource, FileChangeSpec, FileChangeStatus,
     };
 
+    /// A FileChange as the API server sends it, decoded as the watch does.
+    fn view(fc: &FileChange) -> ChangeView {
+        serde_json::from_value(serde_json::to_value(fc).unwrap()).unwrap()
+    }
+
     fn change(name: &str, policy: &str, created: Timestamp) -> FileChange {
         let mut fc = FileChange::new(
             name,
@@ -233,9 +265,9 @@ mod tests {
         let changes = Changes::default();
         for event in [
             watcher::Event::Init,
-            watcher::Event::InitApply(change("a", "web", now)),
-            watcher::Event::InitApply(change("b", "web", old)),
-            watcher::Event::InitApply(change("c", "db", now)),
+            watcher::Event::InitApply(view(&change("a", "web", now))),
+            watcher::Event::InitApply(view(&change("b", "web", old))),
+            watcher::Event::InitApply(view(&change("c", "db", now))),
         ] {
             assert_eq!(changes.observe(&event), Change::Same);
         }
@@ -246,7 +278,9 @@ mod tests {
 
         // Approved: no longer unacknowledged.
         assert!(matches!(
-            changes.observe(&watcher::Event::Apply(approved(change("a", "web", now)))),
+            changes.observe(&watcher::Event::Apply(view(&approved(change(
+                "a", "web", now
+            ))))),
             Change::Changed {
                 old: Some(_),
                 new: Some(_)
@@ -257,12 +291,12 @@ mod tests {
         let mut answered = approved(change("a", "web", now));
         answered.status.as_mut().unwrap().message = Some("baseline updated".into());
         assert_eq!(
-            changes.observe(&watcher::Event::Apply(answered)),
+            changes.observe(&watcher::Event::Apply(view(&answered))),
             Change::Same
         );
 
         assert!(matches!(
-            changes.observe(&watcher::Event::Delete(change("c", "db", now))),
+            changes.observe(&watcher::Event::Delete(view(&change("c", "db", now)))),
             Change::Changed { new: None, .. }
         ));
         assert_eq!(changes.counts("db", now), counts(0, 0));
@@ -271,12 +305,40 @@ mod tests {
     }
 
     #[test]
+    fn the_view_reads_policy_node_time_and_approval_of_a_whole_change() {
+        // Whole seconds, as the API server keeps a creation time.
+        let created = Timestamp::from_second(Timestamp::now().as_second() - 60).unwrap();
+        let mut fc = approved(change("c1", "web", created));
+        fc.spec.after = Some(kube_fim_crds::FileAttributes {
+            hash: Some("b".repeat(64)),
+            ..kube_fim_crds::FileAttributes::default()
+        });
+        assert_eq!(
+            Item::of(&view(&fc)),
+            Item {
+                name: "c1".into(),
+                policy: "web".into(),
+                node: "n1".into(),
+                created,
+                approved: true,
+            }
+        );
+        let mut answered = change("c2", "web", created);
+        answered.status = Some(FileChangeStatus {
+            message: Some("not approved yet".into()),
+            ..FileChangeStatus::default()
+        });
+        assert!(!Item::of(&view(&answered)).approved);
+        assert!(!Item::of(&view(&change("c3", "web", created))).approved);
+    }
+
+    #[test]
     fn a_relist_replaces_what_was_known() {
         let now = Timestamp::now();
         let changes = Changes::default();
-        changes.observe(&watcher::Event::Apply(change("gone", "web", now)));
+        changes.observe(&watcher::Event::Apply(view(&change("gone", "web", now))));
         changes.observe(&watcher::Event::Init);
-        changes.observe(&watcher::Event::InitApply(change("new", "web", now)));
+        changes.observe(&watcher::Event::InitApply(view(&change("new", "web", now))));
         assert_eq!(changes.counts("web", now), counts(1, 1));
         changes.observe(&watcher::Event::InitDone);
         let names: Vec<String> = changes

@@ -25,14 +25,12 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use kube_fim_crds::validate::validate_policy;
-use kube_fim_crds::{
-    FileChange, FileIntegrityNode, FileIntegrityPolicy, FileIntegrityPolicyStatus,
-};
+use kube_fim_crds::{FileIntegrityNode, FileIntegrityPolicy, FileIntegrityPolicyStatus};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::changes::Changes;
+use crate::changes::{self, ChangeView, Changes};
 use crate::config::Config;
 use crate::daemonset::desired_daemonset;
 use crate::metrics::Metrics;
@@ -177,10 +175,7 @@ pub async fn run(
             move |record, _| triggers::record_view(record, Timestamp::now(), heartbeat_timeout),
             |change, _, _| triggers::record_wake(change),
         )),
-        tokio::spawn(watch_changes(
-            Api::<FileChange>::all(client.clone()),
-            ctx.clone(),
-        )),
+        tokio::spawn(watch_changes(changes::api(client.clone()), ctx.clone())),
         tokio::spawn(retention::run(ctx.clone())),
     ];
 
@@ -317,7 +312,7 @@ async fn watch<K, V>(
 /// FileChanges come and go (agents report them, approvals and retention):
 /// their policy's counts follow within a batch window, not at the next resync.
 /// Of each, only what the counts and retention need is kept ([`Changes`]).
-async fn watch_changes(api: Api<FileChange>, ctx: Arc<Context>) {
+async fn watch_changes(api: Api<ChangeView>, ctx: Arc<Context>) {
     let events = watcher(api, watcher::Config::default()).default_backoff();
     futures::pin_mut!(events);
     while let Some(event) = events.next().await {
