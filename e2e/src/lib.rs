@@ -627,3 +627,26 @@ pub fn apiserver_metric(metric: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// What `kubectl get fip POLICY -o wide` shows in `column` (e.g. `CHANGES(24H)`).
+pub fn policy_column(policy: &str, column: &str) -> String {
+    let run = kubectl(["get", "fip", policy, "--no-headers", "-o", "wide"]);
+    assert!(run.success, "{}", run.stderr);
+    let header = kubectl(["get", "fip", policy, "-o", "wide"]);
+    let columns: Vec<&str> = header
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let at = columns
+        .iter()
+        .position(|c| *c == column)
+        .unwrap_or_else(|| panic!("a {column} column: {columns:?}"));
+    run.stdout
+        .split_whitespace()
+        .nth(at)
+        .unwrap_or_default()
+        .to_string()
+}

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -22,9 +21,7 @@ use kube_fim_crds::{
     FileIntegrityPolicy, FileIntegrityPolicySpec, MonitoredPath, NodePolicyPhase, NodePolicyStatus,
 };
 use kube_fim_e2e::operator::{Operator, SUITE_LABEL};
-use kube_fim_e2e::{
-    apiserver_metric, approve, client, eventually, file_change, kubectl, metric, unique_name,
-};
+use kube_fim_e2e::{client, eventually, file_change, metric, policy_column, unique_name};
 
 const NODES: usize = 30;
 /// A change must show in the status this soon (batch window 1 s, plus reconcile
@@ -220,29 +217,6 @@ async fn status_follows_a_report_change_within_a_bound_during_a_heartbeat_storm(
     }
 }
 
-/// `kubectl get fip` CHANGES(24H): what the printer column shows.
-fn changes_column(policy: &str) -> String {
-    let run = kubectl(["get", "fip", policy, "--no-headers", "-o", "wide"]);
-    assert!(run.success, "{}", run.stderr);
-    let header = kubectl(["get", "fip", policy, "-o", "wide"]);
-    let columns: Vec<&str> = header
-        .stdout
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let at = columns
-        .iter()
-        .position(|c| *c == "CHANGES(24H)")
-        .unwrap_or_else(|| panic!("a CHANGES(24H) column: {columns:?}"));
-    run.stdout
-        .split_whitespace()
-        .nth(at)
-        .unwrap_or_default()
-        .to_string()
-}
-
 #[tokio::test]
 async fn the_change_count_follows_new_file_changes_within_seconds() {
     let client = client().await;
@@ -282,7 +256,7 @@ async fn the_change_count_follows_new_file_changes_within_seconds() {
         },
     )
     .await;
-    assert_eq!(changes_column(&policy), "0");
+    assert_eq!(policy_column(&policy, "CHANGES(24H)"), "0");
 
     // Agents report changes; the count follows each burst within seconds, long
     // before the 10 min resync.
@@ -316,7 +290,7 @@ async fn the_change_count_follows_new_file_changes_within_seconds() {
             )
             .await,
         );
-        assert_eq!(changes_column(&policy), want.to_string());
+        assert_eq!(policy_column(&policy, "CHANGES(24H)"), want.to_string());
     }
     eprintln!("CHANGES(24H) followed new FileChanges after {took:?}");
     for t in &took {
@@ -342,150 +316,5 @@ async fn the_change_count_follows_new_file_changes_within_seconds() {
     }
     let _ = Api::<Node>::all(client.clone())
         .delete(&node, &DeleteParams::default())
-        .await;
-}
-
-/// What the API server has answered to LISTs of FileChanges so far: requests
-/// and response bytes.
-fn file_change_lists() -> (f64, f64) {
-    let labels = [("verb", "LIST"), ("resource", "filechanges")];
-    (
-        apiserver_metric("apiserver_request_total", &labels),
-        apiserver_metric("apiserver_response_sizes_sum", &labels),
-    )
-}
-
-/// A storm of FileChanges (agents reporting a package upgrade) costs the
-/// operator no list of them per change: it counts them from its watch. The
-/// counts are exact right after the storm, and a change after it still shows
-/// within seconds.
-#[tokio::test]
-async fn a_change_storm_is_counted_exactly_without_listing_the_changes_again() {
-    /// FileChanges in the storm, and how fast the agents write them: spread
-    /// over many batch windows, each of which refreshes the policy.
-    const STORM: usize = 600;
-    const PER_SECOND: usize = 50;
-    /// LISTs of FileChanges the whole test may cause, however large the storm:
-    /// the operators' watches' initial lists (other tests of this file start
-    /// theirs concurrently) and nothing per change.
-    const LISTS: f64 = 6.0;
-
-    let client = client().await;
-    let suite = unique_name("storm-fc");
-    let op = Operator::start(&suite, &suite, &["--resync=10m".into()]);
-    let policy = format!("{suite}-p");
-    let mut spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
-        name: "passwd".into(),
-        path: "/etc/passwd".into(),
-        ..MonitoredPath::default()
-    }]);
-    spec.node_selector = BTreeMap::from([("role".to_string(), suite.clone())]);
-    let mut p = FileIntegrityPolicy::new(&policy, spec);
-    p.metadata.labels = Some(BTreeMap::from([(SUITE_LABEL.to_string(), suite.clone())]));
-    let policies: Api<FileIntegrityPolicy> = Api::all(client.clone());
-    policies.create(&PostParams::default(), &p).await.unwrap();
-    let counts = |p: &FileIntegrityPolicy| {
-        p.status
-            .as_ref()
-            .map(|s| (s.changes_last24h, s.unacknowledged_changes))
-    };
-    // Waits until the status shows `want` changes in 24 h, `unacknowledged`
-    // of them unapproved: how long since `start`.
-    let wait_counts = |want: usize, unacknowledged: usize, start: Instant| {
-        let (policies, policy) = (policies.clone(), policy.clone());
-        let want = Some((Some(want as i64), Some(unacknowledged as i64)));
-        async move {
-            eventually(
-                &format!("the counts (24 h, unacknowledged) to be {want:?}"),
-                Duration::from_secs(60),
-                || async {
-                    let p = policies.get(&policy).await.map_err(|e| e.to_string())?;
-                    if counts(&p) == want {
-                        Ok(start.elapsed())
-                    } else {
-                        Err(format!("{:?}", counts(&p)))
-                    }
-                },
-            )
-            .await
-        }
-    };
-    wait_counts(0, 0, Instant::now()).await;
-    let (lists_before, bytes_before) = file_change_lists();
-
-    // The storm: STORM changes from 10 nodes at PER_SECOND.
-    let api: Api<FileChange> = Api::all(client.clone());
-    let names: Vec<String> = (0..STORM).map(|i| format!("{policy}-{i}")).collect();
-    let started = Instant::now();
-    futures::stream::iter(names.iter().enumerate())
-        .map(|(i, name)| {
-            let api = api.clone();
-            let fc = file_change(name, &format!("{suite}-n{}", i % 10), &policy);
-            let at = started + Duration::from_secs_f64(i as f64 / PER_SECOND as f64);
-            async move {
-                tokio::time::sleep_until(at.into()).await;
-                api.create(&PostParams::default(), &fc).await.unwrap();
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<()>>()
-        .await;
-    let storm = started.elapsed();
-    let settled = wait_counts(STORM, STORM, Instant::now()).await;
-    assert_eq!(changes_column(&policy), STORM.to_string());
-
-    // After the storm, an isolated change and two approvals show within seconds.
-    let start = Instant::now();
-    api.create(
-        &PostParams::default(),
-        &file_change(&format!("{policy}-after"), &format!("{suite}-n0"), &policy),
-    )
-    .await
-    .unwrap();
-    let isolated = wait_counts(STORM + 1, STORM + 1, start).await;
-    let start = Instant::now();
-    for name in &names[..2] {
-        approve(&client, name, "the package upgrade").await.unwrap();
-    }
-    let approved = wait_counts(STORM + 1, STORM - 1, start).await;
-
-    let (lists_after, bytes_after) = file_change_lists();
-    let (lists, bytes) = (lists_after - lists_before, bytes_after - bytes_before);
-    let text = op.metrics().unwrap();
-    let reconciles = metric(&text, "kube_fim_operator_reconciles_total{result=\"ok\"}");
-    eprintln!(
-        "storm of {STORM} FileChanges in {:.1}s: counts exact {:.2}s after its end, an \
-         isolated change after {:.2}s, approvals after {:.2}s; {reconciles:?} reconciles; \
-         FileChange LISTs {lists} ({:.3} per change), {:.0} bytes listed ({:.0} per change)",
-        storm.as_secs_f64(),
-        settled.as_secs_f64(),
-        isolated.as_secs_f64(),
-        approved.as_secs_f64(),
-        lists / (STORM + 1) as f64,
-        bytes,
-        bytes / (STORM + 1) as f64,
-    );
-    assert!(
-        isolated <= FRESH && approved <= FRESH,
-        "after the storm, a change took {isolated:?} and approvals {approved:?} to show"
-    );
-    assert!(
-        lists <= LISTS,
-        "{lists} LISTs of FileChanges for a storm of {STORM}: the cost grows with the changes"
-    );
-
-    policies
-        .delete(&policy, &DeleteParams::default())
-        .await
-        .unwrap();
-    futures::stream::iter(names.iter().chain([&format!("{policy}-after")]))
-        .map(|name| {
-            let api = api.clone();
-            async move {
-                let _ = api.delete(name, &DeleteParams::default()).await;
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<()>>()
         .await;
 }
