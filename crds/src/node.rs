@@ -136,7 +136,8 @@ pub struct EntryDigest {
     /// Entry name within the policy.
     #[schemars(length(max = 63))]
     pub entry: String,
-    /// BLAKE3 over the entry's paths and approved states, in path order.
+    /// Multiset hash of the entry's paths and approved states (`v2-...`; earlier
+    /// versions: BLAKE3 over them in path order).
     #[schemars(length(max = 64))]
     pub digest: String,
     /// Paths the entry covers in the baseline.

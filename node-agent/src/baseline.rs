@@ -35,7 +35,7 @@
 //!
 //! [redb]: https://docs.rs/redb
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -66,6 +66,9 @@ const LEGACY_VERSION: u32 = 1;
 pub const CACHE_BYTES: usize = 4 << 20;
 /// Changed records kept in memory before a scan writes them.
 const BATCH: usize = 4096;
+/// Changes of approved states remembered for [`Baseline::approved_changes_since`]
+/// (a reader further behind recomputes what it derives from them).
+const APPROVED_LOG: usize = 1024;
 
 const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
 const ESTABLISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("established");
@@ -158,12 +161,13 @@ struct Legacy {
 /// the order records were written in does not matter. XOR or a single 256-bit
 /// sum would let an attacker balance a forged record with chosen others.
 #[derive(Clone, PartialEq, Eq)]
-struct SetHash(Box<[u16; SetHash::LANES]>);
+pub struct SetHash(Box<[u16; SetHash::LANES]>);
 
 impl SetHash {
     const LANES: usize = 1024;
 
-    fn zero() -> Self {
+    /// The hash of the empty set.
+    pub fn zero() -> Self {
         SetHash(Box::new([0; Self::LANES]))
     }
 
@@ -178,14 +182,17 @@ impl SetHash {
         out
     }
 
-    fn add(&mut self, tag: u8, key: &str, value: &[u8]) {
+    /// Adds the element (`tag`, `key`, `value`); `tag` separates the kinds
+    /// of elements.
+    pub fn add(&mut self, tag: u8, key: &str, value: &[u8]) {
         let e = Self::element(tag, key, value);
         for (lane, b) in self.0.iter_mut().zip(e.chunks_exact(2)) {
             *lane = lane.wrapping_add(u16::from_le_bytes([b[0], b[1]]));
         }
     }
 
-    fn remove(&mut self, tag: u8, key: &str, value: &[u8]) {
+    /// Removes an element added before.
+    pub fn remove(&mut self, tag: u8, key: &str, value: &[u8]) {
         let e = Self::element(tag, key, value);
         for (lane, b) in self.0.iter_mut().zip(e.chunks_exact(2)) {
             *lane = lane.wrapping_sub(u16::from_le_bytes([b[0], b[1]]));
@@ -207,10 +214,21 @@ impl SetHash {
         Some(s)
     }
 
-    /// The digest published in the cluster.
-    fn digest(&self) -> String {
+    /// BLAKE3 of the lanes, in hex (the baseline's: the digest published in
+    /// the cluster).
+    pub fn digest(&self) -> String {
         blake3::hash(&self.to_bytes()).to_hex().to_string()
     }
+}
+
+/// A change of a path's approved state (`None`: approved as absent, or not
+/// known), numbered in the order it was made.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApprovedChange {
+    pub seq: u64,
+    pub key: String,
+    pub before: Option<FileAttributes>,
+    pub after: Option<FileAttributes>,
 }
 
 /// A direct child of a directory, as the baseline knows it.
@@ -252,6 +270,10 @@ pub struct Baseline {
     reader: Mutex<Reader>,
     /// Changed since the last save.
     dirty: bool,
+    /// The last [`APPROVED_LOG`] changes of approved states, and the number
+    /// of changes made since the baseline was opened.
+    approved_log: VecDeque<ApprovedChange>,
+    approved_seq: u64,
 }
 
 /// Key of an established entry.
@@ -395,6 +417,8 @@ impl Baseline {
             changed: BTreeSet::new(),
             reader: Mutex::new(Reader::default()),
             dirty: fresh,
+            approved_log: VecDeque::new(),
+            approved_seq: 0,
         }
     }
 
@@ -686,6 +710,53 @@ impl Baseline {
         self.dirty = true;
     }
 
+    /// Remembers a change of a path's approved state (see
+    /// [`Baseline::approved_changes_since`]).
+    fn log_approved(
+        &mut self,
+        key: &str,
+        before: Option<FileAttributes>,
+        after: Option<&FileAttributes>,
+    ) {
+        if before.as_ref() == after {
+            return;
+        }
+        self.approved_seq += 1;
+        if self.approved_log.len() == APPROVED_LOG {
+            self.approved_log.pop_front();
+        }
+        self.approved_log.push_back(ApprovedChange {
+            seq: self.approved_seq,
+            key: key.to_string(),
+            before,
+            after: after.cloned(),
+        });
+    }
+
+    /// The number of changes of approved states made so far: a reader that
+    /// derived something from the approved states now asks
+    /// [`Baseline::approved_changes_since`] with it later.
+    pub fn approved_seq(&self) -> u64 {
+        self.approved_seq
+    }
+
+    /// The changes of approved states made after the `seq`th, in order, or
+    /// `None` if they are no longer all remembered (more than a thousand
+    /// or so: recompute from the records).
+    pub fn approved_changes_since(
+        &self,
+        seq: u64,
+    ) -> Option<impl Iterator<Item = &ApprovedChange>> {
+        if seq > self.approved_seq {
+            return None;
+        }
+        let first = self
+            .approved_log
+            .front()
+            .map_or(self.approved_seq + 1, |c| c.seq);
+        (seq + 1 >= first).then(|| self.approved_log.iter().filter(move |c| c.seq > seq))
+    }
+
     /// Calls `f` on every record whose key starts with `prefix`, in key order.
     fn for_each_under(&self, prefix: &str, mut f: impl FnMut(&str, &Tracked)) {
         let mut pending = self
@@ -868,13 +939,15 @@ impl Baseline {
             Some(s) => {
                 let mut t = old.unwrap_or_default();
                 if t.approved.as_ref() != Some(&s) || t.reported.is_some() {
-                    t.approved = Some(s);
+                    let before = t.approved.replace(s);
                     t.reported = None;
+                    self.log_approved(key, before, t.approved.as_ref());
                     self.put(key, Some(t));
                 }
             }
             None => {
-                if old.is_some() {
+                if let Some(t) = old {
+                    self.log_approved(key, t.approved, None);
                     self.put(key, None);
                 }
             }
@@ -908,7 +981,8 @@ impl Baseline {
     /// transition.
     pub fn adopt(&mut self, key: &str, state: FileAttributes) {
         let mut t = self.record(key).unwrap_or_default();
-        t.approved = Some(state);
+        let before = t.approved.replace(state);
+        self.log_approved(key, before, t.approved.as_ref());
         if t.reported.take().is_some() {
             t.epoch += 1;
         }
@@ -918,7 +992,8 @@ impl Baseline {
     /// Approves `state` as the path's baseline (an explicit, recorded act).
     pub fn approve(&mut self, key: &str, state: Option<FileAttributes>) {
         let mut t = self.record(key).unwrap_or_default();
-        t.approved = state;
+        let before = std::mem::replace(&mut t.approved, state);
+        self.log_approved(key, before, t.approved.as_ref());
         t.reported = None;
         t.epoch += 1;
         self.put(key, Some(t));
@@ -1320,5 +1395,50 @@ mod tests {
         let (b, on_disk) = reopen(dir.path());
         assert_eq!(on_disk, new);
         assert_eq!(b.epoch("/etc/hosts"), 2);
+    }
+
+    #[test]
+    fn changes_of_approved_states_are_remembered_in_order_up_to_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Baseline::create(dir.path()).unwrap();
+        b.establish_path("/a", Some(attrs(1)));
+        let seq = b.approved_seq();
+        b.mark_reported("/a", "x".into());
+        b.settled("/a");
+        b.establish_path("/a", Some(attrs(1)));
+        assert_eq!(
+            b.approved_seq(),
+            seq,
+            "reports and epochs are not approvals"
+        );
+        b.approve("/a", Some(attrs(2)));
+        b.adopt("/b", attrs(3));
+        b.establish_path("/a", None);
+        let seen: Vec<(String, Option<u64>, Option<u64>)> = b
+            .approved_changes_since(seq)
+            .unwrap()
+            .map(|c| {
+                let size = |a: &Option<FileAttributes>| a.as_ref().and_then(|a| a.size);
+                (c.key.clone(), size(&c.before), size(&c.after))
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("/a".to_string(), Some(1), Some(2)),
+                ("/b".to_string(), None, Some(3)),
+                ("/a".to_string(), Some(2), None),
+            ]
+        );
+        for i in 0..APPROVED_LOG {
+            b.approve(&format!("/f{i}"), Some(attrs(1)));
+        }
+        assert!(b.approved_changes_since(seq).is_none(), "forgotten");
+        let recent = b.approved_seq() - 10;
+        assert_eq!(b.approved_changes_since(recent).unwrap().count(), 10);
+        assert_eq!(
+            b.approved_changes_since(b.approved_seq()).unwrap().count(),
+            0
+        );
     }
 }
