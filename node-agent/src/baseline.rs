@@ -40,7 +40,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use k8s_openapi::jiff::Timestamp;
 use kube_fim_crds::FileAttributes;
@@ -240,6 +240,39 @@ pub struct KnownChild {
     pub below: bool,
 }
 
+/// The committed records as of one moment, readable on any thread: a scan
+/// reads the records of its next paths on its threads while it judges others
+/// ([`Snapshot::read`], [`Baseline::prefetched`]).
+pub struct Snapshot {
+    writes: u64,
+    files: ReadOnlyTable<&'static str, &'static [u8]>,
+}
+
+impl Snapshot {
+    /// The record of `key` as of the snapshot, decoded.
+    pub fn read(&self, key: &str) -> Prefetched {
+        let record = match self.files.get(key) {
+            Ok(Some(v)) => serde_json::from_slice::<Tracked>(v.value())
+                .ok()
+                .map(|t| Some(Box::new(t))),
+            Ok(None) => Some(None),
+            // Read again when used, to report why it cannot be.
+            Err(_) => None,
+        };
+        Prefetched {
+            writes: self.writes,
+            record,
+        }
+    }
+}
+
+/// A record read from a [`Snapshot`].
+pub struct Prefetched {
+    writes: u64,
+    /// `None`: unreadable. (Boxed: a batch holds thousands, small.)
+    record: Option<Option<Box<Tracked>>>,
+}
+
 /// Reads of the committed state: one snapshot, its files table, and the last
 /// record read (a scan asks several questions about each path in turn).
 #[derive(Default)]
@@ -250,7 +283,7 @@ struct Reader {
 
 /// The persisted state.
 pub struct Baseline {
-    db: Database,
+    db: Arc<Database>,
     state: PathBuf,
     /// Built from nothing at [`NEW_FILE`] until its first save.
     fresh: bool,
@@ -259,8 +292,14 @@ pub struct Baseline {
     legacy: Option<String>,
     /// Digest of the committed records.
     sum: SetHash,
+    /// Transactions committed since the baseline was opened (a record read
+    /// ahead is current while this has not moved, see [`Snapshot`]).
+    writes: u64,
     /// Records changed since the last write (`None`: removed).
     pending: BTreeMap<String, Option<Tracked>>,
+    /// Records being written in the background (see
+    /// [`Baseline::flush_if_full`]): read as changes under `pending`.
+    writing: Option<Writing>,
     /// `policy/entry` pairs whose first baseline is complete: only they report.
     /// (A few per policy: held in memory, written when changed.)
     established: BTreeSet<String>,
@@ -274,6 +313,57 @@ pub struct Baseline {
     /// of changes made since the baseline was opened.
     approved_log: VecDeque<ApprovedChange>,
     approved_seq: u64,
+}
+
+/// A transaction of changed records on its own thread, while a scan goes on.
+struct Writing {
+    records: Arc<BTreeMap<String, Option<Tracked>>>,
+    done: std::thread::JoinHandle<Result<SetHash, BaselineError>>,
+}
+
+/// Writes changed records into `files`, keeping `sum` up to date.
+fn write_records(
+    files: &mut redb::Table<&str, &[u8]>,
+    records: &BTreeMap<String, Option<Tracked>>,
+    sum: &mut SetHash,
+) -> Result<(), redb::Error> {
+    for (k, t) in records {
+        let old = match t {
+            Some(t) => {
+                let v = encode(t);
+                sum.add(TAG_FILE, k, &v);
+                files.insert(k.as_str(), v.as_slice())?
+            }
+            None => files.remove(k.as_str())?,
+        };
+        if let Some(old) = old {
+            sum.remove(TAG_FILE, k, old.value());
+        }
+    }
+    Ok(())
+}
+
+/// One transaction, not durable (a baseline being built: nothing journals
+/// it), of changed records; the digest of the store after it.
+fn write_behind(
+    db: &Database,
+    path: &Path,
+    records: &BTreeMap<String, Option<Tracked>>,
+    mut sum: SetHash,
+) -> Result<SetHash, BaselineError> {
+    let store = |e: redb::Error| BaselineError::store(path, e);
+    let mut tx = db.begin_write().map_err(|e| store(e.into()))?;
+    tx.set_durability(Durability::None)
+        .map_err(|e| store(redb::Error::Corrupted(e.to_string())))?;
+    {
+        let mut files = tx.open_table(FILES).map_err(|e| store(e.into()))?;
+        write_records(&mut files, records, &mut sum).map_err(store)?;
+        let mut meta = tx.open_table(META).map_err(|e| store(e.into()))?;
+        meta.insert("sum", sum.to_bytes().as_slice())
+            .map_err(|e| store(e.into()))?;
+    }
+    tx.commit().map_err(|e| store(e.into()))?;
+    Ok(sum)
 }
 
 /// Key of an established entry.
@@ -406,12 +496,14 @@ impl Baseline {
 
     fn with_db(db: Database, state: &Path, fresh: bool) -> Baseline {
         Baseline {
-            db,
+            db: Arc::new(db),
             state: state.to_path_buf(),
             fresh,
             legacy: None,
             sum: SetHash::zero(),
+            writes: 0,
             pending: BTreeMap::new(),
+            writing: None,
             established: BTreeSet::new(),
             policies: BTreeMap::new(),
             changed: BTreeSet::new(),
@@ -565,22 +657,73 @@ impl Baseline {
     }
 
     /// Writes the pending changes once there are [`BATCH`] of them, so a scan
-    /// of any size holds a bounded number in memory.
+    /// of any size holds a bounded number in memory. A baseline being built
+    /// (not the baseline yet: nothing to journal) is written on another
+    /// thread while the scan goes on, one batch at a time.
     pub fn flush_if_full(&mut self) -> Result<(), BaselineError> {
         if self.pending.len() < BATCH {
             return Ok(());
         }
-        if self.fresh {
-            // Not the baseline yet: nothing to journal.
-            self.write(false).map(|_| ())
-        } else {
-            self.save().map(|_| ())
+        if !self.fresh {
+            return self.save().map(|_| ());
+        }
+        self.finish_writing()?;
+        let records = Arc::new(std::mem::take(&mut self.pending));
+        let (db, sum, path) = (
+            Arc::clone(&self.db),
+            self.sum.clone(),
+            self.state.join(NEW_FILE),
+        );
+        let job = Arc::clone(&records);
+        match std::thread::Builder::new()
+            .name("baseline-write".into())
+            .spawn(move || write_behind(&db, &path, &job, sum))
+        {
+            Ok(done) => {
+                self.writing = Some(Writing { records, done });
+                Ok(())
+            }
+            Err(e) => {
+                warn!(%e, "writing the baseline on this thread");
+                self.pending = Arc::unwrap_or_clone(records);
+                self.write(false).map(|_| ())
+            }
+        }
+    }
+
+    /// Waits for the records being written in the background; if they could
+    /// not be, they are pending again.
+    pub fn finish_writing(&mut self) -> Result<(), BaselineError> {
+        let Some(w) = self.writing.take() else {
+            return Ok(());
+        };
+        let result = w.done.join().unwrap_or_else(|_| {
+            Err(BaselineError::Io {
+                path: self.state.join(NEW_FILE),
+                source: std::io::Error::other("the baseline writer stopped"),
+            })
+        });
+        // A reader's snapshot would keep the pages the commit freed.
+        *self.reader() = Reader::default();
+        match result {
+            Ok(sum) => {
+                self.sum = sum;
+                self.writes += 1;
+                Ok(())
+            }
+            Err(e) => {
+                for (k, t) in Arc::unwrap_or_clone(w.records) {
+                    self.pending.entry(k).or_insert(t);
+                }
+                Err(e)
+            }
         }
     }
 
     /// One transaction with every pending change; `durable` journals the
     /// digest before the commit makes it the state on disk.
     fn write(&mut self, durable: bool) -> Result<String, BaselineError> {
+        self.finish_writing()?;
         let path = self.state.join(if self.fresh { NEW_FILE } else { FILE });
         let store = |e: redb::Error| BaselineError::store(&path, e);
         let mut sum = self.sum.clone();
@@ -595,20 +738,7 @@ impl Baseline {
         }
         {
             let mut files = tx.open_table(FILES).map_err(|e| store(e.into()))?;
-            for (k, t) in &self.pending {
-                let old = match t {
-                    Some(t) => {
-                        let v = encode(t);
-                        sum.add(TAG_FILE, k, &v);
-                        files.insert(k.as_str(), v.as_slice())
-                    }
-                    None => files.remove(k.as_str()),
-                }
-                .map_err(|e| store(e.into()))?;
-                if let Some(old) = old {
-                    sum.remove(TAG_FILE, k, old.value());
-                }
-            }
+            write_records(&mut files, &self.pending, &mut sum).map_err(store)?;
             let mut established = tx.open_table(ESTABLISHED).map_err(|e| store(e.into()))?;
             let mut policies = tx.open_table(POLICIES).map_err(|e| store(e.into()))?;
             for (tag, k) in &self.changed {
@@ -650,6 +780,7 @@ impl Baseline {
         // A reader's snapshot would keep the pages this commit frees.
         *self.reader() = Reader::default();
         tx.commit().map_err(|e| store(e.into()))?;
+        self.writes += 1;
         self.sum = sum;
         self.pending.clear();
         self.changed.clear();
@@ -678,6 +809,9 @@ impl Baseline {
     /// The record of a path, pending changes first.
     fn record(&self, key: &str) -> Option<Tracked> {
         if let Some(p) = self.pending.get(key) {
+            return p.clone();
+        }
+        if let Some(p) = self.writing.as_ref().and_then(|w| w.records.get(key)) {
             return p.clone();
         }
         if let Some((k, t)) = &self.reader().last
@@ -759,14 +893,27 @@ impl Baseline {
 
     /// Calls `f` on every record whose key starts with `prefix`, in key order.
     fn for_each_under(&self, prefix: &str, mut f: impl FnMut(&str, &Tracked)) {
-        let mut pending = self
-            .pending
-            .range::<str, _>((
+        fn under<'a>(
+            m: &'a BTreeMap<String, Option<Tracked>>,
+            prefix: &'a str,
+        ) -> impl Iterator<Item = (&'a String, &'a Option<Tracked>)> {
+            m.range::<str, _>((
                 std::ops::Bound::Included(prefix),
                 std::ops::Bound::Unbounded,
             ))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .peekable();
+            .take_while(move |(k, _)| k.starts_with(prefix))
+        }
+        // The changes being written, under those pending.
+        let merged = self.writing.as_ref().map(|w| {
+            let mut m: BTreeMap<&String, &Option<Tracked>> = under(&w.records, prefix).collect();
+            m.extend(under(&self.pending, prefix));
+            m
+        });
+        let changes: Box<dyn Iterator<Item = (&String, &Option<Tracked>)>> = match &merged {
+            Some(m) => Box::new(m.iter().map(|(k, t)| (*k, *t))),
+            None => Box::new(under(&self.pending, prefix)),
+        };
+        let mut pending = changes.peekable();
         let read = self.with_files(|table| {
             for item in table.range::<&str>(prefix..)? {
                 let (k, v) = item?;
@@ -817,6 +964,39 @@ impl Baseline {
             "policies": self.policies,
         });
         serde_json::to_vec(&doc).unwrap_or_default()
+    }
+
+    /// A snapshot of the committed records (`None` if the store has none or
+    /// cannot be read now: the records are then read when used).
+    pub fn snapshot(&self) -> Option<Snapshot> {
+        let files = self.db.begin_read().ok()?.open_table(FILES).ok()?;
+        Some(Snapshot {
+            writes: self.writes,
+            files,
+        })
+    }
+
+    /// Transactions committed since the baseline was opened.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// Whether changes wait to be written.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || self.writing.is_some()
+    }
+
+    /// Answers the next questions about `key` from its record read ahead,
+    /// unless the store was written since that read and `unwritten` is false
+    /// (the caller knows `key` was not written since: a scan that started
+    /// with nothing pending writes only the paths it judged, each once).
+    /// Changes not yet written still come first.
+    pub fn prefetched(&self, key: &str, read: Prefetched, unwritten: bool) {
+        if (unwritten || read.writes == self.writes)
+            && let Some(t) = read.record
+        {
+            self.reader().last = Some((key.to_string(), t.map(|t| *t)));
+        }
     }
 
     /// Whether anything changed since the last save.
@@ -883,20 +1063,22 @@ impl Baseline {
         if let Err(error) = read {
             warn!(dir, %error, "reading the baseline");
         }
-        for (k, t) in self
-            .pending
-            .range::<str, _>((
-                std::ops::Bound::Included(prefix.as_str()),
-                std::ops::Bound::Unbounded,
-            ))
-            .take_while(|(k, _)| k.starts_with(prefix.as_str()))
-        {
-            let rest = &k[prefix.len()..];
-            match rest.split_once('/') {
-                None => out.entry(rest.to_string()).or_default().known = t.is_some(),
-                Some((name, _)) => {
-                    if t.is_some() {
-                        out.entry(name.to_string()).or_default().below = true;
+        let writing = self.writing.as_ref().map(|w| &*w.records);
+        for changes in writing.into_iter().chain([&self.pending]) {
+            for (k, t) in changes
+                .range::<str, _>((
+                    std::ops::Bound::Included(prefix.as_str()),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take_while(|(k, _)| k.starts_with(prefix.as_str()))
+            {
+                let rest = &k[prefix.len()..];
+                match rest.split_once('/') {
+                    None => out.entry(rest.to_string()).or_default().known = t.is_some(),
+                    Some((name, _)) => {
+                        if t.is_some() {
+                            out.entry(name.to_string()).or_default().below = true;
+                        }
                     }
                 }
             }
@@ -1032,6 +1214,14 @@ impl Baseline {
         rec.last_scan_time = Some(now);
         self.changed.insert((TAG_POLICY, name.to_string()));
         self.dirty = true;
+    }
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        if let Err(error) = self.finish_writing() {
+            warn!(%error, "baseline changes not written");
+        }
     }
 }
 
@@ -1228,6 +1418,35 @@ mod tests {
         let (b, on_disk) = reopen(dir.path());
         assert!(Journal::new(dir.path()).vouches(&published, &on_disk));
         assert_eq!(b.keys_under("/d").len(), 2 * BATCH);
+    }
+
+    #[test]
+    fn a_baseline_being_built_is_written_in_the_background_and_read_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Baseline::create(dir.path()).unwrap();
+        let n = 2 * BATCH + 10;
+        for i in 0..n {
+            b.establish_path(&format!("/d/f{i:05}"), Some(attrs(i as u64)));
+            b.flush_if_full().unwrap();
+            if i == BATCH {
+                // The first batch is on its way to the store: still read.
+                assert!(b.writing.is_some());
+                assert_eq!(b.approved("/d/f00001"), Some(attrs(1)));
+                assert!(b.children("/d")["f00002"].known);
+                assert_eq!(b.keys_under("/d").len(), BATCH + 1);
+            }
+        }
+        assert_eq!(b.keys_under("/d").len(), n);
+        assert_eq!(b.children("/").len(), 1);
+        let saved = b.save().unwrap();
+        assert!(b.writing.is_none());
+        drop(b);
+        let (b, on_disk) = reopen(dir.path());
+        assert_eq!(on_disk, saved, "the digest kept is the one of the records");
+        assert_eq!(
+            b.approved(&format!("/d/f{:05}", n - 1)),
+            Some(attrs(n as u64 - 1))
+        );
     }
 
     #[test]

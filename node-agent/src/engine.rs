@@ -7,7 +7,7 @@
 //! reported state (and the file is still in it), or until the file returns to
 //! its approved state.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -17,11 +17,14 @@ use kube_fim_crds::{
     Attribute, ChangeCategory, DetectionSource, EntryDigest, FileAttributes, FileChangeSpec,
     FileIntegrityPolicySpec,
 };
+use rayon::prelude::*;
 use thiserror::Error;
 use tracing::{debug, warn};
 
-use crate::baseline::{Baseline, BaselineError, Journal, SetHash, state_digest};
-use crate::hostfs::{HostRoot, InspectError, Inspected, OwnedItem, Pending};
+use crate::baseline::{
+    Baseline, BaselineError, Journal, Prefetched, SetHash, Snapshot, state_digest,
+};
+use crate::hostfs::{HostRoot, InspectError, Inspected, Item, Job};
 use crate::metrics::Progress;
 use crate::mounts::{MountSource, MountTable};
 use crate::paths::{escape, host_path, rel_path, unescape};
@@ -268,34 +271,110 @@ pub enum Approved {
 }
 
 /// Paths inspected together on the scan's threads before being judged.
-const SCAN_BATCH: usize = 4096;
+const SCAN_BATCH: usize = 2048;
+/// Batches on the scan's threads ahead of the one being judged.
+const SCAN_AHEAD: usize = 1;
 
-/// A path to judge: its owners and the attributes they want.
-type Todo<'p> = (Node, Vec<&'p Entry>, Arc<[Attribute]>);
-
-/// A batch of paths on the scan threads ([`HostRoot::spawn_batch`]): those
-/// some entry monitors, with their owners and the attributes wanted.
-struct Spawned<'p> {
-    todo: Vec<Todo<'p>>,
-    pending: Pending,
+/// A path to judge, as planned on the scan's threads: its key, its owners
+/// (indices of plan entries), the attributes they want, its record read
+/// ahead.
+struct Todo {
+    path: PathBuf,
+    key: String,
+    owners: Vec<usize>,
+    want: Arc<[Attribute]>,
+    record: Option<Prefetched>,
 }
 
-impl<'p> Spawned<'p> {
-    fn new(root: &HostRoot, plan: &'p Plan, nodes: Vec<Node>) -> Self {
-        let todo: Vec<Todo> = nodes
-            .into_iter()
-            .filter_map(|n| {
-                let owners = plan.owners(&n.path);
-                let want = Plan::wanted(&owners).into();
-                (!owners.is_empty()).then_some((n, owners, want))
-            })
-            .collect();
-        let items = todo
+/// A batch planned and inspected on the scan's threads.
+struct Planned {
+    todo: Vec<Todo>,
+    inspected: Vec<Inspected>,
+    hashed: u64,
+}
+
+/// A batch of paths on the scan's threads ([`HostRoot::spawn`]): of the walked
+/// nodes, those some entry monitors, with their owners and the attributes
+/// wanted, inspected, their baseline records read ahead from `snapshot`.
+struct Spawned {
+    job: Job<Planned>,
+}
+
+impl Spawned {
+    fn new(
+        root: &HostRoot,
+        plan: &Arc<Plan>,
+        nodes: Vec<Node>,
+        snapshot: Option<Snapshot>,
+    ) -> Self {
+        let plan = Arc::clone(plan);
+        let job =
+            root.spawn(move |root, parallel| plan_batch(root, parallel, &plan, nodes, snapshot));
+        Spawned { job }
+    }
+}
+
+/// Plans a batch (which paths, owned by which entries, wanting what), then
+/// inspects its paths and reads their records, on the scan's threads.
+fn plan_batch(
+    root: &HostRoot,
+    parallel: bool,
+    plan: &Plan,
+    nodes: Vec<Node>,
+    snapshot: Option<Snapshot>,
+) -> Planned {
+    let mut todo = Vec::with_capacity(nodes.len());
+    // Paths of one entry want the same attributes: shared.
+    let mut last: Option<(Vec<usize>, Arc<[Attribute]>)> = None;
+    for node in nodes {
+        let owners: Vec<usize> = plan
+            .entries
             .iter()
-            .map(|(n, _, want)| OwnedItem::of(&n.path, Arc::clone(want)))
+            .enumerate()
+            .filter(|(_, e)| e.covers(&node.path))
+            .map(|(i, _)| i)
             .collect();
-        let pending = root.spawn_batch(items);
-        Spawned { todo, pending }
+        if owners.is_empty() {
+            continue;
+        }
+        let want = match &last {
+            Some((o, w)) if *o == owners => Arc::clone(w),
+            _ => {
+                let entries: Vec<&Entry> = owners.iter().map(|&i| &plan.entries[i]).collect();
+                let w: Arc<[Attribute]> = Plan::wanted(&entries).into();
+                last = Some((owners.clone(), Arc::clone(&w)));
+                w
+            }
+        };
+        todo.push(Todo {
+            key: host_path(&node.path),
+            path: node.path,
+            owners,
+            want,
+            record: None,
+        });
+    }
+    let items: Vec<Item<'_>> = todo.iter().map(|t| Item::of(&t.path, &t.want)).collect();
+    let read = |t: &Todo| snapshot.as_ref().map(|s| s.read(&t.key));
+    let ((inspected, hashed), records): (_, Vec<Option<Prefetched>>) = if parallel {
+        rayon::join(
+            || root.run_batch(&items, true),
+            || todo.par_iter().with_min_len(64).map(read).collect(),
+        )
+    } else {
+        (
+            root.run_batch(&items, false),
+            todo.iter().map(read).collect(),
+        )
+    };
+    drop(items);
+    for (t, r) in todo.iter_mut().zip(records) {
+        t.record = r;
+    }
+    Planned {
+        todo,
+        inspected,
+        hashed,
     }
 }
 
@@ -618,10 +697,16 @@ impl Engine {
                 below: true,
             })
             .collect();
-        // Inspected in parallel a batch at a time (across directories) on the
-        // scan threads, one batch ahead of the judging, which goes in the
-        // order the walk found them.
-        let mut ahead: Option<Spawned> = None;
+        // Planned and inspected in parallel a batch at a time (across
+        // directories) on the scan threads, up to SCAN_AHEAD batches ahead of
+        // the judging, which goes in the order the walk found them. The
+        // records of a batch are read ahead with it unless the baseline was
+        // written while the previous batch was judged (they would be stale).
+        let mut ahead: VecDeque<Spawned> = VecDeque::new();
+        // With nothing pending at the start, the scan writes only the paths
+        // it judged: what was read ahead stays current whatever it writes.
+        let unwritten = !self.baseline.has_pending();
+        let mut read_ahead = true;
         let mut batch: Vec<Node> = roots
             .iter()
             .filter(|n| candidate(&plan, n))
@@ -636,20 +721,27 @@ impl Engine {
             batch.extend(children.iter().filter(|n| candidate(&plan, n)).cloned());
             stack.extend(children.into_iter().rev());
             if batch.len() >= SCAN_BATCH {
-                let next = Spawned::new(&self.root, &plan, std::mem::take(&mut batch));
-                if let Some(previous) = ahead.replace(next) {
-                    self.judge_nodes(previous, source, &mut out, &mut tally);
+                ahead.push_back(self.spawn(&plan, std::mem::take(&mut batch), read_ahead));
+                if ahead.len() > SCAN_AHEAD
+                    && let Some(next) = ahead.pop_front()
+                {
+                    let writes = self.baseline.writes();
+                    self.judge_nodes(next, &plan, unwritten, source, &mut out, &mut tally);
                     if !self.dry_run
                         && let Err(error) = self.baseline.flush_if_full()
                     {
                         warn!(%error, "could not write the baseline; changes kept in memory");
                     }
+                    read_ahead = unwritten || self.baseline.writes() == writes;
                 }
             }
         }
-        let last = Spawned::new(&self.root, &plan, batch);
-        for spawned in ahead.into_iter().chain([last]) {
-            self.judge_nodes(spawned, source, &mut out, &mut tally);
+        ahead.push_back(self.spawn(&plan, batch, read_ahead));
+        for spawned in ahead {
+            self.judge_nodes(spawned, &plan, unwritten, source, &mut out, &mut tally);
+        }
+        if let Err(error) = self.baseline.finish_writing() {
+            warn!(%error, "could not write the baseline; changes kept in memory");
         }
         // Paths no served entry owns stay in the baseline: a policy served
         // again later compares with them. Every planned entry is now
@@ -724,24 +816,43 @@ impl Engine {
         by_name.into_values().collect()
     }
 
-    /// Inspects the paths of `nodes` some entry monitors (in parallel), then
-    /// judges them in order.
+    /// Hands the nodes of a batch to the scan's threads ([`plan_batch`]).
+    fn spawn(&self, plan: &Arc<Plan>, nodes: Vec<Node>, read_ahead: bool) -> Spawned {
+        let snapshot = read_ahead.then(|| self.baseline.snapshot()).flatten();
+        Spawned::new(&self.root, plan, nodes, snapshot)
+    }
+
+    /// Judges, in order, the paths of a batch planned and inspected on the
+    /// scan's threads.
     fn judge_nodes(
         &mut self,
-        batch: Spawned<'_>,
+        batch: Spawned,
+        plan: &Plan,
+        unwritten: bool,
         source: DetectionSource,
         out: &mut Outcome,
         tally: &mut Tally,
     ) {
         self.progress.beat();
-        let inspected = batch.pending.wait(&mut out.bytes);
-        for ((node, owners, want), result) in batch.todo.iter().zip(inspected) {
-            let current = self.settle(&node.path, want, result, out);
-            if current.is_some() {
-                tally.count(owners);
+        let Some(planned) = batch.job.wait() else {
+            // Its paths keep their baseline; the next scan judges them.
+            out.errors.push(ScanError {
+                path: String::new(),
+                reason: "the scan thread stopped".into(),
+            });
+            return;
+        };
+        out.bytes += planned.hashed;
+        for (t, result) in planned.todo.into_iter().zip(planned.inspected) {
+            if let Some(record) = t.record {
+                self.baseline.prefetched(&t.key, record, unwritten);
             }
-            let key = host_path(&node.path);
-            self.judge(&key, &node.path, current, owners, source, out);
+            let owners: Vec<&Entry> = t.owners.iter().map(|&i| &plan.entries[i]).collect();
+            let current = self.settle(&t.path, &t.want, result, out);
+            if current.is_some() {
+                tally.count(&owners);
+            }
+            self.judge(&t.key, &t.path, current, &owners, source, out);
         }
     }
 

@@ -120,23 +120,36 @@ impl OwnedItem {
 /// What inspecting one file gave.
 pub type Inspected = Result<Option<FileAttributes>, InspectError>;
 
+/// Work on the scan's threads ([`HostRoot::spawn`]).
+#[derive(Debug)]
+pub struct Job<T> {
+    done: mpsc::Receiver<T>,
+}
+
+impl<T> Job<T> {
+    /// Waits for the result (`None` if the job was lost with its thread).
+    pub fn wait(self) -> Option<T> {
+        self.done.recv().ok()
+    }
+}
+
 /// A batch on the scan's threads ([`HostRoot::spawn_batch`]).
 #[derive(Debug)]
 pub struct Pending {
     items: usize,
-    done: mpsc::Receiver<(Vec<Inspected>, u64)>,
+    job: Job<(Vec<Inspected>, u64)>,
 }
 
 impl Pending {
     /// Waits for the results, in the order of the items; `hashed` is increased
     /// by the bytes read.
     pub fn wait(self, hashed: &mut u64) -> Vec<Inspected> {
-        match self.done.recv() {
-            Ok((results, n)) => {
+        match self.job.wait() {
+            Some((results, n)) => {
                 *hashed += n;
                 results
             }
-            Err(_) => {
+            None => {
                 let lost = InspectError::Io("the scan thread stopped".into());
                 vec![Err(lost); self.items]
             }
@@ -393,26 +406,37 @@ impl HostRoot {
     /// scan's threads while the caller goes on (judging the previous batch,
     /// listing the next directory); [`Pending::wait`] gives the results.
     pub fn spawn_batch(&self, items: Vec<OwnedItem>) -> Pending {
+        let n = items.len();
+        let job = self.spawn(move |root, parallel| {
+            let borrowed: Vec<Item<'_>> = items.iter().map(OwnedItem::item).collect();
+            root.run_batch(&borrowed, parallel)
+        });
+        Pending { items: n, job }
+    }
+
+    /// Runs `job` on one of the scan's threads (at their low priority) while
+    /// the caller goes on; it is given this root and whether it runs on the
+    /// pool (where rayon's parallel iterators use the scan's threads, see
+    /// [`HostRoot::run_batch`]) or, without a pool, on the caller's thread.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&HostRoot, bool) -> T + Send + 'static,
+    ) -> Job<T> {
         let (tx, done) = mpsc::sync_channel(1);
-        let pending = Pending {
-            items: items.len(),
-            done,
-        };
         let root = self.clone();
         let job = move |parallel| {
-            let borrowed: Vec<Item<'_>> = items.iter().map(OwnedItem::item).collect();
-            let _ = tx.send(root.run_batch(&borrowed, parallel));
+            let _ = tx.send(job(&root, parallel));
         };
         match self.pool() {
             Some(pool) => pool.spawn(move || job(true)),
             None => job(false),
         }
-        pending
+        Job { done }
     }
 
     /// Inspects `items` on the scan's pool (`parallel`, called from one of
     /// its threads) or on the calling thread; the results and the bytes read.
-    fn run_batch(&self, items: &[Item<'_>], parallel: bool) -> (Vec<Inspected>, u64) {
+    pub fn run_batch(&self, items: &[Item<'_>], parallel: bool) -> (Vec<Inspected>, u64) {
         let one = |cache: &mut DirCache, item: &Item<'_>| -> (Inspected, u64) {
             let mut n = 0;
             let result = if !is_bare_name(item.name) {
