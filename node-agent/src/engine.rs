@@ -701,12 +701,15 @@ impl Engine {
         // directories) on the scan threads, up to SCAN_AHEAD batches ahead of
         // the judging, which goes in the order the walk found them. The
         // records of a batch are read ahead with it unless the baseline was
-        // written while the previous batch was judged (they would be stale).
+        // written while the previous batch was judged (they would be stale),
+        // or the scan hashes on one thread (then the slower one: this thread
+        // reads them in time).
         let mut ahead: VecDeque<Spawned> = VecDeque::new();
         // With nothing pending at the start, the scan writes only the paths
         // it judged: what was read ahead stays current whatever it writes.
         let unwritten = !self.baseline.has_pending();
-        let mut read_ahead = true;
+        let reads_ahead = self.root.threads() > 1;
+        let mut read_ahead = reads_ahead;
         let mut batch: Vec<Node> = roots
             .iter()
             .filter(|n| candidate(&plan, n))
@@ -732,7 +735,7 @@ impl Engine {
                     {
                         warn!(%error, "could not write the baseline; changes kept in memory");
                     }
-                    read_ahead = unwritten || self.baseline.writes() == writes;
+                    read_ahead = reads_ahead && (unwritten || self.baseline.writes() == writes);
                 }
             }
         }
