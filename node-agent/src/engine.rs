@@ -631,6 +631,13 @@ impl Engine {
         Ok(self.baseline.save()?)
     }
 
+    /// Compacts the baseline's store if it has grown well beyond its records
+    /// (after a full scan: it reads the whole store); its size before and
+    /// after, if compacted.
+    pub fn compact_baseline(&mut self) -> Result<Option<(u64, u64)>, EngineError> {
+        Ok(self.baseline.compact_if_bloated()?)
+    }
+
     /// The smallest debounce and scan interval among the policies.
     pub fn timing(&self) -> (std::time::Duration, std::time::Duration) {
         use kube_fim_crds::duration::parse_duration;

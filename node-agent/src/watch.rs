@@ -297,12 +297,12 @@ pub async fn monitor(
                 differing = Some(names);
             }
             digest = save(&mut engine, &metrics);
+            if let Err(error) = tokio::task::block_in_place(|| engine.compact_baseline()) {
+                warn!(%error, "could not compact the baseline");
+            }
             sync_watches(&engine, &mut attribution, &mut inotify, &metrics);
             first = false;
             next_scan = Instant::now() + interval;
-            metrics
-                .ready
-                .store(true, std::sync::atomic::Ordering::Relaxed);
             let mut snap = snapshot(
                 &engine,
                 digest.clone(),
@@ -312,6 +312,11 @@ pub async fn monitor(
             );
             snap.differing = differing;
             let _ = status.send(snap);
+            // Ready once the status holds the entry digests (computed from
+            // every record after the first scan; kept up to date since).
+            metrics
+                .ready
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             continue;
         }
         let wake = if first {
