@@ -342,10 +342,14 @@ pub async fn run(
                         .iter()
                         .map(|(k, v)| (k.clone(), v.generation.unwrap_or(0)))
                         .collect();
-                    let _ = tx.send(gens);
+                    // The monitor first, then those who wait for it: an
+                    // approval sent after this announcement queues behind
+                    // the policies on the same channel, so the monitor never
+                    // judges it before it knows what it serves.
                     if control.send(Control::Policies(now.clone())).await.is_err() {
                         return;
                     }
+                    let _ = tx.send(gens);
                     last = Some(now);
                 }
             }
