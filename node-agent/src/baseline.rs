@@ -38,7 +38,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -787,12 +787,12 @@ impl Baseline {
         Ok(digest)
     }
 
-    /// Compacts the store if its file is more than a tenth beyond the pages
-    /// its records use (a first baseline leaves 13-30% of it free; deletions
-    /// leave more): relocates pages and shrinks the file, the records unchanged
-    /// (so is the digest). Reads every page of the store: call it after a
-    /// full scan, not per change. Returns the file's size before and after,
-    /// if compacted.
+    /// Compacts the store if the disk space its file takes is more than a
+    /// tenth beyond the pages its records use (pages freed by deletions and
+    /// rewrites; redb grows the file sparsely, so its length says little):
+    /// relocates pages and shrinks the file, the records unchanged (so is the
+    /// digest). Reads every page of the store: call it after a full scan, not
+    /// per change. Returns the disk space before and after, if compacted.
     pub fn compact_if_bloated(&mut self) -> Result<Option<(u64, u64)>, BaselineError> {
         if self.fresh || self.dirty {
             return Ok(None);
@@ -801,7 +801,7 @@ impl Baseline {
         let store = |e: redb::Error| BaselineError::store(&path, e);
         let len = || {
             fs::metadata(&path)
-                .map(|m| m.len())
+                .map(|m| m.blocks() * 512)
                 .map_err(|source| BaselineError::Io {
                     path: path.clone(),
                     source,
@@ -1731,7 +1731,10 @@ mod tests {
         let digest = b.save().unwrap();
         let (before, after) = b.compact_if_bloated().unwrap().unwrap();
         assert!(after * 2 < before, "{before} -> {after}");
-        assert_eq!(fs::metadata(dir.path().join(FILE)).unwrap().len(), after);
+        assert_eq!(
+            fs::metadata(dir.path().join(FILE)).unwrap().blocks() * 512,
+            after
+        );
         assert_eq!(b.compact_if_bloated().unwrap(), None, "not again");
         assert_eq!(b.approved("/d/f00042"), Some(hashed(42)));
         b.establish_path("/d/new", Some(attrs(1)));
