@@ -605,6 +605,34 @@ pub fn file_change(name: &str, node: &str, policy: &str) -> kube_fim_crds::FileC
     ChangeFixture::new(name, node, policy).build()
 }
 
+/// Creates a policy watching `/etc/passwd` on the suite's nodes (label
+/// `role=<suite>`), labelled with the suite; the policies' API.
+pub async fn create_passwd_policy(
+    client: &kube::Client,
+    name: &str,
+    suite: &str,
+) -> kube::Api<kube_fim_crds::FileIntegrityPolicy> {
+    use kube_fim_crds::{FileIntegrityPolicy, FileIntegrityPolicySpec, MonitoredPath};
+    let mut spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
+        name: "passwd".into(),
+        path: "/etc/passwd".into(),
+        ..MonitoredPath::default()
+    }]);
+    spec.node_selector =
+        std::collections::BTreeMap::from([("role".to_string(), suite.to_string())]);
+    let mut p = FileIntegrityPolicy::new(name, spec);
+    p.metadata.labels = Some(std::collections::BTreeMap::from([(
+        operator::SUITE_LABEL.to_string(),
+        suite.to_string(),
+    )]));
+    let policies: kube::Api<FileIntegrityPolicy> = kube::Api::all(client.clone());
+    policies
+        .create(&kube::api::PostParams::default(), &p)
+        .await
+        .expect("create policy");
+    policies
+}
+
 /// The sum of the API server's samples of `metric` whose labels include all of
 /// `labels` (e.g. `apiserver_request_total` with `verb=LIST`), from its /metrics.
 pub fn apiserver_metric(metric: &str, labels: &[(&str, &str)]) -> f64 {

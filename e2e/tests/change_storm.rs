@@ -6,15 +6,15 @@
 //! other test's operator lists FileChanges while it measures.
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::api::{Api, DeleteParams, PostParams};
-use kube_fim_crds::{FileChange, FileIntegrityPolicy, FileIntegrityPolicySpec, MonitoredPath};
-use kube_fim_e2e::operator::{Operator, SUITE_LABEL};
+use kube_fim_crds::{FileChange, FileIntegrityPolicy};
+use kube_fim_e2e::operator::Operator;
 use kube_fim_e2e::{
-    apiserver_metric, approve, client, eventually, file_change, metric, policy_column, unique_name,
+    apiserver_metric, approve, client, create_passwd_policy, eventually, file_change, metric,
+    policy_column, unique_name,
 };
 
 /// An isolated change must show in the status this soon (batch window 1 s,
@@ -51,16 +51,7 @@ async fn a_change_storm_is_counted_exactly_without_listing_the_changes_again() {
     let suite = unique_name("storm-fc");
     let op = Operator::start(&suite, &suite, &["--resync=10m".into()]);
     let policy = format!("{suite}-p");
-    let mut spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
-        name: "passwd".into(),
-        path: "/etc/passwd".into(),
-        ..MonitoredPath::default()
-    }]);
-    spec.node_selector = BTreeMap::from([("role".to_string(), suite.clone())]);
-    let mut p = FileIntegrityPolicy::new(&policy, spec);
-    p.metadata.labels = Some(BTreeMap::from([(SUITE_LABEL.to_string(), suite.clone())]));
-    let policies: Api<FileIntegrityPolicy> = Api::all(client.clone());
-    policies.create(&PostParams::default(), &p).await.unwrap();
+    let policies = create_passwd_policy(&client, &policy, &suite).await;
     let counts = |p: &FileIntegrityPolicy| {
         p.status
             .as_ref()

@@ -18,10 +18,12 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube_fim_crds::{
     FileChange, FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
-    FileIntegrityPolicy, FileIntegrityPolicySpec, MonitoredPath, NodePolicyPhase, NodePolicyStatus,
+    FileIntegrityPolicy, NodePolicyPhase, NodePolicyStatus,
 };
-use kube_fim_e2e::operator::{Operator, SUITE_LABEL};
-use kube_fim_e2e::{client, eventually, file_change, metric, policy_column, unique_name};
+use kube_fim_e2e::operator::Operator;
+use kube_fim_e2e::{
+    client, create_passwd_policy, eventually, file_change, metric, policy_column, unique_name,
+};
 
 const NODES: usize = 30;
 /// A change must show in the status this soon (batch window 1 s, plus reconcile
@@ -90,16 +92,7 @@ async fn status_follows_a_report_change_within_a_bound_during_a_heartbeat_storm(
             .unwrap();
         write_report(&client, name, &report(name, &policy, 1)).await;
     }
-    let mut spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
-        name: "passwd".into(),
-        path: "/etc/passwd".into(),
-        ..MonitoredPath::default()
-    }]);
-    spec.node_selector = BTreeMap::from([("role".to_string(), suite.clone())]);
-    let mut p = FileIntegrityPolicy::new(&policy, spec);
-    p.metadata.labels = Some(BTreeMap::from([(SUITE_LABEL.to_string(), suite.clone())]));
-    let policies: Api<FileIntegrityPolicy> = Api::all(client.clone());
-    policies.create(&PostParams::default(), &p).await.unwrap();
+    let policies = create_passwd_policy(&client, &policy, &suite).await;
     eventually(
         "the policy counts every node",
         Duration::from_secs(30),
@@ -232,16 +225,7 @@ async fn the_change_count_follows_new_file_changes_within_seconds() {
         .create(&PostParams::default(), &n)
         .await
         .unwrap();
-    let mut spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
-        name: "passwd".into(),
-        path: "/etc/passwd".into(),
-        ..MonitoredPath::default()
-    }]);
-    spec.node_selector = BTreeMap::from([("role".to_string(), suite.clone())]);
-    let mut p = FileIntegrityPolicy::new(&policy, spec);
-    p.metadata.labels = Some(BTreeMap::from([(SUITE_LABEL.to_string(), suite.clone())]));
-    let policies: Api<FileIntegrityPolicy> = Api::all(client.clone());
-    policies.create(&PostParams::default(), &p).await.unwrap();
+    let policies = create_passwd_policy(&client, &policy, &suite).await;
     let changes_24h = |p: &FileIntegrityPolicy| p.status.as_ref().and_then(|s| s.changes_last24h);
     eventually(
         "the policy's first status",
