@@ -333,6 +333,27 @@ mod tests {
     }
 
     #[test]
+    fn labels_decide_nothing_counted() {
+        // Anyone with patch rights can relabel a FileChange: a label naming
+        // another policy, node or category moves nothing between counts.
+        let now = Timestamp::now();
+        let mut fc = change("forged", "web", now);
+        fc.metadata.labels = Some(std::collections::BTreeMap::from([
+            (kube_fim_crds::labels::POLICY.to_string(), "db".to_string()),
+            (kube_fim_crds::labels::NODE.to_string(), "n9".to_string()),
+        ]));
+        let item = Item::of(&view(&fc));
+        assert_eq!((item.policy.as_str(), item.node.as_str()), ("web", "n1"));
+        assert!(!item.approved);
+        let changes = Changes::default();
+        changes.observe(&watcher::Event::Init);
+        changes.observe(&watcher::Event::InitApply(view(&fc)));
+        changes.observe(&watcher::Event::InitDone);
+        assert_eq!(changes.counts("web", now), counts(1, 1));
+        assert_eq!(changes.counts("db", now), counts(0, 0));
+    }
+
+    #[test]
     fn a_relist_replaces_what_was_known() {
         let now = Timestamp::now();
         let changes = Changes::default();
