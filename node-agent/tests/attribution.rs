@@ -312,11 +312,25 @@ fn a_queue_overflow_triggers_a_full_rescan() {
     let w = std::panic::catch_unwind(|| h.watch());
     std::fs::write(KNOB, saved.trim()).unwrap();
     let w = w.unwrap();
+    // The agent is descheduled (stopped) while the files are written, so
+    // its reader cannot drain the queue as fast as they come: it overflows
+    // whatever the machine's speed.
+    let signal = |sig: &str| {
+        let pid = w.child.id().to_string();
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
     let many = h.p("/etc/many");
+    signal("-STOP");
     std::fs::create_dir(&many).unwrap();
     for i in 0..500 {
         std::fs::write(many.join(format!("f{i}")), "x").unwrap();
     }
+    signal("-CONT");
     let overflowed = wait_for("an overflow", Duration::from_secs(10), || {
         let m = w.metrics();
         metric(&m, "kube_fim_agent_fanotify_overflows_total", &[]).filter(|v| *v >= 1.0)
