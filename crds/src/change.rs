@@ -449,6 +449,9 @@ pub enum ApprovalOutcome {
     /// The file no longer matched the approved state: nothing was approved, and
     /// its present state is reported as a new change (see `message`).
     Superseded,
+    /// No path of the policies served to this node covers the file: nothing was
+    /// approved, and the node's baseline is unchanged (see `message`).
+    NotMonitored,
 }
 
 impl FileChange {
