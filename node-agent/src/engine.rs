@@ -268,6 +268,9 @@ pub enum Approved {
     Applied,
     /// The file has moved on: nothing approved; these changes report it.
     Superseded(Outcome),
+    /// No served policy covers the path: nothing approved, the baseline is
+    /// unchanged.
+    NotMonitored,
 }
 
 /// Paths inspected together on the scan's threads before being judged.
@@ -1101,20 +1104,17 @@ impl Engine {
     /// entry's compared attributes only), `None` for a removal. When the file
     /// has moved on, nothing is approved and the outcome holds the changes
     /// that report its present state (none if that was reported already).
+    /// A path no served policy covers approves nothing either.
     pub fn approve(&mut self, key: &str, after: Option<&FileAttributes>) -> Approved {
         let path = rel_path(key);
         let plan = Arc::clone(&self.plan);
         let owners = plan.owners(&path);
         if owners.is_empty() {
             warn!(path = %key, "not monitored here: nothing to approve");
-            return Approved::Applied;
+            return Approved::NotMonitored;
         }
         let mut scratch = Outcome::default();
-        let current = if owners.is_empty() {
-            None
-        } else {
-            self.inspect(&path, &owners, &mut scratch)
-        };
+        let current = self.inspect(&path, &owners, &mut scratch);
         if !scratch.errors.is_empty() {
             warn!(path = %key, "approved path could not be read");
         }
@@ -1470,7 +1470,7 @@ mod tests {
         std::fs::write(root.path().join("etc/hosts"), "sneaked in").unwrap();
         let o = match e.approve("/etc/hosts", seen.as_ref()) {
             Approved::Superseded(o) => o,
-            Approved::Applied => Outcome::default(),
+            Approved::Applied | Approved::NotMonitored => Outcome::default(),
         };
         let d = describe(&o);
         assert_eq!(d.len(), 1, "{d:?}");
@@ -1481,6 +1481,46 @@ mod tests {
         let next = e.scan(DetectionSource::Scan).changes;
         let before = next[0].before.as_ref().and_then(|b| b.hash.clone());
         assert_eq!(before, Some(blake3::hash(b"a").to_hex().to_string()));
+    }
+
+    #[test]
+    fn an_approval_of_a_path_no_policy_covers_approves_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        for dir in ["etc", "etcx", "opt"] {
+            std::fs::create_dir_all(root.path().join(dir)).unwrap();
+        }
+        std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
+        std::fs::write(root.path().join("etcx/hosts"), "x").unwrap();
+        std::fs::write(root.path().join("opt/tool"), "t").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(false)]);
+        scan(&mut e, DetectionSource::Startup);
+        let digest = e.save().unwrap();
+        let entries = digests_of(&e);
+
+        // Even an approval of a file's present state (/opt/tool's) approves
+        // nothing where no served entry covers the path: beside the entry, a
+        // name it prefixes, below a non-recursive entry.
+        let tool = FileAttributes {
+            hash: Some(blake3::hash(b"t").to_hex().to_string()),
+            ..FileAttributes::default()
+        };
+        for key in ["/opt/tool", "/etcx/hosts", "/etc/sub/deep"] {
+            let answer = e.approve(key, Some(&tool));
+            assert!(
+                matches!(answer, Approved::NotMonitored),
+                "{key}: {answer:?}"
+            );
+            assert!(e.baseline().approved(key).is_none(), "{key}");
+        }
+        assert!(!e.baseline().is_dirty(), "nothing written");
+        assert_eq!(
+            e.save().unwrap(),
+            digest,
+            "the baseline digest is unchanged"
+        );
+        assert_eq!(digests_of(&e), entries);
+        assert!(scan(&mut e, DetectionSource::Scan).changes.is_empty());
     }
 
     #[test]

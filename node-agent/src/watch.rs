@@ -28,13 +28,24 @@ pub enum Control {
     /// Serve exactly these policies from now on.
     Policies(BTreeMap<String, PolicyInput>),
     /// An approver approved this state of a host path (a FileChange's
-    /// `after`); answers with the names of the FileChanges that report the
-    /// file's present state if it has moved on (`Err`), or `Ok` once applied.
+    /// `after`); answers what became of it.
     Approve {
         key: String,
         after: Option<Box<kube_fim_crds::FileAttributes>>,
-        done: oneshot::Sender<Result<(), Vec<String>>>,
+        done: oneshot::Sender<Answer>,
     },
+}
+
+/// What the loop did with an approval.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The approved state is the baseline now.
+    Applied,
+    /// The file has moved on: nothing approved; these FileChanges report its
+    /// present state (none if it was reported already).
+    Superseded(Vec<String>),
+    /// No served policy covers the path: nothing approved.
+    NotMonitored,
 }
 
 /// What the loop last knew, for status reports.
@@ -435,7 +446,8 @@ pub async fn monitor(
                     }
                     Some(Control::Approve { key, after, done }) => {
                         let answer = match tokio::task::block_in_place(|| engine.approve(&key, after.as_deref())) {
-                            Approved::Applied => Ok(()),
+                            Approved::Applied => Answer::Applied,
+                            Approved::NotMonitored => Answer::NotMonitored,
                             Approved::Superseded(mut outcome) => {
                                 record(&outcome, &metrics);
                                 let reports = detected(&mut outcome);
@@ -444,7 +456,7 @@ pub async fn monitor(
                                     return engine;
                                 }
                                 engine.mark_reported(&outcome);
-                                Err(names)
+                                Answer::Superseded(names)
                             }
                         };
                         digest = save(&mut engine, &metrics);

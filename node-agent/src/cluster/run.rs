@@ -41,7 +41,7 @@ use crate::report::deliver::{self, RateLimit};
 use crate::report::queue::Queue;
 use crate::report::series::ChangeEvents;
 use crate::report::{Batch, reporter};
-use crate::watch::{Control, Snapshot, monitor};
+use crate::watch::{Answer, Control, Snapshot, monitor};
 
 /// Settings of `kube-fim-agent run`.
 #[derive(Clone, Debug)]
@@ -641,8 +641,9 @@ async fn heartbeat(
 /// the admission policy lets only holders of the approve verb write, in their
 /// own name). The agent makes the approved state (`spec.after`) its baseline
 /// only if the file is still in it; otherwise it approves nothing, reports the
-/// present state as a new change, and says so on the approved one. Labels are
-/// not looked at: anyone with patch rights can set a label.
+/// present state as a new change, and says so on the approved one. A path no
+/// policy served to this node covers approves nothing either, and says so.
+/// Labels are not looked at: anyone with patch rights can set a label.
 async fn acknowledgements(
     api: Api<FileChange>,
     node: String,
@@ -692,7 +693,7 @@ async fn acknowledgements(
                 return;
             }
             match rx.await {
-                Ok(Ok(())) => (
+                Ok(Answer::Applied) => (
                     ApprovalOutcome::Applied,
                     format!(
                         "approved by {}: the approved state of {path} is the baseline on {node}",
@@ -700,7 +701,14 @@ async fn acknowledgements(
                     ),
                     true,
                 ),
-                Ok(Err(names)) => (
+                Ok(Answer::NotMonitored) => (
+                    ApprovalOutcome::NotMonitored,
+                    format!(
+                        "{path} is not monitored on {node} by any served policy: nothing was approved; the baseline is unchanged"
+                    ),
+                    false,
+                ),
+                Ok(Answer::Superseded(names)) => (
                     ApprovalOutcome::Superseded,
                     format!(
                         "{path} on {node} no longer is in the approved state (spec.after): nothing was approved; {}",
