@@ -805,3 +805,81 @@ async fn an_approval_of_a_state_the_file_has_left_approves_nothing() {
     );
     fleet.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_approval_of_a_path_the_node_does_not_monitor_approves_nothing() {
+    let client = client().await;
+    let suite = unique_name("e2e");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-etc");
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)]))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+    let nodes: Api<FileIntegrityNode> = Api::all(client.clone());
+    let baseline = || async {
+        let s = nodes.get(&a).await.map_err(|e| e.to_string())?.status;
+        let s = s.ok_or("no status yet")?;
+        match s.baseline_digest {
+            Some(d) => Ok((d, s.entries)),
+            None => Err("no baseline digest yet".to_string()),
+        }
+    };
+    let before = eventually("the node's baseline digest", SEEN, baseline).await;
+
+    // A change of a file outside every served entry, approved in the very
+    // state the file is in: still nothing this node monitors.
+    let tool = "/opt/tool";
+    std::fs::create_dir_all(fleet.nodes[0].host("/opt")).unwrap();
+    std::fs::write(fleet.nodes[0].host(tool), "#!/bin/sh\n").unwrap();
+    let name = format!("{a}-unmonitored");
+    let mut fc = kube_fim_e2e::ChangeFixture::new(&name, &a, &policy)
+        .path(tool)
+        .build();
+    fc.spec.after = Some(kube_fim_crds::FileAttributes {
+        hash: Some(blake3::hash(b"#!/bin/sh\n").to_hex().to_string()),
+        ..kube_fim_crds::FileAttributes::default()
+    });
+    let api: Api<kube_fim_crds::FileChange> = Api::all(client.clone());
+    api.create(&PostParams::default(), &fc).await.unwrap();
+    kube_fim_e2e::approve(&client, &name, "vendor tool")
+        .await
+        .unwrap();
+
+    let answered = eventually("the agent answering the approval", SEEN, || async {
+        let c = api.get(&name).await.map_err(|e| e.to_string())?;
+        match c.status.as_ref().and_then(|s| s.outcome) {
+            Some(_) => Ok(c),
+            None => Err(format!("{:?}", c.status)),
+        }
+    })
+    .await;
+    let status = answered.status.unwrap();
+    assert_eq!(
+        status.outcome,
+        Some(kube_fim_crds::ApprovalOutcome::NotMonitored)
+    );
+    assert!(status.baseline_updated_time.is_none(), "nothing approved");
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.contains(&format!(
+            "{tool} is not monitored on {a} by any served policy: nothing was approved"
+        )),
+        "{message}"
+    );
+    assert_eq!(
+        status.approval.unwrap().reason.as_deref(),
+        Some("vendor tool"),
+        "the approval record survives the agent's answer"
+    );
+    // Nothing else changed: no report, the same baseline.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(names(&fleet.changes(&a).await), [name]);
+    assert_eq!(
+        eventually("the node's baseline digest", SEEN, baseline).await,
+        before
+    );
+    fleet.cleanup().await;
+}
