@@ -36,7 +36,10 @@ pub struct ViewSpec {
     pub node: String,
 }
 
-/// Of a FileChange's status, whether it holds an approval.
+/// Of a FileChange's status, whether it holds an approval: a person's recorded
+/// acknowledgement, which is what the counts and retention go by. The agent's
+/// outcome (Applied, Superseded, NotMonitored) says only what became of the
+/// node's baseline, and is not read.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct ViewStatus {
     #[serde(default)]
