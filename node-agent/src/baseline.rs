@@ -22,10 +22,18 @@
 //! unpublished baseline in the journal, after the published one, and raises no
 //! false alarm.
 //!
+//! Records are encoded in binary ([`record`], store version 3: about 100
+//! bytes a file, 190 bytes of disk with the B-tree). At start the digest is
+//! recomputed on as many threads as a scan hashes on ([`files_sum`]).
+//!
 //! A node upgraded from a version that kept the baseline as one JSON document
 //! ([`LEGACY_FILE`]) is migrated on start: the document's digest is checked
 //! like any baseline's, its records are imported, and the document is set
-//! aside only once the imported baseline is saved (its digest journaled).
+//! aside only once the imported baseline is saved (its digest journaled). A
+//! store of version 2 (records in JSON) is upgraded the same way: its digest
+//! recomputed and checked, its records streamed into a new store, which
+//! replaces it at the first save, the old file kept aside
+//! ([`UPGRADED_FILE`]).
 //!
 //! Its rules live behind methods: [`Baseline::establish_path`] (the silent first
 //! baseline of a new entry), [`Baseline::mark_reported`],
@@ -49,6 +57,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
 
+mod record;
+
 /// File name of the baseline in the state directory.
 pub const FILE: &str = "baseline.redb";
 /// File name of the baseline of earlier versions (one JSON document), migrated
@@ -59,7 +69,12 @@ pub const JOURNAL: &str = "baseline.journal";
 /// A baseline being built from nothing, until its first save moves it over
 /// [`FILE`] (the old one stays in place until then).
 const NEW_FILE: &str = ".baseline.redb.new";
-const VERSION: &[u8] = b"2";
+/// Where a store of an earlier version is kept once it has been upgraded.
+const UPGRADED_FILE: &str = "baseline.redb.v2.migrated";
+/// The store's version: 3 encodes records in binary ([`record`]).
+const VERSION: &[u8] = b"3";
+/// The version before, with records in JSON: upgraded on start.
+const VERSION_JSON_RECORDS: &[u8] = b"2";
 const LEGACY_VERSION: u32 = 1;
 /// Memory the database may use for caching pages. redb's default is 1 GiB;
 /// every access of a scan is in key order, so a small cache serves it.
@@ -171,11 +186,11 @@ impl SetHash {
         SetHash(Box::new([0; Self::LANES]))
     }
 
-    fn element(tag: u8, key: &str, value: &[u8]) -> Box<[u8; 2 * SetHash::LANES]> {
+    fn element(tag: u8, key: &[u8], value: &[u8]) -> Box<[u8; 2 * SetHash::LANES]> {
         let mut h = blake3::Hasher::new_derive_key("kube-fim baseline record v2");
         h.update(&[tag]);
         h.update(&(key.len() as u64).to_le_bytes());
-        h.update(key.as_bytes());
+        h.update(key);
         h.update(value);
         let mut out = Box::new([0u8; 2 * Self::LANES]);
         h.finalize_xof().fill(&mut out[..]);
@@ -185,6 +200,10 @@ impl SetHash {
     /// Adds the element (`tag`, `key`, `value`); `tag` separates the kinds
     /// of elements.
     pub fn add(&mut self, tag: u8, key: &str, value: &[u8]) {
+        self.add_bytes(tag, key.as_bytes(), value);
+    }
+
+    fn add_bytes(&mut self, tag: u8, key: &[u8], value: &[u8]) {
         let e = Self::element(tag, key, value);
         for (lane, b) in self.0.iter_mut().zip(e.chunks_exact(2)) {
             *lane = lane.wrapping_add(u16::from_le_bytes([b[0], b[1]]));
@@ -193,9 +212,16 @@ impl SetHash {
 
     /// Removes an element added before.
     pub fn remove(&mut self, tag: u8, key: &str, value: &[u8]) {
-        let e = Self::element(tag, key, value);
+        let e = Self::element(tag, key.as_bytes(), value);
         for (lane, b) in self.0.iter_mut().zip(e.chunks_exact(2)) {
             *lane = lane.wrapping_sub(u16::from_le_bytes([b[0], b[1]]));
+        }
+    }
+
+    /// Adds every element of `other` (the hash of the union of two sets).
+    fn combine(&mut self, other: &SetHash) {
+        for (lane, o) in self.0.iter_mut().zip(other.0.iter()) {
+            *lane = lane.wrapping_add(*o);
         }
     }
 
@@ -252,9 +278,7 @@ impl Snapshot {
     /// The record of `key` as of the snapshot, decoded.
     pub fn read(&self, key: &str) -> Prefetched {
         let record = match self.files.get(key) {
-            Ok(Some(v)) => serde_json::from_slice::<Tracked>(v.value())
-                .ok()
-                .map(|t| Some(Box::new(t))),
+            Ok(Some(v)) => record::decode(v.value()).ok().map(|t| Some(Box::new(t))),
             Ok(None) => Some(None),
             // Read again when used, to report why it cannot be.
             Err(_) => None,
@@ -330,7 +354,7 @@ fn write_records(
     for (k, t) in records {
         let old = match t {
             Some(t) => {
-                let v = encode(t);
+                let v = record::to_vec(t);
                 sum.add(TAG_FILE, k, &v);
                 files.insert(k.as_str(), v.as_slice())?
             }
@@ -364,6 +388,134 @@ fn write_behind(
     }
     tx.commit().map_err(|e| store(e.into()))?;
     Ok(sum)
+}
+
+/// Records handed at once to a thread verifying the files table.
+const VERIFY_BATCH: usize = 1024;
+
+/// Why the files table could not be verified.
+enum Unreadable {
+    Store(redb::Error),
+    /// A record that does not decode: its key and the error.
+    Record(String),
+}
+
+/// Records copied out of the files table, verified on another thread.
+#[derive(Default)]
+struct RecordBatch {
+    bytes: Vec<u8>,
+    /// (end of the key, end of the value) of each record in `bytes`.
+    ends: Vec<(usize, usize)>,
+}
+
+impl RecordBatch {
+    fn push(&mut self, key: &[u8], value: &[u8]) {
+        self.bytes.extend_from_slice(key);
+        let key_end = self.bytes.len();
+        self.bytes.extend_from_slice(value);
+        self.ends.push((key_end, self.bytes.len()));
+    }
+
+    fn records(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let mut start = 0;
+        self.ends.iter().map(move |&(key_end, end)| {
+            let record = (&self.bytes[start..key_end], &self.bytes[key_end..end]);
+            start = end;
+            record
+        })
+    }
+}
+
+/// Decodes a record of the files table of `version` (one that does not is
+/// corrupt).
+fn decode_record(version: &[u8], value: &[u8]) -> Result<Tracked, String> {
+    if version == VERSION_JSON_RECORDS {
+        serde_json::from_slice(value).map_err(|e| e.to_string())
+    } else {
+        record::decode(value).map_err(|e| e.to_string())
+    }
+}
+
+/// Decodes a record of the files table (one that does not is corrupt) and
+/// adds it to `sum`.
+fn verify_record(
+    version: &[u8],
+    key: &[u8],
+    value: &[u8],
+    sum: &mut SetHash,
+) -> Result<(), Unreadable> {
+    decode_record(version, value)
+        .map_err(|e| Unreadable::Record(format!("{}: {e}", String::from_utf8_lossy(key))))?;
+    sum.add_bytes(TAG_FILE, key, value);
+    Ok(())
+}
+
+/// The digest of every record of the files table, each verified. With more
+/// than one thread the table is read on the calling thread and the records
+/// are decoded and hashed on `threads` others (the digest is a sum: the parts
+/// add up whatever the order); a start of the agent waits for this pass.
+fn files_sum(
+    files: &ReadOnlyTable<&'static str, &'static [u8]>,
+    version: &[u8],
+    threads: usize,
+) -> Result<SetHash, Unreadable> {
+    let store = |e: redb::StorageError| Unreadable::Store(e.into());
+    let mut sum = SetHash::zero();
+    if threads <= 1 {
+        for item in files.iter().map_err(store)? {
+            let (k, v) = item.map_err(store)?;
+            verify_record(version, k.value().as_bytes(), v.value(), &mut sum)?;
+        }
+        return Ok(sum);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel::<RecordBatch>(2 * threads);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<SetHash, Unreadable> {
+                    if let Err(e) = crate::budget::lower_this_thread() {
+                        tracing::debug!(%e, "baseline verification keeps its priority");
+                    }
+                    let mut sum = SetHash::zero();
+                    loop {
+                        let batch = rx
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .recv();
+                        let Ok(batch) = batch else {
+                            return Ok(sum);
+                        };
+                        for (k, v) in batch.records() {
+                            verify_record(version, k, v, &mut sum)?;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let read = (|| -> Result<(), Unreadable> {
+            let mut batch = RecordBatch::default();
+            for item in files.iter().map_err(store)? {
+                let (k, v) = item.map_err(store)?;
+                batch.push(k.value().as_bytes(), v.value());
+                if batch.ends.len() == VERIFY_BATCH && tx.send(std::mem::take(&mut batch)).is_err()
+                {
+                    // Every verifier stopped: one found a corrupt record.
+                    return Ok(());
+                }
+            }
+            let _ = tx.send(batch);
+            Ok(())
+        })();
+        drop(tx);
+        for worker in workers {
+            let part = worker
+                .join()
+                .unwrap_or_else(|_| Err(Unreadable::Record("verification failed".into())))?;
+            sum.combine(&part);
+        }
+        read.map(|()| sum)
+    })
 }
 
 /// Key of an established entry.
@@ -441,8 +593,11 @@ impl Baseline {
                 .open(&path)
                 .map_err(|e| BaselineError::store(&path, e))?;
             let mut b = Self::with_db(db, state, false);
-            b.read_all(&path)?;
+            let version = b.read_all(&path)?;
             let digest = b.sum.digest();
+            if version == VERSION_JSON_RECORDS {
+                return Self::upgrade(b, digest);
+            }
             Ok((b, digest))
         }));
         match opened {
@@ -516,7 +671,8 @@ impl Baseline {
 
     /// One streaming pass over every record: the small tables are loaded, the
     /// digest recomputed and compared with the one the store recorded.
-    fn read_all(&mut self, path: &Path) -> Result<(), BaselineError> {
+    /// Returns the store's version (this one's or the one before).
+    fn read_all(&mut self, path: &Path) -> Result<&'static [u8], BaselineError> {
         let store = |e: redb::Error| BaselineError::store(path, e);
         let corrupt = |message: String| BaselineError::Corrupt {
             path: path.to_path_buf(),
@@ -524,26 +680,28 @@ impl Baseline {
         };
         let tx = self.db.begin_read().map_err(|e| store(e.into()))?;
         let meta = tx.open_table(META).map_err(|e| store(e.into()))?;
-        let version = meta.get("version").map_err(|e| store(e.into()))?;
-        if version.as_ref().map(|v| v.value()) != Some(VERSION) {
+        let stored = meta.get("version").map_err(|e| store(e.into()))?;
+        let Some(version) = [VERSION, VERSION_JSON_RECORDS]
+            .into_iter()
+            .find(|v| stored.as_ref().map(|s| s.value()) == Some(*v))
+        else {
             return Err(corrupt(format!(
-                "version {:?} (this agent reads {})",
-                version.map(|v| String::from_utf8_lossy(v.value()).into_owned()),
-                String::from_utf8_lossy(VERSION)
+                "version {:?} (this agent reads {} and upgrades {})",
+                stored.map(|v| String::from_utf8_lossy(v.value()).into_owned()),
+                String::from_utf8_lossy(VERSION),
+                String::from_utf8_lossy(VERSION_JSON_RECORDS)
             )));
-        }
+        };
         let recorded = meta
             .get("sum")
             .map_err(|e| store(e.into()))?
             .and_then(|v| SetHash::from_bytes(v.value()));
-        let mut sum = SetHash::zero();
         let files = tx.open_table(FILES).map_err(|e| store(e.into()))?;
-        for item in files.iter().map_err(|e| store(e.into()))? {
-            let (k, v) = item.map_err(|e| store(e.into()))?;
-            serde_json::from_slice::<Tracked>(v.value())
-                .map_err(|e| corrupt(format!("{}: {e}", k.value())))?;
-            sum.add(TAG_FILE, k.value(), v.value());
-        }
+        let mut sum =
+            files_sum(&files, version, crate::budget::threads()).map_err(|e| match e {
+                Unreadable::Store(e) => store(e),
+                Unreadable::Record(message) => corrupt(message),
+            })?;
         let established = tx.open_table(ESTABLISHED).map_err(|e| store(e.into()))?;
         for item in established.iter().map_err(|e| store(e.into()))? {
             let (k, v) = item.map_err(|e| store(e.into()))?;
@@ -565,7 +723,47 @@ impl Baseline {
             );
         }
         self.sum = sum;
-        Ok(())
+        Ok(version)
+    }
+
+    /// Upgrades a store of the version before (`old`, its digest `digest`
+    /// recomputed from its records) into a new store of this version,
+    /// streaming its records in batches like a first baseline. Like an
+    /// import, the digest returned is the old store's (what the cluster
+    /// holds, checked like any baseline's); the new store replaces the old one
+    /// at the first save, with the old one's digest journaled before, and the
+    /// old file is kept aside ([`UPGRADED_FILE`]).
+    fn upgrade(old: Baseline, digest: String) -> Result<(Baseline, String), BaselineError> {
+        let path = old.state.join(FILE);
+        let store = |e: redb::Error| BaselineError::store(&path, e);
+        let mut b = Baseline::create(&old.state)?;
+        let tx = old.db.begin_read().map_err(|e| store(e.into()))?;
+        let files = tx.open_table(FILES).map_err(|e| store(e.into()))?;
+        let mut n = 0u64;
+        for item in files.iter().map_err(|e| store(e.into()))? {
+            let (k, v) = item.map_err(|e| store(e.into()))?;
+            let t = decode_record(VERSION_JSON_RECORDS, v.value()).map_err(|message| {
+                BaselineError::Corrupt {
+                    path: path.clone(),
+                    message: format!("{}: {message}", k.value()),
+                }
+            })?;
+            b.pending.insert(k.value().to_string(), Some(t));
+            b.flush_if_full()?;
+            n += 1;
+        }
+        for k in &old.established {
+            b.changed.insert((TAG_ESTABLISHED, k.clone()));
+        }
+        for k in old.policies.keys() {
+            b.changed.insert((TAG_POLICY, k.clone()));
+        }
+        b.established.clone_from(&old.established);
+        b.policies.clone_from(&old.policies);
+        b.write(false)?;
+        b.legacy = Some(digest.clone());
+        info!(files = n, from = %path.display(), "baseline store upgraded to version 3 (binary records); the old store is kept aside at the first save");
+        Ok((b, digest))
     }
 
     /// Imports the baseline document of earlier versions, if there is one.
@@ -642,6 +840,20 @@ impl Baseline {
                 path: self.state.join(FILE),
                 source,
             };
+            if self.legacy.is_some() {
+                // A store of the version before: kept as it was.
+                match fs::hard_link(self.state.join(FILE), self.state.join(UPGRADED_FILE)) {
+                    Err(e)
+                        if !matches!(
+                            e.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::AlreadyExists
+                        ) =>
+                    {
+                        return Err(io(e));
+                    }
+                    _ => {}
+                }
+            }
             fs::rename(self.state.join(NEW_FILE), self.state.join(FILE)).map_err(io)?;
             sync_dir(&self.state).map_err(io)?;
             self.fresh = false;
@@ -871,7 +1083,7 @@ impl Baseline {
         }
         let read = self.with_files(|t| {
             Ok(match t.get(key)? {
-                Some(v) => serde_json::from_slice::<Tracked>(v.value())
+                Some(v) => record::decode(v.value())
                     .map_err(|e| redb::Error::Corrupted(format!("{key}: {e}")))
                     .map(Some)?,
                 None => None,
@@ -982,7 +1194,7 @@ impl Baseline {
                     }
                     continue;
                 }
-                match serde_json::from_slice::<Tracked>(v.value()) {
+                match record::decode(v.value()) {
                     Ok(t) => f(k, &t),
                     Err(error) => warn!(path = %k, %error, "baseline record unreadable"),
                 }
@@ -997,6 +1209,44 @@ impl Baseline {
                 f(pk, t);
             }
         }
+    }
+
+    /// Writes this baseline as a store of version 2 (records in JSON) at
+    /// `path`, as the version before wrote it, and returns its digest (to
+    /// test the upgrade).
+    #[cfg(test)]
+    #[allow(clippy::expect_used)]
+    pub(crate) fn write_as_version_2(&self, path: &Path) -> String {
+        let db = builder().create(path).expect("a store of version 2");
+        let tx = db.begin_write().expect("a transaction");
+        let mut sum = SetHash::zero();
+        {
+            let mut files = tx.open_table(FILES).expect("files");
+            self.for_each_under("", |k, t| {
+                let v = encode(t);
+                sum.add(TAG_FILE, k, &v);
+                files.insert(k, v.as_slice()).expect("a record");
+            });
+            let mut established = tx.open_table(ESTABLISHED).expect("established");
+            for k in &self.established {
+                sum.add(TAG_ESTABLISHED, k, b"");
+                established
+                    .insert(k.as_str(), b"".as_slice())
+                    .expect("an entry");
+            }
+            let mut policies = tx.open_table(POLICIES).expect("policies");
+            for (k, rec) in &self.policies {
+                let v = encode(rec);
+                sum.add(TAG_POLICY, k, &v);
+                policies.insert(k.as_str(), v.as_slice()).expect("a policy");
+            }
+            let mut meta = tx.open_table(META).expect("meta");
+            meta.insert("version", VERSION_JSON_RECORDS)
+                .expect("version");
+            meta.insert("sum", sum.to_bytes().as_slice()).expect("sum");
+        }
+        tx.commit().expect("a commit");
+        sum.digest()
     }
 
     /// The baseline in the document format of earlier versions (to test
@@ -1389,7 +1639,7 @@ mod tests {
             let tx = db.begin_write().unwrap();
             {
                 let mut files = tx.open_table(FILES).unwrap();
-                let forged = encode(&Tracked {
+                let forged = record::to_vec(&Tracked {
                     approved: Some(attrs(4)),
                     ..Tracked::default()
                 });
@@ -1587,6 +1837,135 @@ mod tests {
         let (loaded, on_disk) = reopen(dir.path());
         assert_eq!(on_disk, d);
         assert!(loaded.is_established("p", "e"));
+    }
+
+    fn version_of(path: &Path) -> Vec<u8> {
+        let db = builder().open(path).unwrap();
+        let tx = db.begin_read().unwrap();
+        let meta = tx.open_table(META).unwrap();
+        meta.get("version").unwrap().unwrap().value().to_vec()
+    }
+
+    #[test]
+    fn a_store_of_version_2_is_upgraded_without_an_alarm_and_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Baseline::create(dir.path()).unwrap();
+        for i in 0..(BATCH + 10) {
+            b.establish_path(&format!("/etc/f{i}"), Some(attrs(i as u64)));
+        }
+        b.mark_reported("/etc/f1", "v2-abc".into());
+        b.establish("p", "etc");
+        b.scanned("p", Some(4), Timestamp::UNIX_EPOCH);
+        b.save().unwrap();
+        let old = dir.path().join("old.redb");
+        // What the version before kept on disk, and published.
+        let published = b.write_as_version_2(&old);
+        drop(b);
+        fs::rename(&old, dir.path().join(FILE)).unwrap();
+        fs::remove_file(dir.path().join(JOURNAL)).unwrap();
+        Journal::new(dir.path()).append(&published).unwrap();
+
+        let (mut up, digest) = reopen(dir.path());
+        assert_eq!(digest, published, "the old store's digest: no alarm");
+        assert_eq!(up.approved("/etc/f7"), Some(attrs(7)));
+        assert_eq!(up.reported("/etc/f1").as_deref(), Some("v2-abc"));
+        assert!(up.is_established("p", "etc"));
+        assert_eq!(up.policy("p").unwrap().generation, Some(4));
+        assert_eq!(
+            version_of(&dir.path().join(FILE)),
+            b"2",
+            "replaced only when saved"
+        );
+        let saved = up.save().unwrap();
+        assert_ne!(saved, published, "the records are encoded anew");
+        assert!(Journal::new(dir.path()).vouches(&published, &saved));
+        drop(up);
+        assert_eq!(version_of(&dir.path().join(FILE)), VERSION);
+        assert_eq!(version_of(&dir.path().join(UPGRADED_FILE)), b"2");
+        let (again, on_disk) = reopen(dir.path());
+        assert_eq!(on_disk, saved);
+        assert_eq!(
+            again.approved(&format!("/etc/f{}", BATCH + 9)),
+            Some(attrs(BATCH as u64 + 9))
+        );
+    }
+
+    #[test]
+    fn a_store_of_version_2_edited_on_the_node_is_noticed_through_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Baseline::create(dir.path()).unwrap();
+        b.establish_path("/etc/shadow", Some(attrs(1)));
+        b.save().unwrap();
+        let path = dir.path().join(FILE);
+        drop(b);
+        let b = reopen(dir.path()).0;
+        fs::remove_file(&path).unwrap();
+        let published = b.write_as_version_2(&path);
+        drop(b);
+        {
+            let db = builder().open(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut files = tx.open_table(FILES).unwrap();
+                let forged = encode(&Tracked {
+                    approved: Some(attrs(2)),
+                    ..Tracked::default()
+                });
+                files.insert("/etc/shadow", forged.as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let (up, digest) = reopen(dir.path());
+        assert_ne!(digest, published);
+        assert_eq!(up.approved("/etc/shadow"), Some(attrs(2)));
+    }
+
+    #[test]
+    fn records_are_verified_alike_on_any_number_of_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Baseline::create(dir.path()).unwrap();
+        let n = 3 * VERIFY_BATCH + 17;
+        for i in 0..n {
+            b.establish_path(&format!("/f{i:05}"), Some(attrs(i as u64)));
+        }
+        b.save().unwrap();
+        drop(b);
+        let sums = |path: &Path| -> Vec<Result<Vec<u8>, String>> {
+            let db = builder().open(path).unwrap();
+            let tx = db.begin_read().unwrap();
+            let files = tx.open_table(FILES).unwrap();
+            [1, 2, 3]
+                .map(|threads| match files_sum(&files, VERSION, threads) {
+                    Ok(s) => Ok(s.to_bytes()),
+                    Err(Unreadable::Record(m)) => Err(m),
+                    Err(Unreadable::Store(e)) => Err(e.to_string()),
+                })
+                .to_vec()
+        };
+        let path = dir.path().join(FILE);
+        let clean = sums(&path);
+        assert!(
+            clean.iter().all(|s| s == &clean[0] && s.is_ok()),
+            "one digest"
+        );
+        // One undecodable record in the middle is found, and named.
+        {
+            let db = builder().open(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(FILES)
+                .unwrap()
+                .insert("/f02000", b"\xff".as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        for r in sums(&path) {
+            let e = r.unwrap_err();
+            assert!(e.starts_with("/f02000: "), "{e}");
+        }
+        assert!(matches!(
+            Baseline::load(dir.path()),
+            Err(BaselineError::Corrupt { .. })
+        ));
     }
 
     #[test]

@@ -1919,6 +1919,43 @@ mod tests {
         assert!(d[0].starts_with("Modified /etc/ssh/sshd_config"), "{d:?}");
     }
 
+    #[test]
+    fn a_store_of_version_2_is_upgraded_without_a_report() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc/ssh")).unwrap();
+        std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
+        std::fs::write(root.path().join("etc/ssh/sshd_config"), "b").unwrap();
+        let mut old = engine(root.path(), state.path(), vec![etc(true)]);
+        scan(&mut old, DetectionSource::Startup);
+        std::fs::write(root.path().join("etc/hosts"), "changed").unwrap();
+        assert_eq!(scan(&mut old, DetectionSource::Scan).changes.len(), 1);
+        old.save().unwrap();
+        let digests = old.entry_digests();
+        // What the version before kept on disk, and published.
+        let v2 = state.path().join("v2.redb");
+        let published = old.baseline().write_as_version_2(&v2);
+        drop(old);
+        std::fs::rename(&v2, state.path().join(crate::baseline::FILE)).unwrap();
+        std::fs::remove_file(state.path().join(crate::baseline::JOURNAL)).unwrap();
+
+        let mut new = engine(root.path(), state.path(), vec![etc(true)]);
+        assert_eq!(new.loaded_digest(), Some(published.as_str()), "no alarm");
+        assert_eq!(new.entry_digests(), digests);
+        let o = scan(&mut new, DetectionSource::Startup);
+        assert!(o.changes.is_empty(), "{:?}", describe(&o));
+        let saved = new.save().unwrap();
+        assert!(new.journal().vouches(&published, &saved));
+        drop(new);
+
+        std::fs::write(root.path().join("etc/ssh/sshd_config"), "evil").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        assert_eq!(e.loaded_digest(), Some(saved.as_str()));
+        let d = describe(&scan(&mut e, DetectionSource::Startup));
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].starts_with("Modified /etc/ssh/sshd_config"), "{d:?}");
+    }
+
     /// The entry digests, by `policy/entry`.
     fn digests_of(e: &Engine) -> BTreeMap<String, EntryDigest> {
         e.entry_digests()
