@@ -327,9 +327,8 @@ fn plan_batch(
     snapshot: Option<Snapshot>,
 ) -> Planned {
     let mut todo = Vec::with_capacity(nodes.len());
-    // Paths of one entry want the same attributes: shared.
-    let mut last: Option<(Vec<usize>, Arc<[Attribute]>)> = None;
-    for node in nodes {
+    // Which entries own each path, and its key: on every scan thread.
+    let owned = |node: &Node| -> (Vec<usize>, String) {
         let owners: Vec<usize> = plan
             .entries
             .iter()
@@ -337,6 +336,21 @@ fn plan_batch(
             .filter(|(_, e)| e.covers(&node.path))
             .map(|(i, _)| i)
             .collect();
+        let key = if owners.is_empty() {
+            String::new()
+        } else {
+            host_path(&node.path)
+        };
+        (owners, key)
+    };
+    let owned: Vec<(Vec<usize>, String)> = if parallel {
+        nodes.par_iter().with_min_len(64).map(owned).collect()
+    } else {
+        nodes.iter().map(owned).collect()
+    };
+    // Paths of one entry want the same attributes: shared.
+    let mut last: Option<(Vec<usize>, Arc<[Attribute]>)> = None;
+    for (node, (owners, key)) in nodes.into_iter().zip(owned) {
         if owners.is_empty() {
             continue;
         }
@@ -350,7 +364,7 @@ fn plan_batch(
             }
         };
         todo.push(Todo {
-            key: host_path(&node.path),
+            key,
             path: node.path,
             owners,
             want,
