@@ -85,7 +85,11 @@ const BATCH: usize = 4096;
 /// (a reader further behind recomputes what it derives from them).
 const APPROVED_LOG: usize = 1024;
 
-const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
+/// Records by host path (UTF-8, compared as bytes: the same order, without
+/// validating both keys at each comparison).
+const FILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("files");
+/// The files table of version 2.
+const FILES_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
 const ESTABLISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("established");
 const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -271,13 +275,13 @@ pub struct KnownChild {
 /// ([`Snapshot::read`], [`Baseline::prefetched`]).
 pub struct Snapshot {
     writes: u64,
-    files: ReadOnlyTable<&'static str, &'static [u8]>,
+    files: ReadOnlyTable<&'static [u8], &'static [u8]>,
 }
 
 impl Snapshot {
     /// The record of `key` as of the snapshot, decoded.
     pub fn read(&self, key: &str) -> Prefetched {
-        let record = match self.files.get(key) {
+        let record = match self.files.get(key.as_bytes()) {
             Ok(Some(v)) => record::decode(v.value()).ok().map(|t| Some(Box::new(t))),
             Ok(None) => Some(None),
             // Read again when used, to report why it cannot be.
@@ -301,7 +305,7 @@ pub struct Prefetched {
 /// record read (a scan asks several questions about each path in turn).
 #[derive(Default)]
 struct Reader {
-    files: Option<ReadOnlyTable<&'static str, &'static [u8]>>,
+    files: Option<ReadOnlyTable<&'static [u8], &'static [u8]>>,
     last: Option<(String, Option<Tracked>)>,
 }
 
@@ -347,7 +351,7 @@ struct Writing {
 
 /// Writes changed records into `files`, keeping `sum` up to date.
 fn write_records(
-    files: &mut redb::Table<&str, &[u8]>,
+    files: &mut redb::Table<&[u8], &[u8]>,
     records: &BTreeMap<String, Option<Tracked>>,
     sum: &mut SetHash,
 ) -> Result<(), redb::Error> {
@@ -356,9 +360,9 @@ fn write_records(
             Some(t) => {
                 let v = record::to_vec(t);
                 sum.add(TAG_FILE, k, &v);
-                files.insert(k.as_str(), v.as_slice())?
+                files.insert(k.as_bytes(), v.as_slice())?
             }
-            None => files.remove(k.as_str())?,
+            None => files.remove(k.as_bytes())?,
         };
         if let Some(old) = old {
             sum.remove(TAG_FILE, k, old.value());
@@ -454,17 +458,21 @@ fn verify_record(
 /// than one thread the table is read on the calling thread and the records
 /// are decoded and hashed on `threads` others (the digest is a sum: the parts
 /// add up whatever the order); a start of the agent waits for this pass.
-fn files_sum(
-    files: &ReadOnlyTable<&'static str, &'static [u8]>,
+fn files_sum<K>(
+    files: &ReadOnlyTable<K, &'static [u8]>,
     version: &[u8],
     threads: usize,
-) -> Result<SetHash, Unreadable> {
+) -> Result<SetHash, Unreadable>
+where
+    K: redb::Key + 'static,
+    for<'a> K::SelfType<'a>: AsRef<[u8]>,
+{
     let store = |e: redb::StorageError| Unreadable::Store(e.into());
     let mut sum = SetHash::zero();
     if threads <= 1 {
         for item in files.iter().map_err(store)? {
             let (k, v) = item.map_err(store)?;
-            verify_record(version, k.value().as_bytes(), v.value(), &mut sum)?;
+            verify_record(version, k.value().as_ref(), v.value(), &mut sum)?;
         }
         return Ok(sum);
     }
@@ -497,7 +505,7 @@ fn files_sum(
             let mut batch = RecordBatch::default();
             for item in files.iter().map_err(store)? {
                 let (k, v) = item.map_err(store)?;
-                batch.push(k.value().as_bytes(), v.value());
+                batch.push(k.value().as_ref(), v.value());
                 if batch.ends.len() == VERIFY_BATCH && tx.send(std::mem::take(&mut batch)).is_err()
                 {
                     // Every verifier stopped: one found a corrupt record.
@@ -636,7 +644,8 @@ impl Baseline {
         let store = |e: redb::Error| BaselineError::store(&path, e);
         let tx = b.db.begin_write().map_err(|e| store(e.into()))?;
         {
-            for t in [FILES, ESTABLISHED, POLICIES] {
+            tx.open_table(FILES).map_err(|e| store(e.into()))?;
+            for t in [ESTABLISHED, POLICIES] {
                 tx.open_table(t).map_err(|e| store(e.into()))?;
             }
             let mut meta = tx.open_table(META).map_err(|e| store(e.into()))?;
@@ -696,12 +705,18 @@ impl Baseline {
             .get("sum")
             .map_err(|e| store(e.into()))?
             .and_then(|v| SetHash::from_bytes(v.value()));
-        let files = tx.open_table(FILES).map_err(|e| store(e.into()))?;
-        let mut sum =
-            files_sum(&files, version, crate::budget::threads()).map_err(|e| match e {
-                Unreadable::Store(e) => store(e),
-                Unreadable::Record(message) => corrupt(message),
-            })?;
+        let threads = crate::budget::threads();
+        let sum = if version == VERSION {
+            let files = tx.open_table(FILES).map_err(|e| store(e.into()))?;
+            files_sum(&files, version, threads)
+        } else {
+            let files = tx.open_table(FILES_V2).map_err(|e| store(e.into()))?;
+            files_sum(&files, version, threads)
+        };
+        let mut sum = sum.map_err(|e| match e {
+            Unreadable::Store(e) => store(e),
+            Unreadable::Record(message) => corrupt(message),
+        })?;
         let established = tx.open_table(ESTABLISHED).map_err(|e| store(e.into()))?;
         for item in established.iter().map_err(|e| store(e.into()))? {
             let (k, v) = item.map_err(|e| store(e.into()))?;
@@ -738,7 +753,7 @@ impl Baseline {
         let store = |e: redb::Error| BaselineError::store(&path, e);
         let mut b = Baseline::create(&old.state)?;
         let tx = old.db.begin_read().map_err(|e| store(e.into()))?;
-        let files = tx.open_table(FILES).map_err(|e| store(e.into()))?;
+        let files = tx.open_table(FILES_V2).map_err(|e| store(e.into()))?;
         let mut n = 0u64;
         for item in files.iter().map_err(|e| store(e.into()))? {
             let (k, v) = item.map_err(|e| store(e.into()))?;
@@ -1058,7 +1073,7 @@ impl Baseline {
     /// Runs `f` on the committed files table.
     fn with_files<R>(
         &self,
-        f: impl FnOnce(&ReadOnlyTable<&'static str, &'static [u8]>) -> Result<R, redb::Error>,
+        f: impl FnOnce(&ReadOnlyTable<&'static [u8], &'static [u8]>) -> Result<R, redb::Error>,
     ) -> Result<R, redb::Error> {
         let mut reader = self.reader();
         let table = match &mut reader.files {
@@ -1082,7 +1097,7 @@ impl Baseline {
             return t.clone();
         }
         let read = self.with_files(|t| {
-            Ok(match t.get(key)? {
+            Ok(match t.get(key.as_bytes())? {
                 Some(v) => record::decode(v.value())
                     .map_err(|e| redb::Error::Corrupted(format!("{key}: {e}")))
                     .map(Some)?,
@@ -1177,12 +1192,16 @@ impl Baseline {
         };
         let mut pending = changes.peekable();
         let read = self.with_files(|table| {
-            for item in table.range::<&str>(prefix..)? {
+            for item in table.range::<&[u8]>(prefix.as_bytes()..)? {
                 let (k, v) = item?;
                 let k = k.value();
-                if !k.starts_with(prefix) {
+                if !k.starts_with(prefix.as_bytes()) {
                     break;
                 }
+                let Ok(k) = std::str::from_utf8(k) else {
+                    warn!(path = %String::from_utf8_lossy(k), "baseline key is not UTF-8");
+                    continue;
+                };
                 while let Some((pk, pv)) = pending.next_if(|(pk, _)| pk.as_str() < k) {
                     if let Some(t) = pv {
                         f(pk, t);
@@ -1221,7 +1240,7 @@ impl Baseline {
         let tx = db.begin_write().expect("a transaction");
         let mut sum = SetHash::zero();
         {
-            let mut files = tx.open_table(FILES).expect("files");
+            let mut files = tx.open_table(FILES_V2).expect("files");
             self.for_each_under("", |k, t| {
                 let v = encode(t);
                 sum.add(TAG_FILE, k, &v);
@@ -1341,10 +1360,13 @@ impl Baseline {
         let read = self.with_files(|table| {
             let mut from = prefix.clone();
             'seek: loop {
-                for item in table.range::<&str>(from.as_str()..)? {
+                for item in table.range::<&[u8]>(from.as_bytes()..)? {
                     let (k, _) = item?;
-                    let Some(rest) = k.value().strip_prefix(prefix.as_str()) else {
+                    let Some(rest) = k.value().strip_prefix(prefix.as_bytes()) else {
                         break 'seek;
+                    };
+                    let Ok(rest) = std::str::from_utf8(rest) else {
+                        continue;
                     };
                     match rest.split_once('/') {
                         None => out.entry(rest.to_string()).or_default().known = true,
@@ -1643,7 +1665,9 @@ mod tests {
                     approved: Some(attrs(4)),
                     ..Tracked::default()
                 });
-                files.insert("/etc/passwd", forged.as_slice()).unwrap();
+                files
+                    .insert("/etc/passwd".as_bytes(), forged.as_slice())
+                    .unwrap();
             }
             tx.commit().unwrap();
         }
@@ -1906,7 +1930,7 @@ mod tests {
             let db = builder().open(&path).unwrap();
             let tx = db.begin_write().unwrap();
             {
-                let mut files = tx.open_table(FILES).unwrap();
+                let mut files = tx.open_table(FILES_V2).unwrap();
                 let forged = encode(&Tracked {
                     approved: Some(attrs(2)),
                     ..Tracked::default()
@@ -1954,7 +1978,7 @@ mod tests {
             let tx = db.begin_write().unwrap();
             tx.open_table(FILES)
                 .unwrap()
-                .insert("/f02000", b"\xff".as_slice())
+                .insert("/f02000".as_bytes(), b"\xff".as_slice())
                 .unwrap();
             tx.commit().unwrap();
         }
