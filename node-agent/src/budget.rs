@@ -91,6 +91,16 @@ pub fn lower_this_thread() -> std::io::Result<()> {
     crate::attribution::sys::ioprio_lowest_best_effort()
 }
 
+/// Milliseconds after which the allocator returns freed memory to the
+/// system: sooner than its default (10), so that a scan's peak memory stays
+/// what it uses at once (about 3 MB less at a million files).
+const ALLOCATOR_PURGE_DELAY_MS: i64 = 1;
+
+/// Tunes the memory allocator for flat memory. Call first thing in `main`.
+pub fn tune_allocator() {
+    crate::attribution::sys::allocator_purge_delay(ALLOCATOR_PURGE_DELAY_MS);
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

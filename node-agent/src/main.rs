@@ -378,6 +378,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    kube_fim_agent::budget::tune_allocator();
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
     let threads = kube_fim_agent::budget::configure(cli.threads.map(NonZeroUsize::get));

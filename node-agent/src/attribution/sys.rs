@@ -1,6 +1,7 @@
 //! The few fanotify, file-handle and I/O priority system calls that neither
-//! rustix nor the standard library wrap. Everything else (reading events, parsing them,
-//! /proc) is safe code; this file is the only `unsafe` of the agent.
+//! rustix nor the standard library wrap, and the one allocator option the agent
+//! sets. Everything else (reading events, parsing them, /proc) is safe code;
+//! this file is the only `unsafe` of the agent.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -121,4 +122,15 @@ pub fn ioprio_lowest_best_effort() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Makes the allocator (mimalloc) return memory freed to the system after
+/// `ms` milliseconds (its default: 10).
+pub fn allocator_purge_delay(ms: i64) {
+    // `mi_option_purge_delay` of mimalloc.h; libmimalloc-sys (pinned by the
+    // lock file) does not name it.
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: a setter of one of the allocator's global options, read
+    // atomically wherever it is used.
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, ms as std::ffi::c_long) };
 }
