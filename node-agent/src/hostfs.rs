@@ -274,6 +274,9 @@ impl HostRoot {
     /// budget ([`crate::budget::threads`]) unless [`HostRoot::set_threads`]
     /// says otherwise.
     pub fn open(path: &Path) -> std::io::Result<Self> {
+        // Absolute, without links: the real-time watcher's events name paths
+        // under it (`--root .` or a link would match none of them).
+        let path = &std::fs::canonicalize(path)?;
         let fd = rustix::fs::open(
             path,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,

@@ -115,6 +115,35 @@ fn realtime_changes_and_an_editor_save_is_one_modified() {
 }
 
 #[test]
+fn a_relative_or_linked_root_sees_realtime_changes_too() {
+    let h = host();
+    h.baseline();
+    let link = h.dir.path().join("link-to-root");
+    std::os::unix::fs::symlink(&h.root, &link).unwrap();
+    let parent = h.root.parent().unwrap().to_path_buf();
+    for (i, (cwd, root)) in [
+        (parent.clone(), "root".to_string()),
+        (parent.clone(), "./root/".to_string()),
+        (
+            std::path::PathBuf::from("/"),
+            link.to_str().unwrap().to_string(),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let w = h.watch_from(&cwd, &root);
+        std::fs::write(h.p("/etc/hosts"), format!("10.0.0.{i} evil\n")).unwrap();
+        let (_, c) = w
+            .next(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no real-time change with --root {root} in {cwd:?}"));
+        assert_eq!(c["path"], "/etc/hosts", "--root {root}: {c:#}");
+        assert_eq!(c["source"], "Realtime", "--root {root}: {c:#}");
+        w.terminate(Duration::from_secs(10));
+    }
+}
+
+#[test]
 fn restart_finds_what_changed_while_stopped_and_nothing_else() {
     let h = host();
     h.baseline();

@@ -158,9 +158,20 @@ impl Host {
     /// [`Host::watch`], the agent started through `wrapper` (e.g. `setpriv
     /// --bounding-set=-sys_admin --`), or directly when it is empty.
     pub fn watch_via(&self, wrapper: &[&str]) -> Watch {
+        self.spawn_watch(wrapper, None, self.root.to_str().unwrap())
+    }
+
+    /// [`Host::watch`] in the working directory `cwd`, given the root as
+    /// `root` (relative to `cwd`, or through a symbolic link).
+    pub fn watch_from(&self, cwd: &Path, root: &str) -> Watch {
+        self.spawn_watch(&[], Some(cwd), root)
+    }
+
+    fn spawn_watch(&self, wrapper: &[&str], cwd: Option<&Path>, root: &str) -> Watch {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let mut a = self.args("watch");
+        a[4] = root;
         a.extend(["--output", "json", "--metrics-addr", &addr]);
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
@@ -170,6 +181,9 @@ impl Host {
             }
             None => Command::new(BIN),
         };
+        if let Some(cwd) = cwd {
+            cmd.current_dir(cwd);
+        }
         let mut child = cmd
             .args(&a)
             .env("RUST_LOG", "warn")
