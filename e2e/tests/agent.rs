@@ -578,6 +578,19 @@ async fn a_baseline_edited_on_the_node_is_detected_at_start() {
     fleet.cleanup().await;
 }
 
+/// The FileChange `name` once the agent has answered its approval (set an
+/// outcome).
+async fn answered(api: &Api<kube_fim_crds::FileChange>, name: &str) -> kube_fim_crds::FileChange {
+    eventually("the agent answering the approval", SEEN, || async {
+        let c = api.get(name).await.map_err(|e| e.to_string())?;
+        match c.status.as_ref().and_then(|s| s.outcome) {
+            Some(_) => Ok(c),
+            None => Err(format!("{:?}", c.status)),
+        }
+    })
+    .await
+}
+
 /// Edits the agent's baseline on disk the way an intruder would: replaces
 /// `from` with `to` (same length) wherever it is in a baseline file of
 /// `state`, in place; whether anything was replaced.
@@ -765,14 +778,7 @@ async fn an_approval_of_a_state_the_file_has_left_approves_nothing() {
     fleet.nodes[0].start_agent();
 
     let api: Api<kube_fim_crds::FileChange> = Api::all(client.clone());
-    let answered = eventually("the agent refusing the stale approval", SEEN, || async {
-        let c = api.get(&name).await.map_err(|e| e.to_string())?;
-        match c.status.as_ref().and_then(|s| s.outcome) {
-            Some(_) => Ok(c),
-            None => Err(format!("{:?}", c.status)),
-        }
-    })
-    .await;
+    let answered = answered(&api, &name).await;
     let status = answered.status.unwrap();
     assert_eq!(
         status.outcome,
@@ -849,14 +855,7 @@ async fn an_approval_of_a_path_the_node_does_not_monitor_approves_nothing() {
         .await
         .unwrap();
 
-    let answered = eventually("the agent answering the approval", SEEN, || async {
-        let c = api.get(&name).await.map_err(|e| e.to_string())?;
-        match c.status.as_ref().and_then(|s| s.outcome) {
-            Some(_) => Ok(c),
-            None => Err(format!("{:?}", c.status)),
-        }
-    })
-    .await;
+    let answered = answered(&api, &name).await;
     let status = answered.status.unwrap();
     assert_eq!(
         status.outcome,

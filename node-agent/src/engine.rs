@@ -1889,8 +1889,11 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_baseline_of_an_earlier_version_is_migrated_without_a_report() {
+    /// A state of an earlier version, written by `write_old` into the state
+    /// directory from an engine with one unapproved change (it returns the
+    /// digest that version published), is taken over with no report and no
+    /// alarm, and a later change is reported as usual.
+    fn upgraded_without_a_report(write_old: impl FnOnce(Engine, &Path) -> String) {
         let root = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("etc/ssh")).unwrap();
@@ -1904,14 +1907,7 @@ mod tests {
         old.save().unwrap();
         let digests = old.entry_digests();
         let epoch = old.baseline().epoch("/etc/hosts");
-        // What an earlier version kept on disk instead, and published.
-        let doc = old.baseline().to_legacy_document();
-        drop(old);
-        for f in [crate::baseline::FILE, crate::baseline::JOURNAL] {
-            std::fs::remove_file(state.path().join(f)).unwrap();
-        }
-        std::fs::write(state.path().join(crate::baseline::LEGACY_FILE), &doc).unwrap();
-        let published = blake3::hash(&doc).to_hex().to_string();
+        let published = write_old(old, state.path());
 
         let mut new = engine(root.path(), state.path(), vec![etc(true)]);
         assert!(new.had_baseline());
@@ -1923,7 +1919,6 @@ mod tests {
         let saved = new.save().unwrap();
         assert!(new.journal().vouches(&published, &saved));
         drop(new);
-        assert!(!state.path().join(crate::baseline::LEGACY_FILE).exists());
 
         std::fs::write(root.path().join("etc/ssh/sshd_config"), "evil").unwrap();
         let mut e = engine(root.path(), state.path(), vec![etc(true)]);
@@ -1931,43 +1926,35 @@ mod tests {
         let d = describe(&scan(&mut e, DetectionSource::Startup));
         assert_eq!(d.len(), 1, "{d:?}");
         assert!(d[0].starts_with("Modified /etc/ssh/sshd_config"), "{d:?}");
+        drop(e);
+        assert!(!state.path().join(crate::baseline::LEGACY_FILE).exists());
+    }
+
+    #[test]
+    fn a_baseline_of_an_earlier_version_is_migrated_without_a_report() {
+        upgraded_without_a_report(|old, state| {
+            // What an earlier version kept on disk instead, and published.
+            let doc = old.baseline().to_legacy_document();
+            drop(old);
+            for f in [crate::baseline::FILE, crate::baseline::JOURNAL] {
+                std::fs::remove_file(state.join(f)).unwrap();
+            }
+            std::fs::write(state.join(crate::baseline::LEGACY_FILE), &doc).unwrap();
+            blake3::hash(&doc).to_hex().to_string()
+        });
     }
 
     #[test]
     fn a_store_of_version_2_is_upgraded_without_a_report() {
-        let root = tempfile::tempdir().unwrap();
-        let state = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(root.path().join("etc/ssh")).unwrap();
-        std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
-        std::fs::write(root.path().join("etc/ssh/sshd_config"), "b").unwrap();
-        let mut old = engine(root.path(), state.path(), vec![etc(true)]);
-        scan(&mut old, DetectionSource::Startup);
-        std::fs::write(root.path().join("etc/hosts"), "changed").unwrap();
-        assert_eq!(scan(&mut old, DetectionSource::Scan).changes.len(), 1);
-        old.save().unwrap();
-        let digests = old.entry_digests();
-        // What the version before kept on disk, and published.
-        let v2 = state.path().join("v2.redb");
-        let published = old.baseline().write_as_version_2(&v2);
-        drop(old);
-        std::fs::rename(&v2, state.path().join(crate::baseline::FILE)).unwrap();
-        std::fs::remove_file(state.path().join(crate::baseline::JOURNAL)).unwrap();
-
-        let mut new = engine(root.path(), state.path(), vec![etc(true)]);
-        assert_eq!(new.loaded_digest(), Some(published.as_str()), "no alarm");
-        assert_eq!(new.entry_digests(), digests);
-        let o = scan(&mut new, DetectionSource::Startup);
-        assert!(o.changes.is_empty(), "{:?}", describe(&o));
-        let saved = new.save().unwrap();
-        assert!(new.journal().vouches(&published, &saved));
-        drop(new);
-
-        std::fs::write(root.path().join("etc/ssh/sshd_config"), "evil").unwrap();
-        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
-        assert_eq!(e.loaded_digest(), Some(saved.as_str()));
-        let d = describe(&scan(&mut e, DetectionSource::Startup));
-        assert_eq!(d.len(), 1, "{d:?}");
-        assert!(d[0].starts_with("Modified /etc/ssh/sshd_config"), "{d:?}");
+        upgraded_without_a_report(|old, state| {
+            // What the version before kept on disk, and published.
+            let v2 = state.join("v2.redb");
+            let published = old.baseline().write_as_version_2(&v2);
+            drop(old);
+            std::fs::rename(&v2, state.join(crate::baseline::FILE)).unwrap();
+            std::fs::remove_file(state.join(crate::baseline::JOURNAL)).unwrap();
+            published
+        });
     }
 
     /// The entry digests, by `policy/entry`.
