@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::ResourceExt;
+use kube_fim_agent::baseline::StateDir;
 use kube_fim_agent::cluster::run::{RunConfig, run};
 use kube_fim_agent::engine::{Engine, PolicyInput};
 use kube_fim_agent::metrics::AgentMetrics;
@@ -196,8 +197,7 @@ fn open_engine(args: &Standalone) -> anyhow::Result<Engine> {
 
 fn baseline(args: Standalone) -> anyhow::Result<ExitCode> {
     let policies = load_policy(&args.policy)?;
-    std::fs::create_dir_all(&args.state)
-        .with_context(|| format!("creating {}", args.state.display()))?;
+    StateDir::create(&args.state).with_context(|| format!("creating {}", args.state.display()))?;
     // The old baseline stays on disk until the new one replaces it atomically.
     if !args.root.is_dir() {
         bail!("--root {}: not a directory", args.root.display());
@@ -253,7 +253,7 @@ fn check(args: Standalone, output: Output) -> anyhow::Result<ExitCode> {
 
 async fn watch_cmd(args: Standalone, output: Output, addr: SocketAddr) -> anyhow::Result<ExitCode> {
     let policies = load_policy(&args.policy)?;
-    std::fs::create_dir_all(&args.state)?;
+    StateDir::create(&args.state)?;
     let mut engine = open_engine(&args)?;
     engine.set_policies(policies)?;
     let metrics = AgentMetrics::new(&args.node_name)?;
@@ -350,8 +350,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             if !root.is_dir() {
                 bail!("--root {}: not a directory", root.display());
             }
-            std::fs::create_dir_all(&state)
-                .with_context(|| format!("creating {}", state.display()))?;
+            StateDir::create(&state).with_context(|| format!("creating {}", state.display()))?;
             let client = client(kubeconfig).await?;
             run(
                 client,

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use super::node_status;
 use super::selection::served;
 use crate::attribution::pods::PodIndex;
-use crate::baseline::{BaselineError, Journal};
+use crate::baseline::{BaselineError, Journal, StateDir};
 use crate::engine::{Engine, EngineError, PolicyInput};
 use crate::metrics::AgentMetrics;
 use crate::report::deliver::{self, RateLimit};
@@ -188,7 +188,7 @@ pub async fn run(
 
     // The state directory is the agent's alone (file names and digests of
     // root-only directories are not for other users of the node).
-    crate::baseline::create_state_dir(&config.state).context("creating the state directory")?;
+    let state = StateDir::create(&config.state).context("creating the state directory")?;
     let (mut engine, unreadable) = match Engine::open(&config.root, &config.state, &node_name) {
         Ok(e) => (e, None),
         Err(EngineError::Baseline(error @ BaselineError::InUse { .. })) => {
@@ -196,10 +196,7 @@ pub async fn run(
         }
         Err(EngineError::Baseline(error)) => {
             // Kept for forensics, never silently replaced.
-            let aside = crate::baseline::set_aside(
-                &config.state,
-                &format!("unreadable-{}", Timestamp::now().as_second()),
-            );
+            let aside = state.set_aside(&format!("unreadable-{}", Timestamp::now().as_second()));
             warn!(%error, ?aside, "the baseline on this node cannot be read");
             let e = Engine::open_fresh(&config.root, &config.state, &node_name)
                 .context("opening the host root")?;
@@ -209,8 +206,7 @@ pub async fn run(
     };
     engine.set_progress(metrics.progress.clone());
     let queue = Arc::new(Mutex::new(
-        Queue::open(&config.state.join("queue"), config.queue_capacity)
-            .context("opening the delivery queue")?,
+        Queue::open(&state.queue(), config.queue_capacity).context("opening the delivery queue")?,
     ));
     metrics
         .cluster
@@ -252,10 +248,7 @@ pub async fn run(
             // A foreign baseline could hide anything: start from what is on
             // disk now and let the entry digests say what differs.
             drop(engine);
-            crate::baseline::set_aside(
-                &config.state,
-                &format!("foreign-{}", Timestamp::now().as_second()),
-            );
+            state.set_aside(&format!("foreign-{}", Timestamp::now().as_second()));
             engine = Engine::open_fresh(&config.root, &config.state, &node_name)
                 .context("opening the host root")?;
             engine.set_progress(metrics.progress.clone());

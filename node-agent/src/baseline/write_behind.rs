@@ -1,0 +1,162 @@
+//! Background writes: a baseline being built (not the baseline yet: nothing
+//! to journal) is written on another thread a batch at a time while the scan
+//! goes on, and read meanwhile as changes under those pending.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, Durability};
+use tracing::warn;
+
+use super::digest::SetHash;
+use super::read::Reader;
+use super::store::{FILES, META, write_records};
+use super::{Baseline, BaselineError, Tracked};
+
+/// Changed records kept in memory before a scan writes them.
+pub(super) const BATCH: usize = 4096;
+
+/// A transaction of changed records on its own thread, while a scan goes on.
+pub(super) struct Writing {
+    pub(super) records: Arc<BTreeMap<String, Option<Tracked>>>,
+    done: std::thread::JoinHandle<Result<SetHash, BaselineError>>,
+}
+
+/// One transaction, not durable (a baseline being built: nothing journals
+/// it), of changed records; the digest of the store after it.
+pub(super) fn write_behind(
+    db: &Database,
+    path: &Path,
+    records: &BTreeMap<String, Option<Tracked>>,
+    mut sum: SetHash,
+) -> Result<SetHash, BaselineError> {
+    let store = |e: redb::Error| BaselineError::store(path, e);
+    let mut tx = db.begin_write().map_err(|e| store(e.into()))?;
+    tx.set_durability(Durability::None)
+        .map_err(|e| store(redb::Error::Corrupted(e.to_string())))?;
+    {
+        let mut files = tx.open_table(FILES).map_err(|e| store(e.into()))?;
+        write_records(&mut files, records, &mut sum).map_err(store)?;
+        let mut meta = tx.open_table(META).map_err(|e| store(e.into()))?;
+        meta.insert("sum", sum.to_bytes().as_slice())
+            .map_err(|e| store(e.into()))?;
+    }
+    tx.commit().map_err(|e| store(e.into()))?;
+    Ok(sum)
+}
+
+impl Baseline {
+    /// Writes the pending changes once there are [`BATCH`] of them, so a scan
+    /// of any size holds a bounded number in memory. A baseline being built
+    /// (not the baseline yet: nothing to journal) is written on another
+    /// thread while the scan goes on, one batch at a time.
+    pub fn flush_if_full(&mut self) -> Result<(), BaselineError> {
+        if self.pending.len() < BATCH {
+            return Ok(());
+        }
+        if !self.fresh {
+            return self.save().map(|_| ());
+        }
+        self.finish_writing()?;
+        let records = Arc::new(std::mem::take(&mut self.pending));
+        let (db, sum, path) = (
+            Arc::clone(&self.db),
+            self.sum.clone(),
+            self.state.new_store(),
+        );
+        let job = Arc::clone(&records);
+        match std::thread::Builder::new()
+            .name("baseline-write".into())
+            .spawn(move || write_behind(&db, &path, &job, sum))
+        {
+            Ok(done) => {
+                self.writing = Some(Writing { records, done });
+                Ok(())
+            }
+            Err(e) => {
+                warn!(%e, "writing the baseline on this thread");
+                self.pending = Arc::unwrap_or_clone(records);
+                self.write(false).map(|_| ())
+            }
+        }
+    }
+
+    /// Waits for the records being written in the background; if they could
+    /// not be, they are pending again.
+    pub fn finish_writing(&mut self) -> Result<(), BaselineError> {
+        let Some(w) = self.writing.take() else {
+            return Ok(());
+        };
+        let result = w.done.join().unwrap_or_else(|_| {
+            Err(BaselineError::Io {
+                path: self.state.new_store(),
+                source: std::io::Error::other("the baseline writer stopped"),
+            })
+        });
+        // A reader's snapshot would keep the pages the commit freed.
+        *self.reader() = Reader::default();
+        match result {
+            Ok(sum) => {
+                self.sum = sum;
+                self.writes += 1;
+                Ok(())
+            }
+            Err(e) => {
+                for (k, t) in Arc::unwrap_or_clone(w.records) {
+                    self.pending.entry(k).or_insert(t);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether changes wait to be written.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || self.writing.is_some()
+    }
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        if let Err(error) = self.finish_writing() {
+            warn!(%error, "baseline changes not written");
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::baseline::tests::{attrs, reopen};
+
+    #[test]
+    fn a_baseline_being_built_is_written_in_the_background_and_read_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Baseline::create(dir.path()).unwrap();
+        let n = 2 * BATCH + 10;
+        for i in 0..n {
+            b.establish_path(&format!("/d/f{i:05}"), Some(attrs(i as u64)));
+            b.flush_if_full().unwrap();
+            if i == BATCH {
+                // The first batch is on its way to the store: still read.
+                assert!(b.writing.is_some());
+                assert_eq!(b.approved("/d/f00001"), Some(attrs(1)));
+                assert!(b.children("/d")["f00002"].known);
+                assert_eq!(b.keys_under("/d").len(), BATCH + 1);
+            }
+        }
+        assert_eq!(b.keys_under("/d").len(), n);
+        assert_eq!(b.children("/").len(), 1);
+        let saved = b.save().unwrap();
+        assert!(b.writing.is_none());
+        drop(b);
+        let (b, on_disk) = reopen(dir.path());
+        assert_eq!(on_disk, saved, "the digest kept is the one of the records");
+        assert_eq!(
+            b.approved(&format!("/d/f{:05}", n - 1)),
+            Some(attrs(n as u64 - 1))
+        );
+    }
+}
