@@ -1,0 +1,439 @@
+//! The judgement of one path against the baseline: its state now (settled
+//! from what inspecting it gave), compared with the approved state for each
+//! established entry that owns it, one change per policy; a difference is
+//! reported once (its digest is remembered once the change is queued).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube_fim_crds::{Attribute, ChangeCategory, DetectionSource, FileAttributes, FileChangeSpec};
+use tracing::debug;
+
+use super::diff::{DIR_ATTRS, differing, is_dir, project, without_late_attributes};
+use super::{Engine, Outcome, ScanError};
+use crate::baseline::state_digest;
+use crate::hostfs::Inspected;
+use crate::paths::{host_path, rel_path};
+use crate::plan::{Entry, Plan};
+
+impl Engine {
+    /// Re-examines the given root-relative paths (real-time events): each path,
+    /// what is below it now (a new directory), and what the baseline had below it.
+    pub fn rescan(
+        &mut self,
+        paths: &BTreeSet<PathBuf>,
+        source: DetectionSource,
+    ) -> (Outcome, bool) {
+        let mut out = Outcome::default();
+        self.mounts = self.mount_source.read();
+        let mut candidates: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut new_dirs = false;
+        for p in paths {
+            candidates.insert(p.clone());
+            candidates.extend(
+                self.baseline
+                    .keys_under(&host_path(p))
+                    .iter()
+                    .map(|k| rel_path(k)),
+            );
+            // A directory that appeared under a recursive entry: walk it.
+            let owners = self.plan.owners(p);
+            if owners.iter().any(|o| o.recursive) {
+                let mut stack = vec![p.clone()];
+                while let Some(dir) = stack.pop() {
+                    let Ok(children) = self.root.list_dir(&dir) else {
+                        continue;
+                    };
+                    if self.dirs.insert(dir.clone()) {
+                        new_dirs = true;
+                    }
+                    for c in children {
+                        let child = dir.join(&c.name);
+                        if self.plan.owners(&child).is_empty() {
+                            continue;
+                        }
+                        candidates.insert(child.clone());
+                        if c.is_dir {
+                            stack.push(child);
+                        }
+                    }
+                }
+            }
+        }
+        let plan = Arc::clone(&self.plan);
+        for path in &candidates {
+            let owners = plan.owners(path);
+            if owners.is_empty() {
+                continue;
+            }
+            let current = self.inspect(path, &owners, &mut out);
+            let key = host_path(path);
+            self.judge(&key, path, current, &owners, source, &mut out);
+        }
+        (out, new_dirs)
+    }
+
+    pub(super) fn inspect(
+        &self,
+        path: &Path,
+        owners: &[&Entry],
+        out: &mut Outcome,
+    ) -> Option<FileAttributes> {
+        self.progress.beat();
+        let want = Plan::wanted(owners);
+        let result = self.root.inspect(path, &want, &mut out.bytes);
+        self.settle(path, &want, result, out)
+    }
+
+    /// The state of `path` to judge from what inspecting it for `want` gave.
+    pub(super) fn settle(
+        &self,
+        path: &Path,
+        want: &[Attribute],
+        result: Inspected,
+        out: &mut Outcome,
+    ) -> Option<FileAttributes> {
+        match result {
+            Ok(Some(mut a)) => {
+                if want.contains(&Attribute::Mount) {
+                    a.mount = self.mounts.as_ref().and_then(|t| t.covering(path)).cloned();
+                }
+                Some(a)
+            }
+            Ok(None) => None,
+            Err(err) => {
+                debug!(path = %host_path(path), %err, "skipped");
+                out.errors.push(ScanError {
+                    path: host_path(path),
+                    reason: err.to_string(),
+                });
+                // Unreadable now: keep the baseline as it is, report nothing.
+                self.baseline.approved(&host_path(path))
+            }
+        }
+    }
+
+    /// Compares one path with the baseline and collects the changes to report.
+    pub(super) fn judge(
+        &mut self,
+        key: &str,
+        path: &Path,
+        current: Option<FileAttributes>,
+        owners: &[&Entry],
+        source: DetectionSource,
+        out: &mut Outcome,
+    ) {
+        let mut established: Vec<&Entry> = Vec::new();
+        for o in owners.iter().filter(|o| {
+            self.baseline
+                .is_established(&o.owner.policy, &o.owner.entry)
+        }) {
+            // One report per policy: its most specific entry (deepest base).
+            match established
+                .iter_mut()
+                .find(|e| e.owner.policy == o.owner.policy)
+            {
+                Some(e) if o.base.components().count() > e.base.components().count() => *e = o,
+                Some(_) => {}
+                None => established.push(o),
+            }
+        }
+        if established.is_empty() {
+            // Only new entries watch it: what exists now is their baseline, silently.
+            self.baseline.establish_path(key, current);
+            return;
+        }
+        let approved = self.baseline.approved(key);
+        if approved == current {
+            self.baseline.settled(key);
+            return;
+        }
+        if let (Some(a), Some(c)) = (&approved, &current)
+            && let Some(unmeasured) = without_late_attributes(a, c)
+        {
+            if unmeasured == *a {
+                // A state approved before these attributes were measured,
+                // unchanged since: their values now are its baseline, as for a
+                // new entry.
+                self.baseline.adopt(key, c.clone());
+                return;
+            }
+            if !self.list_reported
+                && self.baseline.reported(key).as_deref()
+                    == Some(state_digest(Some(&unmeasured)).as_str())
+            {
+                return; // reported before these attributes were measured
+            }
+        }
+        let digest = state_digest(current.as_ref());
+        if !self.list_reported && self.baseline.reported(key).as_deref() == Some(digest.as_str()) {
+            return; // already reported
+        }
+        let category = match (&approved, &current) {
+            (None, Some(_)) => ChangeCategory::Added,
+            (Some(_), None) => ChangeCategory::Removed,
+            _ => ChangeCategory::Modified,
+        };
+        // A directory's own entry changes (mtime of /etc at each file change)
+        // are noise: only its mode, owner and type count. A directory that
+        // appears or goes is reported like a file (a hidden directory is how
+        // payloads hide).
+        let now = Timestamp::now();
+        let mut reported = false;
+        for o in established {
+            let mut attrs = o.attributes.clone();
+            if is_dir(current.as_ref()) || is_dir(approved.as_ref()) {
+                attrs.retain(|a| DIR_ATTRS.contains(a));
+            }
+            let changed = match (&approved, &current) {
+                (Some(a), Some(c)) => {
+                    let mut d = differing(a, c, &attrs);
+                    if o.grow_only && self.grew_keeping_prefix(path, a, c) {
+                        d.retain(|x| {
+                            !matches!(
+                                x,
+                                Attribute::Hash
+                                    | Attribute::Size
+                                    | Attribute::Mtime
+                                    | Attribute::Ctime
+                            )
+                        });
+                    }
+                    if d.is_empty() {
+                        continue;
+                    }
+                    d
+                }
+                _ => Vec::new(),
+            };
+            let source = if self.resumed.contains(&o.owner.policy) {
+                DetectionSource::Startup
+            } else {
+                source
+            };
+            reported = true;
+            out.changes.push(FileChangeSpec {
+                node: self.node.clone(),
+                policy: o.owner.policy.clone(),
+                entry: o.owner.entry.clone(),
+                path: key.to_string(),
+                category,
+                changed_attributes: changed,
+                before: approved.as_ref().map(|a| project(a, &o.attributes)),
+                after: current.as_ref().map(|c| project(c, &o.attributes)),
+                detected_time: MicroTime(now),
+                source,
+                process: None,
+                summary: None,
+            });
+        }
+        if reported {
+            out.epochs.insert(key.to_string(), self.baseline.epoch(key));
+        }
+        // Marked even when no entry found a difference worth a report (a
+        // directory's mtime): judged once per state.
+        out.marks.push((key.to_string(), digest));
+    }
+
+    /// Step 4 of the reporting protocol: the changes of `outcome` are safely
+    /// queued, so their states are marked reported.
+    pub fn mark_reported(&mut self, outcome: &Outcome) {
+        for (key, digest) in &outcome.marks {
+            self.baseline.mark_reported(key, digest.clone());
+        }
+    }
+
+    pub(super) fn grew_keeping_prefix(
+        &self,
+        path: &Path,
+        old: &FileAttributes,
+        new: &FileAttributes,
+    ) -> bool {
+        match (old.size, new.size, &old.hash) {
+            (Some(o), Some(n), Some(h)) if n >= o => {
+                self.root.hash_prefix(path, o).is_ok_and(|p| &p == h)
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    use crate::engine::Approved;
+    use crate::engine::tests::*;
+    #[test]
+    fn baseline_then_changes_reported_once_until_approved() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
+        std::fs::write(root.path().join("etc/old"), "o").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        assert!(
+            scan(&mut e, DetectionSource::Startup).changes.is_empty(),
+            "first scan is the baseline"
+        );
+
+        std::fs::write(root.path().join("etc/hosts"), "bb").unwrap();
+        std::fs::write(root.path().join("etc/new"), "n").unwrap();
+        std::fs::remove_file(root.path().join("etc/old")).unwrap();
+        let o = scan(&mut e, DetectionSource::Scan);
+        let d = describe(&o);
+        let hosts = o
+            .changes
+            .iter()
+            .find(|c| c.path == "/etc/hosts")
+            .and_then(|c| c.after.clone());
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(d[0].starts_with("Added /etc/new"), "{d:?}");
+        assert!(d[1].starts_with("Modified /etc/hosts"), "{d:?}");
+        assert!(d[1].contains("Hash") && d[1].contains("Size"), "{d:?}");
+        assert!(d[2].starts_with("Removed /etc/old"), "{d:?}");
+        assert!(
+            scan(&mut e, DetectionSource::Scan).changes.is_empty(),
+            "reported once"
+        );
+
+        assert!(matches!(
+            e.approve("/etc/hosts", hosts.as_ref()),
+            Approved::Applied
+        ));
+        std::fs::set_permissions(
+            root.path().join("etc/hosts"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let d = describe(&scan(&mut e, DetectionSource::Scan));
+        assert_eq!(d, ["Modified /etc/hosts [Mode]"]);
+    }
+
+    #[test]
+    fn an_editor_rename_over_is_one_modified() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(false)]);
+        scan(&mut e, DetectionSource::Startup);
+        std::fs::write(root.path().join("etc/.hosts.swp"), "new").unwrap();
+        std::fs::rename(
+            root.path().join("etc/.hosts.swp"),
+            root.path().join("etc/hosts"),
+        )
+        .unwrap();
+        let paths = BTreeSet::from([PathBuf::from("etc/.hosts.swp"), PathBuf::from("etc/hosts")]);
+        let (o, _) = e.rescan(&paths, DetectionSource::Realtime);
+        e.mark_reported(&o);
+        let d = describe(&o);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].starts_with("Modified /etc/hosts"));
+    }
+
+    #[test]
+    fn new_entries_baseline_silently_and_unreadable_files_are_reported_and_skipped() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc/deep/er")).unwrap();
+        std::fs::write(root.path().join("etc/deep/er/f"), "x").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        scan(&mut e, DetectionSource::Startup);
+        // A loop below a monitored directory does not stop the scan.
+        std::os::unix::fs::symlink("l2", root.path().join("etc/l1")).unwrap();
+        std::os::unix::fs::symlink("l1", root.path().join("etc/l2")).unwrap();
+        std::fs::write(root.path().join("etc/deep/er/g"), "y").unwrap();
+        let o = scan(&mut e, DetectionSource::Scan);
+        let d = describe(&o);
+        assert!(
+            d.iter().any(|c| c.starts_with("Added /etc/deep/er/g")),
+            "{d:?}"
+        );
+        assert!(d.iter().any(|c| c.starts_with("Added /etc/l1")), "{d:?}");
+    }
+
+    #[test]
+    fn a_new_hard_link_shows_on_the_file_itself() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let bin = root.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(root.path().join("var/tmp")).unwrap();
+        std::fs::write(bin.join("sudo"), "sudo").unwrap();
+        std::fs::set_permissions(bin.join("sudo"), std::fs::Permissions::from_mode(0o4755))
+            .unwrap();
+        let mut e = engine(
+            root.path(),
+            state.path(),
+            vec![usr_bin(Vec::new()), etc(true)],
+        );
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        scan(&mut e, DetectionSource::Startup);
+
+        // A second name, where no entry looks: the binary itself changed.
+        std::fs::hard_link(bin.join("sudo"), root.path().join("var/tmp/.s")).unwrap();
+        // A new subdirectory moves its parent's link count: only the
+        // subdirectory is reported.
+        std::fs::create_dir(root.path().join("etc/sub")).unwrap();
+        let o = scan(&mut e, DetectionSource::Scan);
+        assert_eq!(
+            describe(&o),
+            ["Added /etc/sub []", "Modified /usr/bin/sudo [Links]"]
+        );
+        let sudo = o
+            .changes
+            .iter()
+            .find(|c| c.path == "/usr/bin/sudo")
+            .unwrap();
+        assert_eq!(sudo.before.as_ref().and_then(|b| b.links), Some(1));
+        assert_eq!(sudo.after.as_ref().and_then(|a| a.links), Some(2));
+        let sub = o.changes.iter().find(|c| c.path == "/etc/sub").unwrap();
+        assert_eq!(sub.after.as_ref().and_then(|a| a.links), None);
+    }
+
+    #[test]
+    fn a_baseline_from_before_link_counts_upgrades_without_a_report() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let bin = root.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("sudo"), "sudo").unwrap();
+        std::fs::write(bin.join("su"), "su").unwrap();
+        // What an agent that did not measure link counts compared by default.
+        let before: Vec<Attribute> = AttributeProfile::Full
+            .attributes()
+            .iter()
+            .copied()
+            .filter(|a| *a != Attribute::Links)
+            .collect();
+        let mut old = engine(root.path(), state.path(), vec![usr_bin(before)]);
+        scan(&mut old, DetectionSource::Startup);
+        // A change reported (and not yet approved) by the old agent.
+        std::fs::write(bin.join("su"), "evil su").unwrap();
+        assert_eq!(scan(&mut old, DetectionSource::Scan).changes.len(), 1);
+        let on_disk = old.save().unwrap();
+        let digests = old.entry_digests();
+        drop(old);
+
+        let mut new = engine(root.path(), state.path(), vec![usr_bin(Vec::new())]);
+        // Nothing for the cluster to tell from what it last saw.
+        assert_eq!(new.entry_digests(), digests);
+        assert_eq!(new.loaded_digest(), Some(on_disk.as_str()));
+        let o = scan(&mut new, DetectionSource::Startup);
+        assert_eq!(describe(&o), Vec::<String>::new(), "no flood on upgrade");
+        new.save().unwrap();
+        // The unchanged binary's count is its baseline now.
+        std::fs::hard_link(bin.join("sudo"), root.path().join("usr/.s")).unwrap();
+        let o = scan(&mut new, DetectionSource::Scan);
+        assert_eq!(describe(&o), ["Modified /usr/bin/sudo [Links]"]);
+        // The changed one is compared on its count once approved again.
+        let su = o.changes.iter().find(|c| c.path == "/usr/bin/su");
+        assert!(su.is_none());
+    }
+}

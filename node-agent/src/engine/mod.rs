@@ -1,0 +1,316 @@
+//! The detection engine: walks what the policies monitor, inspects each path
+//! once whatever the number of policies watching it (hashing is the host
+//! root's, [`crate::hostfs`]), compares with the approved baseline and
+//! produces one change per policy entry that cares.
+//!
+//! The baseline holds the *approved* state. A difference is reported once (its
+//! digest is remembered) and stays a difference until an approver approves the
+//! reported state (and the file is still in it), or until the file returns to
+//! its approved state.
+//!
+//! By responsibility:
+//! - [`diff`] — the pure comparison of two states ([`differing`]) and the
+//!   projection of a state on the attributes an entry compares.
+//! - [`walk`] — the parallel walk of a full scan and its batches.
+//! - [`judge`] — one path against the baseline; real-time re-examinations.
+//! - [`approve`] — approvals.
+//! - [`entry_digest`] — the per-entry digests (and their earlier format).
+//! - [`mount_tracking`] — the host's mount table and what its changes touch.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kube_fim_crds::{EntryDigest, FileChangeSpec, FileIntegrityPolicySpec};
+use thiserror::Error;
+
+use crate::baseline::{Baseline, BaselineError, Journal, StateDir};
+use crate::hostfs::HostRoot;
+use crate::metrics::Progress;
+use crate::mounts::{MountSource, MountTable};
+use crate::plan::{Plan, PlanError};
+
+mod approve;
+mod diff;
+mod entry_digest;
+mod judge;
+mod mount_tracking;
+#[cfg(test)]
+mod tests;
+mod walk;
+
+pub use approve::Approved;
+pub use diff::differing;
+
+use entry_digest::EntrySums;
+
+/// Engine errors (per-file trouble is not an error: it is reported and skipped).
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Baseline(#[from] BaselineError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("host root {path}: {source}")]
+    Root {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A file that could not be inspected, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanError {
+    pub path: String,
+    pub reason: String,
+}
+
+/// Result of a scan.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub changes: Vec<FileChangeSpec>,
+    /// Epoch of each reported path (part of its reports' names).
+    pub epochs: BTreeMap<String, u64>,
+    /// Differences to mark reported once the changes are safely queued
+    /// ([`Engine::mark_reported`]): path and state digest.
+    marks: Vec<(String, String)>,
+    pub errors: Vec<ScanError>,
+    /// Paths inspected.
+    pub files: usize,
+    /// Bytes read for hashing.
+    pub bytes: u64,
+}
+
+/// One policy as the engine serves it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyInput {
+    pub generation: Option<i64>,
+    pub spec: FileIntegrityPolicySpec,
+}
+
+/// The engine of one node.
+pub struct Engine {
+    root: HostRoot,
+    state: StateDir,
+    node: String,
+    baseline: Baseline,
+    /// Digest of the baseline as found on disk at start (before any write).
+    loaded_digest: Option<String>,
+    /// Policies served again after a pause with their baseline kept: their
+    /// differences found by the next scan are reported as `Startup`.
+    resumed: BTreeSet<String>,
+    /// Policies that could not be compiled, with why (not served).
+    failed: BTreeMap<String, String>,
+    /// Whether policies were set before in this run.
+    policies_set: bool,
+    /// Shared so a scan can borrow it while it updates the baseline.
+    plan: Arc<Plan>,
+    policies: BTreeMap<String, PolicyInput>,
+    /// Entry digests the cluster last saw, to compare after the first scan.
+    known_entries: Option<Vec<EntryDigest>>,
+    /// The per-entry digests, kept up to date with the baseline's changes.
+    entry_sums: Mutex<Option<EntrySums>>,
+    /// Stamped file by file, so a long scan is not taken for a stall.
+    progress: Progress,
+    /// Directories seen by the last walk (for real-time watches).
+    dirs: BTreeSet<PathBuf>,
+    /// The host's mount table: where it is read, as last read (for
+    /// inspections), and as last compared (see [`Engine::mounts_changed`]).
+    mount_source: MountSource,
+    mounts: Option<MountTable>,
+    mounts_compared: Option<MountTable>,
+    /// Files each policy monitors (last scan).
+    pub files_per_policy: BTreeMap<String, usize>,
+    /// Distinct files monitored (last scan).
+    pub files_total: usize,
+    pub last_errors: Vec<ScanError>,
+    /// List every difference from the approved baseline, even those already
+    /// reported (`check` reports the state; it does not deliver).
+    pub list_reported: bool,
+    /// Write nothing (`check`): the scan's bookkeeping stays in memory.
+    pub dry_run: bool,
+}
+
+impl Engine {
+    /// Opens the host root and the baseline in `state` (if any).
+    pub fn open(root: &Path, state: &Path, node: &str) -> Result<Self, EngineError> {
+        Self::open_with(root, state, node, true)
+    }
+
+    /// Opens the host root with an empty baseline, ignoring (and later
+    /// replacing) whatever is in `state`, even a damaged file.
+    pub fn open_fresh(root: &Path, state: &Path, node: &str) -> Result<Self, EngineError> {
+        Self::open_with(root, state, node, false)
+    }
+
+    fn open_with(root: &Path, state: &Path, node: &str, load: bool) -> Result<Self, EngineError> {
+        let root = HostRoot::open(root).map_err(|source| EngineError::Root {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        let loaded = if load { Baseline::load(state)? } else { None };
+        let (baseline, loaded_digest) = match loaded {
+            Some((b, d)) => (b, Some(d)),
+            None => (Baseline::create(state)?, None),
+        };
+        Ok(Engine {
+            mount_source: MountSource::of_host(root.path()),
+            mounts: None,
+            mounts_compared: None,
+            root,
+            state: StateDir::new(state),
+            node: node.to_string(),
+            baseline,
+            loaded_digest,
+            resumed: BTreeSet::new(),
+            policies_set: false,
+            failed: BTreeMap::new(),
+            progress: Progress::default(),
+            known_entries: None,
+            entry_sums: Mutex::default(),
+            plan: Arc::default(),
+            policies: BTreeMap::new(),
+            dirs: BTreeSet::new(),
+            files_per_policy: BTreeMap::new(),
+            files_total: 0,
+            last_errors: Vec::new(),
+            list_reported: false,
+            dry_run: false,
+        })
+    }
+
+    /// Threads a scan hashes on (at least 1; default: the CPU budget).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.root.set_threads(threads);
+    }
+
+    /// The host root directory.
+    pub fn root_path(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Whether a baseline existed when the engine started.
+    pub fn had_baseline(&self) -> bool {
+        self.loaded_digest.is_some()
+    }
+
+    /// Digest of the baseline as found on disk at start.
+    pub fn loaded_digest(&self) -> Option<&str> {
+        self.loaded_digest.as_deref()
+    }
+
+    /// The baseline (read-only: its rules are its own methods).
+    pub fn baseline(&self) -> &Baseline {
+        &self.baseline
+    }
+
+    /// After the first scan, compare the entry digests with these (what the
+    /// cluster last saw) and report what differs (a lost or replaced baseline).
+    pub fn compare_first_scan_with(&mut self, known: Vec<EntryDigest>) {
+        self.known_entries = Some(known);
+    }
+
+    /// The comparison asked for by [`Engine::compare_first_scan_with`], once.
+    pub fn take_known_entries(&mut self) -> Option<Vec<EntryDigest>> {
+        self.known_entries.take()
+    }
+
+    /// Shares the progress stamp `/healthz` reads.
+    pub fn set_progress(&mut self, progress: Progress) {
+        self.progress = progress;
+    }
+
+    /// The journal of baseline digests of the state directory.
+    pub fn journal(&self) -> Journal {
+        Journal::new(self.state.path())
+    }
+
+    /// Policies left out because they cannot be compiled, with why.
+    pub fn failed(&self) -> &BTreeMap<String, String> {
+        &self.failed
+    }
+
+    /// The policies served.
+    pub fn policies(&self) -> &BTreeMap<String, PolicyInput> {
+        &self.policies
+    }
+
+    /// Replaces the served policies (takes effect at the next scan). A policy
+    /// that cannot be compiled is left out alone (see [`Engine::failed`]), the
+    /// others are served; its error is returned after the others are applied.
+    pub fn set_policies(
+        &mut self,
+        policies: BTreeMap<String, PolicyInput>,
+    ) -> Result<(), EngineError> {
+        let mut first_error = None;
+        self.failed.clear();
+        let mut policies = policies;
+        policies.retain(|name, p| {
+            match Plan::new(&BTreeMap::from([(name.clone(), p.spec.clone())])) {
+                Ok(_) => true,
+                Err(e) => {
+                    self.failed.insert(name.clone(), e.to_string());
+                    first_error.get_or_insert(e);
+                    false
+                }
+            }
+        });
+        let specs: BTreeMap<String, FileIntegrityPolicySpec> = policies
+            .iter()
+            .map(|(k, v)| (k.clone(), v.spec.clone()))
+            .collect();
+        self.plan = Arc::new(Plan::new(&specs)?);
+        // A policy that stops being served keeps its baseline; served again,
+        // every difference since is reported.
+        // (The first policies of a run need no mark: the caller scans them as
+        // `Startup` when a baseline was found.)
+        if self.policies_set {
+            for name in policies.keys() {
+                if !self.policies.contains_key(name) && self.baseline.knows_policy(name) {
+                    self.resumed.insert(name.clone());
+                }
+            }
+        }
+        self.policies_set = true;
+        self.policies = policies;
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the baseline; returns its digest.
+    pub fn save(&mut self) -> Result<String, EngineError> {
+        Ok(self.baseline.save()?)
+    }
+
+    /// Compacts the baseline's store if it has grown well beyond its records
+    /// (after a full scan: it reads the whole store); its size before and
+    /// after, if compacted.
+    pub fn compact_baseline(&mut self) -> Result<Option<(u64, u64)>, EngineError> {
+        Ok(self.baseline.compact_if_bloated()?)
+    }
+
+    /// The smallest debounce and scan interval among the policies.
+    pub fn timing(&self) -> (std::time::Duration, std::time::Duration) {
+        use kube_fim_crds::duration::parse_duration;
+        let debounce = self
+            .policies
+            .values()
+            .filter_map(|p| parse_duration(&p.spec.debounce).ok())
+            .min()
+            .unwrap_or(std::time::Duration::from_secs(2));
+        let scan = self
+            .policies
+            .values()
+            .filter_map(|p| parse_duration(&p.spec.scan_interval).ok())
+            .min()
+            .unwrap_or(std::time::Duration::from_secs(3600));
+        (debounce, scan)
+    }
+
+    /// Files monitored by one policy (last scan).
+    pub fn files_of(&self, policy: &str) -> usize {
+        self.files_per_policy.get(policy).copied().unwrap_or(0)
+    }
+}

@@ -1,0 +1,497 @@
+//! The parallel walk of a full scan: one directory at a time, depth first,
+//! its entries on disk merged with the baseline's records of its children.
+//! Paths are planned (which entries own them, wanting what), inspected and
+//! their records read ahead in batches on the scan's threads
+//! ([`plan_batch`]), up to [`SCAN_AHEAD`] batches ahead of the judgement,
+//! which goes in the order the walk found them.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use k8s_openapi::jiff::Timestamp;
+use kube_fim_crds::{Attribute, DetectionSource};
+use rayon::prelude::*;
+use tracing::warn;
+
+use super::{Engine, Outcome, ScanError};
+use crate::baseline::{Prefetched, Snapshot};
+use crate::hostfs::{HostRoot, InspectError, Inspected, Item, Job};
+use crate::paths::{escape, host_path, unescape};
+use crate::plan::{Entry, Plan};
+
+/// A path a scan reaches, and what is known of it.
+#[derive(Clone, Debug)]
+pub(super) struct Node {
+    path: PathBuf,
+    /// Listed by its directory: `Some(true)` for a directory.
+    listed: Option<bool>,
+    /// The baseline has a record of the path / records below it.
+    known: bool,
+    below: bool,
+}
+
+/// Files counted by a scan.
+#[derive(Default)]
+pub(super) struct Tally {
+    per_policy: BTreeMap<String, usize>,
+    total: usize,
+}
+
+impl Tally {
+    fn count(&mut self, owners: &[&Entry]) {
+        self.total += 1;
+        let mut counted = BTreeSet::new();
+        for o in owners {
+            if counted.insert(&o.owner.policy) {
+                *self.per_policy.entry(o.owner.policy.clone()).or_default() += 1;
+            }
+        }
+    }
+}
+
+/// Whether the scan judges the path (if an entry owns it): found on disk,
+/// known to the baseline, or an entry's base.
+pub(super) fn candidate(plan: &Plan, node: &Node) -> bool {
+    node.listed.is_some() || node.known || is_base(plan, &node.path)
+}
+
+pub(super) fn is_base(plan: &Plan, path: &Path) -> bool {
+    plan.entries.iter().any(|e| e.base == path)
+}
+
+/// Whether an entry lists the directory's entries on disk: its own base, or a
+/// directory its recursion covers.
+pub(super) fn lists(plan: &Plan, node: &Node) -> bool {
+    is_base(plan, &node.path)
+        || (node.listed == Some(true)
+            && plan
+                .entries
+                .iter()
+                .any(|e| e.recursive && e.covers(&node.path)))
+}
+
+/// Whether the scan goes below the path: listed, known below, or on the way to
+/// a deeper entry's base.
+pub(super) fn descends(plan: &Plan, node: &Node) -> bool {
+    node.below
+        || lists(plan, node)
+        || plan
+            .entries
+            .iter()
+            .any(|e| e.base != node.path && e.base.starts_with(&node.path))
+}
+
+/// Paths inspected together on the scan's threads before being judged.
+pub(super) const SCAN_BATCH: usize = 2048;
+
+/// Batches on the scan's threads ahead of the one being judged.
+pub(super) const SCAN_AHEAD: usize = 1;
+
+/// A path to judge, as planned on the scan's threads: its key, its owners
+/// (indices of plan entries), the attributes they want, its record read
+/// ahead.
+pub(super) struct Todo {
+    path: PathBuf,
+    key: String,
+    owners: Vec<usize>,
+    want: Arc<[Attribute]>,
+    record: Option<Prefetched>,
+}
+
+/// A batch planned and inspected on the scan's threads.
+pub(super) struct Planned {
+    todo: Vec<Todo>,
+    inspected: Vec<Inspected>,
+    hashed: u64,
+}
+
+/// A batch of paths on the scan's threads ([`HostRoot::spawn`]): of the walked
+/// nodes, those some entry monitors, with their owners and the attributes
+/// wanted, inspected, their baseline records read ahead from `snapshot`.
+pub(super) struct Spawned {
+    job: Job<Planned>,
+}
+
+impl Spawned {
+    fn new(
+        root: &HostRoot,
+        plan: &Arc<Plan>,
+        nodes: Vec<Node>,
+        snapshot: Option<Snapshot>,
+    ) -> Self {
+        let plan = Arc::clone(plan);
+        let job =
+            root.spawn(move |root, parallel| plan_batch(root, parallel, &plan, nodes, snapshot));
+        Spawned { job }
+    }
+}
+
+/// Plans a batch (which paths, owned by which entries, wanting what), then
+/// inspects its paths and reads their records, on the scan's threads.
+pub(super) fn plan_batch(
+    root: &HostRoot,
+    parallel: bool,
+    plan: &Plan,
+    nodes: Vec<Node>,
+    snapshot: Option<Snapshot>,
+) -> Planned {
+    let mut todo = Vec::with_capacity(nodes.len());
+    // Which entries own each path, and its key: on every scan thread.
+    let owned = |node: &Node| -> (Vec<usize>, String) {
+        let owners: Vec<usize> = plan
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.covers(&node.path))
+            .map(|(i, _)| i)
+            .collect();
+        let key = if owners.is_empty() {
+            String::new()
+        } else {
+            host_path(&node.path)
+        };
+        (owners, key)
+    };
+    let owned: Vec<(Vec<usize>, String)> = if parallel {
+        nodes.par_iter().with_min_len(64).map(owned).collect()
+    } else {
+        nodes.iter().map(owned).collect()
+    };
+    // Paths of one entry want the same attributes: shared.
+    let mut last: Option<(Vec<usize>, Arc<[Attribute]>)> = None;
+    for (node, (owners, key)) in nodes.into_iter().zip(owned) {
+        if owners.is_empty() {
+            continue;
+        }
+        let want = match &last {
+            Some((o, w)) if *o == owners => Arc::clone(w),
+            _ => {
+                let entries: Vec<&Entry> = owners.iter().map(|&i| &plan.entries[i]).collect();
+                let w: Arc<[Attribute]> = Plan::wanted(&entries).into();
+                last = Some((owners.clone(), Arc::clone(&w)));
+                w
+            }
+        };
+        todo.push(Todo {
+            key,
+            path: node.path,
+            owners,
+            want,
+            record: None,
+        });
+    }
+    let items: Vec<Item<'_>> = todo.iter().map(|t| Item::of(&t.path, &t.want)).collect();
+    let read = |t: &Todo| snapshot.as_ref().map(|s| s.read(&t.key));
+    let ((inspected, hashed), records): (_, Vec<Option<Prefetched>>) = if parallel {
+        rayon::join(
+            || root.run_batch(&items, true),
+            || todo.par_iter().with_min_len(64).map(read).collect(),
+        )
+    } else {
+        (
+            root.run_batch(&items, false),
+            todo.iter().map(read).collect(),
+        )
+    };
+    drop(items);
+    for (t, r) in todo.iter_mut().zip(records) {
+        t.record = r;
+    }
+    Planned {
+        todo,
+        inspected,
+        hashed,
+    }
+}
+
+impl Engine {
+    /// Directories to watch in real time (absolute paths).
+    pub fn watch_dirs(&self) -> Vec<PathBuf> {
+        let mut out: BTreeSet<PathBuf> = self.dirs.clone();
+        for e in &self.plan.entries {
+            // An exact file or a wildcard is watched through its directory.
+            let dir = if e.pattern.is_some() || self.dirs.contains(&e.base) {
+                e.base.clone()
+            } else {
+                e.base.parent().map(Path::to_path_buf).unwrap_or_default()
+            };
+            out.insert(dir);
+        }
+        out.into_iter().map(|d| self.root.path().join(d)).collect()
+    }
+
+    /// A full scan: every monitored path now, against the baseline. One
+    /// directory at a time, depth first: its entries on disk merged with the
+    /// baseline's records of its children, so memory holds a directory, never
+    /// the tree, and the changes are written in batches as the scan goes.
+    pub fn scan(&mut self, source: DetectionSource) -> Outcome {
+        let mut out = Outcome::default();
+        if self.plan.entries.is_empty() {
+            // Nothing served: keep the baseline as it is rather than forget it.
+            self.files_per_policy.clear();
+            self.files_total = 0;
+            return out;
+        }
+        self.mounts = self.mount_source.read();
+        if self.mounts_compared.is_none() {
+            self.mounts_compared = self.mounts.clone();
+        }
+        let plan = Arc::clone(&self.plan);
+        let mut tally = Tally::default();
+        self.dirs.clear();
+        // The bases no other base contains: the subtrees the scan visits.
+        let mut bases: Vec<&Path> = plan.entries.iter().map(|e| e.base.as_path()).collect();
+        bases.sort();
+        bases.dedup();
+        let roots: Vec<Node> = bases
+            .iter()
+            .filter(|b| !bases.iter().any(|o| o != *b && b.starts_with(o)))
+            .map(|b| Node {
+                path: b.to_path_buf(),
+                listed: None,
+                known: self.baseline.knows(&host_path(b)),
+                below: true,
+            })
+            .collect();
+        // Planned and inspected in parallel a batch at a time (across
+        // directories) on the scan threads, up to SCAN_AHEAD batches ahead of
+        // the judging, which goes in the order the walk found them. The
+        // records of a batch are read ahead with it unless the baseline was
+        // written while the previous batch was judged (they would be stale),
+        // or the scan hashes on one thread (then the slower one: this thread
+        // reads them in time).
+        let mut ahead: VecDeque<Spawned> = VecDeque::new();
+        // With nothing pending at the start, the scan writes only the paths
+        // it judged: what was read ahead stays current whatever it writes.
+        let unwritten = !self.baseline.has_pending();
+        let reads_ahead = self.root.threads() > 1;
+        let mut read_ahead = reads_ahead;
+        let mut batch: Vec<Node> = roots
+            .iter()
+            .filter(|n| candidate(&plan, n))
+            .cloned()
+            .collect();
+        let mut stack: Vec<Node> = roots.into_iter().rev().collect();
+        while let Some(node) = stack.pop() {
+            if !descends(&plan, &node) {
+                continue;
+            }
+            let children = self.children(&node, &plan, &mut out.errors);
+            batch.extend(children.iter().filter(|n| candidate(&plan, n)).cloned());
+            stack.extend(children.into_iter().rev());
+            if batch.len() >= SCAN_BATCH {
+                ahead.push_back(self.spawn(&plan, std::mem::take(&mut batch), read_ahead));
+                if ahead.len() > SCAN_AHEAD
+                    && let Some(next) = ahead.pop_front()
+                {
+                    let writes = self.baseline.writes();
+                    self.judge_nodes(next, &plan, unwritten, source, &mut out, &mut tally);
+                    if !self.dry_run
+                        && let Err(error) = self.baseline.flush_if_full()
+                    {
+                        warn!(%error, "could not write the baseline; changes kept in memory");
+                    }
+                    read_ahead = reads_ahead && (unwritten || self.baseline.writes() == writes);
+                }
+            }
+        }
+        ahead.push_back(self.spawn(&plan, batch, read_ahead));
+        for spawned in ahead {
+            self.judge_nodes(spawned, &plan, unwritten, source, &mut out, &mut tally);
+        }
+        if let Err(error) = self.baseline.finish_writing() {
+            warn!(%error, "could not write the baseline; changes kept in memory");
+        }
+        // Paths no served entry owns stay in the baseline: a policy served
+        // again later compares with them. Every planned entry is now
+        // established: later differences are reported.
+        let now = Timestamp::now();
+        for e in &plan.entries {
+            self.baseline.establish(&e.owner.policy, &e.owner.entry);
+        }
+        for (name, p) in &self.policies {
+            self.baseline.scanned(name, p.generation, now);
+        }
+        self.resumed.clear();
+        self.files_per_policy = tally.per_policy;
+        self.files_total = tally.total;
+        self.last_errors = out.errors.clone();
+        out.files = tally.total;
+        out
+    }
+
+    /// The children of a directory the scan descends into, in name order:
+    /// what is in it on disk (if an entry lists it), what the baseline knows
+    /// in it, and the way to the bases of entries deeper down.
+    pub(super) fn children(
+        &mut self,
+        node: &Node,
+        plan: &Plan,
+        errors: &mut Vec<ScanError>,
+    ) -> Vec<Node> {
+        let mut by_name: BTreeMap<String, Node> = BTreeMap::new();
+        if lists(plan, node) {
+            match self.root.list_dir(&node.path) {
+                Ok(children) => {
+                    self.dirs.insert(node.path.clone());
+                    for c in children {
+                        by_name.insert(
+                            escape(&c.name),
+                            Node {
+                                path: node.path.join(&c.name),
+                                listed: Some(c.is_dir),
+                                known: false,
+                                below: false,
+                            },
+                        );
+                    }
+                }
+                // Not a directory (a file, a symlink): nothing below.
+                Err(InspectError::Io(_)) | Err(InspectError::Loop) => {}
+                Err(err) => errors.push(ScanError {
+                    path: host_path(&node.path),
+                    reason: err.to_string(),
+                }),
+            }
+        }
+        for e in &plan.entries {
+            if let Ok(rest) = e.base.strip_prefix(&node.path)
+                && let Some(first) = rest.components().next()
+            {
+                let name = first.as_os_str();
+                by_name.entry(escape(name)).or_insert_with(|| Node {
+                    path: node.path.join(name),
+                    listed: None,
+                    known: false,
+                    below: false,
+                });
+            }
+        }
+        for (name, k) in self.baseline.children(&host_path(&node.path)) {
+            let n = by_name.entry(name).or_insert_with_key(|name| Node {
+                path: node.path.join(unescape(name)),
+                listed: None,
+                known: false,
+                below: false,
+            });
+            n.known = k.known;
+            n.below = k.below;
+        }
+        by_name.into_values().collect()
+    }
+
+    /// Hands the nodes of a batch to the scan's threads ([`plan_batch`]).
+    pub(super) fn spawn(&self, plan: &Arc<Plan>, nodes: Vec<Node>, read_ahead: bool) -> Spawned {
+        let snapshot = read_ahead.then(|| self.baseline.snapshot()).flatten();
+        Spawned::new(&self.root, plan, nodes, snapshot)
+    }
+
+    /// Judges, in order, the paths of a batch planned and inspected on the
+    /// scan's threads.
+    pub(super) fn judge_nodes(
+        &mut self,
+        batch: Spawned,
+        plan: &Plan,
+        unwritten: bool,
+        source: DetectionSource,
+        out: &mut Outcome,
+        tally: &mut Tally,
+    ) {
+        self.progress.beat();
+        let Some(planned) = batch.job.wait() else {
+            // Its paths keep their baseline; the next scan judges them.
+            out.errors.push(ScanError {
+                path: String::new(),
+                reason: "the scan thread stopped".into(),
+            });
+            return;
+        };
+        out.bytes += planned.hashed;
+        for (t, result) in planned.todo.into_iter().zip(planned.inspected) {
+            if let Some(record) = t.record {
+                self.baseline.prefetched(&t.key, record, unwritten);
+            }
+            let owners: Vec<&Entry> = t.owners.iter().map(|&i| &plan.entries[i]).collect();
+            let current = self.settle(&t.path, &t.want, result, out);
+            if current.is_some() {
+                tally.count(&owners);
+            }
+            self.judge(&t.key, &t.path, current, &owners, source, out);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::engine::tests::*;
+    #[test]
+    fn nested_deep_and_wildcard_entries_are_scanned_once_each() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let w = |p: &str, c: &str| {
+            let p = root.path().join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, c).unwrap();
+        };
+        w("etc/x", "x");
+        w("etc/a/b/c/d/f", "f");
+        w("etc/a/b/other", "o");
+        w("var/a.log", "l");
+        w("var/b.txt", "t");
+        let mut e = engine(
+            root.path(),
+            state.path(),
+            vec![
+                entry("etc", "/etc", false),
+                entry("deep", "/etc/a/b/c", true),
+                entry("logs", "/var/*.log", false),
+            ],
+        );
+        assert!(scan(&mut e, DetectionSource::Startup).changes.is_empty());
+        // etc, etc/x, etc/a; etc/a/b/c, its d and d/f; var/a.log.
+        assert_eq!(e.files_total, 7);
+
+        w("etc/a/b/c/d/new", "n");
+        w("etc/a/b/unwatched", "u");
+        w("var/new.log", "n");
+        w("var/new.txt", "n");
+        std::fs::remove_file(root.path().join("etc/x")).unwrap();
+        let d = describe(&scan(&mut e, DetectionSource::Scan));
+        assert_eq!(
+            d,
+            [
+                "Added /etc/a/b/c/d/new []",
+                "Added /var/new.log []",
+                "Removed /etc/x []"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_file_reports_what_was_below_it() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc/sub/deeper")).unwrap();
+        std::fs::write(root.path().join("etc/sub/deeper/f"), "f").unwrap();
+        std::fs::write(root.path().join("etc/sub-file"), "g").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        scan(&mut e, DetectionSource::Startup);
+        e.save().unwrap();
+        drop(e);
+        std::fs::remove_dir_all(root.path().join("etc/sub")).unwrap();
+        std::fs::write(root.path().join("etc/sub"), "now a file").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        let d = describe(&scan(&mut e, DetectionSource::Startup));
+        assert_eq!(
+            d,
+            [
+                "Modified /etc/sub [Type, Mode]",
+                "Removed /etc/sub/deeper []",
+                "Removed /etc/sub/deeper/f []"
+            ],
+        );
+    }
+}
