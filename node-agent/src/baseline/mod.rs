@@ -8,26 +8,26 @@
 //! that stops being served keeps its baseline.
 //!
 //! The rest, by responsibility:
-//! - [`store`] — the embedded database, keyed by host path. Nothing holds the
+//! - `store` — the embedded database, keyed by host path. Nothing holds the
 //!   whole baseline in memory: reads go through a small page cache
 //!   ([`CACHE_BYTES`]), changes are kept until [`Baseline::save`] (or a full
 //!   batch, [`Baseline::flush_if_full`]) writes them in one transaction.
-//! - [`read`] — reads of the committed state, one path or one directory at a
+//! - `read` — reads of the committed state, one path or one directory at a
 //!   time ([`Baseline::children`]), and snapshots a scan reads ahead from.
-//! - [`write_behind`] — a baseline being built is written on another thread
+//! - `write_behind` — a baseline being built is written on another thread
 //!   while the scan goes on.
-//! - [`digest`] — the published digest, a multiset hash kept up to date
+//! - `digest` — the published digest, a multiset hash kept up to date
 //!   record by record, so a save costs what it changes.
-//! - [`verify`] — at start the digest is recomputed from the records on as
+//! - `verify` — at start the digest is recomputed from the records on as
 //!   many threads as a scan hashes on: an edit made on the node while the
 //!   agent is down changes it and is noticed.
-//! - [`journal`] — every digest is journaled before it becomes the durable
+//! - `journal` — every digest is journaled before it becomes the durable
 //!   one, so a restart after a crash recognises its own unpublished baseline.
-//! - [`upgrade`] — the document of earlier versions and the store of version
+//! - `upgrade` — the document of earlier versions and the store of version
 //!   2 are migrated on start.
-//! - [`record`] — the binary encoding of one file's state (store version 3:
+//! - `record` — the binary encoding of one file's state (store version 3:
 //!   about 100 bytes a file, 190 bytes of disk with the B-tree).
-//! - [`state_dir`] — the one owner of the paths in the state directory.
+//! - `state_dir` — the one owner of the paths in the state directory.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};

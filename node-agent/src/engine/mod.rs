@@ -9,13 +9,13 @@
 //! its approved state.
 //!
 //! By responsibility:
-//! - [`diff`] — the pure comparison of two states ([`differing`]) and the
+//! - `diff` — the pure comparison of two states ([`differing`]) and the
 //!   projection of a state on the attributes an entry compares.
-//! - [`walk`] — the parallel walk of a full scan and its batches.
-//! - [`judge`] — one path against the baseline; real-time re-examinations.
-//! - [`approve`] — approvals.
-//! - [`entry_digest`] — the per-entry digests (and their earlier format).
-//! - [`mount_tracking`] — the host's mount table and what its changes touch.
+//! - `walk` — the parallel walk of a full scan and its batches.
+//! - `judge` — one path against the baseline; real-time re-examinations.
+//! - `approve` — approvals.
+//! - `entry_digest` — the per-entry digests (and their earlier format).
+//! - `mount_tracking` — the host's mount table and what its changes touch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
