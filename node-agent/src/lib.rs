@@ -7,11 +7,20 @@ pub mod attribution;
 pub mod baseline;
 pub mod budget;
 pub mod cluster;
+pub mod context;
 pub mod engine;
+#[cfg(test)]
+mod fixtures;
 pub mod hostfs;
-pub mod metrics;
+pub mod monitor;
 pub mod mounts;
 pub mod paths;
 pub mod plan;
 pub mod report;
-pub mod watch;
+pub mod served;
+pub mod telemetry;
+
+/// The engine's path to [`telemetry::Progress`], until the engine moves to it.
+pub mod metrics {
+    pub use crate::telemetry::Progress;
+}
