@@ -105,7 +105,7 @@ impl Attribution {
         rest
     }
 
-    /// Records the writer of a path that now waits for its rescan.
+    /// Notes the writer of a path that now waits for its rescan.
     pub fn note(&mut self, rel: PathBuf, writer: ProcessSnapshot) {
         match self.writers.get_mut(&rel) {
             Some((last, multiple)) => {

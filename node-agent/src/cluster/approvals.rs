@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::context::Context;
 use crate::monitor::{Answer, Control};
 
-/// An approver records that a change was expected (`status.approval`, which
+/// An approver says that a change was expected (`status.approval`, which
 /// the admission policy lets only holders of the approve verb write, in their
 /// own name). The agent makes the approved state (`spec.after`) its baseline
 /// only if the file is still in it; otherwise it approves nothing, reports the

@@ -153,7 +153,7 @@ impl Heartbeat {
         {
             warn!(%error, "could not trim the baseline journal");
         }
-        // An admin cleared the alarm: an act recorded on this object.
+        // An admin cleared the alarm: an act written on this object.
         let Some(alarm) = &self.alarm else {
             return false;
         };

@@ -262,7 +262,7 @@ impl ChangeEvents {
         match self.api.create(&params, &event).await {
             Ok(_) => self.book.created(key, name, now, at),
             Err(error) => {
-                // The FileChange is the record; the next change tries again.
+                // The FileChange is the evidence; the next change tries again.
                 self.telemetry.change_event_failed();
                 debug!(%error, "event not published");
             }
