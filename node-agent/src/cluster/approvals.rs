@@ -132,3 +132,53 @@ async fn judge(
     };
     Some(Verdict { outcome, message })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::fixtures;
+    use crate::report::object::to_object;
+
+    #[tokio::test]
+    async fn a_summary_approves_nothing_and_the_monitor_is_not_asked() {
+        let (control, mut asked) = mpsc::channel(1);
+        let mut change = to_object(fixtures::change("/etc/passwd"), 0);
+        change.spec.category = ChangeCategory::Summary;
+        let verdict = judge(&change, "alice", "n1", &control).await.unwrap();
+        assert_eq!(verdict.outcome, ApprovalOutcome::Superseded);
+        assert!(verdict.message.contains("approve their own changes"));
+        assert!(asked.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn an_approval_of_a_state_the_file_left_names_the_newer_change() {
+        let (control, mut asked) = mpsc::channel(1);
+        let monitor = tokio::spawn(async move {
+            let Some(Control::Approve { key, done, .. }) = asked.recv().await else {
+                panic!("no approval asked");
+            };
+            assert_eq!(key, "/etc/passwd");
+            let _ = done.send(Answer::Superseded(vec!["fc-newer".into()]));
+        });
+        let change = to_object(fixtures::change("/etc/passwd"), 0);
+        let verdict = judge(&change, "alice", "n1", &control).await.unwrap();
+        monitor.await.unwrap();
+        assert_eq!(verdict.outcome, ApprovalOutcome::Superseded);
+        assert!(
+            verdict
+                .message
+                .contains("its present state is reported as fc-newer"),
+            "{}",
+            verdict.message
+        );
+    }
+
+    #[tokio::test]
+    async fn no_verdict_once_the_monitor_is_gone() {
+        let (control, asked) = mpsc::channel(1);
+        drop(asked);
+        let change = to_object(fixtures::change("/etc/passwd"), 0);
+        assert!(judge(&change, "alice", "n1", &control).await.is_none());
+    }
+}
