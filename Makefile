@@ -30,10 +30,10 @@ build: ## Build every binary (debug)
 	$(CARGO) build --workspace --bins
 
 .PHONY: lint
-lint: fmt-check clippy ## fmt-check and clippy
+lint: fmt-check clippy layers ## fmt-check, clippy and the agent's module layers
 
 .PHONY: test
-test: deps fmt-check clippy unit e2e e2e-node ## Everything CI runs: fmt, clippy, unit, integration and real-node tests
+test: deps fmt-check clippy layers unit e2e e2e-node ## Everything CI runs: fmt, clippy, unit, integration and real-node tests
 
 .PHONY: deps
 deps: ## Install the Debian packages and Rust components the tests need (root; says what is missing otherwise)
@@ -51,6 +51,10 @@ fmt: ## Format the code
 clippy: ## cargo clippy, warnings are errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p kube-fim-e2e --test scale --test node -- -D warnings
+
+.PHONY: layers
+layers: ## Fail when a module of the agent imports one of a higher layer
+	node-agent/layers.sh
 
 .PHONY: unit
 unit: ## Unit tests and single-node tests (no control plane needed)

@@ -7,11 +7,15 @@ pub mod attribution;
 pub mod baseline;
 pub mod budget;
 pub mod cluster;
+pub mod context;
 pub mod engine;
+#[cfg(test)]
+mod fixtures;
 pub mod hostfs;
-pub mod metrics;
+pub mod monitor;
 pub mod mounts;
 pub mod paths;
 pub mod plan;
 pub mod report;
-pub mod watch;
+pub mod served;
+pub mod telemetry;

@@ -24,9 +24,9 @@ use kube::ResourceExt;
 use kube_fim_agent::baseline::StateDir;
 use kube_fim_agent::cluster::run::{RunConfig, run};
 use kube_fim_agent::engine::{Engine, PolicyInput};
-use kube_fim_agent::metrics::AgentMetrics;
+use kube_fim_agent::monitor::{self, Channels, Control, Settings, Snapshot};
 use kube_fim_agent::mounts::MountSource;
-use kube_fim_agent::watch::{Control, Snapshot, monitor};
+use kube_fim_agent::telemetry::Telemetry;
 use kube_fim_crds::validate::policy_from_yaml;
 use kube_fim_crds::{DetectionSource, FileChangeSpec};
 use tokio::sync::{mpsc, watch};
@@ -256,8 +256,8 @@ async fn watch_cmd(args: Standalone, output: Output, addr: SocketAddr) -> anyhow
     StateDir::create(&args.state)?;
     let mut engine = open_engine(&args)?;
     engine.set_policies(policies)?;
-    let metrics = AgentMetrics::new(&args.node_name)?;
-    let server = metrics.clone();
+    let telemetry = Telemetry::new(&args.node_name)?;
+    let server = telemetry.clone();
     tokio::spawn(async move {
         if let Err(e) = server.serve(addr).await {
             tracing::error!(%addr, error = %e, "metrics server");
@@ -276,14 +276,16 @@ async fn watch_cmd(args: Standalone, output: Output, addr: SocketAddr) -> anyhow
             let _ = done.send(());
         }
     });
-    monitor(
+    let channels = Channels {
+        control: control_rx,
+        out: batch_tx,
+        status: status_tx,
+    };
+    monitor::run(
         engine,
-        metrics,
-        control_rx,
-        batch_tx,
-        status_tx,
-        false,
-        None,
+        telemetry,
+        channels,
+        Settings::default(),
         shutdown_signal(),
     )
     .await;

@@ -14,8 +14,8 @@ use super::fanotify::{Listener, Notice};
 use super::pods::PodIndex;
 use super::process::ProcessSnapshot;
 use super::{AttributionState, Users, process_info};
-use crate::metrics::AgentMetrics;
 use crate::paths;
+use crate::telemetry::Telemetry;
 
 /// Attribution as the loop sees it.
 pub struct Attribution {
@@ -53,7 +53,7 @@ impl Attribution {
     }
 
     /// Starts or stops fanotify as the served policies want it.
-    pub fn want(&mut self, wanted: bool, metrics: &AgentMetrics) {
+    pub fn want(&mut self, wanted: bool, telemetry: &Telemetry) {
         match (wanted, self.listener.is_some()) {
             (true, false) => match Listener::start(&self.proc, self.tx.clone()) {
                 Ok(l) => {
@@ -90,27 +90,22 @@ impl Attribution {
             }
             (true, true) => {}
         }
-        metrics.set_attribution(&self.state);
+        telemetry.attribution_changed(self.state.active, self.state.reason_label);
     }
 
     /// Follows `dirs` through fanotify where it can; returns the others, for inotify.
-    pub fn sync(
-        &mut self,
-        root: &Path,
-        dirs: Vec<PathBuf>,
-        metrics: &AgentMetrics,
-    ) -> Vec<PathBuf> {
+    pub fn sync(&mut self, root: &Path, dirs: Vec<PathBuf>, telemetry: &Telemetry) -> Vec<PathBuf> {
         let Some(l) = self.listener.as_mut() else {
             return dirs;
         };
         let rest = l.sync(root, &dirs);
         self.state.marks = l.marks();
         self.state.dirs = l.followed();
-        metrics.fanotify_dirs.set(self.state.dirs as i64);
+        telemetry.fanotify_directories(self.state.dirs);
         rest
     }
 
-    /// Records the writer of a path that now waits for its rescan.
+    /// Notes the writer of a path that now waits for its rescan.
     pub fn note(&mut self, rel: PathBuf, writer: ProcessSnapshot) {
         match self.writers.get_mut(&rel) {
             Some((last, multiple)) => {
@@ -130,7 +125,7 @@ impl Attribution {
         &mut self,
         paths: &BTreeSet<PathBuf>,
         changes: &mut [FileChangeSpec],
-        metrics: &AgentMetrics,
+        telemetry: &Telemetry,
     ) {
         if self.writers.is_empty() {
             return;
@@ -143,7 +138,7 @@ impl Attribution {
                 .find_map(|a| self.writers.get(a).filter(|_| paths.contains(a)));
             if let Some((w, multiple)) = found {
                 let p = process_info(w, &mut self.users, self.pods.as_ref(), *multiple);
-                metrics.count_attributed(&c.policy, &p);
+                telemetry.change_attributed(&c.policy, &p);
                 c.process = Some(p);
             }
         }

@@ -14,18 +14,18 @@ use crate::attribution::AttributionState;
 
 use crate::report::deliver::FIELD_MANAGER;
 
-/// Creates the node's record if it does not exist yet; returns it.
+/// Creates the node's FileIntegrityNode if it does not exist yet; returns it.
 pub async fn ensure(
-    records: &Api<FileIntegrityNode>,
+    api: &Api<FileIntegrityNode>,
     node: &Node,
 ) -> Result<FileIntegrityNode, kube::Error> {
     let name = node.name_any();
-    if let Some(existing) = records.get_opt(&name).await? {
+    if let Some(existing) = api.get_opt(&name).await? {
         return Ok(existing);
     }
-    let mut record = FileIntegrityNode::new(&name, FileIntegrityNodeSpec { node: name.clone() });
+    let mut object = FileIntegrityNode::new(&name, FileIntegrityNodeSpec { node: name.clone() });
     if let Some(uid) = node.uid() {
-        record.metadata.owner_references = Some(vec![OwnerReference {
+        object.metadata.owner_references = Some(vec![OwnerReference {
             api_version: Node::api_version(&()).into_owned(),
             kind: Node::kind(&()).into_owned(),
             name: name.clone(),
@@ -37,18 +37,18 @@ pub async fn ensure(
         field_manager: Some(FIELD_MANAGER.into()),
         ..PostParams::default()
     };
-    match records.create(&params, &record).await {
+    match api.create(&params, &object).await {
         Ok(created) => Ok(created),
-        Err(kube::Error::Api(e)) if e.code == 409 => records.get(&name).await,
+        Err(kube::Error::Api(e)) if e.code == 409 => api.get(&name).await,
         Err(e) => Err(e),
     }
 }
 
-/// Replaces the record's status; returns the stored object. A JSON merge
+/// Replaces the node status; returns the stored object. A JSON merge
 /// patch replaces lists whole, so policies the agent no longer serves
-/// disappear from the record.
+/// disappear from it.
 pub async fn write(
-    records: &Api<FileIntegrityNode>,
+    api: &Api<FileIntegrityNode>,
     node: &str,
     status: &FileIntegrityNodeStatus,
 ) -> Result<FileIntegrityNode, kube::Error> {
@@ -67,12 +67,11 @@ pub async fn write(
             .or_insert(serde_json::Value::Null);
     }
     let patch = serde_json::json!({ "status": value });
-    records
-        .patch_status(node, &PatchParams::default(), &Patch::Merge(&patch))
+    api.patch_status(node, &PatchParams::default(), &Patch::Merge(&patch))
         .await
 }
 
-/// What the record says about process attribution: nothing when no served
+/// What the node status says about process attribution: nothing when no served
 /// policy asks for it.
 pub fn attribution(state: &AttributionState) -> Option<NodeAttribution> {
     if state.active {

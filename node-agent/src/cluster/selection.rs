@@ -3,51 +3,38 @@
 //! Taints and cordon never change it: they decide where agents run, and a
 //! running agent keeps monitoring through them.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Node;
-use kube::ResourceExt;
+use kube_fim_crds::FileIntegrityPolicy;
 use kube_fim_crds::selection::matches_labels;
 use kube_fim_crds::validate::validate_policy;
-use kube_fim_crds::{FileIntegrityPolicy, FileIntegrityPolicySpec};
 
-/// A policy the agent serves, as it applies it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Served {
-    pub generation: Option<i64>,
-    pub spec: FileIntegrityPolicySpec,
-}
+use crate::served::ServedPolicies;
 
-/// The policies among `policies` that `node` must serve, by name. Invalid
-/// policies (stored under an older schema) are skipped: the operator reports them.
+/// The policies among `policies` that `node` must serve. Invalid policies
+/// (stored under an older schema) are skipped: the operator reports them.
 pub fn served<'a>(
     node: &Node,
-    policies: impl IntoIterator<Item = &'a FileIntegrityPolicy>,
-) -> BTreeMap<String, Served> {
-    policies
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| validate_policy(p).is_ok())
-        .filter(|p| matches_labels(p, node))
-        .map(|p| {
-            (
-                p.name_any(),
-                Served {
-                    generation: p.metadata.generation,
-                    spec: p.spec.clone(),
-                },
-            )
-        })
-        .collect()
+    policies: impl IntoIterator<Item = &'a Arc<FileIntegrityPolicy>>,
+) -> ServedPolicies {
+    ServedPolicies::new(
+        policies
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| validate_policy(p).is_ok())
+            .filter(|p| matches_labels(p, node))
+            .cloned(),
+    )
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use kube_fim_crds::MonitoredPath;
+    use kube_fim_crds::{FileIntegrityPolicySpec, MonitoredPath};
 
-    fn policy(name: &str, path: &str, selector: &[(&str, &str)]) -> FileIntegrityPolicy {
+    fn policy(name: &str, path: &str, selector: &[(&str, &str)]) -> Arc<FileIntegrityPolicy> {
         let mut spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
             name: "e".into(),
             path: path.into(),
@@ -57,7 +44,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        FileIntegrityPolicy::new(name, spec)
+        Arc::new(FileIntegrityPolicy::new(name, spec))
     }
 
     #[test]
@@ -71,7 +58,7 @@ mod tests {
             policy("db", "/etc/passwd", &[("role", "db")]),
             policy("broken", "etc/passwd", &[]),
         ];
-        let names: Vec<String> = served(&node, &ps).into_keys().collect();
+        let names: Vec<String> = served(&node, &ps).names().map(String::from).collect();
         assert_eq!(names, ["all", "web"]);
     }
 
@@ -81,7 +68,7 @@ mod tests {
         let mut node = Node::default();
         node.metadata.name = Some("n".into());
         let ps = [policy("all", "/etc/passwd", &[])];
-        let before: Vec<String> = served(&node, &ps).into_keys().collect();
+        let before: Vec<String> = served(&node, &ps).names().map(String::from).collect();
         node.spec = Some(NodeSpec {
             unschedulable: Some(true),
             taints: Some(
@@ -100,7 +87,7 @@ mod tests {
             ),
             ..NodeSpec::default()
         });
-        let after: Vec<String> = served(&node, &ps).into_keys().collect();
+        let after: Vec<String> = served(&node, &ps).names().map(String::from).collect();
         assert_eq!(before, after);
         assert_eq!(after, ["all"]);
     }

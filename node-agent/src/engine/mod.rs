@@ -26,9 +26,9 @@ use thiserror::Error;
 
 use crate::baseline::{Baseline, BaselineError, Journal, StateDir};
 use crate::hostfs::HostRoot;
-use crate::metrics::Progress;
 use crate::mounts::{MountSource, MountTable};
 use crate::plan::{Plan, PlanError};
+use crate::telemetry::Progress;
 
 mod approve;
 mod diff;

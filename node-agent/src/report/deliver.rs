@@ -12,16 +12,13 @@ use std::time::Duration;
 
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube_fim_crds::FileChange;
-use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::object::shorten;
-use super::queue::Queue;
 use super::series::ChangeEvents;
-use crate::cluster::metrics::ClusterMetrics;
+use crate::context::Context;
 
 /// Field manager of the agent's writes.
 pub const FIELD_MANAGER: &str = "kube-fim-agent";
@@ -78,34 +75,56 @@ pub fn backoff(failures: u32) -> Duration {
 /// Longest text of a report re-sent after a refusal.
 const SHORT: usize = 512;
 
-/// Delivers the queue until `shutdown`.
-#[allow(clippy::too_many_arguments)]
-pub async fn run(
+/// What became of one report.
+enum Delivery {
+    /// The API server stores it (created now, or AlreadyExists).
+    Stored,
+    /// Refused even shortened: kept on the node, out of the queue.
+    Refused,
+    /// The shortened report did not get through: tried again with the next batch.
+    NotYet,
+    /// The API server is unreachable or failing: back off.
+    Failed(kube::Error),
+}
+
+/// The deliverer's state.
+struct Deliverer {
+    ctx: Arc<Context>,
     api: Api<FileChange>,
-    recorder: Recorder,
-    mut events: ChangeEvents,
-    node_ref: k8s_openapi::api::core::v1::ObjectReference,
-    queue: Arc<Mutex<Queue>>,
-    wake: Arc<Notify>,
-    metrics: ClusterMetrics,
+    params: PostParams,
+    events: ChangeEvents,
+    bucket: Bucket,
+    failures: u32,
+    /// Since when deliveries fail.
+    outage: Option<Instant>,
+}
+
+/// Delivers the queue until `shutdown`, creates paced by `limit`.
+pub async fn run(
+    ctx: Arc<Context>,
     limit: RateLimit,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let mut bucket = Bucket::new(limit);
-    let mut failures = 0u32;
-    let mut outage: Option<Instant> = None;
-    let params = PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..PostParams::default()
+    let mut d = Deliverer {
+        api: Api::all(ctx.client.clone()),
+        params: PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PostParams::default()
+        },
+        events: ChangeEvents::new(&ctx),
+        bucket: Bucket::new(limit),
+        failures: 0,
+        outage: None,
+        ctx,
     };
     loop {
         let batch = {
-            let mut q = queue.lock().await;
-            metrics.reports_queued.set(q.len() as i64);
+            let mut q = d.ctx.queue.lock().await;
+            d.ctx.telemetry.reports_queued(q.len());
             q.peek(32)
         };
-        let flush_at = events.flush(false).await;
+        let flush_at = d.events.flush(false).await;
         if batch.is_empty() {
             let flush = async {
                 match flush_at {
@@ -115,104 +134,197 @@ pub async fn run(
             };
             tokio::select! {
                 () = &mut shutdown => {
-                    events.flush(true).await;
+                    d.events.flush(true).await;
                     return;
                 }
-                () = wake.notified() => continue,
+                () = d.ctx.queued.notified() => continue,
                 () = flush => continue,
             }
         }
         for (seq, change) in batch {
             tokio::select! {
                 () = &mut shutdown => return,
-                () = bucket.take() => {},
+                () = d.bucket.take() => {},
             }
-            let delivered = match api.create(&params, &change).await {
-                Ok(stored) => {
-                    events.record(&stored).await;
-                    metrics.delivered.inc();
-                    true
+            match d.create(&change).await {
+                Delivery::Stored => d.stored(seq).await,
+                Delivery::Refused => {
+                    let mut q = d.ctx.queue.lock().await;
+                    q.reject(seq);
+                    d.ctx.telemetry.reports_queued(q.len());
                 }
-                Err(kube::Error::Api(e)) if e.code == 409 => {
-                    debug!(name = %change.name_any(), "already stored");
-                    true
-                }
-                Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
-                    // Too long or otherwise invalid: send it shortened, never drop it.
-                    metrics.api_errors.with_label_values(&["rejected"]).inc();
-                    warn!(name = %change.name_any(), path = %change.spec.path, error = %e.message, "the API server refused a change report; sending it shortened");
-                    let short = shorten(&change, SHORT);
-                    match api.create(&params, &short).await {
-                        Ok(stored) => {
-                            events.record(&stored).await;
-                            metrics.delivered.inc();
-                            true
-                        }
-                        Err(kube::Error::Api(e)) if e.code == 409 => true,
-                        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
-                            // Kept on the node (queue's rejected/) for the logs and forensics.
-                            warn!(name = %change.name_any(), error = %e.message, "a shortened report was refused too; kept on the node");
-                            let mut q = queue.lock().await;
-                            q.reject(seq);
-                            metrics.reports_queued.set(q.len() as i64);
-                            continue;
-                        }
-                        Err(error) => {
-                            debug!(%error, "shortened report not delivered yet");
-                            false
-                        }
-                    }
-                }
-                Err(error) => {
-                    metrics.api_errors.with_label_values(&["create"]).inc();
-                    failures += 1;
-                    outage.get_or_insert_with(Instant::now);
-                    let wait = backoff(failures);
-                    if failures == 1 || failures.is_multiple_of(10) {
-                        warn!(%error, ?wait, failures, "cannot deliver changes; they stay queued");
-                    }
+                Delivery::NotYet => {}
+                Delivery::Failed(error) => {
+                    let wait = d.failed(&error);
                     tokio::select! {
                         () = &mut shutdown => return,
                         () = tokio::time::sleep(wait) => {},
                     }
                     break;
                 }
-            };
-            if delivered {
-                if let Some(since) = outage.take() {
-                    let waited = since.elapsed().as_secs();
-                    let queued = queue.lock().await.len();
-                    info!(
-                        after_failures = failures,
-                        waited, "delivering changes again"
-                    );
-                    let event = Event {
-                        type_: EventType::Warning,
-                        reason: "APIUnreachable".into(),
-                        note: Some(format!(
-                            "could not deliver changes for {waited}s ({failures} failed attempts); they were kept on the node and are being delivered ({queued} waiting)"
-                        )),
-                        action: "Deliver".into(),
-                        secondary: None,
-                    };
-                    if let Err(error) = recorder.publish(&event, &node_ref).await {
-                        debug!(%error, "event not published");
-                    }
-                }
-                failures = 0;
-                let mut q = queue.lock().await;
-                if let Err(error) = q.ack(seq) {
-                    warn!(%error, "could not remove a delivered report from the queue");
-                }
-                metrics.reports_queued.set(q.len() as i64);
             }
         }
     }
 }
 
+impl Deliverer {
+    async fn create(&mut self, change: &FileChange) -> Delivery {
+        match self.api.create(&self.params, change).await {
+            Ok(stored) => {
+                self.events.publish(&stored).await;
+                self.ctx.telemetry.report_delivered();
+                Delivery::Stored
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                debug!(name = %change.name_any(), "already stored");
+                Delivery::Stored
+            }
+            Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
+                // Too long or otherwise invalid: send it shortened, never drop it.
+                self.ctx.telemetry.report_refused();
+                warn!(name = %change.name_any(), path = %change.spec.path, error = %e.message, "the API server refused a change report; sending it shortened");
+                self.create_shortened(change).await
+            }
+            Err(error) => Delivery::Failed(error),
+        }
+    }
+
+    async fn create_shortened(&mut self, change: &FileChange) -> Delivery {
+        let short = shorten(change, SHORT);
+        match self.api.create(&self.params, &short).await {
+            Ok(stored) => {
+                self.events.publish(&stored).await;
+                self.ctx.telemetry.report_delivered();
+                Delivery::Stored
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Delivery::Stored,
+            Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
+                // Kept on the node (queue's rejected/) for the logs and forensics.
+                warn!(name = %change.name_any(), error = %e.message, "a shortened report was refused too; kept on the node");
+                Delivery::Refused
+            }
+            Err(error) => {
+                debug!(%error, "shortened report not delivered yet");
+                Delivery::NotYet
+            }
+        }
+    }
+
+    /// The report `seq` is stored: it leaves the queue.
+    async fn stored(&mut self, seq: u64) {
+        if let Some(since) = self.outage.take() {
+            let waited = since.elapsed().as_secs();
+            let queued = self.ctx.queue.lock().await.len();
+            info!(
+                after_failures = self.failures,
+                waited, "delivering changes again"
+            );
+            self.ctx
+                .telemetry
+                .delivery_resumed(waited, self.failures, queued)
+                .await;
+        }
+        self.failures = 0;
+        let mut q = self.ctx.queue.lock().await;
+        if let Err(error) = q.ack(seq) {
+            warn!(%error, "could not remove a delivered report from the queue");
+        }
+        self.ctx.telemetry.reports_queued(q.len());
+    }
+
+    /// A create failed: how long to back off.
+    fn failed(&mut self, error: &kube::Error) -> Duration {
+        self.ctx.telemetry.report_failed();
+        self.failures += 1;
+        self.outage.get_or_insert_with(Instant::now);
+        let wait = backoff(self.failures);
+        if self.failures == 1 || self.failures.is_multiple_of(10) {
+            warn!(%error, ?wait, failures = self.failures, "cannot deliver changes; they stay queued");
+        }
+        wait
+    }
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::fixtures::{self, EVENTS, FILECHANGES, metric};
+    use crate::report::object::to_object;
+    use http::Method;
+
+    const LIMIT: RateLimit = RateLimit {
+        qps: 10.0,
+        burst: 10,
+    };
+
+    /// Queues one report and starts the deliverer; the sender stops it.
+    async fn deliverer(
+        a: &fixtures::Agent,
+    ) -> (
+        FileChange,
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let object = to_object(fixtures::change("/etc/passwd"), 0);
+        a.ctx.queue.lock().await.push(&object).unwrap();
+        let (stop, shutdown) = fixtures::shutdown();
+        let task = tokio::spawn(run(a.ctx.clone(), LIMIT, shutdown));
+        (object, stop, task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_report_is_delivered_once_after_the_api_server_fails() {
+        let mut a = fixtures::agent();
+        let (object, stop, task) = deliverer(&a).await;
+
+        let first = a.api.expect(Method::POST, FILECHANGES).await;
+        assert_eq!(first.body["metadata"]["name"], object.name_any().as_str());
+        first.fail(500, "InternalError");
+        // Backed off, then sent again under the same name.
+        let second = a.api.expect(Method::POST, FILECHANGES).await;
+        assert_eq!(second.body["metadata"]["name"], object.name_any().as_str());
+        second.created();
+        let event = a.api.expect(Method::POST, EVENTS).await;
+        assert_eq!(event.body["reason"], "FileModified");
+        event.created();
+
+        let later = a.api.quiet(Duration::from_secs(120)).await;
+        assert!(
+            !later.iter().any(|(_, path)| path == FILECHANGES),
+            "created again: {later:?}"
+        );
+        assert_eq!(a.ctx.queue.lock().await.len(), 0, "acknowledged");
+        let t = &a.ctx.telemetry;
+        let delivered = r#"kube_fim_agent_reports_delivered_total{node="n1"}"#;
+        assert_eq!(metric(t, delivered), Some(1.0));
+        let failed = r#"kube_fim_agent_api_errors_total{operation="create",node="n1"}"#;
+        assert_eq!(metric(t, failed), Some(1.0));
+        stop.send(true).unwrap();
+        let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
+        stopped.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_report_the_api_server_already_stores_leaves_the_queue_without_an_event() {
+        let mut a = fixtures::agent();
+        let (_, stop, task) = deliverer(&a).await;
+
+        // A crash after the create and before the acknowledgement: the same
+        // name meets AlreadyExists.
+        a.api
+            .expect(Method::POST, FILECHANGES)
+            .await
+            .fail(409, "AlreadyExists");
+        let later = a.api.quiet(Duration::from_secs(120)).await;
+        assert!(later.is_empty(), "{later:?}");
+        assert_eq!(a.ctx.queue.lock().await.len(), 0, "acknowledged");
+        let delivered = r#"kube_fim_agent_reports_delivered_total{node="n1"}"#;
+        assert_eq!(metric(&a.ctx.telemetry, delivered), Some(0.0));
+        stop.send(true).unwrap();
+        let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
+        stopped.unwrap();
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_is_capped() {

@@ -9,7 +9,7 @@
 //!    reported becomes a [`FileChangeSpec`] (nothing is marked yet).
 //! 2. **Hand over.** The monitoring loop passes the batch to the reporter with
 //!    [`hand_over`] and waits for its answer.
-//! 3. **Queue.** The reporter caps storms ([`storm`]), builds each object
+//! 3. **Queue.** The reporter ([`reporter`]) caps storms ([`storm`]), builds each object
 //!    with a deterministic name ([`object`]) and writes it to the durable queue
 //!    on the node ([`queue`], fsync + rename). Only then does it answer. A
 //!    write that fails (a full disk) is retried until it succeeds, with
@@ -38,24 +38,14 @@
 pub mod deliver;
 pub mod object;
 pub mod queue;
+pub mod reporter;
 pub mod series;
 pub mod storm;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
-
-use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
-use kube::runtime::reflector::Store;
-use kube_fim_crds::{FileChangeSpec, FileIntegrityPolicy};
-use tokio::sync::{Mutex, Notify, mpsc, oneshot};
-use tracing::warn;
+use kube_fim_crds::FileChangeSpec;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::Outcome;
-use crate::metrics::AgentMetrics;
-use queue::Queue;
-use storm::{StormGuard, Verdict};
 
 /// A detected change and the epoch of its path (part of its object's name).
 #[derive(Clone, Debug, PartialEq)]
@@ -91,122 +81,4 @@ pub async fn hand_over(out: &mpsc::Sender<Batch>, changes: Vec<Detected>) -> boo
         return false;
     }
     rx.await.is_ok()
-}
-
-/// Step 3: caps storms and queues every change durably, then answers.
-pub async fn reporter(
-    mut batches: mpsc::Receiver<Batch>,
-    queue: Arc<Mutex<Queue>>,
-    wake: Arc<Notify>,
-    policies: Store<FileIntegrityPolicy>,
-    metrics: AgentMetrics,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
-    let mut storms = StormGuard::default();
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        let summaries = |specs: Vec<FileChangeSpec>| {
-            specs
-                .into_iter()
-                .map(|spec| Detected { spec, epoch: 0 })
-                .collect::<Vec<_>>()
-        };
-        let (changes, done): (Vec<Detected>, Option<oneshot::Sender<()>>) = tokio::select! {
-            () = &mut shutdown => (summaries(storms.drain(Timestamp::now())), None),
-            b = batches.recv() => match b {
-                Some((c, d)) => (c, Some(d)),
-                None => (summaries(storms.drain(Timestamp::now())), None),
-            },
-            _ = tick.tick() => (summaries(storms.due(Timestamp::now())), None),
-        };
-        let finishing = done.is_none() && batches.is_closed();
-        let now = Timestamp::now();
-        // One look at the policy cache per batch, not per change (storms).
-        let served: BTreeMap<String, Arc<FileIntegrityPolicy>> = if changes.is_empty() {
-            BTreeMap::new()
-        } else {
-            policies
-                .state()
-                .into_iter()
-                .map(|p| (p.name_any(), p))
-                .collect()
-        };
-        for Detected {
-            spec: change,
-            epoch,
-        } in changes
-        {
-            let policy = served.get(&change.policy);
-            let cap = policy
-                .as_ref()
-                .map(|p| p.spec.max_changes_per_node_per_minute)
-                .unwrap_or(100);
-            let room = queue.lock().await.has_room();
-            let verdict = if change.summary.is_some() {
-                Verdict::Report
-            } else if !room {
-                // Never drop: a full queue folds into the summary.
-                storms.admit(&change, 0, now)
-            } else {
-                storms.admit(&change, cap, now)
-            };
-            match verdict {
-                Verdict::Folded { first_in_window } => {
-                    if first_in_window {
-                        metrics
-                            .cluster
-                            .change_storms
-                            .with_label_values(&[change.policy.as_str()])
-                            .inc();
-                        warn!(policy = %change.policy, cap, "change storm: summarising this minute's further changes");
-                    }
-                }
-                Verdict::Report => {
-                    // No owner reference: evidence is not garbage-collected
-                    // with its policy (see the policy's `evidence` field).
-                    let object = object::to_object(change, epoch);
-                    push_durably(&queue, &object, &metrics).await;
-                }
-            }
-        }
-        metrics
-            .cluster
-            .reports_queued
-            .set(queue.lock().await.len() as i64);
-        wake.notify_one();
-        if let Some(done) = done {
-            let _ = done.send(());
-        }
-        if finishing {
-            return;
-        }
-    }
-}
-
-/// Writes one report to the queue, retrying until the disk takes it.
-async fn push_durably(
-    queue: &Mutex<Queue>,
-    object: &kube_fim_crds::FileChange,
-    metrics: &AgentMetrics,
-) {
-    let mut failures = 0u32;
-    loop {
-        let result = queue.lock().await.push(object);
-        match result {
-            Ok(_) => {
-                metrics.cluster.queue_write_failing.set(0);
-                return;
-            }
-            Err(error) => {
-                failures += 1;
-                metrics.cluster.queue_write_failing.set(1);
-                let wait = deliver::backoff(failures.min(4));
-                if failures == 1 || failures.is_multiple_of(20) {
-                    warn!(%error, failures, "cannot write a change to the delivery queue; detection waits until it can");
-                }
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
 }

@@ -22,15 +22,17 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::{Event, EventSeries};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, Resource};
 use kube_fim_crds::{Attribute, ChangeCategory, FileChange, FileChangeSpec, FileIntegrityPolicy};
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::deliver::FIELD_MANAGER;
-use crate::cluster::metrics::ClusterMetrics;
+use crate::context::Context;
+use crate::served::ServedPolicies;
+use crate::telemetry::Telemetry;
+use tokio::sync::watch;
 
 /// The reporting controller of the agent's Events.
 pub const CONTROLLER: &str = "kube-fim-agent";
@@ -227,29 +229,24 @@ impl Book {
 pub struct ChangeEvents {
     api: Api<Event>,
     node: String,
-    policies: Store<FileIntegrityPolicy>,
-    metrics: ClusterMetrics,
+    served: watch::Receiver<ServedPolicies>,
+    telemetry: Telemetry,
     book: Book,
 }
 
 impl ChangeEvents {
-    pub fn new(
-        client: Client,
-        node: String,
-        policies: Store<FileIntegrityPolicy>,
-        metrics: ClusterMetrics,
-    ) -> Self {
+    pub fn new(ctx: &Context) -> Self {
         ChangeEvents {
-            api: Api::namespaced(client, NAMESPACE),
-            node,
-            policies,
-            metrics,
+            api: Api::namespaced(ctx.client.clone(), NAMESPACE),
+            node: ctx.node.clone(),
+            served: ctx.served.clone(),
+            telemetry: ctx.telemetry.clone(),
             book: Book::default(),
         }
     }
 
-    /// Records a stored change: a new Event, or one more in an open series.
-    pub async fn record(&mut self, change: &FileChange) {
+    /// Publishes a stored change: a new Event, or one more in an open series.
+    pub async fn publish(&mut self, change: &FileChange) {
         let key = (change.spec.policy.clone(), reason(&change.spec));
         let now = Instant::now();
         let at = Timestamp::now();
@@ -265,8 +262,8 @@ impl ChangeEvents {
         match self.api.create(&params, &event).await {
             Ok(_) => self.book.created(key, name, now, at),
             Err(error) => {
-                // The FileChange is the record; the next change tries again.
-                self.metrics.api_errors.with_label_values(&["event"]).inc();
+                // The FileChange is the evidence; the next change tries again.
+                self.telemetry.change_event_failed();
                 debug!(%error, "event not published");
             }
         }
@@ -299,7 +296,7 @@ impl ChangeEvents {
                     self.book.open.remove(&key);
                 }
                 Err(error) => {
-                    self.metrics.api_errors.with_label_values(&["event"]).inc();
+                    self.telemetry.change_event_failed();
                     debug!(%error, event = %open.event, "event series not updated");
                     self.book.written(&key, open.written, now);
                 }
@@ -311,8 +308,9 @@ impl ChangeEvents {
     fn event(&self, change: &FileChange, at: Timestamp) -> Event {
         let spec = &change.spec;
         let regarding = self
-            .policies
-            .get(&ObjectRef::new(&spec.policy))
+            .served
+            .borrow()
+            .get(&spec.policy)
             .map(|p| p.object_ref(&()))
             .unwrap_or_else(|| ObjectReference {
                 api_version: Some(FileIntegrityPolicy::api_version(&()).into_owned()),

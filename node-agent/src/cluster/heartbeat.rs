@@ -1,0 +1,202 @@
+//! The heartbeat: writes this node's status (its FileIntegrityNode) from
+//! what the monitoring loop last knew and what the node serves, every 30 s
+//! and on every change; tells the agent's own trouble once per episode.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::api::Api;
+use kube_fim_crds::labels::CLEAR_BASELINE_ALARM;
+use kube_fim_crds::{
+    BaselineAlarm, EntryDigest, FileIntegrityNode, FileIntegrityNodeStatus, NodePolicyPhase,
+    NodePolicyStatus,
+};
+use tokio::sync::watch;
+use tracing::warn;
+
+use super::node_status;
+use crate::baseline::Journal;
+use crate::context::Context;
+use crate::monitor::Snapshot;
+use crate::report::object::shorten_text;
+use crate::served::ServedPolicies;
+
+const HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// What the heartbeat starts from.
+pub struct Settings {
+    /// The journal of the baseline digests, trimmed once the cluster holds one.
+    pub journal: Journal,
+    /// The baseline alarm standing at start.
+    pub alarm: Option<BaselineAlarm>,
+}
+
+/// The heartbeat's state between two writes.
+struct Heartbeat {
+    ctx: Arc<Context>,
+    api: Api<FileIntegrityNode>,
+    journal: Journal,
+    alarm: Option<BaselineAlarm>,
+    /// The last baseline digest and entry digests the loop published.
+    digest: Option<String>,
+    entries: Vec<EntryDigest>,
+    told_limit: bool,
+    told_errors: bool,
+    told_differing: bool,
+}
+
+/// Writes the node status until `shutdown`; `status` is what the loop knows.
+pub async fn run(
+    ctx: Arc<Context>,
+    settings: Settings,
+    mut status: watch::Receiver<Snapshot>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut served = ctx.served.clone();
+    let mut beat = Heartbeat {
+        api: Api::all(ctx.client.clone()),
+        ctx,
+        journal: settings.journal,
+        alarm: settings.alarm,
+        digest: None,
+        entries: Vec::new(),
+        told_limit: false,
+        told_errors: false,
+        told_differing: false,
+    };
+    loop {
+        let snap = status.borrow_and_update().clone();
+        beat.tell_trouble(&snap).await;
+        if snap.baseline_digest.is_some() {
+            beat.digest = snap.baseline_digest.clone();
+            beat.entries = snap.entries.clone();
+        }
+        let wanted = served.borrow_and_update().clone();
+        if beat.write(&snap, &wanted).await {
+            // The alarm was cleared: write again at once without it.
+            continue;
+        }
+        tokio::select! {
+            () = &mut shutdown => return,
+            r = status.changed() => if r.is_err() { return },
+            r = served.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(HEARTBEAT) => {},
+        }
+        // Coalesce bursts of snapshots.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl Heartbeat {
+    /// The agent's own trouble, told once per episode.
+    async fn tell_trouble(&mut self, snap: &Snapshot) {
+        let telemetry = &self.ctx.telemetry;
+        if snap.watch_limit && !self.told_limit {
+            self.told_limit = true;
+            telemetry.watch_limit_reached().await;
+        }
+        if snap.errors > 0 && !self.told_errors {
+            self.told_errors = true;
+            telemetry.scan_errors_found(snap.errors).await;
+        } else if snap.errors == 0 {
+            self.told_errors = false;
+        }
+        if let (Some(names), Some(a)) = (&snap.differing, self.alarm.as_mut())
+            && !self.told_differing
+        {
+            self.told_differing = true;
+            let what = if names.is_empty() {
+                "no entry differs from what the cluster last saw".to_string()
+            } else {
+                format!(
+                    "entries that differ from what the cluster last saw: {}",
+                    names.join(", ")
+                )
+            };
+            a.message = shorten_text(&format!("{}; {what}", a.message), 4000);
+            let note = shorten_text(&format!("node {}: {what}", self.ctx.node), 1000);
+            telemetry.baseline_entries_compared(note).await;
+        }
+    }
+
+    /// Writes the node status; `true` when an admin cleared the alarm.
+    async fn write(&mut self, snap: &Snapshot, served: &ServedPolicies) -> bool {
+        let policies: Vec<NodePolicyStatus> = served
+            .generations()
+            .map(|(name, generation)| self.policy_status(snap, name, generation))
+            .collect();
+        let status = FileIntegrityNodeStatus {
+            agent_version: Some(env!("CARGO_PKG_VERSION").into()),
+            heartbeat_time: Some(Time(Timestamp::now())),
+            policy_count: Some(policies.len() as i32),
+            files_monitored: Some(snap.files_total as i64),
+            queue_length: Some(self.ctx.queue.lock().await.len() as i64),
+            baseline_digest: self.digest.clone(),
+            policies,
+            attribution: node_status::attribution(&snap.attribution),
+            entries: self.entries.clone(),
+            baseline_alarm: self.alarm.clone(),
+        };
+        let stored = match node_status::write(&self.api, &self.ctx.node, &status).await {
+            Ok(stored) => stored,
+            Err(error) => {
+                warn!(%error, "could not write this node's status");
+                return false;
+            }
+        };
+        if let Some(d) = &self.digest
+            && let Err(error) = self.journal.published(d)
+        {
+            warn!(%error, "could not trim the baseline journal");
+        }
+        // An admin cleared the alarm: an act written on this object.
+        let Some(alarm) = &self.alarm else {
+            return false;
+        };
+        if stored.annotations().get(CLEAR_BASELINE_ALARM) != Some(&alarm.id) {
+            return false;
+        }
+        self.ctx.telemetry.baseline_alarm_cleared(alarm).await;
+        self.alarm = None;
+        true
+    }
+
+    fn policy_status(&self, snap: &Snapshot, name: &str, generation: i64) -> NodePolicyStatus {
+        let p = snap.policies.get(name);
+        let applied =
+            p.is_some_and(|p| p.generation.unwrap_or(0) == generation && p.last_scan.is_some());
+        let broken = snap.failed.get(name);
+        let phase = if self.alarm.is_some() || broken.is_some() {
+            NodePolicyPhase::Failed
+        } else if applied && snap.ready {
+            NodePolicyPhase::Ready
+        } else {
+            NodePolicyPhase::Baselining
+        };
+        let node = &self.ctx.node;
+        NodePolicyStatus {
+            policy: name.to_string(),
+            observed_generation: p.and_then(|p| p.generation),
+            phase,
+            files_monitored: p.map(|p| p.files as i64),
+            last_scan_time: p.and_then(|p| p.last_scan).map(Time),
+            baseline_time: p.and_then(|p| p.baseline_time).map(Time),
+            errors: Some(snap.errors as i64),
+            message: self
+                .alarm
+                .as_ref()
+                .map(|a| {
+                    format!(
+                        "{}: {} (clear with: kubectl annotate fin {node} {CLEAR_BASELINE_ALARM}={})",
+                        a.reason, a.message, a.id
+                    )
+                })
+                .or_else(|| broken.map(|e| format!("cannot be served on this node: {e}")))
+                .map(|m| shorten_text(&m, 1024)),
+        }
+    }
+}

@@ -1,0 +1,712 @@
+//! The monitoring loop: a startup scan against the baseline on disk, then
+//! real-time inotify events (coalesced per path within the debounce window)
+//! and periodic full scans, until shutdown. Nothing polls: the loop sleeps
+//! until an event, a debounce deadline, the next scan or a policy update.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube_fim_crds::{DetectionSource, EntryDigest, FileAttributes};
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::attribution::AttributionState;
+use crate::attribution::fanotify::Notice;
+use crate::attribution::join::Attribution;
+use crate::attribution::pods::PodIndex;
+use crate::engine::{Approved, Engine, Outcome};
+use crate::report::object::object_name;
+use crate::report::{Batch, Detected, detected, hand_over};
+use crate::served::ServedPolicies;
+use crate::telemetry::Telemetry;
+
+/// Instructions to the loop.
+#[derive(Debug)]
+pub enum Control {
+    /// Serve exactly these policies from now on.
+    Policies(ServedPolicies),
+    /// An approver approved this state of a host path (a FileChange's
+    /// `after`); answers what became of it.
+    Approve {
+        key: String,
+        after: Option<Box<FileAttributes>>,
+        done: oneshot::Sender<Answer>,
+    },
+}
+
+/// What the loop did with an approval.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The approved state is the baseline now.
+    Applied,
+    /// The file has moved on: nothing approved; these FileChanges report its
+    /// present state (none if it was reported already).
+    Superseded(Vec<String>),
+    /// No served policy covers the path: nothing approved.
+    NotMonitored,
+}
+
+/// What the loop last knew, for status reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// Per policy: generation applied, files, last full scan, errors.
+    pub policies: BTreeMap<String, PolicySnapshot>,
+    pub files_total: usize,
+    pub baseline_digest: Option<String>,
+    pub errors: usize,
+    /// The startup scan is done (the agent is ready).
+    pub ready: bool,
+    /// The inotify watch limit was reached: some directories rely on scans only.
+    pub watch_limit: bool,
+    /// Process attribution: on, or why not.
+    pub attribution: AttributionState,
+    /// Policies that cannot be compiled, with why (the others are served).
+    pub failed: BTreeMap<String, String>,
+    /// Per-entry digests of the baseline (published for the next start).
+    pub entries: Vec<EntryDigest>,
+    /// Entries (`policy/entry`) found different from what the cluster last
+    /// saw, when the baseline on disk was lost or replaced.
+    pub differing: Option<Vec<String>>,
+}
+
+/// One policy's state on this node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicySnapshot {
+    pub generation: Option<i64>,
+    pub files: usize,
+    pub last_scan: Option<Timestamp>,
+    pub baseline_time: Option<Timestamp>,
+}
+
+struct Inotify {
+    watcher: Option<notify::RecommendedWatcher>,
+    watched: BTreeSet<PathBuf>,
+    limit_reported: bool,
+}
+
+impl Inotify {
+    fn new(tx: mpsc::UnboundedSender<notify::Result<notify::Event>>) -> Self {
+        let watcher = notify::recommended_watcher(move |ev| {
+            let _ = tx.send(ev);
+        });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(error) => {
+                warn!(%error, "real-time watching unavailable; periodic scans only");
+                None
+            }
+        };
+        Inotify {
+            watcher,
+            watched: BTreeSet::new(),
+            limit_reported: false,
+        }
+    }
+
+    fn sync(&mut self, dirs: Vec<PathBuf>, telemetry: &Telemetry) {
+        let Some(w) = self.watcher.as_mut() else {
+            return;
+        };
+        let want: BTreeSet<PathBuf> = dirs.into_iter().collect();
+        for gone in self.watched.difference(&want).cloned().collect::<Vec<_>>() {
+            let _ = w.unwatch(&gone);
+            self.watched.remove(&gone);
+        }
+        for dir in want {
+            if self.watched.contains(&dir) || !dir.is_dir() {
+                continue;
+            }
+            match w.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    self.watched.insert(dir);
+                }
+                Err(error) => {
+                    telemetry.watch_failed();
+                    let limit = matches!(&error.kind, notify::ErrorKind::MaxFilesWatch)
+                        || error.to_string().contains("No space left");
+                    if limit && !self.limit_reported {
+                        self.limit_reported = true;
+                        warn!(
+                            "inotify watch limit reached (fs.inotify.max_user_watches): directories beyond it are covered by periodic scans only"
+                        );
+                    } else if !limit {
+                        debug!(dir = %dir.display(), %error, "cannot watch");
+                    }
+                }
+            }
+        }
+        telemetry.directories_watched(self.watched.len());
+    }
+}
+
+/// How the loop runs.
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// In a cluster the served policies come from the API: no scan (which
+    /// would forget the baseline of unknown policies) before they are known.
+    pub wait_for_policies: bool,
+    /// The node's pods, to name the pod behind a change (in a cluster).
+    pub pods: Option<PodIndex>,
+}
+
+/// The loop's ends.
+pub struct Channels {
+    /// Served policies and approvals.
+    pub control: mpsc::Receiver<Control>,
+    /// Detected changes, to the reporter.
+    pub out: mpsc::Sender<Batch>,
+    /// What the loop last knew, for the node status.
+    pub status: watch::Sender<Snapshot>,
+}
+
+/// The reporter is gone (the agent is stopping): nothing more is marked.
+struct Stopped;
+
+/// How an outcome was found, for what [`Monitor::carry`] does besides the protocol.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// A full scan: the first one compares the entries with what the cluster last saw.
+    Scan,
+    /// The rescan of paths that changed.
+    Rescan,
+    /// An approval found the file moved on: its FileChanges are named in the answer.
+    Approval,
+}
+
+/// What became of a carried outcome.
+struct Carried {
+    /// The FileChanges handed over (only for [`Found::Approval`]).
+    names: Vec<String>,
+    /// Entries that differ from what the cluster last saw (after a lost or
+    /// replaced baseline, at the first scan).
+    differing: Option<Vec<String>>,
+    /// The baseline changed and was written.
+    saved: bool,
+}
+
+/// The loop wakes at least this often, so /healthz can tell idle from stalled.
+const BEAT: Duration = Duration::from_secs(10);
+
+/// The monitoring loop's state.
+pub struct Monitor {
+    engine: Engine,
+    telemetry: Telemetry,
+    out: mpsc::Sender<Batch>,
+    status: watch::Sender<Snapshot>,
+    inotify: Inotify,
+    attribution: Attribution,
+    root: PathBuf,
+    /// Paths waiting for their rescan, with when (debounce).
+    pending: BTreeMap<PathBuf, Instant>,
+    /// No full scan yet.
+    first: bool,
+    next_scan: Instant,
+    /// The digest of the baseline last written.
+    digest: Option<String>,
+    have_policies: bool,
+    wait_for_policies: bool,
+}
+
+/// Runs the loop until `shutdown` resolves or the control channel closes;
+/// gives the engine back.
+pub async fn run(
+    engine: Engine,
+    telemetry: Telemetry,
+    channels: Channels,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Engine {
+    let Channels {
+        mut control,
+        out,
+        status,
+    } = channels;
+    let (inotify_tx, mut inotify_events) = mpsc::unbounded_channel();
+    let (attribution, mut notices) = Attribution::new(engine.root_path(), settings.pods);
+    // A mount made over a monitored path changes what the host reads there.
+    let (mounts_tx, mut mounts) = mpsc::unbounded_channel::<()>();
+    crate::mounts::follow(engine.mount_source(), move || mounts_tx.send(()).is_ok());
+    let mut m = Monitor {
+        root: engine.root_path().to_path_buf(),
+        engine,
+        telemetry,
+        out,
+        status,
+        inotify: Inotify::new(inotify_tx),
+        attribution,
+        pending: BTreeMap::new(),
+        first: true,
+        next_scan: Instant::now(),
+        digest: None,
+        have_policies: false,
+        wait_for_policies: settings.wait_for_policies,
+    };
+    m.attribution.want(m.wants_attribution(), &m.telemetry);
+    tokio::pin!(shutdown);
+    loop {
+        m.telemetry.loop_alive();
+        if m.scan_due() {
+            if m.scan().await.is_err() {
+                return m.engine;
+            }
+            continue;
+        }
+        let wake = m.next_wake();
+        let step = tokio::select! {
+            () = &mut shutdown => {
+                let _ = m.save();
+                return m.engine;
+            }
+            Some(event) = inotify_events.recv() => {
+                m.inotify_event(event);
+                Ok(())
+            }
+            Some(()) = mounts.recv() => {
+                m.mounts_changed();
+                Ok(())
+            }
+            notice = notices.recv() => {
+                m.notice(notice);
+                Ok(())
+            }
+            () = tokio::time::sleep_until(wake) => m.rescan_due().await,
+            msg = control.recv() => match msg {
+                None => {
+                    let _ = m.save();
+                    return m.engine;
+                }
+                Some(Control::Policies(served)) => {
+                    m.serve(served);
+                    Ok(())
+                }
+                Some(Control::Approve { key, after, done }) => m.approve(&key, after, done).await,
+            },
+        };
+        if step.is_err() {
+            return m.engine;
+        }
+    }
+}
+
+impl Monitor {
+    /// Carries a detected outcome through the reporting protocol
+    /// ([`crate::report`]): counted, handed over (and queued on disk by the
+    /// reporter), marked reported, saved.
+    async fn carry(&mut self, mut outcome: Outcome, found: Found) -> Result<Carried, Stopped> {
+        self.telemetry
+            .changes_detected(outcome.bytes, outcome.errors.len(), &outcome.changes);
+        let reports = detected(&mut outcome);
+        let names = match found {
+            Found::Approval => reports
+                .iter()
+                .map(|d| object_name(&d.spec, d.epoch))
+                .collect(),
+            Found::Scan | Found::Rescan => Vec::new(),
+        };
+        if !hand_over(&self.out, reports).await {
+            return Err(Stopped);
+        }
+        self.engine.mark_reported(&outcome);
+        let differing = match found {
+            Found::Scan => self.compare_with_cluster().await?,
+            Found::Rescan | Found::Approval => None,
+        };
+        let saved = self.engine.baseline().is_dirty();
+        self.digest = self.save();
+        Ok(Carried {
+            names,
+            differing,
+            saved,
+        })
+    }
+
+    /// After a lost or replaced baseline, the first scan's entries against
+    /// what the cluster last saw; what differs is reported.
+    async fn compare_with_cluster(&mut self) -> Result<Option<Vec<String>>, Stopped> {
+        let Some(known) = self.engine.take_known_entries() else {
+            return Ok(None);
+        };
+        let (names, changes) = self.engine.differing_entries(&known);
+        if !names.is_empty() {
+            warn!(entries = ?names, "entries differ from the baseline the cluster last saw");
+        }
+        let changes = changes
+            .into_iter()
+            .map(|spec| Detected { spec, epoch: 0 })
+            .collect();
+        if !hand_over(&self.out, changes).await {
+            return Err(Stopped);
+        }
+        Ok(Some(names))
+    }
+
+    fn scan_due(&self) -> bool {
+        if self.first {
+            self.have_policies || !self.wait_for_policies
+        } else {
+            Instant::now() >= self.next_scan
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        let now = Instant::now();
+        let due = self.pending.values().min().copied();
+        if self.first {
+            due.unwrap_or(now + BEAT)
+        } else {
+            due.unwrap_or(self.next_scan).min(self.next_scan)
+        }
+        .min(now + BEAT)
+    }
+
+    /// A full scan (the startup scan first).
+    async fn scan(&mut self) -> Result<(), Stopped> {
+        let source = if self.first && self.engine.had_baseline() {
+            DetectionSource::Startup
+        } else {
+            DetectionSource::Scan
+        };
+        let started = std::time::Instant::now();
+        let outcome = tokio::task::block_in_place(|| self.engine.scan(source));
+        let engine = &self.engine;
+        self.telemetry.scan_finished(
+            started.elapsed(),
+            engine
+                .policies()
+                .keys()
+                .map(|name| (name.as_str(), engine.files_of(name))),
+        );
+        info!(
+            files = outcome.files,
+            changes = outcome.changes.len(),
+            errors = outcome.errors.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            ?source,
+            "scan"
+        );
+        for e in outcome.errors.iter().take(20) {
+            warn!(path = %e.path, reason = %e.reason, "skipped");
+        }
+        let carried = self.carry(outcome, Found::Scan).await?;
+        if let Err(error) = tokio::task::block_in_place(|| self.engine.compact_baseline()) {
+            warn!(%error, "could not compact the baseline");
+        }
+        self.sync_watches();
+        self.first = false;
+        self.next_scan = Instant::now() + self.engine.timing().1;
+        self.publish_status(carried.differing);
+        // Ready once the status holds the entry digests (computed from
+        // every stored path after the first scan; kept up to date since).
+        self.telemetry.ready();
+        Ok(())
+    }
+
+    /// Rescans the paths whose debounce is over.
+    async fn rescan_due(&mut self) -> Result<(), Stopped> {
+        let now = Instant::now();
+        let ready: BTreeSet<PathBuf> = self
+            .pending
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(p, _)| p.clone())
+            .collect();
+        if ready.is_empty() {
+            return Ok(());
+        }
+        self.pending.retain(|p, _| !ready.contains(p));
+        let (mut outcome, new_dirs) =
+            tokio::task::block_in_place(|| self.engine.rescan(&ready, DetectionSource::Realtime));
+        self.attribution
+            .attach(&ready, &mut outcome.changes, &self.telemetry);
+        if self.carry(outcome, Found::Rescan).await?.saved {
+            self.publish_status(None);
+        }
+        if new_dirs {
+            self.sync_watches();
+        }
+        Ok(())
+    }
+
+    fn inotify_event(&mut self, event: notify::Result<notify::Event>) {
+        use notify::event::{AccessKind, AccessMode};
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                self.telemetry.watch_failed();
+                warn!(%error, "watch error; the next scan covers it");
+                return;
+            }
+        };
+        if event.need_rescan() {
+            // The kernel's event queue overflowed: events were lost, so
+            // look at everything now.
+            warn!("real-time event queue overflowed; rescanning now");
+            self.telemetry.watch_failed();
+            self.next_scan = Instant::now();
+            return;
+        }
+        if matches!(
+            event.kind,
+            EventKind::Access(
+                AccessKind::Open(_)
+                    | AccessKind::Read
+                    | AccessKind::Close(AccessMode::Read)
+                    | AccessKind::Close(AccessMode::Execute)
+                    | AccessKind::Any
+            )
+        ) {
+            return;
+        }
+        let deadline = Instant::now() + self.engine.timing().0;
+        for p in event.paths {
+            if let Ok(rel) = p.strip_prefix(&self.root) {
+                self.pending.entry(rel.to_path_buf()).or_insert(deadline);
+            }
+        }
+    }
+
+    fn mounts_changed(&mut self) {
+        let paths = self.engine.mounts_changed();
+        if !paths.is_empty() {
+            info!(
+                paths = paths.len(),
+                "host mounts changed over monitored paths"
+            );
+        }
+        let now = Instant::now();
+        for p in paths {
+            self.pending.insert(p, now);
+        }
+    }
+
+    fn notice(&mut self, notice: Option<Notice>) {
+        match notice {
+            Some(Notice::Changed { rel, writer, .. }) => {
+                let deadline = Instant::now() + self.engine.timing().0;
+                self.pending.entry(rel.clone()).or_insert(deadline);
+                self.attribution.note(rel, *writer);
+            }
+            Some(Notice::Overflow) => {
+                self.telemetry.fanotify_overflowed();
+                warn!("fanotify queue overflow: events lost, rescanning everything");
+                self.next_scan = Instant::now();
+            }
+            None => {}
+        }
+    }
+
+    /// Serves exactly `served` from now on.
+    fn serve(&mut self, served: ServedPolicies) {
+        self.have_policies = true;
+        let wanted = served.inputs();
+        if &wanted == self.engine.policies() {
+            return;
+        }
+        info!(policies = ?wanted.keys().collect::<Vec<_>>(), "serving");
+        let before: Vec<String> = self.engine.policies().keys().cloned().collect();
+        if let Err(error) = self.engine.set_policies(wanted) {
+            warn!(%error, "policy not applied");
+        }
+        for name in before {
+            if !self.engine.policies().contains_key(&name) {
+                self.telemetry.policy_dropped(&name);
+            }
+        }
+        self.attribution
+            .want(self.wants_attribution(), &self.telemetry);
+        // New entries are baselined, removed ones forgotten, now.
+        self.next_scan = Instant::now();
+    }
+
+    /// An approver approved `after` as the state of `key`.
+    async fn approve(
+        &mut self,
+        key: &str,
+        after: Option<Box<FileAttributes>>,
+        done: oneshot::Sender<Answer>,
+    ) -> Result<(), Stopped> {
+        let approved = tokio::task::block_in_place(|| self.engine.approve(key, after.as_deref()));
+        let answer = match approved {
+            Approved::Applied => Answer::Applied,
+            Approved::NotMonitored => Answer::NotMonitored,
+            Approved::Superseded(outcome) => {
+                Answer::Superseded(self.carry(outcome, Found::Approval).await?.names)
+            }
+        };
+        self.digest = self.save();
+        let _ = done.send(answer);
+        self.publish_status(None);
+        Ok(())
+    }
+
+    fn wants_attribution(&self) -> bool {
+        self.engine
+            .policies()
+            .values()
+            .any(|p| p.spec.process_attribution)
+    }
+
+    /// Real-time sources follow the engine's directories: fanotify where it
+    /// is on and can, inotify for the rest.
+    fn sync_watches(&mut self) {
+        let dirs = self.attribution.sync(
+            self.engine.root_path(),
+            self.engine.watch_dirs(),
+            &self.telemetry,
+        );
+        self.inotify.sync(dirs, &self.telemetry);
+    }
+
+    fn save(&mut self) -> Option<String> {
+        match tokio::task::block_in_place(|| self.engine.save()) {
+            Ok(d) => Some(d),
+            Err(error) => {
+                self.telemetry.baseline_write_failed();
+                warn!(%error, "could not write the baseline");
+                None
+            }
+        }
+    }
+
+    fn publish_status(&self, differing: Option<Vec<String>>) {
+        let engine = &self.engine;
+        let snapshot = Snapshot {
+            policies: engine
+                .policies()
+                .iter()
+                .map(|(name, p)| {
+                    let stored = engine.baseline().policy(name);
+                    (
+                        name.clone(),
+                        PolicySnapshot {
+                            generation: p.generation,
+                            files: engine.files_of(name),
+                            last_scan: stored.and_then(|r| r.last_scan_time),
+                            baseline_time: stored.and_then(|r| r.baseline_time),
+                        },
+                    )
+                })
+                .collect(),
+            files_total: engine.files_total,
+            baseline_digest: self.digest.clone(),
+            errors: engine.last_errors.len(),
+            ready: true,
+            watch_limit: self.inotify.limit_reported,
+            attribution: self.attribution.state().clone(),
+            failed: engine.failed().clone(),
+            entries: engine.entry_digests(),
+            differing,
+        };
+        let _ = self.status.send(snapshot);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::engine::PolicyInput;
+    use crate::fixtures::{self, EVENTS, FILECHANGES};
+    use crate::report::deliver::{self, RateLimit};
+    use crate::report::reporter;
+    use http::Method;
+    use kube_fim_crds::{FileIntegrityPolicySpec, MonitoredPath};
+
+    fn policies() -> BTreeMap<String, PolicyInput> {
+        let spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
+            name: "passwd".into(),
+            path: "/etc/passwd".into(),
+            ..MonitoredPath::default()
+        }]);
+        BTreeMap::from([(
+            "p".to_string(),
+            PolicyInput {
+                generation: Some(1),
+                spec,
+            },
+        )])
+    }
+
+    // The loop scans in `block_in_place`, which needs the multi-threaded
+    // runtime, where tokio's clock cannot be paused: this one runs on real
+    // time (the reporter's and deliverer's own tests pause it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_found_at_startup_is_created_once() {
+        let mut a = fixtures::agent();
+        let root = tempfile::tempdir().unwrap();
+        let state = a.dir.path().join("state");
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(root.path().join("etc/passwd"), "root:x:0:0\n").unwrap();
+        {
+            let mut engine = Engine::open_fresh(root.path(), &state, "n1").unwrap();
+            engine.set_policies(policies()).unwrap();
+            engine.scan(DetectionSource::Scan);
+            engine.save().unwrap();
+        }
+        // Changed while the agent was down.
+        std::fs::write(
+            root.path().join("etc/passwd"),
+            "root:x:0:0\nmallory:x:0:0\n",
+        )
+        .unwrap();
+        let mut engine = Engine::open(root.path(), &state, "n1").unwrap();
+        engine.set_policies(policies()).unwrap();
+
+        let (_control, control) = mpsc::channel(4);
+        let (out, batches) = mpsc::channel(4);
+        let (status, mut snapshots) = watch::channel(Snapshot::default());
+        let (stop, shutdown) = fixtures::shutdown();
+        let channels = Channels {
+            control,
+            out,
+            status,
+        };
+        let telemetry = a.ctx.telemetry.clone();
+        let monitor = tokio::spawn(run(
+            engine,
+            telemetry,
+            channels,
+            Settings::default(),
+            shutdown.clone(),
+        ));
+        let reporter = tokio::spawn(reporter::run(a.ctx.clone(), batches, shutdown.clone()));
+        let limit = RateLimit {
+            qps: 10.0,
+            burst: 10,
+        };
+        let deliverer = tokio::spawn(deliver::run(a.ctx.clone(), limit, shutdown));
+
+        let created = a.api.expect(Method::POST, FILECHANGES).await;
+        assert_eq!(created.body["spec"]["path"], "/etc/passwd");
+        assert_eq!(created.body["spec"]["category"], "Modified");
+        assert_eq!(created.body["spec"]["source"], "Startup");
+        created.created();
+        a.api.expect(Method::POST, EVENTS).await.created();
+        // Marked reported once queued: the status after the scan, and no second create.
+        snapshots.wait_for(|s| s.ready).await.unwrap();
+        let later = a.api.quiet(Duration::from_secs(3)).await;
+        assert!(
+            !later.iter().any(|(_, path)| path == FILECHANGES),
+            "created again: {later:?}"
+        );
+        stop.send(true).unwrap();
+        let (m, r, d, _) = tokio::join!(
+            monitor,
+            reporter,
+            deliverer,
+            a.api.quiet(Duration::from_secs(2))
+        );
+        let engine = m.unwrap();
+        r.unwrap();
+        d.unwrap();
+        // What was reported stays reported: a new scan finds nothing new.
+        let mut engine = engine;
+        let again = tokio::task::block_in_place(|| engine.scan(DetectionSource::Scan));
+        assert!(again.changes.is_empty(), "{:?}", again.changes);
+    }
+}
