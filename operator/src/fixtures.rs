@@ -46,6 +46,13 @@ struct Call {
 impl ApiServer {
     /// The next request, which must be `method` on `path`.
     async fn expect(&mut self, method: Method, path: &str) -> Call {
+        let call = self.expect_any(method).await;
+        assert_eq!(call.path, path, "request {:?}", call.query);
+        call
+    }
+
+    /// The next request, which must be a `method`, on whichever path.
+    async fn expect_any(&mut self, method: Method) -> Call {
         let (request, send) = self
             .0
             .next_request()
@@ -53,8 +60,8 @@ impl ApiServer {
             .expect("the reconciler makes another request");
         let uri = request.uri().clone();
         assert_eq!(
-            (request.method(), uri.path()),
-            (&method, path),
+            request.method(),
+            method,
             "request {} {uri}",
             request.method()
         );
@@ -72,7 +79,7 @@ impl ApiServer {
             .map(str::to_string)
             .collect();
         Call {
-            path: path.to_string(),
+            path: uri.path().to_string(),
             query,
             body,
             send,
@@ -383,4 +390,94 @@ async fn a_refused_status_write_fails_the_reconcile_into_the_error_policy() {
         ctx.metrics.reconciles.with_label_values(&["error"]).get(),
         1
     );
+}
+
+fn file_change(name: &str, policy: &str) -> Value {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use kube_fim_crds::labels::{POLICY, label_value};
+    use kube_fim_crds::{ChangeCategory, DetectionSource, FileChange, FileChangeSpec};
+    let mut fc = FileChange::new(
+        name,
+        FileChangeSpec {
+            node: "n1".into(),
+            policy: policy.into(),
+            entry: "etc".into(),
+            path: "/etc/passwd".into(),
+            category: ChangeCategory::Modified,
+            changed_attributes: vec![],
+            before: None,
+            after: None,
+            detected_time: MicroTime(k8s_openapi::jiff::Timestamp::now()),
+            source: DetectionSource::Realtime,
+            process: None,
+            summary: None,
+        },
+    );
+    // The label says "web" for all three: anyone with patch rights can set
+    // it, so the spec decides.
+    fc.metadata.labels = Some(BTreeMap::from([(POLICY.to_string(), label_value("web"))]));
+    serde_json::to_value(fc).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_policy_with_evidence_delete_takes_only_its_own_changes_then_lets_go() {
+    let mut web = policy("web", "/etc/passwd", "web");
+    web.spec.evidence = kube_fim_crds::Evidence::Delete;
+    web.metadata.finalizers = Some(vec![crate::evidence::FINALIZER.to_string()]);
+    web.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    let (ctx, mut api) = context(vec![web.clone()], vec![], vec![]);
+    let answer = web.clone();
+    let action = drive(reconcile(Arc::new(web), ctx.clone()), async move {
+        let list = api
+            .expect(Method::GET, "/apis/fim.kube-fim.io/v1alpha1/filechanges")
+            .await;
+        assert!(
+            list.query.iter().any(|q| q.starts_with("labelSelector=")),
+            "{:?}",
+            list.query
+        );
+        list.respond(
+            StatusCode::OK,
+            &json!({"apiVersion": "fim.kube-fim.io/v1alpha1", "kind": "FileChangeList",
+                    "metadata": {}, "items": [file_change("c1", "web"),
+                    file_change("forged", "other"), file_change("c2", "web")]}),
+        );
+        let mut deleted = BTreeSet::new();
+        for _ in 0..2 {
+            let delete = api.expect_any(Method::DELETE).await;
+            deleted.insert(delete.path.clone());
+            delete.respond(StatusCode::OK, &status(200, "", ""));
+        }
+        assert_eq!(
+            deleted,
+            BTreeSet::from([
+                "/apis/fim.kube-fim.io/v1alpha1/filechanges/c1".to_string(),
+                "/apis/fim.kube-fim.io/v1alpha1/filechanges/c2".to_string(),
+            ])
+        );
+        let event = api.expect(Method::POST, EVENTS).await;
+        assert_eq!(event.body["reason"], "EvidenceDeleted");
+        let note = event.body["note"].as_str().unwrap_or_default();
+        assert!(note.contains("2 FileChange(s)"), "{note}");
+        event.echo();
+
+        let release = api
+            .expect(
+                Method::PATCH,
+                "/apis/fim.kube-fim.io/v1alpha1/fileintegritypolicies/web",
+            )
+            .await;
+        assert_eq!(
+            release.body["metadata"],
+            json!({"finalizers": [], "resourceVersion": "1"})
+        );
+        let mut stored = serde_json::to_value(&answer).unwrap();
+        stored["metadata"]["finalizers"] = json!([]);
+        release.respond(StatusCode::OK, &stored);
+        api.no_more_requests().await;
+    })
+    .await;
+    assert_eq!(action.unwrap(), Action::await_change());
 }
