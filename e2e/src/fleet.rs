@@ -19,12 +19,12 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use kube_fim_crds::{
-    FileChange, FileIntegrityNode, FileIntegrityPolicy, FileIntegrityPolicySpec, MonitoredPath,
-    NodePolicyPhase,
+    FileChange, FileIntegrityNode, FileIntegrityPolicy, MonitoredPath, NodePolicyPhase,
 };
 
 use crate::{
-    Process, binary, ensure_crds, eventually, free_port, http_get, node_bound_kubeconfig, repo_root,
+    Entry, Policy, Process, binary, ensure_crds, eventually, free_port, http_get,
+    node_bound_kubeconfig, repo_root,
 };
 
 /// Label that scopes a test's policies to its own agents.
@@ -244,14 +244,12 @@ impl Fleet {
 
     /// A policy selecting this fleet's nodes.
     pub fn policy(&self, name: &str, paths: Vec<MonitoredPath>) -> FileIntegrityPolicy {
-        let mut spec = FileIntegrityPolicySpec::with_paths(paths);
-        spec.node_selector = BTreeMap::from([("role".to_string(), self.suite.clone())]);
-        spec.debounce = "200ms".into();
-        let mut p = FileIntegrityPolicy::new(name, spec);
-        p.metadata.labels = Some(BTreeMap::from([(
-            SUITE_LABEL.to_string(),
-            self.suite.clone(),
-        )]));
+        let mut p = Policy::named(name)
+            .label(SUITE_LABEL, &self.suite)
+            .node_selector("role", &self.suite)
+            .debounce("200ms")
+            .build();
+        p.spec.paths = paths;
         p
     }
 
@@ -306,14 +304,10 @@ impl Fleet {
     }
 }
 
-/// A monitored entry.
+/// A monitored entry, recursive or not.
 pub fn entry(name: &str, path: &str, recursive: bool) -> MonitoredPath {
-    MonitoredPath {
-        name: name.into(),
-        path: path.into(),
-        recursive,
-        ..MonitoredPath::default()
-    }
+    let entry = Entry::new(name, path);
+    if recursive { entry.recursive() } else { entry }.into()
 }
 
 /// A short description of a change for assertions: `Category path`.

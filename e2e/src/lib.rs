@@ -11,17 +11,16 @@ pub mod fleet;
 pub mod operator;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// The repository's root directory.
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e/ has a parent")
-        .to_path_buf()
-}
+// What the agent's integration tests need too lives in the testkit; the
+// cluster-facing helpers below build on it.
+pub use kube_fim_testkit::{
+    Entry, Policy, Process, Run, eventually, free_port, http_get, metric, metric_sum, metric_where,
+    repo_root,
+};
 
 /// The admin kubeconfig of the running control plane.
 pub fn kubeconfig() -> PathBuf {
@@ -32,24 +31,6 @@ pub fn kubeconfig() -> PathBuf {
              local control plane: use `make e2e`, or \
              `e2e/controlplane/controlplane.sh run DIR -- cargo test -p kube-fim-e2e`"
         ),
-    }
-}
-
-/// Output of a command, decoded for assertions.
-#[derive(Debug)]
-pub struct Run {
-    pub success: bool,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl From<Output> for Run {
-    fn from(out: Output) -> Self {
-        Run {
-            success: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
     }
 }
 
@@ -175,14 +156,6 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// Applies `manifests/rbac.yaml` (namespace, ServiceAccounts, roles) once.
 pub fn ensure_rbac() {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
@@ -211,134 +184,6 @@ pub fn ensure_rbac() {
 pub fn service_account_kubeconfig(sa: &str) -> PathBuf {
     ensure_rbac();
     service_account_kubeconfig_in("kube-fim", sa)
-}
-
-/// A process started by a test, killed when the test ends however it ends.
-pub struct Process {
-    pub child: std::process::Child,
-    pub log: PathBuf,
-}
-
-impl Process {
-    /// Starts `program` with `args`, its output going to a log file under
-    /// `target/e2e-logs/` (printed when a test fails).
-    pub fn start(name: &str, program: &Path, args: &[String], kubeconfig: &Path) -> Process {
-        let dir = repo_root().join("target/e2e-logs");
-        std::fs::create_dir_all(&dir).expect("log dir");
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(program)
-            .args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .env(
-                "RUST_LOG",
-                std::env::var("KUBE_FIM_E2E_LOG")
-                    .unwrap_or_else(|_| "info,kube_client=warn,kube_runtime=warn".into()),
-            )
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
-        Process { child, log }
-    }
-
-    /// Whether the process is still running.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// The process's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Stops it with SIGKILL.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!(
-                "---- {} ----\n{}",
-                self.log.display(),
-                tail(&self.log(), 60)
-            );
-        }
-    }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// GETs `http://127.0.0.1:<port><path>` and returns the body, if it answers 200.
-pub fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
-}
-
-/// The value of a sample in Prometheus text output. `name` is written as
-/// Prometheus prints it, `metric{label="value",...}`; label order does not matter.
-pub fn metric(text: &str, name: &str) -> Option<f64> {
-    fn split(series: &str) -> (String, std::collections::BTreeSet<String>) {
-        match series.split_once('{') {
-            Some((n, rest)) => (
-                n.to_string(),
-                rest.trim_end_matches('}')
-                    .split("\",")
-                    .filter(|l| !l.is_empty())
-                    .map(|l| l.trim_end_matches('"').to_string())
-                    .collect(),
-            ),
-            None => (series.to_string(), Default::default()),
-        }
-    }
-    let wanted = split(name);
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (series, value) = l.rsplit_once(' ')?;
-        (split(series) == wanted)
-            .then(|| value.trim().parse().ok())
-            .flatten()
-    })
-}
-
-/// Polls `check` every 200 ms until it returns `Some`, or panics after `timeout`
-/// with `what` and the last observation.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        match check().await {
-            Ok(v) => return v,
-            Err(last) => {
-                if std::time::Instant::now() >= deadline {
-                    panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}");
-                }
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
 }
 
 /// The pinned Helm, built from its Go module and cached by `e2e/helm/build.sh`
@@ -612,20 +457,12 @@ pub async fn create_passwd_policy(
     name: &str,
     suite: &str,
 ) -> kube::Api<kube_fim_crds::FileIntegrityPolicy> {
-    use kube_fim_crds::{FileIntegrityPolicy, FileIntegrityPolicySpec, MonitoredPath};
-    let mut spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
-        name: "passwd".into(),
-        path: "/etc/passwd".into(),
-        ..MonitoredPath::default()
-    }]);
-    spec.node_selector =
-        std::collections::BTreeMap::from([("role".to_string(), suite.to_string())]);
-    let mut p = FileIntegrityPolicy::new(name, spec);
-    p.metadata.labels = Some(std::collections::BTreeMap::from([(
-        operator::SUITE_LABEL.to_string(),
-        suite.to_string(),
-    )]));
-    let policies: kube::Api<FileIntegrityPolicy> = kube::Api::all(client.clone());
+    let p = Policy::named(name)
+        .label(operator::SUITE_LABEL, suite)
+        .node_selector("role", suite)
+        .path(Entry::new("passwd", "/etc/passwd"))
+        .build();
+    let policies: kube::Api<kube_fim_crds::FileIntegrityPolicy> = kube::Api::all(client.clone());
     policies
         .create(&kube::api::PostParams::default(), &p)
         .await
@@ -638,22 +475,7 @@ pub async fn create_passwd_policy(
 pub fn apiserver_metric(metric: &str, labels: &[(&str, &str)]) -> f64 {
     let run = kubectl(["get", "--raw", "/metrics"]);
     assert!(run.success, "apiserver /metrics: {}", run.stderr);
-    run.stdout
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (name, rest) = series.split_once('{').unwrap_or((series, ""));
-            let has = |(k, v): &(&str, &str)| {
-                rest.trim_end_matches('}')
-                    .split("\",")
-                    .any(|pair| pair.trim_end_matches('"') == format!("{k}=\"{v}"))
-            };
-            (name == metric && labels.iter().all(has))
-                .then(|| value.trim().parse::<f64>().ok())
-                .flatten()
-        })
-        .sum()
+    metric_sum(&run.stdout, metric, labels)
 }
 
 /// What `kubectl get fip POLICY -o wide` shows in `column` (e.g. `CHANGES(24H)`).

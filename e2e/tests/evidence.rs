@@ -5,19 +5,17 @@
 //! its ServiceAccount, against the real API server.
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use kube_fim_crds::labels::POLICY;
-use kube_fim_crds::{
-    Evidence, FileChange, FileIntegrityPolicy, FileIntegrityPolicySpec, MonitoredPath,
-};
+use kube_fim_crds::{Evidence, FileChange, FileIntegrityPolicy};
 use kube_fim_e2e::operator::{Operator, SUITE_LABEL};
 use kube_fim_e2e::{
-    approve, binary, client, ensure_crds, eventually, file_change, kubeconfig, unique_name,
+    Entry, Policy, approve, binary, client, ensure_crds, eventually, file_change, kubeconfig,
+    unique_name,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -28,16 +26,12 @@ fn start_operator(suite: &str) -> Operator {
 }
 
 fn policy(name: &str, suite: &str) -> FileIntegrityPolicy {
-    let mut spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
-        name: "etc".into(),
-        path: "/etc/sudoers".into(),
-        ..MonitoredPath::default()
-    }]);
-    // Selects no node: the operator has no agents to run, only evidence to keep.
-    spec.node_selector = BTreeMap::from([("kube-fim-e2e/none".into(), "none".into())]);
-    let mut p = FileIntegrityPolicy::new(name, spec);
-    p.metadata.labels = Some(BTreeMap::from([(SUITE_LABEL.into(), suite.into())]));
-    p
+    Policy::named(name)
+        .label(SUITE_LABEL, suite)
+        // Selects no node: the operator has no agents to run, only evidence to keep.
+        .node_selector("kube-fim-e2e/none", "none")
+        .path(Entry::new("etc", "/etc/sudoers"))
+        .build()
 }
 
 async fn names_of(client: &Client, policy: &str) -> Vec<String> {

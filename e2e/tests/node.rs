@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kube_fim_e2e::{eventually, helm, kubectl, kubectl_stdin, repo_root};
+use kube_fim_e2e::{Entry, Policy, eventually, helm, kubectl, kubectl_stdin, repo_root};
 use serde_json::Value;
 
 const NAMESPACE: &str = "kube-fim";
@@ -323,29 +323,15 @@ fn helm_install(root: &Path) {
 }
 
 fn apply_policy() {
-    let policy = format!(
-        r#"apiVersion: fim.kube-fim.io/v1alpha1
-kind: FileIntegrityPolicy
-metadata:
-  name: {POLICY}
-spec:
-  nodeSelector:
-    kubernetes.io/os: linux
-  paths:
-    - name: accounts
-      path: /etc/passwd
-    - name: ssh
-      path: /etc/ssh
-      recursive: true
-    - name: etc-conf
-      path: /etc/*.conf
-    - name: share
-      path: /srv/share
-      recursive: true
-  scanInterval: 1h
-  debounce: 1s
-"#
-    );
+    let policy = Policy::named(POLICY)
+        .node_selector("kubernetes.io/os", "linux")
+        .path(Entry::new("accounts", "/etc/passwd"))
+        .path(Entry::new("ssh", "/etc/ssh").recursive())
+        .path(Entry::new("etc-conf", "/etc/*.conf"))
+        .path(Entry::new("share", "/srv/share").recursive())
+        .scan_interval("1h")
+        .debounce("1s")
+        .yaml();
     let run = kubectl_stdin(&["apply", "-f", "-"], &policy);
     assert!(run.success, "{}", run.stderr);
 }

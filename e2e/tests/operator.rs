@@ -5,7 +5,6 @@
 //! of two replicas one leads.
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -18,11 +17,11 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use kube_fim_crds::{
     FileChange, FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
-    FileIntegrityPolicy, FileIntegrityPolicySpec, MonitoredPath, NodePolicyPhase, NodePolicyStatus,
+    FileIntegrityPolicy, NodePolicyPhase, NodePolicyStatus,
 };
 use kube_fim_e2e::{
-    Process, binary, client, ensure_crds, eventually, file_change, free_port, http_get, kubectl,
-    metric, service_account_kubeconfig, unique_name,
+    Entry, Policy, Process, binary, client, ensure_crds, eventually, file_change, free_port,
+    http_get, kubectl, metric, service_account_kubeconfig, unique_name,
 };
 
 const SUITE_LABEL: &str = "e2e.kube-fim.io/suite";
@@ -60,18 +59,14 @@ fn start_operator(name: &str, suite: &str, daemonset: &str, lease: &str) -> Oper
 }
 
 fn policy(name: &str, suite: &str, selector: &[(&str, &str)]) -> FileIntegrityPolicy {
-    let mut spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
-        name: "passwd".into(),
-        path: "/etc/passwd".into(),
-        ..MonitoredPath::default()
-    }]);
-    spec.node_selector = selector
+    selector
         .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let mut p = FileIntegrityPolicy::new(name, spec);
-    p.metadata.labels = Some(BTreeMap::from([(SUITE_LABEL.into(), suite.into())]));
-    p
+        .fold(
+            Policy::named(name).label(SUITE_LABEL, suite),
+            |p, (k, v)| p.node_selector(k, v),
+        )
+        .path(Entry::new("passwd", "/etc/passwd"))
+        .build()
 }
 
 fn affinity_terms(ds: &DaemonSet) -> Vec<Vec<(String, Vec<String>)>> {
@@ -199,11 +194,10 @@ async fn the_agent_daemonset_follows_the_union_of_the_policies() {
 
     // Editing the policy's paths does not touch the pod template: no rollout.
     let mut edited = web.clone();
-    edited.spec.paths.push(MonitoredPath {
-        name: "group".into(),
-        path: "/etc/group".into(),
-        ..MonitoredPath::default()
-    });
+    edited
+        .spec
+        .paths
+        .push(Entry::new("group", "/etc/group").into());
     policies
         .replace(
             &web.name_any(),

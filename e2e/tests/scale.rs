@@ -33,8 +33,8 @@ use kube_fim_crds::labels::{POLICY, label_value};
 use kube_fim_crds::{ChangeCategory, FileChange, FileIntegrityPolicy};
 use kube_fim_e2e::operator::{Operator, SUITE_LABEL};
 use kube_fim_e2e::{
-    Process, binary, client, ensure_crds, ensure_rbac, free_port, kubeconfig, kubectl,
-    kubectl_stdin, unique_name,
+    Entry, Policy, Process, binary, client, ensure_crds, ensure_rbac, free_port, kubeconfig,
+    kubectl, kubectl_stdin, unique_name,
 };
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -465,9 +465,13 @@ async fn run() {
 
     // kubectl apply → Ready on every node.
     let policy = format!("{suite}-policy");
-    let manifest = format!(
-        "apiVersion: fim.kube-fim.io/v1alpha1\nkind: FileIntegrityPolicy\nmetadata:\n  name: {policy}\n  labels:\n    {SUITE_LABEL}: {suite}\nspec:\n  nodeSelector:\n    role: {suite}\n  debounce: 200ms\n  paths:\n    - name: etc\n      path: /etc\n      recursive: true\n    - name: bin\n      path: /usr/bin\n      recursive: true\n"
-    );
+    let manifest = Policy::named(&policy)
+        .label(SUITE_LABEL, &suite)
+        .node_selector("role", &suite)
+        .debounce("200ms")
+        .path(Entry::new("etc", "/etc").recursive())
+        .path(Entry::new("bin", "/usr/bin").recursive())
+        .yaml();
     let applied = Instant::now();
     let run = kubectl_stdin(&["apply", "-f", "-"], &manifest);
     assert!(run.success, "kubectl apply: {}", run.stderr);

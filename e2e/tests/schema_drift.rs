@@ -13,9 +13,10 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams};
 use kube_fim_crds::FileIntegrityPolicy;
+use kube_fim_e2e::operator::SUITE_LABEL;
 use kube_fim_e2e::{
-    Process, binary, client, ensure_crds, eventually, free_port, http_get, kubectl_stdin, metric,
-    repo_root, service_account_kubeconfig, unique_name,
+    Entry, Policy, Process, binary, client, ensure_crds, eventually, free_port, http_get,
+    kubectl_stdin, metric, repo_root, service_account_kubeconfig, unique_name,
 };
 
 const CRD_FILE: &str = "crds/fim.kube-fim.io_fileintegritypolicies.yaml";
@@ -64,9 +65,13 @@ async fn a_policy_invalid_under_the_current_schema_degrades_without_a_crash_loop
     let committed = std::fs::read_to_string(repo_root().join(CRD_FILE)).unwrap();
     let suite = unique_name("drift");
     let name = format!("{suite}-old");
-    let bad = format!(
-        "apiVersion: fim.kube-fim.io/v1alpha1\nkind: FileIntegrityPolicy\nmetadata:\n  name: {name}\n  labels:\n    e2e.kube-fim.io/suite: {suite}\nspec:\n  paths:\n    - name: passwd\n      path: etc/passwd\n"
-    );
+    // A relative path: refused by today's CEL rules.
+    let bad = |name: &str| {
+        Policy::named(name)
+            .label(SUITE_LABEL, &suite)
+            .path(Entry::new("passwd", "etc/passwd"))
+            .yaml()
+    };
     {
         // An "older" schema without the CEL rules accepts the relative path...
         let restore = RestoreCrd(committed.clone());
@@ -77,7 +82,7 @@ async fn a_policy_invalid_under_the_current_schema_degrades_without_a_crash_loop
             "the loose schema in effect",
             Duration::from_secs(20),
             || async {
-                let run = kubectl_stdin(&["apply", "-f", "-"], &bad);
+                let run = kubectl_stdin(&["apply", "-f", "-"], &bad(&name));
                 if run.success { Ok(()) } else { Err(run.stderr) }
             },
         )
@@ -87,7 +92,7 @@ async fn a_policy_invalid_under_the_current_schema_degrades_without_a_crash_loop
     // ...and today's schema would refuse it.
     let run = kubectl_stdin(
         &["apply", "--dry-run=server", "-f", "-"],
-        &bad.replace(&name, &format!("{name}-new")),
+        &bad(&format!("{name}-new")),
     );
     assert!(
         !run.success && run.stderr.contains("spec.paths[0].path"),

@@ -25,11 +25,13 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const POD_UID: &str = "3f6c2a9e-7b1d-4e8a-9c2f-0a1b2c3d4e5f";
 const CONTAINER: &str = "5d1e0c9b8a7f6e5d4c3b2a1908f7e6d5c4b3a2918f7e6d5c4b3a29180f7e6d5c";
 
-fn host(extra: &str) -> Host {
-    let h = Host::new(&policy(
-        &format!("  debounce: 300ms\n{extra}"),
-        "    - name: etc\n      path: /etc\n      recursive: true\n",
-    ));
+fn host(process_attribution: bool) -> Host {
+    let h = Host::with(
+        &Policy::named("test")
+            .debounce("300ms")
+            .process_attribution(process_attribution)
+            .path(Entry::new("etc", "/etc").recursive()),
+    );
     h.write("/etc/hosts", "127.0.0.1 localhost\n");
     h.write(
         "/etc/passwd",
@@ -95,17 +97,17 @@ fn wait_change<'a>(w: &Watch, seen: &'a mut Vec<Value>, path: &str, category: &s
 #[test]
 fn names_the_command_the_uid_and_who_deleted_and_renamed() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let h = host("  processAttribution: true\n");
+    let h = host(true);
     h.baseline();
     let w = h.watch();
     let m = w.metrics();
     assert_eq!(
-        metric(&m, "kube_fim_agent_attribution_active", &[]),
+        metric_where(&m, "kube_fim_agent_attribution_active", &[]),
         Some(1.0),
         "{m}"
     );
     assert_eq!(
-        metric(&m, "kube_fim_agent_watched_directories", &[]),
+        metric_where(&m, "kube_fim_agent_watched_directories", &[]),
         Some(0.0),
         "fanotify, no inotify watch: {m}"
     );
@@ -185,10 +187,10 @@ fn names_the_command_the_uid_and_who_deleted_and_renamed() {
     child.wait().unwrap();
     let m = w.metrics();
     assert_eq!(
-        metric(
+        metric_where(
             &m,
             "kube_fim_agent_attributed_changes_total",
-            &["command=\"fim-writer\""]
+            &[("command", "fim-writer")]
         ),
         Some(5.0),
         "{m}"
@@ -253,7 +255,7 @@ impl Drop for PodCgroup {
 #[test]
 fn a_process_in_a_pod_cgroup_and_its_own_pid_namespace_is_named_by_pod_and_container() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let h = host("  processAttribution: true\n");
+    let h = host(true);
     h.baseline();
     let w = h.watch();
     let cg = PodCgroup::create();
@@ -303,7 +305,7 @@ fn a_process_in_a_pod_cgroup_and_its_own_pid_namespace_is_named_by_pod_and_conta
 #[test]
 fn a_queue_overflow_triggers_a_full_rescan() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let h = host("  processAttribution: true\n");
+    let h = host(true);
     h.baseline();
     // A tiny kernel queue for the group the agent makes at start.
     const KNOB: &str = "/proc/sys/fs/fanotify/max_queued_events";
@@ -333,7 +335,7 @@ fn a_queue_overflow_triggers_a_full_rescan() {
     signal("-CONT");
     let overflowed = wait_for("an overflow", Duration::from_secs(10), || {
         let m = w.metrics();
-        metric(&m, "kube_fim_agent_fanotify_overflows_total", &[]).filter(|v| *v >= 1.0)
+        metric_where(&m, "kube_fim_agent_fanotify_overflows_total", &[]).filter(|v| *v >= 1.0)
     });
     assert!(overflowed >= 1.0);
     // Nothing lost: the rescan reports every file.
@@ -357,7 +359,7 @@ fn a_queue_overflow_triggers_a_full_rescan() {
 #[test]
 fn without_cap_sys_admin_the_agent_falls_back_to_inotify_and_says_why() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let h = host("  processAttribution: true\n");
+    let h = host(true);
     h.baseline();
     let mut w = h.watch_via(&[
         "setpriv",
@@ -367,21 +369,21 @@ fn without_cap_sys_admin_the_agent_falls_back_to_inotify_and_says_why() {
     ]);
     let m = w.metrics();
     assert_eq!(
-        metric(&m, "kube_fim_agent_attribution_active", &[]),
+        metric_where(&m, "kube_fim_agent_attribution_active", &[]),
         Some(0.0),
         "{m}"
     );
     assert_eq!(
-        metric(
+        metric_where(
             &m,
             "kube_fim_agent_attribution_unavailable",
-            &["reason=\"NoCapSysAdmin\""]
+            &[("reason", "NoCapSysAdmin")]
         ),
         Some(1.0),
         "{m}"
     );
     assert!(
-        metric(&m, "kube_fim_agent_watched_directories", &[]).unwrap() >= 1.0,
+        metric_where(&m, "kube_fim_agent_watched_directories", &[]).unwrap() >= 1.0,
         "inotify watches: {m}"
     );
     std::fs::write(h.p("/etc/hosts"), "changed\n").unwrap();
@@ -402,17 +404,17 @@ fn without_cap_sys_admin_the_agent_falls_back_to_inotify_and_says_why() {
 #[test]
 fn no_attribution_asked_no_fanotify() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let h = host("");
+    let h = host(false);
     h.baseline();
     let w = h.watch();
     let m = w.metrics();
     assert_eq!(
-        metric(&m, "kube_fim_agent_attribution_active", &[]),
+        metric_where(&m, "kube_fim_agent_attribution_active", &[]),
         Some(0.0),
         "{m}"
     );
     assert_eq!(
-        metric(&m, "kube_fim_agent_fanotify_directories", &[]),
+        metric_where(&m, "kube_fim_agent_fanotify_directories", &[]),
         Some(0.0),
         "{m}"
     );

@@ -10,8 +10,8 @@ use common::*;
 
 const T: Duration = Duration::from_secs(30);
 
-fn etc_policy() -> String {
-    policy("", "    - name: etc\n      path: /etc\n")
+fn etc_policy() -> Policy {
+    Policy::named("test").path(Entry::new("etc", "/etc"))
 }
 
 #[test]
@@ -40,7 +40,7 @@ fn help_explains_each_command() {
 
 #[test]
 fn bad_flags_exit_2_naming_the_flag() {
-    let h = Host::new(&etc_policy());
+    let h = Host::with(&etc_policy());
     h.write("/etc/hosts", "h");
     let mut a = h.args("check");
     a.push("--bogus");
@@ -88,33 +88,36 @@ fn bad_flags_exit_2_naming_the_flag() {
 
 #[test]
 fn bad_policy_files_exit_2_naming_the_field() {
-    let cases: &[(&str, &str)] = &[
+    let p = || Policy::named("test");
+    let cases = [
         (
-            "    - name: etc\n      path: etc/passwd\n",
+            p().path(Entry::new("etc", "etc/passwd")),
             "spec.paths[0].path",
         ),
         (
-            "    - name: ok\n      path: /etc/hosts\n    - name: mid\n      path: /etc/*/passwd\n",
+            p().path(Entry::new("ok", "/etc/hosts"))
+                .path(Entry::new("mid", "/etc/*/passwd")),
             "spec.paths[1].path",
         ),
         (
-            "    - name: dots\n      path: /etc/../shadow\n",
+            p().path(Entry::new("dots", "/etc/../shadow")),
             "spec.paths[0].path",
         ),
         (
-            "    - name: everything\n      path: /\n      recursive: true\n",
+            p().path(Entry::new("everything", "/").recursive()),
             "spec.paths[0].path",
         ),
         (
-            "    - name: Bad_Name\n      path: /etc\n",
+            p().path(Entry::new("Bad_Name", "/etc")),
             "spec.paths[0].name",
         ),
     ];
-    for (paths, field) in cases {
-        let h = Host::new(&policy("", paths));
+    for (policy, field) in cases {
+        let h = Host::with(&policy);
+        let paths = policy.build().spec.paths;
         for cmd in ["baseline", "check", "watch"] {
             let r = agent(&h.args(cmd), T);
-            assert_eq!(r.code(), 2, "{cmd} with {paths}: {r:?}");
+            assert_eq!(r.code(), 2, "{cmd} with {paths:?}: {r:?}");
             assert!(
                 r.stderr.contains(field),
                 "{cmd}: the error names {field}: {}",
@@ -134,10 +137,11 @@ fn bad_policy_files_exit_2_naming_the_field() {
     assert_eq!(r.code(), 2, "{r:?}");
     assert!(r.stderr.contains("ConfigMap"), "{}", r.stderr);
 
-    let h = Host::new(&policy(
-        "  scanIntervall: 1h\n",
-        "    - name: etc\n      path: /etc\n",
-    ));
+    // A field the API types lack cannot be built typed: it is added to the
+    // policy as written.
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&etc_policy().yaml()).unwrap();
+    doc["spec"]["scanIntervall"] = "1h".into();
+    let h = Host::new(&serde_yaml::to_string(&doc).unwrap());
     let r = agent(&h.args("baseline"), T);
     assert_eq!(r.code(), 2, "{r:?}");
     assert!(r.stderr.contains("scanIntervall"), "{}", r.stderr);
@@ -147,7 +151,7 @@ fn bad_policy_files_exit_2_naming_the_field() {
     assert_eq!(r.code(), 2, "{r:?}");
     assert!(r.stderr.contains("policy"), "{}", r.stderr);
 
-    let h = Host::new(&etc_policy());
+    let h = Host::with(&etc_policy());
     std::fs::remove_file(&h.policy).unwrap();
     let r = agent(&h.args("check"), T);
     assert_eq!(r.code(), 2, "{r:?}");
@@ -160,7 +164,7 @@ fn bad_policy_files_exit_2_naming_the_field() {
 
 #[test]
 fn check_without_or_with_a_damaged_baseline_exits_2() {
-    let h = Host::new(&etc_policy());
+    let h = Host::with(&etc_policy());
     h.write("/etc/hosts", "h");
     let r = h.check_json();
     assert_eq!(r.code(), 2, "{r:?}");
@@ -184,9 +188,7 @@ fn check_without_or_with_a_damaged_baseline_exits_2() {
 
 #[test]
 fn an_empty_policy_list_is_refused() {
-    let h = Host::new(
-        "apiVersion: fim.kube-fim.io/v1alpha1\nkind: FileIntegrityPolicy\nmetadata:\n  name: t\nspec: {}\n",
-    );
+    let h = Host::with(&Policy::named("t"));
     let r = agent(&h.args("baseline"), T);
     assert_eq!(r.code(), 2, "{r:?}");
     assert!(r.stderr.contains("spec"), "{}", r.stderr);

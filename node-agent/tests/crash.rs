@@ -14,10 +14,7 @@ const DIRS: usize = 50;
 const PER_DIR: usize = 500;
 
 fn big_host() -> Host {
-    let h = Host::new(&policy(
-        "",
-        "    - name: data\n      path: /data\n      recursive: true\n",
-    ));
+    let h = Host::with(&Policy::named("test").path(Entry::new("data", "/data").recursive()));
     for d in 0..DIRS {
         let dir = h.p(&format!("/data/d{d:03}"));
         std::fs::create_dir_all(&dir).unwrap();

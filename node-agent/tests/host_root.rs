@@ -159,15 +159,15 @@ fn nasty_host() -> Nasty {
     std::fs::write(outside_dir.join("shadow"), SECRET).unwrap();
     std::fs::write(outside_dir.join("secret"), SECRET).unwrap();
 
-    let host = Host::new(&policy(
-        "",
-        "    - name: etc\n      path: /etc\n      recursive: true\n      exclude: [\"*.tmp\"]\n\
-         \x20   - name: many\n      path: /data/many\n\
-         \x20   - name: deep\n      path: /deep\n      recursive: true\n\
-         \x20   - name: sparse\n      path: /var/sparse.img\n\
-         \x20   - name: escape\n      path: /escape/secret\n\
-         \x20   - name: loop\n      path: /loop/a/x\n",
-    ));
+    let host = Host::with(
+        &Policy::named("test")
+            .path(Entry::new("etc", "/etc").recursive().exclude("*.tmp"))
+            .path(Entry::new("many", "/data/many"))
+            .path(Entry::new("deep", "/deep").recursive())
+            .path(Entry::new("sparse", "/var/sparse.img"))
+            .path(Entry::new("escape", "/escape/secret"))
+            .path(Entry::new("loop", "/loop/a/x")),
+    );
     let w = |p: &str, c: &[u8]| {
         let path = host.write(p, c);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -474,10 +474,7 @@ fn nasty_host_root_baseline_check_and_exact_changes() {
 
 #[test]
 fn permission_denied_is_skipped_with_a_reason() {
-    let host = Host::new(&policy(
-        "",
-        "    - name: etc\n      path: /etc\n      recursive: true\n",
-    ));
+    let host = Host::with(&Policy::named("test").path(Entry::new("etc", "/etc").recursive()));
     host.write("/etc/readable", b"ok\n");
     let locked = host.write("/etc/locked", b"secret\n");
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
@@ -536,7 +533,7 @@ fn permission_denied_is_skipped_with_a_reason() {
             None => Command::new(BIN),
         };
         c.args(&args);
-        run_cmd(c, Duration::from_secs(30))
+        run_with_timeout(c, Duration::from_secs(30))
     };
     let b = run("baseline", false);
     assert_eq!(b.code(), 0, "{b:?}");

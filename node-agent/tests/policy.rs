@@ -13,10 +13,11 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::*;
+use kube_fim_crds::Preset;
 
 /// The host paths the policy monitors, among `files` written into a fresh root.
-fn monitored(policy_yaml: &str, files: &[&str]) -> BTreeSet<String> {
-    let h = Host::new(policy_yaml);
+fn monitored(policy: &Policy, files: &[&str]) -> BTreeSet<String> {
+    let h = Host::with(policy);
     for f in files {
         h.write(f, f.as_bytes());
     }
@@ -58,28 +59,20 @@ fn set(v: &[&str]) -> BTreeSet<String> {
 
 #[test]
 fn wildcards_excludes_recursion_and_disabled_entries() {
-    let yaml = policy(
-        "",
-        r#"    - name: etc-conf
-      path: /etc/*.conf
-      exclude: ["resolv.conf"]
-    - name: app
-      path: /var/lib/app
-      recursive: true
-      exclude: ["*.swp", "logs", "/var/lib/app/cache/**", "/var/lib/app/sub/skip.txt"]
-    - name: data
-      path: /opt/data
-    - name: cron
-      path: /etc/cron.[dw]*
-      recursive: true
-    - name: off
-      path: /srv/off
-      recursive: true
-      enabled: false
-    - name: exact
-      path: /etc/hosts
-"#,
-    );
+    let policy = Policy::named("test")
+        .path(Entry::new("etc-conf", "/etc/*.conf").exclude("resolv.conf"))
+        .path(
+            Entry::new("app", "/var/lib/app")
+                .recursive()
+                .exclude("*.swp")
+                .exclude("logs")
+                .exclude("/var/lib/app/cache/**")
+                .exclude("/var/lib/app/sub/skip.txt"),
+        )
+        .path(Entry::new("data", "/opt/data"))
+        .path(Entry::new("cron", "/etc/cron.[dw]*").recursive())
+        .path(Entry::new("off", "/srv/off").recursive().disabled())
+        .path(Entry::new("exact", "/etc/hosts"));
     let files = [
         "/etc/a.conf",
         "/etc/b.conf",
@@ -106,7 +99,7 @@ fn wildcards_excludes_recursion_and_disabled_entries() {
         "/srv/off/file",
     ];
     assert_eq!(
-        monitored(&yaml, &files),
+        monitored(&policy, &files),
         set(&[
             "/etc/a.conf",
             "/etc/b.conf",
@@ -153,10 +146,10 @@ const PRESET_FILES: &[&str] = &[
 
 #[test]
 fn the_recommended_preset() {
-    let yaml = "apiVersion: fim.kube-fim.io/v1alpha1\nkind: FileIntegrityPolicy\nmetadata:\n  name: rec\nspec:\n  preset: recommended\n";
+    let policy = Policy::named("rec").preset(Preset::Recommended);
     // /bin/login is both the `bin-login` entry and a direct entry of `bin`: one
     // change for the policy, under its most specific entry.
-    let h = Host::new(yaml);
+    let h = Host::with(&policy);
     h.write("/bin/login", "l");
     h.baseline();
     std::fs::write(h.p("/bin/login"), "changed").unwrap();
@@ -169,7 +162,7 @@ fn the_recommended_preset() {
     assert_eq!(entries, set(&["bin-login"]), "{}", c.stdout);
     assert_eq!(c.changes().len(), 1, "{}", c.stdout);
     assert_eq!(
-        monitored(yaml, PRESET_FILES),
+        monitored(&policy, PRESET_FILES),
         set(&[
             "/bin/login",
             "/bin/passwd",
@@ -196,11 +189,12 @@ fn the_recommended_preset() {
 
 #[test]
 fn paths_override_preset_entries_by_name() {
-    let yaml = policy(
-        "  preset: recommended\n",
-        "    - name: boot\n      path: /boot\n      enabled: false\n    - name: usr-bin\n      path: /usr/bin\n      recursive: true\n    - name: logs\n      path: /var/log\n",
-    );
-    let got = monitored(&yaml, PRESET_FILES);
+    let policy = Policy::named("test")
+        .preset(Preset::Recommended)
+        .path(Entry::new("boot", "/boot").disabled())
+        .path(Entry::new("usr-bin", "/usr/bin").recursive())
+        .path(Entry::new("logs", "/var/log"));
+    let got = monitored(&policy, PRESET_FILES);
     assert!(!got.iter().any(|p| p.starts_with("/boot/")), "{got:?}");
     assert!(got.contains("/usr/bin/sub/nested"), "{got:?}");
     assert!(got.contains("/var/log/syslog"), "{got:?}");

@@ -13,10 +13,11 @@ use common::*;
 /// those `watch` already reported (reported ≠ approved).
 #[test]
 fn check_lists_differences_already_reported_by_watch() {
-    let h = Host::new(&policy(
-        "  debounce: 300ms\n",
-        "    - name: etc\n      path: /etc\n",
-    ));
+    let h = Host::with(
+        &Policy::named("test")
+            .debounce("300ms")
+            .path(Entry::new("etc", "/etc")),
+    );
     h.write("/etc/hosts", "a\n");
     h.write("/etc/passwd", "p\n");
     h.baseline();
@@ -44,10 +45,7 @@ fn check_lists_differences_already_reported_by_watch() {
 /// baseline"), never none.
 #[test]
 fn kill_9_during_a_rebaseline_keeps_the_old_baseline() {
-    let h = Host::new(&policy(
-        "",
-        "    - name: data\n      path: /data\n      recursive: true\n",
-    ));
+    let h = Host::with(&Policy::named("test").path(Entry::new("data", "/data").recursive()));
     for d in 0..20 {
         for f in 0..500 {
             h.write(&format!("/data/d{d}/f{f}"), format!("{d}/{f}"));
@@ -74,7 +72,7 @@ fn kill_9_during_a_rebaseline_keeps_the_old_baseline() {
 /// (crds/src/change.rs); the agent records the BLAKE3 of empty input instead.
 #[test]
 fn xattrs_are_absent_for_a_file_without_any() {
-    let h = Host::new(&policy("", "    - name: etc\n      path: /etc\n"));
+    let h = Host::with(&Policy::named("test").path(Entry::new("etc", "/etc")));
     h.write("/etc/hosts", "a\n");
     h.baseline();
     h.write("/etc/new", "n\n");

@@ -16,10 +16,12 @@ use common::*;
 const DEBOUNCE_MS: u64 = 300;
 
 fn host() -> Host {
-    let h = Host::new(&policy(
-        &format!("  debounce: {DEBOUNCE_MS}ms\n"),
-        "    - name: etc\n      path: /etc\n      recursive: true\n    - name: conf\n      path: /opt/*.conf\n",
-    ));
+    let h = Host::with(
+        &Policy::named("test")
+            .debounce(&format!("{DEBOUNCE_MS}ms"))
+            .path(Entry::new("etc", "/etc").recursive())
+            .path(Entry::new("conf", "/opt/*.conf")),
+    );
     for (p, c) in [
         ("/etc/hosts", "127.0.0.1 localhost\n"),
         ("/etc/passwd", "root:x:0:0::/root:/bin/sh\n"),
@@ -202,10 +204,10 @@ fn metrics_are_served() {
     let m = w.metrics();
     // etc: /etc itself, 3 files, the ssh and many directories, 50 files;
     // conf: /opt/app.conf (not /opt/other.txt).
-    let files = metric(&m, "kube_fim_agent_files_monitored", &["policy=\"test\""]);
+    let files = metric_where(&m, "kube_fim_agent_files_monitored", &[("policy", "test")]);
     assert_eq!(files, Some(57.0), "{m}");
     let content: u64 = walk_sizes(&h);
-    let hashed = metric(&m, "kube_fim_agent_bytes_hashed_total", &[]).unwrap();
+    let hashed = metric_where(&m, "kube_fim_agent_bytes_hashed_total", &[]).unwrap();
     assert_eq!(hashed as u64, content, "bytes hashed at startup: {m}");
     assert!(m.contains("node=\"local\""), "{m}");
     assert!(!m.contains("/etc/hosts"), "never a label per path");
@@ -214,20 +216,22 @@ fn metrics_are_served() {
     w.next(Duration::from_secs(5)).expect("a change line");
     let m = wait_for("the change counted", Duration::from_secs(5), || {
         let m = w.metrics();
-        metric(
+        metric_where(
             &m,
             "kube_fim_agent_changes_total",
-            &["category=\"Modified\"", "policy=\"test\""],
+            &[("category", "Modified"), ("policy", "test")],
         )
         .filter(|v| *v == 1.0)
         .map(|_| m)
     });
     assert!(
-        metric(&m, "kube_fim_agent_bytes_hashed_total", &[]).unwrap() as u64 > content,
+        metric_where(&m, "kube_fim_agent_bytes_hashed_total", &[]).unwrap() as u64 > content,
         "{m}"
     );
-    let (code, _) = http_get(&w.addr, "/healthz").unwrap();
-    assert_eq!(code, 200);
+    assert!(
+        http_get(w.port, "/healthz").is_some(),
+        "/healthz answers 200"
+    );
 }
 
 /// Bytes of the monitored regular files of [`host`].

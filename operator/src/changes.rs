@@ -8,7 +8,7 @@
 //! per refresh. Policy, node and approval are read from the objects, never from
 //! labels (anyone with patch rights can set a label).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -21,8 +21,8 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use tokio::sync::watch;
 
+use crate::seen::{Change, Seen};
 use crate::status::ChangeCounts;
-use crate::triggers::Change;
 
 /// A FileChange as the watch decodes it. The rest of the object (states,
 /// hashes, the writer) is skipped unread: less to decode per event, and a
@@ -78,67 +78,55 @@ impl Item {
     }
 }
 
-/// Per policy, its changes by name.
-type ByPolicy = HashMap<String, HashMap<String, Item>>;
-
+/// The changes as the watch last saw them, by name, and the names of each
+/// policy's changes (what a status refresh and a retention pass look up).
 #[derive(Debug, Default)]
 struct Index {
-    current: ByPolicy,
-    /// What a re-list has brought so far; replaces `current` when it is done.
-    relist: ByPolicy,
-}
-
-fn insert(map: &mut ByPolicy, item: Item) -> Option<Item> {
-    map.entry(item.policy.clone())
-        .or_default()
-        .insert(item.name.clone(), item)
+    seen: Seen<Item>,
+    by_policy: HashMap<String, HashSet<String>>,
 }
 
 impl Index {
     fn observe(&mut self, event: &watcher::Event<ChangeView>) -> Change<Item> {
-        match event {
-            watcher::Event::Apply(change) => {
-                let new = Item::of(change);
-                match insert(&mut self.current, new.clone()) {
-                    Some(old) if old == new => Change::Same,
-                    old => Change::Changed {
-                        old,
-                        new: Some(new),
-                    },
+        let change = self.seen.observe(event, Item::of);
+        match &change {
+            Change::Same => {}
+            Change::Changed { old, new } => {
+                if let Some(old) = old
+                    && let Some(names) = self.by_policy.get_mut(&old.policy)
+                {
+                    names.remove(&old.name);
+                    if names.is_empty() {
+                        self.by_policy.remove(&old.policy);
+                    }
+                }
+                if let Some(new) = new {
+                    self.by_policy
+                        .entry(new.policy.clone())
+                        .or_default()
+                        .insert(new.name.clone());
                 }
             }
-            watcher::Event::Delete(change) => {
-                // A FileChange's spec never changes: its policy is the one it
-                // was filed under.
-                let gone = Item::of(change);
-                let Some(names) = self.current.get_mut(&gone.policy) else {
-                    return Change::Same;
-                };
-                let old = names.remove(&gone.name);
-                if names.is_empty() {
-                    self.current.remove(&gone.policy);
+            Change::Relisted => {
+                self.by_policy.clear();
+                for item in self.seen.values() {
+                    self.by_policy
+                        .entry(item.policy.clone())
+                        .or_default()
+                        .insert(item.name.clone());
                 }
-                match old {
-                    Some(old) => Change::Changed {
-                        old: Some(old),
-                        new: None,
-                    },
-                    None => Change::Same,
-                }
-            }
-            watcher::Event::Init => {
-                self.relist.clear();
-                Change::Same
-            }
-            watcher::Event::InitApply(change) => {
-                insert(&mut self.relist, Item::of(change));
-                Change::Same
-            }
-            watcher::Event::InitDone => {
-                self.current = std::mem::take(&mut self.relist);
-                Change::Relisted
             }
         }
+        change
+    }
+
+    /// The changes of `policy`.
+    fn of_policy<'a>(&'a self, policy: &str) -> impl Iterator<Item = &'a Item> {
+        self.by_policy
+            .get(policy)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.seen.get(name))
     }
 }
 
@@ -182,27 +170,23 @@ impl Changes {
 
     /// The changes of `policy`.
     pub fn of_policy(&self, policy: &str) -> Vec<Item> {
-        self.index()
-            .current
-            .get(policy)
-            .map(|names| names.values().cloned().collect())
-            .unwrap_or_default()
+        self.index().of_policy(policy).cloned().collect()
     }
 
     /// What `policy`'s status shows of its changes, at `now`.
     pub fn counts(&self, policy: &str, now: Timestamp) -> ChangeCounts {
         let index = self.index();
-        let Some(names) = index.current.get(policy) else {
-            return ChangeCounts::default();
-        };
         let day = Duration::from_secs(24 * 3600);
-        ChangeCounts {
-            last_24h: names
-                .values()
-                .filter(|i| now.duration_since(i.created).unsigned_abs() <= day)
-                .count() as i64,
-            unacknowledged: names.values().filter(|i| !i.approved).count() as i64,
+        let mut counts = ChangeCounts::default();
+        for item in index.of_policy(policy) {
+            if now.duration_since(item.created).unsigned_abs() <= day {
+                counts.last_24h += 1;
+            }
+            if !item.approved {
+                counts.unacknowledged += 1;
+            }
         }
+        counts
     }
 }
 

@@ -1,5 +1,5 @@
 //! The two reconcilers, both run by `kube::runtime`'s applier with one
-//! [`Context`] and one error policy:
+//! [`Context`](crate::context::Context) and one error policy:
 //! - per policy ([`reconcile`]): status and events;
 //! - for the fleet ([`reconcile_fleet`]): the single agent DaemonSet equal to
 //!   the union of the valid policies, and no record left of a deleted node.
@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, Stream, StreamExt, stream};
@@ -21,86 +21,28 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, applier};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use kube_fim_crds::validate::validate_policy;
 use kube_fim_crds::{FileIntegrityNode, FileIntegrityPolicy, FileIntegrityPolicyStatus};
 use serde::de::DeserializeOwned;
-use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::changes::{self, ChangeView, Changes};
+use crate::changes::{self, ChangeView};
 use crate::config::Config;
+use crate::context::{Context, Error, FIELD_MANAGER};
 use crate::daemonset::desired_daemonset;
 use crate::metrics::Metrics;
+use crate::seen::{Change, Seen};
 use crate::status::{self, DEGRADED};
-use crate::triggers::{self, Change, Pending, Seen, Wake};
+use crate::triggers::{self, Wake};
 use crate::{evidence, retention};
-
-/// Field manager of every write the operator makes.
-pub const FIELD_MANAGER: &str = "kube-fim-operator";
 
 /// The fleet is looked at again this often without any event.
 const FLEET_RESYNC: Duration = Duration::from_secs(30);
 /// A failed reconcile is retried after this long.
 const RETRY: Duration = Duration::from_secs(5);
-
-/// What can go wrong while reconciling.
-#[derive(Debug, Error)]
-pub enum Error {
-    #[error("listing FileChanges of policy {policy}: {source}")]
-    ListChanges { policy: String, source: kube::Error },
-    #[error("writing status of policy {policy}: {source}")]
-    WriteStatus { policy: String, source: kube::Error },
-    #[error("serializing status: {0}")]
-    Serialize(#[from] serde_json::Error),
-    #[error("updating the agent DaemonSet: {0}")]
-    DaemonSet(#[source] kube::Error),
-    #[error("deleting the FileIntegrityNode of deleted node {node}: {source}")]
-    DeleteRecord { node: String, source: kube::Error },
-    #[error("the {0} watch stopped")]
-    WatchStopped(&'static str),
-    #[error("updating the evidence finalizer of policy {policy}: {source}")]
-    Finalizer { policy: String, source: kube::Error },
-}
-
-impl Error {
-    fn kind(&self) -> &'static str {
-        match self {
-            Error::ListChanges { .. } => "list_changes",
-            Error::WriteStatus { .. } => "write_status",
-            Error::Serialize(_) => "serialize",
-            Error::DaemonSet(_) => "daemonset",
-            Error::DeleteRecord { .. } => "delete_record",
-            Error::WatchStopped(_) => "watch",
-            Error::Finalizer { .. } => "finalizer",
-        }
-    }
-}
-
-/// Everything the reconcilers share.
-pub struct Context {
-    pub client: Client,
-    pub config: Config,
-    pub metrics: Metrics,
-    pub recorder: Recorder,
-    pub policies: Store<FileIntegrityPolicy>,
-    pub nodes: Store<Node>,
-    pub records: Store<FileIntegrityNode>,
-    /// What the policies' status and retention need of each FileChange.
-    pub changes: Changes,
-    /// What the watches woke during the current batch window.
-    pending: Mutex<Pending>,
-    /// Policies the fleet saw last, to drop the metrics of deleted ones.
-    known_policies: Mutex<HashSet<String>>,
-}
-
-impl Context {
-    fn pending(&self) -> MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 fn watcher_config(config: &Config) -> watcher::Config {
     let wc = watcher::Config::default();
@@ -128,18 +70,15 @@ pub async fn run(
             instance: Some(identity),
         },
     );
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        config: config.clone(),
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        config.clone(),
         metrics,
         recorder,
-        policies: policies.clone(),
+        policies.clone(),
         nodes,
         records,
-        changes: Changes::default(),
-        pending: Mutex::default(),
-        known_policies: Mutex::default(),
-    });
+    ));
 
     let heartbeat_timeout = config.heartbeat_timeout;
     let watches = [
@@ -329,7 +268,10 @@ async fn watch_changes(api: Api<ChangeView>, ctx: Arc<Context>) {
     }
 }
 
-async fn reconcile(policy: Arc<FileIntegrityPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub(crate) async fn reconcile(
+    policy: Arc<FileIntegrityPolicy>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let started = Instant::now();
     let name = policy.name_any();
     let waiting_since = ctx.pending().started(&name);
@@ -356,7 +298,11 @@ async fn reconcile(policy: Arc<FileIntegrityPolicy>, ctx: Arc<Context>) -> Resul
     result
 }
 
-fn error_policy(policy: Arc<FileIntegrityPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
+pub(crate) fn error_policy(
+    policy: Arc<FileIntegrityPolicy>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     requeue_after_error(&policy.name_any(), error, &ctx)
 }
 
@@ -502,13 +448,6 @@ async fn publish_events(
         if let Err(error) = ctx.recorder.publish(&event, &reference).await {
             warn!(policy = %policy.name_any(), reason = %event.reason, %error, "could not publish event");
         }
-    }
-}
-
-/// Publishes one Event on `policy`.
-pub(crate) async fn publish(policy: &FileIntegrityPolicy, ctx: &Context, event: Event) {
-    if let Err(error) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
-        warn!(policy = %policy.name_any(), reason = %event.reason, %error, "could not publish event");
     }
 }
 

@@ -15,7 +15,7 @@ use kube_fim_crds::labels::{POLICY, label_value};
 use kube_fim_crds::{Evidence, FileChange, FileIntegrityPolicy};
 use tracing::info;
 
-use crate::controller::{Context, Error, publish};
+use crate::context::{Context, Error, publish};
 use crate::retention;
 
 /// Finalizer of policies whose evidence is deleted with them.

@@ -5,11 +5,15 @@
 
 pub mod changes;
 pub mod config;
+pub mod context;
 pub mod controller;
 pub mod daemonset;
 pub mod evidence;
+#[cfg(test)]
+mod fixtures;
 pub mod metrics;
 pub mod retention;
+pub mod seen;
 pub mod server;
 pub mod status;
 pub mod triggers;

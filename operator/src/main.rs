@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use kube_fim_operator::config::Config;
-use kube_fim_operator::controller;
 use kube_fim_operator::metrics::Metrics;
 use kube_fim_operator::server::{self, Health};
+use kube_fim_operator::{context, controller};
 use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{error, info, warn};
 
@@ -64,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
         .with_identity(&identity)
         .with_duration(config.lease_duration)
         .with_grace((config.lease_duration / 3).max(1))
-        .with_field_manager(controller::FIELD_MANAGER)
+        .with_field_manager(context::FIELD_MANAGER)
         .build()
         .await
         .context("setting up leader election")?;

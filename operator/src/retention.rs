@@ -29,7 +29,7 @@ use kube_fim_crds::{FileChange, FileIntegrityPolicy};
 use tracing::{debug, info, warn};
 
 use crate::changes::Item;
-use crate::controller::{Context, publish};
+use crate::context::{Context, publish};
 
 /// The next pass comes this soon when one left changes to delete.
 const BACKLOG: Duration = Duration::from_secs(5);

@@ -19,10 +19,10 @@ use k8s_openapi::api::core::v1::{Node, NodeSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::runtime::watcher;
 use kube_fim_crds::{FileIntegrityNode, FileIntegrityPolicy};
 
 use crate::changes::Item;
+use crate::seen::Change;
 use crate::status::{heartbeat_is_fresh, report_digest, selects};
 
 /// What the reconcilers must look at again.
@@ -42,74 +42,6 @@ impl Wake {
             all_policies: true,
             fleet: true,
             ..Wake::default()
-        }
-    }
-}
-
-/// How one event changed what a watch remembers of an object.
-#[derive(Debug, PartialEq)]
-pub enum Change<V> {
-    /// Nothing the reconcilers depend on.
-    Same,
-    /// An object appeared (`old` is `None`), changed, or went away (`new` is `None`).
-    Changed { old: Option<V>, new: Option<V> },
-    /// The watch re-listed everything: objects may have changed or gone unseen.
-    Relisted,
-}
-
-/// What a watch remembers of each object, keyed by name.
-#[derive(Debug)]
-pub struct Seen<V> {
-    current: HashMap<String, V>,
-    relist: HashMap<String, V>,
-}
-
-impl<V> Default for Seen<V> {
-    fn default() -> Self {
-        Seen {
-            current: HashMap::new(),
-            relist: HashMap::new(),
-        }
-    }
-}
-
-impl<V: Clone + PartialEq> Seen<V> {
-    /// Records `event`, seeing each object through `view`.
-    pub fn observe<K: ResourceExt>(
-        &mut self,
-        event: &watcher::Event<K>,
-        view: impl Fn(&K) -> V,
-    ) -> Change<V> {
-        match event {
-            watcher::Event::Apply(obj) => {
-                let new = view(obj);
-                match self.current.insert(obj.name_any(), new.clone()) {
-                    Some(old) if old == new => Change::Same,
-                    old => Change::Changed {
-                        old,
-                        new: Some(new),
-                    },
-                }
-            }
-            watcher::Event::Delete(obj) => match self.current.remove(&obj.name_any()) {
-                Some(old) => Change::Changed {
-                    old: Some(old),
-                    new: None,
-                },
-                None => Change::Same,
-            },
-            watcher::Event::Init => {
-                self.relist.clear();
-                Change::Same
-            }
-            watcher::Event::InitApply(obj) => {
-                self.relist.insert(obj.name_any(), view(obj));
-                Change::Same
-            }
-            watcher::Event::InitDone => {
-                self.current = std::mem::take(&mut self.relist);
-                Change::Relisted
-            }
         }
     }
 }
@@ -337,8 +269,10 @@ impl Pending {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::seen::Seen;
     use k8s_openapi::api::core::v1::Taint;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::runtime::watcher;
     use kube_fim_crds::{
         FileIntegrityNodeSpec, FileIntegrityNodeStatus, FileIntegrityPolicySpec, MonitoredPath,
         NodePolicyPhase, NodePolicyStatus,

@@ -1,35 +1,36 @@
-//! Helpers shared by the integration tests: running the real `kube-fim-agent`
-//! binary with timeouts, writing policies, reading JSON changes, driving a
-//! `watch` child process and reading its metrics.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
+//! What the agent's integration tests share beyond `kube-fim-testkit`: running
+//! the real `kube-fim-agent` binary on a temporary host root, reading its JSON
+//! changes, and driving a `watch` child process.
+// Each test binary uses some of it: what one leaves unused is not dead.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    dead_code,
+    unused_imports
+)]
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub use kube_fim_testkit::{
+    Entry, Policy, Run, drain, free_port, http_get, metric_where, run_with_timeout, wait_for,
+};
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kube-fim-agent");
 
-/// What a finished command printed, and how it ended.
-#[derive(Debug)]
-pub struct Run {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
+/// The JSON change objects an agent run printed on stdout (`--output json`).
+pub trait Changes {
+    fn changes(&self) -> Vec<Value>;
 }
 
-impl Run {
-    pub fn code(&self) -> i32 {
-        self.status.code().unwrap_or(-1)
-    }
-
-    /// The JSON change objects printed on stdout (`--output json`).
-    pub fn changes(&self) -> Vec<Value> {
+impl Changes for Run {
+    fn changes(&self) -> Vec<Value> {
         parse_lines(&self.stdout)
     }
 }
@@ -41,49 +42,11 @@ pub fn parse_lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
-fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-}
-
-/// Runs `cmd` to completion, killing it (and failing the test) after `timeout`.
-pub fn run_cmd(mut cmd: Command, timeout: Duration) -> Run {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawning the agent");
-    let out = drain(child.stdout.take().unwrap());
-    let err = drain(child.stderr.take().unwrap());
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} did not finish within {timeout:?} (hang?); stderr: {}",
-                err.join().unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Run {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
-}
-
 /// Runs the agent with `args`.
 pub fn agent(args: &[&str], timeout: Duration) -> Run {
     let mut cmd = Command::new(BIN);
     cmd.args(args).env("RUST_LOG", "warn");
-    run_cmd(cmd, timeout)
+    run_with_timeout(cmd, timeout)
 }
 
 /// A host root, a state directory and a policy file in one temporary directory.
@@ -95,6 +58,13 @@ pub struct Host {
 }
 
 impl Host {
+    /// A host whose policy file is `policy`.
+    pub fn with(policy: &Policy) -> Host {
+        Host::new(&policy.yaml())
+    }
+
+    /// A host whose policy file holds `policy_yaml` (for files that are not a
+    /// valid policy).
     pub fn new(policy_yaml: &str) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().canonicalize().unwrap();
@@ -206,7 +176,7 @@ impl Host {
         let mut w = Watch {
             child,
             lines: rx,
-            addr,
+            port,
             stderr: Some(stderr),
         };
         w.wait_ready(Duration::from_secs(30));
@@ -214,55 +184,12 @@ impl Host {
     }
 }
 
-/// A port nobody listens on now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A plain HTTP/1.0 GET; returns (status code, body).
-pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
-/// The value of the first sample of `name` whose labels contain every one of
-/// `labels` (`category="Modified"`), in a Prometheus text exposition.
-pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|x| l.contains(x)))
-        .find_map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))
-}
-
 /// A running `watch`.
 pub struct Watch {
     pub child: Child,
     pub lines: mpsc::Receiver<(Instant, String)>,
-    pub addr: String,
+    /// Where its metrics and probes answer, on 127.0.0.1.
+    pub port: u16,
     stderr: Option<std::thread::JoinHandle<String>>,
 }
 
@@ -270,7 +197,7 @@ impl Watch {
     fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok((200, _)) = http_get(&self.addr, "/readyz") {
+            if http_get(self.port, "/readyz").is_some() {
                 return;
             }
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -310,9 +237,7 @@ impl Watch {
     }
 
     pub fn metrics(&self) -> String {
-        let (code, body) = http_get(&self.addr, "/metrics").unwrap();
-        assert_eq!(code, 200);
-        body
+        http_get(self.port, "/metrics").expect("metrics answer 200")
     }
 
     /// SIGKILL, as a crash.
@@ -346,14 +271,6 @@ impl Drop for Watch {
     }
 }
 
-/// A policy file with the given `spec.paths` entries (YAML list items, already
-/// indented by four spaces) and extra spec lines.
-pub fn policy(extra_spec: &str, paths: &str) -> String {
-    format!(
-        "apiVersion: fim.kube-fim.io/v1alpha1\nkind: FileIntegrityPolicy\nmetadata:\n  name: test\nspec:\n{extra_spec}  paths:\n{paths}"
-    )
-}
-
 /// The (category, path) pairs of changes, sorted.
 pub fn summary(changes: &[Value]) -> BTreeSet<(String, String)> {
     changes
@@ -384,18 +301,6 @@ pub fn attrs(change: &Value) -> Vec<String> {
 
 pub fn blake3_hex(data: &[u8]) -> String {
     blake3::hash(data).to_hex().to_string()
-}
-
-/// Polls `f` until it returns `Some`, or fails after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Sets a file's mtime into the past, so that any later write visibly moves it.

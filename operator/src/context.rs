@@ -1,0 +1,110 @@
+//! What the operator's reconcilers and its retention share: one [`Context`],
+//! one [`Error`] type, and [`publish`] for the Events they write on a policy.
+//! Everything else imports this module; it imports none of theirs but the
+//! caches it holds.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, MutexGuard};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::events::{Event, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use kube_fim_crds::{FileIntegrityNode, FileIntegrityPolicy};
+use thiserror::Error;
+use tracing::warn;
+
+use crate::changes::Changes;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::triggers::Pending;
+
+/// Field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "kube-fim-operator";
+
+/// What can go wrong while reconciling.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("listing FileChanges of policy {policy}: {source}")]
+    ListChanges { policy: String, source: kube::Error },
+    #[error("writing status of policy {policy}: {source}")]
+    WriteStatus { policy: String, source: kube::Error },
+    #[error("serializing status: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error("updating the agent DaemonSet: {0}")]
+    DaemonSet(#[source] kube::Error),
+    #[error("deleting the FileIntegrityNode of deleted node {node}: {source}")]
+    DeleteRecord { node: String, source: kube::Error },
+    #[error("the {0} watch stopped")]
+    WatchStopped(&'static str),
+    #[error("updating the evidence finalizer of policy {policy}: {source}")]
+    Finalizer { policy: String, source: kube::Error },
+}
+
+impl Error {
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Error::ListChanges { .. } => "list_changes",
+            Error::WriteStatus { .. } => "write_status",
+            Error::Serialize(_) => "serialize",
+            Error::DaemonSet(_) => "daemonset",
+            Error::DeleteRecord { .. } => "delete_record",
+            Error::WatchStopped(_) => "watch",
+            Error::Finalizer { .. } => "finalizer",
+        }
+    }
+}
+
+/// Everything the reconcilers share.
+pub struct Context {
+    pub client: Client,
+    pub config: Config,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    pub policies: Store<FileIntegrityPolicy>,
+    pub nodes: Store<Node>,
+    pub records: Store<FileIntegrityNode>,
+    /// What the policies' status and retention need of each FileChange.
+    pub changes: Changes,
+    /// What the watches woke during the current batch window.
+    pending: Mutex<Pending>,
+    /// Policies the fleet saw last, to drop the metrics of deleted ones.
+    pub(crate) known_policies: Mutex<HashSet<String>>,
+}
+
+impl Context {
+    /// A context over the given caches, with no change known and nothing pending.
+    pub fn new(
+        client: Client,
+        config: Config,
+        metrics: Metrics,
+        recorder: Recorder,
+        policies: Store<FileIntegrityPolicy>,
+        nodes: Store<Node>,
+        records: Store<FileIntegrityNode>,
+    ) -> Context {
+        Context {
+            client,
+            config,
+            metrics,
+            recorder,
+            policies,
+            nodes,
+            records,
+            changes: Changes::default(),
+            pending: Mutex::default(),
+            known_policies: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Publishes one Event on `policy`.
+pub async fn publish(policy: &FileIntegrityPolicy, ctx: &Context, event: Event) {
+    if let Err(error) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
+        warn!(policy = %policy.name_any(), reason = %event.reason, %error, "could not publish event");
+    }
+}
