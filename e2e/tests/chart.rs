@@ -317,6 +317,21 @@ fn values_schema_refuses_bad_values_at_install() {
             "metrics.serviceMonitor.interval",
         ),
         ("samplePolicy.name=Not_A_Name", "samplePolicy.name"),
+        ("agent.maxUnavailable=0", "agent.maxUnavailable"),
+        ("agent.maxUnavailable=150%", "agent.maxUnavailable"),
+        ("agent.logFormat=xml", "agent.logFormat"),
+        (
+            "agent.priorityClassName=Not_A_Class",
+            "agent.priorityClassName",
+        ),
+        (
+            "agent.podLabels.app\\.kubernetes\\.io/component=x",
+            "agent.podLabels",
+        ),
+        (
+            "agent.imagePullSecrets[0].name=",
+            "agent.imagePullSecrets.0.name",
+        ),
     ] {
         let run = helm(template_args("kube-fim", "kube-fim", &[set]));
         assert!(!run.success, "--set {set} was accepted");
@@ -339,6 +354,87 @@ fn values_schema_refuses_bad_values_at_install() {
             "agent.resources.requests.memory=128Mi",
         ],
     );
+}
+
+/// The operator's arguments in the chart's Deployment rendered with `sets`.
+fn operator_args(sets: &[&str]) -> Vec<String> {
+    let docs = template("fim", "fim-system", sets);
+    let deployment = find(&docs, "Deployment", "fim-kube-fim-operator");
+    deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The agent pod settings reach the operator, which builds the DaemonSet from
+/// them (operator/src/daemonset.rs tests what it makes of each flag; the real
+/// install below checks the DaemonSet the operator creates).
+#[test]
+fn agent_pod_settings_pass_through_to_the_operator() {
+    let defaults = operator_args(&[]);
+    for expected in [
+        "--agent-priority-class-name=system-node-critical",
+        "--agent-log-level=info",
+        "--agent-log-format=text",
+        "--agent-max-unavailable=10%",
+    ] {
+        assert!(
+            defaults.iter().any(|a| a == expected),
+            "{expected} not in {defaults:?}"
+        );
+    }
+    for prefix in [
+        "--agent-image-pull-secret",
+        "--agent-pod-label",
+        "--agent-pod-annotation",
+    ] {
+        assert!(
+            !defaults.iter().any(|a| a.starts_with(prefix)),
+            "{prefix} without values: {defaults:?}"
+        );
+    }
+    let args = operator_args(&[
+        "agent.priorityClassName=",
+        "agent.logLevel=info\\,kube_fim_agent=debug",
+        "agent.logFormat=json",
+        "agent.maxUnavailable=3",
+        "agent.imagePullSecrets[0].name=regcred",
+        "agent.imagePullSecrets[1].name=mirror",
+        "agent.podLabels.team=platform",
+        "agent.podAnnotations.example\\.com/owner=sec ops",
+    ]);
+    for expected in [
+        "--agent-priority-class-name=",
+        "--agent-log-level=info,kube_fim_agent=debug",
+        "--agent-log-format=json",
+        "--agent-max-unavailable=3",
+        "--agent-image-pull-secret=regcred",
+        "--agent-image-pull-secret=mirror",
+        "--agent-pod-label=team=platform",
+        "--agent-pod-annotation=example.com/owner=sec ops",
+    ] {
+        assert!(
+            args.iter().any(|a| a == expected),
+            "{expected} not in {args:?}"
+        );
+    }
+    // Every one parses as the operator's own flags.
+    let mut cmd = Command::new(binary("kube-fim-operator"));
+    let out = cmd.args(&args).arg("--help").output().unwrap();
+    assert!(
+        out.status.success(),
+        "the operator refuses the chart's flags: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ... and that check can fail: a value the operator refuses is refused
+    // before it prints its help.
+    let out = Command::new(binary("kube-fim-operator"))
+        .args(["--agent-max-unavailable=0", "--help"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
 }
 
 #[test]
@@ -965,6 +1061,15 @@ async fn helm_install_runs_the_operator_with_the_charts_identity_and_flags() {
         "dashboards.enabled=true",
         "--set",
         "agent.image.tag=e2e",
+        // A cluster that keeps system-node-critical to kube-system: no class.
+        "--set",
+        "agent.priorityClassName=",
+        "--set",
+        "agent.imagePullSecrets[0].name=regcred",
+        "--set",
+        "agent.podLabels.team=platform",
+        "--set",
+        "agent.maxUnavailable=2",
         // Only the sample policy (labelled with the release) is this operator's:
         // the other tests' policies are not.
         "--set-string",
@@ -1166,6 +1271,20 @@ async fn helm_install_runs_the_operator_with_the_charts_identity_and_flags() {
         "ghcr.io/kube-fim/kube-fim-agent:e2e"
     );
     assert_eq!(pod["containers"][0]["ports"][0]["containerPort"], 9101);
+    assert!(
+        pod.get("priorityClassName").is_none(),
+        "agent.priorityClassName=\"\" leaves the class out: {pod}"
+    );
+    assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux");
+    assert_eq!(pod["imagePullSecrets"][0]["name"], "regcred");
+    assert_eq!(
+        ds["spec"]["template"]["metadata"]["labels"]["team"],
+        "platform"
+    );
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
+        2
+    );
     // The headless Service selects the agents the operator really runs.
     let service = json(&["get", "service", &daemonset, "-n", NAMESPACE, "-o", "json"]).unwrap();
     let selector = service["spec"]["selector"].as_object().unwrap();
