@@ -292,6 +292,40 @@ fn helm_lint_passes_with_defaults_and_with_every_option() {
     }
 }
 
+/// The agent's FileChange watch selects `spec.node`, a CRD selectable field
+/// (GA in Kubernetes 1.32): the chart refuses older clusters rather than
+/// installing agents whose approvals never apply.
+#[test]
+fn the_chart_declares_the_kubernetes_the_crds_need() {
+    let crd =
+        std::fs::read_to_string(chart_dir().join("crds/fim.kube-fim.io_filechanges.yaml")).unwrap();
+    assert!(
+        crd.contains("selectableFields") && crd.contains("jsonPath: .spec.node"),
+        "the FileChange CRD no longer has the spec.node selectable field: revisit kubeVersion"
+    );
+    let chart = path_str(&chart_dir()).to_string();
+    let render = |version: &str| {
+        helm([
+            "template",
+            "kube-fim",
+            chart.as_str(),
+            "--kube-version",
+            version,
+        ])
+    };
+    let old = render("1.31.9");
+    assert!(!old.success, "helm renders for Kubernetes 1.31");
+    assert!(
+        old.stderr.contains("kubeVersion") && old.stderr.contains(">=1.32.0-0"),
+        "{}",
+        old.stderr
+    );
+    for ok in ["1.32.0", "v1.33.13"] {
+        let run = render(ok);
+        assert!(run.success, "Kubernetes {ok}: {}", run.stderr);
+    }
+}
+
 #[test]
 fn values_schema_refuses_bad_values_at_install() {
     for (set, field) in [
