@@ -810,6 +810,151 @@ fn the_prometheus_rule_and_dashboard_ship_the_tested_files() {
     );
 }
 
+/// The PrometheusRule's rules by alert name, rendered with `sets` (plus the rule on).
+fn rendered_rules(sets: &[&str]) -> (Value, BTreeMap<String, Value>) {
+    let mut all = vec!["metrics.prometheusRule.enabled=true"];
+    all.extend(sets);
+    let docs = template("kube-fim", "kube-fim", &all);
+    let spec = find(&docs, "PrometheusRule", "kube-fim")["spec"].clone();
+    let mut by_name = BTreeMap::new();
+    for group in spec["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let name = rule["alert"]
+                .as_str()
+                .or(rule["record"].as_str())
+                .unwrap()
+                .to_string();
+            by_name.insert(name, rule.clone());
+        }
+    }
+    (spec, by_name)
+}
+
+/// Writes `spec` as a rule file and a promtool test file beside it; runs
+/// `promtool test rules` on the test (which names `rules.yaml`).
+fn promtool_test(spec: &Value, test: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        serde_yaml::to_string(spec).unwrap(),
+    )
+    .unwrap();
+    let (ok, out) = promtool(&["check", "rules", path_str(&dir.path().join("rules.yaml"))]);
+    if !ok {
+        return (ok, out);
+    }
+    std::fs::write(dir.path().join("test.yaml"), test).unwrap();
+    promtool(&["test", "rules", path_str(&dir.path().join("test.yaml"))])
+}
+
+/// A user's selectors, cluster label, runbook links and per-alert changes reach
+/// the PrometheusRule, which stays a rule file promtool accepts and whose
+/// alerts fire per cluster on the user's jobs.
+#[test]
+fn alert_rules_take_the_users_selectors_cluster_label_and_changes() {
+    let (spec, rules) = rendered_rules(&[
+        "metrics.prometheusRule.agentSelector=job=\"fim-agents\"",
+        "metrics.prometheusRule.operatorSelector=job=\"fim-operator\"",
+        "metrics.prometheusRule.clusterLabel=cluster",
+        "metrics.prometheusRule.runbookUrl=https://wiki.example.com/fim",
+        "metrics.prometheusRule.alerts.KubeFimChangeStorm.enabled=false",
+        "metrics.prometheusRule.alerts.KubeFimAgentDown.for=15m",
+        "metrics.prometheusRule.alerts.KubeFimAgentDown.labels.team=infra",
+        "metrics.prometheusRule.additionalRules[0].alert=MyFimAlert",
+        "metrics.prometheusRule.additionalRules[0].expr=vector(1)",
+    ]);
+    assert!(!rules.contains_key("KubeFimChangeStorm"), "disabled alert");
+    assert!(rules.contains_key("MyFimAlert"), "additional rule");
+    let down = &rules["KubeFimAgentDown"];
+    assert_eq!(down["for"], "15m");
+    assert_eq!(down["labels"]["team"], "infra");
+    assert_eq!(down["labels"]["severity"], "warning", "its own labels stay");
+    assert_eq!(down["expr"], "up{job=\"fim-agents\"} == 0");
+    assert_eq!(
+        rules["KubeFimNoLeader"]["annotations"]["runbook_url"],
+        "https://wiki.example.com/fim#kubefimnoleader"
+    );
+    let changed = rules["KubeFimProtectedFileChanged"]["expr"]
+        .as_str()
+        .unwrap();
+    assert!(
+        changed.contains(
+            "max by (cluster, policy) (kube_fim_operator_policy_unacknowledged_changes{job=\"fim-operator\",})"
+        ),
+        "{changed}"
+    );
+    for (name, rule) in &rules {
+        let expr = rule["expr"].as_str().unwrap();
+        assert!(!expr.contains("kube-fim-agent.*"), "{name}: {expr}");
+        assert!(!expr.contains("kube-fim-operator.*"), "{name}: {expr}");
+    }
+
+    // Two clusters in one Prometheus: the operator of one leads no more, the
+    // other's is fine; an operator scraped by another job is not ours.
+    let test = r#"
+rule_files: [rules.yaml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'up{job="fim-operator",cluster="a",instance="1"}'
+        values: '1x20'
+      - series: 'up{job="fim-operator",cluster="b",instance="1"}'
+        values: '1x20'
+      - series: 'kube_fim_operator_leader{job="fim-operator",cluster="a",instance="1"}'
+        values: '1x2 0x18'
+      - series: 'kube_fim_operator_leader{job="fim-operator",cluster="b",instance="1"}'
+        values: '1x20'
+      - series: 'kube_fim_operator_leader{job="other",cluster="b",instance="1"}'
+        values: '0x20'
+      - series: 'kube_fim_operator_policy_unacknowledged_changes{job="fim-operator",cluster="b",policy="p"}'
+        values: '2x20'
+      - series: 'kube_fim_operator_policy_unacknowledged_changes{job="other",cluster="a",policy="p"}'
+        values: '2x20'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: KubeFimNoLeader
+        exp_alerts:
+          - exp_labels: {severity: critical, cluster: a}
+            exp_annotations:
+              summary: "No kube-fim operator replica leads"
+              description: "Operator replicas are up but none has held the leader Lease for 5 minutes: no policy is reconciled, and the change counts behind KubeFimProtectedFileChanged are not refreshed."
+              runbook_url: "https://wiki.example.com/fim#kubefimnoleader"
+      - eval_time: 10m
+        alertname: KubeFimProtectedFileChanged
+        exp_alerts:
+          - exp_labels: {severity: critical, cluster: b, policy: p}
+            exp_annotations:
+              summary: "Monitored files changed under policy p"
+              description: "2 change(s) of policy p are not acknowledged. Review them with `kubectl get fc -l fim.kube-fim.io/policy=p` and acknowledge expected ones with `kubectl fim approve`."
+              runbook_url: "https://wiki.example.com/fim#kubefimprotectedfilechanged"
+"#;
+    let (ok, out) = promtool_test(&spec, test);
+    assert!(ok, "promtool on the rendered rules:\n{out}");
+
+    // With only a cluster label, the shipped promtool tests (series without
+    // that label) still pass on the rendered rules: the aggregations are kept.
+    let (spec, _) = rendered_rules(&["metrics.prometheusRule.clusterLabel=cluster"]);
+    let tests_dir = chart_dir().join("rules/tests");
+    for entry in std::fs::read_dir(&tests_dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let text = text.replace("../kube-fim-alerts.yaml", "rules.yaml");
+        let (ok, out) = promtool_test(&spec, &text);
+        assert!(ok, "shipped tests on rules with a cluster label:\n{out}");
+    }
+
+    let run = helm(template_args(
+        "kube-fim",
+        "kube-fim",
+        &[
+            "metrics.prometheusRule.enabled=true",
+            "metrics.prometheusRule.alerts.KubeFimNoSuchAlert.enabled=false",
+        ],
+    ));
+    assert!(!run.success, "an unknown alert name is refused");
+    assert!(run.stderr.contains("KubeFimNoSuchAlert"), "{}", run.stderr);
+}
+
 #[test]
 fn the_dashboard_has_the_panels_and_variables_a_security_team_expects() {
     let dashboard: serde_json::Value = serde_json::from_str(
@@ -929,6 +1074,7 @@ fn alert_rules_use_only_published_metrics_and_cover_each_failure() {
         "kube_fim_agent_change_storms_total",
         "kube_fim_agent_baseline_tampered",
         "kube_fim_agent_queue_write_failing",
+        "kube_fim_operator_leader",
     ] {
         assert!(
             alerts.values().any(|m| m.contains(metric)),
