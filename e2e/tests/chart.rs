@@ -479,6 +479,8 @@ fn default_values_render_only_the_core_objects() {
         "ClusterRoleBinding",
         "Deployment",
         "FlowSchema",
+        // The `helm test` hook.
+        "Pod",
         "PodDisruptionBudget",
         "PriorityLevelConfiguration",
         "Role",
@@ -1115,6 +1117,7 @@ fn rendered_chart_and_manifests_pass_a_server_side_dry_run() {
         "fileintegritypolicy.fim.kube-fim.io/node-baseline",
         "configmap/kube-fim-dashboard",
         "service/kube-fim-agent",
+        "pod/kube-fim-test-operator-ready",
     ] {
         assert!(
             applied
@@ -1626,4 +1629,295 @@ fn dockerfiles_build_the_workspace_binaries_into_the_images_the_chart_runs() {
         ignore.lines().any(|l| l == "target/"),
         ".dockerignore must keep target/ out"
     );
+}
+
+/// The group of the upgrade test's copy of the chart: its own CRDs, admission
+/// policies and labels, which no other test (nor the suite's CRDs) shares.
+const UPGRADE_GROUP: &str = "fim-upgrade.kube-fim.io";
+const UPGRADE_RELEASE: &str = "fim-upgrade";
+const UPGRADE_NAMESPACE: &str = "kube-fim-upgrade-test";
+
+/// Copies the chart into `to`, with the API group renamed to [`UPGRADE_GROUP`]
+/// and `edit` applied to each CRD file (by file name).
+fn chart_copy(to: &Path, edit: &dyn Fn(&str, String) -> String) {
+    fn copy(from: &Path, to: &Path, crds: bool, edit: &dyn Fn(&str, String) -> String) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &to.join(&name), name == "crds", edit);
+                continue;
+            }
+            let text = std::fs::read_to_string(entry.path())
+                .unwrap()
+                .replace("fim.kube-fim.io", UPGRADE_GROUP);
+            let text = if crds { edit(&name, text) } else { text };
+            std::fs::write(to.join(&name), text).unwrap();
+        }
+    }
+    copy(&chart_dir(), to, false, edit);
+}
+
+/// The FileChange CRD as an older chart had it: without the selectable
+/// fields the agent's `spec.node` watch needs.
+fn without_selectable_fields(name: &str, text: String) -> String {
+    if !name.contains("filechanges") {
+        return text;
+    }
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in text.lines() {
+        if line.trim() == "selectableFields:" {
+            skipping = true;
+            continue;
+        }
+        if skipping && line.trim_start().starts_with("- jsonPath: ") {
+            continue;
+        }
+        skipping = false;
+        out.push_str(line);
+        out.push('\n');
+    }
+    assert_ne!(
+        out, text,
+        "the FileChange CRD had selectable fields to remove"
+    );
+    out
+}
+
+struct UpgradeRelease;
+
+impl UpgradeRelease {
+    fn clean() {
+        let _ = helm([
+            "uninstall",
+            UPGRADE_RELEASE,
+            "-n",
+            UPGRADE_NAMESPACE,
+            "--wait",
+            "--timeout=60s",
+        ]);
+        let _ = kubectl([
+            "delete",
+            "namespace",
+            UPGRADE_NAMESPACE,
+            "--ignore-not-found",
+            "--timeout=60s",
+        ]);
+        for plural in ["filechanges", "fileintegritypolicies", "fileintegritynodes"] {
+            let _ = kubectl([
+                "delete",
+                "crd",
+                &format!("{plural}.{UPGRADE_GROUP}"),
+                "--ignore-not-found",
+                "--timeout=60s",
+            ]);
+        }
+    }
+}
+
+impl Drop for UpgradeRelease {
+    fn drop(&mut self) {
+        Self::clean();
+    }
+}
+
+fn kubectl_ok(args: &[&str]) -> String {
+    let run = kubectl(args);
+    assert!(run.success, "kubectl {args:?}: {}", run.stderr);
+    run.stdout
+}
+
+/// The FileChanges of the upgrade group, by name, as JSON (spec and status).
+fn upgrade_changes() -> BTreeMap<String, serde_json::Value> {
+    let list = json(&["get", &format!("filechanges.{UPGRADE_GROUP}"), "-o", "json"]).unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["metadata"]["name"].as_str().unwrap().to_string(),
+                serde_json::json!({"spec": c["spec"], "status": c["status"]}),
+            )
+        })
+        .collect()
+}
+
+/// `helm upgrade` never touches the CRDs of a chart's `crds/`; the README's
+/// upgrade step (apply the new CRDs server-side, then `helm upgrade`) does,
+/// on the real API server with the real Helm: the new CRD is served (a field
+/// selector only it allows works), every object and approval is kept, the new
+/// values reach the operator, and the release carries its `helm test` hook.
+#[test]
+fn helm_upgrade_updates_crds_by_the_documented_step_and_loses_nothing() {
+    UpgradeRelease::clean();
+    let _release = UpgradeRelease;
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+    chart_copy(&old, &without_selectable_fields);
+    chart_copy(&new, &|_, text| text);
+    let crd = format!("filechanges.{UPGRADE_GROUP}");
+    let has_selectable_fields = || {
+        let crd = json(&["get", "crd", &crd, "-o", "json"]).unwrap();
+        !crd["spec"]["versions"][0]["selectableFields"].is_null()
+    };
+
+    kubectl_ok(&["create", "namespace", UPGRADE_NAMESPACE]);
+    let install = helm([
+        "install",
+        UPGRADE_RELEASE,
+        path_str(&old),
+        "--namespace",
+        UPGRADE_NAMESPACE,
+    ]);
+    assert!(install.success, "helm install: {}", install.stderr);
+    for plural in ["filechanges", "fileintegritypolicies", "fileintegritynodes"] {
+        kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            &format!("crd/{plural}.{UPGRADE_GROUP}"),
+            "--timeout=60s",
+        ]);
+    }
+    assert!(!has_selectable_fields(), "the old chart's CRD");
+
+    // Records made under the old chart: two changes, one of them approved.
+    for (name, node) in [("upgrade-a", "node-a"), ("upgrade-b", "node-b")] {
+        let fc = kube_fim_e2e::ChangeFixture::new(name, node, "baseline").build();
+        let text = serde_json::to_string(&fc)
+            .unwrap()
+            .replace("fim.kube-fim.io", UPGRADE_GROUP);
+        let run = kube_fim_e2e::kubectl_stdin(&["create", "-f", "-"], &text);
+        assert!(run.success, "creating {name}: {}", run.stderr);
+    }
+    let me = kubectl_ok(&[
+        "auth",
+        "whoami",
+        "-o",
+        "jsonpath={.status.userInfo.username}",
+    ]);
+    let approval = serde_json::json!({"status": {"approval": {
+        "approvedBy": me.trim(),
+        "approvedAt": "2026-01-01T00:00:00Z",
+        "reason": "before the upgrade"
+    }}});
+    kubectl_ok(&[
+        "patch",
+        &crd,
+        "upgrade-a",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &approval.to_string(),
+    ]);
+    let before = upgrade_changes();
+    assert_eq!(before.len(), 2);
+    assert_eq!(
+        before["upgrade-a"]["status"]["approval"]["reason"],
+        "before the upgrade"
+    );
+    let by_node = || {
+        kubectl([
+            "get",
+            &crd,
+            "--field-selector=spec.node=node-a",
+            "-o",
+            "name",
+        ])
+    };
+    assert!(
+        !by_node().success,
+        "the old CRD has no spec.node selectable field"
+    );
+
+    // The pitfall: `helm upgrade` alone leaves the CRD as it was.
+    let upgrade = |values: &str| {
+        let run = helm([
+            "upgrade",
+            UPGRADE_RELEASE,
+            path_str(&new),
+            "--namespace",
+            UPGRADE_NAMESPACE,
+            "--reuse-values",
+            "--set",
+            values,
+        ]);
+        assert!(run.success, "helm upgrade: {}", run.stderr);
+    };
+    upgrade("agent.logLevel=debug");
+    assert!(!has_selectable_fields(), "helm upgrade changed a crds/ CRD");
+
+    // The README's step: the new chart's CRDs, server-side, then the upgrade.
+    kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        path_str(&new.join("crds")),
+    ]);
+    upgrade("agent.logFormat=json");
+    assert!(
+        has_selectable_fields(),
+        "the documented step updates the CRD"
+    );
+    let selected = eventually_sync(|| {
+        let run = by_node();
+        run.success.then_some(run.stdout)
+    });
+    assert_eq!(
+        selected.trim(),
+        format!("filechange.{UPGRADE_GROUP}/upgrade-a")
+    );
+    assert_eq!(upgrade_changes(), before, "every record and approval kept");
+    let stored = json(&["get", "crd", &crd, "-o", "json"]).unwrap();
+    assert_eq!(
+        stored["status"]["storedVersions"],
+        serde_json::json!(["v1alpha1"])
+    );
+
+    // Both upgrades' values reached the operator; three revisions, deployed.
+    let deployment = json(&[
+        "get",
+        "deployment",
+        &format!("{UPGRADE_RELEASE}-kube-fim-operator"),
+        "-n",
+        UPGRADE_NAMESPACE,
+        "-o",
+        "json",
+    ])
+    .unwrap();
+    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("--agent-log-level=debug"), "{args}");
+    assert!(args.contains("--agent-log-format=json"), "{args}");
+    let status = helm(["status", UPGRADE_RELEASE, "-n", UPGRADE_NAMESPACE]);
+    assert!(
+        status.stdout.contains("STATUS: deployed"),
+        "{}",
+        status.stdout
+    );
+    assert!(status.stdout.contains("REVISION: 3"), "{}", status.stdout);
+    // `helm test` has its hook (running it needs a kubelet: the real-node tier).
+    let hooks = helm(["get", "hooks", UPGRADE_RELEASE, "-n", UPGRADE_NAMESPACE]);
+    assert!(hooks.success, "{}", hooks.stderr);
+    assert!(
+        hooks.stdout.contains("helm.sh/hook: test")
+            && hooks.stdout.contains(&format!(
+                "{UPGRADE_RELEASE}-kube-fim-operator.{UPGRADE_NAMESPACE}.svc:8080/readyz"
+            )),
+        "{}",
+        hooks.stdout
+    );
+}
+
+/// Polls `check` for up to 30 s (a new CRD schema is served within moments).
+fn eventually_sync<T>(check: impl Fn() -> Option<T>) -> T {
+    for _ in 0..60 {
+        if let Some(v) = check() {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("not within 30 s")
 }
