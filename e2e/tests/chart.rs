@@ -363,8 +363,8 @@ fn values_schema_refuses_bad_values_at_install() {
             "agent.podLabels",
         ),
         (
-            "agent.imagePullSecrets[0].name=",
-            "agent.imagePullSecrets.0.name",
+            "agent.imagePullSecrets[0].nam=regcred",
+            "Additional property nam is not allowed",
         ),
     ] {
         let run = helm(template_args("kube-fim", "kube-fim", &[set]));
@@ -1631,14 +1631,16 @@ fn dockerfiles_build_the_workspace_binaries_into_the_images_the_chart_runs() {
     );
 }
 
-/// The group of the upgrade test's copy of the chart: its own CRDs, admission
-/// policies and labels, which no other test (nor the suite's CRDs) shares.
+/// The group of the upgrade test's copy of the chart: its own CRDs (kinds,
+/// plurals and short names prefixed with `u`), admission policies and labels,
+/// which no other test (nor the suite's CRDs, nor `kubectl get fc`) meets.
 const UPGRADE_GROUP: &str = "fim-upgrade.kube-fim.io";
 const UPGRADE_RELEASE: &str = "fim-upgrade";
 const UPGRADE_NAMESPACE: &str = "kube-fim-upgrade-test";
 
-/// Copies the chart into `to`, with the API group renamed to [`UPGRADE_GROUP`]
-/// and `edit` applied to each CRD file (by file name).
+/// Copies the chart into `to`, with the API group renamed to [`UPGRADE_GROUP`],
+/// the resources renamed by [`upgrade_names`], and `edit` applied to each CRD
+/// file (by file name).
 fn chart_copy(to: &Path, edit: &dyn Fn(&str, String) -> String) {
     fn copy(from: &Path, to: &Path, crds: bool, edit: &dyn Fn(&str, String) -> String) {
         std::fs::create_dir_all(to).unwrap();
@@ -1649,14 +1651,35 @@ fn chart_copy(to: &Path, edit: &dyn Fn(&str, String) -> String) {
                 copy(&entry.path(), &to.join(&name), name == "crds", edit);
                 continue;
             }
-            let text = std::fs::read_to_string(entry.path())
-                .unwrap()
-                .replace("fim.kube-fim.io", UPGRADE_GROUP);
-            let text = if crds { edit(&name, text) } else { text };
+            let text = upgrade_names(&std::fs::read_to_string(entry.path()).unwrap());
+            let text = if crds {
+                // Short names and the category are unique in a cluster.
+                let text = text
+                    .lines()
+                    .map(|l| match l.trim() {
+                        "- fip" | "- fc" | "- fin" | "- fim" => l.replace("- ", "- u"),
+                        _ => l.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    + "\n";
+                edit(&name, text)
+            } else {
+                text
+            };
             std::fs::write(to.join(&name), text).unwrap();
         }
     }
     copy(&chart_dir(), to, false, edit);
+}
+
+/// The upgrade test's names for the group, kinds and resources in `text`.
+fn upgrade_names(text: &str) -> String {
+    text.replace("fim.kube-fim.io", UPGRADE_GROUP)
+        .replace("filechange", "ufilechange")
+        .replace("fileintegrity", "ufileintegrity")
+        .replace("FileChange", "UFileChange")
+        .replace("FileIntegrity", "UFileIntegrity")
 }
 
 /// The FileChange CRD as an older chart had it: without the selectable
@@ -1705,7 +1728,11 @@ impl UpgradeRelease {
             "--ignore-not-found",
             "--timeout=60s",
         ]);
-        for plural in ["filechanges", "fileintegritypolicies", "fileintegritynodes"] {
+        for plural in [
+            "ufilechanges",
+            "ufileintegritypolicies",
+            "ufileintegritynodes",
+        ] {
             let _ = kubectl([
                 "delete",
                 "crd",
@@ -1731,7 +1758,13 @@ fn kubectl_ok(args: &[&str]) -> String {
 
 /// The FileChanges of the upgrade group, by name, as JSON (spec and status).
 fn upgrade_changes() -> BTreeMap<String, serde_json::Value> {
-    let list = json(&["get", &format!("filechanges.{UPGRADE_GROUP}"), "-o", "json"]).unwrap();
+    let list = json(&[
+        "get",
+        &format!("ufilechanges.{UPGRADE_GROUP}"),
+        "-o",
+        "json",
+    ])
+    .unwrap();
     list["items"]
         .as_array()
         .unwrap()
@@ -1758,7 +1791,7 @@ fn helm_upgrade_updates_crds_by_the_documented_step_and_loses_nothing() {
     let (old, new) = (dir.path().join("old"), dir.path().join("new"));
     chart_copy(&old, &without_selectable_fields);
     chart_copy(&new, &|_, text| text);
-    let crd = format!("filechanges.{UPGRADE_GROUP}");
+    let crd = format!("ufilechanges.{UPGRADE_GROUP}");
     let has_selectable_fields = || {
         let crd = json(&["get", "crd", &crd, "-o", "json"]).unwrap();
         !crd["spec"]["versions"][0]["selectableFields"].is_null()
@@ -1773,7 +1806,11 @@ fn helm_upgrade_updates_crds_by_the_documented_step_and_loses_nothing() {
         UPGRADE_NAMESPACE,
     ]);
     assert!(install.success, "helm install: {}", install.stderr);
-    for plural in ["filechanges", "fileintegritypolicies", "fileintegritynodes"] {
+    for plural in [
+        "ufilechanges",
+        "ufileintegritypolicies",
+        "ufileintegritynodes",
+    ] {
         kubectl_ok(&[
             "wait",
             "--for=condition=Established",
@@ -1786,9 +1823,7 @@ fn helm_upgrade_updates_crds_by_the_documented_step_and_loses_nothing() {
     // Records made under the old chart: two changes, one of them approved.
     for (name, node) in [("upgrade-a", "node-a"), ("upgrade-b", "node-b")] {
         let fc = kube_fim_e2e::ChangeFixture::new(name, node, "baseline").build();
-        let text = serde_json::to_string(&fc)
-            .unwrap()
-            .replace("fim.kube-fim.io", UPGRADE_GROUP);
+        let text = upgrade_names(&serde_json::to_string(&fc).unwrap());
         let run = kube_fim_e2e::kubectl_stdin(&["create", "-f", "-"], &text);
         assert!(run.success, "creating {name}: {}", run.stderr);
     }
@@ -1868,7 +1903,7 @@ fn helm_upgrade_updates_crds_by_the_documented_step_and_loses_nothing() {
     });
     assert_eq!(
         selected.trim(),
-        format!("filechange.{UPGRADE_GROUP}/upgrade-a")
+        format!("ufilechange.{UPGRADE_GROUP}/upgrade-a")
     );
     assert_eq!(upgrade_changes(), before, "every record and approval kept");
     let stored = json(&["get", "crd", &crd, "-o", "json"]).unwrap();
