@@ -1158,10 +1158,103 @@ const RELEASE: &str = "chart-test";
 const NAMESPACE: &str = "kube-fim-chart-test";
 
 /// Uninstalls the release and deletes its namespace however the test ends.
+/// A namespace where a ResourceQuota allows no `system-node-critical` pod, as
+/// GKE has outside `kube-system`.
+const QUOTA_NAMESPACE: &str = "kube-fim-chart-test-quota";
+
+/// The agent pod the operator made from `agent.priorityClassName=""` is
+/// admitted where a quota refuses `system-node-critical` pods, and the same
+/// pod with the default class is refused there (server-side dry runs through
+/// the real ResourceQuota admission).
+async fn agent_pods_pass_a_quota_on_system_node_critical(ds: &serde_json::Value) {
+    let run = kubectl(["create", "namespace", QUOTA_NAMESPACE]);
+    assert!(run.success, "{}", run.stderr);
+    let run = kubectl([
+        "label",
+        "namespace",
+        QUOTA_NAMESPACE,
+        "pod-security.kubernetes.io/enforce=privileged",
+    ]);
+    assert!(run.success, "{}", run.stderr);
+    // The pod runs as the agents' ServiceAccount, which the pod names.
+    let sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap();
+    let run = kubectl(["create", "serviceaccount", sa, "-n", QUOTA_NAMESPACE]);
+    assert!(run.success, "{}", run.stderr);
+    let quota = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-node-critical", "namespace": QUOTA_NAMESPACE},
+        "spec": {
+            "hard": {"pods": "0"},
+            "scopeSelector": {"matchExpressions": [{
+                "scopeName": "PriorityClass",
+                "operator": "In",
+                "values": ["system-node-critical"]
+            }]}
+        }
+    });
+    let run = kubectl_stdin(&["create", "-f", "-"], &quota.to_string());
+    assert!(run.success, "{}", run.stderr);
+    // Admission enforces a quota once its controller has counted it.
+    eventually("the quota's status", Duration::from_secs(60), || async {
+        let q = json(&[
+            "get",
+            "resourcequota",
+            "no-node-critical",
+            "-n",
+            QUOTA_NAMESPACE,
+            "-o",
+            "json",
+        ])?;
+        if q["status"]["hard"]["pods"] == "0" {
+            Ok(())
+        } else {
+            Err(format!("not counted yet: {}", q["status"]))
+        }
+    })
+    .await;
+    let pod = |class: Option<&str>| {
+        let mut spec = ds["spec"]["template"]["spec"].clone();
+        spec["nodeName"] = serde_json::json!("some-node");
+        if let Some(class) = class {
+            spec["priorityClassName"] = serde_json::json!(class);
+        }
+        let pod = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "agent-dry-run",
+                "namespace": QUOTA_NAMESPACE,
+                "labels": ds["spec"]["template"]["metadata"]["labels"],
+            },
+            "spec": spec,
+        });
+        kubectl_stdin(&["create", "--dry-run=server", "-f", "-"], &pod.to_string())
+    };
+    let run = pod(None);
+    assert!(run.success, "the agent pod without a class: {}", run.stderr);
+    let run = pod(Some("system-node-critical"));
+    assert!(
+        !run.success && run.stderr.contains("quota"),
+        "a system-node-critical agent pod passed the quota: {}{}",
+        run.stdout,
+        run.stderr
+    );
+}
+
 struct Release;
 
 impl Release {
     fn clean() {
+        let _ = kubectl([
+            "delete",
+            "namespace",
+            QUOTA_NAMESPACE,
+            "--ignore-not-found",
+            "--timeout=60s",
+        ]);
         let _ = helm([
             "uninstall",
             RELEASE,
@@ -1482,6 +1575,7 @@ async fn helm_install_runs_the_operator_with_the_charts_identity_and_flags() {
             "agent pods lack the Service's label {k}"
         );
     }
+    agent_pods_pass_a_quota_on_system_node_critical(&ds).await;
     let lease = json(&["get", "lease", &deployment, "-n", NAMESPACE, "-o", "json"]).unwrap();
     assert_eq!(
         lease["spec"]["holderIdentity"],
