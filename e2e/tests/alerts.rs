@@ -94,3 +94,31 @@ fn every_alert_has_a_runbook_in_the_readme() {
         );
     }
 }
+
+/// `metrics.prometheusRule.alerts.<Name>` accepts exactly the alerts of the
+/// rule file: a new alert can be disabled from values, a misspelt one is refused.
+#[test]
+fn the_values_schema_names_every_alert() {
+    let rules =
+        std::fs::read_to_string(repo_root().join("charts/kube-fim/rules/kube-fim-alerts.yaml"))
+            .unwrap();
+    let mut alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    alerts.sort_unstable();
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("charts/kube-fim/values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let names = &schema["properties"]["metrics"]["properties"]["prometheusRule"]["properties"]["alerts"]
+        ["propertyNames"]["enum"];
+    let mut names: Vec<&str> = names
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, alerts);
+}
