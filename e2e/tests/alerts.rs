@@ -28,7 +28,7 @@ fn alert_rules_are_valid_and_their_unit_tests_pass() {
     let rules = repo_root().join("charts/kube-fim/rules");
     let (ok, out) = promtool(&["check", "rules", "kube-fim-alerts.yaml"], &rules);
     assert!(ok, "{out}");
-    assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 11 rules found"), "{out}");
     let tests = rules.join("tests");
     let mut files: Vec<String> = std::fs::read_dir(&tests)
         .unwrap()
@@ -56,4 +56,69 @@ fn alert_rules_are_valid_and_their_unit_tests_pass() {
             "alert {line} has no promtool test"
         );
     }
+}
+
+/// Every alert links to its runbook, a section of the README that exists.
+#[test]
+fn every_alert_has_a_runbook_in_the_readme() {
+    let rules =
+        std::fs::read_to_string(repo_root().join("charts/kube-fim/rules/kube-fim-alerts.yaml"))
+            .unwrap();
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let anchors: Vec<String> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("#### "))
+        .map(|h| h.trim().to_lowercase())
+        .collect();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.contains(&"KubeFimOperatorDown"), "{alerts:?}");
+    assert!(alerts.contains(&"KubeFimNoLeader"), "{alerts:?}");
+    let urls: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook_url: "))
+        .collect();
+    assert_eq!(urls.len(), alerts.len(), "one runbook_url per alert");
+    for (alert, url) in alerts.iter().zip(&urls) {
+        let anchor = alert.to_lowercase();
+        assert_eq!(
+            url.trim_matches('"'),
+            format!("https://github.com/kube-fim/kube-fim/blob/main/README.md#{anchor}"),
+            "{alert}"
+        );
+        assert!(
+            anchors.contains(&anchor),
+            "README.md has no runbook heading `#### {alert}`"
+        );
+    }
+}
+
+/// `metrics.prometheusRule.alerts.<Name>` accepts exactly the alerts of the
+/// rule file: a new alert can be disabled from values, a misspelt one is refused.
+#[test]
+fn the_values_schema_names_every_alert() {
+    let rules =
+        std::fs::read_to_string(repo_root().join("charts/kube-fim/rules/kube-fim-alerts.yaml"))
+            .unwrap();
+    let mut alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    alerts.sort_unstable();
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("charts/kube-fim/values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let names = &schema["properties"]["metrics"]["properties"]["prometheusRule"]["properties"]["alerts"]
+        ["propertyNames"]["enum"];
+    let mut names: Vec<&str> = names
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, alerts);
 }

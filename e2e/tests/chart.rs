@@ -292,6 +292,40 @@ fn helm_lint_passes_with_defaults_and_with_every_option() {
     }
 }
 
+/// The agent's FileChange watch selects `spec.node`, a CRD selectable field
+/// (GA in Kubernetes 1.32): the chart refuses older clusters rather than
+/// installing agents whose approvals never apply.
+#[test]
+fn the_chart_declares_the_kubernetes_the_crds_need() {
+    let crd =
+        std::fs::read_to_string(chart_dir().join("crds/fim.kube-fim.io_filechanges.yaml")).unwrap();
+    assert!(
+        crd.contains("selectableFields") && crd.contains("jsonPath: .spec.node"),
+        "the FileChange CRD no longer has the spec.node selectable field: revisit kubeVersion"
+    );
+    let chart = path_str(&chart_dir()).to_string();
+    let render = |version: &str| {
+        helm([
+            "template",
+            "kube-fim",
+            chart.as_str(),
+            "--kube-version",
+            version,
+        ])
+    };
+    let old = render("1.31.9");
+    assert!(!old.success, "helm renders for Kubernetes 1.31");
+    assert!(
+        old.stderr.contains("kubeVersion") && old.stderr.contains(">=1.32.0-0"),
+        "{}",
+        old.stderr
+    );
+    for ok in ["1.32.0", "v1.33.13"] {
+        let run = render(ok);
+        assert!(run.success, "Kubernetes {ok}: {}", run.stderr);
+    }
+}
+
 #[test]
 fn values_schema_refuses_bad_values_at_install() {
     for (set, field) in [
@@ -317,6 +351,21 @@ fn values_schema_refuses_bad_values_at_install() {
             "metrics.serviceMonitor.interval",
         ),
         ("samplePolicy.name=Not_A_Name", "samplePolicy.name"),
+        ("agent.maxUnavailable=0", "agent.maxUnavailable"),
+        ("agent.maxUnavailable=150%", "agent.maxUnavailable"),
+        ("agent.logFormat=xml", "agent.logFormat"),
+        (
+            "agent.priorityClassName=Not_A_Class",
+            "agent.priorityClassName",
+        ),
+        (
+            "agent.podLabels.app\\.kubernetes\\.io/component=x",
+            "agent.podLabels",
+        ),
+        (
+            "agent.imagePullSecrets[0].nam=regcred",
+            "Additional property nam is not allowed",
+        ),
     ] {
         let run = helm(template_args("kube-fim", "kube-fim", &[set]));
         assert!(!run.success, "--set {set} was accepted");
@@ -341,6 +390,87 @@ fn values_schema_refuses_bad_values_at_install() {
     );
 }
 
+/// The operator's arguments in the chart's Deployment rendered with `sets`.
+fn operator_args(sets: &[&str]) -> Vec<String> {
+    let docs = template("fim", "fim-system", sets);
+    let deployment = find(&docs, "Deployment", "fim-kube-fim-operator");
+    deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The agent pod settings reach the operator, which builds the DaemonSet from
+/// them (operator/src/daemonset.rs tests what it makes of each flag; the real
+/// install below checks the DaemonSet the operator creates).
+#[test]
+fn agent_pod_settings_pass_through_to_the_operator() {
+    let defaults = operator_args(&[]);
+    for expected in [
+        "--agent-priority-class-name=system-node-critical",
+        "--agent-log-level=info",
+        "--agent-log-format=text",
+        "--agent-max-unavailable=10%",
+    ] {
+        assert!(
+            defaults.iter().any(|a| a == expected),
+            "{expected} not in {defaults:?}"
+        );
+    }
+    for prefix in [
+        "--agent-image-pull-secret",
+        "--agent-pod-label",
+        "--agent-pod-annotation",
+    ] {
+        assert!(
+            !defaults.iter().any(|a| a.starts_with(prefix)),
+            "{prefix} without values: {defaults:?}"
+        );
+    }
+    let args = operator_args(&[
+        "agent.priorityClassName=",
+        "agent.logLevel=info\\,kube_fim_agent=debug",
+        "agent.logFormat=json",
+        "agent.maxUnavailable=3",
+        "agent.imagePullSecrets[0].name=regcred",
+        "agent.imagePullSecrets[1].name=mirror",
+        "agent.podLabels.team=platform",
+        "agent.podAnnotations.example\\.com/owner=sec ops",
+    ]);
+    for expected in [
+        "--agent-priority-class-name=",
+        "--agent-log-level=info,kube_fim_agent=debug",
+        "--agent-log-format=json",
+        "--agent-max-unavailable=3",
+        "--agent-image-pull-secret=regcred",
+        "--agent-image-pull-secret=mirror",
+        "--agent-pod-label=team=platform",
+        "--agent-pod-annotation=example.com/owner=sec ops",
+    ] {
+        assert!(
+            args.iter().any(|a| a == expected),
+            "{expected} not in {args:?}"
+        );
+    }
+    // Every one parses as the operator's own flags.
+    let mut cmd = Command::new(binary("kube-fim-operator"));
+    let out = cmd.args(&args).arg("--help").output().unwrap();
+    assert!(
+        out.status.success(),
+        "the operator refuses the chart's flags: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ... and that check can fail: a value the operator refuses is refused
+    // before it prints its help.
+    let out = Command::new(binary("kube-fim-operator"))
+        .args(["--agent-max-unavailable=0", "--help"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
 #[test]
 fn default_values_render_only_the_core_objects() {
     let docs = template("kube-fim", "kube-fim", &[]);
@@ -349,6 +479,8 @@ fn default_values_render_only_the_core_objects() {
         "ClusterRoleBinding",
         "Deployment",
         "FlowSchema",
+        // The `helm test` hook.
+        "Pod",
         "PodDisruptionBudget",
         "PriorityLevelConfiguration",
         "Role",
@@ -680,6 +812,151 @@ fn the_prometheus_rule_and_dashboard_ship_the_tested_files() {
     );
 }
 
+/// The PrometheusRule's rules by alert name, rendered with `sets` (plus the rule on).
+fn rendered_rules(sets: &[&str]) -> (Value, BTreeMap<String, Value>) {
+    let mut all = vec!["metrics.prometheusRule.enabled=true"];
+    all.extend(sets);
+    let docs = template("kube-fim", "kube-fim", &all);
+    let spec = find(&docs, "PrometheusRule", "kube-fim")["spec"].clone();
+    let mut by_name = BTreeMap::new();
+    for group in spec["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let name = rule["alert"]
+                .as_str()
+                .or(rule["record"].as_str())
+                .unwrap()
+                .to_string();
+            by_name.insert(name, rule.clone());
+        }
+    }
+    (spec, by_name)
+}
+
+/// Writes `spec` as a rule file and a promtool test file beside it; runs
+/// `promtool test rules` on the test (which names `rules.yaml`).
+fn promtool_test(spec: &Value, test: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        serde_yaml::to_string(spec).unwrap(),
+    )
+    .unwrap();
+    let (ok, out) = promtool(&["check", "rules", path_str(&dir.path().join("rules.yaml"))]);
+    if !ok {
+        return (ok, out);
+    }
+    std::fs::write(dir.path().join("test.yaml"), test).unwrap();
+    promtool(&["test", "rules", path_str(&dir.path().join("test.yaml"))])
+}
+
+/// A user's selectors, cluster label, runbook links and per-alert changes reach
+/// the PrometheusRule, which stays a rule file promtool accepts and whose
+/// alerts fire per cluster on the user's jobs.
+#[test]
+fn alert_rules_take_the_users_selectors_cluster_label_and_changes() {
+    let (spec, rules) = rendered_rules(&[
+        "metrics.prometheusRule.agentSelector=job=\"fim-agents\"",
+        "metrics.prometheusRule.operatorSelector=job=\"fim-operator\"",
+        "metrics.prometheusRule.clusterLabel=cluster",
+        "metrics.prometheusRule.runbookUrl=https://wiki.example.com/fim",
+        "metrics.prometheusRule.alerts.KubeFimChangeStorm.enabled=false",
+        "metrics.prometheusRule.alerts.KubeFimAgentDown.for=15m",
+        "metrics.prometheusRule.alerts.KubeFimAgentDown.labels.team=infra",
+        "metrics.prometheusRule.additionalRules[0].alert=MyFimAlert",
+        "metrics.prometheusRule.additionalRules[0].expr=vector(1)",
+    ]);
+    assert!(!rules.contains_key("KubeFimChangeStorm"), "disabled alert");
+    assert!(rules.contains_key("MyFimAlert"), "additional rule");
+    let down = &rules["KubeFimAgentDown"];
+    assert_eq!(down["for"], "15m");
+    assert_eq!(down["labels"]["team"], "infra");
+    assert_eq!(down["labels"]["severity"], "warning", "its own labels stay");
+    assert_eq!(down["expr"], "up{job=\"fim-agents\"} == 0");
+    assert_eq!(
+        rules["KubeFimNoLeader"]["annotations"]["runbook_url"],
+        "https://wiki.example.com/fim#kubefimnoleader"
+    );
+    let changed = rules["KubeFimProtectedFileChanged"]["expr"]
+        .as_str()
+        .unwrap();
+    assert!(
+        changed.contains(
+            "max by (cluster, policy) (kube_fim_operator_policy_unacknowledged_changes{job=\"fim-operator\",})"
+        ),
+        "{changed}"
+    );
+    for (name, rule) in &rules {
+        let expr = rule["expr"].as_str().unwrap();
+        assert!(!expr.contains("kube-fim-agent.*"), "{name}: {expr}");
+        assert!(!expr.contains("kube-fim-operator.*"), "{name}: {expr}");
+    }
+
+    // Two clusters in one Prometheus: the operator of one leads no more, the
+    // other's is fine; an operator scraped by another job is not ours.
+    let test = r#"
+rule_files: [rules.yaml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'up{job="fim-operator",cluster="a",instance="1"}'
+        values: '1x20'
+      - series: 'up{job="fim-operator",cluster="b",instance="1"}'
+        values: '1x20'
+      - series: 'kube_fim_operator_leader{job="fim-operator",cluster="a",instance="1"}'
+        values: '1x2 0x18'
+      - series: 'kube_fim_operator_leader{job="fim-operator",cluster="b",instance="1"}'
+        values: '1x20'
+      - series: 'kube_fim_operator_leader{job="other",cluster="b",instance="1"}'
+        values: '0x20'
+      - series: 'kube_fim_operator_policy_unacknowledged_changes{job="fim-operator",cluster="b",policy="p"}'
+        values: '2x20'
+      - series: 'kube_fim_operator_policy_unacknowledged_changes{job="other",cluster="a",policy="p"}'
+        values: '2x20'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: KubeFimNoLeader
+        exp_alerts:
+          - exp_labels: {severity: critical, cluster: a}
+            exp_annotations:
+              summary: "No kube-fim operator replica leads"
+              description: "Operator replicas are up but none has held the leader Lease for 5 minutes: no policy is reconciled, and the change counts behind KubeFimProtectedFileChanged are not refreshed."
+              runbook_url: "https://wiki.example.com/fim#kubefimnoleader"
+      - eval_time: 10m
+        alertname: KubeFimProtectedFileChanged
+        exp_alerts:
+          - exp_labels: {severity: critical, cluster: b, policy: p}
+            exp_annotations:
+              summary: "Monitored files changed under policy p"
+              description: "2 change(s) of policy p are not acknowledged. Review them with `kubectl get fc -l fim.kube-fim.io/policy=p` and acknowledge expected ones with `kubectl fim approve`."
+              runbook_url: "https://wiki.example.com/fim#kubefimprotectedfilechanged"
+"#;
+    let (ok, out) = promtool_test(&spec, test);
+    assert!(ok, "promtool on the rendered rules:\n{out}");
+
+    // With only a cluster label, the shipped promtool tests (series without
+    // that label) still pass on the rendered rules: the aggregations are kept.
+    let (spec, _) = rendered_rules(&["metrics.prometheusRule.clusterLabel=cluster"]);
+    let tests_dir = chart_dir().join("rules/tests");
+    for entry in std::fs::read_dir(&tests_dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let text = text.replace("../kube-fim-alerts.yaml", "rules.yaml");
+        let (ok, out) = promtool_test(&spec, &text);
+        assert!(ok, "shipped tests on rules with a cluster label:\n{out}");
+    }
+
+    let run = helm(template_args(
+        "kube-fim",
+        "kube-fim",
+        &[
+            "metrics.prometheusRule.enabled=true",
+            "metrics.prometheusRule.alerts.KubeFimNoSuchAlert.enabled=false",
+        ],
+    ));
+    assert!(!run.success, "an unknown alert name is refused");
+    assert!(run.stderr.contains("KubeFimNoSuchAlert"), "{}", run.stderr);
+}
+
 #[test]
 fn the_dashboard_has_the_panels_and_variables_a_security_team_expects() {
     let dashboard: serde_json::Value = serde_json::from_str(
@@ -799,6 +1076,7 @@ fn alert_rules_use_only_published_metrics_and_cover_each_failure() {
         "kube_fim_agent_change_storms_total",
         "kube_fim_agent_baseline_tampered",
         "kube_fim_agent_queue_write_failing",
+        "kube_fim_operator_leader",
     ] {
         assert!(
             alerts.values().any(|m| m.contains(metric)),
@@ -839,6 +1117,7 @@ fn rendered_chart_and_manifests_pass_a_server_side_dry_run() {
         "fileintegritypolicy.fim.kube-fim.io/node-baseline",
         "configmap/kube-fim-dashboard",
         "service/kube-fim-agent",
+        "pod/kube-fim-test-operator-ready",
     ] {
         assert!(
             applied
@@ -879,10 +1158,103 @@ const RELEASE: &str = "chart-test";
 const NAMESPACE: &str = "kube-fim-chart-test";
 
 /// Uninstalls the release and deletes its namespace however the test ends.
+/// A namespace where a ResourceQuota allows no `system-node-critical` pod, as
+/// GKE has outside `kube-system`.
+const QUOTA_NAMESPACE: &str = "kube-fim-chart-test-quota";
+
+/// The agent pod the operator made from `agent.priorityClassName=""` is
+/// admitted where a quota refuses `system-node-critical` pods, and the same
+/// pod with the default class is refused there (server-side dry runs through
+/// the real ResourceQuota admission).
+async fn agent_pods_pass_a_quota_on_system_node_critical(ds: &serde_json::Value) {
+    let run = kubectl(["create", "namespace", QUOTA_NAMESPACE]);
+    assert!(run.success, "{}", run.stderr);
+    let run = kubectl([
+        "label",
+        "namespace",
+        QUOTA_NAMESPACE,
+        "pod-security.kubernetes.io/enforce=privileged",
+    ]);
+    assert!(run.success, "{}", run.stderr);
+    // The pod runs as the agents' ServiceAccount, which the pod names.
+    let sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap();
+    let run = kubectl(["create", "serviceaccount", sa, "-n", QUOTA_NAMESPACE]);
+    assert!(run.success, "{}", run.stderr);
+    let quota = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-node-critical", "namespace": QUOTA_NAMESPACE},
+        "spec": {
+            "hard": {"pods": "0"},
+            "scopeSelector": {"matchExpressions": [{
+                "scopeName": "PriorityClass",
+                "operator": "In",
+                "values": ["system-node-critical"]
+            }]}
+        }
+    });
+    let run = kubectl_stdin(&["create", "-f", "-"], &quota.to_string());
+    assert!(run.success, "{}", run.stderr);
+    // Admission enforces a quota once its controller has counted it.
+    eventually("the quota's status", Duration::from_secs(60), || async {
+        let q = json(&[
+            "get",
+            "resourcequota",
+            "no-node-critical",
+            "-n",
+            QUOTA_NAMESPACE,
+            "-o",
+            "json",
+        ])?;
+        if q["status"]["hard"]["pods"] == "0" {
+            Ok(())
+        } else {
+            Err(format!("not counted yet: {}", q["status"]))
+        }
+    })
+    .await;
+    let pod = |class: Option<&str>| {
+        let mut spec = ds["spec"]["template"]["spec"].clone();
+        spec["nodeName"] = serde_json::json!("some-node");
+        if let Some(class) = class {
+            spec["priorityClassName"] = serde_json::json!(class);
+        }
+        let pod = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "agent-dry-run",
+                "namespace": QUOTA_NAMESPACE,
+                "labels": ds["spec"]["template"]["metadata"]["labels"],
+            },
+            "spec": spec,
+        });
+        kubectl_stdin(&["create", "--dry-run=server", "-f", "-"], &pod.to_string())
+    };
+    let run = pod(None);
+    assert!(run.success, "the agent pod without a class: {}", run.stderr);
+    let run = pod(Some("system-node-critical"));
+    assert!(
+        !run.success && run.stderr.contains("quota"),
+        "a system-node-critical agent pod passed the quota: {}{}",
+        run.stdout,
+        run.stderr
+    );
+}
+
 struct Release;
 
 impl Release {
     fn clean() {
+        let _ = kubectl([
+            "delete",
+            "namespace",
+            QUOTA_NAMESPACE,
+            "--ignore-not-found",
+            "--timeout=60s",
+        ]);
         let _ = helm([
             "uninstall",
             RELEASE,
@@ -965,6 +1337,15 @@ async fn helm_install_runs_the_operator_with_the_charts_identity_and_flags() {
         "dashboards.enabled=true",
         "--set",
         "agent.image.tag=e2e",
+        // A cluster that keeps system-node-critical to kube-system: no class.
+        "--set",
+        "agent.priorityClassName=",
+        "--set",
+        "agent.imagePullSecrets[0].name=regcred",
+        "--set",
+        "agent.podLabels.team=platform",
+        "--set",
+        "agent.maxUnavailable=2",
         // Only the sample policy (labelled with the release) is this operator's:
         // the other tests' policies are not.
         "--set-string",
@@ -1166,6 +1547,20 @@ async fn helm_install_runs_the_operator_with_the_charts_identity_and_flags() {
         "ghcr.io/kube-fim/kube-fim-agent:e2e"
     );
     assert_eq!(pod["containers"][0]["ports"][0]["containerPort"], 9101);
+    assert!(
+        pod.get("priorityClassName").is_none(),
+        "agent.priorityClassName=\"\" leaves the class out: {pod}"
+    );
+    assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux");
+    assert_eq!(pod["imagePullSecrets"][0]["name"], "regcred");
+    assert_eq!(
+        ds["spec"]["template"]["metadata"]["labels"]["team"],
+        "platform"
+    );
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
+        2
+    );
     // The headless Service selects the agents the operator really runs.
     let service = json(&["get", "service", &daemonset, "-n", NAMESPACE, "-o", "json"]).unwrap();
     let selector = service["spec"]["selector"].as_object().unwrap();
@@ -1180,6 +1575,7 @@ async fn helm_install_runs_the_operator_with_the_charts_identity_and_flags() {
             "agent pods lack the Service's label {k}"
         );
     }
+    agent_pods_pass_a_quota_on_system_node_critical(&ds).await;
     let lease = json(&["get", "lease", &deployment, "-n", NAMESPACE, "-o", "json"]).unwrap();
     assert_eq!(
         lease["spec"]["holderIdentity"],
@@ -1327,4 +1723,330 @@ fn dockerfiles_build_the_workspace_binaries_into_the_images_the_chart_runs() {
         ignore.lines().any(|l| l == "target/"),
         ".dockerignore must keep target/ out"
     );
+}
+
+/// The group of the upgrade test's copy of the chart: its own CRDs (kinds,
+/// plurals and short names prefixed with `u`), admission policies and labels,
+/// which no other test (nor the suite's CRDs, nor `kubectl get fc`) meets.
+const UPGRADE_GROUP: &str = "fim-upgrade.kube-fim.io";
+const UPGRADE_RELEASE: &str = "fim-upgrade";
+const UPGRADE_NAMESPACE: &str = "kube-fim-upgrade-test";
+
+/// Copies the chart into `to`, with the API group renamed to [`UPGRADE_GROUP`],
+/// the resources renamed by [`upgrade_names`], and `edit` applied to each CRD
+/// file (by file name).
+fn chart_copy(to: &Path, edit: &dyn Fn(&str, String) -> String) {
+    fn copy(from: &Path, to: &Path, crds: bool, edit: &dyn Fn(&str, String) -> String) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &to.join(&name), name == "crds", edit);
+                continue;
+            }
+            let text = upgrade_names(&std::fs::read_to_string(entry.path()).unwrap());
+            let text = if crds {
+                // Short names and the category are unique in a cluster.
+                let text = text
+                    .lines()
+                    .map(|l| match l.trim() {
+                        "- fip" | "- fc" | "- fin" | "- fim" => l.replace("- ", "- u"),
+                        _ => l.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    + "\n";
+                edit(&name, text)
+            } else {
+                text
+            };
+            std::fs::write(to.join(&name), text).unwrap();
+        }
+    }
+    copy(&chart_dir(), to, false, edit);
+}
+
+/// The upgrade test's names for the group, kinds and resources in `text`.
+fn upgrade_names(text: &str) -> String {
+    text.replace("fim.kube-fim.io", UPGRADE_GROUP)
+        .replace("filechange", "ufilechange")
+        .replace("fileintegrity", "ufileintegrity")
+        .replace("FileChange", "UFileChange")
+        .replace("FileIntegrity", "UFileIntegrity")
+}
+
+/// The FileChange CRD as an older chart had it: without the selectable
+/// fields the agent's `spec.node` watch needs.
+fn without_selectable_fields(name: &str, text: String) -> String {
+    if !name.contains("filechanges") {
+        return text;
+    }
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in text.lines() {
+        if line.trim() == "selectableFields:" {
+            skipping = true;
+            continue;
+        }
+        if skipping && line.trim_start().starts_with("- jsonPath: ") {
+            continue;
+        }
+        skipping = false;
+        out.push_str(line);
+        out.push('\n');
+    }
+    assert_ne!(
+        out, text,
+        "the FileChange CRD had selectable fields to remove"
+    );
+    out
+}
+
+struct UpgradeRelease;
+
+impl UpgradeRelease {
+    fn clean() {
+        let _ = helm([
+            "uninstall",
+            UPGRADE_RELEASE,
+            "-n",
+            UPGRADE_NAMESPACE,
+            "--wait",
+            "--timeout=60s",
+        ]);
+        let _ = kubectl([
+            "delete",
+            "namespace",
+            UPGRADE_NAMESPACE,
+            "--ignore-not-found",
+            "--timeout=60s",
+        ]);
+        for plural in [
+            "ufilechanges",
+            "ufileintegritypolicies",
+            "ufileintegritynodes",
+        ] {
+            let _ = kubectl([
+                "delete",
+                "crd",
+                &format!("{plural}.{UPGRADE_GROUP}"),
+                "--ignore-not-found",
+                "--timeout=60s",
+            ]);
+        }
+    }
+}
+
+impl Drop for UpgradeRelease {
+    fn drop(&mut self) {
+        Self::clean();
+    }
+}
+
+fn kubectl_ok(args: &[&str]) -> String {
+    let run = kubectl(args);
+    assert!(run.success, "kubectl {args:?}: {}", run.stderr);
+    run.stdout
+}
+
+/// The FileChanges of the upgrade group, by name, as JSON (spec and status).
+fn upgrade_changes() -> BTreeMap<String, serde_json::Value> {
+    let list = json(&[
+        "get",
+        &format!("ufilechanges.{UPGRADE_GROUP}"),
+        "-o",
+        "json",
+    ])
+    .unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["metadata"]["name"].as_str().unwrap().to_string(),
+                serde_json::json!({"spec": c["spec"], "status": c["status"]}),
+            )
+        })
+        .collect()
+}
+
+/// `helm upgrade` never touches the CRDs of a chart's `crds/`; the README's
+/// upgrade step (apply the new CRDs server-side, then `helm upgrade`) does,
+/// on the real API server with the real Helm: the new CRD is served (a field
+/// selector only it allows works), every object and approval is kept, the new
+/// values reach the operator, and the release carries its `helm test` hook.
+#[test]
+fn helm_upgrade_updates_crds_by_the_documented_step_and_loses_nothing() {
+    UpgradeRelease::clean();
+    let _release = UpgradeRelease;
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+    chart_copy(&old, &without_selectable_fields);
+    chart_copy(&new, &|_, text| text);
+    let crd = format!("ufilechanges.{UPGRADE_GROUP}");
+    let has_selectable_fields = || {
+        let crd = json(&["get", "crd", &crd, "-o", "json"]).unwrap();
+        !crd["spec"]["versions"][0]["selectableFields"].is_null()
+    };
+
+    kubectl_ok(&["create", "namespace", UPGRADE_NAMESPACE]);
+    let install = helm([
+        "install",
+        UPGRADE_RELEASE,
+        path_str(&old),
+        "--namespace",
+        UPGRADE_NAMESPACE,
+    ]);
+    assert!(install.success, "helm install: {}", install.stderr);
+    for plural in [
+        "ufilechanges",
+        "ufileintegritypolicies",
+        "ufileintegritynodes",
+    ] {
+        kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            &format!("crd/{plural}.{UPGRADE_GROUP}"),
+            "--timeout=60s",
+        ]);
+    }
+    assert!(!has_selectable_fields(), "the old chart's CRD");
+
+    // Records made under the old chart: two changes, one of them approved.
+    for (name, node) in [("upgrade-a", "node-a"), ("upgrade-b", "node-b")] {
+        let fc = kube_fim_e2e::ChangeFixture::new(name, node, "baseline").build();
+        let text = upgrade_names(&serde_json::to_string(&fc).unwrap());
+        let run = kube_fim_e2e::kubectl_stdin(&["create", "-f", "-"], &text);
+        assert!(run.success, "creating {name}: {}", run.stderr);
+    }
+    let me = kubectl_ok(&[
+        "auth",
+        "whoami",
+        "-o",
+        "jsonpath={.status.userInfo.username}",
+    ]);
+    let approval = serde_json::json!({"status": {"approval": {
+        "approvedBy": me.trim(),
+        "approvedAt": "2026-01-01T00:00:00Z",
+        "reason": "before the upgrade"
+    }}});
+    kubectl_ok(&[
+        "patch",
+        &crd,
+        "upgrade-a",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &approval.to_string(),
+    ]);
+    let before = upgrade_changes();
+    assert_eq!(before.len(), 2);
+    assert_eq!(
+        before["upgrade-a"]["status"]["approval"]["reason"],
+        "before the upgrade"
+    );
+    let by_node = || {
+        kubectl([
+            "get",
+            &crd,
+            "--field-selector=spec.node=node-a",
+            "-o",
+            "name",
+        ])
+    };
+    assert!(
+        !by_node().success,
+        "the old CRD has no spec.node selectable field"
+    );
+
+    // The pitfall: `helm upgrade` alone leaves the CRD as it was.
+    let upgrade = |values: &str| {
+        let run = helm([
+            "upgrade",
+            UPGRADE_RELEASE,
+            path_str(&new),
+            "--namespace",
+            UPGRADE_NAMESPACE,
+            "--reuse-values",
+            "--set",
+            values,
+        ]);
+        assert!(run.success, "helm upgrade: {}", run.stderr);
+    };
+    upgrade("agent.logLevel=debug");
+    assert!(!has_selectable_fields(), "helm upgrade changed a crds/ CRD");
+
+    // The README's step: the new chart's CRDs, server-side, then the upgrade.
+    kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        path_str(&new.join("crds")),
+    ]);
+    upgrade("agent.logFormat=json");
+    assert!(
+        has_selectable_fields(),
+        "the documented step updates the CRD"
+    );
+    let selected = eventually_sync(|| {
+        let run = by_node();
+        run.success.then_some(run.stdout)
+    });
+    assert_eq!(
+        selected.trim(),
+        format!("ufilechange.{UPGRADE_GROUP}/upgrade-a")
+    );
+    assert_eq!(upgrade_changes(), before, "every record and approval kept");
+    let stored = json(&["get", "crd", &crd, "-o", "json"]).unwrap();
+    assert_eq!(
+        stored["status"]["storedVersions"],
+        serde_json::json!(["v1alpha1"])
+    );
+
+    // Both upgrades' values reached the operator; three revisions, deployed.
+    let deployment = json(&[
+        "get",
+        "deployment",
+        &format!("{UPGRADE_RELEASE}-kube-fim-operator"),
+        "-n",
+        UPGRADE_NAMESPACE,
+        "-o",
+        "json",
+    ])
+    .unwrap();
+    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("--agent-log-level=debug"), "{args}");
+    assert!(args.contains("--agent-log-format=json"), "{args}");
+    let status = helm(["status", UPGRADE_RELEASE, "-n", UPGRADE_NAMESPACE]);
+    assert!(
+        status.stdout.contains("STATUS: deployed"),
+        "{}",
+        status.stdout
+    );
+    assert!(status.stdout.contains("REVISION: 3"), "{}", status.stdout);
+    // `helm test` has its hook (running it needs a kubelet: the real-node tier).
+    let hooks = helm(["get", "hooks", UPGRADE_RELEASE, "-n", UPGRADE_NAMESPACE]);
+    assert!(hooks.success, "{}", hooks.stderr);
+    assert!(
+        hooks.stdout.contains("helm.sh/hook: test")
+            && hooks.stdout.contains(&format!(
+                "{UPGRADE_RELEASE}-kube-fim-operator.{UPGRADE_NAMESPACE}.svc:8080/readyz"
+            )),
+        "{}",
+        hooks.stdout
+    );
+}
+
+/// Polls `check` for up to 30 s (a new CRD schema is served within moments).
+fn eventually_sync<T>(check: impl Fn() -> Option<T>) -> T {
+    for _ in 0..60 {
+        if let Some(v) = check() {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("not within 30 s")
 }

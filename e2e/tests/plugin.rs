@@ -192,3 +192,202 @@ fn row_of(text: &str, first: &str) -> Vec<String> {
         .map(String::from)
         .collect()
 }
+
+/// Runs `kubectl fim ARGS` with `KUBECONFIG` pointing at `kubeconfig`.
+fn kubectl_fim_with(kubeconfig: &std::path::Path, args: &[&str]) -> Run {
+    let dir = binary("kubectl-fim").parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new("kubectl")
+        .arg("fim")
+        .args(args)
+        .env("PATH", path)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .expect("kubectl runs")
+        .into()
+}
+
+/// `kubectl fim` takes kubectl's connection flags and `-o`, sizes its tables
+/// from their content, and never writes a file name's control characters raw
+/// (nor a CSV cell a spreadsheet would run) — against the real API server.
+#[tokio::test]
+async fn kubectl_shaped_flags_outputs_and_escaping() {
+    ensure_crds();
+    let client = client().await;
+    let suite = unique_name("plugin-k");
+    let long_node = format!("{suite}-{}", "n".repeat(253 - suite.len() - 1));
+    assert_eq!(long_node.len(), 253);
+    let short_node = format!("{suite}-s");
+    let policy = format!("{suite}-p");
+    let api: Api<FileChange> = Api::all(client.clone());
+    let evil_path = "/tmp/\x1b]0;pwned\x07\x1b[2Jx";
+    for (i, (node, path)) in [
+        (&long_node, "/etc/passwd"),
+        (&short_node, evil_path),
+        (&short_node, "/etc/hosts"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        api.create(
+            &PostParams::default(),
+            &ChangeFixture::new(&format!("{suite}-{i}"), node, &policy)
+                .path(path)
+                .build(),
+        )
+        .await
+        .unwrap();
+    }
+
+    // Tables: the 253-character name whole, every row's last column ending
+    // where its header ends.
+    let run = kubectl_fim(&["summary", "--since", "1d"]);
+    assert!(run.success, "{}", run.stderr);
+    let header = run.stdout.lines().find(|l| l.starts_with("NODE")).unwrap();
+    for node in [&long_node, &short_node] {
+        let row = run
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(node.as_str()))
+            .unwrap_or_else(|| panic!("{node} in\n{}", run.stdout));
+        assert_eq!(row.len(), header.len(), "{}", run.stdout);
+    }
+    assert_eq!(row_of(&run.stdout, &long_node)[0], long_node);
+
+    // -o json, yaml and wide.
+    let run = kubectl_fim(&["summary", "--since", "1d", "-o", "json"]);
+    assert!(run.success, "{}", run.stderr);
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let ours = json["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == short_node.as_str())
+        .unwrap();
+    assert_eq!(ours["modified"], 2);
+    assert_eq!(ours["unapproved"], 2);
+    let run = kubectl_fim(&["summary", "--since", "1d", "-o", "yaml"]);
+    assert!(run.success, "{}", run.stderr);
+    let yaml: serde_json::Value = serde_yaml::from_str(&run.stdout).unwrap();
+    assert_eq!(yaml, json, "-o yaml is the same data");
+    let run = kubectl_fim(&["summary", "--since", "1d", "-o", "wide"]);
+    assert!(run.stdout.contains("LAST CHANGE"), "{}", run.stdout);
+    let run = kubectl_fim(&["status", "-o", "json"]);
+    assert!(run.success, "{}", run.stderr);
+    let status: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert!(status["policies"].is_array() && status["nodes"].is_array());
+
+    // A file name's escape sequences reach no terminal and no spreadsheet.
+    let evil = format!("{suite}-1");
+    let run = kubectl_fim(&[
+        "approve",
+        &evil,
+        "--reason",
+        "=HYPERLINK(\"http://x\",\"y\")",
+    ]);
+    assert!(run.success, "{}", run.stderr);
+    assert!(!run.stdout.contains('\x1b'), "{:?}", run.stdout);
+    assert!(
+        run.stdout.contains("/tmp/\\x1b]0;pwned\\x07\\x1b[2Jx"),
+        "{}",
+        run.stdout
+    );
+    let run = kubectl_fim(&["export", "--since", "1d", "--format", "csv"]);
+    assert!(run.success, "{}", run.stderr);
+    let line = run.stdout.lines().find(|l| l.contains(&evil)).unwrap();
+    assert!(!line.contains('\x1b'), "{line:?}");
+    assert!(
+        line.contains(",\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\","),
+        "the reason is text, not a formula: {line}"
+    );
+    // The JSON export keeps the exact name (escaped the JSON way).
+    let run = kubectl_fim(&["export", "--since", "1d", "--format", "json"]);
+    let record: FileChange = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<FileChange>(l).unwrap())
+        .find(|c| c.metadata.name.as_deref() == Some(evil.as_str()))
+        .unwrap();
+    assert_eq!(record.spec.path, evil_path);
+    assert!(!run.stdout.contains('\x1b'));
+
+    // --kubeconfig and --context: a kubeconfig whose current context is a
+    // dead server; KUBECONFIG points nowhere.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("config");
+    std::fs::copy(kubeconfig(), &copy).unwrap();
+    let config = |args: &[&str]| {
+        let out = Command::new("kubectl")
+            .arg("config")
+            .args(args)
+            .env("KUBECONFIG", &copy)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kubectl config {args:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let good = config(&["current-context"]);
+    let user = config(&["view", "-o", "jsonpath={.contexts[0].context.user}"]);
+    config(&["set-cluster", "dead", "--server=https://127.0.0.1:1"]);
+    config(&[
+        "set-context",
+        "dead",
+        "--cluster=dead",
+        &format!("--user={user}"),
+    ]);
+    config(&["use-context", "dead"]);
+    let nowhere = dir.path().join("missing");
+    let copy_str = copy.to_str().unwrap();
+    let run = kubectl_fim_with(&nowhere, &["status", "--kubeconfig", copy_str]);
+    assert!(!run.success, "the dead current context answered");
+    let run = kubectl_fim_with(
+        &nowhere,
+        &["status", "--kubeconfig", copy_str, "--context", &good],
+    );
+    assert!(run.success, "--context {good}: {}", run.stderr);
+    let run = kubectl_fim_with(
+        &nowhere,
+        &["status", "--kubeconfig", copy_str, "--context", "nope"],
+    );
+    assert!(
+        !run.success && run.stderr.contains("\"nope\""),
+        "{}",
+        run.stderr
+    );
+
+    // --as / --as-group: the API server sees the impersonated user, who is
+    // the approver on record.
+    let run = kubectl_fim(&["status", "--as", "nobody-at-all"]);
+    assert!(!run.success, "an unprivileged user listed policies");
+    assert!(run.stderr.contains("nobody-at-all"), "{}", run.stderr);
+    let target = format!("{suite}-2");
+    let run = kubectl_fim(&[
+        "approve",
+        &target,
+        "--as",
+        "alice",
+        "--as-group",
+        "system:masters",
+    ]);
+    assert!(run.success, "{}", run.stderr);
+    let approval = api.get(&target).await.unwrap();
+    assert_eq!(approval.approval().unwrap().approved_by, "alice");
+    let run = kubectl_fim(&["status", "--as-group", "system:masters"]);
+    assert!(
+        !run.success && run.stderr.contains("--as-group needs --as"),
+        "{}",
+        run.stderr
+    );
+
+    // Completion scripts for kubectl-fim.
+    let run = kubectl_fim(&["completion", "bash"]);
+    assert!(
+        run.success && run.stdout.contains("kubectl-fim"),
+        "{}",
+        run.stderr
+    );
+}

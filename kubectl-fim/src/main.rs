@@ -5,13 +5,19 @@
 //! included, that read back as FileChanges), `approve` records the decision
 //! that changes were expected (the agents then make the approved state the
 //! baseline, if the file still is in it), `status` shows policies and nodes.
+//! kubectl's connection flags (`--kubeconfig`, `--context`, `--as`,
+//! `--as-group`) and output formats (`-o json|yaml|wide`) work as in kubectl;
+//! every file name is escaped before it reaches the terminal (`display`).
+
+mod connect;
+mod display;
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -22,6 +28,7 @@ use kube_fim_crds::labels::{NODE, POLICY, label_value};
 use kube_fim_crds::{
     Approval, FileChange, FileIntegrityNode, FileIntegrityPolicy, NodePolicyPhase,
 };
+use serde::Serialize;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +37,8 @@ use kube_fim_crds::{
     about = "kube-fim: file integrity monitoring of Kubernetes nodes"
 )]
 struct Cli {
+    #[command(flatten)]
+    kube: connect::KubeFlags,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,6 +49,14 @@ enum Format {
     Json,
 }
 
+/// `-o`: a table (the default), a wider one, or the same data for programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Wide,
+    Json,
+    Yaml,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Changes per node and category (and per policy), like a dashboard in the terminal.
@@ -47,6 +64,9 @@ enum Command {
         /// Only changes detected within this period (e.g. 30m, 24h, 7d).
         #[arg(long, default_value = "7d")]
         since: String,
+        /// Output format: wide (more columns), json or yaml; default a table.
+        #[arg(short, long, value_enum)]
+        output: Option<Output>,
     },
     /// Write the change records, for archiving.
     Export {
@@ -74,7 +94,16 @@ enum Command {
         policy: Option<String>,
     },
     /// Policies, nodes reporting, last scans, errors.
-    Status,
+    Status {
+        /// Output format: wide (more columns), json or yaml; default a table.
+        #[arg(short, long, value_enum)]
+        output: Option<Output>,
+    },
+    /// Print a shell completion script, e.g. `source <(kubectl-fim completion bash)`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Parses `30s`, `15m`, `24h`, `7d` (and combinations such as `1d12h`).
@@ -98,11 +127,14 @@ fn parse_since(s: &str) -> anyhow::Result<Duration> {
             'd' => 86400,
             _ => bail!("--since {s:?}: unknown unit {unit:?} (s, m, h, d)"),
         };
-        total += Duration::from_secs(n * secs);
-        rest = &tail[1..];
+        total += Duration::from_secs(n.saturating_mul(secs));
+        rest = &tail[unit.len_utf8()..];
     }
     if total.is_zero() {
         bail!("--since {s:?}: expected e.g. 24h or 7d");
+    }
+    if total > Duration::from_secs(100 * 365 * 86400) {
+        bail!("--since {s:?}: more than 100 years");
     }
     Ok(total)
 }
@@ -136,72 +168,198 @@ fn count(c: &FileChange) -> u64 {
     c.spec.summary.as_ref().map_or(1, |s| s.count)
 }
 
-async fn summary(client: &Client, since: &str) -> anyhow::Result<()> {
-    let changes = changes_since(client, parse_since(since)?).await?;
-    let cats = ["Added", "Modified", "Removed"];
-    let mut per_node: BTreeMap<String, [u64; 4]> = BTreeMap::new();
-    let mut per_policy: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for c in &changes {
-        let row = per_node.entry(c.spec.node.clone()).or_default();
-        match &c.spec.summary {
-            Some(s) => {
-                row[0] += s.added;
-                row[1] += s.modified;
-                row[2] += s.removed;
-            }
-            None => {
-                if let Some(i) = cats.iter().position(|x| *x == c.spec.category.as_str()) {
-                    row[i] += 1;
-                }
-            }
-        }
-        if !approved(c) {
-            row[3] += count(c);
-        }
-        let p = per_policy.entry(c.spec.policy.clone()).or_default();
-        p.0 += count(c);
-        if !approved(c) {
-            p.1 += count(c);
-        }
-    }
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "Changes in the last {since}: {}",
-        changes.iter().map(count).sum::<u64>()
-    )?;
-    writeln!(out)?;
-    writeln!(
-        out,
-        "{:<40} {:>8} {:>8} {:>8} {:>8} {:>14}",
-        "NODE", "ADDED", "MODIFIED", "REMOVED", "TOTAL", "UNAPPROVED"
-    )?;
-    for (node, r) in &per_node {
-        writeln!(
-            out,
-            "{:<40} {:>8} {:>8} {:>8} {:>8} {:>14}",
-            node,
-            r[0],
-            r[1],
-            r[2],
-            r[0] + r[1] + r[2],
-            r[3]
-        )?;
-    }
-    writeln!(out)?;
-    writeln!(out, "{:<40} {:>8} {:>14}", "POLICY", "TOTAL", "UNAPPROVED")?;
-    for (policy, (total, unacked)) in &per_policy {
-        writeln!(out, "{:<40} {:>8} {:>14}", policy, total, unacked)?;
-    }
-    Ok(())
+/// One node's line of `summary`.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeSummary {
+    node: String,
+    added: u64,
+    modified: u64,
+    removed: u64,
+    total: u64,
+    unapproved: u64,
+    policies: Vec<String>,
+    last_change: Option<String>,
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
+/// One policy's line of `summary`.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PolicySummary {
+    policy: String,
+    total: u64,
+    unapproved: u64,
+}
+
+/// What `summary` shows, in any output format.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Summary {
+    since: String,
+    total: u64,
+    nodes: Vec<NodeSummary>,
+    policies: Vec<PolicySummary>,
+}
+
+fn summarize(since: &str, changes: &[FileChange]) -> Summary {
+    let mut per_node: BTreeMap<String, NodeSummary> = BTreeMap::new();
+    let mut per_policy: BTreeMap<String, PolicySummary> = BTreeMap::new();
+    for c in changes {
+        let row = per_node
+            .entry(c.spec.node.clone())
+            .or_insert_with(|| NodeSummary {
+                node: c.spec.node.clone(),
+                ..NodeSummary::default()
+            });
+        match &c.spec.summary {
+            Some(s) => {
+                row.added += s.added;
+                row.modified += s.modified;
+                row.removed += s.removed;
+            }
+            None => match c.spec.category.as_str() {
+                "Added" => row.added += 1,
+                "Modified" => row.modified += 1,
+                "Removed" => row.removed += 1,
+                _ => {}
+            },
+        }
+        row.total = row.added + row.modified + row.removed;
+        if !approved(c) {
+            row.unapproved += count(c);
+        }
+        if !row.policies.contains(&c.spec.policy) {
+            row.policies.push(c.spec.policy.clone());
+        }
+        // Changes come sorted by detection time: the last one is the latest.
+        row.last_change = Some(c.spec.detected_time.0.to_string());
+        let p = per_policy
+            .entry(c.spec.policy.clone())
+            .or_insert_with(|| PolicySummary {
+                policy: c.spec.policy.clone(),
+                ..PolicySummary::default()
+            });
+        p.total += count(c);
+        if !approved(c) {
+            p.unapproved += count(c);
+        }
     }
+    Summary {
+        since: since.to_string(),
+        total: changes.iter().map(count).sum(),
+        nodes: per_node.into_values().collect(),
+        policies: per_policy.into_values().collect(),
+    }
+}
+
+/// The data for programs, which people read too: no character that drives or
+/// reorders a terminal is written raw. JSON escapes them all (`\u009b`,
+/// `\u202e`: the data is exact). YAML escapes controls in double quotes, but
+/// has no escape for a direction mark in every scalar style: those are shown
+/// as `\u{202e}` text there.
+fn structured<T: Serialize>(value: &T, output: Output) -> anyhow::Result<String> {
+    fn mark_text(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s)
+                if s.chars().any(|c| !c.is_control() && display::hidden(c)) =>
+            {
+                *s = s
+                    .chars()
+                    .map(|c| {
+                        if !c.is_control() && display::hidden(c) {
+                            format!("\\u{{{:04x}}}", c as u32)
+                        } else {
+                            c.to_string()
+                        }
+                    })
+                    .collect();
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(mark_text),
+            serde_json::Value::Object(o) => o.values_mut().for_each(mark_text),
+            _ => {}
+        }
+    }
+    Ok(match output {
+        Output::Yaml => {
+            let mut v = serde_json::to_value(value)?;
+            mark_text(&mut v);
+            serde_saphyr::to_string(&v).context("writing YAML")?
+        }
+        Output::Json | Output::Wide => {
+            let mut out = String::new();
+            // serde_json escapes ASCII controls in strings (the others are
+            // its line breaks); every other character is inside a string.
+            for c in serde_json::to_string_pretty(value)?.chars() {
+                if display::hidden(c) && !c.is_ascii() {
+                    out.push_str(&format!("\\u{:04x}", c as u32));
+                } else {
+                    out.push(c);
+                }
+            }
+            out.push('\n');
+            out
+        }
+    })
+}
+
+fn render_summary(summary: &Summary, output: Option<Output>) -> anyhow::Result<String> {
+    use display::Align::{Left, Right};
+    if let Some(o @ (Output::Json | Output::Yaml)) = output {
+        return structured(summary, o);
+    }
+    let wide = output == Some(Output::Wide);
+    let mut text = format!(
+        "Changes in the last {}: {}\n\n",
+        display::escape(&summary.since),
+        summary.total
+    );
+    let mut columns = vec![
+        ("NODE", Left),
+        ("ADDED", Right),
+        ("MODIFIED", Right),
+        ("REMOVED", Right),
+        ("TOTAL", Right),
+        ("UNAPPROVED", Right),
+    ];
+    if wide {
+        columns.extend([("LAST CHANGE", Left), ("POLICIES", Left)]);
+    }
+    let mut nodes = display::Table::new(&columns);
+    for n in &summary.nodes {
+        let mut row = vec![
+            n.node.clone(),
+            n.added.to_string(),
+            n.modified.to_string(),
+            n.removed.to_string(),
+            n.total.to_string(),
+            n.unapproved.to_string(),
+        ];
+        if wide {
+            row.push(n.last_change.clone().unwrap_or_else(|| "-".into()));
+            row.push(n.policies.join(","));
+        }
+        nodes.row(row);
+    }
+    text.push_str(&nodes.render());
+    text.push('\n');
+    let mut policies =
+        display::Table::new(&[("POLICY", Left), ("TOTAL", Right), ("UNAPPROVED", Right)]);
+    for p in &summary.policies {
+        policies.row([
+            p.policy.clone(),
+            p.total.to_string(),
+            p.unapproved.to_string(),
+        ]);
+    }
+    text.push_str(&policies.render());
+    Ok(text)
+}
+
+async fn summary(client: &Client, since: &str, output: Option<Output>) -> anyhow::Result<()> {
+    let changes = changes_since(client, parse_since(since)?).await?;
+    let text = render_summary(&summarize(since, &changes), output)?;
+    std::io::stdout().lock().write_all(text.as_bytes())?;
+    Ok(())
 }
 
 async fn export(client: &Client, since: &str, format: Format) -> anyhow::Result<()> {
@@ -276,7 +434,7 @@ async fn export(client: &Client, since: &str, format: Format) -> anyhow::Result<
                     pod.and_then(|r| r.container.clone()).unwrap_or_default(),
                 ];
                 let fields: Vec<&String> = fields.iter().chain(who.iter()).collect();
-                let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+                let line: Vec<String> = fields.iter().map(|f| display::csv_field(f)).collect();
                 writeln!(out, "{}", line.join(","))?;
             }
         }
@@ -339,36 +497,40 @@ async fn approve(
     };
     let patch = serde_json::json!({"status": {"approval": approval}});
     let mut failed = 0;
+    let esc = display::escape;
     for name in &targets {
+        // Names given on the command line are echoed too.
+        let name = esc(name);
         // An approval is given once; a second one would rewrite nothing.
-        if let Ok(c) = api.get(name).await
+        if let Ok(c) = api.get(&name).await
             && let Some(given) = c.approval()
         {
             println!(
                 "filechange/{name} already approved by {} at {}",
-                given.approved_by, given.approved_at.0
+                esc(&given.approved_by),
+                given.approved_at.0
             );
             continue;
         }
         match api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
             Ok(c) => println!(
                 "filechange/{} approved by {} ({} {} on {})",
                 name,
-                approval.approved_by,
+                esc(&approval.approved_by),
                 c.spec.category.as_str(),
-                c.spec.path,
-                c.spec.node
+                esc(&c.spec.path),
+                esc(&c.spec.node)
             ),
             Err(kube::Error::Api(e)) => {
                 failed += 1;
-                eprintln!("filechange/{name}: {}", e.message);
+                eprintln!("filechange/{name}: {}", esc(&e.message));
             }
             Err(e) => {
                 failed += 1;
-                eprintln!("filechange/{name}: {e}");
+                eprintln!("filechange/{name}: {}", esc(&e.to_string()));
             }
         }
     }
@@ -393,7 +555,176 @@ fn age(t: Option<Timestamp>) -> String {
     }
 }
 
-async fn status(client: &Client) -> anyhow::Result<()> {
+/// One policy's line of `status`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PolicyStatusRow {
+    policy: String,
+    nodes_selected: i64,
+    nodes_ready: i64,
+    nodes_baselining: i64,
+    files_monitored: i64,
+    changes_last24h: i64,
+    ready_reason: String,
+    ready_message: String,
+    degraded_reason: String,
+    last_scan_time: Option<String>,
+}
+
+/// One node's line of `status`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeStatusRow {
+    node: String,
+    policies: i64,
+    files_monitored: i64,
+    queued: i64,
+    heartbeat_time: Option<String>,
+    errors: i64,
+    problems: Vec<String>,
+}
+
+/// What `status` shows, in any output format.
+#[derive(Debug, Serialize)]
+struct Status {
+    policies: Vec<PolicyStatusRow>,
+    nodes: Vec<NodeStatusRow>,
+}
+
+fn status_rows(policies: &[FileIntegrityPolicy], nodes: &[FileIntegrityNode]) -> Status {
+    let policies = policies
+        .iter()
+        .map(|p| {
+            let s = p.status.clone().unwrap_or_default();
+            let cond = |t: &str| s.conditions.iter().find(|c| c.type_ == t);
+            PolicyStatusRow {
+                policy: p.name_any(),
+                nodes_selected: s.nodes_selected.unwrap_or(0).into(),
+                nodes_ready: s.nodes_ready.unwrap_or(0).into(),
+                nodes_baselining: s.nodes_baselining.unwrap_or(0).into(),
+                files_monitored: s.files_monitored.unwrap_or(0),
+                changes_last24h: s.changes_last24h.unwrap_or(0),
+                ready_reason: cond("Ready").map_or_else(|| "-".into(), |c| c.reason.clone()),
+                ready_message: cond("Ready").map_or_else(String::new, |c| c.message.clone()),
+                degraded_reason: cond("Degraded")
+                    .filter(|c| c.status != "False")
+                    .map_or_else(|| "-".into(), |c| c.reason.clone()),
+                last_scan_time: s.last_scan_time.map(|t| t.0.to_string()),
+            }
+        })
+        .collect();
+    let nodes = nodes
+        .iter()
+        .map(|n| {
+            let s = n.status.clone().unwrap_or_default();
+            NodeStatusRow {
+                node: n.name_any(),
+                policies: s.policy_count.unwrap_or(0).into(),
+                files_monitored: s.files_monitored.unwrap_or(0),
+                queued: s.queue_length.unwrap_or(0),
+                heartbeat_time: s.heartbeat_time.map(|t| t.0.to_string()),
+                errors: s
+                    .policies
+                    .iter()
+                    .filter_map(|p| p.errors)
+                    .max()
+                    .unwrap_or(0),
+                problems: s
+                    .policies
+                    .iter()
+                    .filter(|p| p.phase == NodePolicyPhase::Failed)
+                    .map(|p| {
+                        format!(
+                            "{}: {}",
+                            p.policy,
+                            p.message.clone().unwrap_or_else(|| "failed".into())
+                        )
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    Status { policies, nodes }
+}
+
+fn age_of(time: Option<&String>) -> String {
+    age(time.and_then(|t| t.parse::<Timestamp>().ok()))
+}
+
+fn render_status(status: &Status, output: Option<Output>) -> anyhow::Result<String> {
+    use display::Align::{Left, Right};
+    if let Some(o @ (Output::Json | Output::Yaml)) = output {
+        return structured(status, o);
+    }
+    let wide = output == Some(Output::Wide);
+    let mut columns = vec![
+        ("POLICY", Left),
+        ("SELECTED", Right),
+        ("READY", Right),
+        ("BASELINING", Right),
+        ("FILES", Right),
+        ("CHANGES", Right),
+        ("READY REASON", Left),
+        ("DEGRADED", Left),
+        ("LAST SCAN", Left),
+    ];
+    if wide {
+        columns.push(("MESSAGE", Left));
+    }
+    let mut policies = display::Table::new(&columns);
+    for p in &status.policies {
+        let mut row = vec![
+            p.policy.clone(),
+            p.nodes_selected.to_string(),
+            p.nodes_ready.to_string(),
+            p.nodes_baselining.to_string(),
+            p.files_monitored.to_string(),
+            p.changes_last24h.to_string(),
+            p.ready_reason.clone(),
+            p.degraded_reason.clone(),
+            age_of(p.last_scan_time.as_ref()),
+        ];
+        if wide {
+            row.push(p.ready_message.clone());
+        }
+        policies.row(row);
+    }
+    let mut columns = vec![
+        ("NODE", Left),
+        ("POLICIES", Right),
+        ("FILES", Right),
+        ("QUEUED", Right),
+        ("HEARTBEAT", Right),
+        ("ERRORS", Right),
+    ];
+    if wide {
+        columns.push(("HEARTBEAT TIME", Left));
+    }
+    columns.push(("PROBLEMS", Left));
+    let mut nodes = display::Table::new(&columns);
+    for n in &status.nodes {
+        let mut row = vec![
+            n.node.clone(),
+            n.policies.to_string(),
+            n.files_monitored.to_string(),
+            n.queued.to_string(),
+            age_of(n.heartbeat_time.as_ref()),
+            n.errors.to_string(),
+        ];
+        if wide {
+            row.push(n.heartbeat_time.clone().unwrap_or_else(|| "-".into()));
+        }
+        row.push(if n.problems.is_empty() {
+            "-".to_string()
+        } else {
+            n.problems.join("; ")
+        });
+        nodes.row(row);
+    }
+    Ok(format!("{}\n{}", policies.render(), nodes.render()))
+}
+
+async fn status(client: &Client, output: Option<Output>) -> anyhow::Result<()> {
     let policies = Api::<FileIntegrityPolicy>::all(client.clone())
         .list(&ListParams::default())
         .await
@@ -402,95 +733,31 @@ async fn status(client: &Client) -> anyhow::Result<()> {
         .list(&ListParams::default())
         .await
         .context("listing FileIntegrityNodes")?;
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "{:<32} {:>8} {:>6} {:>10} {:>9} {:>8} {:<16} {:<16} LAST SCAN",
-        "POLICY", "SELECTED", "READY", "BASELINING", "FILES", "CHANGES", "READY REASON", "DEGRADED"
-    )?;
-    for p in &policies.items {
-        let s = p.status.clone().unwrap_or_default();
-        let cond = |t: &str| {
-            s.conditions
-                .iter()
-                .find(|c| c.type_ == t)
-                .map(|c| {
-                    if t == "Degraded" && c.status == "False" {
-                        "-".to_string()
-                    } else {
-                        c.reason.clone()
-                    }
-                })
-                .unwrap_or_else(|| "-".into())
-        };
-        writeln!(
-            out,
-            "{:<32} {:>8} {:>6} {:>10} {:>9} {:>8} {:<16} {:<16} {}",
-            p.name_any(),
-            s.nodes_selected.unwrap_or(0),
-            s.nodes_ready.unwrap_or(0),
-            s.nodes_baselining.unwrap_or(0),
-            s.files_monitored.unwrap_or(0),
-            s.changes_last24h.unwrap_or(0),
-            cond("Ready"),
-            cond("Degraded"),
-            age(s.last_scan_time.map(|t| t.0)),
-        )?;
-    }
-    writeln!(out)?;
-    writeln!(
-        out,
-        "{:<32} {:>9} {:>9} {:>7} {:>10} {:>7}  PROBLEMS",
-        "NODE", "POLICIES", "FILES", "QUEUED", "HEARTBEAT", "ERRORS"
-    )?;
-    for n in &nodes.items {
-        let s = n.status.clone().unwrap_or_default();
-        let errors: i64 = s
-            .policies
-            .iter()
-            .filter_map(|p| p.errors)
-            .max()
-            .unwrap_or(0);
-        let problems: Vec<String> = s
-            .policies
-            .iter()
-            .filter(|p| p.phase == NodePolicyPhase::Failed)
-            .map(|p| {
-                format!(
-                    "{}: {}",
-                    p.policy,
-                    p.message.clone().unwrap_or_else(|| "failed".into())
-                )
-            })
-            .collect();
-        writeln!(
-            out,
-            "{:<32} {:>9} {:>9} {:>7} {:>10} {:>7}  {}",
-            n.name_any(),
-            s.policy_count.unwrap_or(0),
-            s.files_monitored.unwrap_or(0),
-            s.queue_length.unwrap_or(0),
-            age(s.heartbeat_time.map(|t| t.0)),
-            errors,
-            if problems.is_empty() {
-                "-".to_string()
-            } else {
-                problems.join("; ")
-            },
-        )?;
-    }
+    let text = render_status(&status_rows(&policies.items, &nodes.items), output)?;
+    std::io::stdout().lock().write_all(text.as_bytes())?;
     Ok(())
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Command::Completion { shell } = cli.command {
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "kubectl-fim",
+            &mut std::io::stdout(),
+        );
+        return std::process::ExitCode::SUCCESS;
+    }
     let result = async {
-        let client = Client::try_default()
+        let client = cli
+            .kube
+            .client()
             .await
-            .context("connecting to the cluster (KUBECONFIG)")?;
+            .context("connecting to the cluster")?;
         match cli.command {
-            Command::Summary { since } => summary(&client, &since).await,
+            Command::Summary { since, output } => summary(&client, &since, output).await,
             Command::Export { since, format } => export(&client, &since, format).await,
             Command::Approve {
                 names,
@@ -498,22 +765,178 @@ async fn main() -> std::process::ExitCode {
                 node,
                 policy,
             } => approve(&client, names, reason, node, policy).await,
-            Command::Status => status(&client).await,
+            Command::Status { output } => status(&client, output).await,
+            Command::Completion { .. } => Ok(()),
         }
     }
     .await;
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kubectl fim: {e:#}");
+            eprintln!("kubectl fim: {}", display::escape(&format!("{e:#}")));
             std::process::ExitCode::FAILURE
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    fn change(node: &str, path: &str, category: &str, approved: bool) -> FileChange {
+        let mut c: FileChange = serde_json::from_value(serde_json::json!({
+            "apiVersion": "fim.kube-fim.io/v1alpha1",
+            "kind": "FileChange",
+            "metadata": {"name": "c"},
+            "spec": {
+                "node": node, "policy": "baseline", "entry": "etc", "path": path,
+                "category": category, "source": "Scan",
+                "detectedTime": "2026-12-01T10:00:00Z"
+            }
+        }))
+        .unwrap();
+        if approved {
+            c.status = serde_json::from_value(serde_json::json!({
+                "approval": {"approvedBy": "alice", "approvedAt": "2026-12-01T11:00:00Z"}
+            }))
+            .unwrap();
+        }
+        c
+    }
+
+    fn long_node() -> String {
+        format!("{}.example.com", "n".repeat(241))
+    }
+
+    fn sample() -> Summary {
+        summarize(
+            "7d",
+            &[
+                change(&long_node(), "/etc/passwd", "Modified", false),
+                change(&long_node(), "/etc/new", "Added", true),
+                change("w1", "/etc/\x1b]0;pwned\x07", "Removed", false),
+            ],
+        )
+    }
+
+    #[test]
+    fn summary_table_fits_a_253_character_node_name() {
+        let text = render_summary(&sample(), None).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("Changes in the last 7d: 3"), "{text}");
+        let header = lines[2];
+        let long = lines.iter().find(|l| l.starts_with(&long_node())).unwrap();
+        let short = lines.iter().find(|l| l.starts_with("w1 ")).unwrap();
+        // The numbers of every row end where their header ends.
+        assert_eq!(header.len(), long.len(), "{text}");
+        assert_eq!(header.len(), short.len(), "{text}");
+        let cells: Vec<&str> = long.split_whitespace().collect();
+        assert_eq!(cells, [long_node().as_str(), "1", "1", "0", "2", "1"]);
+        assert!(!text.contains("LAST CHANGE"));
+    }
+
+    #[test]
+    fn summary_wide_json_and_yaml() {
+        let wide = render_summary(&sample(), Some(Output::Wide)).unwrap();
+        assert!(wide.contains("LAST CHANGE"), "{wide}");
+        assert!(wide.contains("2026-12-01T10:00:00Z"), "{wide}");
+        let json: serde_json::Value =
+            serde_json::from_str(&render_summary(&sample(), Some(Output::Json)).unwrap()).unwrap();
+        assert_eq!(json["total"], 3);
+        assert_eq!(json["nodes"][0]["node"], long_node().as_str());
+        assert_eq!(json["nodes"][0]["unapproved"], 1);
+        assert_eq!(json["policies"][0]["policy"], "baseline");
+        let yaml = render_summary(&sample(), Some(Output::Yaml)).unwrap();
+        let back: serde_json::Value = serde_saphyr::from_str(&yaml).unwrap();
+        assert_eq!(back, json, "the YAML is the same data");
+    }
+
+    #[test]
+    fn structured_output_never_carries_a_raw_control_character() {
+        let mut s = sample();
+        s.nodes[0].policies = vec!["p\x1b[2J\u{9b}".into(), "evil\u{202e}hs.txt".into()];
+        let json: serde_json::Value =
+            serde_json::from_str(&render_summary(&s, Some(Output::Json)).unwrap()).unwrap();
+        assert_eq!(
+            json["nodes"][0]["policies"],
+            serde_json::json!(["p\x1b[2J\u{9b}", "evil\u{202e}hs.txt"]),
+            "JSON output is exact"
+        );
+        for o in [Output::Yaml, Output::Json] {
+            let text = render_summary(&s, Some(o)).unwrap();
+            assert!(
+                !text.chars().any(|c| display::hidden(c) && c != '\n'),
+                "{o:?}: {text:?}"
+            );
+            assert!(text.contains("evil\\u"), "{o:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn status_tables_escape_problems_and_size_columns() {
+        let node: FileIntegrityNode = serde_json::from_value(serde_json::json!({
+            "apiVersion": "fim.kube-fim.io/v1alpha1",
+            "kind": "FileIntegrityNode",
+            "metadata": {"name": long_node()},
+            "spec": {"node": long_node()},
+            "status": {"policies": [{
+                "policy": "baseline", "phase": "Failed",
+                "message": "cannot read /etc/\x1b[2Jsecret"
+            }]}
+        }))
+        .unwrap();
+        let status = status_rows(&[], &[node]);
+        let text = render_status(&status, None).unwrap();
+        assert!(!text.contains('\x1b'), "{text:?}");
+        assert!(
+            text.contains("baseline: cannot read /etc/\\x1b[2Jsecret"),
+            "{text}"
+        );
+        let wide = render_status(&status, Some(Output::Wide)).unwrap();
+        assert!(wide.contains("HEARTBEAT TIME") && wide.contains("MESSAGE"));
+        let json: serde_json::Value =
+            serde_json::from_str(&render_status(&status, Some(Output::Json)).unwrap()).unwrap();
+        assert_eq!(json["nodes"][0]["node"], long_node().as_str());
+    }
+
+    #[test]
+    fn completion_scripts_know_the_commands_and_kubectl_flags() {
+        Cli::command().debug_assert();
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "kubectl-fim", &mut out);
+            let script = String::from_utf8(out).unwrap();
+            for word in [
+                "summary",
+                "approve",
+                "--kubeconfig",
+                "--context",
+                "--as-group",
+            ] {
+                assert!(script.contains(word), "{shell:?} completion lacks {word}");
+            }
+        }
+        let cli = Cli::try_parse_from([
+            "kubectl-fim",
+            "status",
+            "-o",
+            "wide",
+            "--context",
+            "prod",
+            "--as",
+            "alice",
+        ])
+        .unwrap();
+        assert_eq!(cli.kube.context.as_deref(), Some("prod"));
+        assert!(matches!(
+            cli.command,
+            Command::Status {
+                output: Some(Output::Wide)
+            }
+        ));
+        assert!(Cli::try_parse_from(["kubectl-fim", "summary", "-o", "xml"]).is_err());
+    }
 
     #[test]
     fn since_accepts_days_and_combinations() {
@@ -528,9 +951,9 @@ mod tests {
     }
 
     #[test]
-    fn csv_quotes_only_when_needed() {
-        assert_eq!(csv_field("/etc/passwd"), "/etc/passwd");
-        assert_eq!(csv_field("a,b"), "\"a,b\"");
-        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+    fn since_with_a_multibyte_unit_is_an_error_not_a_crash() {
+        assert!(parse_since("7é").is_err());
+        assert!(parse_since("99999999999999999999d").is_err());
+        assert!(parse_since("9999999999999999d").is_err());
     }
 }

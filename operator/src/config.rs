@@ -68,6 +68,30 @@ pub struct Config {
     /// Agent container resources.
     #[command(flatten)]
     pub agent_resources: AgentResources,
+    /// Priority class of the agent pods; empty: none (the cluster default).
+    /// Clusters that allow `system-node-critical` only in `kube-system` (GKE by
+    /// default) refuse every agent pod with it: give another class, or "".
+    #[arg(long, default_value = "system-node-critical")]
+    pub agent_priority_class_name: String,
+    /// A Secret the agent image is pulled with (repeatable).
+    #[arg(long = "agent-image-pull-secret")]
+    pub agent_image_pull_secrets: Vec<String>,
+    /// Log filter of the agents (RUST_LOG syntax).
+    #[arg(long, default_value = "info")]
+    pub agent_log_level: String,
+    /// Log format of the agents.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub agent_log_format: String,
+    /// Agent pods a rollout may take down at once: a number or a percentage.
+    #[arg(long, default_value = "10%", value_parser = max_unavailable)]
+    pub agent_max_unavailable: MaxUnavailable,
+    /// A label `KEY=VALUE` on the agent pods (repeatable). The labels the
+    /// DaemonSet selects on are the operator's and cannot be set.
+    #[arg(long = "agent-pod-label", value_parser = pod_label)]
+    pub agent_pod_labels: Vec<(String, String)>,
+    /// An annotation `KEY=VALUE` on the agent pods (repeatable).
+    #[arg(long = "agent-pod-annotation", value_parser = key_value)]
+    pub agent_pod_annotations: Vec<(String, String)>,
 
     /// Serve only the policies matching this label selector (e.g. for a canary operator).
     #[arg(long)]
@@ -114,6 +138,55 @@ pub struct AgentResources {
 
 fn duration(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// `maxUnavailable` of the agent DaemonSet's rolling update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MaxUnavailable {
+    /// So many pods.
+    Count(i32),
+    /// So many percent of the pods, as Kubernetes writes it (`10%`).
+    Percent(String),
+}
+
+fn max_unavailable(s: &str) -> Result<MaxUnavailable, String> {
+    if let Some(p) = s.strip_suffix('%') {
+        match p.parse::<u8>() {
+            Ok(n) if (1..=100).contains(&n) => Ok(MaxUnavailable::Percent(s.to_string())),
+            _ => Err(format!("{s:?}: a percentage is 1% to 100%")),
+        }
+    } else {
+        match s.parse::<i32>() {
+            Ok(n) if n >= 1 => Ok(MaxUnavailable::Count(n)),
+            _ => Err(format!(
+                "{s:?}: a number of pods (at least 1) or a percentage (10%)"
+            )),
+        }
+    }
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?}: expected KEY=VALUE")),
+    }
+}
+
+/// The labels the agent DaemonSet selects its pods by: overriding one would
+/// orphan the pods.
+const SELECTOR_LABELS: [&str; 2] = [
+    crate::daemonset::NAME_LABEL,
+    crate::daemonset::COMPONENT_LABEL,
+];
+
+fn pod_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = key_value(s)?;
+    if SELECTOR_LABELS.contains(&k.as_str()) {
+        return Err(format!(
+            "{k} is the label the agent DaemonSet selects its pods by; it cannot be set"
+        ));
+    }
+    Ok((k, v))
 }
 
 #[cfg(test)]
@@ -194,6 +267,67 @@ mod tests {
             Some(value(&v, "operator.policySelector")).filter(|s| !s.is_empty()),
             c.policy_selector
         );
+        assert_eq!(
+            value(&v, "agent.priorityClassName"),
+            c.agent_priority_class_name
+        );
+        assert_eq!(value(&v, "agent.logLevel"), c.agent_log_level);
+        assert_eq!(value(&v, "agent.logFormat"), c.agent_log_format);
+        assert_eq!(
+            max_unavailable(&value(&v, "agent.maxUnavailable")).unwrap(),
+            c.agent_max_unavailable
+        );
+        for (key, empty) in [
+            ("imagePullSecrets", c.agent_image_pull_secrets.is_empty()),
+            ("podLabels", c.agent_pod_labels.is_empty()),
+            ("podAnnotations", c.agent_pod_annotations.is_empty()),
+        ] {
+            let chart_empty = match &v["agent"][key] {
+                serde_yaml::Value::Sequence(s) => s.is_empty(),
+                serde_yaml::Value::Mapping(m) => m.is_empty(),
+                other => panic!("agent.{key}: {other:?}"),
+            };
+            assert_eq!(chart_empty, empty, "agent.{key}");
+        }
+    }
+
+    #[test]
+    fn agent_pod_settings_are_parsed_and_bad_ones_refused() {
+        let c = Config::try_parse_from([
+            "kube-fim-operator",
+            "--agent-priority-class-name=",
+            "--agent-image-pull-secret=regcred",
+            "--agent-image-pull-secret=mirror",
+            "--agent-max-unavailable=3",
+            "--agent-pod-label=team=platform",
+            "--agent-pod-annotation=example.com/note=a=b",
+        ])
+        .unwrap();
+        assert_eq!(c.agent_priority_class_name, "");
+        assert_eq!(c.agent_image_pull_secrets, ["regcred", "mirror"]);
+        assert_eq!(c.agent_max_unavailable, MaxUnavailable::Count(3));
+        assert_eq!(
+            c.agent_pod_labels,
+            [("team".to_string(), "platform".to_string())]
+        );
+        assert_eq!(
+            c.agent_pod_annotations,
+            [("example.com/note".to_string(), "a=b".to_string())]
+        );
+        for (arg, says) in [
+            ("--agent-max-unavailable=0", "at least 1"),
+            ("--agent-max-unavailable=150%", "1% to 100%"),
+            ("--agent-max-unavailable=some", "percentage"),
+            ("--agent-pod-label=novalue", "KEY=VALUE"),
+            (
+                "--agent-pod-label=app.kubernetes.io/component=x",
+                "selects its pods by",
+            ),
+            ("--agent-log-format=xml", "--agent-log-format"),
+        ] {
+            let err = Config::try_parse_from(["kube-fim-operator", arg]).unwrap_err();
+            assert!(err.to_string().contains(says), "{arg}: {err}");
+        }
     }
 
     #[test]

@@ -12,9 +12,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    HostPathVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
-    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, Toleration, Volume, VolumeMount,
+    HostPathVolumeSource, LocalObjectReference, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -23,7 +23,7 @@ use kube::Resource;
 use kube_fim_crds::FileIntegrityPolicy;
 use kube_fim_crds::labels::{MANAGED_BY, MANAGED_BY_VALUE};
 
-use crate::config::Config;
+use crate::config::{Config, MaxUnavailable};
 
 /// Label naming the component on every object the operator creates.
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
@@ -161,6 +161,7 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
     let process_attribution = policies.iter().any(|p| p.spec.process_attribution);
 
     let mut args = vec![
+        format!("--log-format={}", config.agent_log_format),
         "run".to_string(),
         "--node-name=$(NODE_NAME)".to_string(),
         format!("--root={HOST_ROOT}"),
@@ -201,7 +202,7 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
             },
             EnvVar {
                 name: "RUST_LOG".into(),
-                value: Some("info".into()),
+                value: Some(config.agent_log_level.clone()),
                 ..EnvVar::default()
             },
         ]),
@@ -269,7 +270,10 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
         ..Container::default()
     };
 
-    let template_annotations = BTreeMap::from([
+    // The operator's own annotations and labels come last: they win.
+    let mut template_annotations: BTreeMap<String, String> =
+        config.agent_pod_annotations.iter().cloned().collect();
+    template_annotations.extend([
         ("prometheus.io/scrape".to_string(), "true".to_string()),
         (
             "prometheus.io/port".to_string(),
@@ -288,7 +292,21 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
             Some(t)
         },
         host_pid: process_attribution.then_some(true),
-        priority_class_name: Some("system-node-critical".into()),
+        priority_class_name: Some(config.agent_priority_class_name.clone())
+            .filter(|c| !c.is_empty()),
+        // Agents are Linux binaries; a policy selecting every node must not put
+        // one on a Windows node, where it would never start.
+        node_selector: Some(BTreeMap::from([(
+            "kubernetes.io/os".to_string(),
+            "linux".to_string(),
+        )])),
+        image_pull_secrets: (!config.agent_image_pull_secrets.is_empty()).then(|| {
+            config
+                .agent_image_pull_secrets
+                .iter()
+                .map(|name| LocalObjectReference { name: name.clone() })
+                .collect()
+        }),
         termination_grace_period_seconds: Some(30),
         volumes: Some(vec![
             Volume {
@@ -342,7 +360,12 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
             },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels()),
+                    labels: Some({
+                        let mut l: BTreeMap<String, String> =
+                            config.agent_pod_labels.iter().cloned().collect();
+                        l.extend(labels());
+                        l
+                    }),
                     annotations: Some(template_annotations),
                     ..ObjectMeta::default()
                 }),
@@ -351,7 +374,10 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
             update_strategy: Some(DaemonSetUpdateStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDaemonSet {
-                    max_unavailable: Some(IntOrString::String("10%".into())),
+                    max_unavailable: Some(match &config.agent_max_unavailable {
+                        MaxUnavailable::Count(n) => IntOrString::Int(*n),
+                        MaxUnavailable::Percent(p) => IntOrString::String(p.clone()),
+                    }),
                     ..RollingUpdateDaemonSet::default()
                 }),
             }),
@@ -425,6 +451,105 @@ mod tests {
             ..Config::default()
         };
         assert!(args(&three).contains(&"--threads=3".to_string()));
+    }
+
+    fn pod_spec(config: &Config) -> (ObjectMeta, PodSpec, DaemonSetSpec) {
+        let a = policy("a", &[]);
+        let spec = desired_daemonset(config, &[&a]).unwrap().spec.unwrap();
+        (
+            spec.template.metadata.clone().unwrap(),
+            spec.template.spec.clone().unwrap(),
+            spec,
+        )
+    }
+
+    #[test]
+    fn by_default_agents_are_node_critical_linux_pods_rolled_10_percent_at_a_time() {
+        let (meta, pod, spec) = pod_spec(&Config::default());
+        assert_eq!(
+            pod.priority_class_name.as_deref(),
+            Some("system-node-critical")
+        );
+        assert_eq!(
+            pod.node_selector,
+            Some(BTreeMap::from([(
+                "kubernetes.io/os".to_string(),
+                "linux".to_string()
+            )]))
+        );
+        assert_eq!(pod.image_pull_secrets, None);
+        let c = &pod.containers[0];
+        assert_eq!(c.args.as_ref().unwrap()[..2], ["--log-format=text", "run"]);
+        let env = c.env.as_ref().unwrap();
+        let rust_log = env.iter().find(|e| e.name == "RUST_LOG").unwrap();
+        assert_eq!(rust_log.value.as_deref(), Some("info"));
+        assert_eq!(
+            spec.update_strategy
+                .unwrap()
+                .rolling_update
+                .unwrap()
+                .max_unavailable,
+            Some(IntOrString::String("10%".into()))
+        );
+        assert_eq!(meta.labels, Some(labels()));
+    }
+
+    #[test]
+    fn agent_pod_settings_reach_the_pod_template() {
+        let config = Config {
+            agent_priority_class_name: String::new(),
+            agent_image_pull_secrets: vec!["regcred".into()],
+            agent_log_level: "info,kube_fim_agent=debug".into(),
+            agent_log_format: "json".into(),
+            agent_max_unavailable: MaxUnavailable::Count(2),
+            agent_pod_labels: vec![("team".into(), "platform".into())],
+            agent_pod_annotations: vec![
+                ("example.com/owner".into(), "secops".into()),
+                ("prometheus.io/port".into(), "1".into()),
+            ],
+            ..Config::default()
+        };
+        let (meta, pod, spec) = pod_spec(&config);
+        assert_eq!(pod.priority_class_name, None, "an empty class is omitted");
+        assert_eq!(
+            pod.node_selector.unwrap()["kubernetes.io/os"],
+            "linux",
+            "the OS selector is always there"
+        );
+        assert_eq!(
+            pod.image_pull_secrets,
+            Some(vec![LocalObjectReference {
+                name: "regcred".into()
+            }])
+        );
+        let c = &pod.containers[0];
+        assert_eq!(c.args.as_ref().unwrap()[0], "--log-format=json");
+        let env = c.env.as_ref().unwrap();
+        let rust_log = env.iter().find(|e| e.name == "RUST_LOG").unwrap();
+        assert_eq!(rust_log.value.as_deref(), Some("info,kube_fim_agent=debug"));
+        assert_eq!(
+            spec.update_strategy
+                .unwrap()
+                .rolling_update
+                .unwrap()
+                .max_unavailable,
+            Some(IntOrString::Int(2))
+        );
+        let labels = meta.labels.unwrap();
+        assert_eq!(labels["team"], "platform");
+        assert_eq!(labels[COMPONENT_LABEL], "agent");
+        assert_eq!(
+            spec.selector.match_labels.unwrap(),
+            super::labels(),
+            "extra pod labels never change the selector"
+        );
+        let annotations = meta.annotations.unwrap();
+        assert_eq!(annotations["example.com/owner"], "secops");
+        assert_eq!(
+            annotations["prometheus.io/port"],
+            config.agent_metrics_port.to_string(),
+            "the scrape annotations stay the operator's"
+        );
     }
 
     #[test]
