@@ -234,8 +234,7 @@ fn check(args: Standalone, output: Output) -> anyhow::Result<ExitCode> {
         );
     }
     engine.set_policies(policies)?;
-    engine.list_reported = true;
-    engine.dry_run = true;
+    engine.check_only();
     let outcome = engine.scan(DetectionSource::Scan);
     for e in &outcome.errors {
         eprintln!("skipped {}: {}", e.path, e.reason);

@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
 use kube_fim_crds::{DetectionSource, EntryDigest, FileAttributes};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -18,7 +17,7 @@ use crate::attribution::AttributionState;
 use crate::attribution::fanotify::Notice;
 use crate::attribution::join::Attribution;
 use crate::attribution::pods::PodIndex;
-use crate::engine::{Approved, Engine, Outcome};
+use crate::engine::{Approved, Engine, Outcome, PolicyStatus};
 use crate::report::object::object_name;
 use crate::report::{Batch, Detected, detected, hand_over};
 use crate::served::ServedPolicies;
@@ -54,7 +53,7 @@ pub enum Answer {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     /// Per policy: generation applied, files, last full scan, errors.
-    pub policies: BTreeMap<String, PolicySnapshot>,
+    pub policies: BTreeMap<String, PolicyStatus>,
     pub files_total: usize,
     pub baseline_digest: Option<String>,
     pub errors: usize,
@@ -71,15 +70,6 @@ pub struct Snapshot {
     /// Entries (`policy/entry`) found different from what the cluster last
     /// saw, when the baseline on disk was lost or replaced.
     pub differing: Option<Vec<String>>,
-}
-
-/// One policy's state on this node.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct PolicySnapshot {
-    pub generation: Option<i64>,
-    pub files: usize,
-    pub last_scan: Option<Timestamp>,
-    pub baseline_time: Option<Timestamp>,
 }
 
 struct Inotify {
@@ -372,13 +362,13 @@ impl Monitor {
         };
         let started = std::time::Instant::now();
         let outcome = tokio::task::block_in_place(|| self.engine.scan(source));
-        let engine = &self.engine;
+        let status = self.engine.status();
         self.telemetry.scan_finished(
             started.elapsed(),
-            engine
-                .policies()
-                .keys()
-                .map(|name| (name.as_str(), engine.files_of(name))),
+            status
+                .policies
+                .iter()
+                .map(|(name, p)| (name.as_str(), p.files)),
         );
         info!(
             files = outcome.files,
@@ -573,32 +563,17 @@ impl Monitor {
     }
 
     fn publish_status(&self, differing: Option<Vec<String>>) {
-        let engine = &self.engine;
+        let engine = self.engine.status();
         let snapshot = Snapshot {
-            policies: engine
-                .policies()
-                .iter()
-                .map(|(name, p)| {
-                    let stored = engine.baseline().policy(name);
-                    (
-                        name.clone(),
-                        PolicySnapshot {
-                            generation: p.generation,
-                            files: engine.files_of(name),
-                            last_scan: stored.and_then(|r| r.last_scan_time),
-                            baseline_time: stored.and_then(|r| r.baseline_time),
-                        },
-                    )
-                })
-                .collect(),
+            policies: engine.policies,
             files_total: engine.files_total,
             baseline_digest: self.digest.clone(),
-            errors: engine.last_errors.len(),
+            errors: engine.errors,
             ready: true,
             watch_limit: self.inotify.limit_reported,
             attribution: self.attribution.state().clone(),
-            failed: engine.failed().clone(),
-            entries: engine.entry_digests(),
+            failed: engine.failed,
+            entries: engine.entries,
             differing,
         };
         let _ = self.status.send(snapshot);

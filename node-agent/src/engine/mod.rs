@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use k8s_openapi::jiff::Timestamp;
 use kube_fim_crds::{EntryDigest, FileChangeSpec, FileIntegrityPolicySpec};
 use thiserror::Error;
 
@@ -88,6 +89,30 @@ pub struct PolicyInput {
     pub spec: FileIntegrityPolicySpec,
 }
 
+/// What the engine knows after its last scan (see [`Engine::status`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineStatus {
+    /// Per served policy: generation, files, last full scan, baseline time.
+    pub policies: BTreeMap<String, PolicyStatus>,
+    /// Distinct files monitored.
+    pub files_total: usize,
+    /// Files the last scan could not read.
+    pub errors: usize,
+    /// Policies that cannot be compiled, with why (the others are served).
+    pub failed: BTreeMap<String, String>,
+    /// Per-entry digests of the baseline.
+    pub entries: Vec<EntryDigest>,
+}
+
+/// One served policy's state on this node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicyStatus {
+    pub generation: Option<i64>,
+    pub files: usize,
+    pub last_scan: Option<Timestamp>,
+    pub baseline_time: Option<Timestamp>,
+}
+
 /// The engine of one node.
 pub struct Engine {
     root: HostRoot,
@@ -120,15 +145,15 @@ pub struct Engine {
     mounts: Option<MountTable>,
     mounts_compared: Option<MountTable>,
     /// Files each policy monitors (last scan).
-    pub files_per_policy: BTreeMap<String, usize>,
+    files_per_policy: BTreeMap<String, usize>,
     /// Distinct files monitored (last scan).
-    pub files_total: usize,
-    pub last_errors: Vec<ScanError>,
+    files_total: usize,
+    last_errors: Vec<ScanError>,
     /// List every difference from the approved baseline, even those already
     /// reported (`check` reports the state; it does not deliver).
-    pub list_reported: bool,
+    list_reported: bool,
     /// Write nothing (`check`): the scan's bookkeeping stays in memory.
-    pub dry_run: bool,
+    dry_run: bool,
 }
 
 impl Engine {
@@ -230,6 +255,39 @@ impl Engine {
         &self.failed
     }
 
+    /// `check`: every difference from the approved baseline is listed, also
+    /// those reported already, and nothing is written (the state is reported,
+    /// not delivered).
+    pub fn check_only(&mut self) {
+        self.list_reported = true;
+        self.dry_run = true;
+    }
+
+    /// What the engine knows after its last scan, as one value for status
+    /// reports.
+    pub fn status(&self) -> EngineStatus {
+        EngineStatus {
+            policies: self
+                .policies
+                .iter()
+                .map(|(name, p)| {
+                    let stored = self.baseline.policy(name);
+                    let status = PolicyStatus {
+                        generation: p.generation,
+                        files: self.files_of(name),
+                        last_scan: stored.and_then(|r| r.last_scan_time),
+                        baseline_time: stored.and_then(|r| r.baseline_time),
+                    };
+                    (name.clone(), status)
+                })
+                .collect(),
+            files_total: self.files_total,
+            errors: self.last_errors.len(),
+            failed: self.failed.clone(),
+            entries: self.entry_digests(),
+        }
+    }
+
     /// The policies served.
     pub fn policies(&self) -> &BTreeMap<String, PolicyInput> {
         &self.policies
@@ -310,7 +368,7 @@ impl Engine {
     }
 
     /// Files monitored by one policy (last scan).
-    pub fn files_of(&self, policy: &str) -> usize {
+    fn files_of(&self, policy: &str) -> usize {
         self.files_per_policy.get(policy).copied().unwrap_or(0)
     }
 }
