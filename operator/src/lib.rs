@@ -1,13 +1,15 @@
 //! kube-fim operator: turns `FileIntegrityPolicy` objects into one agent
 //! DaemonSet covering the union of their nodes, aggregates the agents' per-node
 //! reports into each policy's status, publishes Events, enforces FileChange
-//! retention and exports Prometheus metrics.
+//! retention, ships the FileChanges to the sinks (`FileChangeSink`) and exports
+//! Prometheus metrics.
 
 pub mod changes;
 pub mod config;
 pub mod controller;
 pub mod daemonset;
 pub mod evidence;
+pub mod export;
 pub mod metrics;
 pub mod retention;
 pub mod server;

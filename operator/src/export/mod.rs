@@ -1,0 +1,3 @@
+//! Evidence export: FileChanges in the formats SIEMs read.
+
+pub mod format;
