@@ -8,6 +8,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use kube_fim_operator::config::Config;
 use kube_fim_operator::controller;
+use kube_fim_operator::export;
 use kube_fim_operator::metrics::Metrics;
 use kube_fim_operator::server::{self, Health};
 use kube_lease_manager::LeaseManagerBuilder;
@@ -88,7 +89,13 @@ async fn main() -> anyhow::Result<()> {
             _ = sigterm() => info!("terminated"),
         }
     };
+    let export = tokio::spawn(export::run(
+        client.clone(),
+        config.namespace.clone(),
+        config.policy_selector.clone(),
+    ));
     controller::run(client, config, metrics.clone(), identity, shutdown).await;
+    export.abort();
     metrics.leader.set(0);
 
     if *leading.borrow() {
