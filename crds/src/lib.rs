@@ -26,14 +26,14 @@ pub use node::{
     BaselineAlarm, EntryDigest, FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
     NodeAttribution, NodePolicyPhase, NodePolicyStatus,
 };
+pub use policy::{
+    Attribute, AttributeProfile, Evidence, FileIntegrityPolicy, FileIntegrityPolicySpec,
+    FileIntegrityPolicyStatus, MonitoredPath, Preset, Retention,
+};
 pub use sink::{
     DeliveredPosition, FileChangeSink, FileChangeSinkSpec, FileChangeSinkStatus, FileTransport,
     OtlpProtocol, OtlpTransport, SecretKeyRef, SinkFormat, SinkTls, SyslogTransport,
     WebhookTransport,
-};
-pub use policy::{
-    Attribute, AttributeProfile, Evidence, FileIntegrityPolicy, FileIntegrityPolicySpec,
-    FileIntegrityPolicyStatus, MonitoredPath, Preset, Retention,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -56,7 +56,10 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
             "fim.kube-fim.io_fileintegritynodes.yaml",
             FileIntegrityNode::crd(),
         ),
-        ("fim.kube-fim.io_filechangesinks.yaml", FileChangeSink::crd()),
+        (
+            "fim.kube-fim.io_filechangesinks.yaml",
+            FileChangeSink::crd(),
+        ),
     ]
 }
 

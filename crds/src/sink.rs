@@ -27,7 +27,8 @@ pub const ONE_TRANSPORT_MSG: &str =
     "exactly one transport must be set: spec.otlp, spec.syslog, spec.webhook or spec.file";
 /// TLS settings only where a network transport reads them.
 pub const TLS_NEEDS_NETWORK: &str = "!has(self.tls) || !has(self.file)";
-pub const TLS_NEEDS_NETWORK_MSG: &str = "spec.tls applies to otlp, syslog and webhook sinks, not to spec.file";
+pub const TLS_NEEDS_NETWORK_MSG: &str =
+    "spec.tls applies to otlp, syslog and webhook sinks, not to spec.file";
 /// An http(s) URL.
 pub const HTTP_URL: &str =
     "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''";
@@ -37,11 +38,11 @@ pub const PORT_RANGE: &str = "self >= 1 && self <= 65535";
 pub const PORT_RANGE_MSG: &str = "must be a port between 1 and 65535";
 /// A host name or IP address, nothing more (no scheme, port or path).
 pub const HOST_NAME: &str = r"self.matches(r'^[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$')";
-pub const HOST_NAME_MSG: &str =
-    "must be a host name or IP address, without scheme, port or path";
+pub const HOST_NAME_MSG: &str = "must be a host name or IP address, without scheme, port or path";
 /// How long retention may hold undelivered changes.
 pub const HOLD_MAX: &str = "self.matches(r'^([0-9]{1,5}(ms|s|m|h))+$') && duration(self) >= duration('1m') && duration(self) <= duration('8760h')";
-pub const HOLD_MAX_MSG: &str = "must be a duration between 1m and 8760h written with units h, m, s or ms, such as 168h";
+pub const HOLD_MAX_MSG: &str =
+    "must be a duration between 1m and 8760h written with units h, m, s or ms, such as 168h";
 
 /// Declares a destination outside the cluster (an OpenTelemetry Collector, a
 /// syslog server, an HTTPS collector or a node-local file) that the operator
@@ -57,13 +58,48 @@ pub const HOLD_MAX_MSG: &str = "must be a duration between 1m and 8760h written 
     category = "fim",
     status = "FileChangeSinkStatus",
     doc = "FileChangeSink declares where the operator ships FileChanges (OTLP, syslog, webhook or file) and in which format (OCSF, ECS, CEF).",
-    printcolumn(name = "Format", type_ = "string", json_path = ".spec.format", description = "Event format"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Configured and delivering"),
-    printcolumn(name = "Delivered", type_ = "integer", json_path = ".status.delivered", description = "Events delivered"),
-    printcolumn(name = "Pending", type_ = "integer", json_path = ".status.pending", description = "Changes not yet delivered"),
-    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lagSeconds", description = "Age in seconds of the oldest undelivered change"),
-    printcolumn(name = "Error", type_ = "string", json_path = ".status.conditions[?(@.type==\"Degraded\")].message", priority = 1, description = "Last delivery error"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Format",
+        type_ = "string",
+        json_path = ".spec.format",
+        description = "Event format"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Configured and delivering"
+    ),
+    printcolumn(
+        name = "Delivered",
+        type_ = "integer",
+        json_path = ".status.delivered",
+        description = "Events delivered"
+    ),
+    printcolumn(
+        name = "Pending",
+        type_ = "integer",
+        json_path = ".status.pending",
+        description = "Changes not yet delivered"
+    ),
+    printcolumn(
+        name = "Lag",
+        type_ = "integer",
+        json_path = ".status.lagSeconds",
+        description = "Age in seconds of the oldest undelivered change"
+    ),
+    printcolumn(
+        name = "Error",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Degraded\")].message",
+        priority = 1,
+        description = "Last delivery error"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(validation = kube::core::Rule::new(ONE_TRANSPORT).message(ONE_TRANSPORT_MSG))]
@@ -401,8 +437,7 @@ mod tests {
             if let Some(props) = v.get("properties").and_then(|p| p.as_object()) {
                 for (name, prop) in props {
                     let here = format!("{at}.{name}");
-                    if at.contains("metadata") || name == "metadata" || at.contains("conditions")
-                    {
+                    if at.contains("metadata") || name == "metadata" || at.contains("conditions") {
                         continue;
                     }
                     if prop.get("description").is_none() {
@@ -418,7 +453,10 @@ mod tests {
         walk(&schema["openAPIV3Schema"], String::new(), &mut missing);
         // apiVersion and kind are described by Kubernetes itself.
         missing.retain(|f| f != ".apiVersion" && f != ".kind");
-        assert!(missing.is_empty(), "fields without a description: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "fields without a description: {missing:?}"
+        );
     }
 
     #[test]
