@@ -608,16 +608,18 @@ async fn retention_keeps_what_a_sink_has_not_delivered() {
     );
 
     receiver.status.store(200, Ordering::SeqCst);
-    eventually("retention once delivered", Duration::from_secs(60), || {
-        async move {
+    eventually(
+        "retention once delivered",
+        Duration::from_secs(60),
+        || async move {
             let left = on_node().await;
             if left.len() == 1 {
                 Ok(())
             } else {
                 Err(format!("{left:?}"))
             }
-        }
-    })
+        },
+    )
     .await;
     assert_eq!(ocsf_ids(&receiver.events(), &node), names);
     sinks.delete(&name, &DeleteParams::default()).await.unwrap();
@@ -773,4 +775,161 @@ fn good_sinks_are_accepted_and_explained() {
     let run = kubectl(["explain", "fcs.status.positions"]);
     assert!(run.success, "{}", run.stderr);
     assert!(run.stdout.contains("restart resumes"), "{}", run.stdout);
+}
+
+/// A real rsyslog (Debian's `rsyslogd`, e2e/deps.sh installs it) listening
+/// on TCP with octet-counted framing, writing each message's host, app name,
+/// message id and text to a file.
+struct Rsyslog {
+    process: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Rsyslog {
+    fn new() -> Rsyslog {
+        let dir = tempfile::tempdir().unwrap();
+        let port = kube_fim_e2e::free_port();
+        let conf = format!(
+            r#"global(workDirectory="{dir}" maxMessageSize="64k")
+module(load="imtcp")
+template(name="fields" type="string" string="%hostname%|%app-name%|%msgid%|%msg%\n")
+ruleset(name="fim") {{
+  action(type="omfile" file="{dir}/received.log" template="fields")
+}}
+input(type="imtcp" port="{port}" address="127.0.0.1" ruleset="fim")
+"#,
+            dir = dir.path().display()
+        );
+        std::fs::write(dir.path().join("rsyslog.conf"), conf).unwrap();
+        Rsyslog {
+            process: None,
+            dir,
+            port,
+        }
+    }
+
+    fn start(&mut self) {
+        let conf = self.dir.path().join("rsyslog.conf");
+        let pid = self.dir.path().join("rsyslog.pid");
+        let _ = std::fs::remove_file(&pid);
+        let child = std::process::Command::new("rsyslogd")
+            .args(["-n", "-f"])
+            .arg(&conf)
+            .arg("-i")
+            .arg(&pid)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("rsyslogd is not installed ({e}): `apt-get install rsyslog` (e2e/deps.sh installs it)")
+            });
+        self.process = Some(child);
+        // Listening once a connection is accepted.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rsyslogd did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Per message: host, app name, message id, and the text parsed as JSON.
+    fn received(&self) -> Vec<(String, String, String, Value)> {
+        std::fs::read_to_string(self.dir.path().join("received.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut parts = l.splitn(4, '|');
+                let host = parts.next()?.to_string();
+                let app = parts.next()?.to_string();
+                let msgid = parts.next()?.to_string();
+                let json = serde_json::from_str(parts.next()?.trim()).ok()?;
+                Some((host, app, msgid, json))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Rsyslog {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_rsyslog_receives_rfc5424_once_it_listens() {
+    ensure_export_rbac();
+    let suite = unique_name("exp-syslog");
+    let _operator = Operator::start(&suite, &suite, &[]);
+    let mut rsyslog = Rsyslog::new();
+    let name = format!("{suite}-syslog");
+    let spec = FileChangeSinkSpec {
+        syslog: Some(kube_fim_crds::SyslogTransport {
+            host: "127.0.0.1".into(),
+            port: i32::from(rsyslog.port),
+            tls: false,
+            app_name: "kube-fim".into(),
+        }),
+        ..FileChangeSinkSpec::default()
+    };
+    let sinks = create_sink(&sink(&name, &suite, spec)).await;
+    let node = format!("{suite}-n");
+    let names = create_changes(&node, "p", &node, 4).await;
+
+    // Nothing listens yet: the sink says so.
+    let (_, _, message) = eventually("the sink Degraded", Duration::from_secs(60), || {
+        let sinks = sinks.clone();
+        let name = name.clone();
+        async move {
+            let s = sinks.get(&name).await.map_err(|e| e.to_string())?;
+            match condition(&s, "Degraded") {
+                Some(c) if c.0 == "True" => Ok(c),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    assert!(message.contains("cannot reach the receiver"), "{message}");
+
+    rsyslog.start();
+    eventually(
+        "rsyslog has every change, in order",
+        Duration::from_secs(90),
+        || {
+            let got: Vec<String> = rsyslog
+                .received()
+                .into_iter()
+                .filter(|(host, ..)| *host == node)
+                .map(|(_, _, _, e)| {
+                    e["metadata"]["uid"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect();
+            let names = names.clone();
+            async move {
+                if got == names {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    let (_, app, msgid, event) = rsyslog
+        .received()
+        .into_iter()
+        .find(|(host, ..)| *host == node)
+        .unwrap();
+    assert_eq!((app.as_str(), msgid.as_str()), ("kube-fim", "FileChange"));
+    assert_eq!(event["class_uid"], 1001);
+    sinks.delete(&name, &DeleteParams::default()).await.unwrap();
 }
