@@ -319,6 +319,22 @@ async fn deliver(ctx: Arc<Ctx>, sink: FileChangeSink, state: Arc<SinkState>) {
             }
         }
     };
+    if report.ready.status != "True" {
+        transition(
+            &mut report.ready,
+            condition(
+                "Ready",
+                true,
+                "Configured",
+                "the transport is configured; no delivery attempted yet",
+                generation,
+            ),
+        );
+        transition(
+            &mut report.degraded,
+            condition("Degraded", false, "Configured", "", generation),
+        );
+    }
     let batch_size = sink.spec.batch_size.max(1) as usize;
     loop {
         let batch = {
@@ -331,14 +347,24 @@ async fn deliver(ctx: Arc<Ctx>, sink: FileChangeSink, state: Arc<SinkState>) {
         };
         if batch.is_empty() {
             if dirty {
+                // A sink's status is written at most once per STATUS_EVERY,
+                // however many changes (deletions, approvals) wake it.
+                let wait = last_write
+                    .map(|t| STATUS_EVERY.saturating_sub(t.elapsed()))
+                    .unwrap_or_default();
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
                 write_status(&api, &name, generation, &state, &mut report).await;
                 last_write = Some(tokio::time::Instant::now());
             }
-            // Woken by a change of the index; the timeout refreshes the lag.
-            let _ = tokio::time::timeout(Duration::from_secs(30), changed.changed()).await;
+            // Woken by a change of the index (the index not listed yet, by
+            // the timeout).
+            dirty = tokio::time::timeout(Duration::from_secs(30), changed.changed())
+                .await
+                .is_ok();
             changed.borrow_and_update();
-            // Pending counts and lag may have changed either way.
-            dirty = true;
             continue;
         }
         let outgoing: Vec<Outgoing> = batch
