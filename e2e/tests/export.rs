@@ -788,12 +788,81 @@ struct Rsyslog {
 
 impl Rsyslog {
     fn new() -> Rsyslog {
+        Rsyslog::with(false)
+    }
+
+    /// With `tls`, the listener speaks TLS (RFC 5425, rsyslog's gtls driver)
+    /// with a server certificate for 127.0.0.1 issued by a CA of its own
+    /// (`ca.crt` in its directory).
+    fn with(tls: bool) -> Rsyslog {
         let dir = tempfile::tempdir().unwrap();
         let port = kube_fim_e2e::free_port();
+        let d = dir.path().display().to_string();
+        let tls_conf = if tls {
+            let openssl = |args: &[&str]| {
+                let out = std::process::Command::new("openssl")
+                    .args(args)
+                    .current_dir(dir.path())
+                    .output()
+                    .expect("openssl is installed (e2e/deps.sh)");
+                assert!(out.status.success(), "openssl {args:?}: {out:?}");
+            };
+            openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-subj",
+                "/CN=kube-fim-e2e-ca",
+                "-days",
+                "1",
+            ]);
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ]);
+            std::fs::write(dir.path().join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.crt",
+                "-days",
+                "1",
+                "-extfile",
+                "san.ext",
+            ]);
+            format!(
+                r#"global(DefaultNetstreamDriver="gtls" DefaultNetstreamDriverCAFile="{d}/ca.crt" DefaultNetstreamDriverCertFile="{d}/server.crt" DefaultNetstreamDriverKeyFile="{d}/server.key")
+module(load="imtcp" StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="anon")
+"#
+            )
+        } else {
+            "module(load=\"imtcp\")\n".to_string()
+        };
         let conf = format!(
             r#"global(workDirectory="{dir}" maxMessageSize="64k")
-module(load="imtcp")
-template(name="fields" type="string" string="%hostname%|%app-name%|%msgid%|%msg%\n")
+{tls_conf}template(name="fields" type="string" string="%hostname%|%app-name%|%msgid%|%msg%\n")
 ruleset(name="fim") {{
   action(type="omfile" file="{dir}/received.log" template="fields")
 }}
@@ -932,4 +1001,321 @@ async fn a_real_rsyslog_receives_rfc5424_once_it_listens() {
     assert_eq!((app.as_str(), msgid.as_str()), ("kube-fim", "FileChange"));
     assert_eq!(event["class_uid"], 1001);
     sinks.delete(&name, &DeleteParams::default()).await.unwrap();
+}
+
+/// The export tests' OpenTelemetry Collector, built from Go modules and cached
+/// by `e2e/otelcol/build.sh` (a cold build takes many minutes).
+fn otelcol_binary() -> std::path::PathBuf {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = std::process::Command::new(repo_root().join("e2e/otelcol/build.sh"))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("running e2e/otelcol/build.sh");
+        assert!(out.status.success(), "e2e/otelcol/build.sh failed");
+        std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
+}
+
+/// A real OpenTelemetry Collector: OTLP/HTTP receiver, file exporter.
+struct Collector {
+    process: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+    port: u16,
+    runs: usize,
+}
+
+impl Collector {
+    fn new() -> Collector {
+        Collector {
+            process: None,
+            dir: tempfile::tempdir().unwrap(),
+            port: kube_fim_e2e::free_port(),
+            runs: 0,
+        }
+    }
+
+    /// Starts it, each run exporting to a file of its own.
+    fn start(&mut self) {
+        self.runs += 1;
+        let dir = self.dir.path();
+        let conf = format!(
+            r#"receivers:
+  otlp:
+    protocols:
+      http:
+        endpoint: 127.0.0.1:{port}
+exporters:
+  file:
+    path: {dir}/logs-{run}.json
+    flush_interval: 100ms
+service:
+  telemetry:
+    metrics:
+      level: none
+  pipelines:
+    logs:
+      receivers: [otlp]
+      exporters: [file]
+"#,
+            port = self.port,
+            dir = dir.display(),
+            run = self.runs
+        );
+        let path = dir.join(format!("config-{}.yaml", self.runs));
+        std::fs::write(&path, conf).unwrap();
+        let log = std::fs::File::create(dir.join(format!("collector-{}.log", self.runs))).unwrap();
+        let child = std::process::Command::new(otelcol_binary())
+            .arg(format!("--config=file:{}", path.display()))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting the collector");
+        self.process = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the collector did not listen: {}",
+                std::fs::read_to_string(dir.join(format!("collector-{}.log", self.runs)))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The OCSF events the collector exported, over all runs, in order.
+    fn events(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        for run in 1..=self.runs {
+            let text = std::fs::read_to_string(self.dir.path().join(format!("logs-{run}.json")))
+                .unwrap_or_default();
+            for line in text.lines() {
+                let Ok(request) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
+                for rl in request["resourceLogs"].as_array().into_iter().flatten() {
+                    for sl in rl["scopeLogs"].as_array().into_iter().flatten() {
+                        for record in sl["logRecords"].as_array().into_iter().flatten() {
+                            if let Some(body) = record["body"]["stringValue"].as_str() {
+                                out.push(serde_json::from_str(body).expect("the body is JSON"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// First occurrences, in order.
+fn dedup(ids: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    ids.into_iter().filter(|i| seen.insert(i.clone())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_collector_gets_every_change_across_operator_and_collector_restarts() {
+    ensure_export_rbac();
+    let suite = unique_name("exp-otel");
+    let mut collector = Collector::new();
+    collector.start();
+    let mut operator = Operator::start(&suite, &suite, &[]);
+    let name = format!("{suite}-otlp");
+    let mut spec = FileChangeSinkSpec {
+        otlp: Some(kube_fim_crds::OtlpTransport {
+            endpoint: format!("http://127.0.0.1:{}", collector.port),
+            protocol: kube_fim_crds::OtlpProtocol::Http,
+            authorization_secret_ref: None,
+        }),
+        ..FileChangeSinkSpec::default()
+    };
+    spec.batch_size = 5;
+    let sinks = create_sink(&sink(&name, &suite, spec)).await;
+    let node = format!("{suite}-n");
+    let mut all = create_changes(&node, "p", &format!("{node}-1"), 10).await;
+    eventually(
+        "the collector has the first changes",
+        Duration::from_secs(60),
+        || {
+            let got = ocsf_ids(&collector.events(), &node);
+            let want = all.clone();
+            async move {
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            }
+        },
+    )
+    .await;
+
+    // Both ends go down; changes keep coming.
+    operator.process.kill();
+    collector.kill();
+    all.extend(create_changes(&node, "p", &format!("{node}-2"), 5).await);
+    let _operator = Operator::start(&suite, &suite, &[]);
+    eventually("the sink Degraded", Duration::from_secs(60), || {
+        let sinks = sinks.clone();
+        let name = name.clone();
+        async move {
+            let s = sinks.get(&name).await.map_err(|e| e.to_string())?;
+            match condition(&s, "Degraded") {
+                Some(c) if c.0 == "True" && c.2.contains("cannot reach the receiver") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    collector.start();
+    all.extend(create_changes(&node, "p", &format!("{node}-3"), 5).await);
+    eventually(
+        "every change at the collector, in order",
+        Duration::from_secs(120),
+        || {
+            let got = ocsf_ids(&collector.events(), &node);
+            let want = all.clone();
+            async move {
+                // Duplicates only as the ids allow: every id is a change's, and
+                // the first occurrences are every change in order.
+                if got.iter().all(|id| want.contains(id)) && dedup(got.clone()) == want {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    let got = ocsf_ids(&collector.events(), &node);
+    assert_eq!(got, all, "nothing acknowledged was sent twice");
+    sinks.delete(&name, &DeleteParams::default()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn syslog_over_tls_verifies_the_server_against_the_ca_the_sink_names() {
+    ensure_export_rbac();
+    let suite = unique_name("exp-tls");
+    let _operator = Operator::start(&suite, &suite, &[]);
+    let mut rsyslog = Rsyslog::with(true);
+    rsyslog.start();
+    let ca = std::fs::read_to_string(rsyslog.dir.path().join("ca.crt")).unwrap();
+
+    // The CA, in a Secret of the operator's namespace the operator may read by name only.
+    let secret = format!("{suite}-ca");
+    let objects = format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: {secret}, namespace: kube-fim}}
+stringData:
+  ca.crt: |
+{ca}---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: {secret}, namespace: kube-fim}}
+rules:
+  - apiGroups: [""]
+    resources: [secrets]
+    resourceNames: [{secret}]
+    verbs: [get]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: {secret}, namespace: kube-fim}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {secret}}}
+subjects:
+  - {{kind: ServiceAccount, name: kube-fim-operator, namespace: kube-fim}}
+"#,
+        ca = ca.lines().map(|l| format!("    {l}\n")).collect::<String>()
+    );
+    let run = kubectl_stdin(&["apply", "-f", "-"], &objects);
+    assert!(run.success, "{}", run.stderr);
+
+    // Without the CA, the system roots do not trust rsyslog's certificate.
+    let name = format!("{suite}-syslog");
+    let syslog = kube_fim_crds::SyslogTransport {
+        host: "127.0.0.1".into(),
+        port: i32::from(rsyslog.port),
+        tls: true,
+        app_name: "kube-fim".into(),
+    };
+    let spec = FileChangeSinkSpec {
+        syslog: Some(syslog),
+        ..FileChangeSinkSpec::default()
+    };
+    let sinks = create_sink(&sink(&name, &suite, spec.clone())).await;
+    let node = format!("{suite}-n");
+    let names = create_changes(&node, "p", &node, 3).await;
+    let message = eventually("the sink Degraded", Duration::from_secs(60), || {
+        let sinks = sinks.clone();
+        let name = name.clone();
+        async move {
+            let s = sinks.get(&name).await.map_err(|e| e.to_string())?;
+            match condition(&s, "Degraded") {
+                Some(c) if c.0 == "True" => Ok(c.2),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    assert!(message.contains("TLS"), "{message}");
+    assert!(rsyslog.received().iter().all(|(host, ..)| *host != node));
+
+    // With it, every change arrives.
+    let mut s = sinks.get(&name).await.unwrap();
+    s.spec.tls = Some(kube_fim_crds::SinkTls {
+        ca_secret_ref: Some(kube_fim_crds::SecretKeyRef {
+            name: secret.clone(),
+            key: "ca.crt".into(),
+        }),
+        client_certificate_secret_name: None,
+    });
+    sinks
+        .replace(&name, &PostParams::default(), &s)
+        .await
+        .unwrap();
+    eventually(
+        "rsyslog has every change over TLS",
+        Duration::from_secs(120),
+        || {
+            let got: Vec<String> = rsyslog
+                .received()
+                .into_iter()
+                .filter(|(host, ..)| *host == node)
+                .map(|(_, _, _, e)| {
+                    e["metadata"]["uid"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect();
+            let names = names.clone();
+            async move {
+                if got == names {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    sinks.delete(&name, &DeleteParams::default()).await.unwrap();
+    let _ = kubectl_stdin(&["delete", "-f", "-"], &objects);
 }
