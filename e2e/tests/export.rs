@@ -1166,6 +1166,21 @@ async fn a_real_collector_gets_every_change_across_operator_and_collector_restar
     )
     .await;
 
+    // Acknowledged batches are recorded at most a second later; a crash
+    // before that sends them again (same ids). Recorded: nothing is re-sent.
+    eventually("the position recorded", Duration::from_secs(30), || {
+        let sinks = sinks.clone();
+        let (name, node, last) = (name.clone(), node.clone(), all[9].clone());
+        async move {
+            let s = sinks.get(&name).await.map_err(|e| e.to_string())?;
+            let st = s.status.unwrap_or_default();
+            match st.positions.iter().find(|p| p.node == node) {
+                Some(p) if p.name == last => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
     // Both ends go down; changes keep coming.
     operator.process.kill();
     collector.kill();

@@ -12,8 +12,9 @@
 //!   one busy node does not hold back the others.
 //! - **Resumable.** After each acknowledged batch the sink's status records,
 //!   per node, the last change delivered; an operator (re)starting as leader
-//!   resumes after it without re-sending anything acknowledged (only a batch
-//!   in flight at the restart is sent again, with the same ids). Known limit:
+//!   resumes after it. A crash sends again, with the same ids, the batch in
+//!   flight and what was acknowledged since the last status write (written
+//!   at most every [`STATUS_EVERY`] while busy). Known limit:
 //!   a change that reaches the API server after a later change of its node
 //!   was delivered (the node's clock stepped back) is delivered next by a
 //!   running operator, but one that arrives so while no operator leads, or
