@@ -30,8 +30,9 @@
 //!   in a `SinkHoldExpired` Warning Event on the sink.
 //!
 //! One task watches the sinks and runs one delivery task per sink; one watch
-//! of the FileChanges (whole objects: the formats need all of them) fills the
-//! index every delivery task reads.
+//! of the FileChanges (whole objects: the formats need all of them), started
+//! when the first sink appears, fills the index every delivery task reads. A
+//! cluster without sinks costs the operator nothing more.
 
 pub mod format;
 pub mod metrics;
@@ -80,6 +81,9 @@ struct Shared {
     /// Per sink, its delivery state.
     sinks: Mutex<HashMap<String, Arc<SinkState>>>,
     sinks_listed: watch::Sender<bool>,
+    /// Whether a sink was ever seen: the FileChange watch (whole objects, so
+    /// memory) starts only then.
+    any_sink: watch::Sender<bool>,
 }
 
 /// One sink's delivery state.
@@ -110,6 +114,7 @@ static SHARED: LazyLock<Shared> = LazyLock::new(|| Shared {
     changed: watch::Sender::new(0),
     sinks: Mutex::default(),
     sinks_listed: watch::Sender::new(false),
+    any_sink: watch::Sender::new(false),
 });
 
 /// Runs the exporter until the task is dropped: the FileChange watch, the
@@ -131,6 +136,8 @@ struct Ctx {
 }
 
 async fn watch_changes(client: Client) {
+    // The sender lives in a static: waiting cannot fail.
+    let _ = SHARED.any_sink.subscribe().wait_for(|any| *any).await;
     let api: Api<FileChange> = Api::all(client);
     let mut stream = watcher(api, watcher::Config::default())
         .default_backoff()
@@ -206,6 +213,7 @@ async fn watch_sinks(ctx: Arc<Ctx>, selector: Option<String>) {
                 }
             }
             SHARED.sinks().insert(name.clone(), state.clone());
+            SHARED.any_sink.send_replace(true);
             info!(sink = %name, transport = sink.spec.transport_name().unwrap_or("none"), format = sink.spec.format.as_str(), "delivering to sink");
             let task = tokio::spawn(deliver(ctx.clone(), sink, state));
             tasks.insert(name.clone(), (generation, task));
