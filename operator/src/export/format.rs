@@ -5,7 +5,7 @@
 //! (see the agent's `report/object.rs`), so a change delivered twice carries
 //! the same id twice and the SIEM can deduplicate.
 //!
-//! - **OCSF** 1.x File System Activity (class 1001 in category 1, System
+//! - **OCSF** 1.4 File System Activity (class 1001 in category 1, System
 //!   Activity), with the `security_control` profile for the policy and the
 //!   `host` profile for the node. OCSF's fingerprint algorithms have no
 //!   BLAKE3 id: hashes are `algorithm_id` 99 (Other) named `BLAKE3`.
@@ -23,7 +23,7 @@ use kube_fim_crds::{
 use serde_json::{Map, Value, json};
 
 /// OCSF schema version the events follow.
-pub const OCSF_VERSION: &str = "1.3.0";
+pub const OCSF_VERSION: &str = "1.4.0";
 /// ECS version the events follow.
 pub const ECS_VERSION: &str = "8.11.0";
 /// OCSF File System Activity.
