@@ -52,7 +52,7 @@ fn build() -> Result<SinkMetrics, prometheus::Error> {
     let held = IntGaugeVec::new(
         Opts::new(
             "retention_held",
-            "Changes retention wanted to delete at its last pass and kept because the sink has not delivered them",
+            "Changes retention wanted to delete in its last pass over a policy and kept because the sink has not delivered them",
         ),
         &["sink"],
     )?;

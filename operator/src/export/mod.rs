@@ -58,7 +58,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use progress::{Index, Observed, Progress};
+use progress::{HoldDecision, Index, Observed, Progress, decide_hold};
 use transport::{Outgoing, SendError, Transport};
 
 /// Field manager of the exporter's status writes.
@@ -520,53 +520,31 @@ pub fn hold(client: &Client, doomed: Vec<String>) -> Vec<String> {
     if !index.listed() {
         return Vec::new();
     }
-    let now = Timestamp::now();
-    let mut allowed = Vec::new();
-    let mut held: HashMap<&str, i64> = HashMap::new();
-    let mut expired: HashMap<&str, Vec<String>> = HashMap::new();
-    for name in doomed {
-        // Not in the index yet: its watch event is on the way.
-        let Some((node, key)) = index.find(&name) else {
-            continue;
-        };
-        let mut keep = false;
-        let mut expired_for = Vec::new();
-        for (sink, state) in &sinks {
-            if state.progress().delivered(node, key) {
-                continue;
-            }
-            if now.duration_since(key.detected).unsigned_abs() <= state.hold_max {
-                keep = true;
-                *held.entry(sink.as_str()).or_default() += 1;
-            } else {
-                expired_for.push(sink.as_str());
-            }
-        }
-        if keep {
-            continue;
-        }
-        for sink in expired_for {
-            expired.entry(sink).or_default().push(name.clone());
-        }
-        allowed.push(name);
-    }
+    let progress: Vec<(String, Progress, Duration)> = sinks
+        .iter()
+        .map(|(n, s)| (n.clone(), s.progress().clone(), s.hold_max))
+        .collect();
+    let HoldDecision {
+        allowed,
+        held,
+        expired,
+    } = decide_hold(doomed, &index, &progress, Timestamp::now());
     drop(index);
     if let Some(m) = metrics::metrics() {
         for (sink, _) in &sinks {
             m.held
                 .with_label_values(&[sink.as_str()])
-                .set(held.get(sink.as_str()).copied().unwrap_or(0));
+                .set(held.get(sink).copied().unwrap_or(0));
         }
     }
     for (sink, names) in expired {
         if let Some(m) = metrics::metrics() {
             m.hold_expired
-                .with_label_values(&[sink])
+                .with_label_values(&[sink.as_str()])
                 .inc_by(names.len() as u64);
         }
         warn!(%sink, count = names.len(), "retention deletes changes the sink has not delivered: past its holdMax");
         let client = client.clone();
-        let sink = sink.to_string();
         tokio::spawn(async move { alarm(client, sink, names).await });
     }
     allowed

@@ -275,6 +275,58 @@ impl Progress {
     }
 }
 
+/// What retention may delete, by what the sinks have delivered.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HoldDecision {
+    /// Names retention may delete.
+    pub allowed: Vec<String>,
+    /// Per sink, the changes kept because it has not delivered them.
+    pub held: BTreeMap<String, i64>,
+    /// Per sink, the undelivered changes let go because they were detected
+    /// longer ago than its `holdMax`.
+    pub expired: BTreeMap<String, Vec<String>>,
+}
+
+/// Of `doomed`, what retention may delete: a change every sink has
+/// delivered; one a sink has not delivered is kept while it is younger than
+/// that sink's `holdMax` (the third member of each sink), and let go, named in
+/// `expired`, once older. A name the index does not know yet is kept (its
+/// watch event is on the way).
+pub fn decide_hold(
+    doomed: Vec<String>,
+    index: &Index,
+    sinks: &[(String, Progress, Duration)],
+    now: Timestamp,
+) -> HoldDecision {
+    let mut out = HoldDecision::default();
+    for name in doomed {
+        let Some((node, key)) = index.find(&name) else {
+            continue;
+        };
+        let mut keep = false;
+        let mut expired_for = Vec::new();
+        for (sink, progress, hold_max) in sinks {
+            if progress.delivered(node, key) {
+                continue;
+            }
+            if now.duration_since(key.detected).unsigned_abs() <= *hold_max {
+                keep = true;
+                *out.held.entry(sink.clone()).or_default() += 1;
+            } else {
+                expired_for.push(sink.clone());
+            }
+        }
+        if keep {
+            continue;
+        }
+        for sink in expired_for {
+            out.expired.entry(sink).or_default().push(name.clone());
+        }
+        out.allowed.push(name);
+    }
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -426,5 +478,46 @@ mod tests {
         let b = order.iter().position(|n| n == "b0").unwrap();
         assert_eq!(order[b - 1], "a20");
         assert_eq!(order[b + 1], "a21");
+    }
+
+    #[test]
+    fn retention_waits_for_every_sink_up_to_its_hold_max() {
+        let now = at(10_000);
+        let index = listed(vec![
+            change("old", "a", 10),
+            change("mid", "a", 9_000),
+            change("new", "a", 9_990),
+        ]);
+        let hour = Duration::from_secs(3600);
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let doomed = names(&["old", "mid", "new", "unknown"]);
+
+        // Nobody has delivered anything: only what is past holdMax goes.
+        let fast = (String::from("fast"), Progress::default(), hour);
+        let d = decide_hold(doomed.clone(), &index, std::slice::from_ref(&fast), now);
+        assert_eq!(d.allowed, ["old"]);
+        assert_eq!(d.held["fast"], 2);
+        assert_eq!(d.expired["fast"], ["old"]);
+
+        // A sink that delivered up to "mid" holds only "new".
+        let mut up_to_mid = Progress::default();
+        let batch: Vec<_> = up_to_mid.clone().next_batch(&index, 2);
+        up_to_mid.ack(&batch);
+        let caught_up = (String::from("caught-up"), up_to_mid, hour);
+        let d = decide_hold(
+            doomed.clone(),
+            &index,
+            std::slice::from_ref(&caught_up),
+            now,
+        );
+        assert_eq!(d.allowed, ["old", "mid"]);
+        assert!(d.expired.is_empty(), "delivered, so nothing lost");
+        assert_eq!(d.held["caught-up"], 1);
+
+        // With both sinks, every sink must have it or be past its holdMax.
+        let d = decide_hold(doomed, &index, &[fast, caught_up], now);
+        assert_eq!(d.allowed, ["old"]);
+        assert_eq!(d.expired["fast"], ["old"]);
+        assert!(!d.expired.contains_key("caught-up"));
     }
 }
