@@ -95,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
         config.policy_selector.clone(),
     ));
     controller::run(client, config, metrics.clone(), identity, shutdown).await;
+    export::stop(Duration::from_secs(3)).await;
     export.abort();
     metrics.leader.set(0);
 

@@ -84,6 +84,10 @@ struct Shared {
     /// Whether a sink was ever seen: the FileChange watch (whole objects, so
     /// memory) starts only then.
     any_sink: watch::Sender<bool>,
+    /// Set by [`stop`]: delivery tasks record their position and end.
+    stopping: watch::Sender<bool>,
+    /// Delivery tasks that recorded their position after `stopping`.
+    stopped: watch::Sender<usize>,
 }
 
 /// One sink's delivery state.
@@ -115,6 +119,8 @@ static SHARED: LazyLock<Shared> = LazyLock::new(|| Shared {
     sinks: Mutex::default(),
     sinks_listed: watch::Sender::new(false),
     any_sink: watch::Sender::new(false),
+    stopping: watch::Sender::new(false),
+    stopped: watch::Sender::new(0),
 });
 
 /// Runs the exporter until the task is dropped: the FileChange watch, the
@@ -127,6 +133,22 @@ pub async fn run(client: Client, namespace: String, selector: Option<String>) {
     let ctx = Arc::new(Ctx { client, namespace });
     watch_sinks(ctx, selector).await;
     changes.abort();
+}
+
+/// Asks every delivery task to record the position it delivered up to and
+/// end (an orderly stop or handover then re-sends nothing acknowledged);
+/// waits for them at most `timeout`.
+pub async fn stop(timeout: Duration) {
+    let tasks = SHARED.sinks().len();
+    SHARED.stopping.send_replace(true);
+    let mut stopped = SHARED.stopped.subscribe();
+    let _ = tokio::time::timeout(timeout, stopped.wait_for(|n| *n >= tasks)).await;
+}
+
+/// Waits until [`stop`] is called.
+async fn stopping() {
+    // The sender lives in a static: waiting cannot fail.
+    let _ = SHARED.stopping.subscribe().wait_for(|s| *s).await;
 }
 
 /// What a delivery task needs of the cluster.
@@ -294,7 +316,7 @@ fn transition(old: &mut Condition, new: Condition) {
     }
 }
 
-/// Delivers to one sink until aborted.
+/// Delivers to one sink until aborted or [`stop`]ped.
 async fn deliver(ctx: Arc<Ctx>, sink: FileChangeSink, state: Arc<SinkState>) {
     let name = sink.name_any();
     let generation = sink.metadata.generation;
@@ -323,7 +345,14 @@ async fn deliver(ctx: Arc<Ctx>, sink: FileChangeSink, state: Arc<SinkState>) {
                 warn!(sink = %name, %error, "sink not usable");
                 failed(&mut report, &error, generation, &name);
                 write_status(&api, &name, generation, &state, &mut report).await;
-                tokio::time::sleep(backoff).await;
+                if *SHARED.stopping.borrow() {
+                    SHARED.stopped.send_modify(|n| *n += 1);
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopping() => {}
+                }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
@@ -346,6 +375,11 @@ async fn deliver(ctx: Arc<Ctx>, sink: FileChangeSink, state: Arc<SinkState>) {
     }
     let batch_size = sink.spec.batch_size.max(1) as usize;
     loop {
+        if *SHARED.stopping.borrow() {
+            write_status(&api, &name, generation, &state, &mut report).await;
+            SHARED.stopped.send_modify(|n| *n += 1);
+            return;
+        }
         let batch = {
             let index = SHARED.index();
             if index.listed() {
@@ -362,7 +396,10 @@ async fn deliver(ctx: Arc<Ctx>, sink: FileChangeSink, state: Arc<SinkState>) {
                     .map(|t| STATUS_EVERY.saturating_sub(t.elapsed()))
                     .unwrap_or_default();
                 if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stopping() => {}
+                    }
                     continue;
                 }
                 write_status(&api, &name, generation, &state, &mut report).await;
@@ -370,9 +407,10 @@ async fn deliver(ctx: Arc<Ctx>, sink: FileChangeSink, state: Arc<SinkState>) {
             }
             // Woken by a change of the index (the index not listed yet, by
             // the timeout).
-            dirty = tokio::time::timeout(Duration::from_secs(30), changed.changed())
-                .await
-                .is_ok();
+            dirty = tokio::select! {
+                woken = tokio::time::timeout(Duration::from_secs(30), changed.changed()) => woken.is_ok(),
+                _ = stopping() => true,
+            };
             changed.borrow_and_update();
             continue;
         }
@@ -422,7 +460,10 @@ async fn deliver(ctx: Arc<Ctx>, sink: FileChangeSink, state: Arc<SinkState>) {
                 failed(&mut report, &error, generation, &name);
                 write_status(&api, &name, generation, &state, &mut report).await;
                 last_write = Some(tokio::time::Instant::now());
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopping() => {}
+                }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
