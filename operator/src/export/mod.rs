@@ -202,6 +202,12 @@ async fn watch_sinks(ctx: Arc<Ctx>, selector: Option<String>) {
             Ok(None) => break,
             Err(error) => {
                 warn!(%error, "FileChangeSink watch (retrying)");
+                if unreadable(&error) && tasks.is_empty() {
+                    // Sinks this operator may not read (its RBAC predates
+                    // them) or a cluster without the CRD: there is nothing
+                    // it could deliver to, so nothing for retention to wait for.
+                    SHARED.sinks_listed.send_replace(true);
+                }
                 continue;
             }
         };
@@ -276,6 +282,19 @@ async fn watch_sinks(ctx: Arc<Ctx>, selector: Option<String>) {
     for (_, (_, task)) in tasks {
         task.abort();
     }
+}
+
+/// Whether a watch error means the sinks cannot be read at all: forbidden,
+/// or no such resource.
+fn unreadable(error: &watcher::Error) -> bool {
+    let code = match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code,
+        watcher::Error::WatchError(s) => s.code,
+        _ => return false,
+    };
+    code == 403 || code == 404
 }
 
 /// What a sink's status says, kept between writes.
