@@ -2,7 +2,8 @@
 # Installs what `make test` and `make demo` need and a fresh Debian/Ubuntu machine
 # lacks: the Debian packages of the test tiers (Prometheus for the scrape and
 # alert tests; containerd, runc, the CNI plugins, iptables, conntrack, umoci,
-# skopeo, busybox and bindfs for the real node), and clippy/rustfmt. Checks that the
+# skopeo, busybox and bindfs for the real node; rsyslog and its TLS driver as
+# the export tests' syslog receiver), and clippy/rustfmt. Checks that the
 # toolchains it cannot install (Go, cargo, kubectl) are there.
 # Installing packages needs root; without it the script says what to install.
 set -euo pipefail
@@ -15,6 +16,7 @@ wanted=(
   /usr/lib/cni/bridge:containernetworking-plugins
   iptables:iptables ip6tables:iptables conntrack:conntrack ip:iproute2
   umoci:umoci skopeo:skopeo /bin/busybox:busybox-static bindfs:bindfs
+  rsyslogd:rsyslog /usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so:rsyslog-gnutls
 )
 missing=()
 for entry in "${wanted[@]}"; do

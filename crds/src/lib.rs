@@ -1,5 +1,5 @@
-//! kube-fim's API: the `FileIntegrityPolicy`, `FileChange` and `FileIntegrityNode`
-//! custom resources
+//! kube-fim's API: the `FileIntegrityPolicy`, `FileChange`, `FileIntegrityNode`
+//! and `FileChangeSink` custom resources
 //! (group `fim.kube-fim.io`, version `v1alpha1`), their validation, and the CRD
 //! YAML users apply.
 //!
@@ -14,6 +14,7 @@ pub mod node;
 pub mod policy;
 pub mod preset;
 pub mod selection;
+pub mod sink;
 pub mod validate;
 
 pub use change::{
@@ -28,6 +29,11 @@ pub use node::{
 pub use policy::{
     Attribute, AttributeProfile, Evidence, FileIntegrityPolicy, FileIntegrityPolicySpec,
     FileIntegrityPolicyStatus, MonitoredPath, Preset, Retention,
+};
+pub use sink::{
+    DeliveredPosition, FileChangeSink, FileChangeSinkSpec, FileChangeSinkStatus, FileTransport,
+    OtlpProtocol, OtlpTransport, SecretKeyRef, SinkFormat, SinkTls, SyslogTransport,
+    WebhookTransport,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -49,6 +55,10 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
         (
             "fim.kube-fim.io_fileintegritynodes.yaml",
             FileIntegrityNode::crd(),
+        ),
+        (
+            "fim.kube-fim.io_filechangesinks.yaml",
+            FileChangeSink::crd(),
         ),
     ]
 }

@@ -1,7 +1,8 @@
 //! kube-fim operator: turns `FileIntegrityPolicy` objects into one agent
 //! DaemonSet covering the union of their nodes, aggregates the agents' per-node
 //! reports into each policy's status, publishes Events, enforces FileChange
-//! retention and exports Prometheus metrics.
+//! retention, ships the FileChanges to the sinks (`FileChangeSink`) and exports
+//! Prometheus metrics.
 
 pub mod changes;
 pub mod config;
@@ -9,6 +10,7 @@ pub mod context;
 pub mod controller;
 pub mod daemonset;
 pub mod evidence;
+pub mod export;
 #[cfg(test)]
 mod fixtures;
 pub mod metrics;

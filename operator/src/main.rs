@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use kube_fim_operator::config::Config;
+use kube_fim_operator::export;
 use kube_fim_operator::metrics::Metrics;
 use kube_fim_operator::server::{self, Health};
 use kube_fim_operator::{context, controller};
@@ -88,7 +89,14 @@ async fn main() -> anyhow::Result<()> {
             _ = sigterm() => info!("terminated"),
         }
     };
+    let export = tokio::spawn(export::run(
+        client.clone(),
+        config.namespace.clone(),
+        config.policy_selector.clone(),
+    ));
     controller::run(client, config, metrics.clone(), identity, shutdown).await;
+    export::stop(Duration::from_secs(3)).await;
+    export.abort();
     metrics.leader.set(0);
 
     if *leading.borrow() {

@@ -241,7 +241,9 @@ impl Metrics {
         }
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();
-        if let Err(error) = encoder.encode(&self.registry.gather(), &mut buf) {
+        let mut families = self.registry.gather();
+        families.extend(crate::export::metrics::gather());
+        if let Err(error) = encoder.encode(&families, &mut buf) {
             tracing::warn!(%error, "encoding metrics");
         }
         String::from_utf8_lossy(&buf).into_owned()

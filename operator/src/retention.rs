@@ -123,6 +123,7 @@ async fn pass(policy: &FileIntegrityPolicy, ctx: &Context) -> bool {
         Timestamp::now(),
     )
     .doomed;
+    let doomed = crate::export::hold(&ctx.client, doomed);
     if doomed.is_empty() {
         return false;
     }

@@ -1,0 +1,523 @@
+//! Which FileChanges exist, in delivery order, and how far a sink has got:
+//! plain data and pure decisions, tested without I/O.
+//!
+//! A node's changes are delivered in the order of their [`Key`], (detection
+//! time, name): the agent creates a node's FileChanges one at a time from its
+//! queue, in the order it detected them, so the order the API server stores
+//! them in is this order. A sink's [`Progress`] keeps, per node, the key of the
+//! last change the receiver acknowledged; everything at or before it is
+//! delivered. A change that reaches the operator after a later one of its node
+//! was already delivered (a clock stepped back on the node) is remembered as
+//! *late* and delivered next.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::watcher;
+use kube_fim_crds::{DeliveredPosition, FileChange};
+
+/// Where a change stands in its node's order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub detected: Timestamp,
+    pub name: String,
+}
+
+impl Key {
+    pub fn of(change: &FileChange) -> Key {
+        Key {
+            detected: change.spec.detected_time.0,
+            name: change.name_any(),
+        }
+    }
+}
+
+/// Per node, its changes in delivery order.
+type ByNode = BTreeMap<String, BTreeMap<Key, Arc<FileChange>>>;
+
+/// Every FileChange the exporter's watch knows, by node and in order.
+#[derive(Debug, Default)]
+pub struct Index {
+    current: ByNode,
+    /// Name to node and key, to find a change by name (retention's hold).
+    names: HashMap<String, (String, Key)>,
+    relist: Option<ByNode>,
+    listed: bool,
+}
+
+/// What an event of the watch did to the index.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Observed {
+    Nothing,
+    /// A change the index did not have: its node and key.
+    New(String, Key),
+    /// The watch listed everything again.
+    Relisted,
+}
+
+impl Index {
+    /// Records one event of the FileChange watch.
+    pub fn observe(&mut self, event: watcher::Event<FileChange>) -> Observed {
+        match event {
+            watcher::Event::Apply(change) => self.insert(change),
+            watcher::Event::Delete(change) => {
+                let key = Key::of(&change);
+                if let Some(changes) = self.current.get_mut(&change.spec.node) {
+                    changes.remove(&key);
+                    if changes.is_empty() {
+                        self.current.remove(&change.spec.node);
+                    }
+                }
+                self.names.remove(&key.name);
+                Observed::Nothing
+            }
+            watcher::Event::Init => {
+                self.relist = Some(ByNode::new());
+                Observed::Nothing
+            }
+            watcher::Event::InitApply(change) => {
+                let relist = self.relist.get_or_insert_with(ByNode::new);
+                relist
+                    .entry(change.spec.node.clone())
+                    .or_default()
+                    .insert(Key::of(&change), Arc::new(change));
+                Observed::Nothing
+            }
+            watcher::Event::InitDone => {
+                self.current = self.relist.take().unwrap_or_default();
+                self.names = self
+                    .current
+                    .iter()
+                    .flat_map(|(node, changes)| {
+                        changes
+                            .keys()
+                            .map(|k| (k.name.clone(), (node.clone(), k.clone())))
+                    })
+                    .collect();
+                self.listed = true;
+                Observed::Relisted
+            }
+        }
+    }
+
+    fn insert(&mut self, change: FileChange) -> Observed {
+        let key = Key::of(&change);
+        let node = change.spec.node.clone();
+        let old = self
+            .current
+            .entry(node.clone())
+            .or_default()
+            .insert(key.clone(), Arc::new(change));
+        self.names
+            .insert(key.name.clone(), (node.clone(), key.clone()));
+        match old {
+            Some(_) => Observed::Nothing,
+            None => Observed::New(node, key),
+        }
+    }
+
+    /// Whether the watch has listed every FileChange once.
+    pub fn listed(&self) -> bool {
+        self.listed
+    }
+
+    /// The node and key of a change, by name.
+    pub fn find(&self, name: &str) -> Option<&(String, Key)> {
+        self.names.get(name)
+    }
+
+    /// Changes known.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    fn get(&self, node: &str, key: &Key) -> Option<&Arc<FileChange>> {
+        self.current.get(node).and_then(|c| c.get(key))
+    }
+}
+
+/// How far one sink has delivered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Per node, the last change acknowledged.
+    pub positions: BTreeMap<String, Key>,
+    /// Changes that arrived after their node's position had passed them.
+    pub late: BTreeSet<(String, Key)>,
+}
+
+/// What a sink has not delivered yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub pending: usize,
+    /// Detection time of the oldest undelivered change.
+    pub oldest: Option<Timestamp>,
+}
+
+impl Progress {
+    /// The progress a sink's status records, moved back by `replay`: after a
+    /// restart, the changes detected within `replay` before a node's position
+    /// are sent again (with their ids), so a change that reached the API
+    /// server late and out of order before the restart is not skipped.
+    pub fn from_status(positions: &[DeliveredPosition], replay: Duration) -> Progress {
+        Progress {
+            positions: positions
+                .iter()
+                .map(|p| {
+                    let detected = p.detected_time.0 - replay;
+                    let name = if replay.is_zero() {
+                        p.name.clone()
+                    } else {
+                        String::new()
+                    };
+                    (p.node.clone(), Key { detected, name })
+                })
+                .collect(),
+            late: BTreeSet::new(),
+        }
+    }
+
+    /// The positions as the sink's status records them.
+    pub fn to_status(&self) -> Vec<DeliveredPosition> {
+        self.positions
+            .iter()
+            .filter(|(_, key)| !key.name.is_empty())
+            .map(|(node, key)| DeliveredPosition {
+                node: node.clone(),
+                detected_time: MicroTime(key.detected),
+                name: key.name.clone(),
+            })
+            .collect()
+    }
+
+    /// Whether the receiver has acknowledged this change.
+    pub fn delivered(&self, node: &str, key: &Key) -> bool {
+        self.positions.get(node).is_some_and(|p| key <= p)
+            && !self.late.contains(&(node.to_string(), key.clone()))
+    }
+
+    /// A new change of the index: late if its node's position is past it.
+    pub fn observe_new(&mut self, node: &str, key: &Key) {
+        if self.positions.get(node).is_some_and(|p| key <= p) {
+            self.late.insert((node.to_string(), key.clone()));
+        }
+    }
+
+    /// The next changes to send, at most `max`: the late ones first, then,
+    /// across nodes, the oldest undelivered by detection time (so one busy
+    /// node cannot starve the others), each node's in its order.
+    pub fn next_batch(&mut self, index: &Index, max: usize) -> Vec<Arc<FileChange>> {
+        let mut out = Vec::new();
+        // A late change deleted meanwhile has nothing left to send.
+        self.late
+            .retain(|(node, key)| index.get(node, key).is_some());
+        for (node, key) in &self.late {
+            if out.len() >= max {
+                return out;
+            }
+            if let Some(c) = index.get(node, key) {
+                out.push(c.clone());
+            }
+        }
+        let mut candidates: Vec<(&Key, &Arc<FileChange>)> = Vec::new();
+        for (node, changes) in &index.current {
+            let after = self.positions.get(node);
+            let pending = changes
+                .iter()
+                .filter(|(k, _)| after.is_none_or(|p| *k > p))
+                .take(max - out.len());
+            candidates.extend(pending);
+        }
+        candidates.sort_by(|a, b| a.0.cmp(b.0));
+        out.extend(
+            candidates
+                .into_iter()
+                .take(max - out.len())
+                .map(|(_, c)| c.clone()),
+        );
+        out
+    }
+
+    /// The receiver acknowledged `batch`.
+    pub fn ack(&mut self, batch: &[Arc<FileChange>]) {
+        for change in batch {
+            let node = change.spec.node.clone();
+            let key = Key::of(change);
+            if self.late.remove(&(node.clone(), key.clone())) {
+                continue;
+            }
+            let position = self.positions.entry(node).or_insert_with(|| key.clone());
+            if key > *position {
+                *position = key;
+            }
+        }
+    }
+
+    /// What is left to deliver.
+    pub fn backlog(&self, index: &Index) -> Backlog {
+        let mut out = Backlog::default();
+        for (node, changes) in &index.current {
+            for key in changes.keys() {
+                if !self.delivered(node, key) {
+                    out.pending += 1;
+                    out.oldest = Some(out.oldest.map_or(key.detected, |o| o.min(key.detected)));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What retention may delete, by what the sinks have delivered.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HoldDecision {
+    /// Names retention may delete.
+    pub allowed: Vec<String>,
+    /// Per sink, the changes kept because it has not delivered them.
+    pub held: BTreeMap<String, i64>,
+    /// Per sink, the undelivered changes let go because they were detected
+    /// longer ago than its `holdMax`.
+    pub expired: BTreeMap<String, Vec<String>>,
+}
+
+/// Of `doomed`, what retention may delete: a change every sink has
+/// delivered; one a sink has not delivered is kept while it is younger than
+/// that sink's `holdMax` (the third member of each sink), and let go, named in
+/// `expired`, once older. A name the index does not know yet is kept (its
+/// watch event is on the way).
+pub fn decide_hold(
+    doomed: Vec<String>,
+    index: &Index,
+    sinks: &[(String, Progress, Duration)],
+    now: Timestamp,
+) -> HoldDecision {
+    let mut out = HoldDecision::default();
+    for name in doomed {
+        let Some((node, key)) = index.find(&name) else {
+            continue;
+        };
+        let mut keep = false;
+        let mut expired_for = Vec::new();
+        for (sink, progress, hold_max) in sinks {
+            if progress.delivered(node, key) {
+                continue;
+            }
+            if now.duration_since(key.detected).unsigned_abs() <= *hold_max {
+                keep = true;
+                *out.held.entry(sink.clone()).or_default() += 1;
+            } else {
+                expired_for.push(sink.clone());
+            }
+        }
+        if keep {
+            continue;
+        }
+        for sink in expired_for {
+            out.expired.entry(sink).or_default().push(name.clone());
+        }
+        out.allowed.push(name);
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use kube_fim_crds::{ChangeCategory, DetectionSource, FileChangeSpec};
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    }
+
+    fn change(name: &str, node: &str, secs: i64) -> FileChange {
+        FileChange::new(
+            name,
+            FileChangeSpec {
+                node: node.into(),
+                policy: "p".into(),
+                entry: "etc".into(),
+                path: format!("/etc/{name}"),
+                category: ChangeCategory::Added,
+                changed_attributes: vec![],
+                before: None,
+                after: None,
+                detected_time: MicroTime(at(secs)),
+                source: DetectionSource::Realtime,
+                process: None,
+                summary: None,
+            },
+        )
+    }
+
+    fn listed(changes: Vec<FileChange>) -> Index {
+        let mut index = Index::default();
+        index.observe(watcher::Event::Init);
+        for c in changes {
+            index.observe(watcher::Event::InitApply(c));
+        }
+        assert_eq!(index.observe(watcher::Event::InitDone), Observed::Relisted);
+        index
+    }
+
+    fn names(batch: &[Arc<FileChange>]) -> Vec<String> {
+        batch.iter().map(|c| c.name_any()).collect()
+    }
+
+    #[test]
+    fn batches_follow_each_nodes_order_and_interleave_nodes_by_time() {
+        let index = listed(vec![
+            change("a3", "a", 30),
+            change("a1", "a", 10),
+            change("b1", "b", 15),
+            change("a2", "a", 20),
+        ]);
+        let mut p = Progress::default();
+        let batch = p.next_batch(&index, 3);
+        assert_eq!(names(&batch), ["a1", "b1", "a2"]);
+        // Nothing acknowledged: the same batch again.
+        assert_eq!(names(&p.next_batch(&index, 3)), ["a1", "b1", "a2"]);
+        p.ack(&batch);
+        assert_eq!(names(&p.next_batch(&index, 3)), ["a3"]);
+        assert_eq!(
+            p.backlog(&index),
+            Backlog {
+                pending: 1,
+                oldest: Some(at(30))
+            }
+        );
+        p.ack(&p.clone().next_batch(&index, 3));
+        assert!(p.next_batch(&index, 3).is_empty());
+        assert_eq!(p.backlog(&index), Backlog::default());
+    }
+
+    #[test]
+    fn a_restart_resumes_after_the_recorded_position() {
+        let index = listed(vec![
+            change("a1", "a", 10),
+            change("a2", "a", 20),
+            change("a3", "a", 30),
+        ]);
+        let mut p = Progress::default();
+        p.ack(&p.clone().next_batch(&index, 2));
+        let status = p.to_status();
+        assert_eq!(status.len(), 1);
+        assert_eq!(status[0].name, "a2");
+
+        let mut resumed = Progress::from_status(&status, Duration::ZERO);
+        assert_eq!(names(&resumed.next_batch(&index, 10)), ["a3"]);
+        // With a replay window, what was detected within it is sent again.
+        let mut replaying = Progress::from_status(&status, Duration::from_secs(5));
+        assert_eq!(names(&replaying.next_batch(&index, 10)), ["a2", "a3"]);
+        assert!(
+            replaying.to_status().is_empty(),
+            "no position recorded until one is delivered"
+        );
+    }
+
+    #[test]
+    fn a_change_arriving_after_its_node_moved_on_is_delivered_next() {
+        let mut index = listed(vec![change("a1", "a", 10), change("a3", "a", 30)]);
+        let mut p = Progress::default();
+        p.ack(&p.clone().next_batch(&index, 10));
+        let late = change("a2", "a", 20);
+        let Observed::New(node, key) = index.observe(watcher::Event::Apply(late)) else {
+            panic!("a new change");
+        };
+        p.observe_new(&node, &key);
+        assert!(!p.delivered("a", &key));
+        assert_eq!(p.backlog(&index).pending, 1);
+        let batch = p.next_batch(&index, 10);
+        assert_eq!(names(&batch), ["a2"]);
+        p.ack(&batch);
+        assert!(p.delivered("a", &key));
+        assert_eq!(p.positions["a"].name, "a3", "the position never moves back");
+        // A status update of a known change is nothing new.
+        assert_eq!(
+            index.observe(watcher::Event::Apply(change("a2", "a", 20))),
+            Observed::Nothing
+        );
+    }
+
+    #[test]
+    fn deleted_changes_leave_the_index_and_the_backlog() {
+        let mut index = listed(vec![change("a1", "a", 10), change("b1", "b", 11)]);
+        assert_eq!(index.find("b1").map(|(n, _)| n.as_str()), Some("b"));
+        index.observe(watcher::Event::Delete(change("b1", "b", 11)));
+        assert!(index.find("b1").is_none());
+        assert_eq!(index.len(), 1);
+        let mut p = Progress::default();
+        assert_eq!(names(&p.next_batch(&index, 10)), ["a1"]);
+    }
+
+    #[test]
+    fn one_busy_node_does_not_starve_the_others() {
+        let mut changes: Vec<FileChange> = (0..50)
+            .map(|i| change(&format!("a{i:02}"), "a", 100 + i))
+            .collect();
+        changes.push(change("b0", "b", 120));
+        let index = listed(changes);
+        let mut p = Progress::default();
+        let mut order = Vec::new();
+        loop {
+            let batch = p.next_batch(&index, 7);
+            if batch.is_empty() {
+                break;
+            }
+            order.extend(names(&batch));
+            p.ack(&batch);
+        }
+        assert_eq!(order.len(), 51);
+        let b = order.iter().position(|n| n == "b0").unwrap();
+        assert_eq!(order[b - 1], "a20");
+        assert_eq!(order[b + 1], "a21");
+    }
+
+    #[test]
+    fn retention_waits_for_every_sink_up_to_its_hold_max() {
+        let now = at(10_000);
+        let index = listed(vec![
+            change("old", "a", 10),
+            change("mid", "a", 9_000),
+            change("new", "a", 9_990),
+        ]);
+        let hour = Duration::from_secs(3600);
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let doomed = names(&["old", "mid", "new", "unknown"]);
+
+        // Nobody has delivered anything: only what is past holdMax goes.
+        let fast = (String::from("fast"), Progress::default(), hour);
+        let d = decide_hold(doomed.clone(), &index, std::slice::from_ref(&fast), now);
+        assert_eq!(d.allowed, ["old"]);
+        assert_eq!(d.held["fast"], 2);
+        assert_eq!(d.expired["fast"], ["old"]);
+
+        // A sink that delivered up to "mid" holds only "new".
+        let mut up_to_mid = Progress::default();
+        let batch: Vec<_> = up_to_mid.clone().next_batch(&index, 2);
+        up_to_mid.ack(&batch);
+        let caught_up = (String::from("caught-up"), up_to_mid, hour);
+        let d = decide_hold(
+            doomed.clone(),
+            &index,
+            std::slice::from_ref(&caught_up),
+            now,
+        );
+        assert_eq!(d.allowed, ["old", "mid"]);
+        assert!(d.expired.is_empty(), "delivered, so nothing lost");
+        assert_eq!(d.held["caught-up"], 1);
+
+        // With both sinks, every sink must have it or be past its holdMax.
+        let d = decide_hold(doomed, &index, &[fast, caught_up], now);
+        assert_eq!(d.allowed, ["old"]);
+        assert_eq!(d.expired["fast"], ["old"]);
+        assert!(!d.expired.contains_key("caught-up"));
+    }
+}
