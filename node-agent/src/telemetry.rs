@@ -159,7 +159,7 @@ impl Metrics {
             )?,
             fanotify_dirs: gauge(
                 "kube_fim_agent_fanotify_directories",
-                "Monitored directories followed through fanotify file system marks (no inotify watch each)",
+                "Monitored directories followed through fanotify marks (no inotify watch each)",
             )?,
             attribution_overflows: counter(
                 "kube_fim_agent_fanotify_overflows_total",

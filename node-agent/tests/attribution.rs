@@ -5,7 +5,7 @@
 //! inside a cgroup named as the kubelet names a container's; delete and rename;
 //! a fanotify queue overflow; and the inotify fallback without CAP_SYS_ADMIN.
 //!
-//! Needs root (fanotify file system marks, cgroups, setpriv), as the agent does.
+//! Needs root (fanotify marks, cgroups, setpriv), as the agent does.
 
 mod common;
 
@@ -426,5 +426,83 @@ fn no_attribution_asked_no_fanotify() {
     let mut seen = Vec::new();
     let c = wait_change(&w, &mut seen, "/etc/hosts", "Modified").clone();
     assert!(c.get("process").is_none(), "{c:#}");
+    w.kill();
+}
+
+/// The marks the agent's fanotify group holds, as the kernel lists them in
+/// the agent's `/proc/PID/fdinfo`: (inode marks, file system or mount marks).
+fn fanotify_marks(pid: u32) -> (usize, usize) {
+    let (mut inode, mut whole) = (0, 0);
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let Ok(info) = std::fs::read_to_string(fd.unwrap().path()) else {
+            continue;
+        };
+        for line in info.lines().filter(|l| l.starts_with("fanotify ")) {
+            if line.contains(" ino:") {
+                inode += 1;
+            } else if line.contains("mflags:") {
+                whole += 1;
+            }
+        }
+    }
+    (inode, whole)
+}
+
+#[test]
+fn only_monitored_directories_are_marked_and_new_ones_are_followed() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = host("  processAttribution: true\n");
+    std::fs::create_dir(h.p("/etc/ssh")).unwrap();
+    h.write("/etc/ssh/sshd_config", "PermitRootLogin no\n");
+    // Unmonitored directories on the same file system.
+    std::fs::create_dir_all(h.p("/var/log")).unwrap();
+    h.baseline();
+    let w = h.watch();
+    let followed = |m: &str| metric(m, "kube_fim_agent_fanotify_directories", &[]);
+    let before = followed(&w.metrics()).unwrap();
+    assert!(before >= 2.0, "/etc and /etc/ssh followed");
+    // The kernel reports only what is monitored: no mark on the whole file
+    // system (which would send every write of it to the agent), one inode
+    // mark per followed directory.
+    let (inode, whole) = fanotify_marks(w.child.id());
+    assert_eq!(whole, 0, "no file system or mount mark");
+    assert_eq!(inode as f64, before, "one inode mark per followed directory");
+
+    // A directory made while the agent runs is followed too, and the writer
+    // of a file in it is named.
+    std::fs::create_dir(h.p("/etc/cron.d")).unwrap();
+    wait_for("the new directory followed", Duration::from_secs(10), || {
+        followed(&w.metrics()).filter(|n| *n > before)
+    });
+    assert_eq!(fanotify_marks(w.child.id()), (before as usize + 1, 0));
+    let fim_writer = writer(h.dir.path());
+    let job = h.p("/etc/cron.d/job");
+    let mut child = Command::new(&fim_writer)
+        .arg("-c")
+        .arg(py(&format!(
+            "open({:?}, 'w').write('* * * * * root sh\\n')",
+            job.display().to_string()
+        )))
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let c = wait_change(&w, &mut seen, "/etc/cron.d/job", "Added").clone();
+    assert_eq!(process(&c)["command"], "fim-writer", "{c:#}");
+    child.wait().unwrap();
+
+    // Writes beside the monitored tree reach nobody.
+    for i in 0..200 {
+        std::fs::write(h.p(&format!("/var/log/l{i}")), "x").unwrap();
+    }
+    let quiet = w.collect(Duration::from_millis(800));
+    assert!(
+        quiet.iter().all(|c| !c["path"].as_str().unwrap_or("").starts_with("/var")),
+        "{quiet:#?}"
+    );
+    // A directory removed from the tree is no longer followed.
+    std::fs::remove_dir_all(h.p("/etc/ssh")).unwrap();
+    wait_for("the removed directory unfollowed", Duration::from_secs(10), || {
+        followed(&w.metrics()).filter(|n| *n == before)
+    });
     w.kill();
 }

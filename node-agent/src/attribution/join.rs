@@ -60,7 +60,7 @@ impl Attribution {
                     let mut features = vec![
                         "FAN_CLASS_NOTIF",
                         "FAN_REPORT_DFID_NAME",
-                        "FAN_MARK_FILESYSTEM",
+                        "FAN_EVENT_ON_CHILD",
                     ];
                     if l.features.pidfd {
                         features.push("FAN_REPORT_PIDFD");
