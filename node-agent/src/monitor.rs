@@ -192,6 +192,8 @@ pub struct Monitor {
     root: PathBuf,
     /// Paths waiting for their rescan, with when (debounce).
     pending: BTreeMap<PathBuf, Instant>,
+    /// Directories the real-time sources follow.
+    followed: BTreeSet<PathBuf>,
     /// No full scan yet.
     first: bool,
     next_scan: Instant,
@@ -229,6 +231,7 @@ pub async fn run(
         inotify: Inotify::new(inotify_tx),
         attribution,
         pending: BTreeMap::new(),
+        followed: BTreeSet::new(),
         first: true,
         next_scan: Instant::now(),
         digest: None,
@@ -385,7 +388,7 @@ impl Monitor {
         if let Err(error) = tokio::task::block_in_place(|| self.engine.compact_baseline()) {
             warn!(%error, "could not compact the baseline");
         }
-        self.sync_watches();
+        self.sync_watches(false);
         self.first = false;
         self.next_scan = Instant::now() + self.engine.timing().1;
         self.publish_status(carried.differing);
@@ -416,7 +419,7 @@ impl Monitor {
             self.publish_status(None);
         }
         if new_dirs {
-            self.sync_watches();
+            self.sync_watches(true);
         }
         Ok(())
     }
@@ -541,13 +544,23 @@ impl Monitor {
     }
 
     /// Real-time sources follow the engine's directories: fanotify where it
-    /// is on and can, inotify for the rest.
-    fn sync_watches(&mut self) {
-        let dirs = self.attribution.sync(
-            self.engine.root_path(),
-            self.engine.watch_dirs(),
-            &self.telemetry,
-        );
+    /// is on and can, inotify for the rest. A directory followed from now on
+    /// is looked at again once it is: what was written in it between the
+    /// rescan that found it and its mark or watch reached no source
+    /// (`relook`: after a real-time rescan; a full scan's new directories are
+    /// left to the next one rather than hashed twice).
+    fn sync_watches(&mut self, relook: bool) {
+        let wanted = self.engine.watch_dirs();
+        let deadline = Instant::now() + self.engine.timing().0;
+        for dir in wanted.iter().filter(|d| !self.followed.contains(*d)) {
+            if let (true, Ok(rel)) = (relook, dir.strip_prefix(&self.root)) {
+                self.pending.entry(rel.to_path_buf()).or_insert(deadline);
+            }
+        }
+        self.followed = wanted.iter().cloned().collect();
+        let dirs = self
+            .attribution
+            .sync(self.engine.root_path(), wanted, &self.telemetry);
         self.inotify.sync(dirs, &self.telemetry);
     }
 

@@ -230,7 +230,12 @@ impl Listener {
         // the one marked.
         let by_fd = fd_path(fd);
         let flags = libc::FAN_MARK_ADD | libc::FAN_MARK_ONLYDIR;
-        match sys::fanotify_mark(self.group.as_fd(), flags, MASK | libc::FAN_EVENT_ON_CHILD, &by_fd) {
+        match sys::fanotify_mark(
+            self.group.as_fd(),
+            flags,
+            MASK | libc::FAN_EVENT_ON_CHILD,
+            &by_fd,
+        ) {
             Ok(()) => return true,
             Err(error) => {
                 debug!(dir = %abs.display(), %error, "no inode mark; trying a file system mark");

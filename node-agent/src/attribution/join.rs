@@ -130,19 +130,25 @@ impl Attribution {
         if self.writers.is_empty() {
             return;
         }
+        let mut used = Vec::new();
         for c in changes.iter_mut() {
             let rel = PathBuf::from(paths::unescape(&c.path));
             let rel = rel.strip_prefix("/").unwrap_or(&rel);
+            // The path's own writer, also when the change was found by the
+            // rescan of a directory above it before the path's own rescan
+            // was due (a file written in a directory just made); a
+            // directory's writer only for the rescan of that directory.
             let found = rel
                 .ancestors()
-                .find_map(|a| self.writers.get(a).filter(|_| paths.contains(a)));
-            if let Some((w, multiple)) = found {
+                .find(|a| self.writers.contains_key(*a) && (*a == rel || paths.contains(*a)));
+            if let Some((w, multiple)) = found.and_then(|a| self.writers.get(a)) {
                 let p = process_info(w, &mut self.users, self.pods.as_ref(), *multiple);
                 telemetry.change_attributed(&c.policy, &p);
                 c.process = Some(p);
+                used.push(rel.to_path_buf());
             }
         }
-        for p in paths {
+        for p in paths.iter().chain(&used) {
             self.writers.remove(p);
         }
     }
