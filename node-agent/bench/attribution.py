@@ -11,6 +11,10 @@ with fanotify (on). For each:
   - CPU per 1,000 events: BENCH_EVENTS files are rewritten one by one, each a
     close-after-write event and one Modified change line; the agent's
     utime+stime until the last line arrived, per 1,000.
+  - CPU per 1,000 unrelated writes: BENCH_UNRELATED small files written
+    beside the monitored tree on the same file system (as container logs and
+    image pulls are on a node), none of them monitored; the agent's
+    utime+stime from the first write to 1 s after the last, per 1,000.
 
 Usage: attribution.py BINARY WORKDIR
 """
@@ -82,6 +86,15 @@ def run(binary, work, attribution, events):
             os.path.join(dp, n)
             for dp, _, ns in os.walk(os.path.join(root, "data")) for n in ns
         )[:events]
+        unrelated = int(os.environ.get("BENCH_UNRELATED", "20000"))
+        beside = os.path.join(work, "root", f"unrelated-{attribution}")
+        os.makedirs(beside, exist_ok=True)
+        ticks0 = measure.cpu_ticks(proc.pid)
+        for i in range(unrelated):
+            with open(os.path.join(beside, f"u{i % 1000}"), "wb") as f:
+                f.write(b"x")
+        time.sleep(1)
+        unrelated_cpu = (measure.cpu_ticks(proc.pid) - ticks0) / TICK
         ticks0 = measure.cpu_ticks(proc.pid)
         t0 = time.monotonic()
         for i, p in enumerate(files):
@@ -108,6 +121,8 @@ def run(binary, work, attribution, events):
         "events": len(files),
         "attributed": attributed,
         "cpu_s_per_1000": round(cpu * 1000 / len(files), 3),
+        "unrelated_writes": unrelated,
+        "unrelated_cpu_ms_per_1000": round(unrelated_cpu * 1e6 / unrelated, 2),
         "wall_s": round(wall, 2),
     }
 
