@@ -88,7 +88,7 @@ pub fn cgroup_cpus(mount: &Path, proc_self_cgroup: &str) -> Option<f64> {
 pub fn lower_this_thread() -> std::io::Result<()> {
     let tid = rustix::thread::gettid();
     rustix::process::setpriority_process(Some(tid), SCAN_NICE)?;
-    crate::attribution::sys::ioprio_lowest_best_effort()
+    crate::sys::ioprio_lowest_best_effort()
 }
 
 /// Milliseconds after which the allocator returns freed memory to the
@@ -98,7 +98,7 @@ const ALLOCATOR_PURGE_DELAY_MS: i64 = 1;
 
 /// Tunes the memory allocator for flat memory. Call first thing in `main`.
 pub fn tune_allocator() {
-    crate::attribution::sys::allocator_purge_delay(ALLOCATOR_PURGE_DELAY_MS);
+    crate::sys::allocator_purge_delay(ALLOCATOR_PURGE_DELAY_MS);
 }
 
 #[cfg(test)]

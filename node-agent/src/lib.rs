@@ -18,4 +18,5 @@ pub mod paths;
 pub mod plan;
 pub mod report;
 pub mod served;
+pub(crate) mod sys;
 pub mod telemetry;

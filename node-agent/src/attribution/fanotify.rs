@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::process::{ProcessSnapshot, snapshot};
-use super::sys;
+use crate::sys;
 
 /// What is asked of the kernel: close after write, attribute change, create,
 /// delete, both halves of a move; for directories too.

@@ -6,8 +6,7 @@
 //! - [`process`]: that `/proc` snapshot;
 //! - [`cgroup`]: the cgroup path parsed into container id and pod uid;
 //! - [`pods`]: the pods of this node, to name the pod and container;
-//! - `sys`: the only unsafe code, the system calls no crate wraps (also
-//!   `ioprio_set` for the scan threads, see [`crate::budget`]).
+//! - the system calls no crate wraps are in [`crate::sys`].
 //!
 //! Where fanotify is not available the agent keeps using inotify and says
 //! why ([`fanotify::Unavailable`]).
@@ -17,7 +16,6 @@ pub mod fanotify;
 pub mod join;
 pub mod pods;
 pub mod process;
-pub(crate) mod sys;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
