@@ -712,7 +712,9 @@ async fn patch_rights_cannot_make_the_garbage_collector_delete_a_change() {
                 .patch(
                     &name,
                     &PatchParams::default(),
-                    &Patch::Merge(serde_json::json!({"metadata": {"finalizers": ["e2e.kube-fim.io/hold"]}})),
+                    &Patch::Merge(
+                        serde_json::json!({"metadata": {"finalizers": ["e2e.kube-fim.io/hold"]}}),
+                    ),
                 )
                 .await,
             "metadata.finalizers of a FileChange cannot be added or changed after creation",
@@ -721,7 +723,10 @@ async fn patch_rights_cannot_make_the_garbage_collector_delete_a_change() {
     // What the security team sees: the change is still there once the
     // garbage collector had its chance.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let kept = changes(&admin).get(&name).await.expect("the change is kept");
+    let kept = changes(&admin)
+        .get(&name)
+        .await
+        .expect("the change is kept");
     assert!(kept.metadata.owner_references.is_none());
     assert!(kept.metadata.finalizers.is_none());
     // Labels stay patchable (filters, not decisions), and deleting (the
@@ -757,7 +762,11 @@ async fn a_node_cannot_squat_another_nodes_change_names() {
     let pp = PostParams::default();
     let digest = "89abcdef0123456789ab";
 
-    for squatted in [format!("{b}-{digest}"), format!("fc-{digest}"), digest.to_string()] {
+    for squatted in [
+        format!("{b}-{digest}"),
+        format!("fc-{digest}"),
+        digest.to_string(),
+    ] {
         assert_refused(
             changes
                 .create(&pp, &kube_fim_e2e::file_change(&squatted, &a, "p"))
@@ -775,7 +784,10 @@ async fn a_node_cannot_squat_another_nodes_change_names() {
     // The other node's own name is still free for it.
     let other = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&b)).await;
     Api::<FileChange>::all(other)
-        .create(&pp, &kube_fim_e2e::file_change(&format!("{b}-{digest}"), &b, "p"))
+        .create(
+            &pp,
+            &kube_fim_e2e::file_change(&format!("{b}-{digest}"), &b, "p"),
+        )
         .await
         .expect("the other node reports under its name");
     let stored: Vec<String> = Api::<FileChange>::all(admin.clone())
@@ -853,7 +865,11 @@ async fn the_nodes_own_token_cannot_erase_its_record() {
     let pp = PatchParams::default();
     let status_patch = |v: serde_json::Value| Patch::Merge(serde_json::json!({ "status": v }));
     records(&agent)
-        .patch_status(&node, &pp, &status_patch(serde_json::to_value(&status).unwrap()))
+        .patch_status(
+            &node,
+            &pp,
+            &status_patch(serde_json::to_value(&status).unwrap()),
+        )
         .await
         .expect("the agent publishes its digests and raises an alarm");
 
@@ -861,19 +877,31 @@ async fn the_nodes_own_token_cannot_erase_its_record() {
         eprintln!("as {name}");
         assert_refused(
             records(who)
-                .patch_status(&node, &pp, &status_patch(serde_json::json!({"baselineDigest": null})))
+                .patch_status(
+                    &node,
+                    &pp,
+                    &status_patch(serde_json::json!({"baselineDigest": null})),
+                )
                 .await,
             "status.baselineDigest cannot be removed once published",
         );
         assert_refused(
             records(who)
-                .patch_status(&node, &pp, &status_patch(serde_json::json!({"entries": []})))
+                .patch_status(
+                    &node,
+                    &pp,
+                    &status_patch(serde_json::json!({"entries": []})),
+                )
                 .await,
             "status.entries cannot be emptied once published",
         );
         assert_refused(
             records(who)
-                .patch_status(&node, &pp, &status_patch(serde_json::json!({"baselineAlarm": null})))
+                .patch_status(
+                    &node,
+                    &pp,
+                    &status_patch(serde_json::json!({"baselineAlarm": null})),
+                )
                 .await,
             &format!(
                 "status.baselineAlarm {} can only be cleared by annotating this FileIntegrityNode with {CLEAR_BASELINE_ALARM}={}",
@@ -885,7 +913,11 @@ async fn the_nodes_own_token_cannot_erase_its_record() {
         replaced.reason = "BaselineTampered".into();
         assert_refused(
             records(who)
-                .patch_status(&node, &pp, &status_patch(serde_json::json!({"baselineAlarm": replaced})))
+                .patch_status(
+                    &node,
+                    &pp,
+                    &status_patch(serde_json::json!({"baselineAlarm": replaced})),
+                )
                 .await,
             "can only be cleared by annotating",
         );
@@ -894,7 +926,9 @@ async fn the_nodes_own_token_cannot_erase_its_record() {
     // What the agent does in normal operation still passes: the baseline
     // moves with approvals, the alarm's message grows, the entries change.
     let mut grown = alarm.clone();
-    grown.message.push_str("; entries that differ from what the cluster last saw: p/passwd");
+    grown
+        .message
+        .push_str("; entries that differ from what the cluster last saw: p/passwd");
     records(&agent)
         .patch_status(
             &node,
@@ -917,7 +951,11 @@ async fn the_nodes_own_token_cannot_erase_its_record() {
     ]);
     assert!(run.success, "{}", run.stderr);
     records(&agent)
-        .patch_status(&node, &pp, &status_patch(serde_json::json!({"baselineAlarm": null})))
+        .patch_status(
+            &node,
+            &pp,
+            &status_patch(serde_json::json!({"baselineAlarm": null})),
+        )
         .await
         .expect("the agent clears an alarm the admin's annotation names");
     let stored = records(&admin).get(&node).await.unwrap().status.unwrap();
@@ -974,7 +1012,10 @@ async fn an_agent_answers_only_an_existing_approval() {
     }
     let stored = changes(&admin).get(&name).await.unwrap();
     assert!(
-        stored.status.as_ref().is_none_or(|s| s.outcome.is_none() && s.message.is_none()),
+        stored
+            .status
+            .as_ref()
+            .is_none_or(|s| s.outcome.is_none() && s.message.is_none()),
         "{:?}",
         stored.status
     );
@@ -986,7 +1027,9 @@ async fn an_agent_answers_only_an_existing_approval() {
         .patch_status(
             &name,
             &pp,
-            &Patch::Merge(serde_json::json!({"status": {"outcome": "Applied", "message": "applied"}})),
+            &Patch::Merge(
+                serde_json::json!({"status": {"outcome": "Applied", "message": "applied"}}),
+            ),
         )
         .await
         .expect("the agent answers the approval");

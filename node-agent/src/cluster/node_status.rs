@@ -60,8 +60,13 @@ pub async fn write(
             .or_insert_with(|| serde_json::Value::Array(Vec::new()));
         // Likewise attribution no longer asked for is removed, not kept.
         map.entry("attribution").or_insert(serde_json::Value::Null);
-        map.entry("entries")
-            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        // Entry digests exist only with a baseline digest: before the first
+        // scan the agent knows none, and the stored ones stay (admission
+        // refuses emptying them while the node serves a policy).
+        if status.baseline_digest.is_some() {
+            map.entry("entries")
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        }
         // A cleared alarm is removed (null), not left as it was.
         map.entry("baselineAlarm")
             .or_insert(serde_json::Value::Null);

@@ -22,6 +22,7 @@ use crate::baseline::{BaselineError, Journal, StateDir};
 use crate::context::Context;
 use crate::engine::{Engine, EngineError};
 use crate::report::deliver;
+use crate::report::object::shorten_text;
 use crate::report::queue::Queue;
 use crate::served::ServedPolicies;
 use crate::telemetry::Telemetry;
@@ -179,7 +180,21 @@ async fn verify_baseline(
         }
         engine.compare_first_scan_with(status.entries.clone());
         telemetry.baseline_alarm_raised(&found).await;
-        alarm = Some(found);
+        alarm = Some(match alarm.take() {
+            // A raised alarm stays the one an admin clears (admission refuses
+            // replacing it); what was found since is added to what it says.
+            Some(mut standing) => {
+                standing.message = shorten_text(
+                    &format!(
+                        "{}; then {}: {}",
+                        standing.message, found.reason, found.message
+                    ),
+                    4000,
+                );
+                standing
+            }
+            None => found,
+        });
     }
     telemetry.baseline_alarm_standing(alarm.is_some());
     Ok((engine, alarm))
