@@ -1036,3 +1036,127 @@ async fn an_agent_answers_only_an_existing_approval() {
     let _ = changes(&admin).delete(&name, &Default::default()).await;
     delete_node(&admin, &node).await;
 }
+
+/// Issue 21, attack 4 end to end: the agent stopped, its state directory
+/// wiped, a monitored file edited, and the node's own token used to erase
+/// what the cluster holds (baseline digest, entry digests) before the agent
+/// comes back: admission refuses, so the restart is an alarm naming the file,
+/// not a fresh baseline; the same token cannot clear that alarm either.
+#[tokio::test]
+async fn a_wiped_node_cannot_erase_its_record_before_restarting() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-p");
+    fleet
+        .create_policy(&fleet.policy(
+            &policy,
+            vec![
+                entry("passwd", "/etc/passwd", false),
+                entry("ssh", "/etc/ssh", true),
+            ],
+        ))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+    eventually("entry digests published", SEEN, || async {
+        let entries = record(&client, &a)
+            .await
+            .status
+            .map(|s| s.entries)
+            .unwrap_or_default();
+        (entries.len() == 2)
+            .then_some(())
+            .ok_or(format!("{entries:?}"))
+    })
+    .await;
+    let token = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&a)).await;
+    let records = Api::<FileIntegrityNode>::all(token.clone());
+    fleet.nodes[0].kill_agent();
+
+    std::fs::write(
+        fleet.nodes[0].host("/etc/passwd"),
+        "evil:x:0:0::/:/bin/sh\n",
+    )
+    .unwrap();
+    let state = fleet.nodes[0].state.clone();
+    for e in std::fs::read_dir(&state).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            std::fs::remove_dir_all(p).unwrap();
+        } else {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let erase = serde_json::json!({"status": {
+        "baselineDigest": null, "entries": [], "baselineAlarm": null,
+    }});
+    assert_refused(
+        records
+            .patch_status(&a, &PatchParams::default(), &Patch::Merge(&erase))
+            .await,
+        "status.baselineDigest cannot be removed once published",
+    );
+    assert_refused(
+        records
+            .patch_status(
+                &a,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": {"entries": []}})),
+            )
+            .await,
+        "status.entries cannot be emptied once published",
+    );
+    let kept = record(&client, &a).await.status.unwrap();
+    assert!(kept.baseline_digest.is_some());
+    assert_eq!(kept.entries.len(), 2);
+    fleet.nodes[0].start_agent();
+
+    wait_warning(&client, "BaselineMissing", &a).await;
+    let differ = wait_warning(&client, "BaselineEntriesDiffer", &a).await;
+    let note = differ.note.unwrap_or_default();
+    assert!(note.contains(&format!("{policy}/passwd")), "{note}");
+    let c = wait_change(&fleet, &a, "Modified /etc/passwd").await;
+    assert_eq!(c.spec.source, DetectionSource::Startup);
+    let alarm = eventually("policy Failed with the alarm", SEEN, || async {
+        let s = record(&client, &a).await.status.unwrap_or_default();
+        match (s.baseline_alarm, s.policies.first().map(|p| p.phase)) {
+            (Some(alarm), Some(NodePolicyPhase::Failed)) => Ok(alarm),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // The node's token cannot clear it: only the admin's annotation can.
+    assert_refused(
+        records
+            .patch_status(
+                &a,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": {"baselineAlarm": null}})),
+            )
+            .await,
+        &format!(
+            "status.baselineAlarm {} can only be cleared by annotating this FileIntegrityNode",
+            alarm.id
+        ),
+    );
+    fleet.nodes[0].kill_agent();
+    fleet.nodes[0].start_agent();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        phase(&client, &a, &policy).await,
+        Some(NodePolicyPhase::Failed)
+    );
+    assert_eq!(
+        record(&client, &a)
+            .await
+            .status
+            .unwrap()
+            .baseline_alarm
+            .map(|x| x.id),
+        Some(alarm.id)
+    );
+    fleet.cleanup().await;
+}
