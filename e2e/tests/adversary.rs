@@ -1160,3 +1160,49 @@ async fn a_wiped_node_cannot_erase_its_record_before_restarting() {
     );
     fleet.cleanup().await;
 }
+
+/// A node name longer than the 200 characters object names keep of it: the
+/// agent's prefix (cut at 200, without a trailing '-' or '.') is its own, the
+/// uncut or differently cut name is not.
+#[tokio::test]
+async fn a_long_node_name_reports_under_the_prefix_the_agent_uses() {
+    kube_fim_e2e::ensure_crds();
+    let admin = client().await;
+    let suite = unique_name("adv");
+    let label = |start: &str| format!("{start:x<63}");
+    // The 200th character is the '-' of the last label: the agent trims it.
+    let long = format!(
+        "{}.{}.{}.abcdefg-{}",
+        label(&suite),
+        label("b"),
+        label("c"),
+        "h".repeat(30)
+    );
+    assert_eq!(&long[199..200], "-");
+    create_node(&admin, &long).await;
+    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&long)).await;
+    let changes = Api::<FileChange>::all(agent.clone());
+    let pp = PostParams::default();
+    let digest = "0123456789abcdef4567";
+    let prefix = long[..200].trim_end_matches(['-', '.']);
+    for other in [
+        format!("{}-{digest}", &long[..200]),
+        format!("{long}-{digest}"),
+    ] {
+        assert_refused(
+            changes
+                .create(&pp, &kube_fim_e2e::file_change(&other, &long, "p"))
+                .await,
+            "metadata.name of an agent's FileChange must be its node's name",
+        );
+    }
+    let own = format!("{prefix}-{digest}");
+    changes
+        .create(&pp, &kube_fim_e2e::file_change(&own, &long, "p"))
+        .await
+        .expect("the agent's own prefix of a long node name");
+    let _ = Api::<FileChange>::all(admin.clone())
+        .delete(&own, &Default::default())
+        .await;
+    delete_node(&admin, &long).await;
+}
