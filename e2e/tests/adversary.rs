@@ -614,3 +614,595 @@ async fn a_mount_over_a_monitored_file_is_seen() {
     drop(mount);
     fleet.cleanup().await;
 }
+
+/// A Node object, for a node-bound agent token (no agent runs).
+async fn create_node(client: &kube::Client, name: &str) {
+    let mut node = Node::default();
+    node.metadata.name = Some(name.to_string());
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .unwrap();
+}
+
+async fn delete_node(client: &kube::Client, name: &str) {
+    let _ = Api::<Node>::all(client.clone())
+        .delete(name, &Default::default())
+        .await;
+}
+
+/// The refusal of `result` as the user sees it; it must name `expected`.
+fn assert_refused<T: std::fmt::Debug>(result: Result<T, kube::Error>, expected: &str) {
+    match result {
+        Ok(v) => panic!("accepted (the attack works): {v:?}"),
+        Err(kube::Error::Api(e)) => {
+            assert!(
+                e.code == 403 || e.code == 422,
+                "refused with {}: {}",
+                e.code,
+                e.message
+            );
+            assert!(
+                e.message.contains(expected),
+                "refusal should say {expected:?}: {}",
+                e.message
+            );
+        }
+        Err(e) => panic!("not an API refusal: {e}"),
+    }
+}
+
+/// A ClusterRole with only `verbs` on FileChanges (and their status), bound
+/// to ServiceAccount `kube-fim/<sa>`; a client logged in as it.
+async fn limited_user(sa: &str, verbs: &str) -> kube::Client {
+    let role = format!("kube-fim-e2e-{sa}");
+    let run = kubectl([
+        "create".to_string(),
+        "clusterrole".to_string(),
+        role.clone(),
+        format!("--verb={verbs}"),
+        "--resource=filechanges.fim.kube-fim.io,filechanges.fim.kube-fim.io/status".to_string(),
+    ]);
+    assert!(
+        run.success || run.stderr.contains("AlreadyExists"),
+        "{}",
+        run.stderr
+    );
+    kube_fim_e2e::client_for(&kube_fim_e2e::service_account_with_cluster_role(sa, &role)).await
+}
+
+/// Issue 21, attack 6: with only get/patch on filechanges, an ownerReference
+/// to an object that does not exist would let the garbage collector delete
+/// the change. Neither owners nor finalizers can be added after creation, by
+/// that user or by a cluster admin; deleting stays a delete.
+#[tokio::test]
+async fn patch_rights_cannot_make_the_garbage_collector_delete_a_change() {
+    kube_fim_e2e::ensure_crds();
+    let admin = client().await;
+    let suite = unique_name("adv");
+    let node = format!("{suite}-a");
+    create_node(&admin, &node).await;
+    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&node)).await;
+    let patcher = limited_user("e2e-patcher", "get,patch").await;
+    let changes = |c: &kube::Client| Api::<FileChange>::all(c.clone());
+    let name = format!("{node}-0123456789abcdef0123");
+    changes(&agent)
+        .create(
+            &PostParams::default(),
+            &kube_fim_e2e::file_change(&name, &node, "p"),
+        )
+        .await
+        .expect("the agent reports its own node's change");
+
+    let orphaned = serde_json::json!({"metadata": {"ownerReferences": [{
+        "apiVersion": "v1",
+        "kind": "Node",
+        "name": format!("{suite}-gone"),
+        "uid": "6b7c2f4e-0000-4000-8000-000000000021",
+    }]}});
+    for who in [&patcher, &admin] {
+        assert_refused(
+            changes(who)
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&orphaned))
+                .await,
+            "metadata.ownerReferences of a FileChange cannot be added or changed after creation",
+        );
+        assert_refused(
+            changes(who)
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(
+                        serde_json::json!({"metadata": {"finalizers": ["e2e.kube-fim.io/hold"]}}),
+                    ),
+                )
+                .await,
+            "metadata.finalizers of a FileChange cannot be added or changed after creation",
+        );
+    }
+    // What the security team sees: the change is still there once the
+    // garbage collector had its chance.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let kept = changes(&admin)
+        .get(&name)
+        .await
+        .expect("the change is kept");
+    assert!(kept.metadata.owner_references.is_none());
+    assert!(kept.metadata.finalizers.is_none());
+    // Labels stay patchable (filters, not decisions), and deleting (the
+    // operator's retention and `evidence: Delete`) is a delete.
+    changes(&patcher)
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"team": "ops"}}})),
+        )
+        .await
+        .expect("a label is still a patch");
+    changes(&admin)
+        .delete(&name, &Default::default())
+        .await
+        .expect("an admin deletes with delete");
+    delete_node(&admin, &node).await;
+}
+
+/// Issue 21, attack 8: one node's token cannot take another node's
+/// predictable object names, not even of a node whose name starts with its
+/// own (`<suite>-a` and `<suite>-a-b`).
+#[tokio::test]
+async fn a_node_cannot_squat_another_nodes_change_names() {
+    kube_fim_e2e::ensure_crds();
+    let admin = client().await;
+    let suite = unique_name("adv");
+    let (a, b) = (format!("{suite}-a"), format!("{suite}-a-b"));
+    create_node(&admin, &a).await;
+    create_node(&admin, &b).await;
+    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&a)).await;
+    let changes = Api::<FileChange>::all(agent.clone());
+    let pp = PostParams::default();
+    let digest = "89abcdef0123456789ab";
+
+    for squatted in [
+        format!("{b}-{digest}"),
+        format!("fc-{digest}"),
+        digest.to_string(),
+    ] {
+        assert_refused(
+            changes
+                .create(&pp, &kube_fim_e2e::file_change(&squatted, &a, "p"))
+                .await,
+            &format!(
+                "metadata.name of an agent's FileChange must be its node's name, a '-' and a digest: this token is bound to node {a}, the name is {squatted}"
+            ),
+        );
+    }
+    let own = format!("{a}-{digest}");
+    changes
+        .create(&pp, &kube_fim_e2e::file_change(&own, &a, "p"))
+        .await
+        .expect("a node reports under its own name");
+    // The other node's own name is still free for it.
+    let other = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&b)).await;
+    Api::<FileChange>::all(other)
+        .create(
+            &pp,
+            &kube_fim_e2e::file_change(&format!("{b}-{digest}"), &b, "p"),
+        )
+        .await
+        .expect("the other node reports under its name");
+    let stored: Vec<String> = Api::<FileChange>::all(admin.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|c| c.name_any())
+        .filter(|n| n.ends_with(digest))
+        .collect();
+    let mut want = vec![own.clone(), format!("{b}-{digest}")];
+    want.sort();
+    let mut stored = stored;
+    stored.sort();
+    assert_eq!(stored, want);
+    for name in want {
+        let _ = Api::<FileChange>::all(admin.clone())
+            .delete(&name, &Default::default())
+            .await;
+    }
+    delete_node(&admin, &a).await;
+    delete_node(&admin, &b).await;
+}
+
+/// Issue 21, attack 4 (the cluster half): the node's own token cannot erase
+/// its record (baseline digest, entry digests, a raised alarm), and not even
+/// a cluster admin removes an alarm except by the recorded act (the
+/// annotation naming it).
+#[tokio::test]
+async fn the_nodes_own_token_cannot_erase_its_record() {
+    use kube_fim_crds::{
+        BaselineAlarm, EntryDigest, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
+        NodePolicyStatus,
+    };
+    kube_fim_e2e::ensure_crds();
+    let admin = client().await;
+    let suite = unique_name("adv");
+    let node = format!("{suite}-a");
+    create_node(&admin, &node).await;
+    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&node)).await;
+    let records = |c: &kube::Client| Api::<FileIntegrityNode>::all(c.clone());
+    records(&agent)
+        .create(
+            &PostParams::default(),
+            &FileIntegrityNode::new(&node, FileIntegrityNodeSpec { node: node.clone() }),
+        )
+        .await
+        .unwrap();
+    let alarm = BaselineAlarm {
+        id: format!("{suite}-alarm"),
+        reason: "BaselineMissing".into(),
+        since: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ),
+        message: "the baseline on this node is missing".into(),
+    };
+    let status = FileIntegrityNodeStatus {
+        baseline_digest: Some("a".repeat(64)),
+        policies: vec![NodePolicyStatus {
+            policy: "p".into(),
+            phase: NodePolicyPhase::Failed,
+            ..NodePolicyStatus::default()
+        }],
+        entries: vec![EntryDigest {
+            policy: "p".into(),
+            entry: "passwd".into(),
+            digest: format!("v2-{}", "b".repeat(61)),
+            files: 1,
+            path: Some("/etc/passwd".into()),
+        }],
+        baseline_alarm: Some(alarm.clone()),
+        ..FileIntegrityNodeStatus::default()
+    };
+    let pp = PatchParams::default();
+    let status_patch = |v: serde_json::Value| Patch::Merge(serde_json::json!({ "status": v }));
+    records(&agent)
+        .patch_status(
+            &node,
+            &pp,
+            &status_patch(serde_json::to_value(&status).unwrap()),
+        )
+        .await
+        .expect("the agent publishes its digests and raises an alarm");
+
+    for (who, name) in [(&agent, "the agent"), (&admin, "a cluster admin")] {
+        eprintln!("as {name}");
+        assert_refused(
+            records(who)
+                .patch_status(
+                    &node,
+                    &pp,
+                    &status_patch(serde_json::json!({"baselineDigest": null})),
+                )
+                .await,
+            "status.baselineDigest cannot be removed once published",
+        );
+        assert_refused(
+            records(who)
+                .patch_status(
+                    &node,
+                    &pp,
+                    &status_patch(serde_json::json!({"entries": []})),
+                )
+                .await,
+            "status.entries cannot be emptied once published",
+        );
+        assert_refused(
+            records(who)
+                .patch_status(
+                    &node,
+                    &pp,
+                    &status_patch(serde_json::json!({"baselineAlarm": null})),
+                )
+                .await,
+            &format!(
+                "status.baselineAlarm {} can only be cleared by annotating this FileIntegrityNode with {CLEAR_BASELINE_ALARM}={}",
+                alarm.id, alarm.id
+            ),
+        );
+        let mut replaced = alarm.clone();
+        replaced.id = format!("{suite}-other");
+        replaced.reason = "BaselineTampered".into();
+        assert_refused(
+            records(who)
+                .patch_status(
+                    &node,
+                    &pp,
+                    &status_patch(serde_json::json!({"baselineAlarm": replaced})),
+                )
+                .await,
+            "can only be cleared by annotating",
+        );
+    }
+
+    // What the agent does in normal operation still passes: the baseline
+    // moves with approvals, the alarm's message grows, the entries change.
+    let mut grown = alarm.clone();
+    grown
+        .message
+        .push_str("; entries that differ from what the cluster last saw: p/passwd");
+    records(&agent)
+        .patch_status(
+            &node,
+            &pp,
+            &status_patch(serde_json::json!({
+                "baselineDigest": "c".repeat(64),
+                "baselineAlarm": grown,
+                "entries": [{"policy": "p", "entry": "passwd", "digest": format!("v2-{}", "d".repeat(61)), "files": 1}],
+            })),
+        )
+        .await
+        .expect("the agent's normal writes pass");
+
+    // The recorded act, then the agent clears the alarm it names.
+    let run = kubectl([
+        "annotate".to_string(),
+        "fileintegritynode".to_string(),
+        node.clone(),
+        format!("{CLEAR_BASELINE_ALARM}={}", alarm.id),
+    ]);
+    assert!(run.success, "{}", run.stderr);
+    records(&agent)
+        .patch_status(
+            &node,
+            &pp,
+            &status_patch(serde_json::json!({"baselineAlarm": null})),
+        )
+        .await
+        .expect("the agent clears an alarm the admin's annotation names");
+    let stored = records(&admin).get(&node).await.unwrap().status.unwrap();
+    assert_eq!(stored.baseline_alarm, None);
+    assert_eq!(stored.baseline_digest, Some("c".repeat(64)));
+    assert_eq!(stored.entries.len(), 1);
+    // A node no policy selects any more publishes no entries, and may say so.
+    records(&agent)
+        .patch_status(
+            &node,
+            &pp,
+            &status_patch(serde_json::json!({"policies": [], "entries": []})),
+        )
+        .await
+        .expect("a node serving no policy has no entries");
+    delete_node(&admin, &node).await;
+}
+
+/// Issue 21, attack 7 (the agent's half): an agent writes an outcome or a
+/// message only in answer to an approval the change holds.
+#[tokio::test]
+async fn an_agent_answers_only_an_existing_approval() {
+    kube_fim_e2e::ensure_crds();
+    let admin = client().await;
+    let suite = unique_name("adv");
+    let node = format!("{suite}-a");
+    create_node(&admin, &node).await;
+    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&node)).await;
+    let approver = kube_fim_e2e::client_for(&kube_fim_e2e::service_account_with_cluster_role(
+        "e2e-approver",
+        "kube-fim-approver",
+    ))
+    .await;
+    let changes = |c: &kube::Client| Api::<FileChange>::all(c.clone());
+    let name = format!("{node}-fedcba9876543210fedc");
+    changes(&agent)
+        .create(
+            &PostParams::default(),
+            &kube_fim_e2e::file_change(&name, &node, "p"),
+        )
+        .await
+        .unwrap();
+    let pp = PatchParams::default();
+    for answer in [
+        serde_json::json!({"status": {"outcome": "Applied", "message": "applied"}}),
+        serde_json::json!({"status": {"message": "approved by nobody"}}),
+    ] {
+        assert_refused(
+            changes(&agent)
+                .patch_status(&name, &pp, &Patch::Merge(&answer))
+                .await,
+            "answer an approval: this FileChange has no status.approval",
+        );
+    }
+    let stored = changes(&admin).get(&name).await.unwrap();
+    assert!(
+        stored
+            .status
+            .as_ref()
+            .is_none_or(|s| s.outcome.is_none() && s.message.is_none()),
+        "{:?}",
+        stored.status
+    );
+
+    kube_fim_e2e::approve(&approver, &name, "CHG-7")
+        .await
+        .expect("the approver approves");
+    changes(&agent)
+        .patch_status(
+            &name,
+            &pp,
+            &Patch::Merge(
+                serde_json::json!({"status": {"outcome": "Applied", "message": "applied"}}),
+            ),
+        )
+        .await
+        .expect("the agent answers the approval");
+    let _ = changes(&admin).delete(&name, &Default::default()).await;
+    delete_node(&admin, &node).await;
+}
+
+/// Issue 21, attack 4 end to end: the agent stopped, its state directory
+/// wiped, a monitored file edited, and the node's own token used to erase
+/// what the cluster holds (baseline digest, entry digests) before the agent
+/// comes back: admission refuses, so the restart is an alarm naming the file,
+/// not a fresh baseline; the same token cannot clear that alarm either.
+#[tokio::test]
+async fn a_wiped_node_cannot_erase_its_record_before_restarting() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-p");
+    fleet
+        .create_policy(&fleet.policy(
+            &policy,
+            vec![
+                entry("passwd", "/etc/passwd", false),
+                entry("ssh", "/etc/ssh", true),
+            ],
+        ))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+    eventually("entry digests published", SEEN, || async {
+        let entries = record(&client, &a)
+            .await
+            .status
+            .map(|s| s.entries)
+            .unwrap_or_default();
+        (entries.len() == 2)
+            .then_some(())
+            .ok_or(format!("{entries:?}"))
+    })
+    .await;
+    let token = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&a)).await;
+    let records = Api::<FileIntegrityNode>::all(token.clone());
+    fleet.nodes[0].kill_agent();
+
+    std::fs::write(
+        fleet.nodes[0].host("/etc/passwd"),
+        "evil:x:0:0::/:/bin/sh\n",
+    )
+    .unwrap();
+    let state = fleet.nodes[0].state.clone();
+    for e in std::fs::read_dir(&state).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            std::fs::remove_dir_all(p).unwrap();
+        } else {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let erase = serde_json::json!({"status": {
+        "baselineDigest": null, "entries": [], "baselineAlarm": null,
+    }});
+    assert_refused(
+        records
+            .patch_status(&a, &PatchParams::default(), &Patch::Merge(&erase))
+            .await,
+        "status.baselineDigest cannot be removed once published",
+    );
+    assert_refused(
+        records
+            .patch_status(
+                &a,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": {"entries": []}})),
+            )
+            .await,
+        "status.entries cannot be emptied once published",
+    );
+    let kept = record(&client, &a).await.status.unwrap();
+    assert!(kept.baseline_digest.is_some());
+    assert_eq!(kept.entries.len(), 2);
+    fleet.nodes[0].start_agent();
+
+    wait_warning(&client, "BaselineMissing", &a).await;
+    let differ = wait_warning(&client, "BaselineEntriesDiffer", &a).await;
+    let note = differ.note.unwrap_or_default();
+    assert!(note.contains(&format!("{policy}/passwd")), "{note}");
+    let c = wait_change(&fleet, &a, "Modified /etc/passwd").await;
+    assert_eq!(c.spec.source, DetectionSource::Startup);
+    let alarm = eventually("policy Failed with the alarm", SEEN, || async {
+        let s = record(&client, &a).await.status.unwrap_or_default();
+        match (s.baseline_alarm, s.policies.first().map(|p| p.phase)) {
+            (Some(alarm), Some(NodePolicyPhase::Failed)) => Ok(alarm),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // The node's token cannot clear it: only the admin's annotation can.
+    assert_refused(
+        records
+            .patch_status(
+                &a,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": {"baselineAlarm": null}})),
+            )
+            .await,
+        &format!(
+            "status.baselineAlarm {} can only be cleared by annotating this FileIntegrityNode",
+            alarm.id
+        ),
+    );
+    fleet.nodes[0].kill_agent();
+    fleet.nodes[0].start_agent();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        phase(&client, &a, &policy).await,
+        Some(NodePolicyPhase::Failed)
+    );
+    assert_eq!(
+        record(&client, &a)
+            .await
+            .status
+            .unwrap()
+            .baseline_alarm
+            .map(|x| x.id),
+        Some(alarm.id)
+    );
+    fleet.cleanup().await;
+}
+
+/// A node name longer than the 200 characters object names keep of it: the
+/// agent's prefix (cut at 200, without a trailing '-' or '.') is its own, the
+/// uncut or differently cut name is not.
+#[tokio::test]
+async fn a_long_node_name_reports_under_the_prefix_the_agent_uses() {
+    kube_fim_e2e::ensure_crds();
+    let admin = client().await;
+    let suite = unique_name("adv");
+    let label = |start: &str| format!("{start:x<63}");
+    // The 200th character is the '-' of the last label: the agent trims it.
+    let long = format!(
+        "{}.{}.{}.abcdefg-{}",
+        label(&suite),
+        label("b"),
+        label("c"),
+        "h".repeat(30)
+    );
+    assert_eq!(&long[199..200], "-");
+    create_node(&admin, &long).await;
+    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&long)).await;
+    let changes = Api::<FileChange>::all(agent.clone());
+    let pp = PostParams::default();
+    let digest = "0123456789abcdef4567";
+    let prefix = long[..200].trim_end_matches(['-', '.']);
+    for other in [
+        format!("{}-{digest}", &long[..200]),
+        format!("{long}-{digest}"),
+    ] {
+        assert_refused(
+            changes
+                .create(&pp, &kube_fim_e2e::file_change(&other, &long, "p"))
+                .await,
+            "metadata.name of an agent's FileChange must be its node's name",
+        );
+    }
+    let own = format!("{prefix}-{digest}");
+    changes
+        .create(&pp, &kube_fim_e2e::file_change(&own, &long, "p"))
+        .await
+        .expect("the agent's own prefix of a long node name");
+    let _ = Api::<FileChange>::all(admin.clone())
+        .delete(&own, &Default::default())
+        .await;
+    delete_node(&admin, &long).await;
+}

@@ -509,6 +509,8 @@ fn default_values_render_only_the_core_objects() {
         ),
         ("ValidatingAdmissionPolicy", "kube-fim-approval"),
         ("ValidatingAdmissionPolicyBinding", "kube-fim-approval"),
+        ("ValidatingAdmissionPolicy", "kube-fim-evidence"),
+        ("ValidatingAdmissionPolicyBinding", "kube-fim-evidence"),
         ("FlowSchema", "kube-fim-agents"),
         ("PriorityLevelConfiguration", "kube-fim-agents"),
         ("ClusterRoleBinding", "kube-fim-operator"),
@@ -1396,6 +1398,10 @@ async fn helm_install_runs_the_operator_with_the_charts_identity_and_flags() {
         (
             "validatingadmissionpolicybinding",
             format!("{prefix}-approval"),
+        ),
+        (
+            "validatingadmissionpolicybinding",
+            format!("{prefix}-evidence"),
         ),
         ("flowschema", format!("{prefix}-agents")),
         ("prioritylevelconfiguration", format!("{prefix}-agents")),

@@ -82,7 +82,7 @@ async fn an_agent_token_speaks_for_its_own_node_only() {
 
     // The legitimate actions: its own node's change and report.
     let own = changes(&agent)
-        .create(&pp, &file_change(&format!("{suite}-own"), &mine, "p"))
+        .create(&pp, &file_change(&format!("{mine}-own"), &mine, "p"))
         .await
         .expect("an agent reports its own node's change");
     records(&agent)
@@ -104,7 +104,7 @@ async fn an_agent_token_speaks_for_its_own_node_only() {
     // Another node's change, record and heartbeat.
     assert_refused(
         changes(&agent)
-            .create(&pp, &file_change(&format!("{suite}-forged"), &other, "p"))
+            .create(&pp, &file_change(&format!("{mine}-forged"), &other, "p"))
             .await,
         &format!(
             "an agent may only report changes of its own node: this token is bound to node {mine}, the change is for node {other}"
@@ -149,7 +149,7 @@ async fn an_agent_token_speaks_for_its_own_node_only() {
     let no_claim = "kube-fim agents must authenticate with a token bound to their node";
     assert_refused(
         changes(&unbound)
-            .create(&pp, &file_change(&format!("{suite}-unbound"), &mine, "p"))
+            .create(&pp, &file_change(&format!("{mine}-unbound"), &mine, "p"))
             .await,
         no_claim,
     );
@@ -177,7 +177,7 @@ async fn an_agent_token_speaks_for_its_own_node_only() {
             || message.contains(&format!("user {AGENT} may not approve FileChanges")),
         "{message}"
     );
-    let mut labelled = file_change(&format!("{suite}-labelled"), &mine, "p");
+    let mut labelled = file_change(&format!("{mine}-labelled"), &mine, "p");
     labelled
         .labels_mut()
         .insert("fim.kube-fim.io/acknowledged".into(), "true".into());
@@ -185,13 +185,13 @@ async fn an_agent_token_speaks_for_its_own_node_only() {
         changes(&agent).create(&pp, &labelled).await,
         "an agent may only set kube-fim's filter labels",
     );
-    let mut disguised = file_change(&format!("{suite}-disguised"), &mine, "p");
+    let mut disguised = file_change(&format!("{mine}-disguised"), &mine, "p");
     disguised.labels_mut().insert(NODE.into(), other.clone());
     assert_refused(
         changes(&agent).create(&pp, &disguised).await,
         "with its own node in the node label",
     );
-    let mut owned = file_change(&format!("{suite}-owned"), &mine, "p");
+    let mut owned = file_change(&format!("{mine}-owned"), &mine, "p");
     owned.metadata.owner_references = Some(vec![OwnerReference {
         api_version: "v1".into(),
         kind: "Node".into(),
@@ -270,7 +270,7 @@ async fn an_agent_token_speaks_for_its_own_node_only() {
         .map(|c| c.name_any())
         .filter(|n| n.starts_with(&suite))
         .collect();
-    assert_eq!(stored, [format!("{suite}-own")]);
+    assert_eq!(stored, [format!("{mine}-own")]);
     for n in [&mine, &other] {
         let _ = Api::<Node>::all(admin.clone())
             .delete(n, &Default::default())
@@ -315,7 +315,7 @@ async fn approval_is_a_recorded_decision_of_an_approver() {
     assert_eq!(approver_name, "system:serviceaccount:kube-fim:e2e-approver");
 
     let api = |c: &Client| Api::<FileChange>::all(c.clone());
-    let name = format!("{suite}-sudoers");
+    let name = format!("{node}-sudoers");
     api(&agent)
         .create(&PostParams::default(), &file_change(&name, &node, "p"))
         .await

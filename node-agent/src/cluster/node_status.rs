@@ -44,14 +44,24 @@ pub async fn ensure(
     }
 }
 
-/// Replaces the node status; returns the stored object. A JSON merge
-/// patch replaces lists whole, so policies the agent no longer serves
-/// disappear from it.
+/// Replaces the node status; returns the stored object.
 pub async fn write(
     api: &Api<FileIntegrityNode>,
     node: &str,
     status: &FileIntegrityNodeStatus,
 ) -> Result<FileIntegrityNode, kube::Error> {
+    api.patch_status(
+        node,
+        &PatchParams::default(),
+        &Patch::Merge(&status_patch(status)),
+    )
+    .await
+}
+
+/// The merge patch that makes the stored status `status`. A JSON merge patch
+/// replaces lists whole, so policies the agent no longer serves disappear
+/// from it.
+fn status_patch(status: &FileIntegrityNodeStatus) -> serde_json::Value {
     let mut value = serde_json::to_value(status).unwrap_or_default();
     // An empty list is left out by serde, and a merge patch would then keep the
     // stored one: say "no policies" explicitly.
@@ -60,15 +70,18 @@ pub async fn write(
             .or_insert_with(|| serde_json::Value::Array(Vec::new()));
         // Likewise attribution no longer asked for is removed, not kept.
         map.entry("attribution").or_insert(serde_json::Value::Null);
-        map.entry("entries")
-            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        // Entry digests exist only with a baseline digest: before the first
+        // scan the agent knows none, and the stored ones stay (admission
+        // refuses emptying them while the node serves a policy).
+        if status.baseline_digest.is_some() {
+            map.entry("entries")
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        }
         // A cleared alarm is removed (null), not left as it was.
         map.entry("baselineAlarm")
             .or_insert(serde_json::Value::Null);
     }
-    let patch = serde_json::json!({ "status": value });
-    api.patch_status(node, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
+    serde_json::json!({ "status": value })
 }
 
 /// What the node status says about process attribution: nothing when no served
@@ -88,5 +101,30 @@ pub fn attribution(state: &AttributionState) -> Option<NodeAttribution> {
             reason: Some(reason.clone()),
             ..NodeAttribution::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn before_the_first_scan_the_stored_entries_and_digest_are_kept() {
+        let patch = status_patch(&FileIntegrityNodeStatus::default());
+        let status = &patch["status"];
+        assert!(status.get("entries").is_none(), "{patch}");
+        assert!(status.get("baselineDigest").is_none(), "{patch}");
+        assert_eq!(status["policies"], serde_json::json!([]));
+        assert!(status["baselineAlarm"].is_null());
+    }
+
+    #[test]
+    fn with_a_baseline_the_entries_are_replaced_even_when_none_are_left() {
+        let patch = status_patch(&FileIntegrityNodeStatus {
+            baseline_digest: Some("d".repeat(64)),
+            ..FileIntegrityNodeStatus::default()
+        });
+        assert_eq!(patch["status"]["entries"], serde_json::json!([]));
+        assert_eq!(patch["status"]["baselineDigest"], "d".repeat(64));
     }
 }

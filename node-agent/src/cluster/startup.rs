@@ -22,6 +22,7 @@ use crate::baseline::{BaselineError, Journal, StateDir};
 use crate::context::Context;
 use crate::engine::{Engine, EngineError};
 use crate::report::deliver;
+use crate::report::object::shorten_text;
 use crate::report::queue::Queue;
 use crate::served::ServedPolicies;
 use crate::telemetry::Telemetry;
@@ -179,10 +180,30 @@ async fn verify_baseline(
         }
         engine.compare_first_scan_with(status.entries.clone());
         telemetry.baseline_alarm_raised(&found).await;
-        alarm = Some(found);
+        alarm = Some(raise(alarm.take(), found));
     }
     telemetry.baseline_alarm_standing(alarm.is_some());
     Ok((engine, alarm))
+}
+
+/// The alarm that stands once `found` is raised: a raised alarm stays the
+/// one an admin clears (admission refuses removing or replacing it without
+/// the clear annotation naming it), so what was found since is added to what
+/// it says.
+fn raise(standing: Option<BaselineAlarm>, found: BaselineAlarm) -> BaselineAlarm {
+    match standing {
+        Some(mut standing) => {
+            standing.message = shorten_text(
+                &format!(
+                    "{}; then {}: {}",
+                    standing.message, found.reason, found.message
+                ),
+                4000,
+            );
+            standing
+        }
+        None => found,
+    }
 }
 
 /// Why the baseline found at start is not the one the cluster knows, if it is not.
@@ -226,4 +247,44 @@ fn check_baseline(
         since: Time(now),
         message,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alarm(id: &str, reason: &str, message: &str) -> BaselineAlarm {
+        BaselineAlarm {
+            id: id.into(),
+            reason: reason.into(),
+            since: Time(Timestamp::now()),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn a_standing_alarm_is_kept_and_told_what_was_found_since() {
+        let standing = alarm("a1", "BaselineMissing", "none on disk");
+        let kept = raise(
+            Some(standing.clone()),
+            alarm("b2", "BaselineTampered", "edited"),
+        );
+        assert_eq!(kept.id, standing.id);
+        assert_eq!(kept.reason, standing.reason);
+        assert_eq!(kept.since, standing.since);
+        assert_eq!(kept.message, "none on disk; then BaselineTampered: edited");
+    }
+
+    #[test]
+    fn without_a_standing_alarm_the_found_one_is_raised() {
+        let found = alarm("b2", "BaselineTampered", "edited");
+        assert_eq!(raise(None, found.clone()), found);
+    }
+
+    #[test]
+    fn a_long_history_stays_within_the_fields_size() {
+        let standing = alarm("a1", "BaselineMissing", &"x".repeat(4000));
+        let kept = raise(Some(standing), alarm("b2", "BaselineTampered", "edited"));
+        assert!(kept.message.len() <= 4000, "{}", kept.message.len());
+    }
 }
