@@ -614,3 +614,50 @@ async fn a_mount_over_a_monitored_file_is_seen() {
     drop(mount);
     fleet.cleanup().await;
 }
+
+/// setuid set (reported), mode changed again (reported, nobody approves),
+/// setuid set again: the third change has the same before and after as the
+/// first, and is still a FileChange of its own (issue 21, attack 2).
+#[tokio::test]
+async fn a_recurrence_nobody_approved_is_a_new_change() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-bin");
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("bin", "/usr/bin", false)]))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+    let tool = fleet.nodes[0].host("/usr/bin/tool");
+    let mode =
+        |m: u32| std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(m)).unwrap();
+    let modes_seen = || async {
+        let mut changes: Vec<FileChange> = fleet
+            .changes(&a)
+            .await
+            .into_iter()
+            .filter(|c| describe(c) == "Modified /usr/bin/tool")
+            .collect();
+        changes.sort_by_key(|c| c.spec.detected_time.0);
+        changes
+    };
+    let after_mode = |c: &FileChange| c.spec.after.as_ref().and_then(|a| a.mode.clone());
+
+    for (m, n) in [(0o4755, 1), (0o750, 2), (0o4755, 3)] {
+        mode(m);
+        eventually(&format!("{n} FileChanges for /usr/bin/tool"), SEEN, || async {
+            let seen = modes_seen().await;
+            (seen.len() == n)
+                .then_some(())
+                .ok_or(format!("{:?}", seen.iter().map(after_mode).collect::<Vec<_>>()))
+        })
+        .await;
+    }
+    let seen = modes_seen().await;
+    let modes: Vec<Option<String>> = seen.iter().map(after_mode).collect();
+    let want = ["4755", "0750", "4755"].map(|m| Some(m.to_string()));
+    assert_eq!(modes, want, "{modes:?}");
+    fleet.cleanup().await;
+}
