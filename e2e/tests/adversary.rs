@@ -367,6 +367,7 @@ async fn a_malformed_change_from_the_api_cannot_stall_the_agent() {
                 source: DetectionSource::Realtime,
                 process: None,
                 summary: None,
+                sequence: None,
             },
         );
         c.metadata.labels = Some(BTreeMap::from([(
@@ -659,5 +660,19 @@ async fn a_recurrence_nobody_approved_is_a_new_change() {
     let modes: Vec<Option<String>> = seen.iter().map(after_mode).collect();
     let want = ["4755", "0750", "4755"].map(|m| Some(m.to_string()));
     assert_eq!(modes, want, "{modes:?}");
+    // Each carries the node's next transition number, in its name after the node.
+    let numbers: Vec<Option<u64>> = seen.iter().map(|c| c.spec.sequence).collect();
+    assert!(
+        numbers.iter().all(Option::is_some) && numbers.windows(2).all(|w| w[0] < w[1]),
+        "{numbers:?}"
+    );
+    for c in &seen {
+        let seq = c.spec.sequence.unwrap();
+        assert!(
+            c.name_any().starts_with(&format!("{a}-{seq}-")),
+            "{}",
+            c.name_any()
+        );
+    }
     fleet.cleanup().await;
 }

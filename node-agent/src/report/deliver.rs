@@ -5,7 +5,10 @@
 //! Creates are paced by a token bucket and failures back off exponentially with
 //! jitter, so a thousand agents coming back after an API outage do not hit the
 //! API server in lockstep. Names are deterministic, so a retry of a create whose
-//! answer was lost meets AlreadyExists: delivered exactly once.
+//! answer was lost meets AlreadyExists: delivered exactly once, once the stored
+//! object is found to be this report (a different one is a squatted name, and
+//! the report goes under another name). A numbered report waits until the
+//! baseline holding its number is saved ([`super::sequence`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +19,7 @@ use kube_fim_crds::FileChange;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::object::shorten;
+use super::object::{shorten, squat_free_name};
 use super::series::ChangeEvents;
 use crate::context::Context;
 
@@ -97,6 +100,8 @@ struct Deliverer {
     failures: u32,
     /// Since when deliveries fail.
     outage: Option<Instant>,
+    /// The first transition number the baseline has not saved yet.
+    committed: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Delivers the queue until `shutdown`, creates paced by `limit`.
@@ -116,6 +121,7 @@ pub async fn run(
         bucket: Bucket::new(limit),
         failures: 0,
         outage: None,
+        committed: ctx.committed.clone(),
         ctx,
     };
     loop {
@@ -142,6 +148,18 @@ pub async fn run(
             }
         }
         for (seq, change) in batch {
+            if change
+                .spec
+                .sequence
+                .is_some_and(|n| n >= *d.committed.borrow_and_update())
+            {
+                // Not saved yet: after a crash its number could be given again.
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    _ = d.committed.changed() => {},
+                }
+                break;
+            }
             tokio::select! {
                 () = &mut shutdown => return,
                 () = d.bucket.take() => {},
@@ -175,10 +193,7 @@ impl Deliverer {
                 self.ctx.telemetry.report_delivered();
                 Delivery::Stored
             }
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                debug!(name = %change.name_any(), "already stored");
-                Delivery::Stored
-            }
+            Err(kube::Error::Api(e)) if e.code == 409 => self.already_exists(change).await,
             Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
                 // Too long or otherwise invalid: send it shortened, never drop it.
                 self.ctx.telemetry.report_refused();
@@ -197,7 +212,7 @@ impl Deliverer {
                 self.ctx.telemetry.report_delivered();
                 Delivery::Stored
             }
-            Err(kube::Error::Api(e)) if e.code == 409 => Delivery::Stored,
+            Err(kube::Error::Api(e)) if e.code == 409 => self.already_exists(&short).await,
             Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
                 // Kept on the node (queue's rejected/) for the logs and forensics.
                 warn!(name = %change.name_any(), error = %e.message, "a shortened report was refused too; kept on the node");
@@ -208,6 +223,45 @@ impl Deliverer {
                 Delivery::NotYet
             }
         }
+    }
+
+    /// The API server holds an object under the report's name: stored if it
+    /// is this report (a create whose answer was lost, or a retry after a
+    /// crash); otherwise someone squatted the name, and the report is
+    /// created under another one, never acknowledged unstored.
+    async fn already_exists(&mut self, change: &FileChange) -> Delivery {
+        let name = change.name_any();
+        let mut report = change.clone();
+        for attempt in 1..=SQUAT_ATTEMPTS {
+            let held = report.name_any();
+            match self.api.get_opt(&held).await {
+                Ok(Some(stored)) if same_report(&stored, &report) => {
+                    debug!(name = %held, "already stored");
+                    return Delivery::Stored;
+                }
+                // Gone since (retention, a delete): created at the next round.
+                Ok(None) => return Delivery::NotYet,
+                Err(error) => return Delivery::Failed(error),
+                Ok(Some(_)) => {}
+            }
+            let fresh = squat_free_name(&name, attempt);
+            warn!(name = %held, %fresh, path = %report.spec.path, "a different FileChange holds the name of this change report; reporting it under another name");
+            self.ctx
+                .telemetry
+                .name_squatted(&held, &fresh, &report.spec.path)
+                .await;
+            report.metadata.name = Some(fresh);
+            match self.api.create(&self.params, &report).await {
+                Ok(stored) => {
+                    self.events.publish(&stored).await;
+                    self.ctx.telemetry.report_delivered();
+                    return Delivery::Stored;
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(error) => return Delivery::Failed(error),
+            }
+        }
+        Delivery::NotYet
     }
 
     /// The report `seq` is stored: it leaves the queue.
@@ -243,6 +297,23 @@ impl Deliverer {
         }
         wait
     }
+}
+
+/// Names tried for one report whose name is squatted, per round.
+const SQUAT_ATTEMPTS: u32 = 6;
+
+/// Whether `stored` is the report `sent`: the same node, transition number,
+/// file and states (what the agent put in it, not when it detected it).
+fn same_report(stored: &FileChange, sent: &FileChange) -> bool {
+    let (a, b) = (&stored.spec, &sent.spec);
+    a.node == b.node
+        && a.sequence == b.sequence
+        && a.policy == b.policy
+        && a.entry == b.entry
+        && a.path == b.path
+        && a.category == b.category
+        && a.before == b.before
+        && a.after == b.after
 }
 
 #[cfg(test)]
