@@ -648,12 +648,17 @@ async fn a_recurrence_nobody_approved_is_a_new_change() {
 
     for (m, n) in [(0o4755, 1), (0o750, 2), (0o4755, 3)] {
         mode(m);
-        eventually(&format!("{n} FileChanges for /usr/bin/tool"), SEEN, || async {
-            let seen = modes_seen().await;
-            (seen.len() == n)
-                .then_some(())
-                .ok_or(format!("{:?}", seen.iter().map(after_mode).collect::<Vec<_>>()))
-        })
+        eventually(
+            &format!("{n} FileChanges for /usr/bin/tool"),
+            SEEN,
+            || async {
+                let seen = modes_seen().await;
+                (seen.len() == n).then_some(()).ok_or(format!(
+                    "{:?}",
+                    seen.iter().map(after_mode).collect::<Vec<_>>()
+                ))
+            },
+        )
         .await;
     }
     let seen = modes_seen().await;

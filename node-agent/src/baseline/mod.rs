@@ -454,6 +454,29 @@ mod tests {
     }
 
     #[test]
+    fn the_transition_sequence_is_saved_with_the_records_it_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Baseline::create(dir.path()).unwrap();
+        assert_eq!((b.take_sequence(), b.take_sequence()), (0, 1));
+        b.mark_reported("/f", "x".into());
+        assert_eq!(b.saved_sequence(), 0, "not saved yet");
+        b.save().unwrap();
+        assert_eq!(b.saved_sequence(), 2);
+        drop(b);
+        let (mut b, _) = reopen(dir.path());
+        assert_eq!((b.sequence(), b.saved_sequence()), (2, 2));
+        assert_eq!(b.reported("/f").as_deref(), Some("x"));
+        // Taken but never saved (a crash): the next start has the saved value.
+        b.take_sequence();
+        drop(b);
+        let (mut b, _) = reopen(dir.path());
+        assert_eq!(b.sequence(), 2);
+        b.raise_sequence(5);
+        b.raise_sequence(3);
+        assert_eq!(b.take_sequence(), 5, "raised, never lowered");
+    }
+
+    #[test]
     fn changes_of_approved_states_are_remembered_in_order_up_to_a_bound() {
         let dir = tempfile::tempdir().unwrap();
         let mut b = Baseline::create(dir.path()).unwrap();

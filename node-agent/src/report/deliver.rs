@@ -379,14 +379,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_report_the_api_server_already_stores_leaves_the_queue_without_an_event() {
         let mut a = fixtures::agent();
-        let (_, stop, task) = deliverer(&a).await;
+        let (object, stop, task) = deliverer(&a).await;
 
         // A crash after the create and before the acknowledgement: the same
-        // name meets AlreadyExists.
+        // name meets AlreadyExists, and the stored object is this report.
         a.api
             .expect(Method::POST, FILECHANGES)
             .await
             .fail(409, "AlreadyExists");
+        let path = format!("{FILECHANGES}/{}", object.name_any());
+        let get = a.api.expect(Method::GET, &path).await;
+        let mut stored = serde_json::to_value(&object).unwrap();
+        stored["metadata"]["uid"] = "uid-stored".into();
+        get.answer(200, &stored);
         let later = a.api.quiet(Duration::from_secs(120)).await;
         assert!(later.is_empty(), "{later:?}");
         assert_eq!(a.ctx.queue.lock().await.len(), 0, "acknowledged");
@@ -395,6 +400,76 @@ mod tests {
         stop.send(true).unwrap();
         let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
         stopped.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_squatted_name_is_reported_under_another_name_with_a_warning() {
+        let mut a = fixtures::agent();
+        let mut spec = fixtures::change("/etc/passwd");
+        spec.sequence = Some(7);
+        let object = to_object(spec, 0);
+        a.ctx.queue.lock().await.push(&object).unwrap();
+        let (stop, shutdown) = fixtures::shutdown();
+        let task = tokio::spawn(run(a.ctx.clone(), LIMIT, shutdown));
+
+        // Someone created an object under the report's predictable name first.
+        let name = object.name_any();
+        a.api
+            .expect(Method::POST, FILECHANGES)
+            .await
+            .fail(409, "AlreadyExists");
+        let get = a
+            .api
+            .expect(Method::GET, &format!("{FILECHANGES}/{name}"))
+            .await;
+        let mut squatter = serde_json::to_value(&object).unwrap();
+        squatter["spec"]["after"]["size"] = 1.into();
+        get.answer(200, &squatter);
+        // Reported under a fresh name, never acknowledged as delivered unstored.
+        let again = a.api.expect(Method::POST, FILECHANGES).await;
+        assert_eq!(
+            again.body["metadata"]["name"],
+            format!("{name}-s1").as_str()
+        );
+        assert_eq!(again.body["spec"]["sequence"], 7);
+        assert_eq!(again.body["spec"]["path"], "/etc/passwd");
+        again.created();
+        a.api.expect(Method::POST, EVENTS).await.created();
+        let later = a.api.quiet(Duration::from_secs(120)).await;
+        assert!(later.is_empty(), "{later:?}");
+        assert_eq!(a.ctx.queue.lock().await.len(), 0, "acknowledged");
+        let t = &a.ctx.telemetry;
+        let squatted = r#"kube_fim_agent_names_squatted_total{node="n1"}"#;
+        assert_eq!(metric(t, squatted), Some(1.0));
+        let delivered = r#"kube_fim_agent_reports_delivered_total{node="n1"}"#;
+        assert_eq!(metric(t, delivered), Some(1.0));
+        stop.send(true).unwrap();
+        let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
+        stopped.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_numbered_report_waits_until_its_number_is_saved() {
+        let mut a = fixtures::agent();
+        a.committed.send(3).unwrap();
+        let mut spec = fixtures::change("/etc/passwd");
+        spec.sequence = Some(3);
+        let object = to_object(spec, 0);
+        a.ctx.queue.lock().await.push(&object).unwrap();
+        let (stop, shutdown) = fixtures::shutdown();
+        let task = tokio::spawn(run(a.ctx.clone(), LIMIT, shutdown));
+
+        let early = a.api.quiet(Duration::from_secs(60)).await;
+        assert!(early.is_empty(), "created before its save: {early:?}");
+        a.committed.send(4).unwrap();
+        let created = a.api.expect(Method::POST, FILECHANGES).await;
+        assert_eq!(created.body["metadata"]["name"], object.name_any().as_str());
+        created.created();
+        a.api.expect(Method::POST, EVENTS).await.created();
+        stop.send(true).unwrap();
+        let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
+        stopped.unwrap();
+        assert_eq!(a.ctx.queue.lock().await.len(), 0);
     }
 
     #[test]

@@ -228,6 +228,31 @@ mod tests {
     }
 
     #[test]
+    fn a_recurrence_of_the_same_states_has_a_name_of_its_own() {
+        let t = Timestamp::now();
+        let (mut first, mut again) = (spec(100, t), spec(100, t));
+        first.sequence = Some(4);
+        again.sequence = Some(6);
+        let (a, b) = (object_name(&first, 0), object_name(&again, 0));
+        assert_ne!(a, b);
+        assert!(a.starts_with("worker-1.example-4-"), "{a}");
+        assert_eq!(identity_of_name(&a), Some(identity(&first, 0).as_str()));
+        assert_eq!(identity_of_name(&a), identity_of_name(&b));
+        let long = FileChangeSpec {
+            node: "n".repeat(253),
+            sequence: Some(u64::MAX),
+            ..first
+        };
+        let name = squat_free_name(&object_name(&long, u64::MAX), SQUAT_TRIES + 1);
+        assert!(name.len() <= 253, "{}", name.len());
+        assert_ne!(
+            squat_free_name("x", 1),
+            squat_free_name("x", 2),
+            "each try a new name"
+        );
+    }
+
+    #[test]
     fn long_texts_are_shortened_with_a_digest_not_dropped() {
         let mut s = spec(1, Timestamp::now());
         s.path = format!("/{}", "\\xff".repeat(2000));

@@ -66,3 +66,115 @@ pub fn resumed(queue: &mut Queue, saved: u64) -> BTreeMap<String, u64> {
         })
         .collect()
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::fixtures;
+    use kube_fim_crds::FileAttributes;
+
+    fn detected(path: &str, size: u64) -> Detected {
+        let mut spec = fixtures::change(path);
+        spec.after = Some(FileAttributes {
+            size: Some(size),
+            ..FileAttributes::default()
+        });
+        Detected { spec, epoch: 0 }
+    }
+
+    fn numbered(engine: &mut Engine, d: &Detected) -> Detected {
+        let mut batch = [d.clone()];
+        number(&mut batch, engine);
+        let [d] = batch;
+        d
+    }
+
+    /// The agent restarting on the state directory: its saved baseline and
+    /// the numbers its queue holds.
+    fn restart(root: &std::path::Path, state: &std::path::Path) -> (Engine, Queue) {
+        let mut engine = Engine::open(root, state, "n1").unwrap();
+        let mut queue = Queue::open(&state.join("queue"), 100).unwrap();
+        let taken = resumed(&mut queue, engine.baseline().saved_sequence());
+        engine.resume_numbers(taken);
+        (engine, queue)
+    }
+
+    #[test]
+    fn numbers_survive_a_restart_and_are_never_given_twice_after_a_crash() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let (mut engine, mut queue) = restart(root.path(), state.path());
+        engine.save().unwrap();
+        let first = numbered(&mut engine, &detected("/etc/passwd", 1));
+        assert_eq!(first.spec.sequence, Some(0));
+        queue
+            .push(&object::to_object(first.spec.clone(), 0))
+            .unwrap();
+        engine.save().unwrap();
+        queue.ack(0).unwrap();
+
+        // Step 3 done, then a crash before step 4 (the save).
+        let second = numbered(&mut engine, &detected("/etc/shadow", 1));
+        assert_eq!(second.spec.sequence, Some(1));
+        let queued = object::to_object(second.spec.clone(), 0);
+        queue.push(&queued).unwrap();
+        drop((engine, queue));
+
+        let (mut engine, _queue) = restart(root.path(), state.path());
+        // The file changed again while the agent was down: another
+        // transition, another number.
+        let other = numbered(&mut engine, &detected("/etc/shadow", 2));
+        assert_eq!(other.spec.sequence, Some(2));
+        // The queued transition detected again: its own number and name back.
+        let again = numbered(&mut engine, &detected("/etc/shadow", 1));
+        assert_eq!(again.spec.sequence, Some(1));
+        assert_eq!(
+            object::to_object(again.spec, 0).metadata.name,
+            queued.metadata.name
+        );
+        let next = numbered(&mut engine, &detected("/etc/group", 1));
+        assert_eq!(next.spec.sequence, Some(3));
+        engine.save().unwrap();
+        drop(engine);
+
+        let (mut engine, _queue) = restart(root.path(), state.path());
+        let later = numbered(&mut engine, &detected("/etc/hosts", 1));
+        assert_eq!(later.spec.sequence, Some(4), "saved across the restart");
+    }
+
+    #[test]
+    fn a_number_not_detected_again_is_skipped_not_reused() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let (mut engine, mut queue) = restart(root.path(), state.path());
+        engine.save().unwrap();
+        let lost = numbered(&mut engine, &detected("/etc/shadow", 1));
+        queue.push(&object::to_object(lost.spec, 0)).unwrap();
+        drop((engine, queue));
+        // The file went back to its baseline while the agent was down: the
+        // queued report is still delivered, and its number stays its own.
+        let (mut engine, _queue) = restart(root.path(), state.path());
+        let other = numbered(&mut engine, &detected("/etc/passwd", 1));
+        assert_eq!(other.spec.sequence, Some(1));
+    }
+
+    #[test]
+    fn summaries_have_no_number() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let mut engine = Engine::open(root.path(), state.path(), "n1").unwrap();
+        let mut d = detected("/etc", 1);
+        d.spec.summary = Some(kube_fim_crds::ChangeSummary {
+            count: 1,
+            added: 1,
+            modified: 0,
+            removed: 0,
+            sample_paths: vec![],
+            window_start: d.spec.detected_time.clone(),
+            window_end: d.spec.detected_time.clone(),
+        });
+        assert_eq!(numbered(&mut engine, &d).spec.sequence, None);
+        assert_eq!(engine.baseline().sequence(), 0);
+    }
+}
