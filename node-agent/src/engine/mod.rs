@@ -348,6 +348,9 @@ impl Engine {
     /// Writes the baseline; returns its digest.
     pub fn save(&mut self) -> Result<String, EngineError> {
         let digest = self.baseline.save()?;
+        // The scan after the start, numbered and saved, found again what it
+        // would: a transition with the same identity from now on recurs.
+        self.resumed_numbers.clear();
         self.committed.send_replace(self.baseline.saved_sequence());
         Ok(digest)
     }
@@ -365,8 +368,8 @@ impl Engine {
 
     /// Numbers found in the delivery queue at start that the baseline did
     /// not save (a crash between steps 3 and 4 of the protocol): a transition
-    /// detected again gets its number back, and no other transition gets
-    /// any of them.
+    /// detected again before the next save (the scan at start) gets its
+    /// number back, and no other transition gets any of them.
     pub fn resume_numbers(&mut self, taken: BTreeMap<String, u64>) {
         if let Some(max) = taken.values().max() {
             self.baseline.raise_sequence(max + 1);
