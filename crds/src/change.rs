@@ -96,6 +96,14 @@ pub struct FileChangeSpec {
     #[schemars(length(min = 1, max = 63))]
     pub policy: String,
 
+    /// This node's sequence number of the change: every transition the agent
+    /// records gets the next number of its node, persisted with its baseline,
+    /// never reused for another transition. Part of the object's name, so a
+    /// change that recurs with the same before and after is a new object. Absent
+    /// for a Summary and for changes of agents before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
+
     /// Name of the policy entry the file falls under.
     #[schemars(length(min = 1, max = 63))]
     pub entry: String,

@@ -434,6 +434,7 @@ impl ChangeFixture {
                 source: DetectionSource::Realtime,
                 process: None,
                 summary: None,
+                sequence: None,
             },
         );
         fc.metadata.labels = Some(std::collections::BTreeMap::from([

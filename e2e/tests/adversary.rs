@@ -367,6 +367,7 @@ async fn a_malformed_change_from_the_api_cannot_stall_the_agent() {
                 source: DetectionSource::Realtime,
                 process: None,
                 summary: None,
+                sequence: None,
             },
         );
         c.metadata.labels = Some(BTreeMap::from([(
@@ -772,7 +773,7 @@ async fn a_node_cannot_squat_another_nodes_change_names() {
                 .create(&pp, &kube_fim_e2e::file_change(&squatted, &a, "p"))
                 .await,
             &format!(
-                "metadata.name of an agent's FileChange must be its node's name, a '-' and a digest: this token is bound to node {a}, the name is {squatted}"
+                "metadata.name of an agent's FileChange must be its node's name, a '-', its sequence number and a digest: this token is bound to node {a}, the name is {squatted}"
             ),
         );
     }
@@ -1161,8 +1162,8 @@ async fn a_wiped_node_cannot_erase_its_record_before_restarting() {
     fleet.cleanup().await;
 }
 
-/// A node name longer than the 200 characters object names keep of it: the
-/// agent's prefix (cut at 200, without a trailing '-' or '.') is its own, the
+/// A node name longer than the 180 characters object names keep of it: the
+/// agent's prefix (cut at 180, without a trailing '-' or '.') is its own, the
 /// uncut or differently cut name is not.
 #[tokio::test]
 async fn a_long_node_name_reports_under_the_prefix_the_agent_uses() {
@@ -1170,23 +1171,24 @@ async fn a_long_node_name_reports_under_the_prefix_the_agent_uses() {
     let admin = client().await;
     let suite = unique_name("adv");
     let label = |start: &str| format!("{start:x<63}");
-    // The 200th character is the '-' of the last label: the agent trims it.
+    // The 180th character is the '-' inside the third label: the agent trims it.
     let long = format!(
-        "{}.{}.{}.abcdefg-{}",
+        "{}.{}.{}-{}.{}",
         label(&suite),
         label("b"),
-        label("c"),
-        "h".repeat(30)
+        "c".repeat(51),
+        "h".repeat(11),
+        "d".repeat(30)
     );
-    assert_eq!(&long[199..200], "-");
+    assert_eq!(&long[179..180], "-");
     create_node(&admin, &long).await;
     let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&long)).await;
     let changes = Api::<FileChange>::all(agent.clone());
     let pp = PostParams::default();
     let digest = "0123456789abcdef4567";
-    let prefix = long[..200].trim_end_matches(['-', '.']);
+    let prefix = long[..180].trim_end_matches(['-', '.']);
     for other in [
-        format!("{}-{digest}", &long[..200]),
+        format!("{}-{digest}", &long[..180]),
         format!("{long}-{digest}"),
     ] {
         assert_refused(
@@ -1205,4 +1207,70 @@ async fn a_long_node_name_reports_under_the_prefix_the_agent_uses() {
         .delete(&own, &Default::default())
         .await;
     delete_node(&admin, &long).await;
+}
+
+/// setuid set (reported), mode changed again (reported, nobody approves),
+/// setuid set again: the third change has the same before and after as the
+/// first, and is still a FileChange of its own (issue 21, attack 2).
+#[tokio::test]
+async fn a_recurrence_nobody_approved_is_a_new_change() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-bin");
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("bin", "/usr/bin", false)]))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+    let tool = fleet.nodes[0].host("/usr/bin/tool");
+    let mode =
+        |m: u32| std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(m)).unwrap();
+    let modes_seen = || async {
+        let mut changes: Vec<FileChange> = fleet
+            .changes(&a)
+            .await
+            .into_iter()
+            .filter(|c| describe(c) == "Modified /usr/bin/tool")
+            .collect();
+        changes.sort_by_key(|c| c.spec.detected_time.0);
+        changes
+    };
+    let after_mode = |c: &FileChange| c.spec.after.as_ref().and_then(|a| a.mode.clone());
+
+    for (m, n) in [(0o4755, 1), (0o750, 2), (0o4755, 3)] {
+        mode(m);
+        eventually(
+            &format!("{n} FileChanges for /usr/bin/tool"),
+            SEEN,
+            || async {
+                let seen = modes_seen().await;
+                (seen.len() == n).then_some(()).ok_or(format!(
+                    "{:?}",
+                    seen.iter().map(after_mode).collect::<Vec<_>>()
+                ))
+            },
+        )
+        .await;
+    }
+    let seen = modes_seen().await;
+    let modes: Vec<Option<String>> = seen.iter().map(after_mode).collect();
+    let want = ["4755", "0750", "4755"].map(|m| Some(m.to_string()));
+    assert_eq!(modes, want, "{modes:?}");
+    // Each carries the node's next transition number, in its name after the node.
+    let numbers: Vec<Option<u64>> = seen.iter().map(|c| c.spec.sequence).collect();
+    assert!(
+        numbers.iter().all(Option::is_some) && numbers.windows(2).all(|w| w[0] < w[1]),
+        "{numbers:?}"
+    );
+    for c in &seen {
+        let seq = c.spec.sequence.unwrap();
+        assert!(
+            c.name_any().starts_with(&format!("{a}-{seq}-")),
+            "{}",
+            c.name_any()
+        );
+    }
+    fleet.cleanup().await;
 }

@@ -323,6 +323,7 @@ async fn a_filechange_shows_the_printer_columns_and_is_immutable() {
             source: DetectionSource::Realtime,
             process: None,
             summary: None,
+            sequence: None,
         },
     );
     change.metadata.labels = Some(labels);

@@ -23,4 +23,7 @@ pub struct Context {
     pub queued: Notify,
     /// The policies this node serves, as last decided (empty before the first decision).
     pub served: watch::Receiver<ServedPolicies>,
+    /// The first transition number the baseline has not saved yet: reports
+    /// numbered from it on wait (see [`crate::report::sequence`]).
+    pub committed: watch::Receiver<u64>,
 }

@@ -129,6 +129,8 @@ pub struct Agent {
     pub ctx: Arc<Context>,
     pub api: ApiServer,
     pub served: watch::Sender<ServedPolicies>,
+    /// The first transition number not saved yet, as the deliverer sees it.
+    pub committed: watch::Sender<u64>,
     pub dir: tempfile::TempDir,
 }
 
@@ -137,7 +139,10 @@ pub fn agent() -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let queue = Queue::open(&dir.path().join("queue"), 1000).unwrap();
     let (served, served_rx) = watch::channel(ServedPolicies::default());
+    // Every number saved unless a test says otherwise.
+    let (committed, committed_rx) = watch::channel(u64::MAX);
     let ctx = Context {
+        committed: committed_rx,
         node: "n1".into(),
         client: Client::new(service, "default"),
         telemetry: Telemetry::new("n1").unwrap(),
@@ -149,6 +154,7 @@ pub fn agent() -> Agent {
         ctx: Arc::new(ctx),
         api: ApiServer(handle),
         served,
+        committed,
         dir,
     }
 }
@@ -182,6 +188,7 @@ pub fn change(path: &str) -> FileChangeSpec {
         source: DetectionSource::Realtime,
         process: None,
         summary: None,
+        sequence: None,
     }
 }
 

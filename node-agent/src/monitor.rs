@@ -19,7 +19,7 @@ use crate::attribution::join::Attribution;
 use crate::attribution::pods::PodIndex;
 use crate::engine::{Approved, Engine, Outcome, PolicyStatus};
 use crate::report::object::object_name;
-use crate::report::{Batch, Detected, detected, hand_over};
+use crate::report::{Batch, Detected, detected, hand_over, sequence};
 use crate::served::ServedPolicies;
 use crate::telemetry::Telemetry;
 
@@ -292,7 +292,8 @@ impl Monitor {
     async fn carry(&mut self, mut outcome: Outcome, found: Found) -> Result<Carried, Stopped> {
         self.telemetry
             .changes_detected(outcome.bytes, outcome.errors.len(), &outcome.changes);
-        let reports = detected(&mut outcome);
+        let mut reports = detected(&mut outcome);
+        sequence::number(&mut reports, &mut self.engine);
         let names = match found {
             Found::Approval => reports
                 .iter()
@@ -327,10 +328,11 @@ impl Monitor {
         if !names.is_empty() {
             warn!(entries = ?names, "entries differ from the baseline the cluster last saw");
         }
-        let changes = changes
+        let mut changes: Vec<Detected> = changes
             .into_iter()
             .map(|spec| Detected { spec, epoch: 0 })
             .collect();
+        sequence::number(&mut changes, &mut self.engine);
         if !hand_over(&self.out, changes).await {
             return Err(Stopped);
         }

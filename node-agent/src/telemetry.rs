@@ -79,6 +79,7 @@ struct Metrics {
     delivered: IntCounter,
     api_errors: IntCounterVec,
     change_storms: IntCounterVec,
+    names_squatted: IntCounter,
     baseline_tampered: IntGauge,
     queue_write_failing: IntGauge,
 }
@@ -188,6 +189,10 @@ impl Metrics {
                 "Minutes in which a policy's changes exceeded its cap and were summarised",
                 &["policy"],
             )?,
+            names_squatted: counter(
+                "kube_fim_agent_names_squatted_total",
+                "Change reports whose name the API server already held for a different object (reported again under another name)",
+            )?,
             baseline_tampered: gauge(
                 "kube_fim_agent_baseline_tampered",
                 "1 when the baseline on the node does not match the digest stored in the cluster",
@@ -217,6 +222,7 @@ impl Metrics {
             Box::new(m.delivered.clone()),
             Box::new(m.api_errors.clone()),
             Box::new(m.change_storms.clone()),
+            Box::new(m.names_squatted.clone()),
             Box::new(m.baseline_tampered.clone()),
         ] {
             m.registry.register(c)?;
@@ -454,6 +460,17 @@ impl Telemetry {
     /// The Event (or Event series) of a delivered change could not be written.
     pub fn change_event_failed(&self) {
         self.metrics.api_errors.with_label_values(&["event"]).inc();
+    }
+
+    /// The API server already held the name of a change report (`name`)
+    /// for a different object: someone else created it first. The change is
+    /// reported under `fresh` instead; the squatted object is evidence too.
+    pub async fn name_squatted(&self, name: &str, fresh: &str, path: &str) {
+        self.metrics.names_squatted.inc();
+        let node = &self.node;
+        self.publish(EventType::Warning, "NameSquatted", format!(
+            "FileChange {name} exists but is not the change node {node} reported under that name (path {path}): it was created by someone else; the change is reported as {fresh}"
+        ), "Report").await;
     }
 
     /// Delivery works again after `failures` failed attempts over `waited`

@@ -220,6 +220,7 @@ mod tests {
                 source: DetectionSource::Realtime,
                 process: None,
                 summary: None,
+                sequence: None,
             },
         );
         fc.metadata.creation_timestamp = Some(Time(created));

@@ -411,6 +411,7 @@ fn file_change(name: &str, policy: &str) -> Value {
             source: DetectionSource::Realtime,
             process: None,
             summary: None,
+            sequence: None,
         },
     );
     // The label says "web" for all three: anyone with patch rights can set

@@ -171,6 +171,11 @@ pub struct Baseline {
     /// of changes made since the baseline was opened.
     approved_log: VecDeque<ApprovedChange>,
     approved_seq: u64,
+    /// The node's next transition number (see [`crate::report::sequence`]),
+    /// written in the same transaction as the records it numbers.
+    sequence: u64,
+    /// `sequence` as last written durably.
+    saved_sequence: u64,
 }
 
 /// Key of an established entry.
@@ -229,6 +234,35 @@ impl Baseline {
             .front()
             .map_or(self.approved_seq + 1, |c| c.seq);
         (seq + 1 >= first).then(|| self.approved_log.iter().filter(move |c| c.seq > seq))
+    }
+
+    /// The number the next recorded transition gets.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// The first number not yet durably recorded: every number below it was
+    /// saved with the transition it numbers (or skipped for good).
+    pub fn saved_sequence(&self) -> u64 {
+        self.saved_sequence
+    }
+
+    /// Gives the next transition its number; saved with the next
+    /// [`Baseline::save`].
+    pub fn take_sequence(&mut self) -> u64 {
+        let seq = self.sequence;
+        self.sequence += 1;
+        self.dirty = true;
+        seq
+    }
+
+    /// Numbers below `next` are taken (found in the delivery queue after a
+    /// crash before their save): never given again.
+    pub fn raise_sequence(&mut self, next: u64) {
+        if next > self.sequence {
+            self.sequence = next;
+            self.dirty = true;
+        }
     }
 
     /// Whether anything changed since the last save.
@@ -417,6 +451,29 @@ mod tests {
         assert_eq!(b.epoch("/f"), 2);
         assert_eq!(b.approved("/f"), Some(attrs(2)));
         assert!(b.reported("/f").is_none());
+    }
+
+    #[test]
+    fn the_transition_sequence_is_saved_with_the_records_it_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Baseline::create(dir.path()).unwrap();
+        assert_eq!((b.take_sequence(), b.take_sequence()), (0, 1));
+        b.mark_reported("/f", "x".into());
+        assert_eq!(b.saved_sequence(), 0, "not saved yet");
+        b.save().unwrap();
+        assert_eq!(b.saved_sequence(), 2);
+        drop(b);
+        let (mut b, _) = reopen(dir.path());
+        assert_eq!((b.sequence(), b.saved_sequence()), (2, 2));
+        assert_eq!(b.reported("/f").as_deref(), Some("x"));
+        // Taken but never saved (a crash): the next start has the saved value.
+        b.take_sequence();
+        drop(b);
+        let (mut b, _) = reopen(dir.path());
+        assert_eq!(b.sequence(), 2);
+        b.raise_sequence(5);
+        b.raise_sequence(3);
+        assert_eq!(b.take_sequence(), 5, "raised, never lowered");
     }
 
     #[test]

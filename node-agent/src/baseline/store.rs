@@ -170,6 +170,8 @@ impl Baseline {
             dirty: fresh,
             approved_log: VecDeque::new(),
             approved_seq: 0,
+            sequence: 0,
+            saved_sequence: 0,
         }
     }
 
@@ -226,6 +228,17 @@ impl Baseline {
             sum.add(TAG_POLICY, k.value(), v.value());
             self.policies.insert(k.value().to_string(), rec);
         }
+        self.sequence = meta
+            .get("sequence")
+            .map_err(|e| store(e.into()))?
+            .map(|v| {
+                <[u8; 8]>::try_from(v.value())
+                    .map(u64::from_le_bytes)
+                    .map_err(|_| corrupt("the transition sequence is not 8 bytes".into()))
+            })
+            .transpose()?
+            .unwrap_or(0);
+        self.saved_sequence = self.sequence;
         if kept.as_ref() != Some(&sum) {
             warn!(
                 path = %path.display(),
@@ -343,6 +356,9 @@ impl Baseline {
             let mut meta = tx.open_table(META).map_err(|e| store(e.into()))?;
             meta.insert("sum", sum.to_bytes().as_slice())
                 .map_err(|e| store(e.into()))?;
+            // In the transaction that marks the numbered transitions reported.
+            meta.insert("sequence", self.sequence.to_le_bytes().as_slice())
+                .map_err(|e| store(e.into()))?;
         }
         let digest = sum.digest();
         if durable {
@@ -357,6 +373,9 @@ impl Baseline {
         *self.reader() = Reader::default();
         tx.commit().map_err(|e| store(e.into()))?;
         self.writes += 1;
+        if durable {
+            self.saved_sequence = self.sequence;
+        }
         self.sum = sum;
         self.pending.clear();
         self.changed.clear();

@@ -77,7 +77,7 @@ pub async fn start(
         });
     }
     let (engine, unreadable) = open_engine(config, &telemetry)?;
-    let queue = Queue::open(&StateDir::new(&config.state).queue(), config.queue_capacity)
+    let mut queue = Queue::open(&StateDir::new(&config.state).queue(), config.queue_capacity)
         .context("opening the delivery queue")?;
     telemetry.reports_queued(queue.len());
 
@@ -101,7 +101,11 @@ pub async fn start(
     if let Some(source) = config.mount_table.clone() {
         engine.set_mount_source(source);
     }
+    // After the baseline is settled (a fresh one saved nothing).
+    let resumed = crate::report::sequence::resumed(&mut queue, engine.baseline().saved_sequence());
+    engine.resume_numbers(resumed);
     let ctx = Context {
+        committed: engine.committed_sequence(),
         node: config.node.clone(),
         client,
         telemetry,

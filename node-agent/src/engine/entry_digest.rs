@@ -266,6 +266,7 @@ impl Engine {
                 source: DetectionSource::Startup,
                 process: None,
                 summary: None,
+                sequence: None,
             });
         }
         (names, changes)

@@ -228,6 +228,7 @@ impl Engine {
                 source,
                 process: None,
                 summary: None,
+                sequence: None,
             });
         }
         if reported {

@@ -154,6 +154,11 @@ pub struct Engine {
     list_reported: bool,
     /// Write nothing (`check`): the scan's bookkeeping stays in memory.
     dry_run: bool,
+    /// Numbers queued before a crash, before the baseline recording them was
+    /// saved, by the identity of their transition ([`crate::report::sequence`]).
+    resumed_numbers: BTreeMap<String, u64>,
+    /// The first number not durably saved yet, for the deliverer.
+    committed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Engine {
@@ -178,7 +183,10 @@ impl Engine {
             Some((b, d)) => (b, Some(d)),
             None => (Baseline::create(state)?, None),
         };
+        let committed = tokio::sync::watch::Sender::new(baseline.saved_sequence());
         Ok(Engine {
+            resumed_numbers: BTreeMap::new(),
+            committed,
             mount_source: MountSource::of_host(root.path()),
             mounts: None,
             mounts_compared: None,
@@ -339,7 +347,39 @@ impl Engine {
 
     /// Writes the baseline; returns its digest.
     pub fn save(&mut self) -> Result<String, EngineError> {
-        Ok(self.baseline.save()?)
+        let digest = self.baseline.save()?;
+        // The scan after the start, numbered and saved, found again what it
+        // would: a transition with the same identity from now on recurs.
+        self.resumed_numbers.clear();
+        self.committed.send_replace(self.baseline.saved_sequence());
+        Ok(digest)
+    }
+
+    /// The number of the transition with `identity` (see
+    /// [`crate::report::object::identity`]): the one it had before a crash
+    /// if it was queued then, otherwise the node's next. Saved with the
+    /// baseline that marks it reported.
+    pub fn number(&mut self, identity: &str) -> u64 {
+        match self.resumed_numbers.remove(identity) {
+            Some(seq) => seq,
+            None => self.baseline.take_sequence(),
+        }
+    }
+
+    /// Numbers found in the delivery queue at start that the baseline did
+    /// not save (a crash between steps 3 and 4 of the protocol): a transition
+    /// detected again before the next save (the scan at start) gets its
+    /// number back, and no other transition gets any of them.
+    pub fn resume_numbers(&mut self, taken: BTreeMap<String, u64>) {
+        if let Some(max) = taken.values().max() {
+            self.baseline.raise_sequence(max + 1);
+        }
+        self.resumed_numbers = taken;
+    }
+
+    /// The first transition number not durably saved yet, as it moves.
+    pub fn committed_sequence(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.subscribe()
     }
 
     /// Compacts the baseline's store if it has grown well beyond its records

@@ -5,7 +5,10 @@
 //! Creates are paced by a token bucket and failures back off exponentially with
 //! jitter, so a thousand agents coming back after an API outage do not hit the
 //! API server in lockstep. Names are deterministic, so a retry of a create whose
-//! answer was lost meets AlreadyExists: delivered exactly once.
+//! answer was lost meets AlreadyExists: delivered exactly once, once the stored
+//! object is found to be this report (a different one is a squatted name, and
+//! the report goes under another name). A numbered report waits until the
+//! baseline holding its number is saved ([`super::sequence`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +19,7 @@ use kube_fim_crds::FileChange;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::object::shorten;
+use super::object::{shorten, squat_free_name};
 use super::series::ChangeEvents;
 use crate::context::Context;
 
@@ -97,6 +100,8 @@ struct Deliverer {
     failures: u32,
     /// Since when deliveries fail.
     outage: Option<Instant>,
+    /// The first transition number the baseline has not saved yet.
+    committed: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Delivers the queue until `shutdown`, creates paced by `limit`.
@@ -116,6 +121,7 @@ pub async fn run(
         bucket: Bucket::new(limit),
         failures: 0,
         outage: None,
+        committed: ctx.committed.clone(),
         ctx,
     };
     loop {
@@ -142,6 +148,18 @@ pub async fn run(
             }
         }
         for (seq, change) in batch {
+            if change
+                .spec
+                .sequence
+                .is_some_and(|n| n >= *d.committed.borrow_and_update())
+            {
+                // Not saved yet: after a crash its number could be given again.
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    _ = d.committed.changed() => {},
+                }
+                break;
+            }
             tokio::select! {
                 () = &mut shutdown => return,
                 () = d.bucket.take() => {},
@@ -175,10 +193,7 @@ impl Deliverer {
                 self.ctx.telemetry.report_delivered();
                 Delivery::Stored
             }
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                debug!(name = %change.name_any(), "already stored");
-                Delivery::Stored
-            }
+            Err(kube::Error::Api(e)) if e.code == 409 => self.already_exists(change).await,
             Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
                 // Too long or otherwise invalid: send it shortened, never drop it.
                 self.ctx.telemetry.report_refused();
@@ -197,7 +212,7 @@ impl Deliverer {
                 self.ctx.telemetry.report_delivered();
                 Delivery::Stored
             }
-            Err(kube::Error::Api(e)) if e.code == 409 => Delivery::Stored,
+            Err(kube::Error::Api(e)) if e.code == 409 => self.already_exists(&short).await,
             Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
                 // Kept on the node (queue's rejected/) for the logs and forensics.
                 warn!(name = %change.name_any(), error = %e.message, "a shortened report was refused too; kept on the node");
@@ -208,6 +223,45 @@ impl Deliverer {
                 Delivery::NotYet
             }
         }
+    }
+
+    /// The API server holds an object under the report's name: stored if it
+    /// is this report (a create whose answer was lost, or a retry after a
+    /// crash); otherwise someone squatted the name, and the report is
+    /// created under another one, never acknowledged unstored.
+    async fn already_exists(&mut self, change: &FileChange) -> Delivery {
+        let name = change.name_any();
+        let mut report = change.clone();
+        for attempt in 1..=SQUAT_ATTEMPTS {
+            let held = report.name_any();
+            match self.api.get_opt(&held).await {
+                Ok(Some(stored)) if same_report(&stored, &report) => {
+                    debug!(name = %held, "already stored");
+                    return Delivery::Stored;
+                }
+                // Gone since (retention, a delete): created at the next round.
+                Ok(None) => return Delivery::NotYet,
+                Err(error) => return Delivery::Failed(error),
+                Ok(Some(_)) => {}
+            }
+            let fresh = squat_free_name(&name, attempt);
+            warn!(name = %held, %fresh, path = %report.spec.path, "a different FileChange holds the name of this change report; reporting it under another name");
+            self.ctx
+                .telemetry
+                .name_squatted(&held, &fresh, &report.spec.path)
+                .await;
+            report.metadata.name = Some(fresh);
+            match self.api.create(&self.params, &report).await {
+                Ok(stored) => {
+                    self.events.publish(&stored).await;
+                    self.ctx.telemetry.report_delivered();
+                    return Delivery::Stored;
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(error) => return Delivery::Failed(error),
+            }
+        }
+        Delivery::NotYet
     }
 
     /// The report `seq` is stored: it leaves the queue.
@@ -243,6 +297,23 @@ impl Deliverer {
         }
         wait
     }
+}
+
+/// Names tried for one report whose name is squatted, per round.
+const SQUAT_ATTEMPTS: u32 = 6;
+
+/// Whether `stored` is the report `sent`: the same node, transition number,
+/// file and states (what the agent put in it, not when it detected it).
+fn same_report(stored: &FileChange, sent: &FileChange) -> bool {
+    let (a, b) = (&stored.spec, &sent.spec);
+    a.node == b.node
+        && a.sequence == b.sequence
+        && a.policy == b.policy
+        && a.entry == b.entry
+        && a.path == b.path
+        && a.category == b.category
+        && a.before == b.before
+        && a.after == b.after
 }
 
 #[cfg(test)]
@@ -308,14 +379,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_report_the_api_server_already_stores_leaves_the_queue_without_an_event() {
         let mut a = fixtures::agent();
-        let (_, stop, task) = deliverer(&a).await;
+        let (object, stop, task) = deliverer(&a).await;
 
         // A crash after the create and before the acknowledgement: the same
-        // name meets AlreadyExists.
+        // name meets AlreadyExists, and the stored object is this report.
         a.api
             .expect(Method::POST, FILECHANGES)
             .await
             .fail(409, "AlreadyExists");
+        let path = format!("{FILECHANGES}/{}", object.name_any());
+        let get = a.api.expect(Method::GET, &path).await;
+        let mut stored = serde_json::to_value(&object).unwrap();
+        stored["metadata"]["uid"] = "uid-stored".into();
+        get.answer(200, &stored);
         let later = a.api.quiet(Duration::from_secs(120)).await;
         assert!(later.is_empty(), "{later:?}");
         assert_eq!(a.ctx.queue.lock().await.len(), 0, "acknowledged");
@@ -324,6 +400,76 @@ mod tests {
         stop.send(true).unwrap();
         let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
         stopped.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_squatted_name_is_reported_under_another_name_with_a_warning() {
+        let mut a = fixtures::agent();
+        let mut spec = fixtures::change("/etc/passwd");
+        spec.sequence = Some(7);
+        let object = to_object(spec, 0);
+        a.ctx.queue.lock().await.push(&object).unwrap();
+        let (stop, shutdown) = fixtures::shutdown();
+        let task = tokio::spawn(run(a.ctx.clone(), LIMIT, shutdown));
+
+        // Someone created an object under the report's predictable name first.
+        let name = object.name_any();
+        a.api
+            .expect(Method::POST, FILECHANGES)
+            .await
+            .fail(409, "AlreadyExists");
+        let get = a
+            .api
+            .expect(Method::GET, &format!("{FILECHANGES}/{name}"))
+            .await;
+        let mut squatter = serde_json::to_value(&object).unwrap();
+        squatter["spec"]["after"]["size"] = 1.into();
+        get.answer(200, &squatter);
+        // Reported under a fresh name, never acknowledged as delivered unstored.
+        let again = a.api.expect(Method::POST, FILECHANGES).await;
+        assert_eq!(
+            again.body["metadata"]["name"],
+            format!("{name}-s1").as_str()
+        );
+        assert_eq!(again.body["spec"]["sequence"], 7);
+        assert_eq!(again.body["spec"]["path"], "/etc/passwd");
+        again.created();
+        a.api.expect(Method::POST, EVENTS).await.created();
+        let later = a.api.quiet(Duration::from_secs(120)).await;
+        assert!(later.is_empty(), "{later:?}");
+        assert_eq!(a.ctx.queue.lock().await.len(), 0, "acknowledged");
+        let t = &a.ctx.telemetry;
+        let squatted = r#"kube_fim_agent_names_squatted_total{node="n1"}"#;
+        assert_eq!(metric(t, squatted), Some(1.0));
+        let delivered = r#"kube_fim_agent_reports_delivered_total{node="n1"}"#;
+        assert_eq!(metric(t, delivered), Some(1.0));
+        stop.send(true).unwrap();
+        let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
+        stopped.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_numbered_report_waits_until_its_number_is_saved() {
+        let mut a = fixtures::agent();
+        a.committed.send(3).unwrap();
+        let mut spec = fixtures::change("/etc/passwd");
+        spec.sequence = Some(3);
+        let object = to_object(spec, 0);
+        a.ctx.queue.lock().await.push(&object).unwrap();
+        let (stop, shutdown) = fixtures::shutdown();
+        let task = tokio::spawn(run(a.ctx.clone(), LIMIT, shutdown));
+
+        let early = a.api.quiet(Duration::from_secs(60)).await;
+        assert!(early.is_empty(), "created before its save: {early:?}");
+        a.committed.send(4).unwrap();
+        let created = a.api.expect(Method::POST, FILECHANGES).await;
+        assert_eq!(created.body["metadata"]["name"], object.name_any().as_str());
+        created.created();
+        a.api.expect(Method::POST, EVENTS).await.created();
+        stop.send(true).unwrap();
+        let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
+        stopped.unwrap();
+        assert_eq!(a.ctx.queue.lock().await.len(), 0);
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! 1. **Detect.** The engine compares a path's state with the approved
 //!    baseline. A difference whose state digest the baseline has not marked
 //!    reported becomes a [`FileChangeSpec`] (nothing is marked yet).
-//! 2. **Hand over.** The monitoring loop passes the batch to the reporter with
-//!    [`hand_over`] and waits for its answer.
+//! 2. **Hand over.** The monitoring loop numbers each change with the node's
+//!    next transition number ([`sequence`]) and passes the batch to the
+//!    reporter with [`hand_over`] and waits for its answer.
 //! 3. **Queue.** The reporter ([`reporter`]) caps storms ([`storm`]), builds each object
 //!    with a deterministic name ([`object`]) and writes it to the durable queue
 //!    on the node ([`queue`], fsync + rename). Only then does it answer. A
@@ -17,28 +18,36 @@
 //!    nothing is dropped.
 //! 4. **Mark.** Only after the answer does the loop mark the differences
 //!    reported in the baseline and save it; the digest of every baseline
-//!    written is journaled before it replaces the old one
+//!    written is journaled before it replaces the old one, and the same
+//!    transaction saves the transition counter
 //!    ([`crate::baseline`]), so a restart tells its own unpublished states
 //!    from an edit made by someone else.
-//! 5. **Deliver.** The deliverer ([`deliver`]) creates the FileChange, counts
-//!    it in an Event series ([`series`]), and removes the report from the queue only once the API server
-//!    stored it (created, or AlreadyExists). A report the API server refuses
+//! 5. **Deliver.** The deliverer ([`deliver`]) waits until the baseline
+//!    holding a report's number is saved, creates the FileChange, counts it
+//!    in an Event series ([`series`]), and removes the report from the queue
+//!    only once the API server stored it (created, or AlreadyExists with the
+//!    stored object equal to the report; another object under its name is a
+//!    squatted name, and the report is created under a fresh one). A report
+//!    the API server refuses
 //!    as invalid is shortened ([`object::shorten`]) and sent again, never
 //!    dropped.
 //!
 //! A crash between any two steps is safe: before 3, the difference is not
 //! marked and is detected again at restart (source `Startup`); between 3 and
-//! 4 or 5 and its acknowledgement, the same transition yields the same object
-//! name, and AlreadyExists makes the second create a no-op. A name covers the
-//! node, policy, entry, path, category, before/after states and the path's
-//! epoch (bumped each time the path returns to or is approved into its
-//! baseline), so a retry is deduplicated while a recurrence after an approval
+//! 4, its number is found in the queue at restart and given back to the same
+//! transition detected again ([`sequence`]), so the same object name comes
+//! back; between 5 and its acknowledgement, the same report meets
+//! AlreadyExists and the stored object equal to it. A name is the node, the
+//! transition's number and a digest of the policy, entry, path, category,
+//! before/after states and the path's epoch ([`object::object_name`]), so a
+//! retry is deduplicated while a recurrence, even of the very same states,
 //! is a FileChange of its own.
 
 pub mod deliver;
 pub mod object;
 pub mod queue;
 pub mod reporter;
+pub mod sequence;
 pub mod series;
 pub mod storm;
 

@@ -6,18 +6,18 @@ use std::collections::BTreeMap;
 use kube_fim_crds::labels::{self, label_value};
 use kube_fim_crds::{FileChange, FileChangeSpec};
 
-/// Longest node-name prefix kept in object names (names are at most 253 bytes).
-const NODE_PREFIX_MAX: usize = 200;
+/// Longest node-name prefix kept in object names (names are at most 253
+/// bytes: the node, a sequence number, a digest and a suffix of
+/// [`squat_free_name`] fit).
+const NODE_PREFIX_MAX: usize = 180;
 
-/// The object name of a change: the node, then a digest of what changed.
-///
-/// The digest covers node, policy, path, category and the before/after
-/// attributes, not the detection time: detecting the same transition again
-/// (e.g. after a crash between queueing it and recording the new baseline)
-/// yields the same name, and the API server's AlreadyExists makes delivery
-/// exactly-once. A real repeat of a change differs in ctime, so it gets a name
-/// of its own.
-pub fn object_name(spec: &FileChangeSpec, epoch: u64) -> String {
+/// What a change is, whatever its number: a digest of node, policy, entry,
+/// path, category, the before/after attributes and the path's epoch, not the
+/// detection time. Detecting the same transition again (e.g. after a crash
+/// between queueing it and recording the new baseline) yields the same
+/// identity, which is how a resumed number is found again
+/// ([`super::sequence`]).
+pub fn identity(spec: &FileChangeSpec, epoch: u64) -> String {
     let mut hasher = blake3::Hasher::new();
     for part in [
         spec.node.as_str(),
@@ -44,7 +44,20 @@ pub fn object_name(spec: &FileChangeSpec, epoch: u64) -> String {
         // Summaries of one window are one object.
         hasher.update(summary.window_start.0.to_string().as_bytes());
     }
-    let digest = hasher.finalize().to_hex();
+    hasher.finalize().to_hex()[..20].to_string()
+}
+
+/// The object name of a change: the node first, then its sequence number
+/// (see [`super::sequence`]), then its [`identity`].
+///
+/// The sequence number makes a recurrence (the same before and after again,
+/// with no approval in between) a name of its own; the identity makes a
+/// retry of the same numbered transition the same name, so the API server's
+/// AlreadyExists, checked against the stored object, makes delivery
+/// exactly-once. A change without a number (a Summary) is named by its
+/// identity alone.
+pub fn object_name(spec: &FileChangeSpec, epoch: u64) -> String {
+    let id = identity(spec, epoch);
     let mut node: String = spec
         .node
         .chars()
@@ -53,10 +66,31 @@ pub fn object_name(spec: &FileChangeSpec, epoch: u64) -> String {
         .collect();
     node.truncate(NODE_PREFIX_MAX);
     let node = node.trim_matches(|c| c == '-' || c == '.');
-    if node.is_empty() {
-        format!("fc-{}", &digest[..20])
+    let node = if node.is_empty() { "fc" } else { node };
+    match spec.sequence {
+        Some(seq) => format!("{node}-{seq}-{id}"),
+        None => format!("{node}-{id}"),
+    }
+}
+
+/// The identity part of an object name made by [`object_name`].
+pub fn identity_of_name(name: &str) -> Option<&str> {
+    name.rsplit_once('-')
+        .map(|(_, id)| id)
+        .filter(|id| id.len() == 20 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Deterministic alternatives tried before a random one.
+const SQUAT_TRIES: u32 = 3;
+
+/// The name to report a change under when `name` is held by a different
+/// object (squatted): `name-s1`, `name-s2`, ... (the same after a crash, so a
+/// retry stays exactly-once), then a random suffix nobody can predict.
+pub fn squat_free_name(name: &str, attempt: u32) -> String {
+    if attempt <= SQUAT_TRIES {
+        format!("{name}-s{attempt}")
     } else {
-        format!("{node}-{}", &digest[..20])
+        format!("{name}-r{:016x}", fastrand::u64(..))
     }
 }
 
@@ -160,6 +194,7 @@ mod tests {
             source: DetectionSource::Realtime,
             process: None,
             summary: None,
+            sequence: None,
         }
     }
 
@@ -189,6 +224,31 @@ mod tests {
         assert!(
             name.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        );
+    }
+
+    #[test]
+    fn a_recurrence_of_the_same_states_has_a_name_of_its_own() {
+        let t = Timestamp::now();
+        let (mut first, mut again) = (spec(100, t), spec(100, t));
+        first.sequence = Some(4);
+        again.sequence = Some(6);
+        let (a, b) = (object_name(&first, 0), object_name(&again, 0));
+        assert_ne!(a, b);
+        assert!(a.starts_with("worker-1.example-4-"), "{a}");
+        assert_eq!(identity_of_name(&a), Some(identity(&first, 0).as_str()));
+        assert_eq!(identity_of_name(&a), identity_of_name(&b));
+        let long = FileChangeSpec {
+            node: "n".repeat(253),
+            sequence: Some(u64::MAX),
+            ..first
+        };
+        let name = squat_free_name(&object_name(&long, u64::MAX), SQUAT_TRIES + 1);
+        assert!(name.len() <= 253, "{}", name.len());
+        assert_ne!(
+            squat_free_name("x", 1),
+            squat_free_name("x", 2),
+            "each try a new name"
         );
     }
 

@@ -207,6 +207,7 @@ mod tests {
                 source: DetectionSource::Realtime,
                 process: None,
                 summary: None,
+                sequence: None,
             },
         )
     }

@@ -358,6 +358,7 @@ mod tests {
                 source: DetectionSource::Realtime,
                 process: None,
                 summary: None,
+                sequence: None,
             },
             0,
         )

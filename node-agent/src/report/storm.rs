@@ -72,6 +72,7 @@ impl StormGuard {
             detected_time: MicroTime(now),
             source: change.source,
             process: None,
+            sequence: None,
             summary: Some(ChangeSummary {
                 count: 0,
                 added: 0,
@@ -169,6 +170,7 @@ mod tests {
             source: DetectionSource::Realtime,
             process: None,
             summary: None,
+            sequence: None,
         }
     }
 

@@ -602,6 +602,7 @@ mod tests {
                 source: DetectionSource::Realtime,
                 process: None,
                 summary: None,
+                sequence: None,
             },
         )
     }

@@ -353,6 +353,7 @@ mod tests {
                 source: DetectionSource::Realtime,
                 process: None,
                 summary: None,
+                sequence: None,
             },
         )
     }
