@@ -66,6 +66,12 @@ const METRICS: &[&str] = &[
     "kube_fim_agent_fanotify_directories",
     "kube_fim_agent_fanotify_overflows_total",
     "kube_fim_agent_attributed_changes_total",
+    "kube_fim_sink_delivered_total",
+    "kube_fim_sink_failures_total",
+    "kube_fim_sink_lag_seconds",
+    "kube_fim_sink_pending",
+    "kube_fim_sink_hold_expired_total",
+    "kube_fim_sink_retention_held",
 ];
 
 fn chart_dir() -> PathBuf {
@@ -1757,7 +1763,7 @@ fn chart_copy(to: &Path, edit: &dyn Fn(&str, String) -> String) {
                 let text = text
                     .lines()
                     .map(|l| match l.trim() {
-                        "- fip" | "- fc" | "- fin" | "- fim" => l.replace("- ", "- u"),
+                        "- fip" | "- fc" | "- fin" | "- fim" | "- fcs" => l.replace("- ", "- u"),
                         _ => l.to_string(),
                     })
                     .collect::<Vec<_>>()
@@ -1785,7 +1791,7 @@ fn upgrade_names(text: &str) -> String {
 /// The FileChange CRD as an older chart had it: without the selectable
 /// fields the agent's `spec.node` watch needs.
 fn without_selectable_fields(name: &str, text: String) -> String {
-    if !name.contains("filechanges") {
+    if !name.ends_with("_filechanges.yaml") {
         return text;
     }
     let mut out = String::new();
