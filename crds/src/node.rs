@@ -199,6 +199,11 @@ pub enum NodePolicyPhase {
     Ready,
     /// The agent cannot serve the policy (see message).
     Failed,
+    /// The node's labels (or taints) no longer select it: the agent keeps the
+    /// policy's baseline but compares nothing. `observedGeneration` is the
+    /// generation last served; the operator raises `NodeLeftMonitoring` while
+    /// the policy is unchanged since.
+    Unselected,
 }
 
 /// One policy on one node.

@@ -392,6 +392,11 @@ pub struct FileIntegrityPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes_baselining: Option<i32>,
 
+    /// Nodes this policy monitored that are no longer selected while the policy
+    /// is unchanged: their labels or taints changed (`NodeLeftMonitoring`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_left: Option<i32>,
+
     /// Files monitored, summed over the nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files_monitored: Option<i64>,

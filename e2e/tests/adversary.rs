@@ -13,9 +13,11 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube_fim_crds::labels::CLEAR_BASELINE_ALARM;
 use kube_fim_crds::{
-    ChangeCategory, DetectionSource, FileChange, FileChangeSpec, FileIntegrityNode, NodePolicyPhase,
+    ChangeCategory, DetectionSource, FileChange, FileChangeSpec, FileIntegrityNode,
+    FileIntegrityPolicy, NodePolicyPhase,
 };
 use kube_fim_e2e::fleet::{Fleet, describe, entry};
+use kube_fim_e2e::operator::Operator;
 use kube_fim_e2e::{client, eventually, http_get, kubectl, metric, unique_name};
 
 const READY: Duration = Duration::from_secs(60);
@@ -182,6 +184,7 @@ async fn a_node_gone_not_ready_keeps_being_monitored() {
 async fn a_policy_that_stops_selecting_a_node_keeps_its_baseline() {
     let client = client().await;
     let suite = unique_name("adv");
+    let operator = Operator::start(&suite, &suite, &["--resync=2s".to_string()]);
     let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
     let policy = format!("{suite}-etc");
     fleet
@@ -203,21 +206,86 @@ async fn a_policy_that_stops_selecting_a_node_keeps_its_baseline() {
                 .unwrap();
         }
     };
+    // The node takes itself out (a kubelet may change unprefixed labels of
+    // its own Node): its agent says so, and the security team sees it.
     relabel(format!("{suite}-elsewhere")).await;
     eventually("the policy is no longer served", SEEN, || async {
         match phase(&client, &a, &policy).await {
-            None => Ok(()),
+            Some(NodePolicyPhase::Unselected) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
     .await;
+    let policies: Api<FileIntegrityPolicy> = Api::all(client.clone());
+    eventually("the policy Degraded: NodeLeftMonitoring", SEEN, || async {
+        let p = policies.get(&policy).await.map_err(|e| e.to_string())?;
+        let s = p.status.unwrap_or_default();
+        let d = s.conditions.iter().find(|c| c.type_ == "Degraded");
+        match d {
+            Some(d)
+                if d.status == "True"
+                    && d.reason == "NodeLeftMonitoring"
+                    && d.message.contains(&a)
+                    && s.nodes_left == Some(1) =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?} left={:?}", s.nodes_left)),
+        }
+    })
+    .await;
+    let left = wait_policy_warning(&client, "NodeLeftMonitoring", &policy).await;
+    assert!(
+        left.note.as_deref().unwrap_or_default().contains(&a),
+        "{left:?}"
+    );
+    let series = format!("kube_fim_operator_policy_nodes{{policy=\"{policy}\",state=\"left\"}}");
+    eventually("the left-nodes metric", SEEN, || async {
+        match operator.metrics().and_then(|m| metric(&m, &series)) {
+            Some(v) if v == 1.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
     std::fs::write(fleet.nodes[0].host("/etc/hosts"), "10.0.0.66 evil\n").unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     relabel(suite.clone()).await;
     let c = wait_change(&fleet, &a, "Modified /etc/hosts").await;
     assert_eq!(c.spec.source, DetectionSource::Startup);
     assert_eq!(fleet.changes(&a).await.len(), 1);
+    eventually("back in monitoring, nobody has left", SEEN, || async {
+        let p = policies.get(&policy).await.map_err(|e| e.to_string())?;
+        match p.status.and_then(|s| s.nodes_left) {
+            Some(0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
     fleet.cleanup().await;
+}
+
+/// A Warning Event of `reason` about the policy `policy`.
+async fn wait_policy_warning(client: &kube::Client, reason: &str, policy: &str) -> Event {
+    eventually(
+        &format!("a {reason} Warning about {policy}"),
+        SEEN,
+        || async {
+            Api::<Event>::all(client.clone())
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(policy)
+                })
+                .ok_or_else(|| "none yet".to_string())
+        },
+    )
+    .await
 }
 
 /// The state directory wiped while the agent is down, a monitored file edited:

@@ -525,6 +525,71 @@ async fn policy_status_comes_from_the_agents_reports_and_deleted_nodes_lose_thei
     api.delete(&name, &DeleteParams::default()).await.unwrap();
 }
 
+/// A selected node from which no agent ever reports is not "building its
+/// baseline" forever: past twice the heartbeat timeout it is a node without a
+/// healthy agent, which KubeFimAgentNotReporting counts.
+#[tokio::test]
+async fn a_node_whose_agent_never_reports_degrades_the_policy() {
+    let client = client().await;
+    let suite = unique_name("silent");
+    let _op = start_operator(&suite, &suite, &unique_name("agent"), &unique_name("lease"));
+    let role = format!("web-{suite}");
+    let (n1, n2) = (format!("{suite}-n1"), format!("{suite}-n2"));
+    create_node(&client, &n1, &[("role", &role)]).await;
+    create_node(&client, &n2, &[("role", &role)]).await;
+    let api: Api<FileIntegrityPolicy> = Api::all(client.clone());
+    let name = format!("{suite}-p");
+    api.create(
+        &PostParams::default(),
+        &policy(&name, &suite, &[("role", &role)]),
+    )
+    .await
+    .unwrap();
+    wait_status(
+        &api,
+        &name,
+        "selected=Some(2) ready=Some(0) baselining=Some(2)",
+    )
+    .await;
+    // n1's agent keeps reporting; n2 never gets one (heartbeat timeout 20s).
+    let keep_reporting = async {
+        loop {
+            report(&client, &n1, &name, NodePolicyPhase::Ready, 3, None).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    };
+    let silent = async {
+        eventually(
+            "n2 counted as not reporting",
+            Duration::from_secs(90),
+            || async {
+                let p = api.get(&name).await.map_err(|e| e.to_string())?;
+                let s = status_summary(&p);
+                let degraded = p
+                    .status
+                    .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Degraded"))
+                    .map(|c| c.message)
+                    .unwrap_or_default();
+                if s.contains("selected=Some(2) ready=Some(1) baselining=Some(0)")
+                    && s.contains("Degraded=True/AgentNotReporting")
+                    && degraded.contains(&format!("{n2}: agent has not reported"))
+                    && !degraded.contains(&n1)
+                {
+                    Ok(())
+                } else {
+                    Err(format!("{s} / {degraded}"))
+                }
+            },
+        )
+        .await
+    };
+    tokio::select! {
+        _ = keep_reporting => unreachable!(),
+        _ = silent => {}
+    }
+    api.delete(&name, &DeleteParams::default()).await.unwrap();
+}
+
 #[tokio::test]
 async fn retention_deletes_the_oldest_changes_past_the_count_limit() {
     let client = client().await;

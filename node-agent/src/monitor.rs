@@ -70,6 +70,9 @@ pub struct Snapshot {
     /// Entries (`policy/entry`) found different from what the cluster last
     /// saw, when the baseline on disk was lost or replaced.
     pub differing: Option<Vec<String>>,
+    /// Policies with a kept baseline this node no longer serves, with the
+    /// generation last served.
+    pub unserved: BTreeMap<String, Option<i64>>,
 }
 
 struct Inotify {
@@ -590,6 +593,7 @@ impl Monitor {
             failed: engine.failed,
             entries: engine.entries,
             differing,
+            unserved: engine.unserved,
         };
         let _ = self.status.send(snapshot);
     }

@@ -345,7 +345,7 @@ async fn reconcile_policy(policy: &FileIntegrityPolicy, ctx: &Context) -> Result
         ctx.config.heartbeat_timeout,
     );
 
-    publish_events(policy, &assessment.status, invalid.as_deref(), ctx).await;
+    publish_events(policy, &assessment, invalid.as_deref(), ctx).await;
     ctx.metrics.observe_policy(&name, &assessment.status);
 
     if policy.status.as_ref() != Some(&assessment.status) {
@@ -390,10 +390,11 @@ fn condition<'a>(
 /// the policy becoming degraded (or recovering).
 async fn publish_events(
     policy: &FileIntegrityPolicy,
-    new: &FileIntegrityPolicyStatus,
+    assessment: &status::Assessment,
     invalid: Option<&str>,
     ctx: &Context,
 ) {
+    let new = &assessment.status;
     let old = policy.status.as_ref();
     let reference = policy.object_ref(&());
     let mut events = Vec::new();
@@ -419,6 +420,22 @@ async fn publish_events(
                 action: "Apply".into(),
                 secondary: None,
             },
+        });
+    }
+    // More nodes left the policy's selection than the stored status says: the
+    // ones there are now, by name (the count is in the status and a metric).
+    let left_before = old.and_then(|s| s.nodes_left).unwrap_or(0);
+    if new.nodes_left.unwrap_or(0) > left_before {
+        events.push(Event {
+            type_: EventType::Warning,
+            reason: status::NODE_LEFT.into(),
+            note: Some(truncate(format!(
+                "{} node(s) this policy monitored are no longer selected by it, while the policy is unchanged: {}. Their agents compare nothing for it. Select on node-restriction.kubernetes.io/ labels, which a node cannot set on itself",
+                assessment.left_nodes.len(),
+                assessment.left_nodes.join(", ")
+            ))),
+            action: "Assess".into(),
+            secondary: None,
         });
     }
     let was = condition(old, DEGRADED).map(|c| (c.status.as_str(), c.reason.as_str()));

@@ -102,7 +102,7 @@ impl Metrics {
         let policy_nodes = IntGaugeVec::new(
             Opts::new(
                 "policy_nodes",
-                "Nodes of a policy, by state (selected, ready, baselining)",
+                "Nodes of a policy, by state (selected, ready, baselining; left: no longer selected while the policy is unchanged)",
             ),
             &["policy", "state"],
         )?;
@@ -180,6 +180,7 @@ impl Metrics {
             ("selected", status.nodes_selected),
             ("ready", status.nodes_ready),
             ("baselining", status.nodes_baselining),
+            ("left", status.nodes_left),
         ] {
             self.policy_nodes
                 .with_label_values(&[policy, state])
@@ -216,7 +217,7 @@ impl Metrics {
             .unwrap_or_else(|e| e.into_inner())
             .remove(policy);
         let _ = self.policy_status_age.remove_label_values(&[policy]);
-        for state in ["selected", "ready", "baselining"] {
+        for state in ["selected", "ready", "baselining", "left"] {
             let _ = self.policy_nodes.remove_label_values(&[policy, state]);
         }
         let _ = self.policy_files.remove_label_values(&[policy]);

@@ -18,6 +18,8 @@ use kube_fim_crds::{
 pub const READY: &str = "Ready";
 /// Condition type: something needs an admin's attention.
 pub const DEGRADED: &str = "Degraded";
+/// Degraded reason: a node the policy monitored is no longer selected by it.
+pub const NODE_LEFT: &str = "NodeLeftMonitoring";
 /// Condition type, on policies that set `processAttribution`: the ready nodes
 /// name the writer of each change.
 pub const ATTRIBUTION: &str = "ProcessAttribution";
@@ -33,6 +35,7 @@ pub struct ChangeCounts {
     pub unacknowledged: i64,
 }
 
+use kube_fim_crds::selection::matches_labels;
 pub use kube_fim_crds::selection::selects;
 
 fn condition(
@@ -108,6 +111,8 @@ pub struct Assessment {
     pub status: FileIntegrityPolicyStatus,
     /// Nodes whose agent failed this policy or stopped reporting, with why.
     pub troubled_nodes: Vec<(String, String)>,
+    /// Nodes that left the policy's selection while it was unchanged.
+    pub left_nodes: Vec<String>,
 }
 
 /// Whether an agent's last heartbeat is recent enough for it to count as reporting.
@@ -183,8 +188,22 @@ pub fn assess(
             let entry = status.and_then(|s| s.policies.iter().find(|p| p.policy == name));
             let fresh = heartbeat_is_fresh(status, now, heartbeat_timeout);
             match (entry, fresh) {
-                // No report yet: a new node, or an agent still starting.
-                (None, _) => baselining += 1,
+                // An agent that reports but has not taken the policy up yet.
+                (None, true) => baselining += 1,
+                // No agent report at all: a new node or policy, or an agent
+                // still starting (its image pulled) — until the node and the
+                // policy are older than twice the heartbeat timeout, then it
+                // never reported.
+                (None, false) if !both_older_than(node, policy, now, 2 * heartbeat_timeout) => {
+                    baselining += 1
+                }
+                (None, false) => troubled.push((
+                    node_name,
+                    format!(
+                        "agent has not reported for more than {}s since the node was selected",
+                        2 * heartbeat_timeout.as_secs()
+                    ),
+                )),
                 (Some(_), false) => troubled.push((
                     node_name,
                     format!(
@@ -211,11 +230,18 @@ pub fn assess(
                         node_name,
                         e.message.clone().unwrap_or_else(|| "agent failed".into()),
                     )),
+                    // Selected again: the agent takes it up at its next look.
+                    NodePolicyPhase::Unselected => baselining += 1,
                 },
             }
         }
     }
     troubled.sort();
+    let left = if invalid.is_none() {
+        left_nodes(policy, nodes, &records, now, heartbeat_timeout)
+    } else {
+        Vec::new()
+    };
 
     let (ready_ok, ready_reason, ready_message) = if let Some(why) = invalid {
         (false, "InvalidPolicy", why.to_string())
@@ -249,6 +275,8 @@ pub fn assess(
     };
     let (degraded, degraded_reason, degraded_message) = if let Some(why) = invalid {
         (true, "InvalidPolicy", why.to_string())
+    } else if !left.is_empty() {
+        (true, NODE_LEFT, summarize(&left))
     } else if troubled
         .iter()
         .any(|(_, m)| m.starts_with("agent has not reported"))
@@ -300,13 +328,71 @@ pub fn assess(
             nodes_selected: Some(selected),
             nodes_ready: Some(ready),
             nodes_baselining: Some(baselining),
+            nodes_left: Some(left.len() as i32),
             files_monitored: Some(files),
             last_scan_time: oldest_scan.map(Time),
             changes_last24h: Some(counts.last_24h),
             unacknowledged_changes: Some(counts.unacknowledged),
         },
         troubled_nodes: troubled,
+        left_nodes: left.into_iter().map(|(n, _)| n).collect(),
     }
+}
+
+/// Whether the node and the policy both exist for longer than `age` (a missing
+/// creation time counts as just created).
+fn both_older_than(
+    node: &Node,
+    policy: &FileIntegrityPolicy,
+    now: Timestamp,
+    age: Duration,
+) -> bool {
+    let old = |t: Option<&Time>| t.is_some_and(|t| now.duration_since(t.0).unsigned_abs() > age);
+    old(node.metadata.creation_timestamp.as_ref())
+        && old(policy.metadata.creation_timestamp.as_ref())
+}
+
+/// Nodes that served this policy and are no longer selected by it while the
+/// policy is unchanged since (the generation the agent last served is the
+/// current one): their labels or taints moved them out. A node that no longer
+/// exists has not left monitoring, it left the cluster; a policy edited since
+/// is an admin's recorded act.
+///
+/// Taints alone (a `NoSchedule` the policy does not tolerate) keep a running
+/// agent serving the policy: such a node has left only once its agent stops
+/// reporting (evicted by a `NoExecute` taint) or says it no longer serves it.
+fn left_nodes(
+    policy: &FileIntegrityPolicy,
+    nodes: &[impl Borrow<Node>],
+    records: &HashMap<&str, &FileIntegrityNode>,
+    now: Timestamp,
+    heartbeat_timeout: Duration,
+) -> Vec<(String, String)> {
+    let name = policy.name_any();
+    let mut left: Vec<(String, String)> = nodes
+        .iter()
+        .map(|n| n.borrow())
+        .filter(|n| !selects(policy, n))
+        .filter_map(|n| {
+            let node_name = n.name_any();
+            let status = records.get(node_name.as_str())?.status.as_ref()?;
+            let entry = status.policies.iter().find(|p| p.policy == name)?;
+            let served = entry.observed_generation?;
+            let stopped = !matches_labels(policy, n)
+                || entry.phase == NodePolicyPhase::Unselected
+                || !heartbeat_is_fresh(Some(status), now, heartbeat_timeout);
+            (stopped && Some(served) == policy.metadata.generation).then(|| {
+                (
+                    node_name,
+                    format!(
+                        "left monitoring: the node's labels or taints no longer match the policy (generation {served}); its agent compares nothing for it"
+                    ),
+                )
+            })
+        })
+        .collect();
+    left.sort();
+    left
 }
 
 fn summarize(troubled: &[(String, String)]) -> String {
@@ -639,5 +725,173 @@ mod tests {
             cond(&second.status, READY).last_transition_time,
             cond(&first.status, READY).last_transition_time
         );
+    }
+
+    fn aged(mut n: Node, created: Timestamp) -> Node {
+        n.metadata.creation_timestamp = Some(Time(created));
+        n
+    }
+
+    #[test]
+    fn a_node_whose_agent_never_reports_is_not_baselining_forever() {
+        let now = Timestamp::now();
+        let long_ago = now - std::time::Duration::from_secs(3600);
+        let mut p = policy(&[]);
+        p.metadata.creation_timestamp = Some(Time(long_ago));
+        let assess_nodes = |nodes: &[Node]| {
+            assess(
+                &p,
+                None,
+                nodes,
+                NO_RECORDS,
+                ChangeCounts::default(),
+                now,
+                TIMEOUT,
+            )
+        };
+        // Just created: its agent is starting.
+        let a = assess_nodes(&[aged(node("new", &[], vec![]), now)]);
+        assert_eq!(a.status.nodes_baselining, Some(1));
+        assert_eq!(cond(&a.status, DEGRADED).status, "False");
+        // An hour old and never a word from an agent.
+        let a = assess_nodes(&[aged(node("old", &[], vec![]), long_ago)]);
+        assert_eq!(a.status.nodes_baselining, Some(0));
+        let d = cond(&a.status, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "AgentNotReporting"),
+            "{}",
+            d.message
+        );
+        assert!(
+            d.message.contains("old: agent has not reported"),
+            "{}",
+            d.message
+        );
+    }
+
+    fn served(
+        mut r: FileIntegrityNode,
+        generation: i64,
+        phase: NodePolicyPhase,
+    ) -> FileIntegrityNode {
+        let e = &mut r.status.as_mut().unwrap().policies[0];
+        e.observed_generation = Some(generation);
+        e.phase = phase;
+        r
+    }
+
+    #[test]
+    fn a_node_relabelled_out_of_an_unchanged_policy_has_left_monitoring() {
+        let now = Timestamp::now();
+        let p = policy(&[("role", "web")]); // generation 3
+        let assess_with = |nodes: &[Node], records: &[FileIntegrityNode]| {
+            assess(
+                &p,
+                None,
+                nodes,
+                records,
+                ChangeCounts::default(),
+                now,
+                TIMEOUT,
+            )
+        };
+        let web = node("a", &[("role", "web")], vec![]);
+        let moved = node("a", &[("role", "elsewhere")], vec![]);
+        let ready = served(
+            record("a", NodePolicyPhase::Ready, now, 3),
+            3,
+            NodePolicyPhase::Ready,
+        );
+        let unselected = served(ready.clone(), 3, NodePolicyPhase::Unselected);
+
+        let a = assess_with(std::slice::from_ref(&web), std::slice::from_ref(&ready));
+        assert_eq!(a.status.nodes_left, Some(0));
+        assert_eq!(cond(&a.status, DEGRADED).status, "False");
+
+        // The label changed; the agent says it no longer serves the policy.
+        let a = assess_with(
+            std::slice::from_ref(&moved),
+            std::slice::from_ref(&unselected),
+        );
+        assert_eq!(a.status.nodes_left, Some(1));
+        assert_eq!(a.left_nodes, ["a"]);
+        let d = cond(&a.status, DEGRADED);
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", NODE_LEFT));
+        assert!(d.message.starts_with("a: left monitoring"), "{}", d.message);
+        // Before the agent said so, its last word was Ready: the label alone tells.
+        let a = assess_with(std::slice::from_ref(&moved), std::slice::from_ref(&ready));
+        assert_eq!(a.status.nodes_left, Some(1));
+
+        // The policy was edited since (an admin's act): not a departure.
+        let mut edited = p.clone();
+        edited.metadata.generation = Some(4);
+        let a = assess(
+            &edited,
+            None,
+            &[moved.clone()],
+            &[unselected.clone()],
+            ChangeCounts::default(),
+            now,
+            TIMEOUT,
+        );
+        assert_eq!(a.status.nodes_left, Some(0));
+        // The node left the cluster: not a departure from monitoring.
+        let a = assess_with(&[], std::slice::from_ref(&unselected));
+        assert_eq!(a.status.nodes_left, Some(0));
+        // Selected again: back to baselining, nothing left.
+        let a = assess_with(
+            std::slice::from_ref(&web),
+            std::slice::from_ref(&unselected),
+        );
+        assert_eq!(a.status.nodes_left, Some(0));
+        assert_eq!(a.status.nodes_baselining, Some(1));
+    }
+
+    #[test]
+    fn an_untolerated_taint_is_a_departure_only_once_the_agent_is_gone() {
+        let now = Timestamp::now();
+        let p = policy(&[]);
+        let taint = Taint {
+            key: "dedicated".into(),
+            effect: "NoExecute".into(),
+            ..Taint::default()
+        };
+        let tainted = node("a", &[], vec![taint]);
+        let fresh = served(
+            record("a", NodePolicyPhase::Ready, now, 3),
+            3,
+            NodePolicyPhase::Ready,
+        );
+        let a = assess(
+            &p,
+            None,
+            std::slice::from_ref(&tainted),
+            std::slice::from_ref(&fresh),
+            ChangeCounts::default(),
+            now,
+            TIMEOUT,
+        );
+        assert_eq!(a.status.nodes_left, Some(0));
+        let gone = served(
+            record(
+                "a",
+                NodePolicyPhase::Ready,
+                now - std::time::Duration::from_secs(600),
+                3,
+            ),
+            3,
+            NodePolicyPhase::Ready,
+        );
+        let a = assess(
+            &p,
+            None,
+            &[tainted],
+            &[gone],
+            ChangeCounts::default(),
+            now,
+            TIMEOUT,
+        );
+        assert_eq!(a.status.nodes_left, Some(1));
     }
 }

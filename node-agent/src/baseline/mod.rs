@@ -404,6 +404,13 @@ impl Baseline {
         self.policies.get(name)
     }
 
+    /// Every policy with a stored scan, served now or not.
+    pub fn scanned_policies(&self) -> impl Iterator<Item = (&str, &PolicyScan)> {
+        self.policies
+            .iter()
+            .map(|(name, scan)| (name.as_str(), scan))
+    }
+
     /// Notes a completed scan of a policy.
     pub fn scanned(&mut self, name: &str, generation: Option<i64>, now: Timestamp) {
         let rec = self.policies.entry(name.to_string()).or_default();

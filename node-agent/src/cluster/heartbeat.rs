@@ -125,14 +125,15 @@ impl Heartbeat {
 
     /// Writes the node status; `true` when an admin cleared the alarm.
     async fn write(&mut self, snap: &Snapshot, served: &ServedPolicies) -> bool {
-        let policies: Vec<NodePolicyStatus> = served
+        let mut policies: Vec<NodePolicyStatus> = served
             .generations()
             .map(|(name, generation)| self.policy_status(snap, name, generation))
             .collect();
+        policies.extend(unselected(snap, served));
         let status = FileIntegrityNodeStatus {
             agent_version: Some(env!("CARGO_PKG_VERSION").into()),
             heartbeat_time: Some(Time(Timestamp::now())),
-            policy_count: Some(policies.len() as i32),
+            policy_count: Some(served.names().count() as i32),
             files_monitored: Some(snap.files_total as i64),
             queue_length: Some(self.ctx.queue.lock().await.len() as i64),
             baseline_digest: self.digest.clone(),
@@ -199,4 +200,24 @@ impl Heartbeat {
                 .map(|m| shorten_text(&m, 1024)),
         }
     }
+}
+
+/// The policies whose baseline this node keeps without serving them: the
+/// node's labels no longer select them. Published, so the operator sees a node
+/// leave monitoring (`NodeLeftMonitoring`) even when it still runs an agent for
+/// other policies.
+fn unselected(snap: &Snapshot, served: &ServedPolicies) -> Vec<NodePolicyStatus> {
+    snap.unserved
+        .iter()
+        .filter(|(name, _)| served.get(name).is_none())
+        .map(|(name, generation)| NodePolicyStatus {
+            policy: name.clone(),
+            observed_generation: *generation,
+            phase: NodePolicyPhase::Unselected,
+            message: Some(
+                "not served: this node's labels no longer match the policy's nodeSelector; its baseline is kept and compared again once selected".into(),
+            ),
+            ..NodePolicyStatus::default()
+        })
+        .collect()
 }

@@ -102,6 +102,9 @@ pub struct EngineStatus {
     pub failed: BTreeMap<String, String>,
     /// Per-entry digests of the baseline.
     pub entries: Vec<EntryDigest>,
+    /// Policies with a baseline kept on this node that are not served (the
+    /// node's labels no longer select them): the generation last served.
+    pub unserved: BTreeMap<String, Option<i64>>,
 }
 
 /// One served policy's state on this node.
@@ -293,6 +296,12 @@ impl Engine {
             errors: self.last_errors.len(),
             failed: self.failed.clone(),
             entries: self.entry_digests(),
+            unserved: self
+                .baseline
+                .scanned_policies()
+                .filter(|(name, _)| !self.policies.contains_key(*name))
+                .map(|(name, scan)| (name.to_string(), scan.generation))
+                .collect(),
         }
     }
 
