@@ -829,8 +829,8 @@ mod tests {
         let a = assess(
             &edited,
             None,
-            &[moved.clone()],
-            &[unselected.clone()],
+            std::slice::from_ref(&moved),
+            std::slice::from_ref(&unselected),
             ChangeCounts::default(),
             now,
             TIMEOUT,
