@@ -242,7 +242,7 @@ async fn a_policy_that_stops_selecting_a_node_keeps_its_baseline() {
     let series = format!("kube_fim_operator_policy_nodes{{policy=\"{policy}\",state=\"left\"}}");
     eventually("the left-nodes metric", SEEN, || async {
         match operator.metrics().and_then(|m| metric(&m, &series)) {
-            Some(v) if v == 1.0 => Ok(()),
+            Some(1.0) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
@@ -1341,4 +1341,89 @@ async fn a_recurrence_nobody_approved_is_a_new_change() {
         );
     }
     fleet.cleanup().await;
+}
+
+// Issue 21, attack 10: one node's token creating FileChanges as fast as it can.
+
+/// A node's token used by hand to create FileChanges far faster than its
+/// agent ever would (it paces storms at its policies' caps) is named: a
+/// `ChangeFlood` Warning Event on the Node and a counted flood; a node within
+/// its allowance is not.
+#[tokio::test]
+async fn a_node_flooding_the_api_with_changes_is_named() {
+    kube_fim_e2e::ensure_crds();
+    let admin = client().await;
+    let suite = unique_name("adv");
+    let operator = Operator::start(&suite, &suite, &["--resync=2s".to_string()]);
+    let (a, b) = (format!("{suite}-a"), format!("{suite}-b"));
+    create_node(&admin, &a).await;
+    create_node(&admin, &b).await;
+    let create = |node: String, count: usize| async move {
+        let token = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&node)).await;
+        let api = Api::<FileChange>::all(token);
+        for i in 0..count {
+            let name = format!("{node}-{i}-{:020x}", i);
+            api.create(
+                &PostParams::default(),
+                &kube_fim_e2e::file_change(&name, &node, "p"),
+            )
+            .await
+            .expect("the node's token creates its own FileChanges");
+        }
+    };
+    // No policy selects either node: the allowance is the floor, 120 a minute.
+    create(b.clone(), 20).await;
+    create(a.clone(), 150).await;
+    let flood = eventually("a ChangeFlood Warning on node a", SEEN, || async {
+        Api::<Event>::all(admin.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("ChangeFlood")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(a.as_str())
+            })
+            .ok_or_else(|| "none yet".to_string())
+    })
+    .await;
+    assert_eq!(flood.type_.as_deref(), Some("Warning"));
+    let note = flood.note.unwrap_or_default();
+    let count: usize = note
+        .strip_prefix(&format!("node {a} created "))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{note}"));
+    assert!((121..=150).contains(&count), "{note}");
+    assert!(note.contains("more than 120"), "{note}");
+    let floods = operator
+        .metrics()
+        .and_then(|m| metric(&m, "kube_fim_operator_change_floods_total"));
+    assert!(floods.is_some_and(|n| n >= 1.0), "{floods:?}");
+    let about_b = Api::<Event>::all(admin.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("ChangeFlood")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(b.as_str())
+        })
+        .count();
+    assert_eq!(about_b, 0, "a node within its allowance is no flood");
+    for node in [&a, &b] {
+        for c in Api::<FileChange>::all(admin.clone())
+            .list(&ListParams::default().fields(&format!("spec.node={node}")))
+            .await
+            .unwrap()
+            .items
+        {
+            let _ = Api::<FileChange>::all(admin.clone())
+                .delete(&c.name_any(), &Default::default())
+                .await;
+        }
+        delete_node(&admin, node).await;
+    }
 }

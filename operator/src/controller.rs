@@ -37,7 +37,7 @@ use crate::metrics::Metrics;
 use crate::seen::{Change, Seen};
 use crate::status::{self, DEGRADED};
 use crate::triggers::{self, Wake};
-use crate::{evidence, retention};
+use crate::{evidence, flood, retention};
 
 /// The fleet is looked at again this often without any event.
 const FLEET_RESYNC: Duration = Duration::from_secs(30);
@@ -251,13 +251,24 @@ async fn watch<K, V>(
 /// FileChanges come and go (agents report them, approvals and retention):
 /// their policy's counts follow within a batch window, not at the next resync.
 /// Of each, only what the counts and retention need is kept ([`Changes`]).
+///
+/// New ones are also counted per node ([`flood`]): a node creating them far
+/// faster than its policies allow is a `ChangeFlood`.
 async fn watch_changes(api: Api<ChangeView>, ctx: Arc<Context>) {
     let events = watcher(api, watcher::Config::default()).default_backoff();
     futures::pin_mut!(events);
+    let floods = flood::Floods::default();
     while let Some(event) = events.next().await {
         match event {
             Ok(event) => {
                 let change = ctx.changes.observe(&event);
+                if let Change::Changed {
+                    old: None,
+                    new: Some(item),
+                } = &change
+                {
+                    count_new_change(&floods, item, &ctx);
+                }
                 let woken = triggers::change_wake(change, &ctx.policies.state());
                 if woken != Wake::default() {
                     ctx.pending().add(woken, Instant::now());
@@ -266,6 +277,45 @@ async fn watch_changes(api: Api<ChangeView>, ctx: Arc<Context>) {
             Err(error) => warn!(kind = "FileChange", %error, "watch"),
         }
     }
+}
+
+/// Counts a new FileChange against its node's allowance; says a flood once a
+/// window (the Event is published beside the watch, never holding it up).
+fn count_new_change(floods: &flood::Floods, item: &changes::Item, ctx: &Arc<Context>) {
+    let now = Timestamp::now();
+    let node = ctx.nodes.get(&ObjectRef::new(&item.node));
+    let budget = match &node {
+        Some(node) => flood::budget(node, ctx.policies.state().iter().map(|p| &**p)),
+        None => flood::MIN_BUDGET,
+    };
+    floods.trim(now);
+    let Some(found) = floods.observe(&item.node, item.created, now, budget) else {
+        return;
+    };
+    ctx.metrics.change_floods.inc();
+    warn!(node = %found.node, count = found.count, budget = found.budget, "change flood");
+    let Some(node) = node else {
+        return;
+    };
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "ChangeFlood".into(),
+            note: Some(truncate(format!(
+                "node {} created {} FileChanges in the last minute, more than {} ({}× what its policies' maxChangesPerNodePerMinute allow per entry): its agent paces storms below that, so this is its token used outside the agent, an agent replaced, or a long outage's backlog. Every agent shares one API priority level: other nodes' reports wait behind these",
+                found.node,
+                found.count,
+                found.budget,
+                flood::FACTOR
+            ))),
+            action: "Count".into(),
+            secondary: None,
+        };
+        if let Err(error) = ctx.recorder.publish(&event, &node.object_ref(&())).await {
+            warn!(node = %found.node, %error, "could not publish the ChangeFlood event");
+        }
+    });
 }
 
 pub(crate) async fn reconcile(

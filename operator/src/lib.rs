@@ -13,6 +13,7 @@ pub mod evidence;
 pub mod export;
 #[cfg(test)]
 mod fixtures;
+pub mod flood;
 pub mod metrics;
 pub mod retention;
 pub mod seen;

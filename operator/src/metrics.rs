@@ -21,6 +21,8 @@ pub struct Metrics {
     pub fleet_reconcile_duration: Histogram,
     pub policies: IntGaugeVec,
     pub retention_deleted: IntCounter,
+    /// Nodes found creating FileChanges far faster than their policies allow.
+    pub change_floods: IntCounter,
     pub daemonset_applies: IntCounterVec,
     pub leader: IntGauge,
     /// Per policy, from its status (so the values survive restarts: they are
@@ -91,6 +93,10 @@ impl Metrics {
             "retention_deleted_total",
             "FileChange objects deleted by retention",
         )?;
+        let change_floods = IntCounter::new(
+            "change_floods_total",
+            "Times a node created FileChanges far faster than its policies allow (ChangeFlood Events name the node)",
+        )?;
         let daemonset_applies = IntCounterVec::new(
             Opts::new(
                 "daemonset_operations_total",
@@ -151,6 +157,7 @@ impl Metrics {
         registry.register(Box::new(policy_status_age.clone()))?;
         registry.register(Box::new(policies.clone()))?;
         registry.register(Box::new(retention_deleted.clone()))?;
+        registry.register(Box::new(change_floods.clone()))?;
         registry.register(Box::new(daemonset_applies.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         Ok(Metrics {
@@ -162,6 +169,7 @@ impl Metrics {
             fleet_reconcile_duration,
             policies,
             retention_deleted,
+            change_floods,
             daemonset_applies,
             leader,
             policy_nodes,

@@ -1,0 +1,193 @@
+//! A node whose FileChanges arrive far faster than its policies allow.
+//!
+//! An agent paces a storm at its policies' caps (`maxChangesPerNodePerMinute`
+//! per entry) and never sends more. A node creating FileChanges at a multiple
+//! of that is not its agent following the protocol: the node's token used by
+//! hand, or the agent replaced. All agents share one API priority level (API
+//! Priority and Fairness tells flows apart by user, and every agent is the same
+//! ServiceAccount), so such a node also delays every other node's reports. The
+//! operator counts each node's new FileChanges over the last minute and raises
+//! a `ChangeFlood` Warning Event on the Node and `kube_fim_operator_change_floods_total`
+//! (alert `KubeFimChangeFlood`) once per minute while it lasts.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube_fim_crds::FileIntegrityPolicy;
+use kube_fim_crds::selection::matches_labels;
+
+/// The window counted.
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// How far above its policies' allowance a node's rate must be.
+pub const FACTOR: u64 = 2;
+/// A floor, so that a node with no policy (or a tiny cap) is not flagged for a
+/// handful of changes.
+pub const MIN_BUDGET: u64 = 120;
+
+/// What a node's policies allow it to create per minute, times [`FACTOR`]:
+/// each policy selecting it contributes its cap per entry.
+pub fn budget<'a>(node: &Node, policies: impl IntoIterator<Item = &'a FileIntegrityPolicy>) -> u64 {
+    let allowed: u64 = policies
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && matches_labels(p, node))
+        .map(|p| {
+            u64::from(p.spec.max_changes_per_node_per_minute)
+                * p.spec.effective_paths().len().max(1) as u64
+        })
+        .sum();
+    (allowed * FACTOR).max(MIN_BUDGET)
+}
+
+#[derive(Debug, Default)]
+struct NodeWindow {
+    created: VecDeque<Timestamp>,
+    /// Until when the current flood was already said.
+    said_until: Option<Timestamp>,
+}
+
+/// New FileChanges per node over the last [`WINDOW`].
+#[derive(Debug, Default)]
+pub struct Floods {
+    nodes: Mutex<HashMap<String, NodeWindow>>,
+}
+
+/// A node found flooding: what to say.
+#[derive(Debug, PartialEq)]
+pub struct Flood {
+    pub node: String,
+    pub count: usize,
+    pub budget: u64,
+}
+
+impl Floods {
+    /// Counts a FileChange of `node` created at `created` (seen at `now`; one
+    /// created before the window, e.g. delivered late after an outage, is not
+    /// counted). Returns the flood when the node's count just went past
+    /// `budget`, at most once per window.
+    pub fn observe(
+        &self,
+        node: &str,
+        created: Timestamp,
+        now: Timestamp,
+        budget: u64,
+    ) -> Option<Flood> {
+        let window = jiff_span(WINDOW);
+        if created < now - window {
+            return None;
+        }
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let w = nodes.entry(node.to_string()).or_default();
+        w.created.push_back(created);
+        while w.created.front().is_some_and(|t| *t < now - window) {
+            w.created.pop_front();
+        }
+        if (w.created.len() as u64) <= budget || w.said_until.is_some_and(|t| now < t) {
+            return None;
+        }
+        w.said_until = Some(now + window);
+        Some(Flood {
+            node: node.to_string(),
+            count: w.created.len(),
+            budget,
+        })
+    }
+
+    /// Forgets nodes with nothing in the window (bounded memory).
+    pub fn trim(&self, now: Timestamp) {
+        let window = jiff_span(WINDOW);
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        nodes.retain(|_, w| w.created.back().is_some_and(|t| *t >= now - window));
+    }
+}
+
+fn jiff_span(d: Duration) -> k8s_openapi::jiff::SignedDuration {
+    k8s_openapi::jiff::SignedDuration::from_secs(d.as_secs() as i64)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use kube_fim_crds::{FileIntegrityPolicySpec, MonitoredPath};
+
+    fn policy(cap: u32, entries: usize, selector: &[(&str, &str)]) -> FileIntegrityPolicy {
+        let mut spec = FileIntegrityPolicySpec::with_paths(
+            (0..entries)
+                .map(|i| MonitoredPath {
+                    name: format!("e{i}"),
+                    path: format!("/etc/e{i}"),
+                    ..MonitoredPath::default()
+                })
+                .collect(),
+        );
+        spec.max_changes_per_node_per_minute = cap;
+        spec.node_selector = selector
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        FileIntegrityPolicy::new("p", spec)
+    }
+
+    fn node(labels: &[(&str, &str)]) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some("a".into());
+        n.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        n
+    }
+
+    #[test]
+    fn the_budget_is_twice_what_the_selecting_policies_allow() {
+        let web = node(&[("role", "web")]);
+        let ps = [
+            policy(50, 3, &[("role", "web")]),
+            policy(100, 1, &[]),
+            policy(1000, 5, &[("role", "db")]),
+        ];
+        assert_eq!(budget(&web, &ps), 2 * (50 * 3 + 100));
+        assert_eq!(budget(&web, &[]), MIN_BUDGET);
+        assert_eq!(budget(&web, &[policy(1, 1, &[])]), MIN_BUDGET);
+    }
+
+    #[test]
+    fn a_flood_is_said_once_a_window_and_old_changes_do_not_count() {
+        let floods = Floods::default();
+        let t0 = Timestamp::now();
+        let at = |s: i64| t0 + k8s_openapi::jiff::SignedDuration::from_secs(s);
+        // 10 a second against a budget of 120 a minute: past it after 12 s.
+        let mut said = Vec::new();
+        for i in 0..300 {
+            let now = at(i / 10);
+            if let Some(f) = floods.observe("a", now, now, 120) {
+                said.push((i / 10, f.count));
+            }
+            // Another node at its allowance is never flagged.
+            if i % 3 == 0 {
+                assert_eq!(floods.observe("b", now, now, 120), None);
+            }
+        }
+        assert_eq!(said, [(12, 121)]);
+        // A minute later, still flooding: said again.
+        let mut later = None;
+        for i in 0..200 {
+            let now = at(61 + i / 10);
+            later = later.or(floods.observe("a", now, now, 120));
+        }
+        assert!(later.is_some());
+        // Reports created long ago and delivered now (after an outage) are not a flood.
+        let quiet = Floods::default();
+        let now = at(1000);
+        for _ in 0..1000 {
+            assert_eq!(quiet.observe("c", at(0), now, 120), None);
+        }
+        floods.trim(at(10_000));
+        assert!(floods.nodes.lock().unwrap().is_empty());
+    }
+}
