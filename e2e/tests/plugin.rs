@@ -182,6 +182,51 @@ async fn summary_export_approve_and_status() {
     assert_eq!(node_row[1..4], ["1", "42", "7"], "{}", run.stdout);
     assert!(run.stdout.contains("baseline tampered"), "{}", run.stdout);
     assert!(run.stdout.lines().next().unwrap().starts_with("POLICY"));
+
+    // report: the auditor's document, from the same objects.
+    let run = kubectl_fim(&["report", "--since", "1d", "-o", "json"]);
+    assert!(run.success, "{}", run.stderr);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let node = |name: &str| {
+        report["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} in {report}"))
+    };
+    let r1 = node(&n1);
+    assert_eq!(
+        (r1["changes"].as_u64(), r1["approved"].as_u64()),
+        (Some(3), Some(3))
+    );
+    // Its policy never completed a full comparison: the weekly check fails.
+    assert_eq!(r1["weeklyComparison"], false);
+    assert_eq!(
+        r1["policies"][0]["lastFullComparison"],
+        serde_json::Value::Null
+    );
+    assert_eq!(report["passed"], false);
+    let approval = report["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["change"] == format!("{suite}-3").as_str())
+        .cloned()
+        .expect("the approval of n2's change");
+    assert_eq!(
+        approval["approvedBy"],
+        kube_fim_e2e::whoami(&client).await.as_str()
+    );
+    assert_eq!(approval["reason"], "CHG-1234");
+    let run = kubectl_fim(&["report", "--since", "1d"]);
+    assert!(run.success, "{}", run.stderr);
+    assert!(run.stdout.contains("PCI DSS 11.5.2"), "{}", run.stdout);
+    assert_eq!(
+        row_of(&run.stdout, &n1).last().map(String::as_str),
+        Some("no")
+    );
 }
 
 fn row_of(text: &str, first: &str) -> Vec<String> {

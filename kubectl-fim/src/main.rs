@@ -11,6 +11,7 @@
 
 mod connect;
 mod display;
+mod report;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -96,6 +97,16 @@ enum Command {
     /// Policies, nodes reporting, last scans, errors.
     Status {
         /// Output format: wide (more columns), json or yaml; default a table.
+        #[arg(short, long, value_enum)]
+        output: Option<Output>,
+    },
+    /// The compliance report: per node, when every file was last compared with
+    /// the baseline (at least weekly), changes, who approved what, open alarms.
+    Report {
+        /// Changes detected within this period (e.g. 7d, 30d).
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// Output format: json or yaml; default a document for people.
         #[arg(short, long, value_enum)]
         output: Option<Output>,
     },
@@ -738,6 +749,32 @@ async fn status(client: &Client, output: Option<Output>) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn report(client: &Client, since: &str, output: Option<Output>) -> anyhow::Result<()> {
+    let period = parse_since(since)?;
+    let policies = Api::<FileIntegrityPolicy>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .context("listing FileIntegrityPolicies (are the kube-fim CRDs installed?)")?;
+    let records = Api::<FileIntegrityNode>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .context("listing FileIntegrityNodes")?;
+    let changes = changes_since(client, period).await?;
+    let built = report::build(
+        since,
+        Timestamp::now(),
+        &policies.items,
+        &records.items,
+        &changes,
+    );
+    let text = match output {
+        Some(o @ (Output::Json | Output::Yaml)) => structured(&built, o)?,
+        _ => report::render(&built),
+    };
+    std::io::stdout().lock().write_all(text.as_bytes())?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -766,6 +803,7 @@ async fn main() -> std::process::ExitCode {
                 policy,
             } => approve(&client, names, reason, node, policy).await,
             Command::Status { output } => status(&client, output).await,
+            Command::Report { since, output } => report(&client, &since, output).await,
             Command::Completion { .. } => Ok(()),
         }
     }

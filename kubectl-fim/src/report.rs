@@ -1,0 +1,461 @@
+//! `kubectl fim report`: the compliance document an auditor asks for. Per
+//! node, when each policy last compared every file with the baseline (PCI DSS
+//! 11.5.2 asks for at least weekly), the changes of the period and who approved
+//! which, and every alarm still open — from what the cluster stores, nothing
+//! the node merely says about itself beyond its published record.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube_fim_crds::{FileChange, FileIntegrityNode, FileIntegrityPolicy};
+use serde::Serialize;
+
+use crate::display::{self, Align};
+
+/// A full comparison older than this fails the report's weekly check.
+pub const FULL_COMPARISON_MAX_AGE: Duration = Duration::from_secs(7 * 86400);
+
+/// The whole document.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub generated: String,
+    pub since: String,
+    /// Every node compared all its files within the last 7 days, no alarm is
+    /// open and no change is left unapproved.
+    pub passed: bool,
+    pub nodes: Vec<NodeReport>,
+    pub approvals: Vec<ApprovalLine>,
+    pub unapproved: Vec<ChangeLine>,
+    pub alarms: Vec<Alarm>,
+}
+
+/// One node.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReport {
+    pub node: String,
+    pub agent_version: Option<String>,
+    pub last_heartbeat: Option<String>,
+    pub policies: Vec<PolicyComparison>,
+    pub changes: u64,
+    pub approved: u64,
+    pub unapproved: u64,
+    /// Each served policy compared every file within 7 days.
+    pub weekly_comparison: bool,
+}
+
+/// When one policy last compared every file of one node.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyComparison {
+    pub policy: String,
+    pub phase: String,
+    pub last_full_comparison: Option<String>,
+    pub files: Option<i64>,
+    pub within_7d: bool,
+}
+
+/// One approval given in the period.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalLine {
+    pub change: String,
+    pub node: String,
+    pub path: String,
+    pub category: String,
+    pub approved_by: String,
+    pub approved_at: String,
+    pub reason: Option<String>,
+    pub outcome: Option<String>,
+}
+
+/// One change nobody approved yet.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeLine {
+    pub change: String,
+    pub node: String,
+    pub path: String,
+    pub category: String,
+    pub detected: String,
+}
+
+/// An alarm still open: a node's baseline alarm, a degraded policy.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Alarm {
+    /// `node/<name>` or `policy/<name>`.
+    pub subject: String,
+    pub reason: String,
+    pub since: Option<String>,
+    pub message: String,
+}
+
+/// Builds the report from what the cluster stores. `changes` are those
+/// detected since `now - since`.
+pub fn build(
+    since: &str,
+    now: Timestamp,
+    policies: &[FileIntegrityPolicy],
+    records: &[FileIntegrityNode],
+    changes: &[FileChange],
+) -> Report {
+    let max_age =
+        k8s_openapi::jiff::SignedDuration::from_secs(FULL_COMPARISON_MAX_AGE.as_secs() as i64);
+    let mut per_node: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut approvals = Vec::new();
+    let mut unapproved = Vec::new();
+    for c in changes {
+        let counts = per_node.entry(c.spec.node.clone()).or_default();
+        counts.0 += 1;
+        match c.approval() {
+            Some(a) => {
+                counts.1 += 1;
+                approvals.push(ApprovalLine {
+                    change: c.name_any(),
+                    node: c.spec.node.clone(),
+                    path: c.spec.path.clone(),
+                    category: c.spec.category.as_str().to_string(),
+                    approved_by: a.approved_by.clone(),
+                    approved_at: a.approved_at.0.to_string(),
+                    reason: a.reason.clone(),
+                    outcome: c
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.outcome)
+                        .map(|o| format!("{o:?}")),
+                });
+            }
+            None => unapproved.push(ChangeLine {
+                change: c.name_any(),
+                node: c.spec.node.clone(),
+                path: c.spec.path.clone(),
+                category: c.spec.category.as_str().to_string(),
+                detected: c.spec.detected_time.0.to_string(),
+            }),
+        }
+    }
+    let mut alarms = Vec::new();
+    let mut nodes = Vec::new();
+    for r in records {
+        let name = r.spec.node.clone();
+        let status = r.status.clone().unwrap_or_default();
+        let comparisons: Vec<PolicyComparison> = status
+            .policies
+            .iter()
+            .map(|p| {
+                let last = p.last_scan_time.as_ref().map(|t| t.0);
+                PolicyComparison {
+                    policy: p.policy.clone(),
+                    phase: format!("{:?}", p.phase),
+                    last_full_comparison: last.map(|t| t.to_string()),
+                    files: p.files_monitored,
+                    within_7d: last.is_some_and(|t| now - max_age <= t),
+                }
+            })
+            .collect();
+        if let Some(a) = &status.baseline_alarm {
+            alarms.push(Alarm {
+                subject: format!("node/{name}"),
+                reason: a.reason.clone(),
+                since: Some(a.since.0.to_string()),
+                message: a.message.clone(),
+            });
+        }
+        let (changes, approved) = per_node.remove(&name).unwrap_or_default();
+        nodes.push(NodeReport {
+            agent_version: status.agent_version.clone(),
+            last_heartbeat: status.heartbeat_time.as_ref().map(|t| t.0.to_string()),
+            // A node serving nothing compares nothing: it passes no weekly check.
+            weekly_comparison: !comparisons.is_empty()
+                && comparisons
+                    .iter()
+                    .filter(|c| c.phase != "Unselected")
+                    .all(|c| c.within_7d),
+            policies: comparisons,
+            changes,
+            approved,
+            unapproved: changes - approved,
+            node: name,
+        });
+    }
+    // Changes of nodes without a record (deleted since) still count.
+    for (node, (changes, approved)) in per_node {
+        nodes.push(NodeReport {
+            node,
+            agent_version: None,
+            last_heartbeat: None,
+            policies: Vec::new(),
+            changes,
+            approved,
+            unapproved: changes - approved,
+            weekly_comparison: false,
+        });
+    }
+    nodes.sort_by(|a, b| a.node.cmp(&b.node));
+    for p in policies {
+        let degraded = p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded"));
+        if let Some(c) = degraded.filter(|c| c.status == "True") {
+            alarms.push(Alarm {
+                subject: format!("policy/{}", p.name_any()),
+                reason: c.reason.clone(),
+                since: Some(c.last_transition_time.0.to_string()),
+                message: c.message.clone(),
+            });
+        }
+    }
+    Report {
+        generated: now.to_string(),
+        since: since.to_string(),
+        passed: !nodes.is_empty()
+            && nodes.iter().all(|n| n.weekly_comparison)
+            && alarms.is_empty()
+            && unapproved.is_empty(),
+        nodes,
+        approvals,
+        unapproved,
+        alarms,
+    }
+}
+
+/// The report as text, for people (every value from the cluster escaped).
+pub fn render(report: &Report) -> String {
+    use Align::{Left, Right};
+    let e = |s: &str| display::escape(s).into_owned();
+    let mut out = format!(
+        "kube-fim compliance report, generated {}, changes of the last {}\nResult: {}\n",
+        report.generated,
+        e(&report.since),
+        if report.passed {
+            "PASSED (every node compared all files within 7 days; no open alarm; every change approved)"
+        } else {
+            "NOT PASSED (see below)"
+        }
+    );
+    out.push_str("\nFull comparison with the baseline (PCI DSS 11.5.2: at least weekly)\n");
+    let mut t = display::Table::new(&[
+        ("NODE", Left),
+        ("POLICY", Left),
+        ("PHASE", Left),
+        ("LAST FULL COMPARISON", Left),
+        ("FILES", Right),
+        ("WITHIN 7D", Left),
+    ]);
+    for n in &report.nodes {
+        if n.policies.is_empty() {
+            t.row([
+                e(&n.node),
+                "-".into(),
+                "-".into(),
+                "never".into(),
+                "-".into(),
+                "no".into(),
+            ]);
+        }
+        for p in &n.policies {
+            t.row([
+                e(&n.node),
+                e(&p.policy),
+                p.phase.clone(),
+                p.last_full_comparison
+                    .clone()
+                    .unwrap_or_else(|| "never".into()),
+                p.files.map_or("-".into(), |f| f.to_string()),
+                if p.within_7d { "yes" } else { "no" }.into(),
+            ]);
+        }
+    }
+    out.push_str(&t.render());
+    out.push_str("\nChanges per node\n");
+    let mut t = display::Table::new(&[
+        ("NODE", Left),
+        ("CHANGES", Right),
+        ("APPROVED", Right),
+        ("UNAPPROVED", Right),
+        ("LAST HEARTBEAT", Left),
+    ]);
+    for n in &report.nodes {
+        t.row([
+            e(&n.node),
+            n.changes.to_string(),
+            n.approved.to_string(),
+            n.unapproved.to_string(),
+            n.last_heartbeat.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    out.push_str(&t.render());
+    out.push_str(&format!("\nApprovals ({})\n", report.approvals.len()));
+    if !report.approvals.is_empty() {
+        let mut t = display::Table::new(&[
+            ("CHANGE", Left),
+            ("NODE", Left),
+            ("PATH", Left),
+            ("BY", Left),
+            ("AT", Left),
+            ("OUTCOME", Left),
+            ("REASON", Left),
+        ]);
+        for a in &report.approvals {
+            t.row([
+                e(&a.change),
+                e(&a.node),
+                e(&a.path),
+                e(&a.approved_by),
+                a.approved_at.clone(),
+                a.outcome.clone().unwrap_or_else(|| "pending".into()),
+                e(a.reason.as_deref().unwrap_or("-")),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
+    out.push_str(&format!(
+        "\nUnapproved changes ({})\n",
+        report.unapproved.len()
+    ));
+    if !report.unapproved.is_empty() {
+        let mut t = display::Table::new(&[
+            ("CHANGE", Left),
+            ("NODE", Left),
+            ("CATEGORY", Left),
+            ("PATH", Left),
+            ("DETECTED", Left),
+        ]);
+        for c in &report.unapproved {
+            t.row([
+                e(&c.change),
+                e(&c.node),
+                c.category.clone(),
+                e(&c.path),
+                c.detected.clone(),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
+    out.push_str(&format!("\nOpen alarms ({})\n", report.alarms.len()));
+    for a in &report.alarms {
+        out.push_str(&format!(
+            "  {} {} since {}: {}\n",
+            e(&a.subject),
+            e(&a.reason),
+            a.since.as_deref().unwrap_or("-"),
+            e(&a.message)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn record(node: &str, last_scan: &str, alarm: bool) -> FileIntegrityNode {
+        let mut v = serde_json::json!({
+            "apiVersion": "fim.kube-fim.io/v1alpha1",
+            "kind": "FileIntegrityNode",
+            "metadata": {"name": node},
+            "spec": {"node": node},
+            "status": {
+                "agentVersion": "0.1.0",
+                "heartbeatTime": "2026-12-07T10:00:00Z",
+                "policies": [{"policy": "baseline", "phase": "Ready", "filesMonitored": 12,
+                              "lastScanTime": last_scan}]
+            }
+        });
+        if alarm {
+            v["status"]["baselineAlarm"] = serde_json::json!({
+                "id": "a1", "reason": "BaselineTampered", "since": "2026-12-06T09:00:00Z",
+                "message": "entry etc differs"
+            });
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn change(name: &str, node: &str, approved_by: Option<&str>) -> FileChange {
+        let mut v = serde_json::json!({
+            "apiVersion": "fim.kube-fim.io/v1alpha1",
+            "kind": "FileChange",
+            "metadata": {"name": name},
+            "spec": {
+                "node": node, "policy": "baseline", "entry": "etc", "path": "/etc/passwd",
+                "category": "Modified", "source": "Realtime",
+                "detectedTime": "2026-12-06T10:00:00Z"
+            }
+        });
+        if let Some(by) = approved_by {
+            v["status"] = serde_json::json!({
+                "approval": {"approvedBy": by, "approvedAt": "2026-12-06T11:00:00Z",
+                             "reason": "CHG-42"},
+                "outcome": "Applied"
+            });
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn now() -> Timestamp {
+        "2026-12-07T12:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn a_node_not_compared_within_a_week_fails_the_report() {
+        let records = [
+            record("fresh", "2026-12-07T06:00:00Z", false),
+            record("stale", "2026-11-29T06:00:00Z", false),
+        ];
+        let r = build("7d", now(), &[], &records, &[]);
+        assert!(!r.passed);
+        let stale = r.nodes.iter().find(|n| n.node == "stale").unwrap();
+        assert!(!stale.weekly_comparison);
+        assert!(
+            r.nodes
+                .iter()
+                .find(|n| n.node == "fresh")
+                .unwrap()
+                .weekly_comparison
+        );
+        let text = render(&r);
+        assert!(text.contains("NOT PASSED"), "{text}");
+        let line = text.lines().find(|l| l.starts_with("stale")).unwrap();
+        assert!(line.ends_with("no"), "{line}");
+    }
+
+    #[test]
+    fn approvals_unapproved_changes_and_alarms_are_listed() {
+        let records = [record("a", "2026-12-07T06:00:00Z", true)];
+        let changes = [
+            change("a-1-x", "a", Some("alice@example.com")),
+            change("a-2-y", "a", None),
+            change("gone-1-z", "gone", None),
+        ];
+        let r = build("7d", now(), &[], &records, &changes);
+        assert!(!r.passed);
+        assert_eq!(r.approvals.len(), 1);
+        assert_eq!(r.approvals[0].approved_by, "alice@example.com");
+        assert_eq!(r.approvals[0].outcome.as_deref(), Some("Applied"));
+        assert_eq!(r.unapproved.len(), 2);
+        assert_eq!(r.alarms.len(), 1);
+        assert_eq!(r.alarms[0].subject, "node/a");
+        let a = r.nodes.iter().find(|n| n.node == "a").unwrap();
+        assert_eq!((a.changes, a.approved, a.unapproved), (2, 1, 1));
+        // A node deleted since still has its changes counted.
+        assert!(r.nodes.iter().any(|n| n.node == "gone" && n.changes == 1));
+        let text = render(&r);
+        assert!(text.contains("alice@example.com"), "{text}");
+        assert!(text.contains("node/a BaselineTampered since"), "{text}");
+    }
+
+    #[test]
+    fn all_compared_nothing_open_passes() {
+        let records = [record("a", "2026-12-07T06:00:00Z", false)];
+        let changes = [change("a-1-x", "a", Some("alice"))];
+        let r = build("7d", now(), &[], &records, &changes);
+        assert!(r.passed, "{r:?}");
+        assert!(render(&r).contains("Result: PASSED"));
+    }
+}
