@@ -224,7 +224,7 @@ fn ocsf_process(p: &ProcessInfo) -> Value {
         container.insert("uid".into(), id.clone().into());
         if let Some(pod) = &p.pod {
             insert(&mut container, "name", pod.container.clone());
-            container.insert("orchestrator".into(), json!({ "name": "Kubernetes" }));
+            container.insert("orchestrator".into(), "Kubernetes".into());
         }
         process.insert("container".into(), Value::Object(container));
     }
@@ -288,8 +288,9 @@ pub fn ocsf(change: &FileChange) -> Value {
             Value::Object(actor)
         }
         // The writer is unknown (attribution off, or a scan found the
-        // change): an empty actor says so rather than naming the agent.
-        None => json!({}),
+        // change). OCSF requires an actor with at least one attribute: an
+        // application named "Unknown" says so rather than naming the agent.
+        None => json!({ "app_name": "Unknown" }),
     };
     event.insert("actor".into(), actor);
     event.insert("file".into(), ocsf_file(&spec.path, current(change)));
@@ -654,7 +655,11 @@ mod tests {
         );
         assert_eq!(e["unmapped"]["before"]["hash"], BEFORE);
         assert_eq!(e["unmapped"]["changed_attributes"], json!(["hash", "mode"]));
-        assert_eq!(e["actor"], json!({}), "no attribution, no invented actor");
+        assert_eq!(
+            e["actor"],
+            json!({ "app_name": "Unknown" }),
+            "no attribution, no invented actor"
+        );
         assert_eq!(e["is_alert"], true);
     }
 
