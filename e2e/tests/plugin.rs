@@ -106,6 +106,28 @@ async fn summary_export_approve_and_status() {
         api.get(&format!("{suite}-3")).await.unwrap().spec
     );
 
+    // OCSF, ECS, CEF: the events a FileChangeSink delivers, one per line.
+    let run = kubectl_fim(&["export", "--format", "ocsf"]);
+    assert!(run.success, "{}", run.stderr);
+    let ours: Vec<serde_json::Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["device"]["hostname"] == n2.as_str())
+        .collect();
+    assert_eq!(ours.len(), 1, "{}", run.stdout);
+    assert_eq!(ours[0]["class_uid"], 1001);
+    assert_eq!(ours[0]["metadata"]["uid"], format!("{suite}-3").as_str());
+    assert_eq!(ours[0]["file"]["path"], "/etc/hosts");
+    let run = kubectl_fim(&["export", "--format", "cef"]);
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("CEF:0|kube-fim|") && l.contains(&format!("{suite}-3"))),
+        "{}",
+        run.stdout
+    );
+
     // approve: by name (recorded as the approving user, with the reason),
     // then everything of a node.
     let run = kubectl_fim(&["approve", &format!("{suite}-3"), "--reason", "CHG-1234"]);

@@ -48,6 +48,12 @@ struct Cli {
 enum Format {
     Csv,
     Json,
+    /// OCSF 1.4 File System Activity, one event per line (what an OCSF sink gets).
+    Ocsf,
+    /// Elastic Common Schema, one event per line.
+    Ecs,
+    /// ArcSight CEF, one record per line.
+    Cef,
 }
 
 /// `-o`: a table (the default), a wider one, or the same data for programs.
@@ -376,7 +382,21 @@ async fn summary(client: &Client, since: &str, output: Option<Output>) -> anyhow
 async fn export(client: &Client, since: &str, format: Format) -> anyhow::Result<()> {
     let changes = changes_since(client, parse_since(since)?).await?;
     let mut out = std::io::stdout().lock();
+    let sink_format = match format {
+        Format::Ocsf => Some(kube_fim_crds::SinkFormat::Ocsf),
+        Format::Ecs => Some(kube_fim_crds::SinkFormat::Ecs),
+        Format::Cef => Some(kube_fim_crds::SinkFormat::Cef),
+        Format::Csv | Format::Json => None,
+    };
+    if let Some(f) = sink_format {
+        // The operator's encoder: the same events a FileChangeSink delivers.
+        for c in &changes {
+            writeln!(out, "{}", kube_fim_formats::encode(f, c))?;
+        }
+        return Ok(());
+    }
     match format {
+        Format::Ocsf | Format::Ecs | Format::Cef => {}
         Format::Json => {
             // Whole objects, one per line: an archive reads back as FileChanges.
             for c in &changes {

@@ -34,7 +34,8 @@
 //! when the first sink appears, fills the index every delivery task reads. A
 //! cluster without sinks costs the operator nothing more.
 
-pub mod format;
+/// The formats (shared with `kubectl fim export`).
+pub use kube_fim_formats as format;
 pub mod metrics;
 pub mod progress;
 pub mod transport;

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use kube_fim_crds::FileChange;
-use kube_fim_operator::export::format::ocsf;
+use kube_fim_formats::ocsf;
 use serde_json::{Map, Value, json};
 
 fn schema_dir() -> PathBuf {

@@ -1,4 +1,6 @@
-//! The event formats a sink can ask for, as pure functions of one FileChange.
+//! The event formats of kube-fim's evidence, as pure functions of one
+//! FileChange: what a FileChangeSink asks for (the operator's exporter) and what
+//! `kubectl fim export --format` writes, from one encoder.
 //!
 //! Every format carries the same stable event id, the FileChange's name: the
 //! agent derives it from the node, policy, path and the states before and after
