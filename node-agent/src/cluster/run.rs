@@ -2,9 +2,10 @@
 //!
 //! Tasks: the policy watch decides what the node serves ([`super::policies`]);
 //! the monitoring loop detects changes ([`crate::monitor`]); the reporter
-//! caps storms and queues each change on disk, the deliverer stores them as
-//! FileChanges and Events ([`crate::report`]); the heartbeat writes the
-//! node's FileIntegrityNode ([`super::heartbeat`]); the approvals watch
+//! queues each change on disk, the deliverer stores them as FileChanges and
+//! Events, each policy entry paced at its policy's cap ([`crate::report`]);
+//! the heartbeat writes the node's FileIntegrityNode ([`super::heartbeat`]);
+//! the approvals watch
 //! answers the approvals of the node's changes ([`super::approvals`]).
 
 use std::net::SocketAddr;
