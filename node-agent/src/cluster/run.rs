@@ -5,8 +5,8 @@
 //! queues each change on disk, the deliverer stores them as FileChanges and
 //! Events, each policy entry paced at its policy's cap ([`crate::report`]);
 //! the heartbeat writes the node's FileIntegrityNode ([`super::heartbeat`]);
-//! the approvals watch
-//! answers the approvals of the node's changes ([`super::approvals`]).
+//! the approvals watch answers the approvals of the node's changes
+//! ([`super::approvals`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
