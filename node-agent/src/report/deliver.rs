@@ -383,6 +383,7 @@ mod tests {
     use super::*;
     use crate::fixtures::{self, EVENTS, FILECHANGES, metric};
     use crate::report::object::to_object;
+    use crate::report::queue::Queue;
     use http::Method;
 
     const LIMIT: RateLimit = RateLimit {
@@ -609,6 +610,48 @@ mod tests {
         assert_eq!(metric(t, deferred), Some(0.0));
         let paced = r#"kube_fim_agent_reports_deferred_total{policy="p",node="n1"}"#;
         assert_eq!(metric(t, paced), Some(3.0));
+        stop.send(true).unwrap();
+        let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
+        stopped.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deferred_reports_survive_a_restart_and_each_is_delivered_once() {
+        let mut a = fixtures::agent();
+        serve_p(&a, 2);
+        {
+            let mut q = a.ctx.queue.lock().await;
+            for i in 0..5 {
+                let mut spec = fixtures::change(&format!("/usr/bin/t{i}"));
+                spec.sequence = Some(i);
+                q.push(&to_object(spec, 0)).unwrap();
+            }
+        }
+        let (stop, shutdown) = fixtures::shutdown();
+        let task = tokio::spawn(run(a.ctx.clone(), LIMIT, shutdown));
+        let before = created_until(&mut a, Instant::now() + Duration::from_secs(10)).await;
+        stop.send(true).unwrap();
+        let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
+        stopped.unwrap();
+
+        // The agent starts again on its state directory: the deferred
+        // reports are read back from the queue and paced again.
+        *a.ctx.queue.lock().await = Queue::open(&a.dir.path().join("queue"), 1000).unwrap();
+        let (stop, shutdown) = fixtures::shutdown();
+        let task = tokio::spawn(run(a.ctx.clone(), LIMIT, shutdown));
+        let after = created_until(&mut a, Instant::now() + Duration::from_secs(60)).await;
+        let paths: Vec<&str> = before
+            .iter()
+            .chain(&after)
+            .map(|(p, _)| p.as_str())
+            .collect();
+        assert_eq!(
+            paths,
+            (0..5).map(|i| format!("/usr/bin/t{i}")).collect::<Vec<_>>(),
+            "each once, in order"
+        );
+        assert_eq!(before.len(), 2, "the cap before the restart");
+        assert_eq!(a.ctx.queue.lock().await.len(), 0);
         stop.send(true).unwrap();
         let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
         stopped.unwrap();
