@@ -136,6 +136,7 @@ pub async fn run(
         committed: ctx.committed.clone(),
         ctx,
     };
+    let mut committing = true;
     loop {
         let flush_at = d.events.flush(false).await;
         let plan = d.plan().await;
@@ -158,7 +159,8 @@ pub async fn run(
                     return;
                 }
                 () = d.ctx.queued.notified() => {},
-                _ = d.committed.changed() => {},
+                // Its sender gone (the monitoring loop ended): no more saves.
+                saved = d.committed.changed(), if committing => committing = saved.is_ok(),
                 () = wait => {},
             }
             continue;
