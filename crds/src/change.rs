@@ -140,8 +140,8 @@ pub struct FileChangeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessInfo>,
 
-    /// For category Summary: the changes this object stands for, written instead of
-    /// one object per file when a node exceeds the policy's change rate.
+    /// For category Summary: the changes this object stands for (written by agents
+    /// before change storms were paced).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<ChangeSummary>,
 }
@@ -157,7 +157,8 @@ pub enum ChangeCategory {
     Modified,
     /// A file of the baseline is gone.
     Removed,
-    /// Many changes at once (a change storm), summarised in one object.
+    /// Many changes at once, summarised in one object (written by agents before
+    /// change storms were paced; current agents report every change on its own).
     Summary,
 }
 

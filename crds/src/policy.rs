@@ -101,9 +101,10 @@ pub struct FileIntegrityPolicySpec {
     #[schemars(length(max = 32))]
     pub debounce: String,
 
-    /// Most FileChange objects one node creates for this policy per minute. Past
-    /// it, the node writes one summarising FileChange (count and a sample of
-    /// paths) instead of one object per file, and says so in an Event.
+    /// Most FileChange objects one node creates per minute for each entry of
+    /// this policy. Past it, the entry's further changes wait on the node and are
+    /// delivered at this rate, each as a FileChange of its own (none folded or
+    /// dropped), and the node says so in a ChangeStorm Event.
     #[serde(default = "default_max_changes_per_minute")]
     #[schemars(range(min = 1, max = 10000))]
     pub max_changes_per_node_per_minute: u32,

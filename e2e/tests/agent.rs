@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use kube_fim_crds::{
-    Attribute, ChangeCategory, DetectionSource, FileIntegrityNode, FileIntegrityPolicy,
-};
+use kube_fim_crds::{Attribute, DetectionSource, FileIntegrityNode, FileIntegrityPolicy};
 use kube_fim_e2e::fleet::{Fleet, describe, entry, names};
 use kube_fim_e2e::{client, eventually, metric, unique_name};
 
@@ -420,62 +418,57 @@ async fn two_policies_on_one_node_share_the_work_and_each_gets_its_changes() {
     fleet.cleanup().await;
 }
 
+/// A storm past the policy's cap is deferred and paced, never folded: a
+/// `ChangeStorm` Warning Event and the storm metrics say so while it lasts.
+/// The agent killed (SIGKILL) in the middle of it and started again: every
+/// change of the storm ends as exactly one FileChange of its own, the node's
+/// numbers contiguous and none given twice.
 #[tokio::test]
-async fn a_change_storm_is_summarised() {
+async fn a_change_storm_is_paced_and_survives_a_crash_with_every_change_reported_once() {
+    const CAP: u32 = 30;
+    const STORM: usize = 80;
     let client = client().await;
     let suite = unique_name("e2e");
     let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
-    let policy = format!("{suite}-bin");
+    let policy = format!("{suite}-pkg");
     let dir = fleet.nodes[0].host("/usr/lib/pkg");
     std::fs::create_dir_all(&dir).unwrap();
     let mut p = fleet.policy(&policy, vec![entry("pkg", "/usr/lib/pkg", true)]);
-    p.spec.max_changes_per_node_per_minute = 50;
+    p.spec.max_changes_per_node_per_minute = CAP;
     fleet.create_policy(&p).await;
     fleet.nodes[0].start_agent();
     let a = fleet.nodes[0].name.clone();
     fleet.wait_ready(&a, &policy, READY).await;
 
-    for i in 0..5000 {
-        std::fs::write(dir.join(format!("lib{i}.so")), format!("{i}")).unwrap();
+    for i in 0..STORM {
+        std::fs::write(dir.join(format!("lib{i:03}.so")), format!("{i}")).unwrap();
     }
-    let changes = eventually(
-        "50 changes and a summary of the other 4950",
-        Duration::from_secs(120),
+    // The cap at once, then one every 60 / CAP = 2 s: some paced ones, then
+    // the crash, with most still deferred in the node's queue.
+    eventually(
+        "the cap and a few paced reports",
+        Duration::from_secs(60),
         || async {
-            let c = fleet.changes(&a).await;
-            let summarised: u64 = c
-                .iter()
-                .filter_map(|c| c.spec.summary.as_ref())
-                .map(|s| s.count)
-                .sum();
-            let single = c
-                .iter()
-                .filter(|c| c.spec.category != ChangeCategory::Summary)
-                .count() as u64;
-            if single + summarised == 5000 {
-                Ok(c)
-            } else {
-                Err(format!("{single} single + {summarised} summarised"))
-            }
+            let n = fleet.changes(&a).await.len();
+            (n >= CAP as usize + 3).then_some(()).ok_or(format!("{n}"))
         },
     )
     .await;
-    assert!(
-        changes.len() <= 60,
-        "a bounded number of objects: {}",
-        changes.len()
-    );
-    let summary = changes
-        .iter()
-        .find(|c| c.spec.category == ChangeCategory::Summary)
-        .unwrap();
-    let s = summary.spec.summary.as_ref().unwrap();
-    assert!(!s.sample_paths.is_empty());
-    assert_eq!(summary.spec.path, "/usr/lib/pkg");
-    // The Event is written after its FileChange: wait for it as a user would.
-    let summary_name = summary.name_any();
+    let text = fleet.nodes[0].metrics().unwrap();
+    let deferred = metric(
+        &text,
+        &format!("kube_fim_agent_reports_deferred{{node=\"{a}\",policy=\"{policy}\"}}"),
+    )
+    .unwrap_or(0.0);
+    assert!(deferred > 0.0, "no report deferred: {text}");
+    let storms = metric(
+        &text,
+        &format!("kube_fim_agent_change_storms_total{{node=\"{a}\",policy=\"{policy}\"}}"),
+    )
+    .unwrap_or(0.0);
+    assert!(storms >= 1.0, "{text}");
     eventually(
-        "a ChangeStorm event related to the summary",
+        "a ChangeStorm warning naming the entry",
         Duration::from_secs(30),
         || async {
             let events = Api::<Event>::all(client.clone())
@@ -486,24 +479,55 @@ async fn a_change_storm_is_summarised() {
                 .items
                 .iter()
                 .any(|e| {
+                    let note = e.note.as_deref().unwrap_or("");
                     e.reason.as_deref() == Some("ChangeStorm")
-                        && e.related.as_ref().and_then(|r| r.name.as_deref())
-                            == Some(summary_name.as_str())
+                        && e.type_.as_deref() == Some("Warning")
+                        && note.contains(&a)
+                        && note.contains("entry pkg")
                 })
                 .then_some(())
                 .ok_or_else(|| format!("{} events, none of them", events.items.len()))
         },
     )
     .await;
-    let text = fleet.nodes[0].metrics().unwrap();
-    assert!(
-        metric(
-            &text,
-            &format!("kube_fim_agent_change_storms_total{{node=\"{a}\",policy=\"{policy}\"}}")
-        )
-        .unwrap_or(0.0)
-            >= 1.0,
-        "{text}"
+    let before_crash = fleet.changes(&a).await.len();
+    fleet.nodes[0].kill_agent();
+    fleet.nodes[0].start_agent();
+
+    let changes = eventually(
+        "every change of the storm reported",
+        Duration::from_secs(150),
+        || async {
+            let c = fleet.changes(&a).await;
+            if c.len() >= STORM {
+                Ok(c)
+            } else {
+                Err(format!("{} of {STORM}", c.len()))
+            }
+        },
+    )
+    .await;
+    // Nothing more comes: no duplicate after the restart.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let changes = {
+        let again = fleet.changes(&a).await;
+        assert_eq!(again.len(), changes.len(), "more FileChanges came");
+        again
+    };
+    eprintln!(
+        "storm of {STORM} at a cap of {CAP}: {before_crash} delivered before the crash, {} in all",
+        changes.len()
+    );
+    let paths = sorted(changes.iter().map(describe));
+    let want = sorted((0..STORM).map(|i| format!("Added /usr/lib/pkg/lib{i:03}.so")));
+    assert_eq!(paths, want, "each change exactly once");
+    let mut numbers: Vec<u64> = changes.iter().map(|c| c.spec.sequence.unwrap()).collect();
+    numbers.sort_unstable();
+    let first = numbers[0];
+    assert_eq!(
+        numbers,
+        (first..first + STORM as u64).collect::<Vec<_>>(),
+        "the node's numbers, each once and contiguous"
     );
     fleet.cleanup().await;
 }

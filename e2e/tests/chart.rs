@@ -59,6 +59,8 @@ const METRICS: &[&str] = &[
     "kube_fim_agent_reports_queued",
     "kube_fim_agent_api_errors_total",
     "kube_fim_agent_change_storms_total",
+    "kube_fim_agent_reports_deferred",
+    "kube_fim_agent_reports_deferred_total",
     "kube_fim_agent_baseline_tampered",
     "kube_fim_agent_queue_write_failing",
     "kube_fim_agent_attribution_active",

@@ -583,9 +583,11 @@ async fn run() {
     }
     let written = storm_task.await.unwrap();
 
-    // Nothing lost: each storm node's changes are FileChanges or counted in a
-    // Summary (written when its minute closes).
-    let deadline = Instant::now() + Duration::from_secs(300);
+    // Nothing lost: each storm node's changes are FileChanges of their own,
+    // delivered at the policy's cap (100 a minute by default) past its first
+    // 100; a Summary (agents before storms were paced) still counts.
+    let paced = (per_storm_node.saturating_sub(100) * 60 / 100) as u64;
+    let deadline = Instant::now() + Duration::from_secs(120 + paced);
     let total = |reported: &HashMap<String, u64>, summaries: &HashMap<String, u64>| {
         let storm_names: Vec<&String> = nodes[..storm_nodes].iter().map(|n| &n.name).collect();
         let direct: u64 = reported

@@ -124,8 +124,8 @@ enum Command {
         /// Creations allowed in a burst.
         #[arg(long, default_value_t = 50)]
         burst: u32,
-        /// Most changes waiting on the node for the API server; past it, changes
-        /// are summarised, never dropped.
+        /// Changes waiting on the node for the API server past which the agent
+        /// warns; none is ever refused, summarised or dropped.
         #[arg(long, default_value_t = 100_000)]
         queue_capacity: usize,
         /// The host's mount table (default: `<root>/proc/1/mountinfo`, the

@@ -79,6 +79,8 @@ struct Metrics {
     delivered: IntCounter,
     api_errors: IntCounterVec,
     change_storms: IntCounterVec,
+    reports_deferred: IntGaugeVec,
+    deferred_delivered: IntCounterVec,
     names_squatted: IntCounter,
     baseline_tampered: IntGauge,
     queue_write_failing: IntGauge,
@@ -186,7 +188,17 @@ impl Metrics {
             )?,
             change_storms: counters(
                 "kube_fim_agent_change_storms_total",
-                "Minutes in which a policy's changes exceeded its cap and were summarised",
+                "Minutes in which an entry of a policy had more changes than the policy's per-minute cap (the rest deferred and paced, none dropped)",
+                &["policy"],
+            )?,
+            reports_deferred: gauges(
+                "kube_fim_agent_reports_deferred",
+                "Reports waiting on the node for their entry's per-minute cap (change storms)",
+                &["policy"],
+            )?,
+            deferred_delivered: counters(
+                "kube_fim_agent_reports_deferred_total",
+                "FileChanges delivered after waiting for their entry's per-minute cap",
                 &["policy"],
             )?,
             names_squatted: counter(
@@ -222,6 +234,8 @@ impl Metrics {
             Box::new(m.delivered.clone()),
             Box::new(m.api_errors.clone()),
             Box::new(m.change_storms.clone()),
+            Box::new(m.reports_deferred.clone()),
+            Box::new(m.deferred_delivered.clone()),
             Box::new(m.names_squatted.clone()),
             Box::new(m.baseline_tampered.clone()),
         ] {
@@ -421,10 +435,45 @@ impl Telemetry {
         self.metrics.reports_queued.set(count as i64);
     }
 
-    /// A change of `policy` went over its cap: this minute is summarised.
-    pub fn change_storm_started(&self, policy: &str) {
+    /// The reports of `entry` of `policy` exceed the policy's `cap` per
+    /// minute: `waiting` of them are deferred and paced (told at most once a
+    /// minute per entry; see [`crate::report::storm`]).
+    pub async fn change_storm_started(&self, policy: &str, entry: &str, cap: u32, waiting: usize) {
+        let node = &self.node;
+        warn!(
+            policy,
+            entry, cap, waiting, "change storm: reports deferred and paced at the policy's cap"
+        );
+        self.publish(EventType::Warning, "ChangeStorm", format!(
+            "change storm on node {node}: entry {entry} of policy {policy} has more changes than the policy's cap of {cap} a minute; {waiting} reports are deferred and delivered at that rate, each as a FileChange of its own (other entries' changes are not held back)"
+        ), "Report").await;
+    }
+
+    /// A minute in which an entry of `policy` had reports deferred.
+    pub fn change_storm_minute(&self, policy: &str) {
         self.metrics
             .change_storms
+            .with_label_values(&[policy])
+            .inc();
+    }
+
+    /// Reports waiting for their entry's cap now, by policy.
+    pub fn reports_deferred<'a>(
+        &self,
+        by_policy: impl IntoIterator<Item = (&'a String, &'a usize)>,
+    ) {
+        for (policy, waiting) in by_policy {
+            self.metrics
+                .reports_deferred
+                .with_label_values(&[policy.as_str()])
+                .set(*waiting as i64);
+        }
+    }
+
+    /// A report of `policy` that waited for its entry's cap was stored.
+    pub fn deferred_report_delivered(&self, policy: &str) {
+        self.metrics
+            .deferred_delivered
             .with_label_values(&[policy])
             .inc();
     }

@@ -2,10 +2,11 @@
 //!
 //! Tasks: the policy watch decides what the node serves ([`super::policies`]);
 //! the monitoring loop detects changes ([`crate::monitor`]); the reporter
-//! caps storms and queues each change on disk, the deliverer stores them as
-//! FileChanges and Events ([`crate::report`]); the heartbeat writes the
-//! node's FileIntegrityNode ([`super::heartbeat`]); the approvals watch
-//! answers the approvals of the node's changes ([`super::approvals`]).
+//! queues each change on disk, the deliverer stores them as FileChanges and
+//! Events, each policy entry paced at its policy's cap ([`crate::report`]);
+//! the heartbeat writes the node's FileIntegrityNode ([`super::heartbeat`]);
+//! the approvals watch answers the approvals of the node's changes
+//! ([`super::approvals`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -9,6 +9,11 @@
 //! object is found to be this report (a different one is a squatted name, and
 //! the report goes under another name). A numbered report waits until the
 //! baseline holding its number is saved ([`super::sequence`]).
+//!
+//! Which report goes next is the pacer's choice ([`super::storm`]): the
+//! oldest one whose lane (policy entry) is within its policy's cap. Reports
+//! of a storming lane are deferred, not blocking: the ones behind them in
+//! the queue, of other lanes, pass them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::object::{shorten, squat_free_name};
 use super::series::ChangeEvents;
+use super::storm::{Head, Lane, Pacer, Plan};
 use crate::context::Context;
 
 /// Field manager of the agent's writes.
@@ -97,6 +103,7 @@ struct Deliverer {
     params: PostParams,
     events: ChangeEvents,
     bucket: Bucket,
+    pacer: Pacer,
     failures: u32,
     /// Since when deliveries fail.
     outage: Option<Instant>,
@@ -104,7 +111,11 @@ struct Deliverer {
     committed: tokio::sync::watch::Receiver<u64>,
 }
 
-/// Delivers the queue until `shutdown`, creates paced by `limit`.
+/// The cap of a policy no longer served (its reports still go, paced).
+const DEFAULT_CAP: u32 = 100;
+
+/// Delivers the queue until `shutdown`, creates paced by `limit` and each
+/// lane by its policy's cap.
 pub async fn run(
     ctx: Arc<Context>,
     limit: RateLimit,
@@ -119,21 +130,25 @@ pub async fn run(
         },
         events: ChangeEvents::new(&ctx),
         bucket: Bucket::new(limit),
+        pacer: Pacer::default(),
         failures: 0,
         outage: None,
         committed: ctx.committed.clone(),
         ctx,
     };
+    let mut committing = true;
     loop {
-        let batch = {
-            let mut q = d.ctx.queue.lock().await;
-            d.ctx.telemetry.reports_queued(q.len());
-            q.peek(32)
-        };
         let flush_at = d.events.flush(false).await;
-        if batch.is_empty() {
-            let flush = async {
-                match flush_at {
+        let plan = d.plan().await;
+        let Some(seq) = plan.send else {
+            // Nothing may go now: wait for a new report, a saved baseline,
+            // the next token of a deferred lane, or an Event series' refresh.
+            let wake = match (flush_at, plan.wake) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let wait = async {
+                match wake {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
@@ -143,42 +158,41 @@ pub async fn run(
                     d.events.flush(true).await;
                     return;
                 }
-                () = d.ctx.queued.notified() => continue,
-                () = flush => continue,
+                () = d.ctx.queued.notified() => {},
+                // Its sender gone (the monitoring loop ended): no more saves.
+                saved = d.committed.changed(), if committing => committing = saved.is_ok(),
+                () = wait => {},
             }
+            continue;
+        };
+        let Some(change) = d.ctx.queue.lock().await.get(seq) else {
+            continue;
+        };
+        tokio::select! {
+            () = &mut shutdown => return,
+            () = d.bucket.take() => {},
         }
-        for (seq, change) in batch {
-            if change
-                .spec
-                .sequence
-                .is_some_and(|n| n >= *d.committed.borrow_and_update())
-            {
-                // Not saved yet: after a crash its number could be given again.
+        match d.create(&change).await {
+            Delivery::Stored => {
+                if plan.paced {
+                    d.ctx
+                        .telemetry
+                        .deferred_report_delivered(&change.spec.policy);
+                }
+                d.stored(seq).await;
+            }
+            Delivery::Refused => {
+                let mut q = d.ctx.queue.lock().await;
+                q.reject(seq);
+                d.ctx.telemetry.reports_queued(q.len());
+            }
+            Delivery::NotYet => d.not_stored(&change),
+            Delivery::Failed(error) => {
+                d.not_stored(&change);
+                let wait = d.failed(&error);
                 tokio::select! {
                     () = &mut shutdown => return,
-                    _ = d.committed.changed() => {},
-                }
-                break;
-            }
-            tokio::select! {
-                () = &mut shutdown => return,
-                () = d.bucket.take() => {},
-            }
-            match d.create(&change).await {
-                Delivery::Stored => d.stored(seq).await,
-                Delivery::Refused => {
-                    let mut q = d.ctx.queue.lock().await;
-                    q.reject(seq);
-                    d.ctx.telemetry.reports_queued(q.len());
-                }
-                Delivery::NotYet => {}
-                Delivery::Failed(error) => {
-                    let wait = d.failed(&error);
-                    tokio::select! {
-                        () = &mut shutdown => return,
-                        () = tokio::time::sleep(wait) => {},
-                    }
-                    break;
+                    () = tokio::time::sleep(wait) => {},
                 }
             }
         }
@@ -186,6 +200,55 @@ pub async fn run(
 }
 
 impl Deliverer {
+    /// What to send next: the pacer's choice among the lanes' oldest
+    /// reports; tells storms and the deferred reports on the way.
+    async fn plan(&mut self) -> Plan {
+        let committed = *self.committed.borrow_and_update();
+        let plan = {
+            let q = self.ctx.queue.lock().await;
+            self.ctx.telemetry.reports_queued(q.len());
+            let served = self.ctx.served.borrow();
+            let heads = q.heads().map(|h| Head {
+                lane: h.lane,
+                seq: h.seq,
+                queued: h.queued,
+                cap: served
+                    .get(&h.lane.policy)
+                    .map_or(DEFAULT_CAP, |p| p.spec.max_changes_per_node_per_minute),
+                // Not saved yet: after a crash its number could be given again.
+                ready: h.number.is_none_or(|n| n < committed),
+            });
+            self.pacer.plan(heads, Instant::now())
+        };
+        let t = &self.ctx.telemetry;
+        t.reports_deferred(&plan.deferred);
+        for policy in &plan.storm_minutes {
+            t.change_storm_minute(policy);
+        }
+        for (lane, waiting) in &plan.storms {
+            let cap = self.cap(&lane.policy);
+            t.change_storm_started(&lane.policy, &lane.entry, cap, *waiting)
+                .await;
+        }
+        plan
+    }
+
+    /// The per-minute cap of `policy`'s lanes.
+    fn cap(&self, policy: &str) -> u32 {
+        self.ctx
+            .served
+            .borrow()
+            .get(policy)
+            .map_or(DEFAULT_CAP, |p| p.spec.max_changes_per_node_per_minute)
+    }
+
+    /// A report sent was not stored: it stays queued, and its lane's token
+    /// is given back.
+    fn not_stored(&mut self, change: &FileChange) {
+        let cap = self.cap(&change.spec.policy);
+        self.pacer.give_back(&Lane::of(&change.spec), cap);
+    }
+
     async fn create(&mut self, change: &FileChange) -> Delivery {
         match self.api.create(&self.params, change).await {
             Ok(stored) => {
@@ -322,6 +385,7 @@ mod tests {
     use super::*;
     use crate::fixtures::{self, EVENTS, FILECHANGES, metric};
     use crate::report::object::to_object;
+    use crate::report::queue::Queue;
     use http::Method;
 
     const LIMIT: RateLimit = RateLimit {
@@ -470,6 +534,161 @@ mod tests {
         let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
         stopped.unwrap();
         assert_eq!(a.ctx.queue.lock().await.len(), 0);
+    }
+
+    /// Serves policy `p` with a cap of `cap` changes a minute.
+    fn serve_p(a: &fixtures::Agent, cap: u32) {
+        let mut spec = kube_fim_crds::FileIntegrityPolicySpec::with_paths(vec![]);
+        spec.max_changes_per_node_per_minute = cap;
+        let policy = kube_fim_crds::FileIntegrityPolicy::new("p", spec);
+        a.served
+            .send(crate::served::ServedPolicies::new([Arc::new(policy)]))
+            .unwrap();
+    }
+
+    /// Answers every request until `until`; the paths of the FileChanges
+    /// created, with when.
+    async fn created_until(a: &mut fixtures::Agent, until: Instant) -> Vec<(String, Duration)> {
+        let start = Instant::now();
+        let mut out = Vec::new();
+        while let Some(call) = a
+            .api
+            .next_within(until.saturating_duration_since(Instant::now()))
+            .await
+        {
+            if call.method == Method::POST && call.path == FILECHANGES {
+                let path = call.body["spec"]["path"].as_str().unwrap().to_string();
+                out.push((path, start.elapsed()));
+            }
+            call.created();
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_storm_in_one_entry_is_paced_and_another_entrys_change_passes_it() {
+        let mut a = fixtures::agent();
+        serve_p(&a, 2);
+        let report = |path: &str, entry: &str| {
+            let mut spec = fixtures::change(path);
+            spec.entry = entry.into();
+            to_object(spec, 0)
+        };
+        {
+            let mut q = a.ctx.queue.lock().await;
+            for i in 0..5 {
+                q.push(&report(&format!("/etc/ssh/k{i}"), "ssh")).unwrap();
+            }
+            q.push(&report("/etc/sudoers", "sudoers")).unwrap();
+        }
+        let (stop, shutdown) = fixtures::shutdown();
+        let task = tokio::spawn(run(a.ctx.clone(), LIMIT, shutdown));
+
+        let t0 = Instant::now();
+        let first = created_until(&mut a, t0 + Duration::from_secs(5)).await;
+        let paths: Vec<&str> = first.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["/etc/ssh/k0", "/etc/ssh/k1", "/etc/sudoers"],
+            "the cap of ssh at once, then sudoers ahead of ssh's deferred reports"
+        );
+        let t = a.ctx.telemetry.clone();
+        let t = &t;
+        let deferred = r#"kube_fim_agent_reports_deferred{policy="p",node="n1"}"#;
+        assert_eq!(metric(t, deferred), Some(3.0));
+        let storms = r#"kube_fim_agent_change_storms_total{policy="p",node="n1"}"#;
+        assert_eq!(metric(t, storms), Some(1.0));
+
+        // The rest one every 60 / 2 = 30 s, none dropped, none folded.
+        let rest = created_until(&mut a, t0 + Duration::from_secs(100)).await;
+        let paths: Vec<&str> = rest.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["/etc/ssh/k2", "/etc/ssh/k3", "/etc/ssh/k4"]);
+        let at: Vec<u64> = rest
+            .iter()
+            .map(|(_, d)| (d.as_secs_f64() + 5.0).round() as u64)
+            .collect();
+        assert_eq!(at, [30, 60, 90], "paced at the cap");
+        assert_eq!(a.ctx.queue.lock().await.len(), 0);
+        assert_eq!(metric(t, deferred), Some(0.0));
+        let paced = r#"kube_fim_agent_reports_deferred_total{policy="p",node="n1"}"#;
+        assert_eq!(metric(t, paced), Some(3.0));
+        stop.send(true).unwrap();
+        let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
+        stopped.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deferred_reports_survive_a_restart_and_each_is_delivered_once() {
+        let mut a = fixtures::agent();
+        serve_p(&a, 2);
+        {
+            let mut q = a.ctx.queue.lock().await;
+            for i in 0..5 {
+                let mut spec = fixtures::change(&format!("/usr/bin/t{i}"));
+                spec.sequence = Some(i);
+                q.push(&to_object(spec, 0)).unwrap();
+            }
+        }
+        let (stop, shutdown) = fixtures::shutdown();
+        let task = tokio::spawn(run(a.ctx.clone(), LIMIT, shutdown));
+        let before = created_until(&mut a, Instant::now() + Duration::from_secs(10)).await;
+        stop.send(true).unwrap();
+        let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
+        stopped.unwrap();
+
+        // The agent starts again on its state directory: the deferred
+        // reports are read back from the queue and paced again.
+        *a.ctx.queue.lock().await = Queue::open(&a.dir.path().join("queue"), 1000).unwrap();
+        let (stop, shutdown) = fixtures::shutdown();
+        let task = tokio::spawn(run(a.ctx.clone(), LIMIT, shutdown));
+        let after = created_until(&mut a, Instant::now() + Duration::from_secs(60)).await;
+        let paths: Vec<&str> = before
+            .iter()
+            .chain(&after)
+            .map(|(p, _)| p.as_str())
+            .collect();
+        assert_eq!(
+            paths,
+            (0..5).map(|i| format!("/usr/bin/t{i}")).collect::<Vec<_>>(),
+            "each once, in order"
+        );
+        assert_eq!(before.len(), 2, "the cap before the restart");
+        assert_eq!(a.ctx.queue.lock().await.len(), 0);
+        stop.send(true).unwrap();
+        let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
+        stopped.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_costs_no_tokens_and_is_no_storm() {
+        let mut a = fixtures::agent();
+        serve_p(&a, 1);
+        a.ctx
+            .queue
+            .lock()
+            .await
+            .push(&to_object(fixtures::change("/etc/passwd"), 0))
+            .unwrap();
+        let (stop, shutdown) = fixtures::shutdown();
+        let task = tokio::spawn(run(a.ctx.clone(), LIMIT, shutdown));
+        for _ in 0..3 {
+            a.api
+                .expect(Method::POST, FILECHANGES)
+                .await
+                .fail(503, "ServiceUnavailable");
+        }
+        // Sent again after the backoff, not after the cap's minute.
+        let again = a.api.next_within(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(
+            (&again.method, again.path.as_str()),
+            (&Method::POST, FILECHANGES)
+        );
+        again.created();
+        let storms = r#"kube_fim_agent_change_storms_total{policy="p",node="n1"}"#;
+        assert_eq!(metric(&a.ctx.telemetry, storms), None);
+        stop.send(true).unwrap();
+        let (stopped, _) = tokio::join!(task, a.api.quiet(Duration::from_secs(10)));
+        stopped.unwrap();
     }
 
     #[test]

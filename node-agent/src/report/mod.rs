@@ -10,9 +10,10 @@
 //! 2. **Hand over.** The monitoring loop numbers each change with the node's
 //!    next transition number ([`sequence`]) and passes the batch to the
 //!    reporter with [`hand_over`] and waits for its answer.
-//! 3. **Queue.** The reporter ([`reporter`]) caps storms ([`storm`]), builds each object
-//!    with a deterministic name ([`object`]) and writes it to the durable queue
-//!    on the node ([`queue`], fsync + rename). Only then does it answer. A
+//! 3. **Queue.** The reporter ([`reporter`]) builds each object with a
+//!    deterministic name ([`object`]) and writes every one to the durable
+//!    queue on the node ([`queue`], fsync + rename); nothing is folded or
+//!    dropped, however many. Only then does it answer. A
 //!    write that fails (a full disk) is retried until it succeeds, with
 //!    `kube_fim_agent_queue_write_failing` at 1 meanwhile: detection waits,
 //!    nothing is dropped.
@@ -22,7 +23,10 @@
 //!    transaction saves the transition counter
 //!    ([`crate::baseline`]), so a restart tells its own unpublished states
 //!    from an edit made by someone else.
-//! 5. **Deliver.** The deliverer ([`deliver`]) waits until the baseline
+//! 5. **Deliver.** The deliverer ([`deliver`]) picks the oldest report whose
+//!    lane (policy entry) is within its policy's per-minute cap ([`storm`]:
+//!    a storm's excess is deferred in the queue and paced, and the reports
+//!    of other lanes pass it), waits until the baseline
 //!    holding a report's number is saved, creates the FileChange, counts it
 //!    in an Event series ([`series`]), and removes the report from the queue
 //!    only once the API server stored it (created, or AlreadyExists with the
@@ -32,11 +36,16 @@
 //!    as invalid is shortened ([`object::shorten`]) and sent again, never
 //!    dropped.
 //!
+//! So every detected change is one report with its own number, and every
+//! number below the baseline's saved counter is either stored in the
+//! cluster or still in the queue ([`queue::Queue::numbers`]).
+//!
 //! A crash between any two steps is safe: before 3, the difference is not
 //! marked and is detected again at restart (source `Startup`); between 3 and
 //! 4, its number is found in the queue at restart and given back to the same
 //! transition detected again ([`sequence`]), so the same object name comes
-//! back; between 5 and its acknowledgement, the same report meets
+//! back; a deferred report is in the queue like any other, and its pacing
+//! resumes at restart; between 5 and its acknowledgement, the same report meets
 //! AlreadyExists and the stored object equal to it. A name is the node, the
 //! transition's number and a digest of the policy, entry, path, category,
 //! before/after states and the path's epoch ([`object::object_name`]), so a

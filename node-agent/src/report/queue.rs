@@ -3,11 +3,16 @@
 //!
 //! One file per report, named by a sequence number, written to a temporary name,
 //! fsynced and renamed into place (then the directory is fsynced): a `kill -9` or
-//! a power cut leaves either the whole report or none of it. The queue is
-//! bounded; when full, the caller folds further changes into a summary instead
-//! of dropping them.
+//! a power cut leaves either the whole report or none of it. Nothing is ever
+//! refused, folded or dropped: past its capacity the queue only says so
+//! ([`Queue::has_room`]); the node's disk is the limit (a full disk makes
+//! detection wait, see [`super::reporter`]).
+//!
+//! The queue also knows, in memory, each report's lane (policy and entry,
+//! [`Lane`]) and transition number, so the deliverer can pass a lane whose
+//! reports are deferred ([`super::storm`]) without reading them from disk.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,6 +20,8 @@ use std::path::{Path, PathBuf};
 use kube_fim_crds::FileChange;
 use thiserror::Error;
 use tracing::warn;
+
+use super::storm::Lane;
 
 /// Errors of the delivery queue.
 #[derive(Debug, Error)]
@@ -36,6 +43,30 @@ pub struct Queue {
     /// Sequence numbers on disk, oldest first.
     entries: VecDeque<u64>,
     next: u64,
+    /// What the deliverer needs to know of each report without reading it.
+    index: BTreeMap<u64, Indexed>,
+    /// The reports of each lane, oldest first.
+    lanes: BTreeMap<Lane, BTreeSet<u64>>,
+}
+
+/// A report as the queue remembers it in memory.
+#[derive(Debug)]
+struct Indexed {
+    lane: Lane,
+    /// Its transition number (`spec.sequence`), if it has one.
+    number: Option<u64>,
+}
+
+/// The oldest report of a lane, and how many the lane holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaneHead<'a> {
+    pub lane: &'a Lane,
+    /// Its place in the queue.
+    pub seq: u64,
+    /// Its transition number, if it has one.
+    pub number: Option<u64>,
+    /// Reports of the lane waiting, this one included.
+    pub queued: usize,
 }
 
 const SUFFIX: &str = ".json";
@@ -68,12 +99,91 @@ impl Queue {
         }
         entries.sort_unstable();
         let next = entries.last().map_or(0, |last| last + 1);
-        Ok(Queue {
+        let mut queue = Queue {
             dir: dir.to_path_buf(),
             capacity,
-            entries: entries.into(),
+            entries: VecDeque::new(),
             next,
+            index: BTreeMap::new(),
+            lanes: BTreeMap::new(),
+        };
+        // Read each report once to know its lane; unreadable ones go to
+        // `rejected/` now rather than when their turn comes.
+        for seq in entries {
+            if let Some(change) = queue.load(seq) {
+                queue.entries.push_back(seq);
+                queue.remember(seq, &change);
+            }
+        }
+        Ok(queue)
+    }
+
+    /// Reads report `seq` back; an unreadable one is moved to `rejected/`
+    /// with a warning (and forgotten).
+    fn load(&mut self, seq: u64) -> Option<FileChange> {
+        let path = self.path(seq);
+        match fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<FileChange>(&b).map_err(|e| e.to_string()))
+        {
+            Ok(change) => Some(change),
+            Err(error) => {
+                let rejected = self.dir.join("rejected");
+                let moved = fs::create_dir_all(&rejected)
+                    .and_then(|()| fs::rename(&path, rejected.join(format!("{seq:020}{SUFFIX}"))));
+                warn!(seq, %error, moved = moved.is_ok(), "unreadable report moved out of the delivery queue");
+                self.forget(seq);
+                None
+            }
+        }
+    }
+
+    fn remember(&mut self, seq: u64, change: &FileChange) {
+        let lane = Lane::of(&change.spec);
+        self.lanes.entry(lane.clone()).or_default().insert(seq);
+        let number = change.spec.sequence;
+        self.index.insert(seq, Indexed { lane, number });
+    }
+
+    fn forget(&mut self, seq: u64) {
+        self.entries.retain(|s| *s != seq);
+        if let Some(Indexed { lane, .. }) = self.index.remove(&seq)
+            && let Some(set) = self.lanes.get_mut(&lane)
+        {
+            set.remove(&seq);
+            if set.is_empty() {
+                self.lanes.remove(&lane);
+            }
+        }
+    }
+
+    /// The oldest report of each lane that holds any, by lane.
+    pub fn heads(&self) -> impl Iterator<Item = LaneHead<'_>> {
+        self.lanes.iter().filter_map(|(lane, set)| {
+            let seq = *set.first()?;
+            Some(LaneHead {
+                lane,
+                seq,
+                number: self.index.get(&seq).and_then(|i| i.number),
+                queued: set.len(),
+            })
         })
+    }
+
+    /// Report `seq`, read from disk (`None` if it is gone or unreadable; an
+    /// unreadable one is moved to `rejected/`).
+    pub fn get(&mut self, seq: u64) -> Option<FileChange> {
+        if !self.index.contains_key(&seq) {
+            return None;
+        }
+        self.load(seq)
+    }
+
+    /// The transition numbers of the reports waiting: with the baseline's
+    /// saved counter, every number below it is either stored in the cluster
+    /// or still here.
+    pub fn numbers(&self) -> BTreeSet<u64> {
+        self.index.values().filter_map(|i| i.number).collect()
     }
 
     fn path(&self, seq: u64) -> PathBuf {
@@ -90,14 +200,14 @@ impl Queue {
         self.entries.is_empty()
     }
 
-    /// Whether one more report fits.
+    /// Whether the queue holds fewer reports than its capacity (past it,
+    /// the agent warns; nothing is refused).
     pub fn has_room(&self) -> bool {
         self.entries.len() < self.capacity
     }
 
-    /// Stores a report durably; returns its sequence number. The capacity is
-    /// the caller's cue to fold changes into summaries ([`Queue::has_room`]):
-    /// a report is never refused for it, so a summary always finds a place.
+    /// Stores a report durably; returns its sequence number. A report is
+    /// never refused for the capacity ([`Queue::has_room`]).
     pub fn push(&mut self, change: &FileChange) -> Result<u64, QueueError> {
         let io = |source| QueueError::Io {
             dir: self.dir.clone(),
@@ -122,6 +232,7 @@ impl Queue {
             .map_err(io)?;
         self.next += 1;
         self.entries.push_back(seq);
+        self.remember(seq, change);
         Ok(seq)
     }
 
@@ -132,23 +243,9 @@ impl Queue {
         let mut i = 0;
         while out.len() < n && i < self.entries.len() {
             let seq = self.entries[i];
-            let path = self.path(seq);
-            match fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<FileChange>(&b).map_err(|e| e.to_string()))
-            {
-                Ok(change) => {
-                    out.push((seq, change));
-                    i += 1;
-                }
-                Err(error) => {
-                    let rejected = self.dir.join("rejected");
-                    let moved = fs::create_dir_all(&rejected).and_then(|()| {
-                        fs::rename(&path, rejected.join(format!("{seq:020}{SUFFIX}")))
-                    });
-                    warn!(seq, %error, moved = moved.is_ok(), "unreadable report moved out of the delivery queue");
-                    self.entries.remove(i);
-                }
+            if let Some(change) = self.load(seq) {
+                out.push((seq, change));
+                i += 1;
             }
         }
         out
@@ -163,7 +260,7 @@ impl Queue {
         if let Err(error) = moved {
             warn!(seq, %error, "could not move a refused report out of the delivery queue");
         }
-        self.entries.retain(|s| *s != seq);
+        self.forget(seq);
     }
 
     /// Forgets a report the API server has stored.
@@ -178,7 +275,7 @@ impl Queue {
                 });
             }
         }
-        self.entries.retain(|s| *s != seq);
+        self.forget(seq);
         Ok(())
     }
 }
@@ -236,15 +333,52 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_asks_for_summaries_but_never_drops() {
+    fn a_full_queue_says_so_but_never_refuses() {
         let dir = tempfile::tempdir().unwrap();
         let mut q = Queue::open(dir.path(), 2).unwrap();
         q.push(&change("/a")).unwrap();
         assert!(q.has_room());
         q.push(&change("/b")).unwrap();
         assert!(!q.has_room());
-        q.push(&change("/summary")).unwrap();
+        q.push(&change("/c")).unwrap();
         assert_eq!(q.len(), 3);
+    }
+
+    #[test]
+    fn lanes_and_numbers_are_known_without_reading_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path(), 10).unwrap();
+        let report = |path: &str, entry: &str, number: u64| {
+            let mut c = change(path);
+            c.spec.entry = entry.into();
+            c.spec.sequence = Some(number);
+            c
+        };
+        let a0 = q.push(&report("/a0", "a", 0)).unwrap();
+        let a1 = q.push(&report("/a1", "a", 1)).unwrap();
+        let b2 = q.push(&report("/b2", "b", 2)).unwrap();
+        let heads = |q: &Queue| {
+            q.heads()
+                .map(|h| (h.lane.entry.clone(), h.seq, h.number, h.queued))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            heads(&q),
+            [("a".into(), a0, Some(0), 2), ("b".into(), b2, Some(2), 1)]
+        );
+        q.ack(a0).unwrap();
+        assert_eq!(q.numbers(), BTreeSet::from([1, 2]));
+        drop(q);
+        let mut q = Queue::open(dir.path(), 10).unwrap();
+        assert_eq!(
+            heads(&q),
+            [("a".into(), a1, Some(1), 1), ("b".into(), b2, Some(2), 1)]
+        );
+        assert_eq!(q.get(b2).unwrap().spec.path, "/b2");
+        q.reject(b2);
+        assert!(q.get(b2).is_none());
+        assert_eq!(heads(&q), [("a".into(), a1, Some(1), 1)]);
+        assert_eq!(q.numbers(), BTreeSet::from([1]));
     }
 
     #[test]

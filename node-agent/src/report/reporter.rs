@@ -1,21 +1,19 @@
-//! Step 3 of the protocol ([`super`]): the reporter caps storms and queues
-//! every change durably, then answers the monitoring loop.
+//! Step 3 of the protocol ([`super`]): the reporter queues every change
+//! durably, then answers the monitoring loop. It folds and drops nothing:
+//! a storm is paced at delivery ([`super::storm`]), every change keeps its
+//! own report.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
-use kube_fim_crds::FileChangeSpec;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc};
 use tracing::warn;
 
 use super::queue::Queue;
-use super::storm::{StormGuard, Verdict};
 use super::{Batch, Detected, deliver, object};
 use crate::context::Context;
 use crate::telemetry::Telemetry;
 
-/// Step 3: caps storms and queues every change durably, then answers.
+/// Step 3: queues every change durably, then answers.
 pub async fn run(
     ctx: Arc<Context>,
     mut batches: mpsc::Receiver<Batch>,
@@ -26,71 +24,38 @@ pub async fn run(
     // A resolved future must not be polled again: after shutdown, the
     // reporter goes on until the monitor has handed over its last batch.
     let mut stopping = false;
-    let mut storms = StormGuard::default();
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut over_capacity = false;
     loop {
-        let summaries = |specs: Vec<FileChangeSpec>| {
-            specs
-                .into_iter()
-                .map(|spec| Detected { spec, epoch: 0 })
-                .collect::<Vec<_>>()
-        };
-        let (changes, done): (Vec<Detected>, Option<oneshot::Sender<()>>) = tokio::select! {
+        let (changes, done) = tokio::select! {
             () = &mut shutdown, if !stopping => {
                 stopping = true;
-                (summaries(storms.drain(Timestamp::now())), None)
+                continue;
             }
             b = batches.recv() => match b {
-                Some((c, d)) => (c, Some(d)),
-                None => (summaries(storms.drain(Timestamp::now())), None),
+                Some(batch) => batch,
+                None => return,
             },
-            _ = tick.tick() => (summaries(storms.due(Timestamp::now())), None),
         };
-        let finishing = done.is_none() && batches.is_closed();
-        let now = Timestamp::now();
-        // One look at the served policies per batch, not per change (storms).
-        let served = ctx.served.borrow().clone();
-        for Detected {
-            spec: change,
-            epoch,
-        } in changes
-        {
-            let cap = served
-                .get(&change.policy)
-                .map(|p| p.spec.max_changes_per_node_per_minute)
-                .unwrap_or(100);
-            let room = queue.lock().await.has_room();
-            let verdict = if change.summary.is_some() {
-                Verdict::Report
-            } else if !room {
-                // Never drop: a full queue folds into the summary.
-                storms.admit(&change, 0, now)
-            } else {
-                storms.admit(&change, cap, now)
-            };
-            match verdict {
-                Verdict::Folded { first_in_window } => {
-                    if first_in_window {
-                        telemetry.change_storm_started(&change.policy);
-                        warn!(policy = %change.policy, cap, "change storm: summarising this minute's further changes");
-                    }
-                }
-                Verdict::Report => {
-                    // No owner reference: evidence is not garbage-collected
-                    // with its policy (see the policy's `evidence` field).
-                    let object = object::to_object(change, epoch);
-                    push_durably(queue, &object, telemetry).await;
-                }
-            }
+        for Detected { spec, epoch } in changes {
+            // No owner reference: evidence is not garbage-collected with its
+            // policy (see the policy's `evidence` field).
+            let object = object::to_object(spec, epoch);
+            push_durably(queue, &object, telemetry).await;
         }
-        telemetry.reports_queued(queue.lock().await.len());
+        let (len, room) = {
+            let q = queue.lock().await;
+            (q.len(), q.has_room())
+        };
+        if !room && !over_capacity {
+            warn!(
+                queued = len,
+                "the delivery queue is past its capacity; changes are still queued on the node's disk, none is dropped"
+            );
+        }
+        over_capacity = !room;
+        telemetry.reports_queued(len);
         ctx.queued.notify_one();
-        if let Some(done) = done {
-            let _ = done.send(());
-        }
-        if finishing {
-            return;
-        }
+        let _ = done.send(());
     }
 }
 
@@ -129,6 +94,7 @@ mod tests {
     use crate::report::deliver::RateLimit;
     use crate::report::hand_over;
     use http::Method;
+    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn a_handed_over_change_is_queued_then_created_once() {

@@ -31,10 +31,10 @@
 //!   created under another name ([`super::object::squat_free_name`]), with a
 //!   Warning Event.
 //!
-//! Left out: a change folded into a storm's Summary has a number but no
-//! object of its own, and a baseline lost with its state directory starts
-//! numbering again at 0 (both are for the cluster's verification of the
-//! chain to flag).
+//! Every numbered change has an object of its own: a storm is paced, never
+//! folded ([`super::storm`]). Left out: a baseline lost with its state
+//! directory starts numbering again at 0 (for the cluster's verification of
+//! the chain to flag).
 
 use std::collections::BTreeMap;
 
@@ -44,7 +44,8 @@ use super::queue::Queue;
 use super::{Detected, object};
 use crate::engine::Engine;
 
-/// Numbers each change (not summaries) and writes the number into its spec.
+/// Numbers each change and writes the number into its spec (a Summary, which
+/// agents before paced storms wrote, has none).
 pub fn number(reports: &mut [Detected], engine: &mut Engine) {
     for d in reports {
         if d.spec.summary.is_some() || d.spec.sequence.is_some() {
