@@ -149,6 +149,9 @@ pub struct Engine {
     /// Distinct files monitored (last scan).
     files_total: usize,
     last_errors: Vec<ScanError>,
+    /// Paths whose last state was unreadable (their content or more): looked
+    /// at again until they can be read ([`Engine::unreadable`]).
+    unreadable: BTreeSet<PathBuf>,
     /// List every difference from the approved baseline, even those already
     /// reported (`check` reports the state; it does not deliver).
     list_reported: bool,
@@ -207,6 +210,7 @@ impl Engine {
             files_per_policy: BTreeMap::new(),
             files_total: 0,
             last_errors: Vec::new(),
+            unreadable: BTreeSet::new(),
             list_reported: false,
             dry_run: false,
         })
@@ -294,6 +298,13 @@ impl Engine {
             failed: self.failed.clone(),
             entries: self.entry_digests(),
         }
+    }
+
+    /// Root-relative paths whose state could not be read whole when last
+    /// judged: to look at again (a lease is broken, a rule lifted), so their
+    /// content is compared once it can be read.
+    pub fn unreadable(&self) -> Vec<PathBuf> {
+        self.unreadable.iter().cloned().collect()
     }
 
     /// The policies served.
