@@ -50,16 +50,16 @@ use crate::policy::Attribute;
         description = "Host path of the file"
     ),
     printcolumn(
-        name = "Unreadable",
-        type_ = "string",
-        json_path = ".spec.after.unreadable",
-        description = "Why the file could not be read whole (its content is reported once readable)"
-    ),
-    printcolumn(
         name = "Policy",
         type_ = "string",
         json_path = ".spec.policy",
         description = "Policy that monitors the file"
+    ),
+    printcolumn(
+        name = "Unreadable",
+        type_ = "string",
+        json_path = ".spec.after.unreadable",
+        description = "Why the file could not be read whole (its content is reported once readable)"
     ),
     printcolumn(
         name = "Source",

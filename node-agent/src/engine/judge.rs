@@ -19,6 +19,10 @@ use crate::hostfs::Inspected;
 use crate::paths::{host_path, rel_path};
 use crate::plan::{Entry, Plan};
 
+/// The longest reason a state gives for being unreadable (the CRD's
+/// `maxLength` of `unreadable`).
+const UNREADABLE_MAX: usize = 256;
+
 impl Engine {
     /// Re-examines the given root-relative paths (real-time events): each path,
     /// what is below it now (a new directory), and what the baseline had below it.
@@ -108,7 +112,11 @@ impl Engine {
                 ..FileAttributes::default()
             },
         };
-        if let Some(reason) = &state.unreadable {
+        if let Some(reason) = &mut state.unreadable {
+            // Within what a FileChange holds (the CRD's maxLength).
+            if let Some((at, _)) = reason.char_indices().nth(UNREADABLE_MAX) {
+                reason.truncate(at);
+            }
             debug!(path = %host_path(path), %reason, "unreadable");
             out.errors.push(ScanError {
                 path: host_path(path),
