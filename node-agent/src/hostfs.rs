@@ -923,6 +923,89 @@ mod tests {
     }
 
     #[test]
+    fn a_leased_file_keeps_its_metadata_and_says_why_its_content_is_not_read() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("leased");
+        std::fs::write(&path, "secret").unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+            .unwrap();
+        let host = HostRoot::open(root.path()).unwrap();
+        let mut n = 0;
+        let readable = host
+            .inspect(Path::new("leased"), &all(), &mut n)
+            .unwrap()
+            .unwrap();
+        let lease = kube_fim_testkit::lease::Lease::take(&path);
+        let started = std::time::Instant::now();
+        let leased = host
+            .inspect(Path::new("leased"), &all(), &mut n)
+            .unwrap()
+            .unwrap();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "waited"
+        );
+        assert_eq!(
+            leased.unreadable.as_deref(),
+            Some("EWOULDBLOCK: held under a lease by another process")
+        );
+        // No hash, no extended attributes; everything else is the file's.
+        let metadata = FileAttributes {
+            hash: None,
+            xattrs: None,
+            unreadable: leased.unreadable.clone(),
+            ..readable.clone()
+        };
+        assert_eq!(leased, metadata);
+        drop(lease);
+        let again = host
+            .inspect(Path::new("leased"), &all(), &mut n)
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.hash, readable.hash);
+        assert_eq!(again.unreadable, None);
+    }
+
+    #[test]
+    fn a_file_changing_faster_than_it_is_hashed_is_unreadable_never_a_digest() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("churning");
+        std::fs::write(&path, vec![b'a'; 32 << 20]).unwrap();
+        let host = HostRoot::open(root.path()).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Its times change without end while it is read.
+        let toucher = {
+            let (stop, path) = (Arc::clone(&stop), path.clone());
+            std::thread::spawn(move || {
+                let file = std::fs::File::options().write(true).open(&path).unwrap();
+                let mut t = std::time::SystemTime::UNIX_EPOCH;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    t += std::time::Duration::from_secs(1);
+                    file.set_modified(t).unwrap();
+                }
+            })
+        };
+        let first = std::fs::metadata(&path).unwrap().modified().unwrap();
+        while std::fs::metadata(&path).unwrap().modified().unwrap() == first {
+            std::thread::yield_now();
+        }
+        let mut n = 0;
+        let got = host.inspect(Path::new("churning"), &all(), &mut n);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        toucher.join().unwrap();
+        let a = got.unwrap().unwrap();
+        assert_eq!(a.hash, None);
+        assert_eq!(
+            a.unreadable.as_deref(),
+            Some("changed while being hashed (3 attempts)")
+        );
+        assert_eq!(
+            (a.size, a.file_type),
+            (Some(32 << 20), Some(FileType::File))
+        );
+    }
+
+    #[test]
     fn a_file_written_while_hashed_is_hashed_again() {
         let root = tempfile::tempdir().unwrap();
         let path = root.path().join("growing");

@@ -323,3 +323,29 @@ fn a_baseline_taken_under_a_lease_records_the_file_unreadable() {
         Some(blake3_hex("evil ALL=(ALL) ALL"))
     );
 }
+
+/// Approving a report of unreadable content approves no content: once the
+/// file can be read, the approval is superseded and the content reported.
+#[test]
+fn an_approval_of_unreadable_content_never_approves_the_content() {
+    use kube_fim_testkit::lease::Lease;
+    let root = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("etc")).unwrap();
+    let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+    scan(&mut e, DetectionSource::Startup);
+    std::fs::write(root.path().join("etc/payload"), "evil").unwrap();
+    let lease = Lease::take(&root.path().join("etc/payload"));
+    let o = scan(&mut e, DetectionSource::Scan);
+    let after = change_of(&o, "/etc/payload").after.clone().unwrap();
+    assert!(after.unreadable.is_some(), "{after:?}");
+    drop(lease);
+    match e.approve("/etc/payload", Some(&after)) {
+        super::Approved::Superseded(o) => {
+            let now = change_of(&o, "/etc/payload").after.clone().unwrap();
+            assert_eq!(now.hash, Some(blake3_hex("evil")));
+        }
+        other => unreachable!("approved content nobody saw: {other:?}"),
+    }
+    assert_eq!(e.baseline().approved("/etc/payload"), None);
+}
