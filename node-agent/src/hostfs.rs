@@ -524,7 +524,7 @@ impl HostRoot {
                     Err(Unread::Gone) => return Ok(None),
                     // What could be read, and why the content could not.
                     Err(Unread::Content { st: last, why }) => {
-                        st = last;
+                        st = *last;
                         attrs.unreadable = Some(why.to_string());
                     }
                 }
@@ -586,7 +586,7 @@ enum Unread {
     Gone,
     /// It could not be read: why, and the last `statx` of the file looked at
     /// (what could be read).
-    Content { st: Statx, why: InspectError },
+    Content { st: Box<Statx>, why: InspectError },
 }
 
 /// Hashes the regular file `name` in `dir` (looked at as `first`) from a
@@ -605,7 +605,10 @@ fn read_file(
     // The last statx of the file first looked at: what is reported when its
     // content cannot be read.
     let mut seen = *first;
-    let unread = |st: &Statx, why: InspectError| Unread::Content { st: *st, why };
+    let unread = |st: &Statx, why: InspectError| Unread::Content {
+        st: Box::new(*st),
+        why,
+    };
     let mut before = *first;
     for attempt in 0..ATTEMPTS {
         if attempt > 0 {

@@ -45,7 +45,8 @@ pub use diff::differing;
 
 use entry_digest::EntrySums;
 
-/// Engine errors (per-file trouble is not an error: it is reported and skipped).
+/// Engine errors (per-file trouble is not an error: the file's state says
+/// what could not be read, and it is reported).
 #[derive(Debug, Error)]
 pub enum EngineError {
     #[error(transparent)]
@@ -59,7 +60,8 @@ pub enum EngineError {
     },
 }
 
-/// A file that could not be inspected, and why.
+/// A file that could not be read whole, and why (its state says so too:
+/// [`kube_fim_crds::FileAttributes::unreadable`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScanError {
     pub path: String,
