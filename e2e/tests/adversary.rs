@@ -1303,8 +1303,10 @@ async fn a_file_held_under_a_write_lease_is_reported_unreadable_then_read() {
     std::fs::write(&staged, content).unwrap();
     let lease = Lease::take(&staged);
     std::fs::rename(&staged, fleet.nodes[0].host("/etc/cron")).unwrap();
+    let moved = std::time::Instant::now();
 
     let added = wait_change(&fleet, &a, "Added /etc/cron").await;
+    println!("unreadable Added seen {:?} after the move", moved.elapsed());
     let after = added.spec.after.clone().unwrap();
     assert_eq!(after.size, Some(content.len() as u64), "{after:?}");
     assert!(after.mode.is_some() && after.inode.is_some(), "{after:?}");
@@ -1325,6 +1327,7 @@ async fn a_file_held_under_a_write_lease_is_reported_unreadable_then_read() {
     wait_change(&fleet, &a, "Modified /etc/hosts").await;
 
     drop(lease);
+    let released = std::time::Instant::now();
     let hash = blake3::hash(content.as_bytes()).to_hex().to_string();
     let read = eventually("the content, once readable, is reported", SEEN, || async {
         let changes = fleet.changes(&a).await;
@@ -1337,6 +1340,10 @@ async fn a_file_held_under_a_write_lease_is_reported_unreadable_then_read() {
             .ok_or_else(|| "not yet".to_string())
     })
     .await;
+    println!(
+        "content reported {:?} after the lease was released",
+        released.elapsed()
+    );
     assert_ne!(read.name_any(), added.name_any(), "a FileChange of its own");
     assert_eq!(read.spec.after.unwrap().unreadable, None);
     fleet.cleanup().await;
