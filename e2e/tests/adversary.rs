@@ -1322,6 +1322,30 @@ async fn a_file_held_under_a_write_lease_is_reported_unreadable_then_read() {
         run.stdout
     );
 
+    // Its Event says so too.
+    eventually(
+        "an Event saying /etc/cron could not be read",
+        SEEN,
+        || async {
+            let events = Api::<Event>::all(client.clone())
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            events
+                .items
+                .iter()
+                .find(|e| {
+                    let note = e.note.as_deref().unwrap_or("");
+                    note.contains(&a)
+                        && note.contains("/etc/cron added")
+                        && note.contains("EWOULDBLOCK")
+                })
+                .map(|_| ())
+                .ok_or_else(|| "not yet".to_string())
+        },
+    )
+    .await;
+
     // The lease held, the agent goes on: another change is reported.
     std::fs::write(fleet.nodes[0].host("/etc/hosts"), "10.0.0.1 evil\n").unwrap();
     wait_change(&fleet, &a, "Modified /etc/hosts").await;
