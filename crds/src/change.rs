@@ -56,6 +56,12 @@ use crate::policy::Attribute;
         description = "Policy that monitors the file"
     ),
     printcolumn(
+        name = "Unreadable",
+        type_ = "string",
+        json_path = ".spec.after.unreadable",
+        description = "Why the file could not be read whole (its content is reported once readable)"
+    ),
+    printcolumn(
         name = "Source",
         type_ = "string",
         json_path = ".spec.source",
@@ -247,6 +253,18 @@ pub struct FileAttributes {
     /// The host mount the path is read through, from the host's mount table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount: Option<Mount>,
+
+    /// Why the file could not be read whole, when it could not: `EACCES:
+    /// permission denied` (a security module's rule), `EWOULDBLOCK: held
+    /// under a lease by another process`, `changed while being read (3
+    /// attempts)`. What could not be measured is absent: the hash and the
+    /// extended attributes when the content could not be read (the other
+    /// attributes are the file's), every attribute when not even its metadata
+    /// could. Such a state is never taken for the baseline's: the agent looks
+    /// again, and reports the content once it can read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub unreadable: Option<String>,
 }
 
 /// A mount of the host, as its mount table (`/proc/1/mountinfo`) lists it.

@@ -120,7 +120,10 @@ mod tests {
             .filter(|c| c.priority.unwrap_or(0) == 0)
             .map(|c| c.name.to_uppercase())
             .collect();
-        assert_eq!(cols, ["NODE", "CATEGORY", "PATH", "POLICY", "AGE"]);
+        assert_eq!(
+            cols,
+            ["NODE", "CATEGORY", "PATH", "POLICY", "UNREADABLE", "AGE"]
+        );
         for crd in [fip, fc] {
             let sub = crd.spec.versions[0].subresources.as_ref();
             assert!(sub.and_then(|s| s.status.as_ref()).is_some());

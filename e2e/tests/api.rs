@@ -337,7 +337,15 @@ async fn a_filechange_shows_the_printer_columns_and_is_immutable() {
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "NODE", "CATEGORY", "PATH", "POLICY", "AGE"]
+        [
+            "NAME",
+            "NODE",
+            "CATEGORY",
+            "PATH",
+            "POLICY",
+            "UNREADABLE",
+            "AGE"
+        ]
     );
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(

@@ -15,6 +15,13 @@
 //! systems without extended attributes), the reads, `statx` of the
 //! descriptor (did it change while it was read?), `close`.
 //!
+//! A file whose content cannot be read (a security module denies the open, a
+//! process holds a write lease on it, it changes faster than it can be
+//! hashed) keeps what could be read, its `statx`, and says why the rest could
+//! not be in [`FileAttributes::unreadable`]; its hash and extended attributes
+//! are absent, never guessed. The open is non-blocking: a lease makes it fail
+//! at once (`EWOULDBLOCK`) rather than wait for the holder.
+//!
 //! [`HostRoot::inspect_batch`] inspects many files at once on the scan's
 //! thread pool (`--threads`, at low CPU and I/O priority, see
 //! [`crate::budget`]); the results come back in the order asked.
@@ -39,11 +46,16 @@ use rustix::io::Errno;
 use thiserror::Error;
 use tracing::{debug, warn};
 
-/// Why a file could not be inspected.
+/// Why a file could not be inspected (or its content read).
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum InspectError {
-    #[error("permission denied")]
-    PermissionDenied,
+    /// `EACCES` or `EPERM`: denied to root too, so by a security module's
+    /// rule (or an immutable file system's).
+    #[error("{0}: permission denied")]
+    PermissionDenied(&'static str),
+    /// Another process holds a lease on the file.
+    #[error("EWOULDBLOCK: held under a lease by another process")]
+    Leased,
     #[error("symlink loop or too many levels of symlinks")]
     Loop,
     #[error("changed while being hashed ({0} attempts)")]
@@ -55,7 +67,9 @@ pub enum InspectError {
 impl From<Errno> for InspectError {
     fn from(e: Errno) -> Self {
         match e {
-            Errno::ACCESS | Errno::PERM => InspectError::PermissionDenied,
+            Errno::ACCESS => InspectError::PermissionDenied("EACCES"),
+            Errno::PERM => InspectError::PermissionDenied("EPERM"),
+            Errno::WOULDBLOCK => InspectError::Leased,
             Errno::LOOP => InspectError::Loop,
             other => InspectError::Io(std::io::Error::from(other).to_string()),
         }
@@ -500,16 +514,29 @@ impl HostRoot {
                 if (has(Attribute::Hash) || has(Attribute::Xattrs))
                     && st.stx_size <= self.max_hash_size =>
             {
-                let content = read_file(dir, name, &st, want, hashed)?;
-                // The attributes of the state that was hashed.
-                st = content.st;
-                attrs.hash = content.hash;
-                attrs.xattrs = content.xattrs;
+                match read_file(dir, name, &st, want, hashed) {
+                    Ok(content) => {
+                        // The attributes of the state that was hashed.
+                        st = content.st;
+                        attrs.hash = content.hash;
+                        attrs.xattrs = content.xattrs;
+                    }
+                    Err(Unread::Gone) => return Ok(None),
+                    // What could be read, and why the content could not.
+                    Err(Unread::Content { st: last, why }) => {
+                        st = *last;
+                        attrs.unreadable = Some(why.to_string());
+                    }
+                }
             }
             FileType::Directory if has(Attribute::Xattrs) => {
                 let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-                if let Ok(fd) = rustix::fs::openat(dir, name, flags, Mode::empty()) {
-                    attrs.xattrs = xattrs_digest(&fd, dev(&st));
+                let read = rustix::fs::openat(dir, name, flags, Mode::empty())
+                    .map_err(InspectError::from)
+                    .and_then(|fd| xattrs_digest(&fd, dev(&st)));
+                match read {
+                    Ok(xattrs) => attrs.xattrs = xattrs,
+                    Err(why) => attrs.unreadable = Some(why.to_string()),
                 }
             }
             _ => {}
@@ -553,43 +580,60 @@ struct Content {
     xattrs: Option<String>,
 }
 
+/// Why the content of a regular file was not read.
+enum Unread {
+    /// It is gone (removed since it was looked at).
+    Gone,
+    /// It could not be read: why, and the last `statx` of the file looked at
+    /// (what could be read).
+    Content { st: Box<Statx>, why: InspectError },
+}
+
 /// Hashes the regular file `name` in `dir` (looked at as `first`) from a
 /// descriptor, retrying when it changes underneath: the descriptor's `statx`
 /// after reading must match the one before opening (same inode, size,
-/// mtime, ctime), or the file was replaced or written meanwhile.
+/// mtime, ctime), or the file was replaced or written meanwhile. The open
+/// never waits (`O_NONBLOCK`: a lease held by another process fails it).
 fn read_file(
     dir: &OwnedFd,
     name: &OsStr,
     first: &Statx,
     want: &[Attribute],
     hashed: &mut u64,
-) -> Result<Content, InspectError> {
+) -> Result<Content, Unread> {
     const ATTEMPTS: u32 = 3;
-    let vanished = || InspectError::Io("vanished while being read".into());
+    // The last statx of the file first looked at: what is reported when its
+    // content cannot be read.
+    let mut seen = *first;
+    let unread = |st: &Statx, why: InspectError| Unread::Content {
+        st: Box::new(*st),
+        why,
+    };
     let mut before = *first;
     for attempt in 0..ATTEMPTS {
         if attempt > 0 {
             before = match rustix::fs::statx(dir, name, LOOK, STATX) {
                 Ok(st) => st,
-                Err(Errno::NOENT) => return Err(vanished()),
-                Err(e) => return Err(e.into()),
+                Err(Errno::NOENT) => return Err(Unread::Gone),
+                Err(e) => return Err(unread(&seen, e.into())),
             };
             if raw_type(&before) != RawType::RegularFile || before.stx_ino != first.stx_ino {
                 // Replaced since it was looked at: look again next time.
                 continue;
             }
+            seen = before;
         }
         let flags =
             OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
             Ok(fd) => fd,
-            Err(Errno::NOENT) => return Err(vanished()),
+            Err(Errno::NOENT) => return Err(Unread::Gone),
             // Replaced by a symlink since it was looked at.
             Err(Errno::LOOP) => continue,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(unread(&seen, e.into())),
         };
         let xattrs = if want.contains(&Attribute::Xattrs) {
-            xattrs_digest(&fd, dev(&before))
+            xattrs_digest(&fd, dev(&before)).map_err(|why| unread(&seen, why))?
         } else {
             None
         };
@@ -615,11 +659,13 @@ fn read_file(
                 Ok(())
             });
             *hashed += n_total;
-            read?;
+            read.map_err(|why| unread(&seen, why))?;
             hash = Some(hasher.finalize().to_hex().to_string());
         }
-        let after = rustix::fs::statx(&file, "", AtFlags::EMPTY_PATH, STATX)?;
+        let after = rustix::fs::statx(&file, "", AtFlags::EMPTY_PATH, STATX)
+            .map_err(|e| unread(&seen, e.into()))?;
         if fingerprint(&after) != fingerprint(&before) {
+            seen = after;
             continue;
         }
         return Ok(Content {
@@ -628,27 +674,29 @@ fn read_file(
             xattrs,
         });
     }
-    Err(InspectError::Unstable(ATTEMPTS))
+    Err(unread(&seen, InspectError::Unstable(ATTEMPTS)))
 }
 
 /// A digest over the sorted extended attribute names and values (POSIX ACLs
-/// are xattrs too). Never stores the values themselves. A file system found
-/// without extended attributes (`ENOTSUP`) is not asked again.
-fn xattrs_digest(fd: &OwnedFd, dev: u64) -> Option<String> {
+/// are xattrs too), `None` when there are none. Never stores the values
+/// themselves. A file system found without extended attributes (`ENOTSUP`)
+/// is not asked again. One that cannot be read is an error, never a digest
+/// of what could be.
+fn xattrs_digest(fd: &OwnedFd, dev: u64) -> Result<Option<String>, InspectError> {
     if NO_XATTRS.with_borrow(|no| no.contains(&dev)) {
-        return None;
+        return Ok(None);
     }
     XATTR_BUF.with_borrow_mut(|(names, value)| {
         let n = match rustix::fs::flistxattr(fd, &mut names[..]) {
             Ok(n) => n,
             Err(Errno::NOTSUP) => {
                 NO_XATTRS.with_borrow_mut(|no| no.push(dev));
-                return None;
+                return Ok(None);
             }
-            Err(_) => return None,
+            Err(e) => return Err(e.into()),
         };
         if n == 0 {
-            return None;
+            return Ok(None);
         }
         let mut list: Vec<&[u8]> = names[..n]
             .split(|b| *b == 0)
@@ -660,13 +708,18 @@ fn xattrs_digest(fd: &OwnedFd, dev: u64) -> Option<String> {
             let Ok(cname) = std::ffi::CString::new(name) else {
                 continue;
             };
-            let len = rustix::fs::fgetxattr(fd, cname.as_c_str(), &mut value[..]).unwrap_or(0);
+            let len = match rustix::fs::fgetxattr(fd, cname.as_c_str(), &mut value[..]) {
+                Ok(len) => len,
+                // Removed since it was listed.
+                Err(Errno::NODATA) => continue,
+                Err(e) => return Err(e.into()),
+            };
             hasher.update(&(name.len() as u64).to_le_bytes());
             hasher.update(name);
             hasher.update(&(len as u64).to_le_bytes());
             hasher.update(&value[..len]);
         }
-        Some(hasher.finalize().to_hex().to_string())
+        Ok(Some(hasher.finalize().to_hex().to_string()))
     })
 }
 
@@ -873,6 +926,89 @@ mod tests {
     }
 
     #[test]
+    fn a_leased_file_keeps_its_metadata_and_says_why_its_content_is_not_read() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("leased");
+        std::fs::write(&path, "secret").unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+            .unwrap();
+        let host = HostRoot::open(root.path()).unwrap();
+        let mut n = 0;
+        let readable = host
+            .inspect(Path::new("leased"), &all(), &mut n)
+            .unwrap()
+            .unwrap();
+        let lease = kube_fim_testkit::lease::Lease::take(&path);
+        let started = std::time::Instant::now();
+        let leased = host
+            .inspect(Path::new("leased"), &all(), &mut n)
+            .unwrap()
+            .unwrap();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "waited"
+        );
+        assert_eq!(
+            leased.unreadable.as_deref(),
+            Some("EWOULDBLOCK: held under a lease by another process")
+        );
+        // No hash, no extended attributes; everything else is the file's.
+        let metadata = FileAttributes {
+            hash: None,
+            xattrs: None,
+            unreadable: leased.unreadable.clone(),
+            ..readable.clone()
+        };
+        assert_eq!(leased, metadata);
+        drop(lease);
+        let again = host
+            .inspect(Path::new("leased"), &all(), &mut n)
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.hash, readable.hash);
+        assert_eq!(again.unreadable, None);
+    }
+
+    #[test]
+    fn a_file_changing_faster_than_it_is_hashed_is_unreadable_never_a_digest() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("churning");
+        std::fs::write(&path, vec![b'a'; 32 << 20]).unwrap();
+        let host = HostRoot::open(root.path()).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Its times change without end while it is read.
+        let toucher = {
+            let (stop, path) = (Arc::clone(&stop), path.clone());
+            std::thread::spawn(move || {
+                let file = std::fs::File::options().write(true).open(&path).unwrap();
+                let mut t = std::time::SystemTime::UNIX_EPOCH;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    t += std::time::Duration::from_secs(1);
+                    file.set_modified(t).unwrap();
+                }
+            })
+        };
+        let first = std::fs::metadata(&path).unwrap().modified().unwrap();
+        while std::fs::metadata(&path).unwrap().modified().unwrap() == first {
+            std::thread::yield_now();
+        }
+        let mut n = 0;
+        let got = host.inspect(Path::new("churning"), &all(), &mut n);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        toucher.join().unwrap();
+        let a = got.unwrap().unwrap();
+        assert_eq!(a.hash, None);
+        assert_eq!(
+            a.unreadable.as_deref(),
+            Some("changed while being hashed (3 attempts)")
+        );
+        assert_eq!(
+            (a.size, a.file_type),
+            (Some(32 << 20), Some(FileType::File))
+        );
+    }
+
+    #[test]
     fn a_file_written_while_hashed_is_hashed_again() {
         let root = tempfile::tempdir().unwrap();
         let path = root.path().join("growing");
@@ -884,7 +1020,9 @@ mod tests {
         let stale = rustix::fs::statx(&dir, "growing", LOOK, STATX).unwrap();
         std::fs::write(&path, vec![b'b'; 1 << 19]).unwrap();
         let mut n = 0;
-        let content = read_file(&dir, OsStr::new("growing"), &stale, &want, &mut n).unwrap();
+        let Ok(content) = read_file(&dir, OsStr::new("growing"), &stale, &want, &mut n) else {
+            unreachable!("the file can be read")
+        };
         assert_eq!(
             content.hash,
             Some(blake3::hash(&vec![b'b'; 1 << 19]).to_hex().to_string())

@@ -184,6 +184,10 @@ struct Carried {
 /// The loop wakes at least this often, so /healthz can tell idle from stalled.
 const BEAT: Duration = Duration::from_secs(10);
 
+/// A file that could not be read is looked at again after this long (and at
+/// every event on it, and every scan), until its content can be compared.
+const RETRY_UNREADABLE: Duration = Duration::from_secs(10);
+
 /// The monitoring loop's state.
 pub struct Monitor {
     engine: Engine,
@@ -390,6 +394,7 @@ impl Monitor {
             warn!(path = %e.path, reason = %e.reason, "skipped");
         }
         let carried = self.carry(outcome, Found::Scan).await?;
+        self.retry_unreadable();
         if let Err(error) = tokio::task::block_in_place(|| self.engine.compact_baseline()) {
             warn!(%error, "could not compact the baseline");
         }
@@ -423,10 +428,21 @@ impl Monitor {
         if self.carry(outcome, Found::Rescan).await?.saved {
             self.publish_status(None);
         }
+        self.retry_unreadable();
         if new_dirs {
             self.sync_watches(true);
         }
         Ok(())
+    }
+
+    /// Looks again at the files that could not be read, after
+    /// [`RETRY_UNREADABLE`] (a lease is broken, a rule lifted): once one
+    /// can be read, its content is compared and reported if it differs.
+    fn retry_unreadable(&mut self) {
+        let at = Instant::now() + RETRY_UNREADABLE;
+        for path in self.engine.unreadable() {
+            self.pending.entry(path).or_insert(at);
+        }
     }
 
     fn inotify_event(&mut self, event: notify::Result<notify::Event>) {

@@ -141,7 +141,7 @@ impl Metrics {
             )?,
             scan_errors: counter(
                 "kube_fim_agent_scan_errors_total",
-                "Files that could not be inspected (reported and skipped)",
+                "Files that could not be read whole (reported as unreadable, looked at again)",
             )?,
             watch_errors: counter(
                 "kube_fim_agent_watch_errors_total",
@@ -424,7 +424,7 @@ impl Telemetry {
     pub async fn scan_errors_found(&self, count: usize) {
         let node = &self.node;
         self.publish(EventType::Warning, "ScanErrors", format!(
-            "{count} monitored files on node {node} could not be inspected in the last scan; they are skipped (see the agent log)"
+            "{count} monitored files on node {node} could not be read whole in the last scan; what could be read is compared, and they are reported as unreadable until read (see the agent log)"
         ), "Scan").await;
     }
 

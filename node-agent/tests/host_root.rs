@@ -538,13 +538,17 @@ fn permission_denied_is_skipped_with_a_reason() {
     let b = run("baseline", false);
     assert_eq!(b.code(), 0, "{b:?}");
     assert!(
-        b.stderr.contains("skipped /etc/locked: permission denied"),
+        b.stderr
+            .contains("skipped /etc/locked: EACCES: permission denied"),
         "{b:?}"
     );
     assert!(b.stdout.contains("1 skipped"), "{b:?}");
     let c = run("check", true);
     assert_eq!((c.code(), c.stdout.as_str()), (0, ""), "{c:?}");
-    assert!(c.stderr.contains("skipped /etc/locked: permission denied"));
+    assert!(
+        c.stderr
+            .contains("skipped /etc/locked: EACCES: permission denied")
+    );
     std::fs::write(host.p("/etc/readable"), b"changed\n").unwrap();
     let c = run("check", true);
     assert_eq!(c.code(), 1, "{c:?}");

@@ -7,12 +7,15 @@
 //!   ends however it ends;
 //! - [`http`] and [`prom`]: a plain HTTP GET and reading samples out of a
 //!   Prometheus text exposition;
-//! - [`wait`]: polling until a condition holds, blocking or async.
+//! - [`wait`]: polling until a condition holds, blocking or async;
+//! - [`lease`]: a write lease on a file, as a process that keeps others from
+//!   reading it holds one.
 
 // Test support: a failed precondition is a failed test, said as plainly as possible.
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
 pub mod http;
+pub mod lease;
 pub mod policy;
 pub mod process;
 pub mod prom;

@@ -5,6 +5,11 @@
 //!
 //! Decoding is strict: unknown flags, a value out of range, text that is not
 //! UTF-8 or bytes left over make a record unreadable, never a guess.
+//!
+//! Fields added later take a flag of their own, absent from the records
+//! written before them: a state without the field is encoded as it was (its
+//! bytes, and so the baseline's digest, unchanged), and the records of older
+//! stores read as they are (the last flag, `UNREADABLE`, came so).
 
 use std::fmt;
 
@@ -49,7 +54,9 @@ const MOUNT: u16 = 1 << 12;
 /// digits, as the agent writes them), not as text.
 const HASH_RAW: u16 = 1 << 13;
 const XATTRS_RAW: u16 = 1 << 14;
-const ALL_ATTRIBUTES: u16 = (1 << 15) - 1;
+/// Why the state could not be read whole ([`FileAttributes::unreadable`]).
+/// (Every flag of the 16 bits has a meaning now.)
+const UNREADABLE: u16 = 1 << 15;
 
 const TYPES: [FileType; 7] = [
     FileType::File,
@@ -140,6 +147,7 @@ fn attributes(a: &FileAttributes, out: &mut Vec<u8>) {
         (a.mount.is_some(), MOUNT),
         (hash.is_some(), HASH_RAW),
         (xattrs.is_some(), XATTRS_RAW),
+        (a.unreadable.is_some(), UNREADABLE),
     ] {
         if present {
             flags |= flag;
@@ -182,6 +190,9 @@ fn attributes(a: &FileAttributes, out: &mut Vec<u8>) {
         for t in [&m.mount_point, &m.fs_type, &m.source, &m.root] {
             text(t, out);
         }
+    }
+    if let Some(why) = &a.unreadable {
+        text(why, out);
     }
 }
 
@@ -292,9 +303,6 @@ impl<'a> Reader<'a> {
                 .try_into()
                 .map_err(|_| DecodeError("truncated"))?,
         );
-        if flags & !ALL_ATTRIBUTES != 0 {
-            return Err(DecodeError("unknown attribute flags"));
-        }
         if flags & HASH_RAW != 0 && flags & HASH == 0
             || flags & XATTRS_RAW != 0 && flags & XATTRS == 0
         {
@@ -347,6 +355,9 @@ impl<'a> Reader<'a> {
                 root: self.text()?,
             });
         }
+        if has(UNREADABLE) {
+            a.unreadable = Some(self.text()?);
+        }
         Ok(a)
     }
 }
@@ -379,6 +390,7 @@ mod tests {
                 source: "/dev/vda1".into(),
                 root: "/".into(),
             }),
+            unreadable: None,
         }
     }
 
@@ -398,6 +410,32 @@ mod tests {
             bytes.len(),
             json.len()
         );
+    }
+
+    #[test]
+    fn a_state_read_whole_is_encoded_as_before_unreadable_fields_and_all() {
+        let t = Tracked {
+            approved: Some(full()),
+            reported: None,
+            epoch: 0,
+        };
+        // The encoding of version 3 before the field: every other flag.
+        let bytes = to_vec(&t);
+        assert_eq!(&bytes[1..3], &((1u16 << 15) - 1).to_le_bytes());
+        let unreadable = Tracked {
+            approved: Some(FileAttributes {
+                hash: None,
+                xattrs: None,
+                unreadable: Some("EACCES: permission denied".into()),
+                ..full()
+            }),
+            ..t
+        };
+        let bytes = to_vec(&unreadable);
+        assert_eq!(decode(&bytes).unwrap(), unreadable);
+        for n in 0..bytes.len() {
+            assert!(decode(&bytes[..n]).is_err(), "truncated at {n}");
+        }
     }
 
     #[test]
@@ -432,7 +470,7 @@ mod tests {
         assert!(decode(&[0x80]).is_err(), "unknown record flag");
         assert!(
             decode(&[APPROVED, 0, 0x80]).is_err(),
-            "unknown attribute flag"
+            "an attribute flag without its value"
         );
         assert!(decode(&[APPROVED, 1, 0, 7]).is_err(), "unknown file type");
         assert!(
@@ -468,12 +506,13 @@ mod tests {
                 proptest::option::of(any::<u64>()),
                 proptest::option::of(".{0,40}"),
                 proptest::option::of((".{0,10}", ".{0,10}", ".{0,10}", ".{0,10}")),
+                proptest::option::of(".{0,40}"),
             ),
         )
             .prop_map(
                 |(
                     (file_type, hash, size, mode, uid, gid, xattrs),
-                    (mtime, ctime, inode, links, link_target, mount),
+                    (mtime, ctime, inode, links, link_target, mount, unreadable),
                 )| FileAttributes {
                     file_type: file_type.map(|i| TYPES[i]),
                     hash,
@@ -493,6 +532,7 @@ mod tests {
                         source,
                         root,
                     }),
+                    unreadable,
                 },
             )
     }

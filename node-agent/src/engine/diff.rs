@@ -22,7 +22,11 @@ pub fn differing(
             continue;
         }
         let same = match a {
-            Attribute::Hash => old.hash == new.hash,
+            // Content not read is never the same content, even as other
+            // content not read.
+            Attribute::Hash => {
+                old.hash == new.hash && old.unreadable.is_none() == new.unreadable.is_none()
+            }
             Attribute::Size => old.size == new.size,
             Attribute::Type => old.file_type == new.file_type,
             Attribute::Mode => old.mode == new.mode,
@@ -113,5 +117,7 @@ pub(super) fn project(a: &FileAttributes, attrs: &[Attribute]) -> FileAttributes
         links: a.links.filter(|_| has(Attribute::Links)),
         link_target: a.link_target.clone().filter(|_| has(Attribute::LinkTarget)),
         mount: a.mount.clone().filter(|_| has(Attribute::Mount)),
+        // Why what is absent is absent, whatever the entry compares.
+        unreadable: a.unreadable.clone(),
     }
 }

@@ -19,6 +19,10 @@ use crate::hostfs::Inspected;
 use crate::paths::{host_path, rel_path};
 use crate::plan::{Entry, Plan};
 
+/// The longest reason a state gives for being unreadable (the CRD's
+/// `maxLength` of `unreadable`).
+const UNREADABLE_MAX: usize = 256;
+
 impl Engine {
     /// Re-examines the given root-relative paths (real-time events): each path,
     /// what is below it now (a new directory), and what the baseline had below it.
@@ -32,6 +36,8 @@ impl Engine {
         let mut candidates: BTreeSet<PathBuf> = BTreeSet::new();
         let mut new_dirs = false;
         for p in paths {
+            // Judged again below if still monitored.
+            self.unreadable.remove(p);
             candidates.insert(p.clone());
             candidates.extend(
                 self.baseline
@@ -96,24 +102,31 @@ impl Engine {
         result: Inspected,
         out: &mut Outcome,
     ) -> Option<FileAttributes> {
-        match result {
-            Ok(Some(mut a)) => {
-                if want.contains(&Attribute::Mount) {
-                    a.mount = self.mounts.as_ref().and_then(|t| t.covering(path)).cloned();
-                }
-                Some(a)
+        let mut state = match result {
+            Ok(Some(a)) => a,
+            Ok(None) => return None,
+            // Not even its metadata could be read: a state that says so,
+            // never the baseline's (a read error never means unchanged).
+            Err(err) => FileAttributes {
+                unreadable: Some(err.to_string()),
+                ..FileAttributes::default()
+            },
+        };
+        if let Some(reason) = &mut state.unreadable {
+            // Within what a FileChange holds (the CRD's maxLength).
+            if let Some((at, _)) = reason.char_indices().nth(UNREADABLE_MAX) {
+                reason.truncate(at);
             }
-            Ok(None) => None,
-            Err(err) => {
-                debug!(path = %host_path(path), %err, "skipped");
-                out.errors.push(ScanError {
-                    path: host_path(path),
-                    reason: err.to_string(),
-                });
-                // Unreadable now: keep the baseline as it is, report nothing.
-                self.baseline.approved(&host_path(path))
-            }
+            debug!(path = %host_path(path), %reason, "unreadable");
+            out.errors.push(ScanError {
+                path: host_path(path),
+                reason: reason.clone(),
+            });
         }
+        if want.contains(&Attribute::Mount) {
+            state.mount = self.mounts.as_ref().and_then(|t| t.covering(path)).cloned();
+        }
+        Some(state)
     }
 
     /// Compares one path with the baseline and collects the changes to report.
@@ -126,6 +139,12 @@ impl Engine {
         source: DetectionSource,
         out: &mut Outcome,
     ) {
+        // Looked at again until it can be read (see `Engine::unreadable`).
+        if current.as_ref().is_some_and(|c| c.unreadable.is_some()) {
+            self.unreadable.insert(path.to_path_buf());
+        } else {
+            self.unreadable.remove(path);
+        }
         let mut established: Vec<&Entry> = Vec::new();
         for o in owners.iter().filter(|o| {
             self.baseline

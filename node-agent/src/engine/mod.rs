@@ -45,7 +45,8 @@ pub use diff::differing;
 
 use entry_digest::EntrySums;
 
-/// Engine errors (per-file trouble is not an error: it is reported and skipped).
+/// Engine errors (per-file trouble is not an error: the file's state says
+/// what could not be read, and it is reported).
 #[derive(Debug, Error)]
 pub enum EngineError {
     #[error(transparent)]
@@ -59,7 +60,8 @@ pub enum EngineError {
     },
 }
 
-/// A file that could not be inspected, and why.
+/// A file that could not be read whole, and why (its state says so too:
+/// [`kube_fim_crds::FileAttributes::unreadable`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScanError {
     pub path: String,
@@ -152,6 +154,9 @@ pub struct Engine {
     /// Distinct files monitored (last scan).
     files_total: usize,
     last_errors: Vec<ScanError>,
+    /// Paths whose last state was unreadable (their content or more): looked
+    /// at again until they can be read ([`Engine::unreadable`]).
+    unreadable: BTreeSet<PathBuf>,
     /// List every difference from the approved baseline, even those already
     /// reported (`check` reports the state; it does not deliver).
     list_reported: bool,
@@ -210,6 +215,7 @@ impl Engine {
             files_per_policy: BTreeMap::new(),
             files_total: 0,
             last_errors: Vec::new(),
+            unreadable: BTreeSet::new(),
             list_reported: false,
             dry_run: false,
         })
@@ -303,6 +309,13 @@ impl Engine {
                 .map(|(name, scan)| (name.to_string(), scan.generation))
                 .collect(),
         }
+    }
+
+    /// Root-relative paths whose state could not be read whole when last
+    /// judged: to look at again (a lease is broken, a rule lifted), so their
+    /// content is compared once it can be read.
+    pub fn unreadable(&self) -> Vec<PathBuf> {
+        self.unreadable.iter().cloned().collect()
     }
 
     /// The policies served.

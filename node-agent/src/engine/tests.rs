@@ -196,3 +196,156 @@ fn a_store_of_version_2_is_upgraded_without_a_report() {
         published
     });
 }
+
+/// The change of `path` in `o`, if any.
+fn change_of<'a>(o: &'a Outcome, path: &str) -> &'a kube_fim_crds::FileChangeSpec {
+    let c = o.changes.iter().find(|c| c.path == path);
+    assert!(c.is_some(), "no change of {path}: {:?}", describe(o));
+    c.unwrap()
+}
+
+fn blake3_hex(content: &str) -> String {
+    blake3::hash(content.as_bytes()).to_hex().to_string()
+}
+
+/// A new file moved into a monitored directory while another process holds
+/// a write lease on it (root cannot read it; mode 000 would not stop root):
+/// its metadata is an Added change at once, its content marked unreadable
+/// with the reason, and the scan does not wait for the lease. Once the lease
+/// is gone, its content is read and reported.
+#[test]
+fn a_new_file_under_a_write_lease_is_added_unreadable_then_its_content_reported() {
+    use kube_fim_testkit::lease::Lease;
+    let root = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("etc")).unwrap();
+    std::fs::create_dir_all(root.path().join("staging")).unwrap();
+    std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
+    let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+    scan(&mut e, DetectionSource::Startup);
+
+    let staged = root.path().join("staging/evil");
+    std::fs::write(&staged, "evil").unwrap();
+    let lease = Lease::take(&staged);
+    std::fs::rename(&staged, root.path().join("etc/evil")).unwrap();
+    let started = std::time::Instant::now();
+    let o = scan(&mut e, DetectionSource::Scan);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "a lease stalls the scan: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(describe(&o), ["Added /etc/evil []"]);
+    let after = change_of(&o, "/etc/evil").after.clone().unwrap();
+    assert_eq!(after.size, Some(4), "its metadata is read: {after:?}");
+    assert!(after.mode.is_some() && after.inode.is_some(), "{after:?}");
+    assert_eq!(after.hash, None, "no digest of content not read");
+    let why = after.unreadable.unwrap_or_default();
+    assert!(why.contains("EWOULDBLOCK"), "{why:?}");
+    // Looked at again in real time while the lease is held: reported once.
+    let paths = std::collections::BTreeSet::from([std::path::PathBuf::from("etc/evil")]);
+    let (o, _) = e.rescan(&paths, DetectionSource::Realtime);
+    e.mark_reported(&o);
+    assert_eq!(describe(&o), Vec::<String>::new());
+    assert_eq!(e.unreadable(), [std::path::PathBuf::from("etc/evil")]);
+
+    drop(lease);
+    let (o, _) = e.rescan(&paths, DetectionSource::Realtime);
+    e.mark_reported(&o);
+    assert_eq!(describe(&o), ["Added /etc/evil []"]);
+    let after = change_of(&o, "/etc/evil").after.clone().unwrap();
+    assert_eq!(after.hash, Some(blake3_hex("evil")));
+    assert_eq!(after.unreadable, None);
+    assert!(e.unreadable().is_empty());
+}
+
+/// A baseline file whose content cannot be read any more is a change (its
+/// content is not known to be the baseline's); readable again and unchanged,
+/// nothing more is reported.
+#[test]
+fn a_baseline_file_that_cannot_be_read_is_a_change() {
+    use kube_fim_testkit::lease::Lease;
+    let root = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("etc")).unwrap();
+    std::fs::write(root.path().join("etc/shadow"), "root:x").unwrap();
+    let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+    scan(&mut e, DetectionSource::Startup);
+
+    let lease = Lease::take(&root.path().join("etc/shadow"));
+    let o = scan(&mut e, DetectionSource::Scan);
+    assert_eq!(describe(&o), ["Modified /etc/shadow [Hash]"]);
+    let c = change_of(&o, "/etc/shadow");
+    assert_eq!(
+        c.before.as_ref().and_then(|b| b.hash.clone()),
+        Some(blake3_hex("root:x"))
+    );
+    let after = c.after.clone().unwrap();
+    assert!(
+        after.unreadable.is_some() && after.hash.is_none(),
+        "{after:?}"
+    );
+    assert_eq!(o.errors.len(), 1, "still counted: {:?}", o.errors);
+    drop(lease);
+    let o = scan(&mut e, DetectionSource::Scan);
+    assert_eq!(describe(&o), Vec::<String>::new(), "back to its baseline");
+}
+
+/// A first baseline that cannot read a file records it as unreadable, never
+/// as a digest; its content, once read, is a change to review.
+#[test]
+fn a_baseline_taken_under_a_lease_records_the_file_unreadable() {
+    use kube_fim_testkit::lease::Lease;
+    let root = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("etc")).unwrap();
+    std::fs::write(root.path().join("etc/sudoers"), "evil ALL=(ALL) ALL").unwrap();
+    let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+    let lease = Lease::take(&root.path().join("etc/sudoers"));
+    assert!(scan(&mut e, DetectionSource::Startup).changes.is_empty());
+    let stored = e.baseline().approved("/etc/sudoers").unwrap();
+    assert!(
+        stored.unreadable.is_some() && stored.hash.is_none(),
+        "{stored:?}"
+    );
+    e.save().unwrap();
+    drop(e);
+    // Kept across a restart (the store's record has it).
+    let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+    assert_eq!(e.baseline().approved("/etc/sudoers"), Some(stored));
+    drop(lease);
+    let o = scan(&mut e, DetectionSource::Startup);
+    assert_eq!(describe(&o), ["Modified /etc/sudoers [Hash]"]);
+    let c = change_of(&o, "/etc/sudoers");
+    assert!(c.before.as_ref().unwrap().unreadable.is_some());
+    assert_eq!(
+        c.after.as_ref().unwrap().hash,
+        Some(blake3_hex("evil ALL=(ALL) ALL"))
+    );
+}
+
+/// Approving a report of unreadable content approves no content: once the
+/// file can be read, the approval is superseded and the content reported.
+#[test]
+fn an_approval_of_unreadable_content_never_approves_the_content() {
+    use kube_fim_testkit::lease::Lease;
+    let root = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("etc")).unwrap();
+    let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+    scan(&mut e, DetectionSource::Startup);
+    std::fs::write(root.path().join("etc/payload"), "evil").unwrap();
+    let lease = Lease::take(&root.path().join("etc/payload"));
+    let o = scan(&mut e, DetectionSource::Scan);
+    let after = change_of(&o, "/etc/payload").after.clone().unwrap();
+    assert!(after.unreadable.is_some(), "{after:?}");
+    drop(lease);
+    match e.approve("/etc/payload", Some(&after)) {
+        super::Approved::Superseded(o) => {
+            let now = change_of(&o, "/etc/payload").after.clone().unwrap();
+            assert_eq!(now.hash, Some(blake3_hex("evil")));
+        }
+        other => unreachable!("approved content nobody saw: {other:?}"),
+    }
+    assert_eq!(e.baseline().approved("/etc/payload"), None);
+}

@@ -240,6 +240,8 @@ impl Engine {
         let plan = Arc::clone(&self.plan);
         let mut tally = Tally::default();
         self.dirs.clear();
+        // The scan judges every monitored path again.
+        self.unreadable.clear();
         // The bases no other base contains: the subtrees the scan visits.
         let mut bases: Vec<&Path> = plan.entries.iter().map(|e| e.base.as_path()).collect();
         bases.sort();

@@ -97,8 +97,14 @@ pub fn describe(change: &FileChange) -> String {
                 None if mounted(spec) => "; the host's mount table no longer shows it".into(),
                 _ => String::new(),
             };
+            let unreadable = spec
+                .after
+                .as_ref()
+                .and_then(|a| a.unreadable.as_deref())
+                .map(|why| format!("; it could not be read ({why}): looked at again until read"))
+                .unwrap_or_default();
             format!(
-                "{} {}{}{by} on node {} (policy {}, entry {}, {:?}){through}",
+                "{} {}{}{by} on node {} (policy {}, entry {}, {:?}){through}{unreadable}",
                 spec.path,
                 spec.category.as_str().to_lowercase(),
                 what,
@@ -387,6 +393,21 @@ mod tests {
         let long = note(&c);
         assert!(long.len() <= MAX_NOTE, "{}", long.len());
         assert!(long.ends_with("this Event's series counts"), "{long}");
+    }
+
+    #[test]
+    fn a_file_that_could_not_be_read_says_why() {
+        let mut c = change("/etc/cron");
+        c.spec.category = ChangeCategory::Added;
+        c.spec.after = Some(kube_fim_crds::FileAttributes {
+            unreadable: Some("EWOULDBLOCK: held under a lease by another process".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            describe(&c),
+            "/etc/cron added on node n1 (policy p, entry etc, Realtime); it could not be read \
+             (EWOULDBLOCK: held under a lease by another process): looked at again until read"
+        );
     }
 
     #[test]
