@@ -1274,3 +1274,104 @@ async fn a_recurrence_nobody_approved_is_a_new_change() {
     }
     fleet.cleanup().await;
 }
+
+// Issue 21, attack 3 and attack 7 (agent half): the node's state vouches for
+// nothing; what the cluster holds (published entry digests, approvals the
+// agent answered) is what a baseline is checked against.
+
+/// Root on a stopped node appends a line to a monitored file and rebuilds the
+/// baseline in the agent's state directory with the documented `baseline`
+/// command (its digest journaled, as the agent's own): at start the entry's
+/// digest differs from the one the node published, and nothing the cluster
+/// holds explains it, so it is a BaselineTampered alarm naming the entry and
+/// the file.
+#[tokio::test]
+async fn a_baseline_rebuilt_offline_is_an_alarm_naming_the_entry() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-p");
+    fleet
+        .create_policy(&fleet.policy(
+            &policy,
+            vec![
+                entry("passwd", "/etc/passwd", false),
+                entry("ssh", "/etc/ssh", true),
+            ],
+        ))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+    eventually("entry digests published", SEEN, || async {
+        let entries = record(&client, &a)
+            .await
+            .status
+            .map(|s| s.entries)
+            .unwrap_or_default();
+        (entries.len() == 2)
+            .then_some(())
+            .ok_or(format!("{entries:?}"))
+    })
+    .await;
+    fleet.nodes[0].kill_agent();
+
+    let passwd = fleet.nodes[0].host("/etc/passwd");
+    let mut text = std::fs::read_to_string(&passwd).unwrap();
+    text.push_str("evil:x:0:0::/:/bin/sh\n");
+    std::fs::write(&passwd, text).unwrap();
+    // The policy as the cluster serves it (`kubectl get fip -o yaml`).
+    let served = Api::<kube_fim_crds::FileIntegrityPolicy>::all(client.clone())
+        .get(&policy)
+        .await
+        .unwrap();
+    let file = fleet.nodes[0].state.with_extension("policy.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&served).unwrap()).unwrap();
+    let rebuilt = std::process::Command::new(kube_fim_e2e::binary("kube-fim-agent"))
+        .args([
+            "baseline".to_string(),
+            format!("--policy={}", file.display()),
+            format!("--root={}", fleet.nodes[0].root.display()),
+            format!("--state={}", fleet.nodes[0].state.display()),
+            format!("--node-name={a}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        rebuilt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    fleet.nodes[0].start_agent();
+
+    let event = wait_warning(&client, "BaselineTampered", &a).await;
+    let note = event.note.unwrap_or_default();
+    assert!(note.contains(&format!("{policy}/passwd")), "{note}");
+    assert!(!note.contains(&format!("{policy}/ssh")), "{note}");
+    let alarm = eventually("policy Failed with the alarm", SEEN, || async {
+        let s = record(&client, &a).await.status.unwrap_or_default();
+        match (s.baseline_alarm, s.policies.first().map(|p| p.phase)) {
+            (Some(alarm), Some(NodePolicyPhase::Failed)) => Ok(alarm),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(alarm.reason, "BaselineTampered");
+    assert!(
+        alarm.message.contains(&format!("{policy}/passwd"))
+            && alarm.message.contains("/etc/passwd"),
+        "{}",
+        alarm.message
+    );
+    let c = wait_change(&fleet, &a, "Modified /etc/passwd").await;
+    assert_eq!(c.spec.source, DetectionSource::Startup);
+    let text = fleet.nodes[0].metrics().unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            &format!("kube_fim_agent_baseline_tampered{{node=\"{a}\"}}")
+        ),
+        Some(1.0)
+    );
+    fleet.cleanup().await;
+}
