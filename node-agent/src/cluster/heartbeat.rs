@@ -17,7 +17,7 @@ use kube_fim_crds::{
 use tokio::sync::watch;
 use tracing::warn;
 
-use super::node_status;
+use super::{node_status, startup};
 use crate::baseline::Journal;
 use crate::context::Context;
 use crate::monitor::Snapshot;
@@ -32,6 +32,8 @@ pub struct Settings {
     pub journal: Journal,
     /// The baseline alarm standing at start.
     pub alarm: Option<BaselineAlarm>,
+    /// Whether it was found at this start (else it is told only what differs).
+    pub alarm_found: bool,
 }
 
 /// The heartbeat's state between two writes.
@@ -40,6 +42,7 @@ struct Heartbeat {
     api: Api<FileIntegrityNode>,
     journal: Journal,
     alarm: Option<BaselineAlarm>,
+    alarm_found: bool,
     /// The last baseline digest and entry digests the loop published.
     digest: Option<String>,
     entries: Vec<EntryDigest>,
@@ -62,6 +65,7 @@ pub async fn run(
         ctx,
         journal: settings.journal,
         alarm: settings.alarm,
+        alarm_found: settings.alarm_found,
         digest: None,
         entries: Vec::new(),
         told_limit: false,
@@ -105,21 +109,33 @@ impl Heartbeat {
         } else if snap.errors == 0 {
             self.told_errors = false;
         }
-        if let (Some(names), Some(a)) = (&snap.differing, self.alarm.as_mut())
-            && !self.told_differing
-        {
-            self.told_differing = true;
-            let what = if names.is_empty() {
-                "no entry differs from what the cluster last saw".to_string()
-            } else {
-                format!(
-                    "entries that differ from what the cluster last saw: {}",
-                    names.join(", ")
-                )
-            };
-            a.message = shorten_text(&format!("{}; {what}", a.message), 4000);
-            let note = shorten_text(&format!("node {}: {what}", self.ctx.node), 1000);
-            telemetry.baseline_entries_compared(note).await;
+        let Some(names) = snap.differing.as_ref().filter(|_| !self.told_differing) else {
+            return;
+        };
+        self.told_differing = true;
+        let node = &self.ctx.node;
+        match self.alarm.as_mut() {
+            // Entries moved with nothing in the cluster to explain it.
+            None if !names.is_empty() => {
+                let found = startup::tampered(node, names);
+                telemetry.baseline_alarm_raised(&found).await;
+                self.alarm = Some(found);
+            }
+            None => {}
+            Some(_) if names.is_empty() && !self.alarm_found => {}
+            Some(a) => {
+                let what = if names.is_empty() {
+                    "no entry differs from what the cluster last saw".to_string()
+                } else {
+                    format!(
+                        "entries that differ from what the cluster last saw: {}",
+                        names.join(", ")
+                    )
+                };
+                a.message = shorten_text(&format!("{}; {what}", a.message), 4000);
+                let note = shorten_text(&format!("node {node}: {what}"), 1000);
+                telemetry.baseline_entries_compared(note).await;
+            }
         }
     }
 

@@ -95,6 +95,7 @@ pub async fn run(
     let settings = heartbeat::Settings {
         journal,
         alarm: started.alarm,
+        alarm_found: started.alarm_found,
     };
     let heartbeat = heartbeat::run(ctx.clone(), settings, status_rx, tasks.shutdown());
     tasks.spawn("heartbeat", Stop::Abort, heartbeat);

@@ -40,8 +40,9 @@ mod mount_tracking;
 mod tests;
 mod walk;
 
-pub use approve::Approved;
+pub use approve::{Applied, Approval, Approved};
 pub use diff::differing;
+pub use entry_digest::{ApprovedMove, Published};
 
 use entry_digest::EntrySums;
 
@@ -132,7 +133,7 @@ pub struct Engine {
     plan: Arc<Plan>,
     policies: BTreeMap<String, PolicyInput>,
     /// Entry digests the cluster last saw, to compare after the first scan.
-    known_entries: Option<Vec<EntryDigest>>,
+    known_entries: Option<Published>,
     /// The per-entry digests, kept up to date with the baseline's changes.
     entry_sums: Mutex<Option<EntrySums>>,
     /// Stamped file by file, so a long scan is not taken for a stall.
@@ -237,14 +238,14 @@ impl Engine {
         &self.baseline
     }
 
-    /// After the first scan, compare the entry digests with these (what the
-    /// cluster last saw) and report what differs (a lost or replaced baseline).
-    pub fn compare_first_scan_with(&mut self, known: Vec<EntryDigest>) {
+    /// After the first scan, compare the entry digests with what the cluster
+    /// holds and report what differs unexplained (a lost or forged baseline).
+    pub fn compare_first_scan_with(&mut self, known: Published) {
         self.known_entries = Some(known);
     }
 
     /// The comparison asked for by [`Engine::compare_first_scan_with`], once.
-    pub fn take_known_entries(&mut self) -> Option<Vec<EntryDigest>> {
+    pub fn take_known_entries(&mut self) -> Option<Published> {
         self.known_entries.take()
     }
 

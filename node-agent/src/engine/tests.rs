@@ -9,7 +9,9 @@ pub(super) use kube_fim_crds::{
     MonitoredPath,
 };
 
-use super::{Engine, Outcome, PolicyInput};
+use kube_fim_crds::FileAttributes;
+
+use super::{Approval, Approved, Engine, Outcome, PolicyInput};
 
 pub(super) fn engine(root: &Path, state: &Path, paths: Vec<MonitoredPath>) -> Engine {
     let mut e = Engine::open(root, state, "n").unwrap();
@@ -195,4 +197,21 @@ fn a_store_of_version_2_is_upgraded_without_a_report() {
         std::fs::remove_file(state.join(crate::baseline::JOURNAL)).unwrap();
         published
     });
+}
+
+/// Approves `after` as the state of `key` as a change of the first entry
+/// that covers it would.
+pub(super) fn approve(e: &mut Engine, key: &str, after: Option<&FileAttributes>) -> Approved {
+    let plan = e.plan.clone();
+    let owners = plan.owners(&crate::paths::rel_path(key));
+    let (policy, entry) = owners
+        .first()
+        .map(|o| (o.owner.policy.clone(), o.owner.entry.clone()))
+        .unwrap_or_default();
+    e.approve(&Approval {
+        policy: &policy,
+        entry: &entry,
+        key,
+        after,
+    })
 }
