@@ -18,7 +18,6 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use super::{node_status, startup};
-use crate::baseline::Journal;
 use crate::context::Context;
 use crate::monitor::Snapshot;
 use crate::report::object::shorten_text;
@@ -28,8 +27,6 @@ const HEARTBEAT: Duration = Duration::from_secs(30);
 
 /// What the heartbeat starts from.
 pub struct Settings {
-    /// The journal of the baseline digests, trimmed once the cluster holds one.
-    pub journal: Journal,
     /// The baseline alarm standing at start.
     pub alarm: Option<BaselineAlarm>,
     /// Whether it was found at this start (else it is told only what differs).
@@ -40,7 +37,6 @@ pub struct Settings {
 struct Heartbeat {
     ctx: Arc<Context>,
     api: Api<FileIntegrityNode>,
-    journal: Journal,
     alarm: Option<BaselineAlarm>,
     alarm_found: bool,
     /// The last baseline digest and entry digests the loop published.
@@ -63,7 +59,6 @@ pub async fn run(
     let mut beat = Heartbeat {
         api: Api::all(ctx.client.clone()),
         ctx,
-        journal: settings.journal,
         alarm: settings.alarm,
         alarm_found: settings.alarm_found,
         digest: None,
@@ -164,11 +159,6 @@ impl Heartbeat {
                 return false;
             }
         };
-        if let Some(d) = &self.digest
-            && let Err(error) = self.journal.published(d)
-        {
-            warn!(%error, "could not trim the baseline journal");
-        }
         // An admin cleared the alarm: an act written on this object.
         let Some(alarm) = &self.alarm else {
             return false;

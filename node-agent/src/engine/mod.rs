@@ -25,7 +25,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube_fim_crds::{EntryDigest, FileChangeSpec, FileIntegrityPolicySpec};
 use thiserror::Error;
 
-use crate::baseline::{Baseline, BaselineError, Journal, StateDir};
+use crate::baseline::{Baseline, BaselineError};
 use crate::hostfs::HostRoot;
 use crate::mounts::{MountSource, MountTable};
 use crate::plan::{Plan, PlanError};
@@ -117,7 +117,6 @@ pub struct PolicyStatus {
 /// The engine of one node.
 pub struct Engine {
     root: HostRoot,
-    state: StateDir,
     node: String,
     baseline: Baseline,
     /// Digest of the baseline as found on disk at start (before any write).
@@ -192,7 +191,6 @@ impl Engine {
             mounts: None,
             mounts_compared: None,
             root,
-            state: StateDir::new(state),
             node: node.to_string(),
             baseline,
             loaded_digest,
@@ -252,11 +250,6 @@ impl Engine {
     /// Shares the progress stamp `/healthz` reads.
     pub fn set_progress(&mut self, progress: Progress) {
         self.progress = progress;
-    }
-
-    /// The journal of baseline digests of the state directory.
-    pub fn journal(&self) -> Journal {
-        Journal::new(self.state.path())
     }
 
     /// Policies left out because they cannot be compiled, with why.
