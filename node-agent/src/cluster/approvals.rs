@@ -166,7 +166,7 @@ async fn judge(
         Answer::Superseded(names) => verdict(
             ApprovalOutcome::Superseded,
             format!(
-                "{path} on {node} is not exactly in the approved state (spec.after, entry {entry}): nothing was approved; {}",
+                "{path} on {node} no longer is in the approved state (spec.after: every attribute entry {entry} compares): nothing was approved; {}",
                 if names.is_empty() {
                     "its present state was reported already as a newer FileChange".to_string()
                 } else {
