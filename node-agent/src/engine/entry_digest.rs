@@ -370,6 +370,7 @@ impl Engine {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
+#[allow(clippy::panic)]
 mod tests {
     use super::*;
     use crate::engine::tests::*;
@@ -422,6 +423,80 @@ mod tests {
         std::fs::write(etc.join("hosts"), "again").unwrap();
         assert_eq!(scan(&mut again, DetectionSource::Scan).changes.len(), 1);
         assert_eq!(digests_of(&again), approved, "reported only");
+    }
+
+    #[test]
+    fn an_entry_digest_moved_only_by_what_the_cluster_holds_is_no_difference() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let etc = root.path().join("etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("passwd"), "root").unwrap();
+        let paths = || vec![entry("passwd", "/etc/passwd", false)];
+        let mut e = engine(root.path(), state.path(), paths());
+        scan(&mut e, DetectionSource::Startup);
+        let published = e.entry_digests();
+
+        // Approved and saved, then a crash before the node status said so.
+        std::fs::write(etc.join("passwd"), "root\nadmin").unwrap();
+        let o = scan(&mut e, DetectionSource::Scan);
+        let Approved::Applied(applied) =
+            approve(&mut e, "/etc/passwd", o.changes[0].after.as_ref())
+        else {
+            panic!("not applied");
+        };
+        e.save().unwrap();
+        drop(e);
+        let moves: Vec<ApprovedMove> = applied
+            .moved
+            .iter()
+            .map(|m| ApprovedMove {
+                path: "/etc/passwd".into(),
+                digests: m.clone(),
+            })
+            .collect();
+        assert_eq!(moves.len(), 1);
+        assert_eq!(moves[0].digests.before, published[0].digest);
+
+        let mut again = engine(root.path(), state.path(), paths());
+        scan(&mut again, DetectionSource::Startup);
+        let held = Published {
+            entries: published.clone(),
+            generations: BTreeMap::from([("p".to_string(), Some(1))]),
+            moves: moves.clone(),
+        };
+        assert_eq!(
+            again.differing_entries(&held).0,
+            Vec::<String>::new(),
+            "explained"
+        );
+        // Without the answer in the cluster, the same move is a difference.
+        let unexplained = Published {
+            moves: Vec::new(),
+            ..held.clone()
+        };
+        assert_eq!(
+            again.differing_entries(&unexplained).0,
+            ["p/passwd (/etc/passwd)"]
+        );
+        // An answer on a change of another path explains nothing.
+        let elsewhere = Published {
+            moves: moves
+                .iter()
+                .map(|m| ApprovedMove {
+                    path: "/etc/shadow".into(),
+                    ..m.clone()
+                })
+                .collect(),
+            ..held.clone()
+        };
+        assert_eq!(again.differing_entries(&elsewhere).0.len(), 1);
+        // A policy generation the node had not applied when it published.
+        let edited = Published {
+            generations: BTreeMap::from([("p".to_string(), Some(0))]),
+            ..unexplained
+        };
+        assert_eq!(again.differing_entries(&edited).0, Vec::<String>::new());
     }
 
     fn etc_entry() -> MonitoredPath {
