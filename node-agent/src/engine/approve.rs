@@ -30,7 +30,7 @@ pub struct Approval<'a> {
 pub enum Approved {
     /// The file was exactly in the approved state, which is the baseline now
     /// (in memory: see [`Engine::revert_approval`] until it is saved).
-    Applied(Applied),
+    Applied(Box<Applied>),
     /// The file has moved on: nothing approved; these changes report it.
     Superseded(Outcome),
     /// The change's policy entry, served here, does not cover the path:
@@ -147,18 +147,19 @@ impl Engine {
             })
             .collect();
         moved.sort_by_key(|m| m.policy != own.0 || m.entry != own.1);
-        Approved::Applied(Applied {
+        Approved::Applied(Box::new(Applied {
             moved,
             key: key.to_string(),
             previous,
-        })
+        }))
     }
 
     /// Undoes an applied approval whose answer the cluster does not hold:
     /// the path's approved state is what it was (its state is then reported
     /// again, as not approved).
-    pub fn revert_approval(&mut self, applied: Applied) {
-        self.baseline.approve(&applied.key, applied.previous);
+    pub fn revert_approval(&mut self, applied: Box<Applied>) {
+        let Applied { key, previous, .. } = *applied;
+        self.baseline.approve(&key, previous);
     }
 
     fn digests_by_entry(&self) -> BTreeMap<(String, String), String> {
