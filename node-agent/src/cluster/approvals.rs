@@ -100,8 +100,10 @@ async fn record(api: &Api<FileChange>, name: &str, status: &serde_json::Value) -
 }
 
 /// Attempts to record an answer before an applied approval is undone (the
-/// monitor waits meanwhile).
-const RECORD_ATTEMPTS: u32 = 6;
+/// monitor waits meanwhile: about 15 s at most, well within what /healthz
+/// allows; an approval whose answer was not recorded is judged again when
+/// the watch next delivers it, at the latest at the next start).
+const RECORD_ATTEMPTS: u32 = 4;
 
 /// What became of an approval, and why.
 struct Verdict {

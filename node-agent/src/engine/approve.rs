@@ -171,7 +171,7 @@ impl Engine {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
     use crate::engine::tests::*;
@@ -200,6 +200,70 @@ mod tests {
         let next = e.scan(DetectionSource::Scan).changes;
         let before = next[0].before.as_ref().and_then(|b| b.hash.clone());
         assert_eq!(before, Some(blake3::hash(b"a").to_hex().to_string()));
+    }
+
+    #[test]
+    fn an_approval_takes_in_only_what_its_entry_reviewed() {
+        use crate::engine::PolicyInput;
+        use kube_fim_crds::{Attribute, FileIntegrityPolicySpec};
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let tool = root.path().join("usr/bin/tool");
+        std::fs::create_dir_all(tool.parent().unwrap()).unwrap();
+        std::fs::write(&tool, "v1").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let policy = |attribute| {
+            let mut p = entry("tool", "/usr/bin/tool", false);
+            p.attributes = vec![attribute];
+            PolicyInput {
+                generation: Some(1),
+                spec: FileIntegrityPolicySpec::with_paths(vec![p]),
+            }
+        };
+        let mut e = Engine::open(root.path(), state.path(), "n").unwrap();
+        e.set_policies(BTreeMap::from([
+            ("content".to_string(), policy(Attribute::Hash)),
+            ("perm".to_string(), policy(Attribute::Mode)),
+        ]))
+        .unwrap();
+        scan(&mut e, DetectionSource::Startup);
+        let first = digests_of(&e);
+
+        std::fs::write(&tool, "v2").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o4755)).unwrap();
+        let o = scan(&mut e, DetectionSource::Scan);
+        let content = o.changes.iter().find(|c| c.policy == "content").unwrap();
+        let mut approval = Approval {
+            policy: "content",
+            entry: "tool",
+            key: "/usr/bin/tool",
+            after: content.after.as_ref(),
+        };
+        // A state named only in part (no hash) is not what the entry reviews.
+        let partial = FileAttributes::default();
+        approval.after = Some(&partial);
+        assert!(matches!(e.approve(&approval), Approved::Superseded(_)));
+        // Named by another policy's entry: that entry does not cover it here.
+        approval.after = content.after.as_ref();
+        approval.policy = "other";
+        assert!(matches!(e.approve(&approval), Approved::NotMonitored));
+        approval.policy = "content";
+        let Approved::Applied(applied) = e.approve(&approval) else {
+            panic!("not applied");
+        };
+        let now = digests_of(&e);
+        assert_eq!(applied.moved.len(), 1, "{:?}", applied.moved);
+        assert_eq!(applied.moved[0].policy, "content");
+        assert_eq!(applied.moved[0].before, first["content/tool"].digest);
+        assert_eq!(applied.moved[0].after, now["content/tool"].digest);
+        assert_eq!(
+            now["perm/tool"], first["perm/tool"],
+            "the setuid bit is not approved"
+        );
+        // Not recorded in the cluster: undone.
+        e.revert_approval(applied);
+        assert_eq!(digests_of(&e), first);
     }
 
     #[test]
