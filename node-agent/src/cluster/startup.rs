@@ -161,14 +161,13 @@ fn open_engine(
 /// to go on with and the alarm that stands (found now, or kept from before
 /// and not cleared), and whether it was found now.
 async fn verify_baseline(
-    engine: Engine,
+    mut engine: Engine,
     unreadable: Option<String>,
     node: &FileIntegrityNode,
     client: &Client,
     config: &RunConfig,
     telemetry: &Telemetry,
 ) -> anyhow::Result<(Engine, Option<BaselineAlarm>, bool)> {
-    let mut engine = engine;
     let status = node.status.clone().unwrap_or_default();
     let cleared = node.annotations().get(CLEAR_BASELINE_ALARM).cloned();
     let mut alarm = status
