@@ -447,6 +447,35 @@ pub struct FileChangeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub message: Option<String>,
+
+    /// With outcome `Applied`: each policy entry whose published digest the
+    /// approval moved (the change's own entry first), before and after, in the
+    /// encoding of the FileIntegrityNode's `status.entries[].digest`. Written
+    /// by the agent before its baseline takes the approved state, so the
+    /// digests a node publishes are reachable from the ones it published
+    /// before through the approvals the cluster holds; a move nothing here
+    /// explains is a `BaselineTampered` alarm.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub entry_digests: Vec<EntryDigestMove>,
+}
+
+/// How an applied approval moved one entry's digest.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EntryDigestMove {
+    /// Policy name.
+    #[schemars(length(max = 63))]
+    pub policy: String,
+    /// Entry name within the policy.
+    #[schemars(length(max = 63))]
+    pub entry: String,
+    /// The entry's digest before the approval.
+    #[schemars(length(max = 64))]
+    pub before: String,
+    /// The entry's digest with the approved state.
+    #[schemars(length(max = 64))]
+    pub after: String,
 }
 
 /// Who decided that a change was expected, when and why.

@@ -19,8 +19,8 @@ pub mod validate;
 
 pub use change::{
     Approval, ApprovalOutcome, AttributionLimit, ChangeCategory, ChangeSummary, DetectionSource,
-    FileAttributes, FileChange, FileChangeSpec, FileChangeStatus, FileType, Mount, PodRef,
-    ProcessInfo,
+    EntryDigestMove, FileAttributes, FileChange, FileChangeSpec, FileChangeStatus, FileType, Mount,
+    PodRef, ProcessInfo,
 };
 pub use node::{
     BaselineAlarm, EntryDigest, FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,

@@ -1656,3 +1656,349 @@ async fn a_file_held_under_a_write_lease_is_reported_unreadable_then_read() {
     assert_eq!(read.spec.after.unwrap().unreadable, None);
     fleet.cleanup().await;
 }
+
+// Issue 21, attack 3 and attack 7 (agent half): the node's state vouches for
+// nothing; what the cluster holds (published entry digests, approvals the
+// agent answered) is what a baseline is checked against.
+
+/// Root on a stopped node appends a line to a monitored file and rebuilds the
+/// baseline in the agent's state directory with the documented `baseline`
+/// command (its digest journaled, as the agent's own): at start the entry's
+/// digest differs from the one the node published, and nothing the cluster
+/// holds explains it, so it is a BaselineTampered alarm naming the entry and
+/// the file.
+#[tokio::test]
+async fn a_baseline_rebuilt_offline_is_an_alarm_naming_the_entry() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-p");
+    fleet
+        .create_policy(&fleet.policy(
+            &policy,
+            vec![
+                entry("passwd", "/etc/passwd", false),
+                entry("ssh", "/etc/ssh", true),
+            ],
+        ))
+        .await;
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &policy, READY).await;
+    eventually("entry digests published", SEEN, || async {
+        let entries = record(&client, &a)
+            .await
+            .status
+            .map(|s| s.entries)
+            .unwrap_or_default();
+        (entries.len() == 2)
+            .then_some(())
+            .ok_or(format!("{entries:?}"))
+    })
+    .await;
+    fleet.nodes[0].kill_agent();
+
+    let passwd = fleet.nodes[0].host("/etc/passwd");
+    let mut text = std::fs::read_to_string(&passwd).unwrap();
+    text.push_str("evil:x:0:0::/:/bin/sh\n");
+    std::fs::write(&passwd, text).unwrap();
+    // The policy as the cluster serves it (`kubectl get fip -o yaml`).
+    let served = Api::<kube_fim_crds::FileIntegrityPolicy>::all(client.clone())
+        .get(&policy)
+        .await
+        .unwrap();
+    let file = fleet.nodes[0].state.with_extension("policy.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&served).unwrap()).unwrap();
+    let rebuilt = std::process::Command::new(kube_fim_e2e::binary("kube-fim-agent"))
+        .args([
+            "baseline".to_string(),
+            format!("--policy={}", file.display()),
+            format!("--root={}", fleet.nodes[0].root.display()),
+            format!("--state={}", fleet.nodes[0].state.display()),
+            format!("--node-name={a}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        rebuilt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    fleet.nodes[0].start_agent();
+
+    let event = wait_warning(&client, "BaselineTampered", &a).await;
+    let note = event.note.unwrap_or_default();
+    assert!(note.contains(&format!("{policy}/passwd")), "{note}");
+    assert!(!note.contains(&format!("{policy}/ssh")), "{note}");
+    let alarm = eventually("policy Failed with the alarm", SEEN, || async {
+        let s = record(&client, &a).await.status.unwrap_or_default();
+        match (s.baseline_alarm, s.policies.first().map(|p| p.phase)) {
+            (Some(alarm), Some(NodePolicyPhase::Failed)) => Ok(alarm),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(alarm.reason, "BaselineTampered");
+    assert!(
+        alarm.message.contains(&format!("{policy}/passwd"))
+            && alarm.message.contains("/etc/passwd"),
+        "{}",
+        alarm.message
+    );
+    let c = wait_change(&fleet, &a, "Modified /etc/passwd").await;
+    assert_eq!(c.spec.source, DetectionSource::Startup);
+    let text = fleet.nodes[0].metrics().unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            &format!("kube_fim_agent_baseline_tampered{{node=\"{a}\"}}")
+        ),
+        Some(1.0)
+    );
+    fleet.cleanup().await;
+}
+
+/// The node's published digest of `policy`/`entry`.
+async fn published_digest(client: &kube::Client, node: &str, policy: &str, entry: &str) -> String {
+    record(client, node)
+        .await
+        .status
+        .unwrap_or_default()
+        .entries
+        .into_iter()
+        .find(|e| e.policy == policy && e.entry == entry)
+        .map(|e| e.digest)
+        .unwrap_or_default()
+}
+
+/// Waits for the agent's answer to an approval of `name`.
+async fn wait_answer(client: &kube::Client, name: &str) -> kube_fim_crds::FileChangeStatus {
+    eventually(&format!("an answer on {name}"), SEEN, || async {
+        let c = Api::<FileChange>::all(client.clone())
+            .get(name)
+            .await
+            .map_err(|e| e.to_string())?;
+        c.status
+            .filter(|s| s.outcome.is_some())
+            .ok_or_else(|| "none yet".to_string())
+    })
+    .await
+}
+
+/// One file, two policies: `content` compares its hash, `perm` its mode. Its
+/// content changes and it turns setuid at once; the content change is
+/// approved. Only what was reviewed is approved: the content entry's digest
+/// moves as the answer says (from the published digest to the next published
+/// one), the setuid bit stays a difference of the perm policy, whose digest
+/// does not move (before, the approval took the file's whole state in). Then an approval of a state the file has left is
+/// `Superseded`, moves nothing, and the newer state stays reported.
+#[tokio::test]
+async fn an_approval_applies_exactly_the_reviewed_state() {
+    let client = client().await;
+    let suite = unique_name("adv");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let content = format!("{suite}-content");
+    let perm = format!("{suite}-perm");
+    for (policy, attribute) in [
+        (&content, kube_fim_crds::Attribute::Hash),
+        (&perm, kube_fim_crds::Attribute::Mode),
+    ] {
+        let mut tool = entry("tool", "/usr/bin/tool", false);
+        tool.attributes = vec![attribute];
+        fleet.create_policy(&fleet.policy(policy, vec![tool])).await;
+    }
+    fleet.nodes[0].start_agent();
+    let a = fleet.nodes[0].name.clone();
+    fleet.wait_ready(&a, &content, READY).await;
+    fleet.wait_ready(&a, &perm, READY).await;
+    let digests = || async {
+        (
+            published_digest(&client, &a, &content, "tool").await,
+            published_digest(&client, &a, &perm, "tool").await,
+        )
+    };
+    let (content0, perm0) = eventually("entry digests published", SEEN, || async {
+        let d = digests().await;
+        (!d.0.is_empty() && !d.1.is_empty())
+            .then_some(d.clone())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+    let approver = kube_fim_e2e::client_for(&kube_fim_e2e::service_account_with_cluster_role(
+        "e2e-approver",
+        "kube-fim-approver",
+    ))
+    .await;
+
+    let tool = fleet.nodes[0].host("/usr/bin/tool");
+    std::fs::write(&tool, "#!/bin/sh\necho patched\n").unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let of_policy = |policy: String| {
+        let fleet = &fleet;
+        let a = a.clone();
+        async move {
+            eventually(&format!("a change of policy {policy}"), SEEN, || async {
+                let all = fleet.changes(&a).await;
+                all.iter()
+                    .filter(|c| c.spec.policy == policy && c.status.is_none())
+                    .max_by_key(|c| c.spec.detected_time.0)
+                    .cloned()
+                    .ok_or_else(|| {
+                        format!(
+                            "{:?}",
+                            all.iter()
+                                .map(|c| (describe(c), c.spec.policy.clone(), c.status.clone()))
+                                .collect::<Vec<_>>()
+                        )
+                    })
+            })
+            .await
+        }
+    };
+    let reviewed = of_policy(content.clone()).await;
+    let setuid = of_policy(perm.clone()).await;
+    kube_fim_e2e::approve(&approver, &reviewed.name_any(), "CHG-1")
+        .await
+        .expect("the approver approves");
+    let answer = wait_answer(&client, &reviewed.name_any()).await;
+    assert_eq!(
+        answer.outcome,
+        Some(kube_fim_crds::ApprovalOutcome::Applied),
+        "{answer:?}"
+    );
+    let moves = &answer.entry_digests;
+    assert_eq!(moves.len(), 1, "only the reviewed entry moves: {moves:?}");
+    assert_eq!(
+        (moves[0].policy.as_str(), moves[0].entry.as_str()),
+        (content.as_str(), "tool")
+    );
+    assert_eq!(moves[0].before, content0, "from the published digest");
+    assert_ne!(moves[0].after, content0);
+    eventually("the answer's digest published", SEEN, || async {
+        let d = digests().await;
+        (d.0 == moves[0].after)
+            .then_some(())
+            .ok_or(format!("{d:?}"))
+    })
+    .await;
+    assert_eq!(
+        digests().await.1,
+        perm0,
+        "the setuid bit nobody reviewed is not in the baseline"
+    );
+    let still = Api::<FileChange>::all(client.clone())
+        .get(&setuid.name_any())
+        .await
+        .unwrap();
+    assert!(still.status.is_none(), "{:?}", still.status);
+
+    // Changed twice; the first state approved after the second is there.
+    std::fs::write(&tool, "#!/bin/sh\necho first\n").unwrap();
+    let left = of_policy(content.clone()).await;
+    std::fs::write(&tool, "#!/bin/sh\necho second\n").unwrap();
+    let newer = eventually("the newer state reported", SEEN, || async {
+        fleet
+            .changes(&a)
+            .await
+            .into_iter()
+            .find(|c| {
+                c.spec.policy == content
+                    && c.name_any() != left.name_any()
+                    && c.spec.detected_time.0 > left.spec.detected_time.0
+            })
+            .ok_or_else(|| "none yet".to_string())
+    })
+    .await;
+    let before = digests().await;
+    kube_fim_e2e::approve(&approver, &left.name_any(), "CHG-2")
+        .await
+        .expect("the approver approves");
+    let answer = wait_answer(&client, &left.name_any()).await;
+    assert_eq!(
+        answer.outcome,
+        Some(kube_fim_crds::ApprovalOutcome::Superseded),
+        "{answer:?}"
+    );
+    assert!(answer.entry_digests.is_empty(), "{answer:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(digests().await, before, "the baseline is unchanged");
+    let newer = Api::<FileChange>::all(client.clone())
+        .get(&newer.name_any())
+        .await
+        .unwrap();
+    assert!(
+        newer.status.is_none(),
+        "still a reported change: {:?}",
+        newer.status
+    );
+    fleet.cleanup().await;
+}
+
+/// The answer's entry digest moves are the agent's, only in answer to an
+/// approval, and written once (admission, for the node's own token too).
+#[tokio::test]
+async fn entry_digest_moves_answer_an_approval_once() {
+    kube_fim_e2e::ensure_crds();
+    let admin = client().await;
+    let suite = unique_name("adv");
+    let node = format!("{suite}-a");
+    create_node(&admin, &node).await;
+    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&node)).await;
+    let approver = kube_fim_e2e::client_for(&kube_fim_e2e::service_account_with_cluster_role(
+        "e2e-approver",
+        "kube-fim-approver",
+    ))
+    .await;
+    let changes = |c: &kube::Client| Api::<FileChange>::all(c.clone());
+    let name = format!("{node}-0123456789abcdef0123");
+    changes(&agent)
+        .create(
+            &PostParams::default(),
+            &kube_fim_e2e::file_change(&name, &node, "p"),
+        )
+        .await
+        .unwrap();
+    let pp = PatchParams::default();
+    let moves = |after: &str| {
+        serde_json::json!({"status": {"outcome": "Applied", "message": "applied",
+            "entryDigests": [{"policy": "p", "entry": "etc", "before": "v2-a", "after": after}]}})
+    };
+    assert_refused(
+        changes(&agent)
+            .patch_status(
+                &name,
+                &pp,
+                &Patch::Merge(serde_json::json!({"status": {"entryDigests": [
+                    {"policy": "p", "entry": "etc", "before": "v2-a", "after": "v2-b"}]}})),
+            )
+            .await,
+        "this FileChange has no status.approval",
+    );
+    kube_fim_e2e::approve(&approver, &name, "CHG-8")
+        .await
+        .expect("the approver approves");
+    assert_refused(
+        changes(&approver)
+            .patch_status(&name, &pp, &Patch::Merge(moves("v2-b")))
+            .await,
+        "only the node's agent answers an approval",
+    );
+    let answered = changes(&agent)
+        .patch_status(&name, &pp, &Patch::Merge(moves("v2-b")))
+        .await
+        .expect("the agent answers the approval");
+    assert_eq!(answered.status.unwrap().entry_digests[0].after, "v2-b");
+    for rewrite in [
+        moves("v2-forged"),
+        serde_json::json!({"status": {"entryDigests": null}}),
+    ] {
+        assert_refused(
+            changes(&agent)
+                .patch_status(&name, &pp, &Patch::Merge(rewrite))
+                .await,
+            "an approval is answered once",
+        );
+    }
+    let _ = changes(&admin).delete(&name, &Default::default()).await;
+    delete_node(&admin, &node).await;
+}

@@ -202,6 +202,14 @@ fn baseline(args: Standalone) -> anyhow::Result<ExitCode> {
     if !args.root.is_dir() {
         bail!("--root {}: not a directory", args.root.display());
     }
+    if args.state.join(kube_fim_agent::baseline::FILE).exists() {
+        // Nothing on the node vouches for a baseline: an agent in a cluster
+        // checks it against the entry digests its node published.
+        eprintln!(
+            "replacing the baseline in {}: if an agent in a cluster serves it, entries that differ from what its node published are a BaselineTampered alarm",
+            args.state.display()
+        );
+    }
     let mut engine = Engine::open_fresh(&args.root, &args.state, &args.node_name)
         .context("opening the host root")?;
     engine.set_policies(policies)?;

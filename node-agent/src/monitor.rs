@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kube_fim_crds::{DetectionSource, EntryDigest, FileAttributes};
+use kube_fim_crds::{DetectionSource, EntryDigest, EntryDigestMove, FileAttributes};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -17,7 +17,7 @@ use crate::attribution::AttributionState;
 use crate::attribution::fanotify::Notice;
 use crate::attribution::join::Attribution;
 use crate::attribution::pods::PodIndex;
-use crate::engine::{Approved, Engine, Outcome, PolicyStatus};
+use crate::engine::{Approval, Approved, Engine, Outcome, PolicyStatus};
 use crate::report::object::object_name;
 use crate::report::{Batch, Detected, detected, hand_over, sequence};
 use crate::served::ServedPolicies;
@@ -28,20 +28,34 @@ use crate::telemetry::Telemetry;
 pub enum Control {
     /// Serve exactly these policies from now on.
     Policies(ServedPolicies),
-    /// An approver approved this state of a host path (a FileChange's
-    /// `after`); answers what became of it.
+    /// An approver approved the state of a host path that a FileChange
+    /// reported (its policy entry and `after`); answers what became of it.
     Approve {
-        key: String,
-        after: Option<Box<FileAttributes>>,
+        request: ApprovalRequest,
         done: oneshot::Sender<Answer>,
     },
 }
 
+/// The reviewed state: a FileChange's policy entry, path and `after`.
+#[derive(Debug, Clone)]
+pub struct ApprovalRequest {
+    pub policy: String,
+    pub entry: String,
+    pub key: String,
+    pub after: Option<Box<FileAttributes>>,
+}
+
 /// What the loop did with an approval.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Answer {
-    /// The approved state is the baseline now.
-    Applied,
+    /// The approved state is the baseline in memory, moving these entry
+    /// digests; it is saved once `recorded` says `true` (the answer, with
+    /// the digests, is on the FileChange), and undone otherwise: the cluster
+    /// holds every approval a node's digests moved by.
+    Applied {
+        moved: Vec<EntryDigestMove>,
+        recorded: oneshot::Sender<bool>,
+    },
     /// The file has moved on: nothing approved; these FileChanges report its
     /// present state (none if it was reported already).
     Superseded(Vec<String>),
@@ -283,7 +297,7 @@ pub async fn run(
                     m.serve(served);
                     Ok(())
                 }
-                Some(Control::Approve { key, after, done }) => m.approve(&key, after, done).await,
+                Some(Control::Approve { request, done }) => m.approve(&request, done).await,
             },
         };
         if step.is_err() {
@@ -536,16 +550,35 @@ impl Monitor {
         self.next_scan = Instant::now();
     }
 
-    /// An approver approved `after` as the state of `key`.
+    /// An approver approved the state a FileChange reported.
     async fn approve(
         &mut self,
-        key: &str,
-        after: Option<Box<FileAttributes>>,
+        request: &ApprovalRequest,
         done: oneshot::Sender<Answer>,
     ) -> Result<(), Stopped> {
-        let approved = tokio::task::block_in_place(|| self.engine.approve(key, after.as_deref()));
+        let approval = Approval {
+            policy: &request.policy,
+            entry: &request.entry,
+            key: &request.key,
+            after: request.after.as_deref(),
+        };
+        let approved = tokio::task::block_in_place(|| self.engine.approve(&approval));
         let answer = match approved {
-            Approved::Applied => Answer::Applied,
+            Approved::Applied(applied) => {
+                let (recorded, answered) = oneshot::channel();
+                let moved = applied.moved.clone();
+                let _ = done.send(Answer::Applied { moved, recorded });
+                // The answer first, then the baseline: a crash in between
+                // leaves the approval unapplied here (its state is reported
+                // again), never a digest the cluster cannot explain.
+                if answered.await != Ok(true) {
+                    warn!(path = %request.key, "the answer to an approval was not recorded: not applied");
+                    self.engine.revert_approval(applied);
+                }
+                self.digest = self.save();
+                self.publish_status(None);
+                return Ok(());
+            }
             Approved::NotMonitored => Answer::NotMonitored,
             Approved::Superseded(outcome) => {
                 Answer::Superseded(self.carry(outcome, Found::Approval).await?.names)

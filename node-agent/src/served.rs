@@ -2,7 +2,7 @@
 //! what the node status reports (by generation), what caps the reporter's
 //! storms and what the Events of changes point at.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use kube::ResourceExt;
@@ -10,14 +10,30 @@ use kube_fim_crds::FileIntegrityPolicy;
 
 use crate::engine::PolicyInput;
 
-/// The served policies by name, as selected at one moment.
+/// The served policies by name, as selected at one moment, and the names of
+/// the valid policies that exist but do not select this node.
 #[derive(Clone, Debug, Default)]
-pub struct ServedPolicies(BTreeMap<String, Arc<FileIntegrityPolicy>>);
+pub struct ServedPolicies(BTreeMap<String, Arc<FileIntegrityPolicy>>, BTreeSet<String>);
 
 impl ServedPolicies {
     /// Serves exactly `policies`.
     pub fn new(policies: impl IntoIterator<Item = Arc<FileIntegrityPolicy>>) -> Self {
-        ServedPolicies(policies.into_iter().map(|p| (p.name_any(), p)).collect())
+        ServedPolicies(
+            policies.into_iter().map(|p| (p.name_any(), p)).collect(),
+            BTreeSet::new(),
+        )
+    }
+
+    /// The same, knowing which existing policies do not select this node.
+    pub fn with_unselected(mut self, names: impl IntoIterator<Item = String>) -> Self {
+        self.1 = names.into_iter().collect();
+        self
+    }
+
+    /// Whether `name` is a policy that exists and does not select this node
+    /// (a deleted policy is neither served nor unselected).
+    pub fn is_unselected(&self, name: &str) -> bool {
+        self.1.contains(name)
     }
 
     /// Names, in order.
@@ -58,11 +74,13 @@ impl ServedPolicies {
     }
 }
 
-/// Equal when the same generations of the same specs are served: a write to
-/// a policy's status or metadata changes nothing the node does.
+/// Equal when the same generations of the same specs are served (and the same
+/// policies are unselected): a write to a policy's status or metadata changes
+/// nothing the node does.
 impl PartialEq for ServedPolicies {
     fn eq(&self, other: &Self) -> bool {
-        self.0.len() == other.0.len()
+        self.1 == other.1
+            && self.0.len() == other.0.len()
             && self.0.iter().zip(&other.0).all(|((a, p), (b, q))| {
                 a == b && p.metadata.generation == q.metadata.generation && p.spec == q.spec
             })

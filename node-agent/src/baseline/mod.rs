@@ -21,8 +21,6 @@
 //! - `verify` — at start the digest is recomputed from the records on as
 //!   many threads as a scan hashes on: an edit made on the node while the
 //!   agent is down changes it and is noticed.
-//! - `journal` — every digest is journaled before it becomes the durable
-//!   one, so a restart after a crash recognises its own unpublished baseline.
 //! - `upgrade` — the document of earlier versions and the store of version
 //!   2 are migrated on start.
 //! - `record` — the binary encoding of one file's state (store version 3:
@@ -40,7 +38,6 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod digest;
-mod journal;
 mod read;
 mod record;
 mod state_dir;
@@ -50,9 +47,8 @@ mod verify;
 mod write_behind;
 
 pub use digest::{SetHash, state_digest};
-pub use journal::Journal;
 pub use read::{KnownChild, Prefetched, Snapshot};
-pub use state_dir::{FILE, JOURNAL, LEGACY_FILE, StateDir};
+pub use state_dir::{FILE, LEGACY_FILE, StateDir};
 pub use store::CACHE_BYTES;
 
 use digest::TAG_ESTABLISHED;

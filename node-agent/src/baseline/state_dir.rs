@@ -13,8 +13,6 @@ pub const FILE: &str = "baseline.redb";
 /// File name of the baseline of earlier versions (one JSON document), migrated
 /// on start.
 pub const LEGACY_FILE: &str = "baseline.json";
-/// File name of the digest journal in the state directory.
-pub const JOURNAL: &str = "baseline.journal";
 /// A baseline being built from nothing, until its first save moves it over
 /// [`FILE`] (the old one stays in place until then).
 const NEW_FILE: &str = ".baseline.redb.new";
@@ -82,11 +80,6 @@ impl StateDir {
         self.dir.join(format!("{LEGACY_FILE}.migrated"))
     }
 
-    /// The journal of baseline digests.
-    pub fn journal(&self) -> PathBuf {
-        self.dir.join(JOURNAL)
-    }
-
     /// The delivery queue's directory.
     pub fn queue(&self) -> PathBuf {
         self.dir.join(QUEUE)
@@ -147,6 +140,5 @@ mod tests {
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&state), 0o700);
         assert_eq!(mode(&state.join(FILE)), 0o600);
-        assert_eq!(mode(&state.join(JOURNAL)), 0o600);
     }
 }

@@ -2,8 +2,7 @@
 //! file, each commit atomic and durable, a `kill -9` at any moment leaves the
 //! last committed state), keyed by host path. Opening it (recomputing and
 //! checking its digest), creating a new one, writing the changes in one
-//! transaction (its digest journaled first when it becomes the baseline),
-//! and compacting it.
+//! transaction, and compacting it.
 //!
 //! [redb]: https://docs.rs/redb
 
@@ -20,7 +19,7 @@ use tracing::{info, warn};
 use super::digest::{SetHash, TAG_ESTABLISHED, TAG_FILE, TAG_POLICY};
 use super::read::Reader;
 use super::verify::{Unreadable, files_sum};
-use super::{Baseline, BaselineError, Journal, PolicyScan, StateDir, Tracked, record};
+use super::{Baseline, BaselineError, PolicyScan, StateDir, Tracked, record};
 
 /// The store's version: 3 encodes records in binary ([`record`]).
 pub(super) const VERSION: &[u8] = b"3";
@@ -249,27 +248,11 @@ impl Baseline {
         Ok(version)
     }
 
-    /// Writes the changes and makes this baseline the one on disk, its digest
-    /// journaled first; returns the digest of what was written.
+    /// Writes the changes and makes this baseline the one on disk; returns
+    /// the digest of what was written.
     pub fn save(&mut self) -> Result<String, BaselineError> {
         if !self.dirty {
             return Ok(self.sum.digest());
-        }
-        if let Some(imported) = &self.legacy {
-            // The document this baseline was imported from was checked against
-            // the cluster's digest before this first save: journaled, the
-            // import written after it is this agent's own state, even if a
-            // crash comes before the cluster holds the new digest (a journal
-            // from before the document's digest was journaled lacks it).
-            let journal = Journal::new(self.state.path());
-            if !journal.read().contains(imported) {
-                journal
-                    .append(imported)
-                    .map_err(|source| BaselineError::Io {
-                        path: self.state.journal(),
-                        source,
-                    })?;
-            }
         }
         let digest = self.write(true)?;
         if self.fresh {
@@ -305,8 +288,8 @@ impl Baseline {
         Ok(digest)
     }
 
-    /// One transaction with every pending change; `durable` journals the
-    /// digest before the commit makes it the state on disk.
+    /// One transaction with every pending change; `durable` commits it in
+    /// two phases (the state on disk after any crash is a committed one).
     pub(super) fn write(&mut self, durable: bool) -> Result<String, BaselineError> {
         self.finish_writing()?;
         let path = if self.fresh {
@@ -361,14 +344,6 @@ impl Baseline {
                 .map_err(|e| store(e.into()))?;
         }
         let digest = sum.digest();
-        if durable {
-            Journal::new(self.state.path())
-                .append(&digest)
-                .map_err(|source| BaselineError::Io {
-                    path: self.state.journal(),
-                    source,
-                })?;
-        }
         // A reader's snapshot would keep the pages this commit frees.
         *self.reader() = Reader::default();
         tx.commit().map_err(|e| store(e.into()))?;
@@ -502,21 +477,18 @@ mod tests {
     }
 
     #[test]
-    fn a_large_change_is_written_in_batches_each_journaled_before_it_is_durable() {
+    fn a_large_change_is_written_in_batches() {
         let dir = tempfile::tempdir().unwrap();
         let mut b = Baseline::create(dir.path()).unwrap();
-        let published = b.save().unwrap();
+        b.save().unwrap();
         for i in 0..(2 * BATCH + 10) {
             b.establish_path(&format!("/d/f{i:05}"), Some(attrs(i as u64)));
             b.flush_if_full().unwrap();
         }
         assert!(b.pending.len() < BATCH, "written as the scan goes");
-        // A crash now: what is on disk is a state the journal vouches for.
-        let written = Journal::new(dir.path()).read();
-        assert!(written.len() >= 3, "{written:?}");
+        // A crash now: what is on disk is the batches written.
         drop(b);
-        let (b, on_disk) = reopen(dir.path());
-        assert!(Journal::new(dir.path()).vouches(&published, &on_disk));
+        let (b, _) = reopen(dir.path());
         assert_eq!(b.keys_under("/d").len(), 2 * BATCH);
     }
 

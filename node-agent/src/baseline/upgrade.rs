@@ -1,7 +1,7 @@
 //! Upgrades of the state of earlier versions, on start: the baseline
 //! document (one JSON file, [`StateDir::legacy_document`]) is imported, its
 //! digest checked like any baseline's, and set aside only once the imported
-//! baseline is saved (its digest journaled); a store of version 2 (records in
+//! baseline is saved; a store of version 2 (records in
 //! JSON) is streamed into a new store of version 3 (binary records), which
 //! replaces it at the first save, the old file kept aside
 //! ([`StateDir::upgraded_store`]).
@@ -39,8 +39,7 @@ impl Baseline {
     /// streaming its records in batches like a first baseline. Like an
     /// import, the digest returned is the old store's (what the cluster
     /// holds, checked like any baseline's); the new store replaces the old one
-    /// at the first save, with the old one's digest journaled before, and the
-    /// old file is kept aside ([`StateDir::upgraded_store`]).
+    /// at the first save, and the old file is kept aside ([`StateDir::upgraded_store`]).
     pub(super) fn upgrade(
         old: Baseline,
         digest: String,
@@ -133,12 +132,12 @@ mod tests {
     use redb::ReadableDatabase;
 
     use super::*;
+    use crate::baseline::StateDir;
     use crate::baseline::digest::{SetHash, TAG_FILE};
-    use crate::baseline::state_dir::{FILE, JOURNAL, LEGACY_FILE};
+    use crate::baseline::state_dir::{FILE, LEGACY_FILE};
     use crate::baseline::store::{ESTABLISHED, META, POLICIES, VERSION, builder, encode};
     use crate::baseline::tests::{attrs, reopen};
     use crate::baseline::write_behind::BATCH;
-    use crate::baseline::{Journal, StateDir};
 
     /// The earlier versions' formats, written by a test as those versions
     /// wrote them.
@@ -220,8 +219,6 @@ mod tests {
         let published = b.write_as_version_2(&old);
         drop(b);
         fs::rename(&old, dir.path().join(FILE)).unwrap();
-        fs::remove_file(dir.path().join(JOURNAL)).unwrap();
-        Journal::new(dir.path()).append(&published).unwrap();
 
         let (mut up, digest) = reopen(dir.path());
         assert_eq!(digest, published, "the old store's digest: no alarm");
@@ -236,7 +233,6 @@ mod tests {
         );
         let saved = up.save().unwrap();
         assert_ne!(saved, published, "the records are encoded anew");
-        assert!(Journal::new(dir.path()).vouches(&published, &saved));
         drop(up);
         assert_eq!(version_of(&dir.path().join(FILE)), VERSION);
         assert_eq!(
@@ -295,9 +291,6 @@ mod tests {
         });
         let bytes = serde_json::to_vec(&doc).unwrap();
         fs::write(dir.path().join(LEGACY_FILE), &bytes).unwrap();
-        Journal::new(dir.path())
-            .append(&blake3::hash(&bytes).to_hex())
-            .unwrap();
 
         let (mut b, digest) = reopen(dir.path());
         assert_eq!(
@@ -319,10 +312,6 @@ mod tests {
         let new = b.save().unwrap();
         assert!(!dir.path().join(LEGACY_FILE).exists());
         assert!(dir.path().join(format!("{LEGACY_FILE}.migrated")).exists());
-        assert!(
-            Journal::new(dir.path()).vouches(&digest, &new),
-            "the import is this agent's own state, after the published one"
-        );
         drop(b);
         let (b, on_disk) = reopen(dir.path());
         assert_eq!(on_disk, new);

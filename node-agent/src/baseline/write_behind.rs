@@ -1,5 +1,4 @@
-//! Background writes: a baseline being built (not the baseline yet: nothing
-//! to journal) is written on another thread a batch at a time while the scan
+//! Background writes: a baseline being built (not the baseline yet) is written on another thread a batch at a time while the scan
 //! goes on, and read meanwhile as changes under those pending.
 
 use std::collections::BTreeMap;
@@ -23,8 +22,8 @@ pub(super) struct Writing {
     done: std::thread::JoinHandle<Result<SetHash, BaselineError>>,
 }
 
-/// One transaction, not durable (a baseline being built: nothing journals
-/// it), of changed records; the digest of the store after it.
+/// One transaction, not durable (a baseline being built, not the baseline
+/// yet), of changed records; the digest of the store after it.
 pub(super) fn write_behind(
     db: &Database,
     path: &Path,
@@ -49,7 +48,7 @@ pub(super) fn write_behind(
 impl Baseline {
     /// Writes the pending changes once there are [`BATCH`] of them, so a scan
     /// of any size holds a bounded number in memory. A baseline being built
-    /// (not the baseline yet: nothing to journal) is written on another
+    /// (not the baseline yet) is written on another
     /// thread while the scan goes on, one batch at a time.
     pub fn flush_if_full(&mut self) -> Result<(), BaselineError> {
         if self.pending.len() < BATCH {

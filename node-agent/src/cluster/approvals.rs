@@ -8,19 +8,23 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube_fim_crds::{ApprovalOutcome, ChangeCategory, FileChange};
+use kube_fim_crds::{ApprovalOutcome, ChangeCategory, EntryDigestMove, FileChange};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::context::Context;
-use crate::monitor::{Answer, Control};
+use crate::monitor::{Answer, ApprovalRequest, Control};
+use crate::report::deliver;
 
 /// An approver says that a change was expected (`status.approval`, which
 /// the admission policy lets only holders of the approve verb write, in their
-/// own name). The agent makes the approved state (`spec.after`) its baseline
-/// only if the file is still in it; otherwise it approves nothing, reports the
-/// present state as a new change, and says so on the approved one. A path no
-/// policy served to this node covers approves nothing either, and says so.
+/// own name). The agent makes the reviewed state (`spec.after`, for the
+/// change's policy entry) its baseline only if the file is exactly in it;
+/// otherwise it approves nothing, reports the present state as a new change,
+/// and says so on the approved one (`Superseded`). A path the change's entry
+/// does not cover here approves nothing either, and says so. An applied
+/// approval's answer carries how it moved the entry digests
+/// (`status.entryDigests`) and is recorded before the baseline is saved.
 /// Labels are not looked at: anyone with patch rights can set a label.
 pub async fn run(
     ctx: Arc<Context>,
@@ -58,27 +62,57 @@ pub async fn run(
             serde_json::json!({"outcome": verdict.outcome, "message": verdict.message});
         if verdict.outcome == ApprovalOutcome::Applied {
             status["baselineUpdatedTime"] = serde_json::json!(Time(Timestamp::now()));
+            status["entryDigests"] = serde_json::json!(verdict.moved);
         }
         let path = &change.spec.path;
-        if let Err(error) = api
-            .patch_status(
-                &change.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&serde_json::json!({ "status": status })),
-            )
-            .await
-        {
-            warn!(%error, "could not write the outcome of an approval");
-        } else {
+        let recorded = record(&api, &change.name_any(), &status).await;
+        if let Some(tell) = verdict.recorded {
+            // The monitor saves the baseline only now (or undoes the approval).
+            let _ = tell.send(recorded);
+        }
+        if recorded {
             info!(%path, outcome = ?verdict.outcome, approver = %approval.approved_by, "approval answered");
         }
     }
 }
 
+/// Writes the answer on the FileChange's status, retrying a while; whether
+/// it was written.
+async fn record(api: &Api<FileChange>, name: &str, status: &serde_json::Value) -> bool {
+    let patch = serde_json::json!({ "status": status });
+    for attempt in 1..=RECORD_ATTEMPTS {
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return true,
+            Err(kube::Error::Api(e)) if e.code != 409 && e.code != 429 && e.code < 500 => {
+                warn!(error = %e, %name, "the answer to an approval was refused");
+                return false;
+            }
+            Err(error) => {
+                warn!(%error, %name, attempt, "could not write the answer to an approval");
+                tokio::time::sleep(deliver::backoff(attempt)).await;
+            }
+        }
+    }
+    false
+}
+
+/// Attempts to record an answer before an applied approval is undone (the
+/// monitor waits meanwhile: about 15 s at most, well within what /healthz
+/// allows; an approval whose answer was not recorded is judged again when
+/// the watch next delivers it, at the latest at the next start).
+const RECORD_ATTEMPTS: u32 = 4;
+
 /// What became of an approval, and why.
 struct Verdict {
     outcome: ApprovalOutcome,
     message: String,
+    /// How an applied approval moved the entry digests.
+    moved: Vec<EntryDigestMove>,
+    /// Told whether the answer was recorded (an applied approval).
+    recorded: Option<oneshot::Sender<bool>>,
 }
 
 /// Asks the monitor to apply an approval of `change`; `None` when the
@@ -90,38 +124,51 @@ async fn judge(
     control: &mpsc::Sender<Control>,
 ) -> Option<Verdict> {
     let path = &change.spec.path;
+    let verdict = |outcome, message| Verdict {
+        outcome,
+        message,
+        moved: Vec::new(),
+        recorded: None,
+    };
     if change.spec.category == ChangeCategory::Summary {
-        return Some(Verdict {
-            outcome: ApprovalOutcome::Superseded,
-            message: format!(
+        return Some(verdict(
+            ApprovalOutcome::Superseded,
+            format!(
                 "a Summary stands for many files and approves none of them on {node}: approve their own changes"
             ),
-        });
+        ));
     }
     let (tx, rx) = oneshot::channel();
     let request = Control::Approve {
-        key: path.clone(),
-        after: change.spec.after.clone().map(Box::new),
+        request: ApprovalRequest {
+            policy: change.spec.policy.clone(),
+            entry: change.spec.entry.clone(),
+            key: path.clone(),
+            after: change.spec.after.clone().map(Box::new),
+        },
         done: tx,
     };
     control.send(request).await.ok()?;
-    let (outcome, message) = match rx.await.ok()? {
-        Answer::Applied => (
-            ApprovalOutcome::Applied,
-            format!(
-                "approved by {approver}: the approved state of {path} is the baseline on {node}"
+    let entry = format!("{}/{}", change.spec.policy, change.spec.entry);
+    Some(match rx.await.ok()? {
+        Answer::Applied { moved, recorded } => Verdict {
+            outcome: ApprovalOutcome::Applied,
+            message: format!(
+                "approved by {approver}: the approved state of {path} (entry {entry}) is the baseline on {node}"
             ),
-        ),
-        Answer::NotMonitored => (
+            moved,
+            recorded: Some(recorded),
+        },
+        Answer::NotMonitored => verdict(
             ApprovalOutcome::NotMonitored,
             format!(
-                "{path} is not monitored on {node} by any served policy: nothing was approved; the baseline is unchanged"
+                "{path} is not monitored on {node} by entry {entry} of a served policy: nothing was approved; the baseline is unchanged"
             ),
         ),
-        Answer::Superseded(names) => (
+        Answer::Superseded(names) => verdict(
             ApprovalOutcome::Superseded,
             format!(
-                "{path} on {node} no longer is in the approved state (spec.after): nothing was approved; {}",
+                "{path} on {node} no longer is in the approved state (spec.after: every attribute entry {entry} compares): nothing was approved; {}",
                 if names.is_empty() {
                     "its present state was reported already as a newer FileChange".to_string()
                 } else {
@@ -129,8 +176,7 @@ async fn judge(
                 }
             ),
         ),
-    };
-    Some(Verdict { outcome, message })
+    })
 }
 
 #[cfg(test)]
@@ -155,10 +201,10 @@ mod tests {
     async fn an_approval_of_a_state_the_file_left_names_the_newer_change() {
         let (control, mut asked) = mpsc::channel(1);
         let monitor = tokio::spawn(async move {
-            let Some(Control::Approve { key, done, .. }) = asked.recv().await else {
+            let Some(Control::Approve { request, done }) = asked.recv().await else {
                 panic!("no approval asked");
             };
-            assert_eq!(key, "/etc/passwd");
+            assert_eq!(request.key, "/etc/passwd");
             let _ = done.send(Answer::Superseded(vec!["fc-newer".into()]));
         });
         let change = to_object(fixtures::change("/etc/passwd"), 0);

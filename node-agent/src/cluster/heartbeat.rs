@@ -17,8 +17,7 @@ use kube_fim_crds::{
 use tokio::sync::watch;
 use tracing::warn;
 
-use super::node_status;
-use crate::baseline::Journal;
+use super::{node_status, startup};
 use crate::context::Context;
 use crate::monitor::Snapshot;
 use crate::report::object::shorten_text;
@@ -28,18 +27,18 @@ const HEARTBEAT: Duration = Duration::from_secs(30);
 
 /// What the heartbeat starts from.
 pub struct Settings {
-    /// The journal of the baseline digests, trimmed once the cluster holds one.
-    pub journal: Journal,
     /// The baseline alarm standing at start.
     pub alarm: Option<BaselineAlarm>,
+    /// Whether it was found at this start (else it is told only what differs).
+    pub alarm_found: bool,
 }
 
 /// The heartbeat's state between two writes.
 struct Heartbeat {
     ctx: Arc<Context>,
     api: Api<FileIntegrityNode>,
-    journal: Journal,
     alarm: Option<BaselineAlarm>,
+    alarm_found: bool,
     /// The last baseline digest and entry digests the loop published.
     digest: Option<String>,
     entries: Vec<EntryDigest>,
@@ -60,8 +59,8 @@ pub async fn run(
     let mut beat = Heartbeat {
         api: Api::all(ctx.client.clone()),
         ctx,
-        journal: settings.journal,
         alarm: settings.alarm,
+        alarm_found: settings.alarm_found,
         digest: None,
         entries: Vec::new(),
         told_limit: false,
@@ -105,21 +104,33 @@ impl Heartbeat {
         } else if snap.errors == 0 {
             self.told_errors = false;
         }
-        if let (Some(names), Some(a)) = (&snap.differing, self.alarm.as_mut())
-            && !self.told_differing
-        {
-            self.told_differing = true;
-            let what = if names.is_empty() {
-                "no entry differs from what the cluster last saw".to_string()
-            } else {
-                format!(
-                    "entries that differ from what the cluster last saw: {}",
-                    names.join(", ")
-                )
-            };
-            a.message = shorten_text(&format!("{}; {what}", a.message), 4000);
-            let note = shorten_text(&format!("node {}: {what}", self.ctx.node), 1000);
-            telemetry.baseline_entries_compared(note).await;
+        let Some(names) = snap.differing.as_ref().filter(|_| !self.told_differing) else {
+            return;
+        };
+        self.told_differing = true;
+        let node = &self.ctx.node;
+        match self.alarm.as_mut() {
+            // Entries moved with nothing in the cluster to explain it.
+            None if !names.is_empty() => {
+                let found = startup::tampered(node, names);
+                telemetry.baseline_alarm_raised(&found).await;
+                self.alarm = Some(found);
+            }
+            None => {}
+            Some(_) if names.is_empty() && !self.alarm_found => {}
+            Some(a) => {
+                let what = if names.is_empty() {
+                    "no entry differs from what the cluster last saw".to_string()
+                } else {
+                    format!(
+                        "entries that differ from what the cluster last saw: {}",
+                        names.join(", ")
+                    )
+                };
+                a.message = shorten_text(&format!("{}; {what}", a.message), 4000);
+                let note = shorten_text(&format!("node {node}: {what}"), 1000);
+                telemetry.baseline_entries_compared(note).await;
+            }
         }
     }
 
@@ -149,11 +160,6 @@ impl Heartbeat {
                 return false;
             }
         };
-        if let Some(d) = &self.digest
-            && let Err(error) = self.journal.published(d)
-        {
-            warn!(%error, "could not trim the baseline journal");
-        }
         // An admin cleared the alarm: an act written on this object.
         let Some(alarm) = &self.alarm else {
             return false;
@@ -202,14 +208,14 @@ impl Heartbeat {
     }
 }
 
-/// The policies whose baseline this node keeps without serving them: the
-/// node's labels no longer select them. Published, so the operator sees a node
-/// leave monitoring (`NodeLeftMonitoring`) even when it still runs an agent for
-/// other policies.
+/// The policies whose baseline this node keeps without serving them: they
+/// exist, and the node's labels no longer select them. Published, so the
+/// operator sees a node leave monitoring (`NodeLeftMonitoring`) even when it
+/// still runs an agent for other policies. A deleted policy is not listed.
 fn unselected(snap: &Snapshot, served: &ServedPolicies) -> Vec<NodePolicyStatus> {
     snap.unserved
         .iter()
-        .filter(|(name, _)| served.get(name).is_none())
+        .filter(|(name, _)| served.is_unselected(name))
         .map(|(name, generation)| NodePolicyStatus {
             policy: name.clone(),
             observed_generation: *generation,

@@ -64,7 +64,6 @@ pub async fn run(
     // The pods of this node, to name the pod behind a change (process attribution).
     let pods = PodIndex::default();
     tasks.spawn_helper(pods.clone().follow(ctx.client.clone(), ctx.node.clone()));
-    let journal = started.engine.journal();
     let loop_ends = monitor::Channels {
         control: control_rx,
         out: batch_tx,
@@ -94,8 +93,8 @@ pub async fn run(
     tasks.spawn("deliverer", Stop::Abort, deliverer);
 
     let settings = heartbeat::Settings {
-        journal,
         alarm: started.alarm,
+        alarm_found: started.alarm_found,
     };
     let heartbeat = heartbeat::run(ctx.clone(), settings, status_rx, tasks.shutdown());
     tasks.spawn("heartbeat", Stop::Abort, heartbeat);

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
 use kube_fim_crds::FileIntegrityPolicy;
 use kube_fim_crds::selection::matches_labels;
 use kube_fim_crds::validate::validate_policy;
@@ -18,14 +19,13 @@ pub fn served<'a>(
     node: &Node,
     policies: impl IntoIterator<Item = &'a Arc<FileIntegrityPolicy>>,
 ) -> ServedPolicies {
-    ServedPolicies::new(
-        policies
-            .into_iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter(|p| validate_policy(p).is_ok())
-            .filter(|p| matches_labels(p, node))
-            .cloned(),
-    )
+    let (selected, unselected): (Vec<_>, Vec<_>) = policies
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| validate_policy(p).is_ok())
+        .partition(|p| matches_labels(p, node));
+    ServedPolicies::new(selected.into_iter().cloned())
+        .with_unselected(unselected.into_iter().map(|p| p.name_any()))
 }
 
 #[cfg(test)]
@@ -58,8 +58,13 @@ mod tests {
             policy("db", "/etc/passwd", &[("role", "db")]),
             policy("broken", "etc/passwd", &[]),
         ];
-        let names: Vec<String> = served(&node, &ps).names().map(String::from).collect();
+        let served = served(&node, &ps);
+        let names: Vec<String> = served.names().map(String::from).collect();
         assert_eq!(names, ["all", "web"]);
+        // Kept baselines of "db" are published as unselected; "broken" is
+        // not served anywhere, and a deleted policy is nothing.
+        assert!(served.is_unselected("db"));
+        assert!(!served.is_unselected("broken") && !served.is_unselected("gone"));
     }
 
     #[test]

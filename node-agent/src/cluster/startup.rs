@@ -8,19 +8,21 @@ use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 use kube_fim_crds::labels::CLEAR_BASELINE_ALARM;
-use kube_fim_crds::{BaselineAlarm, FileIntegrityNode};
+use kube_fim_crds::{
+    ApprovalOutcome, BaselineAlarm, FileChange, FileIntegrityNode, FileIntegrityNodeStatus,
+};
 use tokio::sync::{Mutex, Notify, watch};
 use tracing::warn;
 
 use super::node_status;
 use super::run::RunConfig;
-use crate::baseline::{BaselineError, Journal, StateDir};
+use crate::baseline::{BaselineError, StateDir};
 use crate::context::Context;
-use crate::engine::{Engine, EngineError};
+use crate::engine::{ApprovedMove, Engine, EngineError, Published};
 use crate::report::deliver;
 use crate::report::object::shorten_text;
 use crate::report::queue::Queue;
@@ -34,6 +36,8 @@ pub struct Started {
     pub engine: Engine,
     /// The baseline alarm standing at start, if any.
     pub alarm: Option<BaselineAlarm>,
+    /// Whether that alarm was found at this start.
+    pub alarm_found: bool,
 }
 
 /// Retries a call to the API server until it succeeds, backing off.
@@ -96,8 +100,8 @@ pub async fn start(
         },
     );
     let telemetry = telemetry.with_events(recorder, status.object_ref(&()));
-    let (mut engine, alarm) =
-        verify_baseline(engine, unreadable, &status, config, &telemetry).await?;
+    let (mut engine, alarm, alarm_found) =
+        verify_baseline(engine, unreadable, &status, &client, config, &telemetry).await?;
     if let Some(source) = config.mount_table.clone() {
         engine.set_mount_source(source);
     }
@@ -117,6 +121,7 @@ pub async fn start(
         ctx: Arc::new(ctx),
         engine,
         alarm,
+        alarm_found,
     })
 }
 
@@ -148,46 +153,106 @@ fn open_engine(
     Ok((engine, unreadable))
 }
 
-/// Is the baseline on disk the one the cluster knows (or one this agent
-/// wrote after it, per the journal)? Anything else is an alarm, raised here;
-/// returns the engine to go on with and the alarm that stands (found now, or
-/// kept from before and not cleared).
+/// Is there a baseline on disk where the cluster knows one, and can it be
+/// read? If not, that is an alarm, raised here. Either way, after the first
+/// scan the baseline's entry digests are compared with what the cluster holds
+/// ([`published`]): the node's own state (its files, any journal) vouches for
+/// nothing, since root on the node can rewrite all of it. Returns the engine
+/// to go on with and the alarm that stands (found now, or kept from before
+/// and not cleared), and whether it was found now.
 async fn verify_baseline(
     mut engine: Engine,
     unreadable: Option<String>,
     node: &FileIntegrityNode,
+    client: &Client,
     config: &RunConfig,
     telemetry: &Telemetry,
-) -> anyhow::Result<(Engine, Option<BaselineAlarm>)> {
+) -> anyhow::Result<(Engine, Option<BaselineAlarm>, bool)> {
     let status = node.status.clone().unwrap_or_default();
     let cleared = node.annotations().get(CLEAR_BASELINE_ALARM).cloned();
     let mut alarm = status
         .baseline_alarm
         .clone()
         .filter(|a| cleared.as_deref() != Some(a.id.as_str()));
-    if let Some(found) = check_baseline(
+    let found = check_baseline(
         engine.loaded_digest(),
         status.baseline_digest.as_deref(),
         unreadable.as_deref(),
-        &engine.journal(),
         &config.node,
-    ) {
-        if found.reason == "BaselineTampered" {
-            // A foreign baseline could hide anything: start from what is on
-            // disk now and let the entry digests say what differs.
-            drop(engine);
-            StateDir::new(&config.state)
-                .set_aside(&format!("foreign-{}", Timestamp::now().as_second()));
-            engine = Engine::open_fresh(&config.root, &config.state, &config.node)
-                .context("opening the host root")?;
-            engine.set_progress(telemetry.progress());
-        }
-        engine.compare_first_scan_with(status.entries.clone());
+    );
+    let found_now = found.is_some();
+    if let Some(found) = found {
         telemetry.baseline_alarm_raised(&found).await;
         alarm = Some(raise(alarm.take(), found));
     }
+    if !status.entries.is_empty() {
+        engine.compare_first_scan_with(published(client, &config.node, &status).await);
+    }
     telemetry.baseline_alarm_standing(alarm.is_some());
-    Ok((engine, alarm))
+    Ok((engine, alarm, found_now))
+}
+
+/// What the cluster holds of this node's baseline: the entry digests and
+/// policy generations it published, and the entry digest moves of the
+/// approvals its agent answered `Applied` (only approved changes: admission
+/// lets the agent answer nothing else, and an answer only once).
+async fn published(client: &Client, node: &str, status: &FileIntegrityNodeStatus) -> Published {
+    let changes: Api<FileChange> = Api::all(client.clone());
+    let lp = ListParams::default().fields(&format!("spec.node={node}"));
+    let list = retry("listing this node's FileChanges", || changes.list(&lp)).await;
+    let moves = list
+        .items
+        .into_iter()
+        .filter(|c| c.approval().is_some())
+        .filter_map(|c| {
+            let s = c.status?;
+            (s.outcome == Some(ApprovalOutcome::Applied)).then(|| {
+                s.entry_digests
+                    .into_iter()
+                    .map(move |digests| ApprovedMove {
+                        path: c.spec.path.clone(),
+                        digests,
+                    })
+            })
+        })
+        .flatten()
+        .collect();
+    Published {
+        entries: status.entries.clone(),
+        generations: status
+            .policies
+            .iter()
+            .map(|p| (p.policy.clone(), p.observed_generation))
+            .collect(),
+        moves,
+    }
+}
+
+/// A new baseline alarm on `node`.
+pub(super) fn new_alarm(node: &str, reason: &str, message: String) -> BaselineAlarm {
+    let now = Timestamp::now();
+    BaselineAlarm {
+        id: blake3::hash(format!("{node}{reason}{now}").as_bytes()).to_hex()[..16].to_string(),
+        reason: reason.into(),
+        since: Time(now),
+        message,
+    }
+}
+
+/// The alarm for entries whose digests moved with nothing the cluster holds
+/// to explain it: the baseline on disk was modified outside the agent.
+pub(super) fn tampered(node: &str, entries: &[String]) -> BaselineAlarm {
+    new_alarm(
+        node,
+        "BaselineTampered",
+        shorten_text(
+            &format!(
+                "the baseline on node {node} was modified outside the agent: entries whose digest differs from the one the node published, with no approval or policy change in the cluster to explain it: {}; their present state is reported as changes",
+                entries.join(", ")
+            ),
+            4000,
+        ),
+    )
 }
 
 /// The alarm that stands once `found` is raised: a raised alarm stays the
@@ -210,12 +275,12 @@ fn raise(standing: Option<BaselineAlarm>, found: BaselineAlarm) -> BaselineAlarm
     }
 }
 
-/// Why the baseline found at start is not the one the cluster knows, if it is not.
+/// Why the baseline found at start cannot be checked entry by entry: none
+/// on disk where the cluster knows one, or one that cannot be read.
 fn check_baseline(
     on_disk: Option<&str>,
     in_cluster: Option<&str>,
     unreadable: Option<&str>,
-    journal: &Journal,
     node: &str,
 ) -> Option<BaselineAlarm> {
     let short = |d: &str| d.chars().take(16).collect::<String>();
@@ -227,15 +292,7 @@ fn check_baseline(
                 "the baseline on node {node} cannot be read ({error}); a new one is built and compared entry by entry with what the cluster last saw"
             ),
         ),
-        (Some(d), None) if d == in_cluster || journal.vouches(in_cluster, d) => return None,
-        (Some(d), None) => (
-            "BaselineTampered",
-            format!(
-                "the baseline on node {node} was modified outside the agent (digest {} instead of {}); a new one is built and compared entry by entry with what the cluster last saw",
-                short(d),
-                short(in_cluster)
-            ),
-        ),
+        (Some(_), None) => return None,
         (None, None) => (
             "BaselineMissing",
             format!(
@@ -244,13 +301,7 @@ fn check_baseline(
             ),
         ),
     };
-    let now = Timestamp::now();
-    Some(BaselineAlarm {
-        id: blake3::hash(format!("{node}{reason}{now}").as_bytes()).to_hex()[..16].to_string(),
-        reason: reason.into(),
-        since: Time(now),
-        message,
-    })
+    Some(new_alarm(node, reason, message))
 }
 
 #[cfg(test)]

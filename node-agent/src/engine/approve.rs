@@ -1,64 +1,177 @@
-//! Approvals: the approved state of a path becomes its baseline, if the file
-//! is still in it.
+//! Approvals: the reviewed state of a path (a FileChange's `after`, for its
+//! policy entry) becomes its baseline, if the file is exactly in it. The
+//! answer says how the approval moved the published entry digests, so the
+//! cluster can follow a node's digests through the approvals it holds.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use kube_fim_crds::{DetectionSource, FileAttributes};
+use kube_fim_crds::{DetectionSource, EntryDigestMove, FileAttributes};
 use tracing::warn;
 
-use super::diff::{present, project};
+use super::diff::{DIR_ATTRS, is_dir, project};
 use super::{Engine, Outcome};
 use crate::paths::rel_path;
+use crate::plan::Entry;
+
+/// An approver's decision: `after` is the state of `key` that the change
+/// of `policy`/`entry` reported (that entry's compared attributes only; `None`
+/// for a removal).
+#[derive(Clone, Debug)]
+pub struct Approval<'a> {
+    pub policy: &'a str,
+    pub entry: &'a str,
+    pub key: &'a str,
+    pub after: Option<&'a FileAttributes>,
+}
 
 /// What became of an approval.
 #[derive(Debug)]
 pub enum Approved {
-    /// The file was in the approved state, which is the baseline now.
-    Applied,
+    /// The file was exactly in the approved state, which is the baseline now
+    /// (in memory: see [`Engine::revert_approval`] until it is saved).
+    Applied(Box<Applied>),
     /// The file has moved on: nothing approved; these changes report it.
     Superseded(Outcome),
-    /// No served policy covers the path: nothing approved, the baseline is
-    /// unchanged.
+    /// The change's policy entry, served here, does not cover the path:
+    /// nothing approved, the baseline is unchanged.
     NotMonitored,
 }
 
+/// An approval applied to the baseline in memory.
+#[derive(Debug)]
+pub struct Applied {
+    /// How the entry digests moved (the change's own entry first).
+    pub moved: Vec<EntryDigestMove>,
+    key: String,
+    previous: Option<FileAttributes>,
+}
+
+/// The attributes an entry compares (a directory's only, for a directory),
+/// as the judge does.
+fn compared(entry: &Entry, dir: bool) -> Vec<kube_fim_crds::Attribute> {
+    let mut attrs = entry.attributes.clone();
+    if dir {
+        attrs.retain(|x| DIR_ATTRS.contains(x));
+    }
+    attrs
+}
+
+/// `previous` with the attributes `attrs` taken from `after`: the reviewed
+/// attributes only, so an approval never takes in what another entry of the
+/// same path compares and nobody reviewed.
+fn reviewed(
+    previous: Option<&FileAttributes>,
+    after: &FileAttributes,
+    attrs: &[kube_fim_crds::Attribute],
+) -> FileAttributes {
+    use kube_fim_crds::Attribute as A;
+    let mut out = previous.cloned().unwrap_or_default();
+    for a in attrs {
+        match a {
+            A::Hash => out.hash.clone_from(&after.hash),
+            A::Size => out.size = after.size,
+            A::Type => out.file_type = after.file_type,
+            A::Mode => out.mode.clone_from(&after.mode),
+            A::Uid => out.uid = after.uid,
+            A::Gid => out.gid = after.gid,
+            A::Xattrs => out.xattrs.clone_from(&after.xattrs),
+            A::Mtime => out.mtime.clone_from(&after.mtime),
+            A::Ctime => out.ctime.clone_from(&after.ctime),
+            A::Inode => out.inode = after.inode,
+            A::Links => out.links = after.links,
+            A::LinkTarget => out.link_target.clone_from(&after.link_target),
+            A::Mount => out.mount.clone_from(&after.mount),
+        }
+    }
+    out
+}
+
 impl Engine {
-    /// Makes the approved state of `key` its baseline, if the file is still in
-    /// it. `after` is the state the approver saw: a FileChange's `after` (the
-    /// entry's compared attributes only), `None` for a removal. When the file
-    /// has moved on, nothing is approved and the outcome holds the changes
-    /// that report its present state (none if that was reported already).
-    /// A path no served policy covers approves nothing either.
-    pub fn approve(&mut self, key: &str, after: Option<&FileAttributes>) -> Approved {
+    /// Makes the reviewed state its path's baseline if the file is exactly in
+    /// it: every attribute the change's entry compares equal to `after`, none
+    /// more, none less. Only those attributes are taken in. When the file has
+    /// moved on, nothing is approved and the outcome holds the changes that
+    /// report its present state (none if that was reported already). An
+    /// entry not served here, or not covering the path, approves nothing.
+    /// Applied only in memory: the caller records the answer in the cluster,
+    /// then saves (or reverts).
+    pub fn approve(&mut self, approval: &Approval<'_>) -> Approved {
+        let key = approval.key;
         let path = rel_path(key);
         let plan = Arc::clone(&self.plan);
         let owners = plan.owners(&path);
-        if owners.is_empty() {
-            warn!(path = %key, "not monitored here: nothing to approve");
+        let Some(entry) = owners
+            .iter()
+            .find(|o| o.owner.policy == approval.policy && o.owner.entry == approval.entry)
+        else {
+            warn!(path = %key, policy = approval.policy, entry = approval.entry, "not monitored here by that entry: nothing to approve");
             return Approved::NotMonitored;
-        }
+        };
         let mut scratch = Outcome::default();
         let current = self.inspect(&path, &owners, &mut scratch);
         if !scratch.errors.is_empty() {
             warn!(path = %key, "approved path could not be read");
         }
-        let still = match (after, &current) {
-            (None, None) => true,
-            (Some(a), Some(c)) => project(c, &present(a)) == *a,
-            _ => false,
+        let previous = self.baseline.approved(key);
+        let adopted = match (approval.after, &current) {
+            (None, None) if scratch.errors.is_empty() => Some(None),
+            (Some(a), Some(c)) => {
+                let attrs = compared(entry, is_dir(Some(c)) || is_dir(previous.as_ref()));
+                // What the entry compares, equal; and nothing the entry does
+                // not report (a state named only in part is not reviewed).
+                let exact =
+                    project(c, &attrs) == project(a, &attrs) && project(a, &entry.attributes) == *a;
+                exact.then(|| Some(reviewed(previous.as_ref(), a, &attrs)))
+            }
+            _ => None,
         };
-        if !still {
+        let Some(state) = adopted else {
             let (outcome, _) = self.rescan(&BTreeSet::from([path]), DetectionSource::Scan);
             return Approved::Superseded(outcome);
-        }
-        self.baseline.approve(key, current);
-        Approved::Applied
+        };
+        let before = self.digests_by_entry();
+        self.baseline.approve(key, state);
+        let after = self.digests_by_entry();
+        let own = (approval.policy.to_string(), approval.entry.to_string());
+        let mut moved: Vec<EntryDigestMove> = after
+            .iter()
+            .filter_map(|(k, a)| {
+                let b = before.get(k)?;
+                (b != a || *k == own).then(|| EntryDigestMove {
+                    policy: k.0.clone(),
+                    entry: k.1.clone(),
+                    before: b.clone(),
+                    after: a.clone(),
+                })
+            })
+            .collect();
+        moved.sort_by_key(|m| m.policy != own.0 || m.entry != own.1);
+        Approved::Applied(Box::new(Applied {
+            moved,
+            key: key.to_string(),
+            previous,
+        }))
+    }
+
+    /// Undoes an applied approval whose answer the cluster does not hold:
+    /// the path's approved state is what it was (its state is then reported
+    /// again, as not approved).
+    pub fn revert_approval(&mut self, applied: Box<Applied>) {
+        let Applied { key, previous, .. } = *applied;
+        self.baseline.approve(&key, previous);
+    }
+
+    fn digests_by_entry(&self) -> BTreeMap<(String, String), String> {
+        self.entry_digests()
+            .into_iter()
+            .map(|d| ((d.policy, d.entry), d.digest))
+            .collect()
     }
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
     use crate::engine::tests::*;
@@ -74,9 +187,9 @@ mod tests {
         let seen = e.scan(DetectionSource::Scan).changes[0].after.clone();
         // Changed again before the approval arrives: the new state is reported.
         std::fs::write(root.path().join("etc/hosts"), "sneaked in").unwrap();
-        let o = match e.approve("/etc/hosts", seen.as_ref()) {
+        let o = match approve(&mut e, "/etc/hosts", seen.as_ref()) {
             Approved::Superseded(o) => o,
-            Approved::Applied | Approved::NotMonitored => Outcome::default(),
+            Approved::Applied(_) | Approved::NotMonitored => Outcome::default(),
         };
         let d = describe(&o);
         assert_eq!(d.len(), 1, "{d:?}");
@@ -87,6 +200,70 @@ mod tests {
         let next = e.scan(DetectionSource::Scan).changes;
         let before = next[0].before.as_ref().and_then(|b| b.hash.clone());
         assert_eq!(before, Some(blake3::hash(b"a").to_hex().to_string()));
+    }
+
+    #[test]
+    fn an_approval_takes_in_only_what_its_entry_reviewed() {
+        use crate::engine::PolicyInput;
+        use kube_fim_crds::{Attribute, FileIntegrityPolicySpec};
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let tool = root.path().join("usr/bin/tool");
+        std::fs::create_dir_all(tool.parent().unwrap()).unwrap();
+        std::fs::write(&tool, "v1").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let policy = |attribute| {
+            let mut p = entry("tool", "/usr/bin/tool", false);
+            p.attributes = vec![attribute];
+            PolicyInput {
+                generation: Some(1),
+                spec: FileIntegrityPolicySpec::with_paths(vec![p]),
+            }
+        };
+        let mut e = Engine::open(root.path(), state.path(), "n").unwrap();
+        e.set_policies(BTreeMap::from([
+            ("content".to_string(), policy(Attribute::Hash)),
+            ("perm".to_string(), policy(Attribute::Mode)),
+        ]))
+        .unwrap();
+        scan(&mut e, DetectionSource::Startup);
+        let first = digests_of(&e);
+
+        std::fs::write(&tool, "v2").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o4755)).unwrap();
+        let o = scan(&mut e, DetectionSource::Scan);
+        let content = o.changes.iter().find(|c| c.policy == "content").unwrap();
+        let mut approval = Approval {
+            policy: "content",
+            entry: "tool",
+            key: "/usr/bin/tool",
+            after: content.after.as_ref(),
+        };
+        // A state named only in part (no hash) is not what the entry reviews.
+        let partial = FileAttributes::default();
+        approval.after = Some(&partial);
+        assert!(matches!(e.approve(&approval), Approved::Superseded(_)));
+        // Named by another policy's entry: that entry does not cover it here.
+        approval.after = content.after.as_ref();
+        approval.policy = "other";
+        assert!(matches!(e.approve(&approval), Approved::NotMonitored));
+        approval.policy = "content";
+        let Approved::Applied(applied) = e.approve(&approval) else {
+            panic!("not applied");
+        };
+        let now = digests_of(&e);
+        assert_eq!(applied.moved.len(), 1, "{:?}", applied.moved);
+        assert_eq!(applied.moved[0].policy, "content");
+        assert_eq!(applied.moved[0].before, first["content/tool"].digest);
+        assert_eq!(applied.moved[0].after, now["content/tool"].digest);
+        assert_eq!(
+            now["perm/tool"], first["perm/tool"],
+            "the setuid bit is not approved"
+        );
+        // Not recorded in the cluster: undone.
+        e.revert_approval(applied);
+        assert_eq!(digests_of(&e), first);
     }
 
     #[test]
@@ -112,7 +289,7 @@ mod tests {
             ..FileAttributes::default()
         };
         for key in ["/opt/tool", "/etcx/hosts", "/etc/sub/deep"] {
-            let answer = e.approve(key, Some(&tool));
+            let answer = approve(&mut e, key, Some(&tool));
             assert!(
                 matches!(answer, Approved::NotMonitored),
                 "{key}: {answer:?}"

@@ -50,28 +50,6 @@ pub fn differing(
     out
 }
 
-/// The attributes a stored state has.
-pub(super) fn present(a: &FileAttributes) -> Vec<Attribute> {
-    Attribute::ALL
-        .into_iter()
-        .filter(|x| match x {
-            Attribute::Hash => a.hash.is_some(),
-            Attribute::Size => a.size.is_some(),
-            Attribute::Type => a.file_type.is_some(),
-            Attribute::Mode => a.mode.is_some(),
-            Attribute::Uid => a.uid.is_some(),
-            Attribute::Gid => a.gid.is_some(),
-            Attribute::Xattrs => a.xattrs.is_some(),
-            Attribute::Mtime => a.mtime.is_some(),
-            Attribute::Ctime => a.ctime.is_some(),
-            Attribute::Inode => a.inode.is_some(),
-            Attribute::Links => a.links.is_some(),
-            Attribute::LinkTarget => a.link_target.is_some(),
-            Attribute::Mount => a.mount.is_some(),
-        })
-        .collect()
-}
-
 /// `current` without the attributes measured only by later versions (link
 /// count, mount) that `approved` lacks; `None` if it has them all. An absent
 /// link count or mount means "not measured" (never "none"), so such a state

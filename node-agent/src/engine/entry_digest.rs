@@ -3,18 +3,50 @@
 //! the format of earlier versions, and the comparison with what the cluster
 //! last saw after a lost or replaced baseline.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube_fim_crds::{ChangeCategory, DetectionSource, EntryDigest, FileAttributes, FileChangeSpec};
+use kube_fim_crds::{
+    ChangeCategory, DetectionSource, EntryDigest, EntryDigestMove, FileAttributes, FileChangeSpec,
+};
+use tracing::info;
 
 use super::Engine;
 use super::diff::{DIR_ATTRS, is_dir, project};
 use crate::baseline::{SetHash, state_digest};
 use crate::paths::rel_path;
 use crate::plan::{Entry, Plan};
+
+/// What the cluster holds of a node's baseline, to check the one on disk
+/// against at start: the entry digests the node last published, the policy
+/// generations it had applied then, and how applied approvals moved digests
+/// (their answers on FileChanges, written before the node's baseline took
+/// them in).
+#[derive(Clone, Debug, Default)]
+pub struct Published {
+    pub entries: Vec<EntryDigest>,
+    /// Per policy, the generation the node had applied (`observedGeneration`).
+    pub generations: BTreeMap<String, Option<i64>>,
+    pub moves: Vec<ApprovedMove>,
+}
+
+/// One entry's digest moved by an applied approval of a change of `path`.
+#[derive(Clone, Debug)]
+pub struct ApprovedMove {
+    pub path: String,
+    pub digests: EntryDigestMove,
+}
+
+impl From<Vec<EntryDigest>> for Published {
+    fn from(entries: Vec<EntryDigest>) -> Self {
+        Published {
+            entries,
+            ..Published::default()
+        }
+    }
+}
 
 /// Marks an entry digest of the current format (see [`Engine::entry_digests`]);
 /// one without it is BLAKE3 over the entry's records in path order, the format
@@ -206,10 +238,14 @@ impl Engine {
             .collect()
     }
 
-    /// Compares the entry digests with `known`, what the cluster last saw: the
-    /// entries that differ (`policy/entry`), and a change (source `Startup`)
-    /// for each differing entry that covers a single path, naming that file.
-    pub fn differing_entries(&self, known: &[EntryDigest]) -> (Vec<String>, Vec<FileChangeSpec>) {
+    /// Compares the entry digests with `known`, what the cluster holds: the
+    /// entries that differ from what the node published with nothing the
+    /// cluster holds to explain it (`policy/entry`, and the file of an entry
+    /// that covers one), and a change (source `Startup`) for each such entry
+    /// that covers a single path, naming that file. A difference is explained
+    /// by a change of the policy since (its generation), or by approvals
+    /// applied since, chaining the published digest to the one on disk.
+    pub fn differing_entries(&self, known: &Published) -> (Vec<String>, Vec<FileChangeSpec>) {
         let now: BTreeMap<(String, String), String> = self
             .entry_digests()
             .into_iter()
@@ -217,14 +253,18 @@ impl Engine {
             .collect();
         // Published by a version before the current format: compared with
         // the digests in that format, read from the records once.
-        let legacy = if known.iter().any(|k| !k.digest.starts_with(ENTRY_DIGEST_V2)) {
+        let legacy = if known
+            .entries
+            .iter()
+            .any(|k| !k.digest.starts_with(ENTRY_DIGEST_V2))
+        {
             self.legacy_entry_digests()
         } else {
             BTreeMap::new()
         };
         let mut names = Vec::new();
         let mut changes = Vec::new();
-        for k in known {
+        for k in &known.entries {
             let key = (k.policy.clone(), k.entry.clone());
             let digests = if k.digest.starts_with(ENTRY_DIGEST_V2) {
                 &now
@@ -237,8 +277,16 @@ impl Engine {
             if *d == k.digest {
                 continue;
             }
-            names.push(format!("{}/{}", k.policy, k.entry));
-            let Some(path) = k.path.as_ref().filter(|_| k.files == 1) else {
+            if let Some(why) = self.explained(known, k, d) {
+                info!(policy = %k.policy, entry = %k.entry, "entry digest moved since published: {why}");
+                continue;
+            }
+            let file = k.path.as_ref().filter(|_| k.files == 1);
+            names.push(match file {
+                Some(path) => format!("{}/{} ({path})", k.policy, k.entry),
+                None => format!("{}/{}", k.policy, k.entry),
+            });
+            let Some(path) = file else {
                 continue;
             };
             let attrs = self
@@ -273,8 +321,56 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Why `now`, the digest of `known`'s entry on disk, may differ from the
+    /// published one: something the cluster holds, or nothing (`None`).
+    fn explained(
+        &self,
+        published: &Published,
+        known: &EntryDigest,
+        now: &str,
+    ) -> Option<&'static str> {
+        let served = self.policies.get(&known.policy).map(|p| p.generation);
+        if let (Some(then), Some(served)) = (published.generations.get(&known.policy), served)
+            && *then != served
+        {
+            return Some("the policy changed since");
+        }
+        // The digests reachable from the published one through approvals of
+        // changes of paths the entry covers.
+        let entry = self
+            .plan
+            .entries
+            .iter()
+            .find(|e| e.owner.policy == known.policy && e.owner.entry == known.entry)?;
+        let moves: Vec<&EntryDigestMove> = published
+            .moves
+            .iter()
+            .filter(|m| {
+                m.digests.policy == known.policy
+                    && m.digests.entry == known.entry
+                    && entry.covers(&rel_path(&m.path))
+            })
+            .map(|m| &m.digests)
+            .collect();
+        let mut reached = BTreeSet::from([known.digest.as_str()]);
+        let mut frontier = vec![known.digest.as_str()];
+        while let Some(d) = frontier.pop() {
+            for m in moves.iter().filter(|m| m.before == d) {
+                if reached.insert(m.after.as_str()) {
+                    frontier.push(m.after.as_str());
+                }
+            }
+        }
+        reached
+            .contains(now)
+            .then_some("approvals the cluster holds explain it")
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
+#[allow(clippy::panic)]
 mod tests {
     use super::*;
     use crate::engine::tests::*;
@@ -309,8 +405,8 @@ mod tests {
 
         for c in &o.changes {
             assert!(matches!(
-                e.approve(&c.path, c.after.as_ref()),
-                Approved::Applied
+                approve(&mut e, &c.path, c.after.as_ref()),
+                Approved::Applied(_)
             ));
         }
         let approved = digests_of(&e);
@@ -327,6 +423,80 @@ mod tests {
         std::fs::write(etc.join("hosts"), "again").unwrap();
         assert_eq!(scan(&mut again, DetectionSource::Scan).changes.len(), 1);
         assert_eq!(digests_of(&again), approved, "reported only");
+    }
+
+    #[test]
+    fn an_entry_digest_moved_only_by_what_the_cluster_holds_is_no_difference() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let etc = root.path().join("etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("passwd"), "root").unwrap();
+        let paths = || vec![entry("passwd", "/etc/passwd", false)];
+        let mut e = engine(root.path(), state.path(), paths());
+        scan(&mut e, DetectionSource::Startup);
+        let published = e.entry_digests();
+
+        // Approved and saved, then a crash before the node status said so.
+        std::fs::write(etc.join("passwd"), "root\nadmin").unwrap();
+        let o = scan(&mut e, DetectionSource::Scan);
+        let Approved::Applied(applied) =
+            approve(&mut e, "/etc/passwd", o.changes[0].after.as_ref())
+        else {
+            panic!("not applied");
+        };
+        e.save().unwrap();
+        drop(e);
+        let moves: Vec<ApprovedMove> = applied
+            .moved
+            .iter()
+            .map(|m| ApprovedMove {
+                path: "/etc/passwd".into(),
+                digests: m.clone(),
+            })
+            .collect();
+        assert_eq!(moves.len(), 1);
+        assert_eq!(moves[0].digests.before, published[0].digest);
+
+        let mut again = engine(root.path(), state.path(), paths());
+        scan(&mut again, DetectionSource::Startup);
+        let held = Published {
+            entries: published.clone(),
+            generations: BTreeMap::from([("p".to_string(), Some(1))]),
+            moves: moves.clone(),
+        };
+        assert_eq!(
+            again.differing_entries(&held).0,
+            Vec::<String>::new(),
+            "explained"
+        );
+        // Without the answer in the cluster, the same move is a difference.
+        let unexplained = Published {
+            moves: Vec::new(),
+            ..held.clone()
+        };
+        assert_eq!(
+            again.differing_entries(&unexplained).0,
+            ["p/passwd (/etc/passwd)"]
+        );
+        // An answer on a change of another path explains nothing.
+        let elsewhere = Published {
+            moves: moves
+                .iter()
+                .map(|m| ApprovedMove {
+                    path: "/etc/shadow".into(),
+                    ..m.clone()
+                })
+                .collect(),
+            ..held.clone()
+        };
+        assert_eq!(again.differing_entries(&elsewhere).0.len(), 1);
+        // A policy generation the node had not applied when it published.
+        let edited = Published {
+            generations: BTreeMap::from([("p".to_string(), Some(0))]),
+            ..unexplained
+        };
+        assert_eq!(again.differing_entries(&edited).0, Vec::<String>::new());
     }
 
     fn etc_entry() -> MonitoredPath {
@@ -377,7 +547,7 @@ mod tests {
 
         // Same baseline: nothing differs, nothing is reported.
         let mut same = engine(root.path(), state.path(), paths());
-        same.compare_first_scan_with(published.clone());
+        same.compare_first_scan_with(published.clone().into());
         scan(&mut same, DetectionSource::Startup);
         let known = same.take_known_entries().unwrap();
         assert_eq!(same.differing_entries(&known), (Vec::new(), Vec::new()));
@@ -397,13 +567,16 @@ mod tests {
             )]))
             .unwrap();
         scan(&mut fresh, DetectionSource::Startup);
-        let (names, changes) = fresh.differing_entries(&published);
-        assert_eq!(names, ["p/passwd"]);
+        let (names, changes) = fresh.differing_entries(&published.clone().into());
+        assert_eq!(names, ["p/passwd (/etc/passwd)"]);
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].path, "/etc/passwd");
         assert_eq!(changes[0].category, ChangeCategory::Modified);
         // Against digests in the current format, the same answer.
         let current = fresh.entry_digests();
-        assert_eq!(fresh.differing_entries(&current).0, Vec::<String>::new());
+        assert_eq!(
+            fresh.differing_entries(&current.into()).0,
+            Vec::<String>::new()
+        );
     }
 }

@@ -323,8 +323,8 @@ mod tests {
         );
 
         assert!(matches!(
-            e.approve("/etc/hosts", hosts.as_ref()),
-            Approved::Applied
+            approve(&mut e, "/etc/hosts", hosts.as_ref()),
+            Approved::Applied(_)
         ));
         std::fs::set_permissions(
             root.path().join("etc/hosts"),

@@ -25,7 +25,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube_fim_crds::{EntryDigest, FileChangeSpec, FileIntegrityPolicySpec};
 use thiserror::Error;
 
-use crate::baseline::{Baseline, BaselineError, Journal, StateDir};
+use crate::baseline::{Baseline, BaselineError};
 use crate::hostfs::HostRoot;
 use crate::mounts::{MountSource, MountTable};
 use crate::plan::{Plan, PlanError};
@@ -40,8 +40,9 @@ mod mount_tracking;
 mod tests;
 mod walk;
 
-pub use approve::Approved;
+pub use approve::{Applied, Approval, Approved};
 pub use diff::differing;
+pub use entry_digest::{ApprovedMove, Published};
 
 use entry_digest::EntrySums;
 
@@ -121,7 +122,6 @@ pub struct PolicyStatus {
 /// The engine of one node.
 pub struct Engine {
     root: HostRoot,
-    state: StateDir,
     node: String,
     baseline: Baseline,
     /// Digest of the baseline as found on disk at start (before any write).
@@ -137,7 +137,7 @@ pub struct Engine {
     plan: Arc<Plan>,
     policies: BTreeMap<String, PolicyInput>,
     /// Entry digests the cluster last saw, to compare after the first scan.
-    known_entries: Option<Vec<EntryDigest>>,
+    known_entries: Option<Published>,
     /// The per-entry digests, kept up to date with the baseline's changes.
     entry_sums: Mutex<Option<EntrySums>>,
     /// Stamped file by file, so a long scan is not taken for a stall.
@@ -199,7 +199,6 @@ impl Engine {
             mounts: None,
             mounts_compared: None,
             root,
-            state: StateDir::new(state),
             node: node.to_string(),
             baseline,
             loaded_digest,
@@ -246,25 +245,20 @@ impl Engine {
         &self.baseline
     }
 
-    /// After the first scan, compare the entry digests with these (what the
-    /// cluster last saw) and report what differs (a lost or replaced baseline).
-    pub fn compare_first_scan_with(&mut self, known: Vec<EntryDigest>) {
+    /// After the first scan, compare the entry digests with what the cluster
+    /// holds and report what differs unexplained (a lost or forged baseline).
+    pub fn compare_first_scan_with(&mut self, known: Published) {
         self.known_entries = Some(known);
     }
 
     /// The comparison asked for by [`Engine::compare_first_scan_with`], once.
-    pub fn take_known_entries(&mut self) -> Option<Vec<EntryDigest>> {
+    pub fn take_known_entries(&mut self) -> Option<Published> {
         self.known_entries.take()
     }
 
     /// Shares the progress stamp `/healthz` reads.
     pub fn set_progress(&mut self, progress: Progress) {
         self.progress = progress;
-    }
-
-    /// The journal of baseline digests of the state directory.
-    pub fn journal(&self) -> Journal {
-        Journal::new(self.state.path())
     }
 
     /// Policies left out because they cannot be compiled, with why.

@@ -18,11 +18,11 @@
 //!    `kube_fim_agent_queue_write_failing` at 1 meanwhile: detection waits,
 //!    nothing is dropped.
 //! 4. **Mark.** Only after the answer does the loop mark the differences
-//!    reported in the baseline and save it; the digest of every baseline
-//!    written is journaled before it replaces the old one, and the same
-//!    transaction saves the transition counter
-//!    ([`crate::baseline`]), so a restart tells its own unpublished states
-//!    from an edit made by someone else.
+//!    reported in the baseline and save it; the same transaction saves the
+//!    transition counter ([`crate::baseline`]). Whether a baseline found at
+//!    start is this agent's own is not taken from the node: its entry
+//!    digests are checked against what the cluster holds
+//!    ([`crate::cluster::startup`]).
 //! 5. **Deliver.** The deliverer ([`deliver`]) picks the oldest report whose
 //!    lane (policy entry) is within its policy's per-minute cap ([`storm`]:
 //!    a storm's excess is deferred in the queue and paced, and the reports
