@@ -21,6 +21,11 @@ pub struct Metrics {
     pub fleet_reconcile_duration: Histogram,
     pub policies: IntGaugeVec,
     pub retention_deleted: IntCounter,
+    /// Per node, the transition numbers with no evidence in the cluster (from
+    /// the stored verification, so it survives restarts).
+    pub evidence_gaps: IntGaugeVec,
+    /// Evidence gaps found.
+    pub evidence_gaps_found: IntCounter,
     pub daemonset_applies: IntCounterVec,
     pub leader: IntGauge,
     /// Per policy, from its status (so the values survive restarts: they are
@@ -91,6 +96,18 @@ impl Metrics {
             "retention_deleted_total",
             "FileChange objects deleted by retention",
         )?;
+        let evidence_gaps = IntGaugeVec::new(
+            Opts::new(
+                "evidence_gaps",
+                "Transition numbers of a node with no FileChange in the cluster and not queued on \
+                 the node, or rewound over (EvidenceGap), until they arrive or an admin clears them",
+            ),
+            &["node"],
+        )?;
+        let evidence_gaps_found = IntCounter::new(
+            "evidence_gaps_found_total",
+            "Evidence gaps found in the nodes' chains of transition numbers",
+        )?;
         let daemonset_applies = IntCounterVec::new(
             Opts::new(
                 "daemonset_operations_total",
@@ -151,6 +168,8 @@ impl Metrics {
         registry.register(Box::new(policy_status_age.clone()))?;
         registry.register(Box::new(policies.clone()))?;
         registry.register(Box::new(retention_deleted.clone()))?;
+        registry.register(Box::new(evidence_gaps.clone()))?;
+        registry.register(Box::new(evidence_gaps_found.clone()))?;
         registry.register(Box::new(daemonset_applies.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         Ok(Metrics {
@@ -162,6 +181,8 @@ impl Metrics {
             fleet_reconcile_duration,
             policies,
             retention_deleted,
+            evidence_gaps,
+            evidence_gaps_found,
             daemonset_applies,
             leader,
             policy_nodes,

@@ -230,6 +230,7 @@ mod tests {
             node: node.into(),
             created: now - Duration::from_secs(age_secs),
             approved,
+            sequence: None,
         }
     }
 

@@ -299,6 +299,7 @@ mod tests {
             node: "n1".into(),
             created: Timestamp::now(),
             approved,
+            sequence: None,
         };
         let woke = |change: Change<Item>| change_wake(change, &policies);
         let b = BTreeSet::from(["b".to_string()]);

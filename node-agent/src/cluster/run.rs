@@ -95,6 +95,7 @@ pub async fn run(
     let settings = heartbeat::Settings {
         journal,
         alarm: started.alarm,
+        published_sequence: started.published_sequence,
     };
     let heartbeat = heartbeat::run(ctx.clone(), settings, status_rx, tasks.shutdown());
     tasks.spawn("heartbeat", Stop::Abort, heartbeat);
