@@ -1721,7 +1721,7 @@ async fn retention_keeps_changes_the_chain_has_not_verified() {
         Duration::from_secs(30),
         || async {
             let left = names().await;
-            (left == [3]).then_some(()).ok_or(format!("{left:?}"))
+            (left == [1]).then_some(()).ok_or(format!("{left:?}"))
         },
     )
     .await;
