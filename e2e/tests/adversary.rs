@@ -1696,7 +1696,7 @@ async fn retention_keeps_changes_the_chain_has_not_verified() {
     };
     eventually(
         "the verified number deleted",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async {
             let left = names().await;
             (left == [2, 3]).then_some(()).ok_or(format!("{left:?}"))
