@@ -1507,7 +1507,7 @@ async fn reports_removed_from_the_queue_are_an_evidence_gap_naming_their_numbers
             &t,
             &format!("kube_fim_operator_evidence_gaps{{node=\"{a}\"}}"),
         ) {
-            Some(n) if n == 2.0 => Ok(()),
+            Some(2.0) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
