@@ -1740,3 +1740,67 @@ async fn retention_keeps_changes_the_chain_has_not_verified() {
     }
     delete_node(&admin, &node).await;
 }
+
+/// A wiped state directory loses the node's counter, not the cluster's:
+/// the agent numbers on after the head it published (no number, no name
+/// given twice, no rewind for admission to refuse), the wipe is the
+/// BaselineMissing alarm, and the verifier sees no gap and no rewind.
+#[tokio::test]
+async fn a_wiped_node_numbers_on_after_its_published_head() {
+    use kube_fim_e2e::operator::Operator;
+    let client = client().await;
+    let suite = unique_name("chain");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-etc");
+    fleet
+        .create_policy(&fleet.policy(
+            &policy,
+            vec![
+                entry("passwd", "/etc/passwd", false),
+                entry("ssh", "/etc/ssh", true),
+            ],
+        ))
+        .await;
+    let _operator = Operator::start(&suite, &suite, &[]);
+    let a = fleet.nodes[0].name.clone();
+    fleet.nodes[0].start_agent();
+    fleet.wait_ready(&a, &policy, READY).await;
+    wait_verified(&client, &a, 0).await;
+    for f in ["one", "two"] {
+        std::fs::write(fleet.nodes[0].host(&format!("/etc/ssh/{f}.conf")), "x\n").unwrap();
+        wait_change(&fleet, &a, &format!("Added /etc/ssh/{f}.conf")).await;
+    }
+    let head = eventually("the head published", SEEN, || async {
+        let s = record(&client, &a).await.status.unwrap_or_default();
+        match s.sequence {
+            Some(h) if h >= 2 => Ok(h),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    wait_verified(&client, &a, head).await;
+    fleet.nodes[0].kill_agent();
+    let state = fleet.nodes[0].state.clone();
+    for e in std::fs::read_dir(&state).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            std::fs::remove_dir_all(p).unwrap();
+        } else {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    std::fs::write(
+        fleet.nodes[0].host("/etc/passwd"),
+        "evil:x:0:0::/:/bin/sh\n",
+    )
+    .unwrap();
+    fleet.nodes[0].start_agent();
+    wait_warning(&client, "BaselineMissing", &a).await;
+    let c = wait_change(&fleet, &a, "Modified /etc/passwd").await;
+    let n = c.spec.sequence.unwrap();
+    assert!(n >= head, "numbered {n}, below the published head {head}");
+    let v = wait_verified(&client, &a, n + 1).await;
+    assert!(v.gaps.is_empty(), "{v:?}");
+    assert!(warnings(&client, "EvidenceGap", &a).await.is_empty());
+    fleet.cleanup().await;
+}
