@@ -23,8 +23,9 @@ pub use change::{
     PodRef, ProcessInfo,
 };
 pub use node::{
-    BaselineAlarm, EntryDigest, FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
-    NodeAttribution, NodePolicyPhase, NodePolicyStatus,
+    BaselineAlarm, ChainVerification, EntryDigest, EvidenceGap, FileIntegrityNode,
+    FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodeAttribution, NodePolicyPhase,
+    NodePolicyStatus,
 };
 pub use policy::{
     Attribute, AttributeProfile, Evidence, FileIntegrityPolicy, FileIntegrityPolicySpec,

@@ -124,6 +124,147 @@ pub struct FileIntegrityNodeStatus {
     /// `fim.kube-fim.io/clear-baseline-alarm=<id>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline_alarm: Option<BaselineAlarm>,
+
+    /// The node's next transition number as durably saved: every number below
+    /// it was given to a transition the agent reports (`spec.sequence` of a
+    /// FileChange of this node). It never decreases (admission refuses it);
+    /// the operator checks that each number below it is a stored FileChange
+    /// or listed in `undelivered`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub sequence: Option<u64>,
+
+    /// Numbers below `sequence` still waiting in the node's delivery queue,
+    /// as ranges (`"12-250"`, `"300"`), lowest first. Beyond 64 ranges the
+    /// last one also covers the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 64),
+        inner(length(max = 41), regex(pattern = r"^[0-9]+(-[0-9]+)?$"))
+    )]
+    pub undelivered: Option<Vec<String>>,
+
+    /// The operator's verification of the node's chain of transition numbers
+    /// (written by the operator only; admission refuses the agent's writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<ChainVerification>,
+}
+
+/// What the operator verified of a node's transition numbers.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ChainVerification {
+    /// Every number below this one is verified: stored as a FileChange of the
+    /// node when the operator looked, or listed in `gaps`. Retention deletes
+    /// only FileChanges numbered below it.
+    #[schemars(range(min = 0))]
+    pub verified_through: u64,
+    /// Where verification started (the node's `sequence` when the operator
+    /// first saw it).
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub from: u64,
+    /// When verification started.
+    pub since: Time,
+    /// Numbers the node took that are neither a stored FileChange nor in its
+    /// queue (`EvidenceGap`), or that the node's counter went back over.
+    /// They stay until they arrive or an admin clears them (annotation
+    /// `fim.kube-fim.io/clear-evidence-gaps=<number>` clears the gaps below it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub gaps: Vec<EvidenceGap>,
+}
+
+/// Numbers of a node's chain with no evidence in the cluster.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EvidenceGap {
+    /// First missing number.
+    #[schemars(range(min = 0))]
+    pub first: u64,
+    /// Last missing number (inclusive).
+    #[schemars(range(min = 0))]
+    pub last: u64,
+    /// `Missing` (taken by the node, never stored, not queued) or `Rewound`
+    /// (the node published a number below what was already verified).
+    #[schemars(length(max = 16))]
+    pub reason: String,
+    /// When the operator first saw the numbers missing.
+    pub since: Time,
+}
+
+/// Annotation an admin sets on a FileIntegrityNode to clear the evidence
+/// gaps below a number, once looked into (the recorded act).
+pub const CLEAR_EVIDENCE_GAPS: &str = "fim.kube-fim.io/clear-evidence-gaps";
+
+/// An inclusive range of transition numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Span {
+    pub first: u64,
+    pub last: u64,
+}
+
+impl Span {
+    /// One number.
+    pub fn one(n: u64) -> Span {
+        Span { first: n, last: n }
+    }
+
+    /// How many numbers it holds.
+    pub fn len(&self) -> u64 {
+        self.last.saturating_sub(self.first).saturating_add(1)
+    }
+
+    /// Never empty (first <= last by construction).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Parses `"12-250"` or `"300"`.
+    pub fn parse(s: &str) -> Option<Span> {
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let (first, last) = (a.parse().ok()?, b.parse().ok()?);
+        (first <= last).then_some(Span { first, last })
+    }
+}
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// Sorted, disjoint, non-adjacent spans covering exactly `numbers`.
+pub fn spans(numbers: impl IntoIterator<Item = u64>) -> Vec<Span> {
+    let mut sorted: Vec<u64> = numbers.into_iter().collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out: Vec<Span> = Vec::new();
+    for n in sorted {
+        match out.last_mut() {
+            Some(s) if s.last.checked_add(1) == Some(n) => s.last = n,
+            _ => out.push(Span::one(n)),
+        }
+    }
+    out
+}
+
+/// `spans` as at most `max` ranges: beyond, the last range also covers the
+/// rest (it may then hold numbers that are not in `spans`: an over-statement
+/// of what is undelivered, never an omission).
+pub fn compact(mut spans: Vec<Span>, max: usize) -> Vec<Span> {
+    if spans.len() > max && max > 0 {
+        let last = spans[spans.len() - 1].last;
+        spans.truncate(max);
+        if let Some(s) = spans.last_mut() {
+            s.last = last;
+        }
+    }
+    spans
 }
 
 /// The digest of one policy entry's part of the baseline.

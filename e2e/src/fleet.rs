@@ -108,6 +108,13 @@ impl TestNode {
     /// [`TestNode::start_agent`] with more command-line arguments.
     pub fn start_agent_with(&mut self, extra: &[String]) {
         let kubeconfig = node_bound_kubeconfig(&self.name);
+        self.start_agent_as(&kubeconfig, extra);
+    }
+
+    /// Starts the agent logged in with `kubeconfig` (e.g. one whose server is
+    /// a proxy the test can cut), with more command-line arguments.
+    pub fn start_agent_as(&mut self, kubeconfig: &Path, extra: &[String]) {
+        let kubeconfig = kubeconfig.to_path_buf();
         let mut args = vec![
             "run".to_string(),
             format!("--node-name={}", self.name),

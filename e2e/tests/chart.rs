@@ -43,6 +43,8 @@ const METRICS: &[&str] = &[
     "kube_fim_operator_reconcile_duration_seconds",
     "kube_fim_operator_policies",
     "kube_fim_operator_retention_deleted_total",
+    "kube_fim_operator_evidence_gaps",
+    "kube_fim_operator_evidence_gaps_found_total",
     "kube_fim_operator_leader",
     "kube_fim_operator_policy_nodes",
     "kube_fim_operator_policy_files_monitored",
@@ -1087,6 +1089,7 @@ fn alert_rules_use_only_published_metrics_and_cover_each_failure() {
         "kube_fim_agent_baseline_tampered",
         "kube_fim_agent_queue_write_failing",
         "kube_fim_operator_leader",
+        "kube_fim_operator_evidence_gaps",
     ] {
         assert!(
             alerts.values().any(|m| m.contains(metric)),

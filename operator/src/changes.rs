@@ -8,7 +8,7 @@
 //! per refresh. Policy, node and approval are read from the objects, never from
 //! labels (anyone with patch rights can set a label).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -34,6 +34,9 @@ pub type ChangeView = Object<ViewSpec, ViewStatus>;
 pub struct ViewSpec {
     pub policy: String,
     pub node: String,
+    /// The node's transition number of the change (none for a Summary).
+    #[serde(default)]
+    pub sequence: Option<u64>,
 }
 
 /// Of a FileChange's status, whether it holds an approval: a person's recorded
@@ -59,6 +62,7 @@ pub struct Item {
     pub node: String,
     pub created: Timestamp,
     pub approved: bool,
+    pub sequence: Option<u64>,
 }
 
 impl Item {
@@ -74,6 +78,7 @@ impl Item {
                 .map(|t| t.0)
                 .unwrap_or_else(Timestamp::now),
             approved: change.status.as_ref().is_some_and(|s| s.approval.is_some()),
+            sequence: change.spec.sequence,
         }
     }
 }
@@ -84,6 +89,38 @@ impl Item {
 struct Index {
     seen: Seen<Item>,
     by_policy: HashMap<String, HashSet<String>>,
+    /// Per node, the transition numbers stored, each with how many
+    /// FileChanges carry it (the chain's verification, [`crate::chain`]).
+    by_node: HashMap<String, Numbers>,
+}
+
+/// Transition numbers of one node's stored FileChanges, with how many carry each.
+pub type Numbers = BTreeMap<u64, u32>;
+
+fn add_number(by_node: &mut HashMap<String, Numbers>, item: &Item) {
+    if let Some(n) = item.sequence {
+        *by_node
+            .entry(item.node.clone())
+            .or_default()
+            .entry(n)
+            .or_default() += 1;
+    }
+}
+
+fn remove_number(by_node: &mut HashMap<String, Numbers>, item: &Item) {
+    let Some(n) = item.sequence else { return };
+    let Some(numbers) = by_node.get_mut(&item.node) else {
+        return;
+    };
+    if let Some(count) = numbers.get_mut(&n) {
+        *count -= 1;
+        if *count == 0 {
+            numbers.remove(&n);
+        }
+    }
+    if numbers.is_empty() {
+        by_node.remove(&item.node);
+    }
 }
 
 impl Index {
@@ -100,7 +137,11 @@ impl Index {
                         self.by_policy.remove(&old.policy);
                     }
                 }
+                if let Some(old) = old {
+                    remove_number(&mut self.by_node, old);
+                }
                 if let Some(new) = new {
+                    add_number(&mut self.by_node, new);
                     self.by_policy
                         .entry(new.policy.clone())
                         .or_default()
@@ -109,7 +150,9 @@ impl Index {
             }
             Change::Relisted => {
                 self.by_policy.clear();
+                self.by_node.clear();
                 for item in self.seen.values() {
+                    add_number(&mut self.by_node, item);
                     self.by_policy
                         .entry(item.policy.clone())
                         .or_default()
@@ -171,6 +214,15 @@ impl Changes {
     /// The changes of `policy`.
     pub fn of_policy(&self, policy: &str) -> Vec<Item> {
         self.index().of_policy(policy).cloned().collect()
+    }
+
+    /// `f` of the transition numbers stored for `node`.
+    pub fn numbers_of<R>(&self, node: &str, f: impl FnOnce(&Numbers) -> R) -> R {
+        let index = self.index();
+        match index.by_node.get(node) {
+            Some(numbers) => f(numbers),
+            None => f(&Numbers::new()),
+        }
     }
 
     /// What `policy`'s status shows of its changes, at `now`.
@@ -309,6 +361,7 @@ mod tests {
                 node: "n1".into(),
                 created,
                 approved: true,
+                sequence: None,
             }
         );
         let mut answered = change("c2", "web", created);

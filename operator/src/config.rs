@@ -117,6 +117,11 @@ pub struct Config {
     /// FileChanges retention deletes per policy and pass at most (the rest a few seconds later).
     #[arg(long, default_value_t = 1000)]
     pub retention_max_per_pass: usize,
+    /// A transition number a node published that is neither a stored
+    /// FileChange nor queued on the node is an EvidenceGap after this long
+    /// (the FileChange watch may lag the node's status).
+    #[arg(long, default_value = "20s", value_parser = duration)]
+    pub evidence_grace: Duration,
 }
 
 /// CPU and memory of the agent container.

@@ -7,7 +7,8 @@
 //! Four watches (policies, Nodes, agents' FileIntegrityNodes, FileChanges) fill
 //! the caches and decide, per event, what is worth reconciling
 //! ([`crate::triggers`]). Retention runs on a clock of its own
-//! ([`crate::retention::run`]).
+//! ([`crate::retention::run`]), and so does the verification of the nodes'
+//! chains of transition numbers ([`crate::chain::run`]).
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -37,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::seen::{Change, Seen};
 use crate::status::{self, DEGRADED};
 use crate::triggers::{self, Wake};
-use crate::{evidence, flood, retention};
+use crate::{chain, evidence, flood, retention};
 
 /// The fleet is looked at again this often without any event.
 const FLEET_RESYNC: Duration = Duration::from_secs(30);
@@ -116,6 +117,7 @@ pub async fn run(
         )),
         tokio::spawn(watch_changes(changes::api(client.clone()), ctx.clone())),
         tokio::spawn(retention::run(ctx.clone())),
+        tokio::spawn(chain::run(ctx.clone())),
     ];
 
     let shutdown = shutdown.shared();

@@ -4,6 +4,7 @@
 //! retention, ships the FileChanges to the sinks (`FileChangeSink`) and exports
 //! Prometheus metrics.
 
+pub mod chain;
 pub mod changes;
 pub mod config;
 pub mod context;

@@ -23,6 +23,11 @@ pub struct Metrics {
     pub retention_deleted: IntCounter,
     /// Nodes found creating FileChanges far faster than their policies allow.
     pub change_floods: IntCounter,
+    /// Per node, the transition numbers with no evidence in the cluster (from
+    /// the stored verification, so it survives restarts).
+    pub evidence_gaps: IntGaugeVec,
+    /// Evidence gaps found.
+    pub evidence_gaps_found: IntCounter,
     pub daemonset_applies: IntCounterVec,
     pub leader: IntGauge,
     /// Per policy, from its status (so the values survive restarts: they are
@@ -97,6 +102,18 @@ impl Metrics {
             "change_floods_total",
             "Times a node created FileChanges far faster than its policies allow (ChangeFlood Events name the node)",
         )?;
+        let evidence_gaps = IntGaugeVec::new(
+            Opts::new(
+                "evidence_gaps",
+                "Transition numbers of a node with no FileChange in the cluster and not queued on \
+                 the node, or rewound over (EvidenceGap), until they arrive or an admin clears them",
+            ),
+            &["node"],
+        )?;
+        let evidence_gaps_found = IntCounter::new(
+            "evidence_gaps_found_total",
+            "Evidence gaps found in the nodes' chains of transition numbers",
+        )?;
         let daemonset_applies = IntCounterVec::new(
             Opts::new(
                 "daemonset_operations_total",
@@ -158,6 +175,8 @@ impl Metrics {
         registry.register(Box::new(policies.clone()))?;
         registry.register(Box::new(retention_deleted.clone()))?;
         registry.register(Box::new(change_floods.clone()))?;
+        registry.register(Box::new(evidence_gaps.clone()))?;
+        registry.register(Box::new(evidence_gaps_found.clone()))?;
         registry.register(Box::new(daemonset_applies.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         Ok(Metrics {
@@ -170,6 +189,8 @@ impl Metrics {
             policies,
             retention_deleted,
             change_floods,
+            evidence_gaps,
+            evidence_gaps_found,
             daemonset_applies,
             leader,
             policy_nodes,

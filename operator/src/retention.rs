@@ -13,9 +13,15 @@
 //!   has looked at yet);
 //! - `maxCount` is counted per node: the admission policy lets an agent create
 //!   changes for its own node only, so a node flooding the API with changes can
-//!   push out its own records at most, never another node's.
+//!   push out its own records at most, never another node's;
+//! - a change numbered in its node's chain is deleted only once the operator
+//!   verified that number ([`crate::chain`]: below the node's
+//!   `status.verification.verifiedThrough`); a change deleted before would
+//!   leave a gap nobody could tell from a lost report. Changes without a
+//!   number (summaries, older agents) and changes of nodes without a
+//!   FileIntegrityNode (deleted nodes) follow the limits alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,9 +59,28 @@ pub struct Selection {
     pub held: usize,
 }
 
+/// How far each node's chain is verified (`verifiedThrough`): `None` for a
+/// node whose FileIntegrityNode holds no verification yet. Nodes without a
+/// FileIntegrityNode are not listed.
+pub type Verified = HashMap<String, Option<u64>>;
+
+/// Whether the chain verification lets `item` go.
+fn verified(item: &Item, verified: &Verified) -> bool {
+    match (item.sequence, verified.get(&item.node)) {
+        (None, _) | (_, None) => true,
+        (Some(n), Some(through)) => through.is_some_and(|t| n < t),
+    }
+}
+
 /// Per node: everything deletable older than `max_age`, then the oldest
-/// deletable ones until at most `max_count_per_node` remain.
-pub fn select_for_deletion(items: Vec<Item>, limits: Limits, now: Timestamp) -> Selection {
+/// deletable ones until at most `max_count_per_node` remain. Deletable:
+/// approved (or the policy deletes unapproved ones too) and verified.
+pub fn select_for_deletion(
+    items: Vec<Item>,
+    limits: Limits,
+    checkpoints: &Verified,
+    now: Timestamp,
+) -> Selection {
     let mut per_node: BTreeMap<String, Vec<Item>> = BTreeMap::new();
     for item in items {
         per_node.entry(item.node.clone()).or_default().push(item);
@@ -67,7 +92,8 @@ pub fn select_for_deletion(items: Vec<Item>, limits: Limits, now: Timestamp) -> 
         for item in items {
             let too_old = now.duration_since(item.created).unsigned_abs() > limits.max_age;
             let too_many = remaining > limits.max_count_per_node;
-            let deletable = item.approved || limits.delete_unapproved;
+            let deletable =
+                (item.approved || limits.delete_unapproved) && verified(&item, checkpoints);
             if (too_old || too_many) && deletable {
                 remaining -= 1;
                 out.doomed.push(item.name);
@@ -120,6 +146,7 @@ async fn pass(policy: &FileIntegrityPolicy, ctx: &Context) -> bool {
             max_count_per_node: retention.max_count as usize,
             delete_unapproved: retention.delete_unapproved,
         },
+        &checkpoints(ctx),
         Timestamp::now(),
     )
     .doomed;
@@ -162,6 +189,22 @@ async fn pass(policy: &FileIntegrityPolicy, ctx: &Context) -> bool {
         .await;
     }
     doomed.len() > pass.len()
+}
+
+/// How far each node's chain is verified, from the FileIntegrityNodes.
+fn checkpoints(ctx: &Context) -> Verified {
+    ctx.records
+        .state()
+        .iter()
+        .map(|r| {
+            let through = r
+                .status
+                .as_ref()
+                .and_then(|s| s.verification.as_ref())
+                .map(|v| v.verified_through);
+            (r.name_any(), through)
+        })
+        .collect()
 }
 
 /// Deletes `names` in batches of `batch` (four requests in flight at most),
@@ -230,6 +273,7 @@ mod tests {
             node: node.into(),
             created: now - Duration::from_secs(age_secs),
             approved,
+            sequence: None,
         }
     }
 
@@ -254,7 +298,7 @@ mod tests {
             item("mid", "a", 100, true, now),
             item("older-mid", "a", 200, true, now),
         ];
-        let s = select_for_deletion(items, limits(3600, 2, false), now);
+        let s = select_for_deletion(items, limits(3600, 2, false), &Verified::new(), now);
         assert_eq!(s.doomed, ["old", "older-mid"]);
         assert_eq!(kept_names(&s), ["mid", "new"]);
         assert_eq!(s.held, 0);
@@ -270,11 +314,11 @@ mod tests {
                 item("new", "a", 10, false, now),
             ]
         };
-        let s = select_for_deletion(items(), limits(3600, 1, false), now);
+        let s = select_for_deletion(items(), limits(3600, 1, false), &Verified::new(), now);
         assert_eq!(s.doomed, ["old-approved"]);
         assert_eq!(kept_names(&s), ["old-unapproved", "new"]);
         assert_eq!(s.held, 2);
-        let s = select_for_deletion(items(), limits(3600, 1, true), now);
+        let s = select_for_deletion(items(), limits(3600, 1, true), &Verified::new(), now);
         assert_eq!(s.doomed, ["old-unapproved", "old-approved"]);
         assert_eq!(kept_names(&s), ["new"]);
     }
@@ -286,10 +330,32 @@ mod tests {
         for i in 0..100 {
             items.push(item(&format!("flood-{i:03}"), "a", 10, true, now));
         }
-        let s = select_for_deletion(items, limits(3600, 5, true), now);
+        let s = select_for_deletion(items, limits(3600, 5, true), &Verified::new(), now);
         assert_eq!(s.doomed.len(), 95);
         assert!(s.doomed.iter().all(|n| n.starts_with("flood-")));
         assert!(kept_names(&s).contains(&"real"));
+    }
+
+    #[test]
+    fn only_verified_numbers_are_deleted() {
+        let now = Timestamp::now();
+        let numbered = |name: &str, node: &str, n: Option<u64>| Item {
+            sequence: n,
+            ..item(name, node, 7200, true, now)
+        };
+        let items = vec![
+            numbered("a-4", "a", Some(4)),
+            numbered("a-5", "a", Some(5)),
+            numbered("a-summary", "a", None),
+            numbered("b-1", "b", Some(1)),
+            numbered("gone-9", "gone", Some(9)),
+        ];
+        let checkpoints = Verified::from([("a".to_string(), Some(5)), ("b".to_string(), None)]);
+        let s = select_for_deletion(items, limits(3600, 100, true), &checkpoints, now);
+        let mut doomed = s.doomed.clone();
+        doomed.sort();
+        assert_eq!(doomed, ["a-4", "a-summary", "gone-9"]);
+        assert_eq!(s.held, 2, "a-5 above the checkpoint, b-1 before any");
     }
 
     #[test]

@@ -171,6 +171,8 @@ pub fn assess(
     let mut files = 0i64;
     let mut oldest_scan: Option<Timestamp> = None;
     let mut troubled = Vec::new();
+    // Nodes whose chain of transition numbers has gaps (crate::chain).
+    let mut gaps: Vec<(String, String)> = Vec::new();
     // Ready nodes and what each says about attribution (`None`: nothing yet).
     let mut attribution: Vec<(String, Option<kube_fim_crds::NodeAttribution>)> = Vec::new();
 
@@ -185,6 +187,17 @@ pub fn assess(
             let status = records
                 .get(node_name.as_str())
                 .and_then(|r| r.status.as_ref());
+            if let Some(v) = status.and_then(|s| s.verification.as_ref())
+                && !v.gaps.is_empty()
+            {
+                gaps.push((
+                    node_name.clone(),
+                    format!(
+                        "EvidenceGap: transition numbers {} have no FileChange and are not queued on the node",
+                        crate::chain::describe(&v.gaps)
+                    ),
+                ));
+            }
             let entry = status.and_then(|s| s.policies.iter().find(|p| p.policy == name));
             let fresh = heartbeat_is_fresh(status, now, heartbeat_timeout);
             match (entry, fresh) {
@@ -237,6 +250,7 @@ pub fn assess(
         }
     }
     troubled.sort();
+    gaps.sort();
     let left = if invalid.is_none() {
         left_nodes(policy, nodes, &records, now, heartbeat_timeout)
     } else {
@@ -275,6 +289,8 @@ pub fn assess(
     };
     let (degraded, degraded_reason, degraded_message) = if let Some(why) = invalid {
         (true, "InvalidPolicy", why.to_string())
+    } else if !gaps.is_empty() {
+        (true, "EvidenceGap", summarize(&gaps))
     } else if !left.is_empty() {
         (true, NODE_LEFT, summarize(&left))
     } else if troubled
@@ -619,6 +635,43 @@ mod tests {
             d.message
         );
         assert_eq!(cond(&a.status, READY).reason, "NodesNotReady");
+    }
+
+    #[test]
+    fn a_gap_in_a_nodes_chain_degrades_its_policies() {
+        let now = Timestamp::now();
+        let nodes = [node("a", &[], vec![])];
+        let mut records = [record("a", NodePolicyPhase::Ready, now, 1)];
+        records[0].status.as_mut().unwrap().verification = Some(kube_fim_crds::ChainVerification {
+            verified_through: 9,
+            from: 0,
+            since: Time(now),
+            gaps: vec![kube_fim_crds::EvidenceGap {
+                first: 3,
+                last: 5,
+                reason: "Missing".into(),
+                since: Time(now),
+            }],
+        });
+        let a = assess(
+            &policy(&[]),
+            None,
+            &nodes,
+            &records,
+            ChangeCounts::default(),
+            now,
+            TIMEOUT,
+        );
+        let d = cond(&a.status, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "EvidenceGap")
+        );
+        assert!(
+            d.message.contains("a: EvidenceGap: transition numbers 3-5"),
+            "{}",
+            d.message
+        );
     }
 
     #[test]

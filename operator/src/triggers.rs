@@ -92,6 +92,9 @@ pub struct RecordView {
     pub fresh: bool,
     /// Per policy, a digest of the agent's report.
     pub reports: BTreeMap<String, u64>,
+    /// The gaps in the node's chain (crate::chain), which degrade every
+    /// policy the node reports on.
+    pub gaps: Vec<(u64, u64)>,
 }
 
 /// Sees a record as the policies' status does, at `now`.
@@ -111,6 +114,10 @@ pub fn record_view(
                     .collect()
             })
             .unwrap_or_default(),
+        gaps: status
+            .and_then(|s| s.verification.as_ref())
+            .map(|v| v.gaps.iter().map(|g| (g.first, g.last)).collect())
+            .unwrap_or_default(),
     }
 }
 
@@ -127,10 +134,11 @@ pub fn record_wake(change: Change<RecordView>) -> Wake {
             let empty = RecordView {
                 fresh: false,
                 reports: BTreeMap::new(),
+                gaps: Vec::new(),
             };
             let (old, new) = (old.unwrap_or(empty.clone()), new.unwrap_or(empty));
             let names = old.reports.keys().chain(new.reports.keys());
-            let policies = if old.fresh != new.fresh {
+            let policies = if old.fresh != new.fresh || old.gaps != new.gaps {
                 names.cloned().collect()
             } else {
                 names
@@ -299,6 +307,7 @@ mod tests {
             node: "n1".into(),
             created: Timestamp::now(),
             approved,
+            sequence: None,
         };
         let woke = |change: Change<Item>| change_wake(change, &policies);
         let b = BTreeSet::from(["b".to_string()]);

@@ -21,6 +21,7 @@ use super::{node_status, startup};
 use crate::context::Context;
 use crate::monitor::Snapshot;
 use crate::report::object::shorten_text;
+use crate::report::sequence::Undelivered;
 use crate::served::ServedPolicies;
 
 const HEARTBEAT: Duration = Duration::from_secs(30);
@@ -31,6 +32,8 @@ pub struct Settings {
     pub alarm: Option<BaselineAlarm>,
     /// Whether it was found at this start (else it is told only what differs).
     pub alarm_found: bool,
+    /// The chain head the cluster held at start: never published lower.
+    pub published_sequence: u64,
 }
 
 /// The heartbeat's state between two writes.
@@ -45,6 +48,11 @@ struct Heartbeat {
     told_limit: bool,
     told_errors: bool,
     told_differing: bool,
+    /// The saved transition counter, as it moves.
+    committed: watch::Receiver<u64>,
+    /// The published head never goes below this.
+    floor: u64,
+    undelivered: Undelivered,
 }
 
 /// Writes the node status until `shutdown`; `status` is what the loop knows.
@@ -56,7 +64,11 @@ pub async fn run(
 ) {
     tokio::pin!(shutdown);
     let mut served = ctx.served.clone();
+    let committed = ctx.committed.clone();
     let mut beat = Heartbeat {
+        committed,
+        floor: settings.published_sequence,
+        undelivered: Undelivered::default(),
         api: Api::all(ctx.client.clone()),
         ctx,
         alarm: settings.alarm,
@@ -83,6 +95,7 @@ pub async fn run(
             () = &mut shutdown => return,
             r = status.changed() => if r.is_err() { return },
             r = served.changed() => if r.is_err() { return },
+            r = beat.committed.changed() => if r.is_err() { return },
             () = tokio::time::sleep(HEARTBEAT) => {},
         }
         // Coalesce bursts of snapshots.
@@ -141,17 +154,27 @@ impl Heartbeat {
             .map(|(name, generation)| self.policy_status(snap, name, generation))
             .collect();
         policies.extend(unselected(snap, served));
+        // The head first, the queue second (see report::sequence).
+        let head = (*self.committed.borrow_and_update()).max(self.floor);
+        self.floor = head;
+        let (queue_length, undelivered) = {
+            let queue = self.ctx.queue.lock().await;
+            (queue.len(), self.undelivered.ranges(&queue, head))
+        };
         let status = FileIntegrityNodeStatus {
             agent_version: Some(env!("CARGO_PKG_VERSION").into()),
             heartbeat_time: Some(Time(Timestamp::now())),
             policy_count: Some(served.names().count() as i32),
             files_monitored: Some(snap.files_total as i64),
-            queue_length: Some(self.ctx.queue.lock().await.len() as i64),
+            queue_length: Some(queue_length as i64),
             baseline_digest: self.digest.clone(),
             policies,
             attribution: node_status::attribution(&snap.attribution),
             entries: self.entries.clone(),
             baseline_alarm: self.alarm.clone(),
+            sequence: Some(head),
+            undelivered: Some(undelivered.iter().map(ToString::to_string).collect()),
+            verification: None,
         };
         let stored = match node_status::write(&self.api, &self.ctx.node, &status).await {
             Ok(stored) => stored,

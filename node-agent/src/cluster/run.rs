@@ -95,6 +95,7 @@ pub async fn run(
     let settings = heartbeat::Settings {
         alarm: started.alarm,
         alarm_found: started.alarm_found,
+        published_sequence: started.published_sequence,
     };
     let heartbeat = heartbeat::run(ctx.clone(), settings, status_rx, tasks.shutdown());
     tasks.spawn("heartbeat", Stop::Abort, heartbeat);

@@ -38,6 +38,8 @@ pub struct Started {
     pub alarm: Option<BaselineAlarm>,
     /// Whether that alarm was found at this start.
     pub alarm_found: bool,
+    /// The chain head the cluster held at start (`status.sequence`).
+    pub published_sequence: u64,
 }
 
 /// Retries a call to the API server until it succeeds, backing off.
@@ -108,6 +110,10 @@ pub async fn start(
     // After the baseline is settled (a fresh one saved nothing).
     let resumed = crate::report::sequence::resumed(&mut queue, engine.baseline().saved_sequence());
     engine.resume_numbers(resumed);
+    // A state directory wiped or rolled back: numbering goes on after what
+    // the cluster already holds, so no name is given twice.
+    let published_sequence = status.status.as_ref().and_then(|s| s.sequence).unwrap_or(0);
+    engine.continue_after(published_sequence);
     let ctx = Context {
         committed: engine.committed_sequence(),
         node: config.node.clone(),
@@ -122,6 +128,7 @@ pub async fn start(
         engine,
         alarm,
         alarm_found,
+        published_sequence,
     })
 }
 

@@ -393,6 +393,13 @@ impl Engine {
         self.resumed_numbers = taken;
     }
 
+    /// Numbers below `published` were taken by this node before (the cluster
+    /// holds them in its FileIntegrityNode's `status.sequence`): never given
+    /// again, even when the state directory was lost or rolled back.
+    pub fn continue_after(&mut self, published: u64) {
+        self.baseline.raise_sequence(published);
+    }
+
     /// The first transition number not durably saved yet, as it moves.
     pub fn committed_sequence(&self) -> tokio::sync::watch::Receiver<u64> {
         self.committed.subscribe()

@@ -263,6 +263,17 @@ impl Queue {
         self.forget(seq);
     }
 
+    /// The queue's own numbers of the reports waiting, oldest first.
+    pub fn waiting(&self) -> impl Iterator<Item = u64> + '_ {
+        self.entries.iter().copied()
+    }
+
+    /// The report waiting under `seq`, if it can be read.
+    pub fn read(&self, seq: u64) -> Option<FileChange> {
+        let bytes = fs::read(self.path(seq)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
     /// Forgets a report the API server has stored.
     pub fn ack(&mut self, seq: u64) -> Result<(), QueueError> {
         match fs::remove_file(self.path(seq)) {

@@ -31,14 +31,49 @@
 //!   created under another name ([`super::object::squat_free_name`]), with a
 //!   Warning Event.
 //!
+//! # The chain the cluster verifies
+//!
+//! Numbers are only worth something if the cluster can check them, so the
+//! node publishes its chain head and the operator verifies it:
+//!
+//! - **Published head.** The heartbeat writes the saved counter as
+//!   `status.sequence` of the node's FileIntegrityNode (every number below it
+//!   was given to a transition) and the numbers below it still waiting in the
+//!   delivery queue as `status.undelivered` ranges ([`Undelivered`]). It reads
+//!   the counter first and the queue second: a number saved by then was
+//!   queued before (step 3 precedes step 4), so it is either still queued or
+//!   already stored. Admission refuses any write that lowers or removes
+//!   `status.sequence`.
+//! - **Never a number twice.** At start the agent continues after the
+//!   published head when its own counter is lower (state directory wiped or
+//!   rolled back, [`crate::engine::Engine::continue_after`]); the baseline
+//!   alarm tells of the lost state, and the verifier of the lost reports.
+//! - **Verified by the operator** (`operator/src/chain.rs`). Each number from
+//!   its checkpoint (`status.verification.verifiedThrough`) up to the
+//!   published head must be a stored FileChange of the node or listed
+//!   undelivered. A number that is neither for longer than a short grace is
+//!   an `EvidenceGap` (Warning Event, metric, alert, the policies Degraded);
+//!   so is a head below the checkpoint (`Rewound`). The checkpoint moves over
+//!   what is verified, and retention deletes only below it: a FileChange
+//!   deleted after verification is no gap, one deleted before is.
+//!
+//! What root on the node still can: replace the agent binary (a lying agent
+//! reports nothing it does not want to; the chain proves completeness of
+//! what the agent numbered, not honesty of the agent), or list numbers as
+//! undelivered forever (bounded: `status.queueLength` and the agent's
+//! `kube_fim_agent_reports_queued`, and retention holding every later
+//! change of that node). What it no longer can: make a numbered change
+//! vanish (delete its queue file, wipe or roll back the state directory, or
+//! delete the FileChange before the operator saw it) without an
+//! `EvidenceGap` naming its number.
+//!
 //! Every numbered change has an object of its own: a storm is paced, never
-//! folded ([`super::storm`]). Left out: a baseline lost with its state
-//! directory starts numbering again at 0 (for the cluster's verification of
-//! the chain to flag).
+//! folded ([`super::storm`]), so the verifier can be on everywhere.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use kube::ResourceExt;
+use kube_fim_crds::node::{Span, compact, spans};
 
 use super::queue::Queue;
 use super::{Detected, object};
@@ -68,6 +103,38 @@ pub fn resumed(queue: &mut Queue, saved: u64) -> BTreeMap<String, u64> {
             Some((object::identity_of_name(&name)?.to_string(), seq))
         })
         .collect()
+}
+
+/// At most this many ranges are published as `status.undelivered`.
+pub const MAX_UNDELIVERED_RANGES: usize = 64;
+
+/// The transition numbers of the reports waiting in the delivery queue,
+/// remembered per queue entry so that each report is read from disk once.
+#[derive(Debug, Default)]
+pub struct Undelivered {
+    known: BTreeMap<u64, u64>,
+}
+
+impl Undelivered {
+    /// The numbers below `below` waiting in `queue`, as at most
+    /// [`MAX_UNDELIVERED_RANGES`] ranges.
+    pub fn ranges(&mut self, queue: &Queue, below: u64) -> Vec<Span> {
+        let waiting: BTreeSet<u64> = queue.waiting().collect();
+        self.known.retain(|entry, _| waiting.contains(entry));
+        for entry in waiting {
+            if self.known.contains_key(&entry) {
+                continue;
+            }
+            // A report that cannot be read now is tried again next time.
+            if let Some(n) = queue.read(entry).and_then(|c| c.spec.sequence) {
+                self.known.insert(entry, n);
+            }
+        }
+        compact(
+            spans(self.known.values().copied().filter(|n| *n < below)),
+            MAX_UNDELIVERED_RANGES,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -164,6 +231,41 @@ mod tests {
         let (mut engine, _queue) = restart(root.path(), state.path());
         let other = numbered(&mut engine, &detected("/etc/passwd", 1));
         assert_eq!(other.spec.sequence, Some(1));
+    }
+
+    #[test]
+    fn the_undelivered_numbers_are_the_queued_ones_below_the_saved_head() {
+        let state = tempfile::tempdir().unwrap();
+        let mut queue = Queue::open(&state.path().join("queue"), 100).unwrap();
+        let mut undelivered = Undelivered::default();
+        let mut entries = Vec::new();
+        for n in [3, 4, 5, 9, 12] {
+            let mut spec = fixtures::change(&format!("/etc/f{n}"));
+            spec.sequence = Some(n);
+            entries.push(queue.push(&object::to_object(spec, 0)).unwrap());
+        }
+        let shown = |u: &mut Undelivered, q: &Queue, below| {
+            u.ranges(q, below)
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(shown(&mut undelivered, &queue, 10), ["3-5", "9"]);
+        queue.ack(entries[1]).unwrap();
+        assert_eq!(shown(&mut undelivered, &queue, 13), ["3", "5", "9", "12"]);
+    }
+
+    #[test]
+    fn a_published_head_above_the_local_counter_is_continued_after() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let (mut engine, _queue) = restart(root.path(), state.path());
+        engine.continue_after(40);
+        let next = numbered(&mut engine, &detected("/etc/passwd", 1));
+        assert_eq!(next.spec.sequence, Some(40), "names never repeat");
+        engine.continue_after(7);
+        let later = numbered(&mut engine, &detected("/etc/passwd", 2));
+        assert_eq!(later.spec.sequence, Some(41), "never lowered");
     }
 
     #[test]
