@@ -42,15 +42,25 @@ pub async fn run(
     let api: Api<FileChange> = Api::all(ctx.client.clone());
     let wc = watcher::Config::default().fields(&format!("spec.node={}", ctx.node));
     let mut stream = std::pin::pin!(watcher(api.clone(), wc).default_backoff().applied_objects());
+    // The watch retries with backoff; each new kind of failure is said once.
+    let mut last_error: Option<String> = None;
     loop {
         let change = tokio::select! {
             () = &mut shutdown => return,
             c = stream.next() => match c {
                 Some(Ok(c)) => c,
-                Some(Err(_)) => continue,
+                Some(Err(error)) => {
+                    let text = error.to_string();
+                    if last_error.as_deref() != Some(text.as_str()) {
+                        warn!(%error, "the watch of this node's FileChanges fails, approvals wait until it works (the spec.node field selector needs Kubernetes 1.32 or later)");
+                        last_error = Some(text);
+                    }
+                    continue;
+                }
                 None => return,
             },
         };
+        last_error = None;
         let answered = change.status.as_ref().is_some_and(|s| s.outcome.is_some());
         let Some(approval) = change.approval().filter(|_| !answered) else {
             continue;
