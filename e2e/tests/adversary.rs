@@ -22,6 +22,9 @@ use kube_fim_e2e::{client, eventually, http_get, kubectl, metric, unique_name};
 
 const READY: Duration = Duration::from_secs(60);
 const SEEN: Duration = Duration::from_secs(20);
+/// What an operator started by the test says: its first pass waits for its
+/// caches, which under the whole suite's load on two cores took up to 40 s.
+const OPERATOR: Duration = Duration::from_secs(90);
 
 /// Waits for a FileChange `Category path` on `node`; returns it.
 async fn wait_change(fleet: &Fleet, node: &str, want: &str) -> FileChange {
@@ -217,22 +220,26 @@ async fn a_policy_that_stops_selecting_a_node_keeps_its_baseline() {
     })
     .await;
     let policies: Api<FileIntegrityPolicy> = Api::all(client.clone());
-    eventually("the policy Degraded: NodeLeftMonitoring", SEEN, || async {
-        let p = policies.get(&policy).await.map_err(|e| e.to_string())?;
-        let s = p.status.unwrap_or_default();
-        let d = s.conditions.iter().find(|c| c.type_ == "Degraded");
-        match d {
-            Some(d)
-                if d.status == "True"
-                    && d.reason == "NodeLeftMonitoring"
-                    && d.message.contains(&a)
-                    && s.nodes_left == Some(1) =>
-            {
-                Ok(())
+    eventually(
+        "the policy Degraded: NodeLeftMonitoring",
+        OPERATOR,
+        || async {
+            let p = policies.get(&policy).await.map_err(|e| e.to_string())?;
+            let s = p.status.unwrap_or_default();
+            let d = s.conditions.iter().find(|c| c.type_ == "Degraded");
+            match d {
+                Some(d)
+                    if d.status == "True"
+                        && d.reason == "NodeLeftMonitoring"
+                        && d.message.contains(&a)
+                        && s.nodes_left == Some(1) =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("{other:?} left={:?}", s.nodes_left)),
             }
-            other => Err(format!("{other:?} left={:?}", s.nodes_left)),
-        }
-    })
+        },
+    )
     .await;
     let left = wait_policy_warning(&client, "NodeLeftMonitoring", &policy).await;
     assert!(
@@ -240,7 +247,7 @@ async fn a_policy_that_stops_selecting_a_node_keeps_its_baseline() {
         "{left:?}"
     );
     let series = format!("kube_fim_operator_policy_nodes{{policy=\"{policy}\",state=\"left\"}}");
-    eventually("the left-nodes metric", SEEN, || async {
+    eventually("the left-nodes metric", OPERATOR, || async {
         match operator.metrics().and_then(|m| metric(&m, &series)) {
             Some(1.0) => Ok(()),
             other => Err(format!("{other:?}")),
@@ -254,7 +261,7 @@ async fn a_policy_that_stops_selecting_a_node_keeps_its_baseline() {
     let c = wait_change(&fleet, &a, "Modified /etc/hosts").await;
     assert_eq!(c.spec.source, DetectionSource::Startup);
     assert_eq!(fleet.changes(&a).await.len(), 1);
-    eventually("back in monitoring, nobody has left", SEEN, || async {
+    eventually("back in monitoring, nobody has left", OPERATOR, || async {
         let p = policies.get(&policy).await.map_err(|e| e.to_string())?;
         match p.status.and_then(|s| s.nodes_left) {
             Some(0) => Ok(()),
@@ -269,7 +276,7 @@ async fn a_policy_that_stops_selecting_a_node_keeps_its_baseline() {
 async fn wait_policy_warning(client: &kube::Client, reason: &str, policy: &str) -> Event {
     eventually(
         &format!("a {reason} Warning about {policy}"),
-        SEEN,
+        OPERATOR,
         || async {
             Api::<Event>::all(client.clone())
                 .list(&ListParams::default())
@@ -1358,10 +1365,10 @@ async fn a_node_flooding_the_api_with_changes_is_named() {
     let (a, b) = (format!("{suite}-a"), format!("{suite}-b"));
     create_node(&admin, &a).await;
     create_node(&admin, &b).await;
-    let create = |node: String, count: usize| async move {
+    let create = |node: String, from: usize, count: usize| async move {
         let token = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&node)).await;
         let api = Api::<FileChange>::all(token);
-        for i in 0..count {
+        for i in from..from + count {
             let name = format!("{node}-{i}-{:020x}", i);
             api.create(
                 &PostParams::default(),
@@ -1371,23 +1378,37 @@ async fn a_node_flooding_the_api_with_changes_is_named() {
             .expect("the node's token creates its own FileChanges");
         }
     };
-    // No policy selects either node: the allowance is the floor, 120 a minute.
-    create(b.clone(), 20).await;
-    create(a.clone(), 150).await;
-    let flood = eventually("a ChangeFlood Warning on node a", SEEN, || async {
+    let flood_event = || async {
         Api::<Event>::all(admin.clone())
             .list(&ListParams::default())
             .await
-            .map_err(|e| e.to_string())?
+            .ok()?
             .items
             .into_iter()
             .find(|e| {
                 e.reason.as_deref() == Some("ChangeFlood")
                     && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(a.as_str())
             })
-            .ok_or_else(|| "none yet".to_string())
-    })
-    .await;
+    };
+    // No policy selects either node: the allowance is the floor, 120 a minute.
+    create(b.clone(), 0, 20).await;
+    // Changes the operator lists at its start are history, not a flood: keep
+    // flooding (a bounded number of rounds) until its watch is live and counts.
+    let mut flood = None;
+    for round in 0..6 {
+        create(a.clone(), round * 150, 150).await;
+        for _ in 0..15 {
+            flood = flood_event().await;
+            if flood.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if flood.is_some() {
+            break;
+        }
+    }
+    let flood = flood.expect("a ChangeFlood Warning on node a within six rounds of 150");
     assert_eq!(flood.type_.as_deref(), Some("Warning"));
     let note = flood.note.unwrap_or_default();
     let count: usize = note
@@ -1395,7 +1416,7 @@ async fn a_node_flooding_the_api_with_changes_is_named() {
         .and_then(|rest| rest.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{note}"));
-    assert!((121..=150).contains(&count), "{note}");
+    assert!((121..=300).contains(&count), "{note}");
     assert!(note.contains("more than 120"), "{note}");
     let floods = operator
         .metrics()
@@ -2131,7 +2152,9 @@ async fn wait_verified(
 ) -> kube_fim_crds::ChainVerification {
     eventually(
         &format!("{node} verified through {through}"),
-        Duration::from_secs(40),
+        // An operator's first pass waits for its caches: under the whole
+        // suite's load on two cores that took up to 40 s.
+        Duration::from_secs(120),
         || async {
             let v = record(client, node)
                 .await
@@ -2424,7 +2447,7 @@ async fn retention_keeps_changes_the_chain_has_not_verified() {
     };
     eventually(
         "the verified number deleted",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || async {
             let left = names().await;
             (left == [2, 3]).then_some(()).ok_or(format!("{left:?}"))
@@ -2446,7 +2469,7 @@ async fn retention_keeps_changes_the_chain_has_not_verified() {
     wait_verified(&admin, &node, 4).await;
     eventually(
         "retention down to the newest",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         || async {
             let left = names().await;
             (left == [1]).then_some(()).ok_or(format!("{left:?}"))
