@@ -45,6 +45,7 @@ const METRICS: &[&str] = &[
     "kube_fim_operator_retention_deleted_total",
     "kube_fim_operator_evidence_gaps",
     "kube_fim_operator_evidence_gaps_found_total",
+    "kube_fim_operator_change_floods_total",
     "kube_fim_operator_leader",
     "kube_fim_operator_policy_nodes",
     "kube_fim_operator_policy_files_monitored",
@@ -1090,6 +1091,7 @@ fn alert_rules_use_only_published_metrics_and_cover_each_failure() {
         "kube_fim_agent_queue_write_failing",
         "kube_fim_operator_leader",
         "kube_fim_operator_evidence_gaps",
+        "kube_fim_operator_change_floods_total",
     ] {
         assert!(
             alerts.values().any(|m| m.contains(metric)),

@@ -18,7 +18,9 @@ use kube_fim_e2e::{
     unique_name,
 };
 
-const WAIT: Duration = Duration::from_secs(30);
+/// An operator started by a test first lists every FileChange of the shared
+/// cluster: under the whole suite's load on two cores that took up to 40 s.
+const WAIT: Duration = Duration::from_secs(90);
 
 /// The real operator serving only this test's policies, resyncing every 2 s.
 fn start_operator(suite: &str) -> Operator {

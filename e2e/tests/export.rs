@@ -653,7 +653,7 @@ async fn past_hold_max_retention_deletes_and_raises_an_alarm() {
     let old = Timestamp::now() - Duration::from_secs(600);
     create_changes_at(&node, &policy, &node, 3, old).await;
     let changes: Api<FileChange> = Api::all(client.clone());
-    eventually("retention past holdMax", Duration::from_secs(60), || {
+    eventually("retention past holdMax", Duration::from_secs(120), || {
         let changes = changes.clone();
         let node = node.clone();
         async move {

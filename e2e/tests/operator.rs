@@ -25,7 +25,9 @@ use kube_fim_e2e::{
 };
 
 const SUITE_LABEL: &str = "e2e.kube-fim.io/suite";
-const WAIT: Duration = Duration::from_secs(30);
+/// An operator started by a test first lists every FileChange of the shared
+/// cluster: under the whole suite's load on two cores that took up to 40 s.
+const WAIT: Duration = Duration::from_secs(90);
 
 /// An operator process, logged in as the kube-fim-operator ServiceAccount,
 /// serving only the policies labelled with its suite.
