@@ -252,11 +252,21 @@ struct EventSink {
     reference: ObjectReference,
 }
 
+/// Distinct writers (policy, command, namespace, pod) the agent counts in
+/// `kube_fim_agent_attributed_changes_total`; past it a writer is counted
+/// under `command="other"` with no pod. Pod churn and command names chosen by
+/// whoever runs a process on the node cannot grow the series without bound.
+pub const ATTRIBUTED_SERIES_MAX: usize = 200;
+/// A command name as a label: at most this many characters, controls dropped.
+const COMMAND_LABEL_MAX: usize = 64;
+
 /// The agent's telemetry. Cheap to clone: the clones share the same series.
 #[derive(Clone)]
 pub struct Telemetry {
     node: String,
     metrics: Arc<Metrics>,
+    /// The writers counted so far, by their labels ([`ATTRIBUTED_SERIES_MAX`]).
+    writers: Arc<std::sync::Mutex<std::collections::HashSet<[String; 4]>>>,
     ready: Arc<AtomicBool>,
     progress: Progress,
     events: Option<EventSink>,
@@ -268,6 +278,7 @@ impl Telemetry {
         Ok(Telemetry {
             node: node.to_string(),
             metrics: Arc::new(Metrics::new(node)?),
+            writers: Arc::default(),
             ready: Arc::new(AtomicBool::new(false)),
             progress: Progress::default(),
             events: None,
@@ -399,16 +410,39 @@ impl Telemetry {
 
     /// A change of `policy` was put on its writer `p`.
     pub fn change_attributed(&self, policy: &str, p: &ProcessInfo) {
-        let command = p.command.as_deref().unwrap_or("");
+        let command: String = p
+            .command
+            .as_deref()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(COMMAND_LABEL_MAX)
+            .collect();
         let (ns, pod) = p.pod.as_ref().map_or(("", ""), |r| {
             (
                 r.namespace.as_deref().unwrap_or(""),
                 r.name.as_deref().unwrap_or(""),
             )
         });
+        let writer = [policy.to_string(), command, ns.to_string(), pod.to_string()];
+        let labels = {
+            let mut writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+            if writers.contains(&writer) || writers.len() < ATTRIBUTED_SERIES_MAX {
+                writers.insert(writer.clone());
+                writer
+            } else {
+                [
+                    policy.to_string(),
+                    "other".into(),
+                    String::new(),
+                    String::new(),
+                ]
+            }
+        };
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
         self.metrics
             .attributed_changes
-            .with_label_values(&[policy, command, ns, pod])
+            .with_label_values(&labels)
             .inc();
     }
 
@@ -643,5 +677,75 @@ impl Telemetry {
             .with_state(self);
         let listener = tokio::net::TcpListener::bind(addr).await?;
         axum::serve(listener, app).await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use kube_fim_crds::PodRef;
+
+    fn writer(command: &str, pod: &str) -> ProcessInfo {
+        ProcessInfo {
+            pid: 7,
+            command: Some(command.into()),
+            pod: Some(PodRef {
+                namespace: Some("shop".into()),
+                name: Some(pod.into()),
+                uid: "u".into(),
+                container: Some("c".into()),
+            }),
+            ..ProcessInfo::default()
+        }
+    }
+
+    fn series(text: &str) -> Vec<&str> {
+        text.lines()
+            .filter(|l| l.starts_with("kube_fim_agent_attributed_changes_total{"))
+            .collect()
+    }
+
+    #[test]
+    fn writers_are_counted_in_a_bounded_number_of_series() {
+        let t = Telemetry::new("n").unwrap();
+        // Pod churn: every change by another pod.
+        for i in 0..ATTRIBUTED_SERIES_MAX + 50 {
+            t.change_attributed("etc", &writer("sh", &format!("web-{i}")));
+        }
+        // A writer counted before the bound keeps its own series.
+        t.change_attributed("etc", &writer("sh", "web-0"));
+        let text = t.render();
+        let lines = series(&text);
+        assert_eq!(lines.len(), ATTRIBUTED_SERIES_MAX + 1, "{text}");
+        let other = lines
+            .iter()
+            .find(|l| l.contains("command=\"other\""))
+            .unwrap();
+        assert!(other.ends_with(" 50"), "{other}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("pod=\"web-0\"") && l.ends_with(" 2")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_command_name_is_a_short_label_without_controls() {
+        let t = Telemetry::new("n").unwrap();
+        let long = format!("evil\u{1b}[31m{}", "x".repeat(500));
+        t.change_attributed("etc", &writer(&long, "p"));
+        let text = t.render();
+        let line = series(&text)[0];
+        let command = line
+            .split("command=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        assert!(!command.contains('\u{1b}'), "{command:?}");
+        assert_eq!(command.chars().count(), COMMAND_LABEL_MAX, "{command:?}");
     }
 }
