@@ -501,3 +501,58 @@ pub fn policy_column(policy: &str, column: &str) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// A Node object with `labels` and no kubelet: for node-bound tokens and
+/// selection (the node lifecycle controller marks it unreachable after ~40 s;
+/// tests that need it Ready use the fleet harness, which renews its Lease).
+pub async fn create_node(client: &kube::Client, name: &str, labels: &[(&str, &str)]) {
+    use k8s_openapi::api::core::v1::Node;
+    let mut node = Node::default();
+    node.metadata.name = Some(name.to_string());
+    if !labels.is_empty() {
+        node.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+    }
+    kube::Api::<Node>::all(client.clone())
+        .create(&Default::default(), &node)
+        .await
+        .unwrap();
+}
+
+/// Deletes Node `name` if it exists.
+pub async fn delete_node(client: &kube::Client, name: &str) {
+    let _ = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .delete(name, &Default::default())
+        .await;
+}
+
+/// The refusal of `result` as the user sees it: the API server's message of a
+/// 403 (authorization, admission) or 422 (schema, CEL). Anything else fails.
+pub fn refusal<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> String {
+    match result {
+        Ok(v) => panic!("accepted (the attack works): {v:?}"),
+        Err(kube::Error::Api(e)) => {
+            assert!(
+                e.code == 403 || e.code == 422,
+                "refused with {}: {}",
+                e.code,
+                e.message
+            );
+            e.message
+        }
+        Err(e) => panic!("not an API refusal: {e}"),
+    }
+}
+
+/// `result` is refused, and the refusal names `expected`.
+pub fn assert_refused<T: std::fmt::Debug>(result: Result<T, kube::Error>, expected: &str) {
+    let message = refusal(result);
+    assert!(
+        message.contains(expected),
+        "refusal should say {expected:?}: {message}"
+    );
+}

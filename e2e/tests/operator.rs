@@ -20,8 +20,8 @@ use kube_fim_crds::{
     FileIntegrityPolicy, NodePolicyPhase, NodePolicyStatus,
 };
 use kube_fim_e2e::{
-    Entry, Policy, Process, binary, client, ensure_crds, eventually, file_change, free_port,
-    http_get, kubectl, metric, service_account_kubeconfig, unique_name,
+    Entry, Policy, Process, binary, client, create_node, ensure_crds, eventually, file_change,
+    free_port, http_get, kubectl, metric, service_account_kubeconfig, unique_name,
 };
 
 const SUITE_LABEL: &str = "e2e.kube-fim.io/suite";
@@ -312,21 +312,6 @@ async fn the_agent_daemonset_follows_the_union_of_the_policies() {
         "operator still running:\n{}",
         op.process.log()
     );
-}
-
-async fn create_node(client: &Client, name: &str, labels: &[(&str, &str)]) {
-    let mut node = Node::default();
-    node.metadata.name = Some(name.into());
-    node.metadata.labels = Some(
-        labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    );
-    Api::<Node>::all(client.clone())
-        .create(&PostParams::default(), &node)
-        .await
-        .unwrap();
 }
 
 async fn report(

@@ -16,45 +16,12 @@ use kube_fim_crds::{
     Approval, FileChange, FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
 };
 use kube_fim_e2e::{
-    approve, client, client_for, ensure_crds, file_change, kubectl, node_bound_kubeconfig,
-    service_account_kubeconfig, service_account_with_cluster_role, unique_name, whoami,
+    approve, assert_refused, client, client_for, create_node, ensure_crds, file_change, kubectl,
+    node_bound_kubeconfig, refusal, service_account_kubeconfig, service_account_with_cluster_role,
+    unique_name, whoami,
 };
 
 const AGENT: &str = "system:serviceaccount:kube-fim:kube-fim-agent";
-
-async fn create_node(client: &Client, name: &str) {
-    let mut node = Node::default();
-    node.metadata.name = Some(name.to_string());
-    Api::<Node>::all(client.clone())
-        .create(&PostParams::default(), &node)
-        .await
-        .unwrap();
-}
-
-/// The refusal of `result`, as the user sees it.
-fn refusal<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> String {
-    match result {
-        Ok(v) => panic!("accepted: {v:?}"),
-        Err(kube::Error::Api(e)) => {
-            assert!(
-                e.code == 403 || e.code == 422,
-                "refused with {}: {}",
-                e.code,
-                e.message
-            );
-            e.message
-        }
-        Err(e) => panic!("not an API refusal: {e}"),
-    }
-}
-
-fn assert_refused<T: std::fmt::Debug>(result: Result<T, kube::Error>, expected: &str) {
-    let message = refusal(result);
-    assert!(
-        message.contains(expected),
-        "refusal should say {expected:?}: {message}"
-    );
-}
 
 fn approval(by: &str) -> serde_json::Value {
     serde_json::json!({"status": {"approval": Approval {
@@ -70,8 +37,8 @@ async fn an_agent_token_speaks_for_its_own_node_only() {
     let admin = client().await;
     let suite = unique_name("sec");
     let (mine, other) = (format!("{suite}-a"), format!("{suite}-b"));
-    create_node(&admin, &mine).await;
-    create_node(&admin, &other).await;
+    create_node(&admin, &mine, &[]).await;
+    create_node(&admin, &other, &[]).await;
     let agent = client_for(&node_bound_kubeconfig(&mine)).await;
     let unbound = client_for(&service_account_kubeconfig("kube-fim-agent")).await;
     assert_eq!(whoami(&agent).await, AGENT);
@@ -284,7 +251,7 @@ async fn approval_is_a_recorded_decision_of_an_approver() {
     let admin = client().await;
     let suite = unique_name("approval");
     let node = format!("{suite}-a");
-    create_node(&admin, &node).await;
+    create_node(&admin, &node, &[]).await;
     let agent = client_for(&node_bound_kubeconfig(&node)).await;
     let approver_config = service_account_with_cluster_role("e2e-approver", "kube-fim-approver");
     let approver = client_for(&approver_config).await;
@@ -537,7 +504,7 @@ async fn the_agents_requests_have_a_priority_level_of_their_own() {
     ensure_crds();
     let admin = client().await;
     let node = unique_name("apf");
-    create_node(&admin, &node).await;
+    create_node(&admin, &node, &[]).await;
     let uid = |kind: &str| {
         let run = kubectl([
             "get",

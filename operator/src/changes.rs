@@ -211,6 +211,11 @@ impl Changes {
         let _ = listed.wait_for(|listed| *listed).await;
     }
 
+    /// How many FileChanges the watch holds.
+    pub fn count(&self) -> usize {
+        self.index().seen.values().count()
+    }
+
     /// The changes of `policy`.
     pub fn of_policy(&self, policy: &str) -> Vec<Item> {
         self.index().of_policy(policy).cloned().collect()

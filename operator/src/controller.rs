@@ -260,10 +260,20 @@ async fn watch_changes(api: Api<ChangeView>, ctx: Arc<Context>) {
     let events = watcher(api, watcher::Config::default()).default_backoff();
     futures::pin_mut!(events);
     let floods = flood::Floods::default();
+    let started = Instant::now();
     while let Some(event) = events.next().await {
         match event {
             Ok(event) => {
                 let change = ctx.changes.observe(&event);
+                if change == Change::Relisted {
+                    // Retention, the chain and every status wait for this
+                    // list: how long it took is the operator's start-up time.
+                    info!(
+                        changes = ctx.changes.count(),
+                        seconds = started.elapsed().as_secs_f64(),
+                        "listed every FileChange"
+                    );
+                }
                 if let Change::Changed {
                     old: None,
                     new: Some(item),
