@@ -25,7 +25,7 @@ pub use change::{
 pub use node::{
     BaselineAlarm, ChainVerification, EntryDigest, EvidenceGap, FileIntegrityNode,
     FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodeAttribution, NodePolicyPhase,
-    NodePolicyStatus,
+    NodePolicyStatus, UnexplainedMove, VerifiedEntry,
 };
 pub use policy::{
     Attribute, AttributeProfile, Evidence, FileIntegrityPolicy, FileIntegrityPolicySpec,

@@ -173,7 +173,65 @@ pub struct ChainVerification {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub gaps: Vec<EvidenceGap>,
+    /// The entry digests verified (`status.entries`): each moved from the one
+    /// verified before only through an approval the node answered on a
+    /// FileChange (its `status.entryDigests`), a new generation of its
+    /// policy, a baseline alarm, or the upgrade of the digest format.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub entries: Vec<VerifiedEntry>,
+    /// Entry digests that moved with nothing in the cluster to explain them
+    /// (`EvidenceGap`): a baseline changed on the node and its published
+    /// digest moved to match. They stay until an admin clears them (annotation
+    /// `fim.kube-fim.io/clear-digest-moves=<RFC 3339 time>` clears those
+    /// found up to that time).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub unexplained: Vec<UnexplainedMove>,
 }
+
+/// One entry digest of a node as the operator last verified it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifiedEntry {
+    /// Policy name.
+    #[schemars(length(max = 63))]
+    pub policy: String,
+    /// Entry name within the policy.
+    #[schemars(length(max = 63))]
+    pub entry: String,
+    /// The digest verified.
+    #[schemars(length(max = 64))]
+    pub digest: String,
+    /// The policy generation the node had applied then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+}
+
+/// An entry digest that moved with nothing in the cluster to explain it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct UnexplainedMove {
+    /// Policy name.
+    #[schemars(length(max = 63))]
+    pub policy: String,
+    /// Entry name within the policy.
+    #[schemars(length(max = 63))]
+    pub entry: String,
+    /// The digest verified before.
+    #[schemars(length(max = 64))]
+    pub from: String,
+    /// The digest the node published instead.
+    #[schemars(length(max = 64))]
+    pub to: String,
+    /// When the operator first saw the move.
+    pub since: Time,
+}
+
+/// Annotation an admin sets on a FileIntegrityNode, an RFC 3339 time, to
+/// clear the unexplained entry digest moves found up to then, once looked
+/// into (the recorded act).
+pub const CLEAR_DIGEST_MOVES: &str = "fim.kube-fim.io/clear-digest-moves";
 
 /// Numbers of a node's chain with no evidence in the cluster.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

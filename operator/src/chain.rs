@@ -37,14 +37,16 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
-use kube_fim_crds::node::{CLEAR_EVIDENCE_GAPS, Span, spans};
+use kube_fim_crds::node::{CLEAR_DIGEST_MOVES, CLEAR_EVIDENCE_GAPS, Span, spans};
 use kube_fim_crds::validate::validate_policy;
-use kube_fim_crds::{ChainVerification, EvidenceGap, FileIntegrityNode};
+use kube_fim_crds::{ChainVerification, EvidenceGap, FileIntegrityNode, UnexplainedMove};
 use tracing::{info, warn};
 
 use crate::changes::Numbers;
 use crate::context::{Context, FIELD_MANAGER};
 use crate::status::selects;
+
+pub mod digests;
 
 /// Gap reason: numbers taken by the node that are neither stored nor queued.
 pub const MISSING: &str = "Missing";
@@ -166,6 +168,8 @@ pub fn verify(
         from: head,
         since: Time(now),
         gaps: Vec::new(),
+        entries: Vec::new(),
+        unexplained: Vec::new(),
     });
     let mut found = Vec::new();
     if head < v.verified_through {
@@ -282,6 +286,7 @@ pub fn describe(gaps: &[EvidenceGap]) -> String {
 #[derive(Debug, Default)]
 struct Memory {
     suspects: Vec<Suspect>,
+    digest_suspects: Vec<digests::Suspect>,
     /// The highest checkpoint verified, to tell a FileIntegrityNode deleted
     /// and recreated with a lower head.
     verified_through: u64,
@@ -359,6 +364,8 @@ async fn pass(ctx: &Context, memory: &mut HashMap<String, Memory>) {
             from: mem.verified_through,
             since: Time(now),
             gaps: Vec::new(),
+            entries: Vec::new(),
+            unexplained: Vec::new(),
         });
         let previous = status.verification.clone().or(remembered);
         let verdict = ctx.changes.numbers_of(&node, |stored| {
@@ -379,18 +386,56 @@ async fn pass(ctx: &Context, memory: &mut HashMap<String, Memory>) {
         mem.verified_through = mem
             .verified_through
             .max(verdict.verification.verified_through);
+
+        let generations: HashMap<String, Option<i64>> = status
+            .policies
+            .iter()
+            .map(|p| (p.policy.clone(), p.observed_generation))
+            .collect();
+        let moves = ctx.changes.moves_of(&node);
+        let cleared_until = record
+            .annotations()
+            .get(CLEAR_DIGEST_MOVES)
+            .and_then(|v| v.parse::<Timestamp>().ok());
+        let mut verification = verdict.verification;
+        let checked = digests::verify(
+            &verification.entries,
+            &verification.unexplained,
+            &mem.digest_suspects,
+            digests::Published {
+                entries: &status.entries,
+                generations: &generations,
+                alarm: status.baseline_alarm.is_some(),
+                moves: &moves,
+                cleared_until,
+            },
+            now,
+            ctx.config.evidence_grace,
+        );
+        mem.digest_suspects = checked.suspects;
+        verification.entries = checked.entries;
+        verification.unexplained = checked.unexplained;
+
+        let missing =
+            missing_numbers(&verification).saturating_add(verification.unexplained.len() as u64);
         ctx.metrics
             .evidence_gaps
             .with_label_values(&[node.as_str()])
-            .set(i64::try_from(missing_numbers(&verdict.verification)).unwrap_or(i64::MAX));
+            .set(i64::try_from(missing).unwrap_or(i64::MAX));
         if !verdict.found.is_empty() {
             ctx.metrics
                 .evidence_gaps_found
                 .inc_by(verdict.found.len() as u64);
             tell(ctx, &record, &verdict.found).await;
         }
-        if status.verification.as_ref() != Some(&verdict.verification) {
-            write(ctx, &node, &verdict.verification).await;
+        if !checked.found.is_empty() {
+            ctx.metrics
+                .evidence_gaps_found
+                .inc_by(checked.found.len() as u64);
+            tell_moves(ctx, &record, &checked.found).await;
+        }
+        if status.verification.as_ref() != Some(&verification) {
+            write(ctx, &node, &verification).await;
         }
     }
     memory.retain(|node, _| {
@@ -427,7 +472,24 @@ async fn tell(ctx: &Context, record: &FileIntegrityNode, found: &[EvidenceGap]) 
     } else {
         "transition numbers the node took have no FileChange in the cluster and are not queued on the node"
     };
-    let mut note = format!("node {node}: {what}: {}", describe(found));
+    let note = truncate_note(format!("node {node}: {what}: {}", describe(found)));
+    warn!(%node, gaps = %describe(found), "evidence gap");
+    publish(ctx, record, note).await;
+}
+
+/// A Warning Event on the node's FileIntegrityNode naming the entry digests
+/// that moved with nothing in the cluster to explain them.
+async fn tell_moves(ctx: &Context, record: &FileIntegrityNode, found: &[UnexplainedMove]) {
+    let node = record.name_any();
+    let note = truncate_note(format!(
+        "node {node}: entry digests moved with no approval answered, policy change or baseline alarm to explain them (the baseline on the node changed, and its published digest with it): {}",
+        digests::describe(found)
+    ));
+    warn!(%node, moves = %digests::describe(found), "evidence gap: unexplained entry digest move");
+    publish(ctx, record, note).await;
+}
+
+fn truncate_note(mut note: String) -> String {
     if note.len() > 1000 {
         let mut cut = 990;
         while !note.is_char_boundary(cut) {
@@ -436,7 +498,10 @@ async fn tell(ctx: &Context, record: &FileIntegrityNode, found: &[EvidenceGap]) 
         note.truncate(cut);
         note.push('…');
     }
-    warn!(%node, gaps = %describe(found), "evidence gap");
+    note
+}
+
+async fn publish(ctx: &Context, record: &FileIntegrityNode, note: String) {
     let event = Event {
         type_: EventType::Warning,
         reason: "EvidenceGap".into(),
@@ -445,7 +510,7 @@ async fn tell(ctx: &Context, record: &FileIntegrityNode, found: &[EvidenceGap]) 
         secondary: None,
     };
     if let Err(error) = ctx.recorder.publish(&event, &record.object_ref(&())).await {
-        warn!(%node, %error, "could not publish the EvidenceGap event");
+        warn!(node = %record.name_any(), %error, "could not publish the EvidenceGap event");
     }
 }
 

@@ -16,7 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::core::{ApiResource, Object};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
-use kube_fim_crds::FileChange;
+use kube_fim_crds::{EntryDigestMove, FileChange};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use tokio::sync::watch;
@@ -44,9 +44,14 @@ pub struct ViewSpec {
 /// outcome (Applied, Superseded, NotMonitored) says only what became of the
 /// node's baseline, and is not read.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ViewStatus {
     #[serde(default)]
     pub approval: Option<IgnoredAny>,
+    /// How the node's answer to the approval moved its entry digests: what
+    /// the chain's verification explains a published digest's move with.
+    #[serde(default)]
+    pub entry_digests: Vec<EntryDigestMove>,
 }
 
 /// The cluster's FileChanges, decoded as [`ChangeView`]s.
@@ -63,6 +68,8 @@ pub struct Item {
     pub created: Timestamp,
     pub approved: bool,
     pub sequence: Option<u64>,
+    /// The entry digest moves of the node's answer to its approval.
+    pub moves: Vec<EntryDigestMove>,
 }
 
 impl Item {
@@ -79,6 +86,11 @@ impl Item {
                 .unwrap_or_else(Timestamp::now),
             approved: change.status.as_ref().is_some_and(|s| s.approval.is_some()),
             sequence: change.spec.sequence,
+            moves: change
+                .status
+                .as_ref()
+                .map(|s| s.entry_digests.clone())
+                .unwrap_or_default(),
         }
     }
 }
@@ -92,6 +104,26 @@ struct Index {
     /// Per node, the transition numbers stored, each with how many
     /// FileChanges carry it (the chain's verification, [`crate::chain`]).
     by_node: HashMap<String, Numbers>,
+    /// Per node, the entry digest moves its answers hold, by FileChange name.
+    moves: HashMap<String, HashMap<String, Vec<EntryDigestMove>>>,
+}
+
+fn add_moves(moves: &mut HashMap<String, HashMap<String, Vec<EntryDigestMove>>>, item: &Item) {
+    if !item.moves.is_empty() {
+        moves
+            .entry(item.node.clone())
+            .or_default()
+            .insert(item.name.clone(), item.moves.clone());
+    }
+}
+
+fn remove_moves(moves: &mut HashMap<String, HashMap<String, Vec<EntryDigestMove>>>, item: &Item) {
+    if let Some(of_node) = moves.get_mut(&item.node) {
+        of_node.remove(&item.name);
+        if of_node.is_empty() {
+            moves.remove(&item.node);
+        }
+    }
 }
 
 /// Transition numbers of one node's stored FileChanges, with how many carry each.
@@ -139,9 +171,11 @@ impl Index {
                 }
                 if let Some(old) = old {
                     remove_number(&mut self.by_node, old);
+                    remove_moves(&mut self.moves, old);
                 }
                 if let Some(new) = new {
                     add_number(&mut self.by_node, new);
+                    add_moves(&mut self.moves, new);
                     self.by_policy
                         .entry(new.policy.clone())
                         .or_default()
@@ -151,8 +185,10 @@ impl Index {
             Change::Relisted => {
                 self.by_policy.clear();
                 self.by_node.clear();
+                self.moves.clear();
                 for item in self.seen.values() {
                     add_number(&mut self.by_node, item);
+                    add_moves(&mut self.moves, item);
                     self.by_policy
                         .entry(item.policy.clone())
                         .or_default()
@@ -214,6 +250,16 @@ impl Changes {
     /// How many FileChanges the watch holds.
     pub fn count(&self) -> usize {
         self.index().seen.values().count()
+    }
+
+    /// The entry digest moves answered on `node`'s stored FileChanges.
+    pub fn moves_of(&self, node: &str) -> Vec<EntryDigestMove> {
+        self.index()
+            .moves
+            .get(node)
+            .into_iter()
+            .flat_map(|of_node| of_node.values().flatten().cloned())
+            .collect()
     }
 
     /// The changes of `policy`.
@@ -367,6 +413,7 @@ mod tests {
                 created,
                 approved: true,
                 sequence: None,
+                moves: Vec::new(),
             }
         );
         let mut answered = change("c2", "web", created);

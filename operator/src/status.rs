@@ -198,6 +198,17 @@ pub fn assess(
                     ),
                 ));
             }
+            if let Some(v) = status.and_then(|s| s.verification.as_ref())
+                && !v.unexplained.is_empty()
+            {
+                gaps.push((
+                    node_name.clone(),
+                    format!(
+                        "EvidenceGap: entry digests moved with nothing in the cluster to explain them: {}",
+                        crate::chain::digests::describe(&v.unexplained)
+                    ),
+                ));
+            }
             let entry = status.and_then(|s| s.policies.iter().find(|p| p.policy == name));
             let fresh = heartbeat_is_fresh(status, now, heartbeat_timeout);
             match (entry, fresh) {
@@ -646,6 +657,8 @@ mod tests {
             verified_through: 9,
             from: 0,
             since: Time(now),
+            entries: Vec::new(),
+            unexplained: Vec::new(),
             gaps: vec![kube_fim_crds::EvidenceGap {
                 first: 3,
                 last: 5,

@@ -196,7 +196,10 @@ async fn a_recurrence_nobody_approved_is_a_new_change() {
 }
 
 /// Waits for the agent's answer to an approval of `name`.
-async fn wait_answer(client: &kube::Client, name: &str) -> kube_fim_crds::FileChangeStatus {
+pub(crate) async fn wait_answer(
+    client: &kube::Client,
+    name: &str,
+) -> kube_fim_crds::FileChangeStatus {
     eventually(&format!("an answer on {name}"), SEEN, || async {
         let c = Api::<FileChange>::all(client.clone())
             .get(name)

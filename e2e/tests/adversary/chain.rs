@@ -514,3 +514,172 @@ async fn a_wiped_node_numbers_on_after_its_published_head() {
     assert!(warnings(&client, "EvidenceGap", &a).await.is_empty());
     fleet.cleanup().await;
 }
+
+/// The last step of a rebuilt baseline (attack 3): root on the node has changed
+/// `/etc/passwd`, rebuilt the baseline to match, and now moves the entry's
+/// published digest to the rebuilt one with the node's own token, so that the
+/// agent's check at start finds nothing. The operator follows every published
+/// digest from the one it verified: an approved change moves it through the
+/// node's answer (no alarm), a digest moved with nothing in the cluster to
+/// explain it is an EvidenceGap naming the entry and both digests, the policy
+/// Degraded, the gauge up — and the move stays listed until an admin clears it.
+#[tokio::test]
+async fn a_published_entry_digest_moved_without_a_change_is_an_evidence_gap() {
+    use kube_fim_e2e::operator::Operator;
+    let client = client().await;
+    let suite = unique_name("chain");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let policy = format!("{suite}-p");
+    fleet
+        .create_policy(&fleet.policy(
+            &policy,
+            vec![
+                entry("passwd", "/etc/passwd", false),
+                entry("ssh", "/etc/ssh", true),
+            ],
+        ))
+        .await;
+    let operator = Operator::start(&suite, &suite, &[]);
+    let a = fleet.nodes[0].name.clone();
+    fleet.nodes[0].start_agent();
+    fleet.wait_ready(&a, &policy, READY).await;
+    let digest_of = |v: &kube_fim_crds::ChainVerification, name: &str| {
+        v.entries
+            .iter()
+            .find(|e| e.policy == policy && e.entry == name)
+            .map(|e| e.digest.clone())
+    };
+    let published = |s: &kube_fim_crds::FileIntegrityNodeStatus, name: &str| {
+        s.entries
+            .iter()
+            .find(|e| e.policy == policy && e.entry == name)
+            .map(|e| e.digest.clone())
+    };
+    let first = eventually("both entry digests verified", OPERATOR, || async {
+        let v = wait_verified(&client, &a, 0).await;
+        match (digest_of(&v, "passwd"), digest_of(&v, "ssh")) {
+            (Some(p), Some(_)) => Ok(p),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // An approved change moves the digest through the node's answer: no alarm.
+    let passwd = fleet.nodes[0].host("/etc/passwd");
+    let mut text = std::fs::read_to_string(&passwd).unwrap();
+    text.push_str("ops:x:1000:1000::/home/ops:/bin/sh\n");
+    std::fs::write(&passwd, &text).unwrap();
+    let change = wait_change(&fleet, &a, "Modified /etc/passwd").await;
+    kube_fim_e2e::approve(&client, &change.name_any(), "CHG-1")
+        .await
+        .unwrap();
+    let answer = super::approvals::wait_answer(&client, &change.name_any()).await;
+    let moved = answer
+        .entry_digests
+        .iter()
+        .find(|m| m.entry == "passwd")
+        .cloned()
+        .unwrap_or_else(|| panic!("the answer moves the passwd entry: {answer:?}"));
+    assert_eq!(moved.before, first);
+    eventually("the approved digest verified", OPERATOR, || async {
+        let v = wait_verified(&client, &a, 0).await;
+        (digest_of(&v, "passwd").as_deref() == Some(moved.after.as_str()))
+            .then_some(())
+            .ok_or(format!("{:?}", v.entries))
+    })
+    .await;
+    assert!(
+        warnings(&client, "EvidenceGap", &a).await.is_empty(),
+        "an approved change is no evidence gap"
+    );
+
+    // The attack: the agent is stopped, the file changed again, the published
+    // digest moved with the node's token.
+    fleet.nodes[0].kill_agent();
+    text.push_str("evil:x:0:0::/:/bin/sh\n");
+    std::fs::write(&passwd, &text).unwrap();
+    let forged = format!("v2-{}", "e".repeat(61));
+    let token = kube_fim_e2e::node_bound_kubeconfig(&a);
+    let agent = kube_fim_e2e::client_for(&token).await;
+    let mut status = record(&client, &a).await.status.unwrap();
+    for e in status.entries.iter_mut().filter(|e| e.entry == "passwd") {
+        e.digest = forged.clone();
+    }
+    Api::<FileIntegrityNode>::all(agent)
+        .patch_status(
+            &a,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"entries": status.entries}})),
+        )
+        .await
+        .expect("admission lets a node move its published digests (approvals do)");
+    assert_eq!(
+        published(&record(&client, &a).await.status.unwrap(), "passwd").as_deref(),
+        Some(forged.as_str())
+    );
+
+    let event = wait_warning_within(&client, "EvidenceGap", &a, OPERATOR).await;
+    let note = event.note.unwrap_or_default();
+    assert!(
+        note.contains(&format!("{policy}/passwd")) && !note.contains(&format!("{policy}/ssh")),
+        "{note}"
+    );
+    assert!(
+        note.contains(&moved.after[..15]) && note.contains(&forged[..15]),
+        "{note}"
+    );
+    let v = wait_verified(&client, &a, 0).await;
+    assert_eq!(v.unexplained.len(), 1, "{v:?}");
+    assert_eq!(
+        (v.unexplained[0].from.as_str(), v.unexplained[0].to.as_str()),
+        (moved.after.as_str(), forged.as_str())
+    );
+    eventually("the policy Degraded naming the node", OPERATOR, || async {
+        let p = Api::<FileIntegrityPolicy>::all(client.clone())
+            .get(&policy)
+            .await
+            .map_err(|e| e.to_string())?;
+        let degraded = p
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter())
+            .find(|c| c.type_ == "Degraded" && c.status == "True")
+            .ok_or("not Degraded")?;
+        (degraded.message.contains(&a) && degraded.message.contains("entry digests moved"))
+            .then_some(())
+            .ok_or(degraded.message.clone())
+    })
+    .await;
+    eventually("the gauge names the node", SEEN, || async {
+        let t = operator.metrics().ok_or("no metrics")?;
+        match metric(
+            &t,
+            &format!("kube_fim_operator_evidence_gaps{{node=\"{a}\"}}"),
+        ) {
+            Some(n) if n >= 1.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // An admin who has looked into it clears it, as a recorded act.
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let run = kubectl([
+        "annotate".to_string(),
+        "fin".to_string(),
+        a.clone(),
+        format!("fim.kube-fim.io/clear-digest-moves={now}"),
+        "--overwrite".to_string(),
+    ]);
+    assert!(run.success, "{}", run.stderr);
+    eventually("the move cleared", OPERATOR, || async {
+        let v = wait_verified(&client, &a, 0).await;
+        v.unexplained
+            .is_empty()
+            .then_some(())
+            .ok_or(format!("{:?}", v.unexplained))
+    })
+    .await;
+    drop(operator);
+    fleet.cleanup().await;
+}
