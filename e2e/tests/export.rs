@@ -1334,3 +1334,72 @@ subjects:
     sinks.delete(&name, &DeleteParams::default()).await.unwrap();
     let _ = kubectl_stdin(&["delete", "-f", "-"], &objects);
 }
+
+/// An approval is evidence too: a change already delivered, then approved
+/// by a person, reaches the sink a second time as its own event — id
+/// `<change>/approval`, the approver and the reason, no longer an alert — once,
+/// in its node's order after what was delivered before it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_approval_of_a_delivered_change_reaches_the_sink_as_its_own_event() {
+    ensure_export_rbac();
+    let suite = unique_name("exp-approve");
+    let _operator = Operator::start(&suite, &suite, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evidence.ndjson");
+    let file_sink = sink(
+        &format!("{suite}-file"),
+        &suite,
+        FileChangeSinkSpec::with_file(path.to_str().unwrap()),
+    );
+    let sinks = create_sink(&file_sink).await;
+    let node = format!("{suite}-a");
+    let names = create_changes(&node, "p", &format!("{suite}-a"), 2).await;
+    let delivered = |want: Vec<String>| {
+        let (path, node) = (path.clone(), node.clone());
+        move || {
+            let (path, node, want) = (path.clone(), node.clone(), want.clone());
+            async move {
+                let got = ocsf_ids(&file_events(&path), &node);
+                (got == want).then_some(()).ok_or(format!("{got:?}"))
+            }
+        }
+    };
+    eventually(
+        "both changes delivered",
+        Duration::from_secs(120),
+        delivered(names.clone()),
+    )
+    .await;
+
+    let admin = client().await;
+    kube_fim_e2e::approve(&admin, &names[0], "CHG-42")
+        .await
+        .unwrap();
+    let mut want = names.clone();
+    want.push(format!("{}/approval", names[0]));
+    eventually(
+        "the approval delivered after the changes",
+        Duration::from_secs(60),
+        delivered(want.clone()),
+    )
+    .await;
+    let events = file_events(&path);
+    let approval = events
+        .iter()
+        .find(|e| e["metadata"]["uid"] == want[2].as_str())
+        .unwrap();
+    assert_eq!(approval["is_alert"], false);
+    assert_eq!(approval["unmapped"]["approval"]["reason"], "CHG-42");
+    assert_eq!(
+        approval["unmapped"]["approval"]["approvedBy"],
+        kube_fim_e2e::whoami(&admin).await.as_str()
+    );
+    assert_eq!(approval["file"]["path"], "/etc/exported-0");
+    // Once: a later status write (the agent's answer) sends nothing again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(ocsf_ids(&file_events(&path), &node), want);
+    sinks
+        .delete(&file_sink.metadata.name.unwrap(), &DeleteParams::default())
+        .await
+        .unwrap();
+}

@@ -51,6 +51,46 @@ pub fn event_id(change: &FileChange) -> String {
     change.name_any()
 }
 
+/// The stable id of the event a FileChange's approval becomes: the change's
+/// id and `/approval` (no object name holds a `/`, so it is no change's id).
+pub fn approval_event_id(change: &FileChange) -> String {
+    format!("{}/approval", change.name_any())
+}
+
+/// The approval of a FileChange as a line of the sink's format: the change's
+/// event as it stands approved (no longer an alert; who approved it, when and
+/// why under kube-fim's fields), with the approval's own id and time. `None`
+/// for a change nobody approved.
+pub fn encode_approval(format: SinkFormat, change: &FileChange) -> Option<String> {
+    let approval = change.approval()?;
+    let id = approval_event_id(change);
+    let at = &approval.approved_at.0;
+    Some(match format {
+        SinkFormat::Ocsf => {
+            let mut event = ocsf(change);
+            event["metadata"]["uid"] = id.into();
+            event["time"] = millis(at).into();
+            event["message"] = format!(
+                "{} {} on {} approved by {}",
+                change.spec.category.as_str(),
+                change.spec.path,
+                change.spec.node,
+                approval.approved_by
+            )
+            .into();
+            event.to_string()
+        }
+        SinkFormat::Ecs => {
+            let mut event = ecs(change);
+            event["event"]["id"] = id.into();
+            event["@timestamp"] = rfc3339(at).into();
+            event["event"]["action"] = "file-change-approved".into();
+            event.to_string()
+        }
+        SinkFormat::Cef => cef_event(change, &id, at, "approved"),
+    })
+}
+
 /// OCSF File System Activity activity: what happened to the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activity {
@@ -474,11 +514,17 @@ fn cef_value(s: &str) -> String {
 
 /// ArcSight Common Event Format, one line.
 pub fn cef(change: &FileChange) -> String {
+    cef_event(change, &event_id(change), &change.spec.detected_time.0, "")
+}
+
+/// A change's CEF record with the event id `id` at `at`; `outcome` (e.g.
+/// `approved`) is said in `outcome=` when not empty.
+fn cef_event(change: &FileChange, id: &str, at: &Timestamp, outcome: &str) -> String {
     let spec = &change.spec;
     let activity = activity(spec.category, &spec.changed_attributes);
     let mut ext: Vec<(&str, String)> = vec![
-        ("rt", millis(&spec.detected_time.0).to_string()),
-        ("externalId", event_id(change)),
+        ("rt", millis(at).to_string()),
+        ("externalId", id.to_string()),
         ("dvchost", spec.node.clone()),
         ("dhost", spec.node.clone()),
         ("act", spec.category.as_str().to_string()),
@@ -539,6 +585,12 @@ pub fn cef(change: &FileChange) -> String {
         if let Some(by) = &p.by {
             ext.push(("cs4Label", "by".to_string()));
             ext.push(("cs4", by.clone()));
+        }
+    }
+    if !outcome.is_empty() {
+        ext.push(("outcome", outcome.to_string()));
+        if let Some(a) = change.approval() {
+            ext.push(("duser", a.approved_by.clone()));
         }
     }
     let extension: Vec<String> = ext
@@ -719,6 +771,53 @@ mod tests {
         assert_eq!(ocsf(&fc)["is_alert"], false);
         assert_eq!(ocsf(&fc)["unmapped"]["approval"]["approvedBy"], "alice");
         assert_eq!(ecs(&fc)["event"]["kind"], "event");
+    }
+
+    #[test]
+    fn an_approval_is_an_event_of_its_own_with_a_stable_id() {
+        let mut fc = change(ChangeCategory::Modified, vec![Attribute::Hash]);
+        for format in [SinkFormat::Ocsf, SinkFormat::Ecs, SinkFormat::Cef] {
+            assert_eq!(encode_approval(format, &fc), None, "nobody approved it");
+        }
+        fc.status = Some(FileChangeStatus {
+            approval: Some(Approval {
+                approved_by: "alice".into(),
+                approved_at: Time(at("2026-12-07T06:00:00Z")),
+                reason: Some("CHG-1".into()),
+            }),
+            ..FileChangeStatus::default()
+        });
+        let id = "node-a-sudoers-4f2a9c/approval";
+        assert_eq!(approval_event_id(&fc), id);
+        let o: Value =
+            serde_json::from_str(&encode_approval(SinkFormat::Ocsf, &fc).unwrap()).unwrap();
+        assert_eq!(o["metadata"]["uid"], id);
+        assert_eq!(o["time"], at("2026-12-07T06:00:00Z").as_millisecond());
+        assert_eq!(o["is_alert"], false);
+        assert_eq!(o["unmapped"]["approval"]["reason"], "CHG-1");
+        assert!(
+            o["message"]
+                .as_str()
+                .unwrap()
+                .ends_with("approved by alice")
+        );
+        let e: Value =
+            serde_json::from_str(&encode_approval(SinkFormat::Ecs, &fc).unwrap()).unwrap();
+        assert_eq!(e["event"]["id"], id);
+        assert_eq!(e["@timestamp"], "2026-12-07T06:00:00.000Z");
+        assert_eq!(e["event"]["action"], "file-change-approved");
+        let c = encode_approval(SinkFormat::Cef, &fc).unwrap();
+        assert!(c.contains(&format!("externalId={id} ")), "{c}");
+        assert!(c.contains("outcome=approved duser=alice"), "{c}");
+        assert!(
+            c.contains(&format!(
+                "rt={} ",
+                at("2026-12-07T06:00:00Z").as_millisecond()
+            )),
+            "{c}"
+        );
+        // The change's own event keeps its id.
+        assert!(cef(&fc).contains("externalId=node-a-sudoers-4f2a9c "));
     }
 
     #[test]

@@ -325,7 +325,10 @@ fn every_kind_of_change_is_a_valid_file_system_activity() {
         ("owner", change("Modified", &["uid"], json!({}))),
         ("mount", change("Modified", &["mount"], json!({}))),
         ("attributed", change("Modified", &["hash"], writer)),
-        ("approved", change("Modified", &["hash", "mode"], approved)),
+        (
+            "approved",
+            change("Modified", &["hash", "mode"], approved.clone()),
+        ),
     ];
     let mut checked = 0;
     for (name, fc) in &cases {
@@ -340,6 +343,20 @@ fn every_kind_of_change_is_a_valid_file_system_activity() {
         checked += 1;
     }
     assert_eq!(checked, cases.len());
+
+    // An approval is exported as its own event (the change as approved).
+    let approval = kube_fim_formats::encode_approval(
+        kube_fim_crds::SinkFormat::Ocsf,
+        &change("Modified", &["hash", "mode"], approved),
+    )
+    .expect("an approved change has an approval event");
+    let event: serde_json::Value = serde_json::from_str(&approval).unwrap();
+    let errs = errors(&event);
+    assert!(
+        errs.is_empty(),
+        "the approval's OCSF event does not conform:\n{}",
+        errs.join("\n")
+    );
 }
 
 /// The check itself can fail: what the schema does not allow is named.

@@ -172,9 +172,12 @@ async fn watch_changes(client: Client) {
                 let observed = SHARED.index().observe(event);
                 match observed {
                     Observed::Nothing => continue,
-                    Observed::New(node, key) => {
+                    Observed::New(node, keys) => {
                         for sink in SHARED.sinks().values() {
-                            sink.progress().observe_new(&node, &key);
+                            let mut progress = sink.progress();
+                            for key in &keys {
+                                progress.observe_new(&node, key);
+                            }
                         }
                     }
                     Observed::Relisted => {}
@@ -436,11 +439,18 @@ async fn deliver(ctx: Arc<Ctx>, sink: FileChangeSink, state: Arc<SinkState>) {
         }
         let outgoing: Vec<Outgoing> = batch
             .iter()
-            .map(|c| Outgoing {
-                id: format::event_id(c),
-                node: c.spec.node.clone(),
-                detected: c.spec.detected_time.0,
-                line: format::encode(sink.spec.format, c),
+            .map(|r| {
+                let c = &r.change;
+                let key = r.key();
+                Outgoing {
+                    id: key.name,
+                    node: c.spec.node.clone(),
+                    detected: key.detected,
+                    line: match r.approval {
+                        true => format::encode_approval(sink.spec.format, c).unwrap_or_default(),
+                        false => format::encode(sink.spec.format, c),
+                    },
+                }
             })
             .collect();
         match transport.send(&outgoing).await {

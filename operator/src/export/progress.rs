@@ -19,6 +19,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::watcher;
 use kube_fim_crds::{DeliveredPosition, FileChange};
+use kube_fim_formats::approval_event_id;
 
 /// Where a change stands in its node's order.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -34,10 +35,61 @@ impl Key {
             name: change.name_any(),
         }
     }
+
+    /// Where the approval of `change` stands in its node's order: at the
+    /// approval's time, under the approval's event id.
+    pub fn of_approval(change: &FileChange) -> Option<Key> {
+        change.approval().map(|a| Key {
+            detected: a.approved_at.0,
+            name: approval_event_id(change),
+        })
+    }
 }
 
-/// Per node, its changes in delivery order.
-type ByNode = BTreeMap<String, BTreeMap<Key, Arc<FileChange>>>;
+/// What one delivery sends: a change, or (once approved) its approval.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub change: Arc<FileChange>,
+    pub approval: bool,
+}
+
+impl Record {
+    pub fn key(&self) -> Key {
+        match self.approval {
+            true => Key::of_approval(&self.change).unwrap_or_else(|| Key::of(&self.change)),
+            false => Key::of(&self.change),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.change.spec.node
+    }
+}
+
+/// The records of `change`: itself, and its approval once it has one.
+fn records(change: FileChange) -> Vec<(Key, Record)> {
+    let change = Arc::new(change);
+    let mut out = vec![(
+        Key::of(&change),
+        Record {
+            change: change.clone(),
+            approval: false,
+        },
+    )];
+    if let Some(key) = Key::of_approval(&change) {
+        out.push((
+            key,
+            Record {
+                change,
+                approval: true,
+            },
+        ));
+    }
+    out
+}
+
+/// Per node, its records (changes and approvals) in delivery order.
+type ByNode = BTreeMap<String, BTreeMap<Key, Record>>;
 
 /// Every FileChange the exporter's watch knows, by node and in order.
 #[derive(Debug, Default)]
@@ -53,8 +105,9 @@ pub struct Index {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Observed {
     Nothing,
-    /// A change the index did not have: its node and key.
-    New(String, Key),
+    /// Records the index did not have (a new change, a new approval): their
+    /// node and keys.
+    New(String, Vec<Key>),
     /// The watch listed everything again.
     Relisted,
 }
@@ -68,6 +121,9 @@ impl Index {
                 let key = Key::of(&change);
                 if let Some(changes) = self.current.get_mut(&change.spec.node) {
                     changes.remove(&key);
+                    if let Some(approval) = Key::of_approval(&change) {
+                        changes.remove(&approval);
+                    }
                     if changes.is_empty() {
                         self.current.remove(&change.spec.node);
                     }
@@ -84,7 +140,7 @@ impl Index {
                 relist
                     .entry(change.spec.node.clone())
                     .or_default()
-                    .insert(Key::of(&change), Arc::new(change));
+                    .extend(records(change));
                 Observed::Nothing
             }
             watcher::Event::InitDone => {
@@ -94,8 +150,9 @@ impl Index {
                     .iter()
                     .flat_map(|(node, changes)| {
                         changes
-                            .keys()
-                            .map(|k| (k.name.clone(), (node.clone(), k.clone())))
+                            .iter()
+                            .filter(|(_, r)| !r.approval)
+                            .map(|(k, _)| (k.name.clone(), (node.clone(), k.clone())))
                     })
                     .collect();
                 self.listed = true;
@@ -105,18 +162,19 @@ impl Index {
     }
 
     fn insert(&mut self, change: FileChange) -> Observed {
-        let key = Key::of(&change);
         let node = change.spec.node.clone();
-        let old = self
-            .current
-            .entry(node.clone())
-            .or_default()
-            .insert(key.clone(), Arc::new(change));
         self.names
-            .insert(key.name.clone(), (node.clone(), key.clone()));
-        match old {
-            Some(_) => Observed::Nothing,
-            None => Observed::New(node, key),
+            .insert(change.name_any(), (node.clone(), Key::of(&change)));
+        let of_node = self.current.entry(node.clone()).or_default();
+        let new: Vec<Key> = records(change)
+            .into_iter()
+            .filter_map(|(key, record)| {
+                of_node.insert(key.clone(), record).is_none().then_some(key)
+            })
+            .collect();
+        match new.is_empty() {
+            true => Observed::Nothing,
+            false => Observed::New(node, new),
         }
     }
 
@@ -139,7 +197,7 @@ impl Index {
         self.names.is_empty()
     }
 
-    fn get(&self, node: &str, key: &Key) -> Option<&Arc<FileChange>> {
+    fn get(&self, node: &str, key: &Key) -> Option<&Record> {
         self.current.get(node).and_then(|c| c.get(key))
     }
 }
@@ -213,7 +271,7 @@ impl Progress {
     /// The next changes to send, at most `max`: the late ones first, then,
     /// across nodes, the oldest undelivered by detection time (so one busy
     /// node cannot starve the others), each node's in its order.
-    pub fn next_batch(&mut self, index: &Index, max: usize) -> Vec<Arc<FileChange>> {
+    pub fn next_batch(&mut self, index: &Index, max: usize) -> Vec<Record> {
         let mut out = Vec::new();
         // A late change deleted meanwhile has nothing left to send.
         self.late
@@ -226,7 +284,7 @@ impl Progress {
                 out.push(c.clone());
             }
         }
-        let mut candidates: Vec<(&Key, &Arc<FileChange>)> = Vec::new();
+        let mut candidates: Vec<(&Key, &Record)> = Vec::new();
         for (node, changes) in &index.current {
             let after = self.positions.get(node);
             let pending = changes
@@ -246,10 +304,10 @@ impl Progress {
     }
 
     /// The receiver acknowledged `batch`.
-    pub fn ack(&mut self, batch: &[Arc<FileChange>]) {
-        for change in batch {
-            let node = change.spec.node.clone();
-            let key = Key::of(change);
+    pub fn ack(&mut self, batch: &[Record]) {
+        for record in batch {
+            let node = record.node().to_string();
+            let key = record.key();
             if self.late.remove(&(node.clone(), key.clone())) {
                 continue;
             }
@@ -303,10 +361,18 @@ pub fn decide_hold(
         let Some((node, key)) = index.find(&name) else {
             continue;
         };
+        // Its approval is evidence too: held like the change.
+        let approval = index
+            .get(node, key)
+            .and_then(|r| Key::of_approval(&r.change));
         let mut keep = false;
         let mut expired_for = Vec::new();
         for (sink, progress, hold_max) in sinks {
-            if progress.delivered(node, key) {
+            if progress.delivered(node, key)
+                && approval
+                    .as_ref()
+                    .is_none_or(|a| progress.delivered(node, a))
+            {
                 continue;
             }
             if now.duration_since(key.detected).unsigned_abs() <= *hold_max {
@@ -368,8 +434,8 @@ mod tests {
         index
     }
 
-    fn names(batch: &[Arc<FileChange>]) -> Vec<String> {
-        batch.iter().map(|c| c.name_any()).collect()
+    fn names(batch: &[Record]) -> Vec<String> {
+        batch.iter().map(|r| r.key().name).collect()
     }
 
     #[test]
@@ -429,9 +495,10 @@ mod tests {
         let mut p = Progress::default();
         p.ack(&p.clone().next_batch(&index, 10));
         let late = change("a2", "a", 20);
-        let Observed::New(node, key) = index.observe(watcher::Event::Apply(late)) else {
+        let Observed::New(node, keys) = index.observe(watcher::Event::Apply(late)) else {
             panic!("a new change");
         };
+        let key = keys[0].clone();
         p.observe_new(&node, &key);
         assert!(!p.delivered("a", &key));
         assert_eq!(p.backlog(&index).pending, 1);
@@ -445,6 +512,58 @@ mod tests {
             index.observe(watcher::Event::Apply(change("a2", "a", 20))),
             Observed::Nothing
         );
+    }
+
+    fn approved(mut c: FileChange, secs: i64) -> FileChange {
+        c.status = Some(kube_fim_crds::FileChangeStatus {
+            approval: Some(kube_fim_crds::Approval {
+                approved_by: "alice".into(),
+                approved_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(secs)),
+                reason: None,
+            }),
+            ..Default::default()
+        });
+        c
+    }
+
+    #[test]
+    fn an_approval_is_delivered_once_in_its_nodes_order_after_its_change() {
+        let mut index = listed(vec![change("a1", "a", 10), change("a3", "a", 30)]);
+        let mut p = Progress::default();
+        let batch = p.next_batch(&index, 10);
+        p.ack(&batch);
+        // a1 approved at 20: between a1 and a3, which was delivered already.
+        let Observed::New(node, keys) =
+            index.observe(watcher::Event::Apply(approved(change("a1", "a", 10), 20)))
+        else {
+            panic!("the approval is new");
+        };
+        assert_eq!(keys.len(), 1, "the change itself is known: {keys:?}");
+        assert_eq!(keys[0].name, "a1/approval");
+        p.observe_new(&node, &keys[0]);
+        let batch = p.next_batch(&index, 10);
+        assert_eq!(names(&batch), ["a1/approval"]);
+        assert!(batch[0].approval);
+        p.ack(&batch);
+        assert!(p.next_batch(&index, 10).is_empty(), "delivered once");
+        // Approved later than everything: delivered in order after a3.
+        index.observe(watcher::Event::Apply(approved(change("a3", "a", 30), 40)));
+        index.observe(watcher::Event::Apply(change("a4", "a", 35)));
+        assert_eq!(names(&p.next_batch(&index, 10)), ["a4", "a3/approval"]);
+        // A relist keeps both records; a deleted change takes its approval along.
+        let relisted = listed(vec![approved(change("a1", "a", 10), 20)]);
+        assert_eq!(relisted.len(), 1, "one change");
+        assert_eq!(
+            names(&Progress::default().next_batch(&relisted, 10)),
+            ["a1", "a1/approval"]
+        );
+        // Retention waits for the approval as for the change.
+        let sinks = [("s".to_string(), p.clone(), Duration::from_secs(3600))];
+        let hold = decide_hold(vec!["a3".into(), "a1".into()], &index, &sinks, at(50));
+        assert_eq!(hold.allowed, ["a1"]);
+        assert_eq!(hold.held["s"], 1);
+        index.observe(watcher::Event::Delete(approved(change("a3", "a", 30), 40)));
+        assert_eq!(names(&p.next_batch(&index, 10)), ["a4"]);
     }
 
     #[test]
