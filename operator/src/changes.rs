@@ -9,14 +9,15 @@
 //! labels (anyone with patch rights can set a label).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::core::{ApiResource, Object};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
-use kube_fim_crds::FileChange;
+use kube_fim_crds::rollout::{Comparable, Transition};
+use kube_fim_crds::{ChangeCategory, FileChange};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use tokio::sync::watch;
@@ -37,6 +38,18 @@ pub struct ViewSpec {
     /// The node's transition number of the change (none for a Summary).
     #[serde(default)]
     pub sequence: Option<u64>,
+    /// What the rollouts group by ([`crate::rollouts`]): the entry, path and
+    /// category, and of the states only what means the same on every node.
+    #[serde(default)]
+    pub entry: String,
+    #[serde(default)]
+    pub path: String,
+    #[serde(default)]
+    pub category: String,
+    #[serde(default)]
+    pub before: Option<Comparable>,
+    #[serde(default)]
+    pub after: Option<Comparable>,
 }
 
 /// Of a FileChange's status, whether it holds an approval: a person's recorded
@@ -63,6 +76,8 @@ pub struct Item {
     pub created: Timestamp,
     pub approved: bool,
     pub sequence: Option<u64>,
+    /// The change's transition (none for a Summary), which rollouts group by.
+    pub transition: Option<Arc<Transition>>,
 }
 
 impl Item {
@@ -79,8 +94,26 @@ impl Item {
                 .unwrap_or_else(Timestamp::now),
             approved: change.status.as_ref().is_some_and(|s| s.approval.is_some()),
             sequence: change.spec.sequence,
+            transition: transition_of(&change.spec).map(Arc::new),
         }
     }
+}
+
+fn transition_of(spec: &ViewSpec) -> Option<Transition> {
+    let category = match spec.category.as_str() {
+        "Added" => ChangeCategory::Added,
+        "Modified" => ChangeCategory::Modified,
+        "Removed" => ChangeCategory::Removed,
+        _ => return None,
+    };
+    Transition::from_parts(
+        &spec.policy,
+        &spec.entry,
+        &spec.path,
+        category,
+        spec.before.as_ref(),
+        spec.after.as_ref(),
+    )
 }
 
 /// The changes as the watch last saw them, by name, and the names of each
@@ -214,6 +247,17 @@ impl Changes {
     /// The changes of `policy`.
     pub fn of_policy(&self, policy: &str) -> Vec<Item> {
         self.index().of_policy(policy).cloned().collect()
+    }
+
+    /// `f` of the changes of `policy`, without copying them.
+    pub fn with_policy<R>(
+        &self,
+        policy: &str,
+        f: impl FnOnce(&mut dyn Iterator<Item = &Item>) -> R,
+    ) -> R {
+        let index = self.index();
+        let mut items = index.of_policy(policy);
+        f(&mut items)
     }
 
     /// `f` of the transition numbers stored for `node`.
@@ -362,6 +406,7 @@ mod tests {
                 created,
                 approved: true,
                 sequence: None,
+                transition: Transition::of(&fc.spec).map(Arc::new),
             }
         );
         let mut answered = change("c2", "web", created);
