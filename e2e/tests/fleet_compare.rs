@@ -71,7 +71,11 @@ async fn a_rollout_with_an_outlier_is_approved_in_one_command_and_a_drifted_node
     }
     // Node d's tool differed before any agent ran: no change is ever reported
     // for it, only the comparison with its pool can tell.
-    std::fs::write(fleet.nodes[3].host("/usr/bin/tool"), "#!/bin/sh\necho trojan\n").unwrap();
+    std::fs::write(
+        fleet.nodes[3].host("/usr/bin/tool"),
+        "#!/bin/sh\necho trojan\n",
+    )
+    .unwrap();
 
     let policy = format!("{suite}-p");
     let p = fleet.policy(
@@ -151,14 +155,22 @@ async fn a_rollout_with_an_outlier_is_approved_in_one_command_and_a_drifted_node
         .lines()
         .find(|l| l.starts_with(&id))
         .unwrap_or_else(|| panic!("{id} in\n{}", table.stdout));
-    assert!(row.contains("/etc/app.conf") && row.contains(c.as_str()), "{row}");
+    assert!(
+        row.contains("/etc/app.conf") && row.contains(c.as_str()),
+        "{row}"
+    );
 
-    let outlier = eventually("RolloutOutlier on the policy", Duration::from_secs(30), || {
-        warning(&client, "RolloutOutlier", &policy)
-    })
+    let outlier = eventually(
+        "RolloutOutlier on the policy",
+        Duration::from_secs(30),
+        || warning(&client, "RolloutOutlier", &policy),
+    )
     .await;
     let note = outlier.note.unwrap_or_default();
-    assert!(note.contains(c.as_str()) && note.contains("/etc/app.conf"), "{note}");
+    assert!(
+        note.contains(c.as_str()) && note.contains("/etc/app.conf"),
+        "{note}"
+    );
 
     // An agent's token cannot put a change in another node's name, so it
     // cannot slip one into the rollout there, nor frame another node.
@@ -174,15 +186,25 @@ async fn a_rollout_with_an_outlier_is_approved_in_one_command_and_a_drifted_node
         .await
         .expect_err("a change in node a's name from node d's token");
     assert!(
-        refused.to_string().contains("only report changes of its own node"),
+        refused
+            .to_string()
+            .contains("only report changes of its own node"),
         "{refused}"
     );
 
     // One approval for the rollout: a and b, in the approver's name; not c.
     let run = kubectl_fim(&["rollouts", "approve", &id, "--reason", "CHG-7"]);
     assert!(run.success, "{}\n{}", run.stdout, run.stderr);
-    assert!(run.stdout.contains("approved 2, skipped 0"), "{}", run.stdout);
-    assert!(run.stdout.contains(c.as_str()), "the outlier is said: {}", run.stdout);
+    assert!(
+        run.stdout.contains("approved 2, skipped 0"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains(c.as_str()),
+        "the outlier is said: {}",
+        run.stdout
+    );
     let me = whoami(&client).await;
     for n in [a, b] {
         let applied = eventually(
@@ -207,23 +229,35 @@ async fn a_rollout_with_an_outlier_is_approved_in_one_command_and_a_drifted_node
     // A second approval of the same rollout approves nothing more.
     let again = kubectl_fim(&["rollouts", "approve", &id, "--policy", &policy]);
     assert!(again.success, "{}", again.stderr);
-    assert!(again.stdout.contains("approved 0, skipped 2"), "{}", again.stdout);
+    assert!(
+        again.stdout.contains("approved 0, skipped 2"),
+        "{}",
+        again.stdout
+    );
 
     // Fleet comparison: d's tool differs from the three others.
-    let fleet_rows = eventually("d in kubectl fim fleet", Duration::from_secs(60), || async {
-        let run = kubectl_fim(&["fleet", "-o", "json"]);
-        if !run.success {
-            return Err(run.stderr);
-        }
-        let rows: serde_json::Value =
-            serde_json::from_str(&run.stdout).map_err(|e| e.to_string())?;
-        rows.as_array()
-            .and_then(|r| r.iter().find(|r| r["policy"] == policy.as_str()).cloned())
-            .ok_or(run.stdout)
-    })
+    let fleet_rows = eventually(
+        "d in kubectl fim fleet",
+        Duration::from_secs(60),
+        || async {
+            let run = kubectl_fim(&["fleet", "-o", "json"]);
+            if !run.success {
+                return Err(run.stderr);
+            }
+            let rows: serde_json::Value =
+                serde_json::from_str(&run.stdout).map_err(|e| e.to_string())?;
+            rows.as_array()
+                .and_then(|r| r.iter().find(|r| r["policy"] == policy.as_str()).cloned())
+                .ok_or(run.stdout)
+        },
+    )
     .await;
     assert_eq!(fleet_rows["entry"], "tool", "{fleet_rows}");
-    assert_eq!(fleet_rows["outliers"], serde_json::json!([d]), "{fleet_rows}");
+    assert_eq!(
+        fleet_rows["outliers"],
+        serde_json::json!([d]),
+        "{fleet_rows}"
+    );
     assert_eq!(fleet_rows["majority"], 3, "{fleet_rows}");
     let drift = eventually("FleetDrift on node d", Duration::from_secs(30), || {
         warning(&client, "FleetDrift", d)
@@ -250,7 +284,10 @@ async fn a_rollout_with_an_outlier_is_approved_in_one_command_and_a_drifted_node
         .unwrap();
     let outliers = policy_obj.status.unwrap().fleet_outliers;
     assert_eq!(
-        outliers.iter().map(|o| (o.node.as_str(), o.entry.as_str())).collect::<Vec<_>>(),
+        outliers
+            .iter()
+            .map(|o| (o.node.as_str(), o.entry.as_str()))
+            .collect::<Vec<_>>(),
         [(d.as_str(), "tool")]
     );
     drop(operator);

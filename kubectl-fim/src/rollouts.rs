@@ -120,8 +120,7 @@ pub struct FleetRow {
 
 /// The fleet outliers of the policies' status, grouped by policy, pool and entry.
 pub fn fleet_rows(policies: &[FileIntegrityPolicy]) -> Vec<FleetRow> {
-    let mut groups: BTreeMap<(String, String, String), (i32, i32, BTreeSet<String>)> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<(String, String, String), FleetRow> = BTreeMap::new();
     for p in policies {
         for o in p.status.iter().flat_map(|s| s.fleet_outliers.iter()) {
             let FleetOutlier {
@@ -131,25 +130,26 @@ pub fn fleet_rows(policies: &[FileIntegrityPolicy]) -> Vec<FleetRow> {
                 majority,
                 pool_nodes,
             } = o;
-            let g = groups
+            let row = groups
                 .entry((p.name_any(), pool.clone(), entry.clone()))
-                .or_insert((*majority, *pool_nodes, BTreeSet::new()));
-            g.2.insert(node.clone());
+                .or_insert_with(|| FleetRow {
+                    policy: p.name_any(),
+                    pool: pool.clone(),
+                    entry: entry.clone(),
+                    majority: *majority,
+                    pool_nodes: *pool_nodes,
+                    outliers: Vec::new(),
+                });
+            if !row.outliers.contains(node) {
+                row.outliers.push(node.clone());
+            }
         }
     }
-    groups
-        .into_iter()
-        .map(
-            |((policy, pool, entry), (majority, pool_nodes, nodes))| FleetRow {
-                policy,
-                pool,
-                entry,
-                majority,
-                pool_nodes,
-                outliers: nodes.into_iter().collect(),
-            },
-        )
-        .collect()
+    let mut rows: Vec<FleetRow> = groups.into_values().collect();
+    for r in &mut rows {
+        r.outliers.sort();
+    }
+    rows
 }
 
 /// The table of fleet outliers.
@@ -440,7 +440,7 @@ mod tests {
             }
         }))
         .unwrap();
-        let text = render(&rows(&[policy.clone()], None), false);
+        let text = render(&rows(std::slice::from_ref(&policy), None), false);
         assert!(text.contains("0123456789abcdef"), "{text}");
         assert!(text.contains("node-c (+2)"), "{text}");
         assert!(text.contains("aaaaaaaaaaaa→bbbbbbbbbbbb"), "{text}");

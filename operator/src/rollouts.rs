@@ -48,6 +48,9 @@ pub struct Rollouts {
     pub outlier_nodes: usize,
 }
 
+/// One change of a file: its transition, node and creation time.
+type Seen<'a> = (&'a Transition, &'a str, Timestamp);
+
 #[derive(Default)]
 struct Group<'a> {
     /// Per node, whether each of its changes of the transition is approved.
@@ -61,8 +64,7 @@ pub fn find<'a>(items: impl Iterator<Item = &'a Item>, now: Timestamp, s: Settin
     let window = SignedDuration::try_from(s.window).unwrap_or(SignedDuration::MAX);
     let mut groups: HashMap<&'a Transition, Group<'a>> = HashMap::new();
     // Per file (entry and path), each change: transition, node, created.
-    let mut by_file: HashMap<(&'a str, &'a str), Vec<(&'a Transition, &'a str, Timestamp)>> =
-        HashMap::new();
+    let mut by_file: HashMap<(&'a str, &'a str), Vec<Seen<'a>>> = HashMap::new();
     for item in items {
         let Some(t) = item.transition.as_deref() else {
             continue;
