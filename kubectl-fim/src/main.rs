@@ -4,7 +4,8 @@
 //! records for archiving (JSON lines of whole FileChange objects, approvals
 //! included, that read back as FileChanges), `approve` records the decision
 //! that changes were expected (the agents then make the approved state the
-//! baseline, if the file still is in it), `status` shows policies and nodes.
+//! baseline, if the file still is in it), `status` shows policies and nodes,
+//! `rollouts` and `fleet` what the operator found across nodes (`rollouts`).
 //! kubectl's connection flags (`--kubeconfig`, `--context`, `--as`,
 //! `--as-group`) and output formats (`-o json|yaml|wide`) work as in kubectl;
 //! every file name is escaped before it reaches the terminal (`display`).

@@ -125,6 +125,46 @@ struct Index {
     /// Per node, the transition numbers stored, each with how many
     /// FileChanges carry it (the chain's verification, [`crate::chain`]).
     by_node: HashMap<String, Numbers>,
+    /// One copy of each transition, shared by every node's change of it: a
+    /// fleet-wide upgrade is thousands of nodes with the same few hundred
+    /// transitions.
+    transitions: Interned,
+}
+
+/// The transitions of the changes known, each held once.
+#[derive(Debug, Default)]
+struct Interned {
+    set: HashSet<Arc<Transition>>,
+    observed: u64,
+}
+
+/// Every this many events, transitions no change holds any more are dropped.
+const SWEEP_EVERY: u64 = 4096;
+
+impl Interned {
+    /// `item` holding the shared copy of its transition.
+    fn share(&mut self, mut item: Item) -> Item {
+        if let Some(t) = item.transition.take() {
+            let shared = match self.set.get(&t) {
+                Some(s) => s.clone(),
+                None => {
+                    self.set.insert(t.clone());
+                    t
+                }
+            };
+            item.transition = Some(shared);
+        }
+        item
+    }
+
+    /// Drops the transitions only this set holds (now and then: a sweep
+    /// looks at every one).
+    fn sweep(&mut self, force: bool) {
+        self.observed += 1;
+        if force || self.observed.is_multiple_of(SWEEP_EVERY) {
+            self.set.retain(|t| Arc::strong_count(t) > 1);
+        }
+    }
 }
 
 /// Transition numbers of one node's stored FileChanges, with how many carry each.
@@ -158,7 +198,12 @@ fn remove_number(by_node: &mut HashMap<String, Numbers>, item: &Item) {
 
 impl Index {
     fn observe(&mut self, event: &watcher::Event<ChangeView>) -> Change<Item> {
-        let change = self.seen.observe(event, Item::of);
+        let interned = std::cell::RefCell::new(std::mem::take(&mut self.transitions));
+        let change = self
+            .seen
+            .observe(event, |c| interned.borrow_mut().share(Item::of(c)));
+        self.transitions = interned.into_inner();
+        self.transitions.sweep(change == Change::Relisted);
         match &change {
             Change::Same => {}
             Change::Changed { old, new } => {
@@ -258,6 +303,11 @@ impl Changes {
         let index = self.index();
         let mut items = index.of_policy(policy);
         f(&mut items)
+    }
+
+    /// Distinct transitions held for the changes known.
+    pub fn transitions_held(&self) -> usize {
+        self.index().transitions.set.len()
     }
 
     /// `f` of the transition numbers stored for `node`.
@@ -437,6 +487,48 @@ mod tests {
         changes.observe(&watcher::Event::InitDone);
         assert_eq!(changes.counts("web", now), counts(1, 1));
         assert_eq!(changes.counts("db", now), counts(0, 0));
+    }
+
+    #[test]
+    fn every_nodes_change_of_one_transition_shares_one_copy() {
+        let now = Timestamp::now();
+        let changes = Changes::default();
+        let of = |name: &str, node: &str, path: &str| {
+            let mut fc = change(name, "web", now);
+            fc.spec.node = node.into();
+            fc.spec.path = path.into();
+            view(&fc)
+        };
+        changes.observe(&watcher::Event::Init);
+        for n in 0..100 {
+            for f in 0..5 {
+                let node = format!("n{n}");
+                let path = format!("/etc/f{f}");
+                changes.observe(&watcher::Event::InitApply(of(
+                    &format!("{node}{f}"),
+                    &node,
+                    &path,
+                )));
+            }
+        }
+        changes.observe(&watcher::Event::InitDone);
+        assert_eq!(changes.transitions_held(), 5);
+        let items = changes.of_policy("web");
+        let first = items.iter().find(|i| i.name == "n00").unwrap();
+        let other = items.iter().find(|i| i.name == "n990").unwrap();
+        assert!(Arc::ptr_eq(
+            first.transition.as_ref().unwrap(),
+            other.transition.as_ref().unwrap()
+        ));
+        // Once the changes are gone, so are their transitions.
+        changes.observe(&watcher::Event::Init);
+        changes.observe(&watcher::Event::InitApply(of("x", "n1", "/etc/f0")));
+        changes.observe(&watcher::Event::InitDone);
+        drop(items);
+        changes.observe(&watcher::Event::Init);
+        changes.observe(&watcher::Event::InitApply(of("x", "n1", "/etc/f0")));
+        changes.observe(&watcher::Event::InitDone);
+        assert_eq!(changes.transitions_held(), 1);
     }
 
     #[test]

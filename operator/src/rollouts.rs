@@ -322,13 +322,22 @@ mod tests {
         assert_eq!(found.total, files);
         assert_eq!(found.outlier_nodes, files);
         assert!(found.listed.iter().all(|r| r.nodes == nodes as i32 - 1));
-        let per_item = std::mem::size_of::<Item>()
-            + std::mem::size_of::<Transition>()
-            + items[0].transition.as_ref().map_or(0, |t| {
-                t.policy.len() + t.entry.len() + t.path.len() + t.before.len() + t.after.len()
-            });
+        // What the index holds: per change its Item (name, policy, node
+        // and a pointer to the shared transition), per transition one copy.
+        let per_change = std::mem::size_of::<Item>()
+            + items[0].name.len()
+            + items[0].policy.len()
+            + items[0].node.len();
+        let per_transition = items[0].transition.as_ref().map_or(0, |t| {
+            std::mem::size_of::<Transition>()
+                + t.policy.len()
+                + t.entry.len()
+                + t.path.len()
+                + t.before.len()
+                + t.after.len()
+        });
         eprintln!(
-            "rollouts of {} changes: {took:?} (debug build); ~{per_item} bytes of index per change",
+            "rollouts of {} changes: {took:?} (debug build); index: ~{per_change} bytes per change + ~{per_transition} per distinct transition",
             items.len()
         );
     }
