@@ -254,6 +254,21 @@ mod tests {
         assert_eq!(d("operator.heartbeatTimeout"), c.heartbeat_timeout);
         assert_eq!(d("operator.resync"), c.resync);
         assert_eq!(d("operator.batchWindow"), c.batch_window);
+        assert_eq!(d("operator.rolloutWindow"), c.rollout_window);
+        assert_eq!(
+            value(&v, "operator.rolloutMinNodes"),
+            c.rollout_min_nodes.to_string()
+        );
+        assert_eq!(
+            value(&v, "operator.fleetMinAgree"),
+            c.fleet_min_agree.to_string()
+        );
+        assert!(
+            v["operator"]["fleetPoolLabels"]
+                .as_sequence()
+                .is_some_and(|s| s.is_empty())
+                && c.fleet_pool_labels.is_empty()
+        );
         assert_eq!(
             value(&v, "operator.leaseDuration"),
             c.lease_duration.to_string()
