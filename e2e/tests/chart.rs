@@ -555,6 +555,8 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         "agent.resources.limits.cpu=500m",
         "agent.metricsPort=9200",
         "agent.threads=2",
+        "operator.fleetPoolLabels={eks.amazonaws.com/nodegroup,zone}",
+        "operator.rolloutWindow=6h",
     ]);
     let docs = template("fim", "fim-system", &sets);
     let deployment = find(&docs, "Deployment", "fim-kube-fim-operator");
@@ -619,6 +621,9 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         "--agent-threads=2",
         "--agent-cpu-limit=500m",
         "--policy-selector=team=platform",
+        "--fleet-pool-label=eks.amazonaws.com/nodegroup",
+        "--fleet-pool-label=zone",
+        "--rollout-window=6h",
     ] {
         assert!(args.contains(&expected), "{expected} not in {args:?}");
     }
