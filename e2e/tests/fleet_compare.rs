@@ -7,9 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube_fim_crds::rollout::Transition;
-use kube_fim_crds::{ApprovalOutcome, Attribute, FileChange};
+use kube_fim_crds::{ApprovalOutcome, Attribute, FileChange, FileIntegrityNode};
 use kube_fim_e2e::fleet::{Fleet, entry};
 use kube_fim_e2e::operator::Operator;
 use kube_fim_e2e::{
@@ -189,6 +189,22 @@ async fn a_rollout_with_an_outlier_is_approved_in_one_command_and_a_drifted_node
         refused
             .to_string()
             .contains("only report changes of its own node"),
+        "{refused}"
+    );
+
+    // Nor can it publish another node's entry digests to make that node the
+    // fleet's outlier: each node writes only its own FileIntegrityNode.
+    let frame = serde_json::json!({"status": {"entries": [{
+        "policy": policy, "entry": "tool", "digest": "v2-framed", "files": 1
+    }]}});
+    let refused = Api::<FileIntegrityNode>::all(client_for(&node_bound_kubeconfig(d)).await)
+        .patch_status(a, &PatchParams::default(), &Patch::Merge(&frame))
+        .await
+        .expect_err("node a's record from node d's token");
+    assert!(
+        refused
+            .to_string()
+            .contains("may only write its own node's FileIntegrityNode"),
         "{refused}"
     );
 
