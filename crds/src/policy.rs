@@ -427,8 +427,9 @@ pub struct FileIntegrityPolicyStatus {
 
     /// Nodes whose digest of a policy entry differs from the clear majority of
     /// their pool (nodes of the same image and pool labels): drift against the
-    /// fleet, even from before kube-fim was installed. At most 50; the
-    /// `FleetDrift` Events and `kube_fim_operator_fleet_outliers` count all.
+    /// fleet, even from before kube-fim was installed. At most 50 (each with a
+    /// `FleetDrift` Event on its Node); `kube_fim_operator_fleet_outliers`
+    /// counts all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50))]
     pub fleet_outliers: Vec<FleetOutlier>,
