@@ -13,6 +13,7 @@ pub mod labels;
 pub mod node;
 pub mod policy;
 pub mod preset;
+pub mod rollout;
 pub mod selection;
 pub mod sink;
 pub mod validate;
@@ -29,7 +30,7 @@ pub use node::{
 };
 pub use policy::{
     Attribute, AttributeProfile, Evidence, FileIntegrityPolicy, FileIntegrityPolicySpec,
-    FileIntegrityPolicyStatus, MonitoredPath, Preset, Retention,
+    FileIntegrityPolicyStatus, FleetOutlier, MonitoredPath, Preset, Retention, RolloutStatus,
 };
 pub use sink::{
     DeliveredPosition, FileChangeSink, FileChangeSinkSpec, FileChangeSinkStatus, FileTransport,

@@ -415,6 +415,86 @@ pub struct FileIntegrityPolicyStatus {
     /// process memory, so that alerts on it survive restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unacknowledged_changes: Option<i64>,
+
+    /// The same change of one file on several nodes within the operator's
+    /// rollout window (`--rollout-window`): the largest rollouts first, at
+    /// most 20. `kubectl fim rollouts` lists them; `kubectl fim rollouts
+    /// approve <id>` approves each node's change of one in the approver's
+    /// name (it recomputes the members from the FileChanges themselves).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub rollouts: Vec<RolloutStatus>,
+
+    /// Nodes whose digest of a policy entry differs from the clear majority of
+    /// their pool (nodes of the same image and pool labels): drift against the
+    /// fleet, even from before kube-fim was installed. At most 50 (each with a
+    /// `FleetDrift` Event on its Node); `kube_fim_operator_fleet_outliers`
+    /// counts all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub fleet_outliers: Vec<FleetOutlier>,
+}
+
+/// One rollout: the same transition of one file (policy entry, path,
+/// category, state before and after, in the attributes that mean the same on
+/// every node) reported by several nodes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// Hash of the transition: the same on every node, and for `kubectl fim
+    /// rollouts approve`.
+    #[schemars(length(max = 16))]
+    pub id: String,
+    /// Policy entry.
+    #[schemars(length(max = 63))]
+    pub entry: String,
+    /// Host path of the file.
+    #[schemars(length(max = 4096))]
+    pub path: String,
+    /// `Added`, `Modified` or `Removed`.
+    #[schemars(length(max = 16))]
+    pub category: String,
+    /// Digest of the state before (short; `-` for none).
+    #[schemars(length(max = 16))]
+    pub before: String,
+    /// Digest of the state after (short; `-` for none).
+    #[schemars(length(max = 16))]
+    pub after: String,
+    /// Nodes that reported this transition.
+    pub nodes: i32,
+    /// Of those, nodes whose changes of it are all approved.
+    pub approved: i32,
+    /// The first and the latest report of it.
+    pub first_seen: Time,
+    pub last_seen: Time,
+    /// Nodes where the same file of the same entry changed differently within
+    /// the window (at most 10 named; `outlierCount` counts all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10), inner(length(max = 253)))]
+    pub outliers: Vec<String>,
+    /// How many nodes are outliers.
+    #[serde(default)]
+    pub outlier_count: i32,
+}
+
+/// A node whose entry digest differs from its pool's clear majority.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetOutlier {
+    /// The node.
+    #[schemars(length(max = 253))]
+    pub node: String,
+    /// The policy entry.
+    #[schemars(length(max = 63))]
+    pub entry: String,
+    /// The pool: the node's image (OS image, kernel, architecture) and the
+    /// values of the operator's `--fleet-pool-label` keys.
+    #[schemars(length(max = 1024))]
+    pub pool: String,
+    /// Nodes of the pool that agree on the majority digest.
+    pub majority: i32,
+    /// Nodes of the pool that published a digest of the entry.
+    pub pool_nodes: i32,
 }
 
 fn default_true() -> bool {

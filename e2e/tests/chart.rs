@@ -52,6 +52,9 @@ const METRICS: &[&str] = &[
     "kube_fim_operator_policy_unacknowledged_changes",
     "kube_fim_operator_policy_changes_last_24h",
     "kube_fim_operator_policy_condition",
+    "kube_fim_operator_rollouts",
+    "kube_fim_operator_rollout_outliers",
+    "kube_fim_operator_fleet_outliers",
     "kube_fim_agent_changes_total",
     "kube_fim_agent_files_monitored",
     "kube_fim_agent_bytes_hashed_total",
@@ -552,6 +555,8 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         "agent.resources.limits.cpu=500m",
         "agent.metricsPort=9200",
         "agent.threads=2",
+        "operator.fleetPoolLabels={eks.amazonaws.com/nodegroup,zone}",
+        "operator.rolloutWindow=6h",
     ]);
     let docs = template("fim", "fim-system", &sets);
     let deployment = find(&docs, "Deployment", "fim-kube-fim-operator");
@@ -616,6 +621,9 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         "--agent-threads=2",
         "--agent-cpu-limit=500m",
         "--policy-selector=team=platform",
+        "--fleet-pool-label=eks.amazonaws.com/nodegroup",
+        "--fleet-pool-label=zone",
+        "--rollout-window=6h",
     ] {
         assert!(args.contains(&expected), "{expected} not in {args:?}");
     }

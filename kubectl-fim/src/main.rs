@@ -4,7 +4,8 @@
 //! records for archiving (JSON lines of whole FileChange objects, approvals
 //! included, that read back as FileChanges), `approve` records the decision
 //! that changes were expected (the agents then make the approved state the
-//! baseline, if the file still is in it), `status` shows policies and nodes.
+//! baseline, if the file still is in it), `status` shows policies and nodes,
+//! `rollouts` and `fleet` what the operator found across nodes (`rollouts`).
 //! kubectl's connection flags (`--kubeconfig`, `--context`, `--as`,
 //! `--as-group`) and output formats (`-o json|yaml|wide`) work as in kubectl;
 //! every file name is escaped before it reaches the terminal (`display`).
@@ -12,6 +13,7 @@
 mod connect;
 mod display;
 mod report;
+mod rollouts;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -116,10 +118,47 @@ enum Command {
         #[arg(short, long, value_enum)]
         output: Option<Output>,
     },
+    /// Rollouts: the same change of one file on several nodes, as the operator
+    /// found them (node counts, approvals, the nodes where the file changed
+    /// differently); `rollouts approve ID` approves one.
+    Rollouts {
+        #[command(subcommand)]
+        action: Option<RolloutAction>,
+        /// Only this policy's rollouts.
+        #[arg(long)]
+        policy: Option<String>,
+        /// Output format: wide (more columns), json or yaml; default a table.
+        #[arg(short, long, value_enum)]
+        output: Option<Output>,
+    },
+    /// Nodes whose files differ from the majority of their pool (same image),
+    /// per policy entry, as the operator compared them.
+    Fleet {
+        /// Output format: json or yaml; default a table.
+        #[arg(short, long, value_enum)]
+        output: Option<Output>,
+    },
     /// Print a shell completion script, e.g. `source <(kubectl-fim completion bash)`.
     Completion {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RolloutAction {
+    /// Approve, in your name, every node's change that is exactly this
+    /// rollout's change (none of the outliers). Needs the ClusterRole
+    /// kube-fim-approver.
+    Approve {
+        /// The rollout's ID (`kubectl fim rollouts`).
+        id: String,
+        /// Why the changes are expected (a ticket, a maintenance window).
+        #[arg(long)]
+        reason: Option<String>,
+        /// The rollout's policy (found from the policies' status if not given).
+        #[arg(long)]
+        policy: Option<String>,
     },
 }
 
@@ -795,6 +834,38 @@ async fn report(client: &Client, since: &str, output: Option<Output>) -> anyhow:
     Ok(())
 }
 
+async fn list_policies(client: &Client) -> anyhow::Result<Vec<FileIntegrityPolicy>> {
+    Ok(Api::<FileIntegrityPolicy>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .context("listing FileIntegrityPolicies (are the kube-fim CRDs installed?)")?
+        .items)
+}
+
+async fn list_rollouts(
+    client: &Client,
+    policy: Option<&str>,
+    output: Option<Output>,
+) -> anyhow::Result<()> {
+    let rows = rollouts::rows(&list_policies(client).await?, policy);
+    let text = match output {
+        Some(o @ (Output::Json | Output::Yaml)) => structured(&rows, o)?,
+        o => rollouts::render(&rows, o == Some(Output::Wide)),
+    };
+    std::io::stdout().lock().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+async fn fleet(client: &Client, output: Option<Output>) -> anyhow::Result<()> {
+    let rows = rollouts::fleet_rows(&list_policies(client).await?);
+    let text = match output {
+        Some(o @ (Output::Json | Output::Yaml)) => structured(&rows, o)?,
+        _ => rollouts::render_fleet(&rows),
+    };
+    std::io::stdout().lock().write_all(text.as_bytes())?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -824,6 +895,19 @@ async fn main() -> std::process::ExitCode {
             } => approve(&client, names, reason, node, policy).await,
             Command::Status { output } => status(&client, output).await,
             Command::Report { since, output } => report(&client, &since, output).await,
+            Command::Rollouts {
+                action: Some(RolloutAction::Approve { id, reason, policy }),
+                ..
+            } => {
+                let approver = whoami(&client).await?;
+                rollouts::approve(&client, approver, &id, policy, reason).await
+            }
+            Command::Rollouts {
+                action: None,
+                policy,
+                output,
+            } => list_rollouts(&client, policy.as_deref(), output).await,
+            Command::Fleet { output } => fleet(&client, output).await,
             Command::Completion { .. } => Ok(()),
         }
     }

@@ -9,14 +9,15 @@
 //! labels (anyone with patch rights can set a label).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::core::{ApiResource, Object};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
-use kube_fim_crds::{EntryDigestMove, FileChange};
+use kube_fim_crds::rollout::{Comparable, Transition};
+use kube_fim_crds::{ChangeCategory, EntryDigestMove, FileChange};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use tokio::sync::watch;
@@ -37,6 +38,18 @@ pub struct ViewSpec {
     /// The node's transition number of the change (none for a Summary).
     #[serde(default)]
     pub sequence: Option<u64>,
+    /// What the rollouts group by ([`crate::rollouts`]): the entry, path and
+    /// category, and of the states only what means the same on every node.
+    #[serde(default)]
+    pub entry: String,
+    #[serde(default)]
+    pub path: String,
+    #[serde(default)]
+    pub category: String,
+    #[serde(default)]
+    pub before: Option<Comparable>,
+    #[serde(default)]
+    pub after: Option<Comparable>,
 }
 
 /// Of a FileChange's status, whether it holds an approval: a person's recorded
@@ -70,6 +83,8 @@ pub struct Item {
     pub sequence: Option<u64>,
     /// The entry digest moves of the node's answer to its approval.
     pub moves: Vec<EntryDigestMove>,
+    /// The change's transition (none for a Summary), which rollouts group by.
+    pub transition: Option<Arc<Transition>>,
 }
 
 impl Item {
@@ -91,8 +106,26 @@ impl Item {
                 .as_ref()
                 .map(|s| s.entry_digests.clone())
                 .unwrap_or_default(),
+            transition: transition_of(&change.spec).map(Arc::new),
         }
     }
+}
+
+fn transition_of(spec: &ViewSpec) -> Option<Transition> {
+    let category = match spec.category.as_str() {
+        "Added" => ChangeCategory::Added,
+        "Modified" => ChangeCategory::Modified,
+        "Removed" => ChangeCategory::Removed,
+        _ => return None,
+    };
+    Transition::from_parts(
+        &spec.policy,
+        &spec.entry,
+        &spec.path,
+        category,
+        spec.before.as_ref(),
+        spec.after.as_ref(),
+    )
 }
 
 /// The changes as the watch last saw them, by name, and the names of each
@@ -106,6 +139,10 @@ struct Index {
     by_node: HashMap<String, Numbers>,
     /// Per node, the entry digest moves its answers hold, by FileChange name.
     moves: HashMap<String, HashMap<String, Vec<EntryDigestMove>>>,
+    /// One copy of each transition, shared by every node's change of it: a
+    /// fleet-wide upgrade is thousands of nodes with the same few hundred
+    /// transitions.
+    transitions: Interned,
 }
 
 fn add_moves(moves: &mut HashMap<String, HashMap<String, Vec<EntryDigestMove>>>, item: &Item) {
@@ -122,6 +159,42 @@ fn remove_moves(moves: &mut HashMap<String, HashMap<String, Vec<EntryDigestMove>
         of_node.remove(&item.name);
         if of_node.is_empty() {
             moves.remove(&item.node);
+        }
+    }
+}
+
+/// The transitions of the changes known, each held once.
+#[derive(Debug, Default)]
+struct Interned {
+    set: HashSet<Arc<Transition>>,
+    observed: u64,
+}
+
+/// Every this many events, transitions no change holds any more are dropped.
+const SWEEP_EVERY: u64 = 4096;
+
+impl Interned {
+    /// `item` holding the shared copy of its transition.
+    fn share(&mut self, mut item: Item) -> Item {
+        if let Some(t) = item.transition.take() {
+            let shared = match self.set.get(&t) {
+                Some(s) => s.clone(),
+                None => {
+                    self.set.insert(t.clone());
+                    t
+                }
+            };
+            item.transition = Some(shared);
+        }
+        item
+    }
+
+    /// Drops the transitions only this set holds (now and then: a sweep
+    /// looks at every one).
+    fn sweep(&mut self, force: bool) {
+        self.observed += 1;
+        if force || self.observed.is_multiple_of(SWEEP_EVERY) {
+            self.set.retain(|t| Arc::strong_count(t) > 1);
         }
     }
 }
@@ -157,7 +230,12 @@ fn remove_number(by_node: &mut HashMap<String, Numbers>, item: &Item) {
 
 impl Index {
     fn observe(&mut self, event: &watcher::Event<ChangeView>) -> Change<Item> {
-        let change = self.seen.observe(event, Item::of);
+        let interned = std::cell::RefCell::new(std::mem::take(&mut self.transitions));
+        let change = self
+            .seen
+            .observe(event, |c| interned.borrow_mut().share(Item::of(c)));
+        self.transitions = interned.into_inner();
+        self.transitions.sweep(change == Change::Relisted);
         match &change {
             Change::Same => {}
             Change::Changed { old, new } => {
@@ -265,6 +343,22 @@ impl Changes {
     /// The changes of `policy`.
     pub fn of_policy(&self, policy: &str) -> Vec<Item> {
         self.index().of_policy(policy).cloned().collect()
+    }
+
+    /// `f` of the changes of `policy`, without copying them.
+    pub fn with_policy<R>(
+        &self,
+        policy: &str,
+        f: impl FnOnce(&mut dyn Iterator<Item = &Item>) -> R,
+    ) -> R {
+        let index = self.index();
+        let mut items = index.of_policy(policy);
+        f(&mut items)
+    }
+
+    /// Distinct transitions held for the changes known.
+    pub fn transitions_held(&self) -> usize {
+        self.index().transitions.set.len()
     }
 
     /// `f` of the transition numbers stored for `node`.
@@ -414,6 +508,7 @@ mod tests {
                 approved: true,
                 sequence: None,
                 moves: Vec::new(),
+                transition: Transition::of(&fc.spec).map(Arc::new),
             }
         );
         let mut answered = change("c2", "web", created);
@@ -444,6 +539,48 @@ mod tests {
         changes.observe(&watcher::Event::InitDone);
         assert_eq!(changes.counts("web", now), counts(1, 1));
         assert_eq!(changes.counts("db", now), counts(0, 0));
+    }
+
+    #[test]
+    fn every_nodes_change_of_one_transition_shares_one_copy() {
+        let now = Timestamp::now();
+        let changes = Changes::default();
+        let of = |name: &str, node: &str, path: &str| {
+            let mut fc = change(name, "web", now);
+            fc.spec.node = node.into();
+            fc.spec.path = path.into();
+            view(&fc)
+        };
+        changes.observe(&watcher::Event::Init);
+        for n in 0..100 {
+            for f in 0..5 {
+                let node = format!("n{n}");
+                let path = format!("/etc/f{f}");
+                changes.observe(&watcher::Event::InitApply(of(
+                    &format!("{node}{f}"),
+                    &node,
+                    &path,
+                )));
+            }
+        }
+        changes.observe(&watcher::Event::InitDone);
+        assert_eq!(changes.transitions_held(), 5);
+        let items = changes.of_policy("web");
+        let first = items.iter().find(|i| i.name == "n00").unwrap();
+        let other = items.iter().find(|i| i.name == "n990").unwrap();
+        assert!(Arc::ptr_eq(
+            first.transition.as_ref().unwrap(),
+            other.transition.as_ref().unwrap()
+        ));
+        // Once the changes are gone, so are their transitions.
+        changes.observe(&watcher::Event::Init);
+        changes.observe(&watcher::Event::InitApply(of("x", "n1", "/etc/f0")));
+        changes.observe(&watcher::Event::InitDone);
+        drop(items);
+        changes.observe(&watcher::Event::Init);
+        changes.observe(&watcher::Event::InitApply(of("x", "n1", "/etc/f0")));
+        changes.observe(&watcher::Event::InitDone);
+        assert_eq!(changes.transitions_held(), 1);
     }
 
     #[test]

@@ -122,6 +122,23 @@ pub struct Config {
     /// (the FileChange watch may lag the node's status).
     #[arg(long, default_value = "20s", value_parser = duration)]
     pub evidence_grace: Duration,
+    /// Identical changes of one file on several nodes are one rollout while
+    /// its latest change is younger than this; a node that changed the same
+    /// file differently within this long of the rollout is its outlier.
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    pub rollout_window: Duration,
+    /// Nodes that must report the same change for it to be a rollout.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(2..))]
+    pub rollout_min_nodes: u64,
+    /// A node label whose value splits the fleet comparison's pools further
+    /// (repeatable; nodes are always pooled by their OS image, kernel and
+    /// architecture).
+    #[arg(long = "fleet-pool-label")]
+    pub fleet_pool_labels: Vec<String>,
+    /// Nodes of a pool that must agree on an entry's digest (and be more than
+    /// half of the pool) before a node that differs is named an outlier.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..))]
+    pub fleet_min_agree: u64,
 }
 
 /// CPU and memory of the agent container.
@@ -237,6 +254,21 @@ mod tests {
         assert_eq!(d("operator.heartbeatTimeout"), c.heartbeat_timeout);
         assert_eq!(d("operator.resync"), c.resync);
         assert_eq!(d("operator.batchWindow"), c.batch_window);
+        assert_eq!(d("operator.rolloutWindow"), c.rollout_window);
+        assert_eq!(
+            value(&v, "operator.rolloutMinNodes"),
+            c.rollout_min_nodes.to_string()
+        );
+        assert_eq!(
+            value(&v, "operator.fleetMinAgree"),
+            c.fleet_min_agree.to_string()
+        );
+        assert!(
+            v["operator"]["fleetPoolLabels"]
+                .as_sequence()
+                .is_some_and(|s| s.is_empty())
+                && c.fleet_pool_labels.is_empty()
+        );
         assert_eq!(
             value(&v, "operator.leaseDuration"),
             c.lease_duration.to_string()

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures::{FutureExt, Stream, StreamExt, stream};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeStatus};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, applier};
@@ -38,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::seen::{Change, Seen};
 use crate::status::{self, DEGRADED};
 use crate::triggers::{self, Wake};
-use crate::{chain, evidence, flood, retention};
+use crate::{chain, evidence, fleet, flood, retention, rollouts};
 
 /// The fleet is looked at again this often without any event.
 const FLEET_RESYNC: Duration = Duration::from_secs(30);
@@ -99,9 +99,18 @@ pub async fn run(
             ctx.clone(),
             // Only labels, taints and names are read: a Node's status (images,
             // conditions) is most of its size, times thousands of nodes.
+            // The image the kubelet reports is kept for the fleet
+            // comparison's pools ([`fleet`]).
             |node| {
                 node.managed_fields_mut().clear();
-                node.status = None;
+                node.status = node
+                    .status
+                    .take()
+                    .and_then(|s| s.node_info)
+                    .map(|info| NodeStatus {
+                        node_info: Some(info),
+                        ..NodeStatus::default()
+                    });
             },
             |node, _| triggers::node_view(node),
             |change, _, ctx| triggers::node_wake(change, &ctx.policies.state()),
@@ -397,18 +406,49 @@ async fn reconcile_policy(policy: &FileIntegrityPolicy, ctx: &Context) -> Result
         .await
         .map_err(|_| Error::WatchStopped("FileIntegrityNode"))?;
     ctx.changes.wait_until_listed().await;
-    let assessment = status::assess(
+    let nodes = ctx.nodes.state();
+    let records = ctx.records.state();
+    let mut assessment = status::assess(
         policy,
         invalid.as_deref(),
-        &ctx.nodes.state(),
-        &ctx.records.state(),
+        &nodes,
+        &records,
         ctx.changes.counts(&name, now),
         now,
         ctx.config.heartbeat_timeout,
     );
+    let found = ctx.changes.with_policy(&name, |items| {
+        rollouts::find(
+            items,
+            now,
+            rollouts::Settings {
+                window: ctx.config.rollout_window,
+                min_nodes: ctx.config.rollout_min_nodes as usize,
+            },
+        )
+    });
+    let compared = fleet::compare(
+        policy,
+        &nodes,
+        &records,
+        &fleet::Settings {
+            pool_labels: ctx.config.fleet_pool_labels.clone(),
+            min_agree: ctx.config.fleet_min_agree as usize,
+        },
+    );
+    assessment.status.rollouts = found.listed;
+    assessment.status.fleet_outliers = compared.listed;
 
     publish_events(policy, &assessment, invalid.as_deref(), ctx).await;
+    publish_fleet_events(policy, &assessment.status, ctx).await;
     ctx.metrics.observe_policy(&name, &assessment.status);
+    for (gauge, value) in [
+        (&ctx.metrics.rollouts, found.total),
+        (&ctx.metrics.rollout_outliers, found.outlier_nodes),
+        (&ctx.metrics.fleet_outliers, compared.total),
+    ] {
+        gauge.with_label_values(&[name.as_str()]).set(value as i64);
+    }
 
     if policy.status.as_ref() != Some(&assessment.status) {
         write_status(policy, &assessment.status, ctx).await?;
@@ -528,6 +568,77 @@ async fn publish_events(
             warn!(policy = %policy.name_any(), reason = %event.reason, %error, "could not publish event");
         }
     }
+}
+
+/// A Warning Event on the policy for each rollout with an outlier not named
+/// before (`RolloutOutlier`), and on the Node for each node newly found
+/// differing from its pool (`FleetDrift`).
+async fn publish_fleet_events(
+    policy: &FileIntegrityPolicy,
+    new: &FileIntegrityPolicyStatus,
+    ctx: &Context,
+) {
+    let old = policy.status.as_ref();
+    let name = policy.name_any();
+    let old_rollouts = old.map(|s| s.rollouts.as_slice()).unwrap_or_default();
+    for (rollout, nodes) in rollouts::new_outliers(old_rollouts, &new.rollouts) {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "RolloutOutlier".into(),
+            note: Some(truncate(format!(
+                "{} {} changed differently on {} than on the {} nodes of rollout {} (entry {}, {} → {}): review it before approving the rollout",
+                rollout.category,
+                visible(&rollout.path),
+                nodes.join(", "),
+                rollout.nodes,
+                rollout.id,
+                rollout.entry,
+                rollout.before,
+                rollout.after
+            ))),
+            action: "Compare".into(),
+            secondary: None,
+        };
+        crate::context::publish(policy, ctx, event).await;
+    }
+    let old_outliers = old.map(|s| s.fleet_outliers.as_slice()).unwrap_or_default();
+    for outlier in fleet::new_outliers(old_outliers, &new.fleet_outliers) {
+        let Some(node) = ctx.nodes.get(&ObjectRef::new(&outlier.node)) else {
+            continue;
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "FleetDrift".into(),
+            note: Some(truncate(format!(
+                "entry {} of policy {} differs on node {} from {} of the {} nodes of its pool ({}) that agree",
+                outlier.entry,
+                name,
+                outlier.node,
+                outlier.majority,
+                outlier.pool_nodes,
+                outlier.pool
+            ))),
+            action: "Compare".into(),
+            secondary: None,
+        };
+        if let Err(error) = ctx.recorder.publish(&event, &node.object_ref(&())).await {
+            warn!(node = %outlier.node, %error, "could not publish the FleetDrift event");
+        }
+    }
+}
+
+/// A name chosen on a node, with control characters written as `\xNN`, so an
+/// Event cannot drive the terminal of whoever reads it.
+fn visible(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                format!("\\x{:02x}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn truncate(mut s: String) -> String {

@@ -14,9 +14,11 @@ pub mod evidence;
 pub mod export;
 #[cfg(test)]
 mod fixtures;
+pub mod fleet;
 pub mod flood;
 pub mod metrics;
 pub mod retention;
+pub mod rollouts;
 pub mod seen;
 pub mod server;
 pub mod status;

@@ -37,6 +37,11 @@ pub struct Metrics {
     pub policy_unacknowledged: IntGaugeVec,
     pub policy_changes_24h: IntGaugeVec,
     pub policy_condition: IntGaugeVec,
+    /// Per policy, rollouts found and nodes that are an outlier of one.
+    pub rollouts: IntGaugeVec,
+    pub rollout_outliers: IntGaugeVec,
+    /// Per policy, nodes and entries whose digest differs from their pool's majority.
+    pub fleet_outliers: IntGaugeVec,
     policy_status_age: prometheus::GaugeVec,
     /// When each policy's status was last computed (the age is set at scrape time).
     refreshed: Arc<Mutex<HashMap<String, Instant>>>,
@@ -157,7 +162,31 @@ impl Metrics {
             ),
             &["policy", "type"],
         )?;
+        let rollouts = IntGaugeVec::new(
+            Opts::new(
+                "rollouts",
+                "Rollouts of a policy: the same change of one file on several nodes within the rollout window",
+            ),
+            &["policy"],
+        )?;
+        let rollout_outliers = IntGaugeVec::new(
+            Opts::new(
+                "rollout_outliers",
+                "Nodes that changed a file of a policy's rollout differently (RolloutOutlier Events name them)",
+            ),
+            &["policy"],
+        )?;
+        let fleet_outliers = IntGaugeVec::new(
+            Opts::new(
+                "fleet_outliers",
+                "Nodes and entries of a policy whose digest differs from the clear majority of their pool (FleetDrift Events name them)",
+            ),
+            &["policy"],
+        )?;
         for m in [
+            &rollouts,
+            &rollout_outliers,
+            &fleet_outliers,
             &policy_nodes,
             &policy_files,
             &policy_unacknowledged,
@@ -198,6 +227,9 @@ impl Metrics {
             policy_unacknowledged,
             policy_changes_24h,
             policy_condition,
+            rollouts,
+            rollout_outliers,
+            fleet_outliers,
             policy_status_age,
             refreshed: Arc::default(),
         })
@@ -252,6 +284,9 @@ impl Metrics {
         let _ = self.policy_files.remove_label_values(&[policy]);
         let _ = self.policy_unacknowledged.remove_label_values(&[policy]);
         let _ = self.policy_changes_24h.remove_label_values(&[policy]);
+        let _ = self.rollouts.remove_label_values(&[policy]);
+        let _ = self.rollout_outliers.remove_label_values(&[policy]);
+        let _ = self.fleet_outliers.remove_label_values(&[policy]);
         for t in ["Ready", "Degraded"] {
             let _ = self.policy_condition.remove_label_values(&[policy, t]);
         }

@@ -275,6 +275,7 @@ mod tests {
             approved,
             sequence: None,
             moves: Vec::new(),
+            transition: None,
         }
     }
 

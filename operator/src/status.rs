@@ -360,6 +360,7 @@ pub fn assess(
             last_scan_time: oldest_scan.map(Time),
             changes_last24h: Some(counts.last_24h),
             unacknowledged_changes: Some(counts.unacknowledged),
+            ..FileIntegrityPolicyStatus::default()
         },
         troubled_nodes: troubled,
         left_nodes: left.into_iter().map(|(n, _)| n).collect(),

@@ -309,6 +309,7 @@ mod tests {
             approved,
             sequence: None,
             moves: Vec::new(),
+            transition: None,
         };
         let woke = |change: Change<Item>| change_wake(change, &policies);
         let b = BTreeSet::from(["b".to_string()]);
