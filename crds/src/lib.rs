@@ -20,7 +20,7 @@ pub mod validate;
 pub use change::{
     Approval, ApprovalOutcome, AttributionLimit, ChangeCategory, ChangeSummary, DetectionSource,
     EntryDigestMove, FileAttributes, FileChange, FileChangeSpec, FileChangeStatus, FileType, Mount,
-    PodRef, ProcessInfo,
+    PackageCheck, PackageManager, PackageVerdict, PodRef, ProcessInfo,
 };
 pub use node::{
     BaselineAlarm, ChainVerification, EntryDigest, EvidenceGap, FileIntegrityNode,
@@ -29,7 +29,7 @@ pub use node::{
 };
 pub use policy::{
     Attribute, AttributeProfile, Evidence, FileIntegrityPolicy, FileIntegrityPolicySpec,
-    FileIntegrityPolicyStatus, MonitoredPath, Preset, Retention,
+    FileIntegrityPolicyStatus, MonitoredPath, PackageVerifiedChanges, Preset, Retention,
 };
 pub use sink::{
     DeliveredPosition, FileChangeSink, FileChangeSinkSpec, FileChangeSinkStatus, FileTransport,

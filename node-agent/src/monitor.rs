@@ -18,6 +18,7 @@ use crate::attribution::fanotify::Notice;
 use crate::attribution::join::Attribution;
 use crate::attribution::pods::PodIndex;
 use crate::engine::{Approval, Approved, Engine, Outcome, PolicyStatus};
+use crate::packages::Packages;
 use crate::report::object::object_name;
 use crate::report::{Batch, Detected, detected, hand_over, sequence};
 use crate::served::ServedPolicies;
@@ -210,6 +211,8 @@ pub struct Monitor {
     status: watch::Sender<Snapshot>,
     inotify: Inotify,
     attribution: Attribution,
+    /// The node's package databases, for the changes of package-owned files.
+    packages: Packages,
     root: PathBuf,
     /// Paths waiting for their rescan, with when (debounce).
     pending: BTreeMap<PathBuf, Instant>,
@@ -243,6 +246,7 @@ pub async fn run(
     // A mount made over a monitored path changes what the host reads there.
     let (mounts_tx, mut mounts) = mpsc::unbounded_channel::<()>();
     crate::mounts::follow(engine.mount_source(), move || mounts_tx.send(()).is_ok());
+    let packages = Packages::new(engine.root_path());
     let mut m = Monitor {
         root: engine.root_path().to_path_buf(),
         engine,
@@ -251,6 +255,7 @@ pub async fn run(
         status,
         inotify: Inotify::new(inotify_tx),
         attribution,
+        packages,
         pending: BTreeMap::new(),
         followed: BTreeSet::new(),
         first: true,
@@ -311,6 +316,7 @@ impl Monitor {
     /// ([`crate::report`]): counted, handed over (and queued on disk by the
     /// reporter), marked reported, saved.
     async fn carry(&mut self, mut outcome: Outcome, found: Found) -> Result<Carried, Stopped> {
+        tokio::task::block_in_place(|| self.packages.verify(&mut outcome.changes, &self.telemetry));
         self.telemetry
             .changes_detected(outcome.bytes, outcome.errors.len(), &outcome.changes);
         let mut reports = detected(&mut outcome);

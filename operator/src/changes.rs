@@ -16,7 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::core::{ApiResource, Object};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
-use kube_fim_crds::FileChange;
+use kube_fim_crds::{FileChange, PackageVerdict, PackageVerifiedChanges};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use tokio::sync::watch;
@@ -37,6 +37,15 @@ pub struct ViewSpec {
     /// The node's transition number of the change (none for a Summary).
     #[serde(default)]
     pub sequence: Option<u64>,
+    /// The agent's package check of the file, if a package owns it.
+    #[serde(default)]
+    pub package: Option<ViewPackage>,
+}
+
+/// Of a FileChange's package check, its verdict.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ViewPackage {
+    pub verdict: PackageVerdict,
 }
 
 /// Of a FileChange's status, whether it holds an approval: a person's recorded
@@ -63,6 +72,8 @@ pub struct Item {
     pub created: Timestamp,
     pub approved: bool,
     pub sequence: Option<u64>,
+    /// Its new content is an installed package's (the node's claim).
+    pub package_verified: bool,
 }
 
 impl Item {
@@ -79,6 +90,11 @@ impl Item {
                 .unwrap_or_else(Timestamp::now),
             approved: change.status.as_ref().is_some_and(|s| s.approval.is_some()),
             sequence: change.spec.sequence,
+            package_verified: change
+                .spec
+                .package
+                .as_ref()
+                .is_some_and(|p| p.verdict == PackageVerdict::Verified),
         }
     }
 }
@@ -225,8 +241,15 @@ impl Changes {
         }
     }
 
-    /// What `policy`'s status shows of its changes, at `now`.
-    pub fn counts(&self, policy: &str, now: Timestamp) -> ChangeCounts {
+    /// What `policy`'s status shows of its changes, at `now`: a
+    /// package-verified change waits for approval only when the policy says
+    /// `RequireApproval`.
+    pub fn counts(
+        &self,
+        policy: &str,
+        now: Timestamp,
+        verified: PackageVerifiedChanges,
+    ) -> ChangeCounts {
         let index = self.index();
         let day = Duration::from_secs(24 * 3600);
         let mut counts = ChangeCounts::default();
@@ -234,7 +257,8 @@ impl Changes {
             if now.duration_since(item.created).unsigned_abs() <= day {
                 counts.last_24h += 1;
             }
-            if !item.approved {
+            let recorded = item.package_verified && verified == PackageVerifiedChanges::Record;
+            if !item.approved && !recorded {
                 counts.unacknowledged += 1;
             }
         }
@@ -273,6 +297,7 @@ mod tests {
                 process: None,
                 summary: None,
                 sequence: None,
+                package: None,
             },
         );
         fc.metadata.creation_timestamp = Some(Time(created));
@@ -311,10 +336,20 @@ mod tests {
         ] {
             assert_eq!(changes.observe(&event), Change::Same);
         }
-        assert_eq!(changes.counts("web", now), counts(0, 0), "not listed yet");
+        assert_eq!(
+            changes.counts("web", now, PackageVerifiedChanges::Record),
+            counts(0, 0),
+            "not listed yet"
+        );
         assert_eq!(changes.observe(&watcher::Event::InitDone), Change::Relisted);
-        assert_eq!(changes.counts("web", now), counts(1, 2));
-        assert_eq!(changes.counts("db", now), counts(1, 1));
+        assert_eq!(
+            changes.counts("web", now, PackageVerifiedChanges::Record),
+            counts(1, 2)
+        );
+        assert_eq!(
+            changes.counts("db", now, PackageVerifiedChanges::Record),
+            counts(1, 1)
+        );
 
         // Approved: no longer unacknowledged.
         assert!(matches!(
@@ -326,7 +361,10 @@ mod tests {
                 new: Some(_)
             }
         ));
-        assert_eq!(changes.counts("web", now), counts(1, 1));
+        assert_eq!(
+            changes.counts("web", now, PackageVerifiedChanges::Record),
+            counts(1, 1)
+        );
         // The agent's answer to the approval changes nothing counted.
         let mut answered = approved(change("a", "web", now));
         answered.status.as_mut().unwrap().message = Some("baseline updated".into());
@@ -339,7 +377,10 @@ mod tests {
             changes.observe(&watcher::Event::Delete(view(&change("c", "db", now)))),
             Change::Changed { new: None, .. }
         ));
-        assert_eq!(changes.counts("db", now), counts(0, 0));
+        assert_eq!(
+            changes.counts("db", now, PackageVerifiedChanges::Record),
+            counts(0, 0)
+        );
         assert!(changes.of_policy("db").is_empty());
         assert_eq!(changes.of_policy("web").len(), 2);
     }
@@ -362,6 +403,7 @@ mod tests {
                 created,
                 approved: true,
                 sequence: None,
+                package_verified: false,
             }
         );
         let mut answered = change("c2", "web", created);
@@ -390,8 +432,14 @@ mod tests {
         changes.observe(&watcher::Event::Init);
         changes.observe(&watcher::Event::InitApply(view(&fc)));
         changes.observe(&watcher::Event::InitDone);
-        assert_eq!(changes.counts("web", now), counts(1, 1));
-        assert_eq!(changes.counts("db", now), counts(0, 0));
+        assert_eq!(
+            changes.counts("web", now, PackageVerifiedChanges::Record),
+            counts(1, 1)
+        );
+        assert_eq!(
+            changes.counts("db", now, PackageVerifiedChanges::Record),
+            counts(0, 0)
+        );
     }
 
     #[test]
@@ -401,7 +449,10 @@ mod tests {
         changes.observe(&watcher::Event::Apply(view(&change("gone", "web", now))));
         changes.observe(&watcher::Event::Init);
         changes.observe(&watcher::Event::InitApply(view(&change("new", "web", now))));
-        assert_eq!(changes.counts("web", now), counts(1, 1));
+        assert_eq!(
+            changes.counts("web", now, PackageVerifiedChanges::Record),
+            counts(1, 1)
+        );
         changes.observe(&watcher::Event::InitDone);
         let names: Vec<String> = changes
             .of_policy("web")
@@ -409,5 +460,41 @@ mod tests {
             .map(|i| i.name)
             .collect();
         assert_eq!(names, ["new"]);
+    }
+
+    #[test]
+    fn a_package_verified_change_waits_for_approval_only_when_the_policy_says_so() {
+        let now = Timestamp::now();
+        let checked = |name: &str, verdict| {
+            let mut fc = change(name, "web", now);
+            fc.spec.package = Some(kube_fim_crds::PackageCheck {
+                manager: kube_fim_crds::PackageManager::Dpkg,
+                name: "sudo".into(),
+                version: "1.9.13p3-1+deb12u2".into(),
+                version_before: None,
+                verdict,
+            });
+            fc
+        };
+        let changes = Changes::default();
+        changes.observe(&watcher::Event::Init);
+        for fc in [
+            checked("verified", PackageVerdict::Verified),
+            checked("mismatch", PackageVerdict::Mismatch),
+            change("plain", "web", now),
+        ] {
+            changes.observe(&watcher::Event::InitApply(view(&fc)));
+        }
+        changes.observe(&watcher::Event::InitDone);
+        // Recorded: the verified change is evidence, not an alert; a
+        // mismatch and an unowned change still wait.
+        assert_eq!(
+            changes.counts("web", now, PackageVerifiedChanges::Record),
+            counts(3, 2)
+        );
+        assert_eq!(
+            changes.counts("web", now, PackageVerifiedChanges::RequireApproval),
+            counts(3, 3)
+        );
     }
 }

@@ -274,6 +274,7 @@ mod tests {
             created: now - Duration::from_secs(age_secs),
             approved,
             sequence: None,
+            package_verified: false,
         }
     }
 

@@ -308,6 +308,7 @@ mod tests {
             created: Timestamp::now(),
             approved,
             sequence: None,
+            package_verified: false,
         };
         let woke = |change: Change<Item>| change_wake(change, &policies);
         let b = BTreeSet::from(["b".to_string()]);
