@@ -9,7 +9,8 @@
 use std::time::Duration;
 
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, PostParams};
 use kube_fim_crds::labels;
 use kube_fim_crds::{
     ChangeCategory, FileChange, FileIntegrityPolicy, PackageManager, PackageVerdict,
@@ -17,7 +18,9 @@ use kube_fim_crds::{
 use kube_fim_e2e::fleet::{Fleet, describe, entry};
 use kube_fim_e2e::operator::Operator;
 use kube_fim_e2e::packages::{install_dpkg, md5sums_in, version};
-use kube_fim_e2e::{client, eventually, metric_where, unique_name};
+use kube_fim_e2e::{
+    client, client_for, eventually, file_change, metric_where, node_bound_kubeconfig, unique_name,
+};
 
 const READY: Duration = Duration::from_secs(60);
 const SEEN: Duration = Duration::from_secs(30);
@@ -185,6 +188,64 @@ async fn package_verified_changes_are_recorded_and_a_trojan_is_loud() {
             .ok_or_else(|| format!("(last 24h, unacknowledged) = {got:?}"))
     })
     .await;
+    fleet.cleanup().await;
+}
+
+/// The package label is a filter of what the spec says: an agent's token
+/// cannot label a Mismatch `Verified` (what `kubectl get fc -l
+/// fim.kube-fim.io/package=Mismatch` would then miss), nor label a change
+/// that carries no verdict.
+#[tokio::test]
+async fn an_agent_cannot_label_a_change_with_another_verdict() {
+    let client = client().await;
+    let suite = unique_name("pkgl");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let node = fleet.nodes[0].name.clone();
+    let agent = client_for(&node_bound_kubeconfig(&node)).await;
+    let changes: Api<FileChange> = Api::all(agent);
+    let pp = PostParams::default();
+    let checked = |name: &str, verdict: PackageVerdict, label: Option<&str>| {
+        let mut fc = file_change(&format!("{node}-{name}"), &node, "p");
+        fc.spec.package = Some(kube_fim_crds::PackageCheck {
+            manager: PackageManager::Dpkg,
+            name: "sudo".into(),
+            version: "1.9.13p3-1+deb12u1".into(),
+            version_before: None,
+            verdict,
+        });
+        if let Some(l) = label {
+            fc.labels_mut().insert(labels::PACKAGE.into(), l.into());
+        }
+        fc
+    };
+    let refused = |r: Result<FileChange, kube::Error>| match r {
+        Err(kube::Error::Api(e)) if e.code == 403 => e.message,
+        other => panic!("not refused: {other:?}"),
+    };
+    let message = refused(
+        changes
+            .create(
+                &pp,
+                &checked("1-forged", PackageVerdict::Mismatch, Some("Verified")),
+            )
+            .await,
+    );
+    assert!(
+        message.contains("the change's package verdict in the package label"),
+        "{message}"
+    );
+    let mut unchecked = file_change(&format!("{node}-2-unchecked"), &node, "p");
+    unchecked
+        .labels_mut()
+        .insert(labels::PACKAGE.into(), "Verified".into());
+    refused(changes.create(&pp, &unchecked).await);
+    changes
+        .create(
+            &pp,
+            &checked("3-honest", PackageVerdict::Mismatch, Some("Mismatch")),
+        )
+        .await
+        .expect("the label of the spec's verdict is accepted");
     fleet.cleanup().await;
 }
 
