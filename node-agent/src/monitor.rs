@@ -4,6 +4,7 @@
 //! until an event, a debounce deadline, the next scan or a policy update.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use crate::attribution::fanotify::Notice;
 use crate::attribution::join::Attribution;
 use crate::attribution::pods::PodIndex;
 use crate::engine::{Approval, Approved, Engine, Outcome, PolicyStatus};
-use crate::packages::Packages;
+use crate::packages::{Packages, Scope};
 use crate::report::object::object_name;
 use crate::report::{Batch, Detected, detected, hand_over, sequence};
 use crate::served::ServedPolicies;
@@ -545,6 +546,12 @@ impl Monitor {
         if let Err(error) = self.engine.set_policies(wanted) {
             warn!(%error, "policy not applied");
         }
+        self.packages.set_scope(Scope::new(
+            self.engine
+                .entry_bases()
+                .iter()
+                .map(|b| [b"/".as_slice(), b.as_os_str().as_bytes()].concat()),
+        ));
         for name in before {
             if !self.engine.policies().contains_key(&name) {
                 self.telemetry.policy_dropped(&name);

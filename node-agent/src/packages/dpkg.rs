@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::{DbError, Index, Owner, Recorded, read_all};
+use super::{DbError, Index, Owner, Recorded, Scope, read_all};
 use crate::hostfs::HostRoot;
 
 /// The files whose inode, size and mtime say the database changed (the
@@ -137,7 +137,7 @@ pub fn parse_md5sums(text: &[u8]) -> impl Iterator<Item = Option<(&str, Vec<u8>)
 }
 
 /// Indexes the dpkg database under `root`.
-pub fn index(root: &HostRoot) -> Result<Index, DbError> {
+pub fn index(root: &HostRoot, scope: &Scope) -> Result<Index, DbError> {
     let Some(status) = read_all(root, STAMPED[0], STATUS_MAX)? else {
         return Ok(Index::default());
     };
@@ -148,6 +148,7 @@ pub fn index(root: &HostRoot) -> Result<Index, DbError> {
         .unwrap_or_default();
     let mut index = Index {
         busy,
+        scope: scope.clone(),
         ..Index::default()
     };
     for p in packages.into_iter().filter(|p| p.installed) {

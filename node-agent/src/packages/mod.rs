@@ -127,6 +127,57 @@ pub struct Owner {
     pub config: bool,
 }
 
+/// The host paths an index keeps: those at or below a monitored entry (all
+/// when empty). A node's whole dpkg database is ~100,000 paths; the
+/// recommended entries hold a few thousand.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope(Vec<Vec<u8>>);
+
+impl Scope {
+    /// The scope of absolute `bases`.
+    pub fn new(bases: impl IntoIterator<Item = Vec<u8>>) -> Self {
+        let mut v: Vec<Vec<u8>> = bases.into_iter().collect();
+        v.sort();
+        v.dedup();
+        Scope(v)
+    }
+
+    fn keeps_exactly(&self, path: &[u8]) -> bool {
+        self.0.iter().any(|b| {
+            b.as_slice() == b"/"
+                || path
+                    .strip_prefix(b.as_slice())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"/"))
+        })
+    }
+
+    /// Whether `path`, or its merged-/usr alias, is in scope.
+    pub fn keeps(&self, path: &[u8]) -> bool {
+        self.0.is_empty()
+            || self.keeps_exactly(path)
+            || usr_alias(path).is_some_and(|a| self.keeps_exactly(&a))
+    }
+}
+
+/// `/bin/x` for `/usr/bin/x` and the other way round, for the directories
+/// merged-/usr systems link (`/bin`, `/sbin`, `/lib*`).
+fn usr_alias(path: &[u8]) -> Option<Vec<u8>> {
+    let alias: Vec<u8> = if let Some(rest) = path.strip_prefix(b"/usr") {
+        rest.to_vec()
+    } else {
+        [b"/usr".as_slice(), path].concat()
+    };
+    let merged = [
+        b"/bin/".as_slice(),
+        b"/sbin/",
+        b"/lib/",
+        b"/lib64/",
+        b"/lib32/",
+    ];
+    let short = alias.strip_prefix(b"/usr").unwrap_or(&alias);
+    merged.iter().any(|m| short.starts_with(m)).then_some(alias)
+}
+
 /// The files of one package database: who owns which path, with what digest.
 #[derive(Debug, Default)]
 pub struct Index {
@@ -137,6 +188,8 @@ pub struct Index {
     /// may be in place before its digest is recorded, so a content that
     /// matches none is no verdict (an ordinary change), not a Mismatch.
     pub busy: bool,
+    /// The paths kept ([`Index::add_file`] drops the others).
+    pub scope: Scope,
 }
 
 impl Index {
@@ -146,8 +199,11 @@ impl Index {
         (self.packages.len() - 1) as u32
     }
 
-    /// Records that `package` owns `path` with `digest`.
+    /// Records that `package` owns `path` with `digest` (if in scope).
     pub fn add_file(&mut self, path: &[u8], owner: Owner) {
+        if !self.scope.keeps(path) {
+            return;
+        }
         match self.files.get_mut(path) {
             Some(owners) => owners.push(owner),
             None => {
@@ -165,22 +221,7 @@ impl Index {
         if !usr_merged {
             return None;
         }
-        let alias: Vec<u8> = if let Some(rest) = path.strip_prefix(b"/usr") {
-            rest.to_vec()
-        } else {
-            [b"/usr".as_slice(), path].concat()
-        };
-        let merged = [
-            b"/bin/".as_slice(),
-            b"/sbin/",
-            b"/lib/",
-            b"/lib64/",
-            b"/lib32/",
-        ];
-        let short = alias.strip_prefix(b"/usr").unwrap_or(&alias);
-        if !merged.iter().any(|m| short.starts_with(m)) {
-            return None;
-        }
+        let alias = usr_alias(path)?;
         self.files.get(alias.as_slice()).map(Vec::as_slice)
     }
 
@@ -211,6 +252,8 @@ struct Source {
     index: Option<Arc<Index>>,
     /// Per package, the version it had before its version last changed.
     before: HashMap<String, String>,
+    /// The paths the index keeps.
+    scope: Scope,
 }
 
 impl Source {
@@ -220,6 +263,7 @@ impl Source {
             stamp: None,
             index: None,
             before: HashMap::new(),
+            scope: Scope::default(),
         }
     }
 
@@ -257,8 +301,8 @@ impl Source {
         }
         let started = Instant::now();
         let built = match self.manager {
-            PackageManager::Dpkg => dpkg::index(root),
-            PackageManager::Rpm => rpm::index(root),
+            PackageManager::Dpkg => dpkg::index(root, &self.scope),
+            PackageManager::Rpm => rpm::index(root, &self.scope),
         };
         self.stamp = Some(stamp);
         match built {
@@ -317,6 +361,17 @@ impl Packages {
                 Source::new(PackageManager::Dpkg),
                 Source::new(PackageManager::Rpm),
             ],
+        }
+    }
+
+    /// Indexes only the paths in `scope` from now on (the served entries).
+    pub fn set_scope(&mut self, scope: Scope) {
+        for s in &mut self.sources {
+            if s.scope != scope {
+                s.scope = scope.clone();
+                // Indexed again when next needed; the versions known stay.
+                s.stamp = None;
+            }
         }
     }
 
@@ -418,11 +473,11 @@ fn check(
         .map(|o| (o.package, PackageVerdict::Mismatch)))
 }
 
+/// Digests of one content, by kind.
+type Digests = Vec<(Kind, Vec<u8>)>;
+
 /// The digests of `kinds` and the BLAKE3 of one read of `file`.
-fn digest(
-    mut file: std::fs::File,
-    kinds: &[Kind],
-) -> Result<(Vec<(Kind, Vec<u8>)>, String), InspectError> {
+fn digest(mut file: std::fs::File, kinds: &[Kind]) -> Result<(Digests, String), InspectError> {
     let mut md5 = kinds.contains(&Kind::Md5).then(md5::Md5::new);
     let mut sha256 = kinds.contains(&Kind::Sha256).then(sha2::Sha256::new);
     let mut sha512 = kinds.contains(&Kind::Sha512).then(sha2::Sha512::new);

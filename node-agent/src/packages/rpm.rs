@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use super::{DbError, Index, Owner, Recorded};
+use super::{DbError, Index, Owner, Recorded, Scope};
 use crate::hostfs::HostRoot;
 
 /// The files whose inode, size and mtime say the database changed (the
@@ -184,7 +184,7 @@ pub fn parse_header(blob: &[u8]) -> Result<Header, DbError> {
 }
 
 /// Indexes the rpm database under `root`.
-pub fn index(root: &HostRoot) -> Result<Index, DbError> {
+pub fn index(root: &HostRoot, scope: &Scope) -> Result<Index, DbError> {
     let rel = STAMPED[0];
     let file = root
         .open_file(Path::new(rel))
@@ -215,7 +215,10 @@ pub fn index(root: &HostRoot) -> Result<Index, DbError> {
     )?;
     let mut stmt = db.prepare("SELECT blob FROM Packages")?;
     let mut rows = stmt.query([])?;
-    let mut index = Index::default();
+    let mut index = Index {
+        scope: scope.clone(),
+        ..Index::default()
+    };
     while let Some(row) = rows.next()? {
         let blob = row
             .get_ref(0)?

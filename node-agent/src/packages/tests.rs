@@ -556,3 +556,46 @@ fn a_file_dpkg_put_in_place_before_its_digest_is_no_mismatch() {
         Some(PackageVerdict::Mismatch)
     );
 }
+
+#[test]
+fn only_the_monitored_paths_are_indexed() {
+    let dir = dpkg_root(&["hostname", "sed"]);
+    let root = dir.path();
+    let host = HostRoot::open(root).unwrap();
+    let all = dpkg::index(&host, &Scope::default()).unwrap();
+    let bin = dpkg::index(&host, &Scope::new([b"/usr/bin".to_vec()])).unwrap();
+    let paths = |i: &Index| {
+        let mut v: Vec<String> = i
+            .files
+            .keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(paths(&all).iter().any(|p| p.starts_with("/usr/share/")));
+    // /bin/hostname is kept for its merged-/usr alias /usr/bin/hostname.
+    assert!(
+        paths(&bin).contains(&"/bin/hostname".to_string()),
+        "{:?}",
+        paths(&bin)
+    );
+    assert!(
+        paths(&bin)
+            .iter()
+            .all(|p| p.starts_with("/usr/bin/") || p.starts_with("/bin/"))
+    );
+
+    let mut p = Packages::new(root);
+    p.set_scope(Scope::new([b"/etc".to_vec()]));
+    let mut changes = vec![modified(root, "/bin/hostname")];
+    verify(&mut p, &mut changes);
+    assert_eq!(changes[0].package, None, "outside every monitored entry");
+    p.set_scope(Scope::new([b"/bin".to_vec()]));
+    let mut changes = vec![modified(root, "/bin/hostname")];
+    verify(&mut p, &mut changes);
+    assert!(
+        changes[0].package.is_some(),
+        "indexed again for the new entries"
+    );
+}
