@@ -66,3 +66,72 @@ pub fn install_dpkg(root: &Path, packages: &[&str]) {
     )
     .expect("write status");
 }
+
+/// Runs a tool the rpm tests need, failing clearly when it is missing.
+fn run(cmd: &mut std::process::Command) {
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!(
+            "{:?} cannot run ({e}): the rpm tests need Debian's rpm package (make deps)",
+            cmd.get_program()
+        )
+    });
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Content of `/usr/bin/kfim-tool` in the package [`install_rpm`] builds.
+pub const RPM_TOOL: &str = "#!/bin/sh\necho kfim\n";
+
+/// Builds the rpm `kfim-tool` 1.2-3 (epoch 1; `/usr/bin/kfim-tool`, SHA-256
+/// file digests) with `rpmbuild`, and makes the node root's rpm database
+/// (`/var/lib/rpm/rpmdb.sqlite`) with `rpm --initdb` and `rpm -i --justdb`;
+/// the file itself is written into the root as the package has it.
+pub fn install_rpm(root: &Path) {
+    let build = tempfile::tempdir().expect("temp dir");
+    let top = build.path();
+    for d in ["SPECS", "SOURCES", "BUILD", "RPMS", "SRPMS", "BUILDROOT"] {
+        std::fs::create_dir_all(top.join(d)).expect("mkdir");
+    }
+    let spec = top.join("SPECS/kfim-tool.spec");
+    std::fs::write(
+        &spec,
+        "Name: kfim-tool\nVersion: 1.2\nRelease: 3\nEpoch: 1\nSummary: t\nLicense: MIT\nBuildArch: noarch\n\
+         %description\nt\n%install\nmkdir -p %{buildroot}/usr/bin\n\
+         printf '#!/bin/sh\\necho kfim\\n' > %{buildroot}/usr/bin/kfim-tool\n\
+         %files\n/usr/bin/kfim-tool\n",
+    )
+    .expect("spec");
+    run(std::process::Command::new("rpmbuild")
+        .arg("-bb")
+        .arg("--define")
+        .arg(format!("_topdir {}", top.display()))
+        .arg("--define")
+        .arg("_binary_filedigest_algorithm 8")
+        .arg("--define")
+        .arg("__os_install_post %{nil}")
+        .arg(&spec));
+    let dbpath = root.join("var/lib/rpm");
+    std::fs::create_dir_all(&dbpath).expect("mkdir");
+    let rpm = |args: &[&str]| {
+        run(std::process::Command::new("rpm")
+            .arg("--dbpath")
+            .arg(&dbpath)
+            .args(["--define", "_db_backend sqlite"])
+            .args(args));
+    };
+    rpm(&["--initdb"]);
+    let package = top.join("RPMS/noarch/kfim-tool-1.2-3.noarch.rpm");
+    rpm(&[
+        "-i",
+        "--justdb",
+        "--nodeps",
+        "--nosignature",
+        package.to_str().expect("utf-8 path"),
+    ]);
+    let tool = root.join("usr/bin/kfim-tool");
+    std::fs::create_dir_all(tool.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&tool, RPM_TOOL).expect("write");
+}

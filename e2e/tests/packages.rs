@@ -17,7 +17,7 @@ use kube_fim_crds::{
 };
 use kube_fim_e2e::fleet::{Fleet, describe, entry};
 use kube_fim_e2e::operator::Operator;
-use kube_fim_e2e::packages::{install_dpkg, md5sums_in, version};
+use kube_fim_e2e::packages::{RPM_TOOL, install_dpkg, install_rpm, md5sums_in, version};
 use kube_fim_e2e::{
     client, client_for, eventually, file_change, metric_where, node_bound_kubeconfig, unique_name,
 };
@@ -188,6 +188,48 @@ async fn package_verified_changes_are_recorded_and_a_trojan_is_loud() {
             .ok_or_else(|| format!("(last 24h, unacknowledged) = {got:?}"))
     })
     .await;
+    fleet.cleanup().await;
+}
+
+/// The same on a node whose packages are rpm's (SQLite rpmdb made by `rpm
+/// --initdb` and `rpm -i --justdb` of a package `rpmbuild` built): a
+/// replaced file is a Mismatch, the package's content back is Verified.
+#[tokio::test]
+async fn an_rpm_node_verifies_its_packaged_files() {
+    let client = client().await;
+    let suite = unique_name("pkgr");
+    let mut fleet = Fleet::new(client.clone(), &suite, 1).await;
+    let node = fleet.nodes[0].name.clone();
+    let root = fleet.nodes[0].root.clone();
+    install_rpm(&root);
+    let policy = format!("{suite}-usr-bin");
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("usr-bin", "/usr/bin", true)]))
+        .await;
+    fleet.nodes[0].start_agent();
+    fleet.wait_ready(&node, &policy, READY).await;
+    let tool = root.join("usr/bin/kfim-tool");
+
+    trojan(&tool);
+    let c = wait_nth(&fleet, &node, "Modified /usr/bin/kfim-tool", 0).await;
+    let check = c.spec.package.clone().expect("kfim-tool owns it");
+    assert_eq!(check.manager, PackageManager::Rpm);
+    assert_eq!(
+        (check.name.as_str(), check.version.as_str()),
+        ("kfim-tool", "1:1.2-3")
+    );
+    assert_eq!(check.verdict, PackageVerdict::Mismatch);
+
+    std::fs::write(&tool, RPM_TOOL).unwrap();
+    let c = wait_nth(&fleet, &node, "Modified /usr/bin/kfim-tool", 1).await;
+    assert_eq!(
+        c.spec.package.map(|p| p.verdict),
+        Some(PackageVerdict::Verified)
+    );
+    // The fleet's own /usr/bin/tool belongs to no package.
+    std::fs::write(root.join("usr/bin/tool"), "#!/bin/sh\necho changed\n").unwrap();
+    let c = wait_nth(&fleet, &node, "Modified /usr/bin/tool", 0).await;
+    assert_eq!(c.spec.package, None);
     fleet.cleanup().await;
 }
 
