@@ -123,7 +123,15 @@ mod tests {
             .collect();
         assert_eq!(
             cols,
-            ["NODE", "CATEGORY", "PATH", "POLICY", "UNREADABLE", "AGE"]
+            [
+                "NODE",
+                "CATEGORY",
+                "PATH",
+                "POLICY",
+                "UNREADABLE",
+                "PACKAGE",
+                "AGE"
+            ]
         );
         for crd in [fip, fc] {
             let sub = crd.spec.versions[0].subresources.as_ref();

@@ -345,6 +345,7 @@ async fn a_filechange_shows_the_printer_columns_and_is_immutable() {
             "PATH",
             "POLICY",
             "UNREADABLE",
+            "PACKAGE",
             "AGE"
         ]
     );
