@@ -19,6 +19,7 @@ LAYERS=(
 	"telemetry"
 	"hostfs"
 	"mounts"
+	"packages"
 	"plan"
 	"baseline"
 	"engine"

@@ -62,6 +62,12 @@ use crate::policy::Attribute;
         description = "Why the file could not be read whole (its content is reported once readable)"
     ),
     printcolumn(
+        name = "Package",
+        type_ = "string",
+        json_path = ".spec.package.verdict",
+        description = "Verified: the content is the installed package's; Mismatch: a package's file with content no installed package has"
+    ),
+    printcolumn(
         name = "Source",
         type_ = "string",
         json_path = ".spec.source",
@@ -150,6 +156,75 @@ pub struct FileChangeSpec {
     /// before change storms were paced).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<ChangeSummary>,
+
+    /// The installed package that owns the file, when one does, and whether
+    /// the new content is that package's (checked by the agent against the
+    /// node's package database, dpkg or rpm). The node's claim: the cluster
+    /// cannot re-read the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package: Option<PackageCheck>,
+}
+
+/// A changed file checked against the node's package database.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PackageCheck {
+    /// The package database that owns the file.
+    pub manager: PackageManager,
+    /// Name of the owning package (for a Mismatch, the first owner found).
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Its installed version (rpm: `[epoch:]version-release`).
+    #[schemars(length(max = 253))]
+    pub version: String,
+    /// The version the agent knew before the package database last changed,
+    /// when it knew one and it differs (an upgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub version_before: Option<String>,
+    /// The content compared with the package's recorded digest.
+    pub verdict: PackageVerdict,
+}
+
+/// A package database on the node.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum PackageManager {
+    /// Debian and Ubuntu: `/var/lib/dpkg` (MD5 of each file).
+    Dpkg,
+    /// RHEL, Fedora, SUSE: `/var/lib/rpm/rpmdb.sqlite` (the headers' file digests).
+    Rpm,
+}
+
+impl PackageManager {
+    /// The name used in labels, Events and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PackageManager::Dpkg => "dpkg",
+            PackageManager::Rpm => "rpm",
+        }
+    }
+}
+
+/// What a package-owned file's new content is.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PackageVerdict {
+    /// The content is exactly what an installed package recorded for the path
+    /// (an upgrade or reinstall wrote it).
+    Verified,
+    /// The path belongs to an installed package but its content matches no
+    /// installed package's recorded digest (a replaced binary): loud.
+    Mismatch,
+}
+
+impl PackageVerdict {
+    /// The name used in labels and Events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PackageVerdict::Verified => "Verified",
+            PackageVerdict::Mismatch => "Mismatch",
+        }
+    }
 }
 
 /// What happened to a file.

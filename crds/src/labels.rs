@@ -12,6 +12,9 @@ pub const NODE: &str = "fim.kube-fim.io/node";
 pub const POLICY: &str = "fim.kube-fim.io/policy";
 /// Category (Added, Modified, Removed, Summary) of a FileChange.
 pub const CATEGORY: &str = "fim.kube-fim.io/category";
+/// Package verdict (Verified, Mismatch) of a FileChange whose file an
+/// installed package owns; absent otherwise.
+pub const PACKAGE: &str = "fim.kube-fim.io/package";
 /// Entry name of a FileChange.
 pub const ENTRY: &str = "fim.kube-fim.io/entry";
 /// Annotation an admin sets on a FileIntegrityNode, to the id of its

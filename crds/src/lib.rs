@@ -21,7 +21,7 @@ pub mod validate;
 pub use change::{
     Approval, ApprovalOutcome, AttributionLimit, ChangeCategory, ChangeSummary, DetectionSource,
     EntryDigestMove, FileAttributes, FileChange, FileChangeSpec, FileChangeStatus, FileType, Mount,
-    PodRef, ProcessInfo,
+    PackageCheck, PackageManager, PackageVerdict, PodRef, ProcessInfo,
 };
 pub use node::{
     BaselineAlarm, ChainVerification, EntryDigest, EvidenceGap, FileIntegrityNode,
@@ -30,7 +30,8 @@ pub use node::{
 };
 pub use policy::{
     Attribute, AttributeProfile, Evidence, FileIntegrityPolicy, FileIntegrityPolicySpec,
-    FileIntegrityPolicyStatus, FleetOutlier, MonitoredPath, Preset, Retention, RolloutStatus,
+    FileIntegrityPolicyStatus, FleetOutlier, MonitoredPath, PackageVerifiedChanges, Preset,
+    Retention, RolloutStatus,
 };
 pub use sink::{
     DeliveredPosition, FileChangeSink, FileChangeSinkSpec, FileChangeSinkStatus, FileTransport,
@@ -124,7 +125,15 @@ mod tests {
             .collect();
         assert_eq!(
             cols,
-            ["NODE", "CATEGORY", "PATH", "POLICY", "UNREADABLE", "AGE"]
+            [
+                "NODE",
+                "CATEGORY",
+                "PATH",
+                "POLICY",
+                "UNREADABLE",
+                "PACKAGE",
+                "AGE"
+            ]
         );
         for crd in [fip, fc] {
             let sub = crd.spec.versions[0].subresources.as_ref();

@@ -124,6 +124,31 @@ pub struct FileIntegrityPolicySpec {
     /// it is off by default; without it changes are still reported.
     #[serde(default)]
     pub process_attribution: bool,
+
+    /// Whether a change the node's agent verified against its package database
+    /// (new content exactly an installed package's, `spec.package.verdict:
+    /// Verified`) waits for approval. `Record` (the default) keeps it as
+    /// evidence without counting it unacknowledged (no alert);
+    /// `RequireApproval` treats it like any other change. A Mismatch always
+    /// waits for approval.
+    #[serde(default, skip_serializing_if = "PackageVerifiedChanges::is_default")]
+    pub package_verified_changes: PackageVerifiedChanges,
+}
+
+/// What a package-verified change needs.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PackageVerifiedChanges {
+    /// Recorded as evidence, not counted unacknowledged.
+    #[default]
+    Record,
+    /// Approved one by one like any other change.
+    RequireApproval,
+}
+
+impl PackageVerifiedChanges {
+    fn is_default(&self) -> bool {
+        *self == PackageVerifiedChanges::Record
+    }
 }
 
 /// One monitored entry of a policy.
@@ -545,6 +570,7 @@ impl FileIntegrityPolicySpec {
             retention: Retention::default(),
             evidence: Evidence::default(),
             process_attribution: false,
+            package_verified_changes: PackageVerifiedChanges::Record,
         }
     }
 }

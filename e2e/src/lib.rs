@@ -9,6 +9,7 @@
 
 pub mod fleet;
 pub mod operator;
+pub mod packages;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -435,6 +436,7 @@ impl ChangeFixture {
                 process: None,
                 summary: None,
                 sequence: None,
+                package: None,
             },
         );
         fc.metadata.labels = Some(std::collections::BTreeMap::from([

@@ -324,6 +324,7 @@ async fn a_filechange_shows_the_printer_columns_and_is_immutable() {
             process: None,
             summary: None,
             sequence: None,
+            package: None,
         },
     );
     change.metadata.labels = Some(labels);
@@ -344,6 +345,7 @@ async fn a_filechange_shows_the_printer_columns_and_is_immutable() {
             "PATH",
             "POLICY",
             "UNREADABLE",
+            "PACKAGE",
             "AGE"
         ]
     );

@@ -74,6 +74,8 @@ const METRICS: &[&str] = &[
     "kube_fim_agent_fanotify_directories",
     "kube_fim_agent_fanotify_overflows_total",
     "kube_fim_agent_attributed_changes_total",
+    "kube_fim_agent_package_checks_total",
+    "kube_fim_agent_package_database_errors_total",
     "kube_fim_sink_delivered_total",
     "kube_fim_sink_failures_total",
     "kube_fim_sink_lag_seconds",

@@ -658,6 +658,7 @@ mod tests {
                 process: None,
                 summary: None,
                 sequence: None,
+                package: None,
             },
         )
     }

@@ -8,7 +8,8 @@
 # same threads (target ≤ 1.1), AIDE ÷ agent (target ≥ 5). Then the real-time
 # detection latency (write -> change line, p50/p99) and idle CPU of `watch`,
 # and (as root; BENCH_ATTRIBUTION=0 skips it) what process attribution costs,
-# unrelated writes on the monitored file system included.
+# unrelated writes on the monitored file system included; last, what package
+# verification costs on this machine's own dpkg/rpm database (examples/package_index.rs).
 #
 # Trees:
 #   gen    BENCH_FILES generated files (default 100000): sizes skewed like /usr
@@ -209,5 +210,12 @@ if [ "${BENCH_ATTRIBUTION:-1}" = 1 ] && [ "$(id -u)" = 0 ]; then
     mkdir -p "$work/attribution"
     BENCH_FILES=10000 BENCH_TINY=1 BENCH_EVENTS=1000 BENCH_UNRELATED=100000 \
         python3 "$here/attribution.py" "$bin" "$work/attribution"
+fi
+# Package verification: indexing this machine's own dpkg/rpm database, and
+# the time per verified change (BENCH_PACKAGES=0 skips it).
+if [ "${BENCH_PACKAGES:-1}" = 1 ]; then
+    echo "== package verification: the machine's own package databases"
+    (cd "$repo" && cargo build --release -q -p kube-fim-agent --example package_index)
+    "$target/release/examples/package_index" / "${BENCH_PACKAGE_FILES:-500}"
 fi
 echo "targets: ÷b3 ≤ 1.1 on 1 and ${threads} threads, aide÷ ≥ 5, agent RSS ≤ 40 MB at 1M files, p99 < 500 ms, idle CPU ~ 0, unrelated writes <= 1 ms CPU per 1,000"

@@ -558,6 +558,36 @@ impl HostRoot {
         Ok(Some(attrs))
     }
 
+    /// Opens the regular file `rel` for reading, resolved inside the root (its
+    /// last component never followed), without waiting for a lease holder.
+    /// `Ok(None)` when it does not exist.
+    pub fn open_file(&self, rel: &Path) -> Result<Option<std::fs::File>, InspectError> {
+        let fd = match self.open_in(rel, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT | Errno::NOTDIR) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let st = rustix::fs::fstat(&fd)?;
+        if RawType::from_raw_mode(st.st_mode) != RawType::RegularFile {
+            return Err(InspectError::Io("not a regular file".into()));
+        }
+        Ok(Some(std::fs::File::from(fd)))
+    }
+
+    /// Inode, size and mtime (ns) of `rel` (a file or a directory, its last
+    /// component not followed), `Ok(None)` when it does not exist: what says
+    /// a database file was rewritten.
+    pub fn stamp(&self, rel: &Path) -> Result<Option<(u64, u64, i128)>, InspectError> {
+        let fd = match self.open_in(rel, OFlags::PATH) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT | Errno::NOTDIR) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let st = rustix::fs::fstat(&fd)?;
+        let mtime = i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec);
+        Ok(Some((st.st_ino, st.st_size as u64, mtime)))
+    }
+
     /// BLAKE3 of the first `len` bytes of a regular file (for growOnly entries:
     /// did the file only grow, keeping its old content as a prefix?).
     pub fn hash_prefix(&self, rel: &Path, len: u64) -> Result<String, InspectError> {

@@ -14,6 +14,7 @@ mod fixtures;
 pub mod hostfs;
 pub mod monitor;
 pub mod mounts;
+pub mod packages;
 pub mod paths;
 pub mod plan;
 pub mod report;

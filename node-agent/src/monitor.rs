@@ -4,6 +4,7 @@
 //! until an event, a debounce deadline, the next scan or a policy update.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use crate::attribution::fanotify::Notice;
 use crate::attribution::join::Attribution;
 use crate::attribution::pods::PodIndex;
 use crate::engine::{Approval, Approved, Engine, Outcome, PolicyStatus};
+use crate::packages::{Packages, Scope};
 use crate::report::object::object_name;
 use crate::report::{Batch, Detected, detected, hand_over, sequence};
 use crate::served::ServedPolicies;
@@ -210,6 +212,8 @@ pub struct Monitor {
     status: watch::Sender<Snapshot>,
     inotify: Inotify,
     attribution: Attribution,
+    /// The node's package databases, for the changes of package-owned files.
+    packages: Packages,
     root: PathBuf,
     /// Paths waiting for their rescan, with when (debounce).
     pending: BTreeMap<PathBuf, Instant>,
@@ -243,6 +247,7 @@ pub async fn run(
     // A mount made over a monitored path changes what the host reads there.
     let (mounts_tx, mut mounts) = mpsc::unbounded_channel::<()>();
     crate::mounts::follow(engine.mount_source(), move || mounts_tx.send(()).is_ok());
+    let packages = Packages::new(engine.root_path());
     let mut m = Monitor {
         root: engine.root_path().to_path_buf(),
         engine,
@@ -251,6 +256,7 @@ pub async fn run(
         status,
         inotify: Inotify::new(inotify_tx),
         attribution,
+        packages,
         pending: BTreeMap::new(),
         followed: BTreeSet::new(),
         first: true,
@@ -311,6 +317,7 @@ impl Monitor {
     /// ([`crate::report`]): counted, handed over (and queued on disk by the
     /// reporter), marked reported, saved.
     async fn carry(&mut self, mut outcome: Outcome, found: Found) -> Result<Carried, Stopped> {
+        tokio::task::block_in_place(|| self.packages.verify(&mut outcome.changes, &self.telemetry));
         self.telemetry
             .changes_detected(outcome.bytes, outcome.errors.len(), &outcome.changes);
         let mut reports = detected(&mut outcome);
@@ -539,6 +546,12 @@ impl Monitor {
         if let Err(error) = self.engine.set_policies(wanted) {
             warn!(%error, "policy not applied");
         }
+        self.packages.set_scope(Scope::new(
+            self.engine
+                .entry_bases()
+                .iter()
+                .map(|b| [b"/".as_slice(), b.as_os_str().as_bytes()].concat()),
+        ));
         for name in before {
             if !self.engine.policies().contains_key(&name) {
                 self.telemetry.policy_dropped(&name);

@@ -75,6 +75,8 @@ struct Metrics {
     fanotify_dirs: IntGauge,
     attribution_overflows: IntCounter,
     attributed_changes: IntCounterVec,
+    package_checks: IntCounterVec,
+    package_db_errors: IntCounterVec,
     reports_queued: IntGauge,
     delivered: IntCounter,
     api_errors: IntCounterVec,
@@ -173,6 +175,16 @@ impl Metrics {
                 "Changes with a named writer, by policy, command and pod (namespace and pod empty for host processes)",
                 &["policy", "command", "namespace", "pod"],
             )?,
+            package_checks: counters(
+                "kube_fim_agent_package_checks_total",
+                "Changed package-owned files checked against the node's package database, by policy, manager and verdict (Verified, Mismatch)",
+                &["policy", "manager", "verdict"],
+            )?,
+            package_db_errors: counters(
+                "kube_fim_agent_package_database_errors_total",
+                "Package databases that could not be read (verification off until the database changes), by manager",
+                &["manager"],
+            )?,
             reports_queued: gauge(
                 "kube_fim_agent_reports_queued",
                 "Changes recorded on the node and not yet stored by the API server",
@@ -222,6 +234,8 @@ impl Metrics {
             Box::new(m.fanotify_dirs.clone()),
             Box::new(m.attribution_overflows.clone()),
             Box::new(m.attributed_changes.clone()),
+            Box::new(m.package_checks.clone()),
+            Box::new(m.package_db_errors.clone()),
             Box::new(m.files.clone()),
             Box::new(m.bytes_hashed.clone()),
             Box::new(m.scan_duration.clone()),
@@ -356,6 +370,10 @@ impl Telemetry {
             for category in ["Added", "Modified", "Removed"] {
                 m.changes.with_label_values(&[name, category]);
             }
+            for manager in ["dpkg", "rpm"] {
+                m.package_checks
+                    .with_label_values(&[name, manager, "Mismatch"]);
+            }
             m.files.with_label_values(&[name]).set(files as i64);
             m.last_scan.with_label_values(&[name]).set(now);
         }
@@ -406,6 +424,23 @@ impl Telemetry {
     /// fanotify lost events (its queue overflowed).
     pub fn fanotify_overflowed(&self) {
         self.metrics.attribution_overflows.inc();
+    }
+
+    /// A changed file of `policy` was checked against a package database.
+    pub fn package_checked(&self, policy: &str, manager: &str, verdict: &str) {
+        self.metrics
+            .package_checks
+            .with_label_values(&[policy, manager, verdict])
+            .inc();
+    }
+
+    /// A package database could not be read: verification with it is off
+    /// until it changes.
+    pub fn package_database_failed(&self, manager: &str) {
+        self.metrics
+            .package_db_errors
+            .with_label_values(&[manager])
+            .inc();
     }
 
     /// A change of `policy` was put on its writer `p`.

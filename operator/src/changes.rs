@@ -17,7 +17,9 @@ use kube::core::{ApiResource, Object};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use kube_fim_crds::rollout::{Comparable, Transition};
-use kube_fim_crds::{ChangeCategory, EntryDigestMove, FileChange};
+use kube_fim_crds::{
+    ChangeCategory, EntryDigestMove, FileChange, PackageVerdict, PackageVerifiedChanges,
+};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use tokio::sync::watch;
@@ -50,6 +52,15 @@ pub struct ViewSpec {
     pub before: Option<Comparable>,
     #[serde(default)]
     pub after: Option<Comparable>,
+    /// The agent's package check of the file, if a package owns it.
+    #[serde(default)]
+    pub package: Option<ViewPackage>,
+}
+
+/// Of a FileChange's package check, its verdict.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ViewPackage {
+    pub verdict: PackageVerdict,
 }
 
 /// Of a FileChange's status, whether it holds an approval: a person's recorded
@@ -85,6 +96,8 @@ pub struct Item {
     pub moves: Vec<EntryDigestMove>,
     /// The change's transition (none for a Summary), which rollouts group by.
     pub transition: Option<Arc<Transition>>,
+    /// Its new content is an installed package's (the node's claim).
+    pub package_verified: bool,
 }
 
 impl Item {
@@ -107,6 +120,11 @@ impl Item {
                 .map(|s| s.entry_digests.clone())
                 .unwrap_or_default(),
             transition: transition_of(&change.spec).map(Arc::new),
+            package_verified: change
+                .spec
+                .package
+                .as_ref()
+                .is_some_and(|p| p.verdict == PackageVerdict::Verified),
         }
     }
 }
@@ -370,8 +388,15 @@ impl Changes {
         }
     }
 
-    /// What `policy`'s status shows of its changes, at `now`.
-    pub fn counts(&self, policy: &str, now: Timestamp) -> ChangeCounts {
+    /// What `policy`'s status shows of its changes, at `now`: a
+    /// package-verified change waits for approval only when the policy says
+    /// `RequireApproval`.
+    pub fn counts(
+        &self,
+        policy: &str,
+        now: Timestamp,
+        verified: PackageVerifiedChanges,
+    ) -> ChangeCounts {
         let index = self.index();
         let day = Duration::from_secs(24 * 3600);
         let mut counts = ChangeCounts::default();
@@ -379,7 +404,8 @@ impl Changes {
             if now.duration_since(item.created).unsigned_abs() <= day {
                 counts.last_24h += 1;
             }
-            if !item.approved {
+            let recorded = item.package_verified && verified == PackageVerifiedChanges::Record;
+            if !item.approved && !recorded {
                 counts.unacknowledged += 1;
             }
         }
@@ -418,6 +444,7 @@ mod tests {
                 process: None,
                 summary: None,
                 sequence: None,
+                package: None,
             },
         );
         fc.metadata.creation_timestamp = Some(Time(created));
@@ -456,10 +483,20 @@ mod tests {
         ] {
             assert_eq!(changes.observe(&event), Change::Same);
         }
-        assert_eq!(changes.counts("web", now), counts(0, 0), "not listed yet");
+        assert_eq!(
+            changes.counts("web", now, PackageVerifiedChanges::Record),
+            counts(0, 0),
+            "not listed yet"
+        );
         assert_eq!(changes.observe(&watcher::Event::InitDone), Change::Relisted);
-        assert_eq!(changes.counts("web", now), counts(1, 2));
-        assert_eq!(changes.counts("db", now), counts(1, 1));
+        assert_eq!(
+            changes.counts("web", now, PackageVerifiedChanges::Record),
+            counts(1, 2)
+        );
+        assert_eq!(
+            changes.counts("db", now, PackageVerifiedChanges::Record),
+            counts(1, 1)
+        );
 
         // Approved: no longer unacknowledged.
         assert!(matches!(
@@ -471,7 +508,10 @@ mod tests {
                 new: Some(_)
             }
         ));
-        assert_eq!(changes.counts("web", now), counts(1, 1));
+        assert_eq!(
+            changes.counts("web", now, PackageVerifiedChanges::Record),
+            counts(1, 1)
+        );
         // The agent's answer to the approval changes nothing counted.
         let mut answered = approved(change("a", "web", now));
         answered.status.as_mut().unwrap().message = Some("baseline updated".into());
@@ -484,7 +524,10 @@ mod tests {
             changes.observe(&watcher::Event::Delete(view(&change("c", "db", now)))),
             Change::Changed { new: None, .. }
         ));
-        assert_eq!(changes.counts("db", now), counts(0, 0));
+        assert_eq!(
+            changes.counts("db", now, PackageVerifiedChanges::Record),
+            counts(0, 0)
+        );
         assert!(changes.of_policy("db").is_empty());
         assert_eq!(changes.of_policy("web").len(), 2);
     }
@@ -509,6 +552,7 @@ mod tests {
                 sequence: None,
                 moves: Vec::new(),
                 transition: Transition::of(&fc.spec).map(Arc::new),
+                package_verified: false,
             }
         );
         let mut answered = change("c2", "web", created);
@@ -537,8 +581,14 @@ mod tests {
         changes.observe(&watcher::Event::Init);
         changes.observe(&watcher::Event::InitApply(view(&fc)));
         changes.observe(&watcher::Event::InitDone);
-        assert_eq!(changes.counts("web", now), counts(1, 1));
-        assert_eq!(changes.counts("db", now), counts(0, 0));
+        assert_eq!(
+            changes.counts("web", now, PackageVerifiedChanges::Record),
+            counts(1, 1)
+        );
+        assert_eq!(
+            changes.counts("db", now, PackageVerifiedChanges::Record),
+            counts(0, 0)
+        );
     }
 
     #[test]
@@ -590,7 +640,10 @@ mod tests {
         changes.observe(&watcher::Event::Apply(view(&change("gone", "web", now))));
         changes.observe(&watcher::Event::Init);
         changes.observe(&watcher::Event::InitApply(view(&change("new", "web", now))));
-        assert_eq!(changes.counts("web", now), counts(1, 1));
+        assert_eq!(
+            changes.counts("web", now, PackageVerifiedChanges::Record),
+            counts(1, 1)
+        );
         changes.observe(&watcher::Event::InitDone);
         let names: Vec<String> = changes
             .of_policy("web")
@@ -598,5 +651,41 @@ mod tests {
             .map(|i| i.name)
             .collect();
         assert_eq!(names, ["new"]);
+    }
+
+    #[test]
+    fn a_package_verified_change_waits_for_approval_only_when_the_policy_says_so() {
+        let now = Timestamp::now();
+        let checked = |name: &str, verdict| {
+            let mut fc = change(name, "web", now);
+            fc.spec.package = Some(kube_fim_crds::PackageCheck {
+                manager: kube_fim_crds::PackageManager::Dpkg,
+                name: "sudo".into(),
+                version: "1.9.13p3-1+deb12u2".into(),
+                version_before: None,
+                verdict,
+            });
+            fc
+        };
+        let changes = Changes::default();
+        changes.observe(&watcher::Event::Init);
+        for fc in [
+            checked("verified", PackageVerdict::Verified),
+            checked("mismatch", PackageVerdict::Mismatch),
+            change("plain", "web", now),
+        ] {
+            changes.observe(&watcher::Event::InitApply(view(&fc)));
+        }
+        changes.observe(&watcher::Event::InitDone);
+        // Recorded: the verified change is evidence, not an alert; a
+        // mismatch and an unowned change still wait.
+        assert_eq!(
+            changes.counts("web", now, PackageVerifiedChanges::Record),
+            counts(3, 2)
+        );
+        assert_eq!(
+            changes.counts("web", now, PackageVerifiedChanges::RequireApproval),
+            counts(3, 3)
+        );
     }
 }

@@ -413,7 +413,8 @@ async fn reconcile_policy(policy: &FileIntegrityPolicy, ctx: &Context) -> Result
         invalid.as_deref(),
         &nodes,
         &records,
-        ctx.changes.counts(&name, now),
+        ctx.changes
+            .counts(&name, now, policy.spec.package_verified_changes),
         now,
         ctx.config.heartbeat_timeout,
     );

@@ -276,6 +276,7 @@ mod tests {
             sequence: None,
             moves: Vec::new(),
             transition: None,
+            package_verified: false,
         }
     }
 

@@ -183,6 +183,7 @@ mod tests {
             approved: false,
             sequence: Some(1),
             moves: Vec::new(),
+            package_verified: false,
             transition: Transition::from_parts(
                 "p",
                 "etc",

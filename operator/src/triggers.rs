@@ -310,6 +310,7 @@ mod tests {
             sequence: None,
             moves: Vec::new(),
             transition: None,
+            package_verified: false,
         };
         let woke = |change: Change<Item>| change_wake(change, &policies);
         let b = BTreeSet::from(["b".to_string()]);

@@ -312,6 +312,12 @@ impl Engine {
         self.unreadable.iter().cloned().collect()
     }
 
+    /// Root-relative paths of the served entries (without their wildcard
+    /// segment): every monitored path is at or below one of them.
+    pub fn entry_bases(&self) -> Vec<PathBuf> {
+        self.plan.entries.iter().map(|e| e.base.clone()).collect()
+    }
+
     /// The policies served.
     pub fn policies(&self) -> &BTreeMap<String, PolicyInput> {
         &self.policies

@@ -149,7 +149,7 @@ fn storm_sample_limit() -> usize {
 /// the whole change; texts longer than the schema allows are shortened.
 pub fn to_object(spec: FileChangeSpec, epoch: u64) -> FileChange {
     let name = object_name(&spec, epoch);
-    let labels = BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (labels::NODE.to_string(), label_value(&spec.node)),
         (labels::POLICY.to_string(), label_value(&spec.policy)),
         (
@@ -162,6 +162,9 @@ pub fn to_object(spec: FileChangeSpec, epoch: u64) -> FileChange {
             labels::MANAGED_BY_VALUE.to_string(),
         ),
     ]);
+    if let Some(p) = &spec.package {
+        labels.insert(labels::PACKAGE.to_string(), p.verdict.as_str().to_string());
+    }
     let mut object = FileChange::new(&name, spec);
     object.metadata.labels = Some(labels);
     shorten(&object, TEXT_MAX)
@@ -197,6 +200,7 @@ mod tests {
             process: None,
             summary: None,
             sequence: None,
+            package: None,
         }
     }
 

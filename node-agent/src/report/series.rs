@@ -24,7 +24,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use kube_fim_crds::{Attribute, ChangeCategory, FileChange, FileChangeSpec, FileIntegrityPolicy};
+use kube_fim_crds::{
+    Attribute, ChangeCategory, FileChange, FileChangeSpec, FileIntegrityPolicy, PackageVerdict,
+};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -60,6 +62,16 @@ pub fn reason(spec: &FileChangeSpec) -> &'static str {
         ChangeCategory::Removed => "FileRemoved",
         ChangeCategory::Summary => "ChangeStorm",
     }
+}
+
+/// The reason of the second Event of a change whose content matches no
+/// installed package's digest ([`kube_fim_crds::PackageVerdict::Mismatch`]).
+pub const PACKAGE_MISMATCH: &str = "PackageMismatch";
+
+fn mismatch(spec: &FileChangeSpec) -> bool {
+    spec.package
+        .as_ref()
+        .is_some_and(|p| p.verdict == PackageVerdict::Mismatch)
 }
 
 fn mounted(spec: &FileChangeSpec) -> bool {
@@ -103,8 +115,27 @@ pub fn describe(change: &FileChange) -> String {
                 .and_then(|a| a.unreadable.as_deref())
                 .map(|why| format!("; it could not be read ({why}): looked at again until read"))
                 .unwrap_or_default();
+            let package = match &spec.package {
+                Some(p) if p.verdict == PackageVerdict::Mismatch => format!(
+                    "; package {} {} ({}) owns it, and its content matches no installed package's digest",
+                    p.name,
+                    p.version,
+                    p.manager.as_str()
+                ),
+                Some(p) => format!(
+                    "; package-verified: the content of {} {}{} ({})",
+                    p.name,
+                    p.version_before
+                        .as_deref()
+                        .map(|b| format!("{b}→"))
+                        .unwrap_or_default(),
+                    p.version,
+                    p.manager.as_str()
+                ),
+                None => String::new(),
+            };
             format!(
-                "{} {}{}{by} on node {} (policy {}, entry {}, {:?}){through}{unreadable}",
+                "{} {}{}{by} on node {} (policy {}, entry {}, {:?}){through}{unreadable}{package}",
                 spec.path,
                 spec.category.as_str().to_lowercase(),
                 what,
@@ -120,8 +151,13 @@ pub fn describe(change: &FileChange) -> String {
 /// The note of the Event a change starts: the change, and what the series
 /// counts after it.
 pub fn note(change: &FileChange) -> String {
+    note_of(change, reason(&change.spec))
+}
+
+fn note_of(change: &FileChange, reason: &str) -> String {
     let spec = &change.spec;
     let counted = match spec.category {
+        _ if reason == PACKAGE_MISMATCH => "package mismatches".to_string(),
         ChangeCategory::Summary => "change storms".to_string(),
         _ if mounted(spec) => "paths mounted over".to_string(),
         c => format!("files {}", c.as_str().to_lowercase()),
@@ -253,13 +289,20 @@ impl ChangeEvents {
 
     /// Publishes a stored change: a new Event, or one more in an open series.
     pub async fn publish(&mut self, change: &FileChange) {
-        let key = (change.spec.policy.clone(), reason(&change.spec));
+        self.publish_as(change, reason(&change.spec)).await;
+        if mismatch(&change.spec) {
+            self.publish_as(change, PACKAGE_MISMATCH).await;
+        }
+    }
+
+    async fn publish_as(&mut self, change: &FileChange, reason: &'static str) {
+        let key = (change.spec.policy.clone(), reason);
         let now = Instant::now();
         let at = Timestamp::now();
         if self.book.observe(&key, now, at) == Step::Counted {
             return;
         }
-        let event = self.event(change, at);
+        let event = self.event(change, at, reason);
         let name = event.metadata.name.clone().unwrap_or_default();
         let params = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
@@ -311,7 +354,7 @@ impl ChangeEvents {
         self.book.next(Instant::now())
     }
 
-    fn event(&self, change: &FileChange, at: Timestamp) -> Event {
+    fn event(&self, change: &FileChange, at: Timestamp, reason: &'static str) -> Event {
         let spec = &change.spec;
         let regarding = self
             .served
@@ -326,15 +369,19 @@ impl ChangeEvents {
             });
         Event {
             metadata: ObjectMeta {
-                name: Some(format!("{}.{:x}", spec.policy, at.as_nanosecond())),
+                name: Some(if reason == PACKAGE_MISMATCH {
+                    format!("{}.{:x}.m", spec.policy, at.as_nanosecond())
+                } else {
+                    format!("{}.{:x}", spec.policy, at.as_nanosecond())
+                }),
                 namespace: Some(NAMESPACE.into()),
                 ..ObjectMeta::default()
             },
             event_time: Some(MicroTime(at)),
             action: Some("Detect".into()),
-            reason: Some(reason(spec).into()),
+            reason: Some(reason.into()),
             type_: Some("Warning".into()),
-            note: Some(note(change)),
+            note: Some(note_of(change, reason)),
             regarding: Some(regarding),
             related: Some(change.object_ref(&())),
             reporting_controller: Some(CONTROLLER.into()),
@@ -365,6 +412,7 @@ mod tests {
                 process: None,
                 summary: None,
                 sequence: None,
+                package: None,
             },
             0,
         )

@@ -420,6 +420,7 @@ mod tests {
                 process: None,
                 summary: None,
                 sequence: None,
+                package: None,
             },
         )
     }
