@@ -219,7 +219,10 @@ async fn changes_name_the_host_process_or_the_pod_and_container_that_made_them()
     })
     .await;
     assert!(
-        !marks.kernel_features.iter().any(|f| f == "FAN_MARK_FILESYSTEM"),
+        !marks
+            .kernel_features
+            .iter()
+            .any(|f| f == "FAN_MARK_FILESYSTEM"),
         "{marks:?}"
     );
     assert_eq!(marks.file_systems, Some(0), "{marks:?}");
