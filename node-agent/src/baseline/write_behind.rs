@@ -156,7 +156,11 @@ mod tests {
 
     /// Builds a baseline of `n` records on a pool of `threads` scan threads;
     /// `during` looks at it right after the first batch was handed over.
-    fn build_on(threads: usize, n: usize, during: impl Fn(&Baseline) + Send + Sync) -> (Baseline, String) {
+    fn build_on(
+        threads: usize,
+        n: usize,
+        during: impl Fn(&Baseline) + Send + Sync,
+    ) -> (Baseline, String) {
         let dir = tempfile::tempdir().unwrap();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
