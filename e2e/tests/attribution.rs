@@ -201,6 +201,31 @@ async fn changes_name_the_host_process_or_the_pod_and_container_that_made_them()
         "{att:?}"
     );
     assert_eq!(att.reason, None);
+    // The kernel filters: an inode mark on each monitored directory, no file
+    // system marked whole (whose every write the agent would drop itself).
+    let marks = eventually("the marks in force in the node status", SEEN, || async {
+        let att = nodes
+            .get(&node)
+            .await
+            .map_err(|e| e.to_string())?
+            .status
+            .and_then(|s| s.attribution)
+            .ok_or_else(|| "not yet".to_string())?;
+        if att.kernel_features.iter().any(|f| f == "FAN_MARK_INODE") {
+            Ok(att)
+        } else {
+            Err(format!("{att:?}"))
+        }
+    })
+    .await;
+    assert!(
+        !marks
+            .kernel_features
+            .iter()
+            .any(|f| f == "FAN_MARK_FILESYSTEM"),
+        "{marks:?}"
+    );
+    assert_eq!(marks.file_systems, Some(0), "{marks:?}");
 
     // A host process.
     let dir = tempfile::tempdir().unwrap();

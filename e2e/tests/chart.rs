@@ -72,6 +72,8 @@ const METRICS: &[&str] = &[
     "kube_fim_agent_attribution_active",
     "kube_fim_agent_attribution_unavailable",
     "kube_fim_agent_fanotify_directories",
+    "kube_fim_agent_fanotify_marks",
+    "kube_fim_agent_attribution_events_total",
     "kube_fim_agent_fanotify_overflows_total",
     "kube_fim_agent_attributed_changes_total",
     "kube_fim_agent_package_checks_total",

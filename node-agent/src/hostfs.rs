@@ -342,6 +342,18 @@ impl HostRoot {
             .as_ref()
     }
 
+    /// Runs `work` on the scan's threads, the caller waiting idle: the whole
+    /// of a scan (walking, hashing, judging, writing) then shares the
+    /// `--threads` budget, its parts stealing each other's work (`rayon::join`).
+    /// `work` is told whether it runs on the pool; without one (its threads
+    /// could not be started) it runs on the caller's thread.
+    pub fn on_scan_threads<R: Send>(&self, work: impl FnOnce(bool) -> R + Send) -> R {
+        match self.pool() {
+            Some(pool) => pool.install(|| work(true)),
+            None => work(false),
+        }
+    }
+
     /// Opens `rel` (relative to the root) inside the root, never following its
     /// last component.
     fn open_in(&self, rel: &Path, flags: OFlags) -> Result<OwnedFd, Errno> {

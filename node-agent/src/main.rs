@@ -40,7 +40,8 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
-    /// Threads a scan hashes on, at low CPU and I/O priority (default: what
+    /// Threads a scan runs on, all of it (hashing, judging, writing the
+    /// baseline), at low CPU and I/O priority (default: what
     /// the container's cgroup CPU quota allows, else every core).
     #[arg(long, global = true, env = "KUBE_FIM_THREADS")]
     threads: Option<NonZeroUsize>,

@@ -513,8 +513,14 @@ impl Monitor {
             );
         }
         let now = Instant::now();
+        let changed = !paths.is_empty();
         for p in paths {
             self.pending.insert(p, now);
+        }
+        // A mount over a followed directory hides the directory its mark or
+        // watch is on: follow what the path names now.
+        if changed {
+            self.sync_watches(false);
         }
     }
 

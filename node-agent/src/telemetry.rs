@@ -73,6 +73,8 @@ struct Metrics {
     attribution_active: IntGauge,
     attribution_unavailable: IntGaugeVec,
     fanotify_dirs: IntGauge,
+    fanotify_marks: IntGaugeVec,
+    attribution_events: IntCounter,
     attribution_overflows: IntCounter,
     attributed_changes: IntCounterVec,
     package_checks: IntCounterVec,
@@ -166,6 +168,15 @@ impl Metrics {
                 "kube_fim_agent_fanotify_directories",
                 "Monitored directories followed through fanotify marks (no inotify watch each)",
             )?,
+            fanotify_marks: gauges(
+                "kube_fim_agent_fanotify_marks",
+                "fanotify marks the agent holds, by kind: inode (one per monitored directory, the kernel filters) or filesystem (a whole file system whose directories refused inode marks, the agent filters)",
+                &["kind"],
+            )?,
+            attribution_events: counter(
+                "kube_fim_agent_attribution_events_total",
+                "fanotify events the kernel delivered to the agent (with inode marks, only those of monitored directories)",
+            )?,
             attribution_overflows: counter(
                 "kube_fim_agent_fanotify_overflows_total",
                 "fanotify queue overflows (events lost; each triggers a full scan)",
@@ -232,6 +243,8 @@ impl Metrics {
             Box::new(m.attribution_active.clone()),
             Box::new(m.attribution_unavailable.clone()),
             Box::new(m.fanotify_dirs.clone()),
+            Box::new(m.fanotify_marks.clone()),
+            Box::new(m.attribution_events.clone()),
             Box::new(m.attribution_overflows.clone()),
             Box::new(m.attributed_changes.clone()),
             Box::new(m.package_checks.clone()),
@@ -413,12 +426,26 @@ impl Telemetry {
         }
         if !active {
             m.fanotify_dirs.set(0);
+            m.fanotify_marks.reset();
         }
     }
 
-    /// `count` directories are followed through fanotify now.
-    pub fn fanotify_directories(&self, count: usize) {
-        self.metrics.fanotify_dirs.set(count as i64);
+    /// `count` directories are followed through fanotify now, through
+    /// `inode` directory marks and `filesystem` whole file system marks.
+    pub fn fanotify_directories(&self, count: usize, inode: usize, filesystem: usize) {
+        let m = &self.metrics;
+        m.fanotify_dirs.set(count as i64);
+        m.fanotify_marks
+            .with_label_values(&["inode"])
+            .set(inode as i64);
+        m.fanotify_marks
+            .with_label_values(&["filesystem"])
+            .set(filesystem as i64);
+    }
+
+    /// The agent read `count` fanotify events from the kernel.
+    pub fn fanotify_events(&self, count: usize) {
+        self.metrics.attribution_events.inc_by(count as u64);
     }
 
     /// fanotify lost events (its queue overflowed).

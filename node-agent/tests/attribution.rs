@@ -508,3 +508,76 @@ fn only_monitored_directories_are_marked_and_new_ones_are_followed() {
     );
     w.kill();
 }
+
+#[test]
+fn writes_nobody_monitors_never_reach_the_agent() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = host(true);
+    // Container logs and image layers on the same file system as /etc.
+    std::fs::create_dir_all(h.p("/var/log/pods")).unwrap();
+    h.baseline();
+    let w = h.watch();
+    let m = w.metrics();
+    let marks = |kind: &str| metric_where(&m, "kube_fim_agent_fanotify_marks", &[("kind", kind)]);
+    assert!(marks("inode").unwrap() >= 1.0, "{m}");
+    assert_eq!(marks("filesystem"), Some(0.0), "{m}");
+    let events = |m: &str| metric_where(m, "kube_fim_agent_attribution_events_total", &[]).unwrap();
+    // The kernel delivers the events of monitored directories: counted.
+    let before = events(&m);
+    std::fs::write(h.p("/etc/hosts"), "10.0.0.1 db\n").unwrap();
+    let mut seen = Vec::new();
+    wait_change(&w, &mut seen, "/etc/hosts", "Modified");
+    let after_monitored = events(&w.metrics());
+    assert!(after_monitored > before, "a monitored write is an event");
+
+    // 1,000 writes beside the monitored tree: the kernel keeps them from the
+    // agent (a file system mark would deliver each, to be dropped here).
+    for i in 0..1000 {
+        std::fs::write(h.p(&format!("/var/log/pods/l{}", i % 100)), "x").unwrap();
+    }
+    let quiet = w.collect(Duration::from_millis(800));
+    let delivered = events(&w.metrics()) - after_monitored;
+    assert!(
+        delivered <= 5.0,
+        "{delivered} fanotify events reached the agent for 1,000 unrelated writes"
+    );
+    assert!(quiet.is_empty(), "{quiet:#?}");
+    w.kill();
+}
+
+#[test]
+fn a_directory_moved_into_the_tree_is_followed_and_its_writers_named() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = host(true);
+    // Prepared outside the monitored tree, then moved in whole: its
+    // directories were never created inside the tree.
+    std::fs::create_dir_all(h.p("/var/stage/sudoers.d/inner")).unwrap();
+    h.write("/var/stage/sudoers.d/inner/old", "x\n");
+    h.baseline();
+    let w = h.watch();
+    let followed = |m: &str| metric_where(m, "kube_fim_agent_fanotify_directories", &[]);
+    let before = followed(&w.metrics()).unwrap();
+    std::fs::rename(h.p("/var/stage/sudoers.d"), h.p("/etc/sudoers.d")).unwrap();
+    let mut seen = Vec::new();
+    wait_change(&w, &mut seen, "/etc/sudoers.d/inner/old", "Added");
+    wait_for(
+        "the moved directories followed",
+        Duration::from_secs(10),
+        || followed(&w.metrics()).filter(|n| *n >= before + 2.0),
+    );
+    // A write in the moved tree's deepest directory names its writer.
+    let fim_writer = writer(h.dir.path());
+    let evil = h.p("/etc/sudoers.d/inner/evil");
+    let mut child = Command::new(&fim_writer)
+        .arg("-c")
+        .arg(py(&format!(
+            "open({:?}, 'w').write('ALL ALL=(ALL) NOPASSWD: ALL\\n')",
+            evil.display().to_string()
+        )))
+        .spawn()
+        .unwrap();
+    let c = wait_change(&w, &mut seen, "/etc/sudoers.d/inner/evil", "Added").clone();
+    assert_eq!(process(&c)["command"], "fim-writer", "{c:#}");
+    child.wait().unwrap();
+    w.kill();
+}

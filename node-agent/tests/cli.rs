@@ -193,3 +193,58 @@ fn an_empty_policy_list_is_refused() {
     assert_eq!(r.code(), 2, "{r:?}");
     assert!(r.stderr.contains("spec"), "{}", r.stderr);
 }
+
+/// The names of the agent's threads seen while it runs `args`, sampled from
+/// `/proc/PID/task` until it exits; and its exit status.
+fn threads_while(args: &[&str]) -> (std::collections::BTreeSet<String>, i32) {
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let tasks = format!("/proc/{}/task", child.id());
+    let mut names = std::collections::BTreeSet::new();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (names, status.code().unwrap_or(-1));
+        }
+        for t in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
+            if let Ok(comm) = std::fs::read_to_string(t.path().join("comm")) {
+                names.insert(comm.trim().to_string());
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+#[test]
+fn threads_is_the_whole_budget_of_a_scan() {
+    // Enough files for the baseline being built to be written in several
+    // batches while the scan goes on.
+    let h = Host::with(&Policy::named("test").path(Entry::new("data", "/data").recursive()));
+    for d in 0..30 {
+        for f in 0..500 {
+            h.write(&format!("/data/d{d:02}/f{f:03}"), format!("{d} {f}"));
+        }
+    }
+    for threads in ["1", "2"] {
+        let _ = std::fs::remove_dir_all(&h.state);
+        let mut args = vec!["--threads", threads];
+        args.extend(h.args("baseline"));
+        let (names, code) = threads_while(&args);
+        assert_eq!(code, 0, "--threads {threads}: {names:?}");
+        let scan: Vec<&String> = names.iter().filter(|n| n.starts_with("scan-")).collect();
+        assert_eq!(
+            scan.len(),
+            threads.parse::<usize>().unwrap(),
+            "--threads {threads}: {names:?}"
+        );
+        // No thread beside the scan's: no store writer of its own.
+        assert!(
+            !names.iter().any(|n| n.starts_with("baseline-write")),
+            "--threads {threads}: {names:?}"
+        );
+    }
+}

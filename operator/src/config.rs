@@ -60,7 +60,7 @@ pub struct Config {
     /// Port the agents serve `/metrics`, `/healthz` and `/readyz` on.
     #[arg(long, default_value_t = 9101)]
     pub agent_metrics_port: i32,
-    /// Threads an agent's scans hash on, at low CPU and I/O priority (the
+    /// Threads an agent's scans run on, all of it, at low CPU and I/O priority (the
     /// agents' `--threads`); 0: what the agent container's CPU limit allows,
     /// else every core of the node.
     #[arg(long, default_value_t = 0)]

@@ -30,6 +30,7 @@ use tracing::{debug, warn};
 
 use super::process::{ProcessSnapshot, snapshot};
 use crate::sys;
+use crate::telemetry::Telemetry;
 
 /// What is asked of the kernel: close after write, attribute change, create,
 /// delete, both halves of a move; for directories too.
@@ -133,8 +134,13 @@ fn init() -> Result<(OwnedFd, Features), Unavailable> {
 
 impl Listener {
     /// Opens the notification group and starts the reader thread; `proc` is
-    /// the host's `/proc` (the agent runs with the host's pid namespace).
-    pub fn start(proc: &Path, out: mpsc::UnboundedSender<Notice>) -> Result<Self, Unavailable> {
+    /// the host's `/proc` (the agent runs with the host's pid namespace);
+    /// `telemetry` counts the events the kernel delivers.
+    pub fn start(
+        proc: &Path,
+        out: mpsc::UnboundedSender<Notice>,
+        telemetry: Telemetry,
+    ) -> Result<Self, Unavailable> {
         let (group, features) = init()?;
         let group = Arc::new(group);
         let dirs: Arc<RwLock<HashMap<DirKey, PathBuf>>> = Arc::default();
@@ -144,6 +150,7 @@ impl Listener {
             dirs: dirs.clone(),
             proc: proc.to_path_buf(),
             out,
+            telemetry,
         };
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
@@ -261,10 +268,15 @@ impl Listener {
         self.dirs.read().map(|d| d.len()).unwrap_or(0)
     }
 
-    /// Marks the group holds: one per directory with an inode mark, one per
-    /// file system marked whole.
-    pub fn marks(&self) -> usize {
-        self.inode_marks.len() + self.fs_marks.len()
+    /// Directories carrying an inode mark: the kernel filters their events.
+    pub fn inode_marks(&self) -> usize {
+        self.inode_marks.len()
+    }
+
+    /// File systems marked whole (their directories refused inode marks):
+    /// every write on them reaches the agent, which drops the unmonitored.
+    pub fn fs_marks(&self) -> usize {
+        self.fs_marks.len()
     }
 }
 
@@ -316,6 +328,7 @@ struct Reader {
     dirs: Arc<RwLock<HashMap<DirKey, PathBuf>>>,
     proc: PathBuf,
     out: mpsc::UnboundedSender<Notice>,
+    telemetry: Telemetry,
 }
 
 impl Reader {
@@ -348,7 +361,9 @@ impl Reader {
                     continue;
                 }
             };
-            for ev in parse(&buf[..n]) {
+            let events = parse(&buf[..n]);
+            self.telemetry.fanotify_events(events.len());
+            for ev in events {
                 if self.handle(ev).is_err() {
                     return;
                 }

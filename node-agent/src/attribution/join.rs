@@ -55,34 +55,36 @@ impl Attribution {
     /// Starts or stops fanotify as the served policies want it.
     pub fn want(&mut self, wanted: bool, telemetry: &Telemetry) {
         match (wanted, self.listener.is_some()) {
-            (true, false) => match Listener::start(&self.proc, self.tx.clone()) {
-                Ok(l) => {
-                    let mut features = vec![
-                        "FAN_CLASS_NOTIF",
-                        "FAN_REPORT_DFID_NAME",
-                        "FAN_EVENT_ON_CHILD",
-                    ];
-                    if l.features.pidfd {
-                        features.push("FAN_REPORT_PIDFD");
+            (true, false) => {
+                match Listener::start(&self.proc, self.tx.clone(), telemetry.clone()) {
+                    Ok(l) => {
+                        let mut features = vec![
+                            "FAN_CLASS_NOTIF",
+                            "FAN_REPORT_DFID_NAME",
+                            "FAN_EVENT_ON_CHILD",
+                        ];
+                        if l.features.pidfd {
+                            features.push("FAN_REPORT_PIDFD");
+                        }
+                        info!(?features, "process attribution on (fanotify)");
+                        self.state = AttributionState {
+                            active: true,
+                            features,
+                            ..AttributionState::default()
+                        };
+                        self.listener = Some(l);
                     }
-                    info!(?features, "process attribution on (fanotify)");
-                    self.state = AttributionState {
-                        active: true,
-                        features,
-                        ..AttributionState::default()
-                    };
-                    self.listener = Some(l);
+                    Err(why) => {
+                        warn!(reason = %why, "process attribution off; inotify watches changes");
+                        self.state = AttributionState {
+                            active: false,
+                            reason: Some(why.to_string()),
+                            reason_label: Some(why.label()),
+                            ..AttributionState::default()
+                        };
+                    }
                 }
-                Err(why) => {
-                    warn!(reason = %why, "process attribution off; inotify watches changes");
-                    self.state = AttributionState {
-                        active: false,
-                        reason: Some(why.to_string()),
-                        reason_label: Some(why.label()),
-                        ..AttributionState::default()
-                    };
-                }
-            },
+            }
             (false, _) => {
                 self.listener = None;
                 self.writers.clear();
@@ -99,9 +101,23 @@ impl Attribution {
             return dirs;
         };
         let rest = l.sync(root, &dirs);
-        self.state.marks = l.marks();
+        self.state.inode_marks = l.inode_marks();
+        self.state.fs_marks = l.fs_marks();
         self.state.dirs = l.followed();
-        telemetry.fanotify_directories(self.state.dirs);
+        // Which filtering is in force, where users read the features.
+        let features = &mut self.state.features;
+        features.retain(|f| !f.starts_with("FAN_MARK_"));
+        if self.state.inode_marks > 0 {
+            features.push("FAN_MARK_INODE");
+        }
+        if self.state.fs_marks > 0 {
+            features.push("FAN_MARK_FILESYSTEM");
+        }
+        telemetry.fanotify_directories(
+            self.state.dirs,
+            self.state.inode_marks,
+            self.state.fs_marks,
+        );
         rest
     }
 

@@ -1,8 +1,9 @@
 //! Who changed a file: the process, user, and pod behind each change, from
 //! fanotify events and `/proc`, joined to the changes the agent detects.
 //!
-//! - [`fanotify`]: the listener (file system marks, directory handle + name,
-//!   filtered in user space, the writer read from `/proc` at once);
+//! - [`fanotify`]: the listener (inode marks on the monitored directories,
+//!   filtered by the kernel; directory handle + name; the writer read from
+//!   `/proc` at once);
 //! - [`process`]: that `/proc` snapshot;
 //! - [`cgroup`]: the cgroup path parsed into container id and pod uid;
 //! - [`pods`]: the pods of this node, to name the pod and container;
@@ -34,10 +35,13 @@ pub struct AttributionState {
     pub reason: Option<String>,
     /// Short reason label for the metric.
     pub reason_label: Option<&'static str>,
-    /// Kernel features in use (`FAN_REPORT_DFID_NAME`, `FAN_REPORT_PIDFD`, ...).
+    /// Kernel features in use (`FAN_REPORT_DFID_NAME`, `FAN_REPORT_PIDFD`,
+    /// and the marks in force: `FAN_MARK_INODE`, `FAN_MARK_FILESYSTEM`).
     pub features: Vec<&'static str>,
-    /// File systems marked, directories followed through fanotify.
-    pub marks: usize,
+    /// Directories with an inode mark (the kernel filters), file systems
+    /// marked whole (the agent filters), directories followed through both.
+    pub inode_marks: usize,
+    pub fs_marks: usize,
     pub dirs: usize,
 }
 

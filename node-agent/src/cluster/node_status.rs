@@ -92,7 +92,7 @@ pub fn attribution(state: &AttributionState) -> Option<NodeAttribution> {
             mechanism: "fanotify".into(),
             reason: None,
             kernel_features: state.features.iter().map(|f| f.to_string()).collect(),
-            file_systems: Some(state.marks as i64),
+            file_systems: Some(state.fs_marks as i64),
             directories: Some(state.dirs as i64),
         })
     } else {

@@ -220,7 +220,7 @@ impl Engine {
         })
     }
 
-    /// Threads a scan hashes on (at least 1; default: the CPU budget).
+    /// Threads a scan runs on, all of it (at least 1; default: the CPU budget).
     pub fn set_threads(&mut self, threads: usize) {
         self.root.set_threads(threads);
     }

@@ -1,11 +1,11 @@
 //! The parallel walk of a full scan: one directory at a time, depth first,
 //! its entries on disk merged with the baseline's records of its children.
 //! Paths are planned (which entries own them, wanting what), inspected and
-//! their records read ahead in batches on the scan's threads
-//! ([`plan_batch`]), up to [`SCAN_AHEAD`] batches ahead of the judgement,
-//! which goes in the order the walk found them.
+//! their records read ahead in batches ([`plan_batch`]), one batch ahead of
+//! the judgement, which goes in the order the walk found them. All of it runs
+//! on the scan's threads: `--threads N` is the scan's whole CPU budget.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,7 +16,7 @@ use tracing::warn;
 
 use super::{Engine, Outcome, ScanError};
 use crate::baseline::{Prefetched, Snapshot};
-use crate::hostfs::{HostRoot, InspectError, Inspected, Item, Job};
+use crate::hostfs::{HostRoot, InspectError, Inspected, Item};
 use crate::paths::{escape, host_path, unescape};
 use crate::plan::{Entry, Plan};
 
@@ -85,9 +85,6 @@ pub(super) fn descends(plan: &Plan, node: &Node) -> bool {
 /// Paths inspected together on the scan's threads before being judged.
 pub(super) const SCAN_BATCH: usize = 2048;
 
-/// Batches on the scan's threads ahead of the one being judged.
-pub(super) const SCAN_AHEAD: usize = 1;
-
 /// A path to judge, as planned on the scan's threads: its key, its owners
 /// (indices of plan entries), the attributes they want, its record read
 /// ahead.
@@ -104,27 +101,6 @@ pub(super) struct Planned {
     todo: Vec<Todo>,
     inspected: Vec<Inspected>,
     hashed: u64,
-}
-
-/// A batch of paths on the scan's threads ([`HostRoot::spawn`]): of the walked
-/// nodes, those some entry monitors, with their owners and the attributes
-/// wanted, inspected, their baseline records read ahead from `snapshot`.
-pub(super) struct Spawned {
-    job: Job<Planned>,
-}
-
-impl Spawned {
-    fn new(
-        root: &HostRoot,
-        plan: &Arc<Plan>,
-        nodes: Vec<Node>,
-        snapshot: Option<Snapshot>,
-    ) -> Self {
-        let plan = Arc::clone(plan);
-        let job =
-            root.spawn(move |root, parallel| plan_batch(root, parallel, &plan, nodes, snapshot));
-        Spawned { job }
-    }
 }
 
 /// Plans a batch (which paths, owned by which entries, wanting what), then
@@ -256,52 +232,18 @@ impl Engine {
                 below: true,
             })
             .collect();
-        // Planned and inspected in parallel a batch at a time (across
-        // directories) on the scan threads, up to SCAN_AHEAD batches ahead of
-        // the judging, which goes in the order the walk found them. The
-        // records of a batch are read ahead with it unless the baseline was
-        // written while the previous batch was judged (they would be stale),
-        // or the scan hashes on one thread (then the slower one: this thread
-        // reads them in time).
-        let mut ahead: VecDeque<Spawned> = VecDeque::new();
-        // With nothing pending at the start, the scan writes only the paths
-        // it judged: what was read ahead stays current whatever it writes.
-        let unwritten = !self.baseline.has_pending();
-        let reads_ahead = self.root.threads() > 1;
-        let mut read_ahead = reads_ahead;
-        let mut batch: Vec<Node> = roots
-            .iter()
-            .filter(|n| candidate(&plan, n))
-            .cloned()
-            .collect();
-        let mut stack: Vec<Node> = roots.into_iter().rev().collect();
-        while let Some(node) = stack.pop() {
-            if !descends(&plan, &node) {
-                continue;
-            }
-            let children = self.children(&node, &plan, &mut out.errors);
-            batch.extend(children.iter().filter(|n| candidate(&plan, n)).cloned());
-            stack.extend(children.into_iter().rev());
-            if batch.len() >= SCAN_BATCH {
-                ahead.push_back(self.spawn(&plan, std::mem::take(&mut batch), read_ahead));
-                if ahead.len() > SCAN_AHEAD
-                    && let Some(next) = ahead.pop_front()
-                {
-                    let writes = self.baseline.writes();
-                    self.judge_nodes(next, &plan, unwritten, source, &mut out, &mut tally);
-                    if !self.dry_run
-                        && let Err(error) = self.baseline.flush_if_full()
-                    {
-                        warn!(%error, "could not write the baseline; changes kept in memory");
-                    }
-                    read_ahead = reads_ahead && (unwritten || self.baseline.writes() == writes);
-                }
-            }
-        }
-        ahead.push_back(self.spawn(&plan, batch, read_ahead));
-        for spawned in ahead {
-            self.judge_nodes(spawned, &plan, unwritten, source, &mut out, &mut tally);
-        }
+        // The whole scan runs on the scan's threads (`--threads` is its
+        // whole budget: no judging or writing thread on top). Planned and
+        // inspected a batch at a time (across directories), one batch ahead
+        // of the judging, which goes in the order the walk found them; the
+        // two are joined, so a thread done with its half steals work from the
+        // other. The records of a batch are read ahead with it unless the
+        // baseline was written while the previous batch was judged (they
+        // would be stale), or the scan has one thread (nothing runs ahead).
+        let root = self.root.clone();
+        root.on_scan_threads(|parallel| {
+            self.walk(&roots, &plan, parallel, source, &mut out, &mut tally);
+        });
         if let Err(error) = self.baseline.finish_writing() {
             warn!(%error, "could not write the baseline; changes kept in memory");
         }
@@ -321,6 +263,70 @@ impl Engine {
         self.last_errors = out.errors.clone();
         out.files = tally.total;
         out
+    }
+
+    /// The walk of [`Engine::scan`] from `roots`, on the scan's threads
+    /// (`parallel`) or the caller's.
+    fn walk(
+        &mut self,
+        roots: &[Node],
+        plan: &Arc<Plan>,
+        parallel: bool,
+        source: DetectionSource,
+        out: &mut Outcome,
+        tally: &mut Tally,
+    ) {
+        // With nothing pending at the start, the scan writes only the paths
+        // it judged: what was read ahead stays current whatever it writes.
+        let unwritten = !self.baseline.has_pending();
+        let reads_ahead = parallel && self.root.threads() > 1;
+        let mut read_ahead = reads_ahead;
+        let mut judging: Option<Planned> = None;
+        let mut batch: Vec<Node> = roots
+            .iter()
+            .filter(|n| candidate(plan, n))
+            .cloned()
+            .collect();
+        let mut stack: Vec<Node> = roots.iter().rev().cloned().collect();
+        loop {
+            while batch.len() < SCAN_BATCH {
+                let Some(node) = stack.pop() else {
+                    break;
+                };
+                if !descends(plan, &node) {
+                    continue;
+                }
+                let children = self.children(&node, plan, &mut out.errors);
+                batch.extend(children.iter().filter(|n| candidate(plan, n)).cloned());
+                stack.extend(children.into_iter().rev());
+            }
+            let nodes = std::mem::take(&mut batch);
+            let done = stack.is_empty();
+            let snapshot = read_ahead.then(|| self.baseline.snapshot()).flatten();
+            let root = self.root.clone();
+            let next = || plan_batch(&root, parallel, plan, nodes, snapshot);
+            let planned = match judging.take() {
+                Some(prev) => {
+                    let writes = self.baseline.writes();
+                    let judge =
+                        || self.judge_planned(prev, plan, unwritten, source, out, tally, true);
+                    let planned = if parallel {
+                        rayon::join(next, judge).0
+                    } else {
+                        judge();
+                        next()
+                    };
+                    read_ahead = reads_ahead && (unwritten || self.baseline.writes() == writes);
+                    planned
+                }
+                None => next(),
+            };
+            if done {
+                self.judge_planned(planned, plan, unwritten, source, out, tally, false);
+                return;
+            }
+            judging = Some(planned);
+        }
     }
 
     /// The children of a directory the scan descends into, in name order:
@@ -383,32 +389,21 @@ impl Engine {
         by_name.into_values().collect()
     }
 
-    /// Hands the nodes of a batch to the scan's threads ([`plan_batch`]).
-    pub(super) fn spawn(&self, plan: &Arc<Plan>, nodes: Vec<Node>, read_ahead: bool) -> Spawned {
-        let snapshot = read_ahead.then(|| self.baseline.snapshot()).flatten();
-        Spawned::new(&self.root, plan, nodes, snapshot)
-    }
-
     /// Judges, in order, the paths of a batch planned and inspected on the
-    /// scan's threads.
-    pub(super) fn judge_nodes(
+    /// scan's threads; then (`flush`) writes the baseline's changes once a
+    /// batch of them is pending.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn judge_planned(
         &mut self,
-        batch: Spawned,
+        planned: Planned,
         plan: &Plan,
         unwritten: bool,
         source: DetectionSource,
         out: &mut Outcome,
         tally: &mut Tally,
+        flush: bool,
     ) {
         self.progress.beat();
-        let Some(planned) = batch.job.wait() else {
-            // Its paths keep their baseline; the next scan judges them.
-            out.errors.push(ScanError {
-                path: String::new(),
-                reason: "the scan thread stopped".into(),
-            });
-            return;
-        };
         out.bytes += planned.hashed;
         for (t, result) in planned.todo.into_iter().zip(planned.inspected) {
             if let Some(record) = t.record {
@@ -420,6 +415,12 @@ impl Engine {
                 tally.count(&owners);
             }
             self.judge(&t.key, &t.path, current, &owners, source, out);
+        }
+        if flush
+            && !self.dry_run
+            && let Err(error) = self.baseline.flush_if_full()
+        {
+            warn!(%error, "could not write the baseline; changes kept in memory");
         }
     }
 }
