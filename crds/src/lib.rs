@@ -18,9 +18,9 @@ pub mod sink;
 pub mod validate;
 
 pub use change::{
-    Approval, ApprovalOutcome, AttributionLimit, ChangeCategory, ChangeSummary, DetectionSource,
-    EntryDigestMove, FileAttributes, FileChange, FileChangeSpec, FileChangeStatus, FileType, Mount,
-    PodRef, ProcessInfo,
+    Approval, ApprovalOutcome, AttributionLimit, ChangeCategory, ChangeSummary, ContainerRef,
+    DetectionSource, EntryDigestMove, FileAttributes, FileChange, FileChangeSpec, FileChangeStatus,
+    FileType, Mount, PodRef, ProcessInfo,
 };
 pub use node::{
     BaselineAlarm, ChainVerification, EntryDigest, EvidenceGap, FileIntegrityNode,
@@ -28,8 +28,8 @@ pub use node::{
     NodePolicyStatus,
 };
 pub use policy::{
-    Attribute, AttributeProfile, Evidence, FileIntegrityPolicy, FileIntegrityPolicySpec,
-    FileIntegrityPolicyStatus, MonitoredPath, Preset, Retention,
+    Attribute, AttributeProfile, ContainerSelection, Evidence, FileIntegrityPolicy,
+    FileIntegrityPolicySpec, FileIntegrityPolicyStatus, MonitoredPath, Preset, Retention,
 };
 pub use sink::{
     DeliveredPosition, FileChangeSink, FileChangeSinkSpec, FileChangeSinkStatus, FileTransport,
@@ -123,7 +123,15 @@ mod tests {
             .collect();
         assert_eq!(
             cols,
-            ["NODE", "CATEGORY", "PATH", "POLICY", "UNREADABLE", "AGE"]
+            [
+                "NODE",
+                "CATEGORY",
+                "PATH",
+                "POLICY",
+                "CONTAINER",
+                "UNREADABLE",
+                "AGE"
+            ]
         );
         for crd in [fip, fc] {
             let sub = crd.spec.versions[0].subresources.as_ref();

@@ -435,6 +435,7 @@ impl ChangeFixture {
                 process: None,
                 summary: None,
                 sequence: None,
+                container: None,
             },
         );
         fc.metadata.labels = Some(std::collections::BTreeMap::from([

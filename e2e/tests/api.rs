@@ -324,6 +324,7 @@ async fn a_filechange_shows_the_printer_columns_and_is_immutable() {
             process: None,
             summary: None,
             sequence: None,
+            container: None,
         },
     );
     change.metadata.labels = Some(labels);
@@ -343,6 +344,7 @@ async fn a_filechange_shows_the_printer_columns_and_is_immutable() {
             "CATEGORY",
             "PATH",
             "POLICY",
+            "CONTAINER",
             "UNREADABLE",
             "AGE"
         ]

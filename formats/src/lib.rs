@@ -606,6 +606,7 @@ mod tests {
                 process: None,
                 summary: None,
                 sequence: None,
+                container: None,
             },
         )
     }

@@ -189,6 +189,7 @@ pub fn change(path: &str) -> FileChangeSpec {
         process: None,
         summary: None,
         sequence: None,
+        container: None,
     }
 }
 

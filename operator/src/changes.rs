@@ -273,6 +273,7 @@ mod tests {
                 process: None,
                 summary: None,
                 sequence: None,
+                container: None,
             },
         );
         fc.metadata.creation_timestamp = Some(Time(created));

@@ -412,6 +412,7 @@ fn file_change(name: &str, policy: &str) -> Value {
             process: None,
             summary: None,
             sequence: None,
+            container: None,
         },
     );
     // The label says "web" for all three: anyone with patch rights can set

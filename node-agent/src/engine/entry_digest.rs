@@ -315,6 +315,7 @@ impl Engine {
                 process: None,
                 summary: None,
                 sequence: None,
+                container: None,
             });
         }
         (names, changes)

@@ -248,6 +248,7 @@ impl Engine {
                 process: None,
                 summary: None,
                 sequence: None,
+                container: None,
             });
         }
         if reported {

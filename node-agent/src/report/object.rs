@@ -197,6 +197,7 @@ mod tests {
             process: None,
             summary: None,
             sequence: None,
+            container: None,
         }
     }
 

@@ -316,6 +316,7 @@ mod tests {
                 process: None,
                 summary: None,
                 sequence: None,
+                container: None,
             },
         )
     }

@@ -365,6 +365,7 @@ mod tests {
                 process: None,
                 summary: None,
                 sequence: None,
+                container: None,
             },
             0,
         )

@@ -354,6 +354,7 @@ mod tests {
                 process: None,
                 summary: None,
                 sequence: None,
+                container: None,
             },
         )
     }
