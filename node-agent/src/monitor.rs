@@ -17,6 +17,7 @@ use crate::attribution::AttributionState;
 use crate::attribution::fanotify::Notice;
 use crate::attribution::join::Attribution;
 use crate::attribution::pods::PodIndex;
+use crate::containers::DriftBatch;
 use crate::engine::{Approval, Approved, Engine, Outcome, PolicyStatus};
 use crate::report::object::object_name;
 use crate::report::{Batch, Detected, detected, hand_over, sequence};
@@ -168,6 +169,8 @@ pub struct Channels {
     pub out: mpsc::Sender<Batch>,
     /// What the loop last knew, for the node status.
     pub status: watch::Sender<Snapshot>,
+    /// Container drift to number and queue ([`crate::containers`]).
+    pub drift: Option<mpsc::Receiver<DriftBatch>>,
 }
 
 /// The reporter is gone (the agent is stopping): nothing more is marked.
@@ -237,6 +240,7 @@ pub async fn run(
         mut control,
         out,
         status,
+        mut drift,
     } = channels;
     let (inotify_tx, mut inotify_events) = mpsc::unbounded_channel();
     let (attribution, mut notices) = Attribution::new(engine.root_path(), settings.pods);
@@ -283,6 +287,7 @@ pub async fn run(
                 m.mounts_changed();
                 Ok(())
             }
+            Some((specs, done)) = next_drift(&mut drift) => m.drift(specs, done).await,
             notice = notices.recv() => {
                 m.notice(notice);
                 Ok(())
@@ -306,7 +311,37 @@ pub async fn run(
     }
 }
 
+/// The next drift batch; never, without a drift task.
+async fn next_drift(drift: &mut Option<mpsc::Receiver<DriftBatch>>) -> Option<DriftBatch> {
+    match drift {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Monitor {
+    /// Container drift through the reporting protocol: numbered, handed
+    /// over (queued on disk), the counter saved; then the drift task saves
+    /// what it reported.
+    async fn drift(
+        &mut self,
+        specs: Vec<kube_fim_crds::FileChangeSpec>,
+        done: oneshot::Sender<()>,
+    ) -> Result<(), Stopped> {
+        self.telemetry.changes_detected(0, 0, &specs);
+        let mut reports: Vec<Detected> = specs
+            .into_iter()
+            .map(|spec| Detected { spec, epoch: 0 })
+            .collect();
+        sequence::number(&mut reports, &mut self.engine);
+        if !hand_over(&self.out, reports).await {
+            return Err(Stopped);
+        }
+        self.digest = self.save();
+        let _ = done.send(());
+        Ok(())
+    }
+
     /// Carries a detected outcome through the reporting protocol
     /// ([`crate::report`]): counted, handed over (and queued on disk by the
     /// reporter), marked reported, saved.
@@ -708,6 +743,7 @@ mod tests {
             control,
             out,
             status,
+            drift: None,
         };
         let telemetry = a.ctx.telemetry.clone();
         let monitor = tokio::spawn(run(

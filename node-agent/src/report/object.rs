@@ -40,6 +40,11 @@ pub fn identity(spec: &FileChangeSpec, epoch: u64) -> String {
         hasher.update(b"epoch");
         hasher.update(&epoch.to_le_bytes());
     }
+    if let Some(container) = &spec.container {
+        // Replicas drifting alike are changes of their own.
+        hasher.update(b"container");
+        hasher.update(container.id.as_bytes());
+    }
     if let Some(summary) = &spec.summary {
         // Summaries of one window are one object.
         hasher.update(summary.window_start.0.to_string().as_bytes());
@@ -149,7 +154,7 @@ fn storm_sample_limit() -> usize {
 /// the whole change; texts longer than the schema allows are shortened.
 pub fn to_object(spec: FileChangeSpec, epoch: u64) -> FileChange {
     let name = object_name(&spec, epoch);
-    let labels = BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (labels::NODE.to_string(), label_value(&spec.node)),
         (labels::POLICY.to_string(), label_value(&spec.policy)),
         (
@@ -162,6 +167,10 @@ pub fn to_object(spec: FileChangeSpec, epoch: u64) -> FileChange {
             labels::MANAGED_BY_VALUE.to_string(),
         ),
     ]);
+    if let Some(c) = &spec.container {
+        labels.insert(labels::NAMESPACE.to_string(), label_value(&c.namespace));
+        labels.insert(labels::POD.to_string(), label_value(&c.pod));
+    }
     let mut object = FileChange::new(&name, spec);
     object.metadata.labels = Some(labels);
     shorten(&object, TEXT_MAX)
