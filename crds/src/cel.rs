@@ -23,7 +23,7 @@ pub const HAS_PATHS_OR_PRESET_MSG: &str =
     "a policy needs at least one entry in spec.paths, a spec.preset or spec.containers";
 
 /// Paths inside a container to leave out: absolute, canonical, no wildcards.
-pub const CONTAINER_EXCLUDES: &str = "self.all(p, p.startsWith('/') && p.size() <= 1024 && \
+pub const CONTAINER_EXCLUDES: &str = "self.all(p, p.startsWith('/') && \
     (p == '/' || !(p.contains('//') || p.endsWith('/'))) && \
     !p.matches(r'(^|/)\\.\\.?(/|$)') && !p.matches(r'[*?\\[\\x00-\\x1f\\x7f]'))";
 pub const CONTAINER_EXCLUDES_MSG: &str = "each exclude must be an absolute, canonical directory or file path \

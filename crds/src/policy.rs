@@ -158,11 +158,11 @@ pub struct ContainerSelection {
     /// always left out.
     #[serde(default = "default_container_excludes")]
     #[x_kube(validation = kube::core::Rule::new(cel::CONTAINER_EXCLUDES).message(cel::CONTAINER_EXCLUDES_MSG))]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 1024)))]
     pub exclude: Vec<String>,
 
-    /// Reports only executables: files with an exec bit, or starting with an
-    /// ELF header or `#!`. Removals are always reported.
+    /// Reports only executables: regular files with an exec bit. Removals
+    /// are always reported.
     #[serde(default)]
     pub executables_only: bool,
 }

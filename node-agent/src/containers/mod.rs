@@ -227,7 +227,9 @@ pub async fn run(
     out: mpsc::Sender<DriftBatch>,
 ) {
     let pods = Pods::default();
-    tokio::spawn(pods.clone().follow(client, settings.node.clone()));
+    // The pod watch starts with the first policy selecting containers: an
+    // agent without one costs the API server nothing more.
+    let mut client = Some(client);
     let proc = settings.root.path().join("proc");
     let mut watched: HashMap<String, Watched> = HashMap::new();
     let mut first_pass = true;
@@ -242,6 +244,11 @@ pub async fn run(
                 })
                 .collect()
         };
+        if !policies.is_empty()
+            && let Some(client) = client.take()
+        {
+            tokio::spawn(pods.clone().follow(client, settings.node.clone()));
+        }
         // The selected running containers, with the policies selecting each.
         let mut selected: BTreeMap<String, (Running, Vec<usize>)> = BTreeMap::new();
         if !policies.is_empty() {
