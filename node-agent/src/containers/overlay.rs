@@ -397,12 +397,14 @@ mod real_overlay {
         std::fs::remove_dir_all(merged.join("opt/app")).unwrap();
         write(&merged.join("opt/app/new.conf"), "b\n", 0o644);
         std::os::unix::fs::symlink("/etc/shadow", merged.join("usr/bin/link")).unwrap();
+        // A mount target the runtime made (`/etc/hosts`): not image content.
+        write(&merged.join("etc/hosts"), "127.0.0.1 localhost\n", 0o644);
 
         let root = HostRoot::open(host).unwrap();
         let layers = Layers {
             upper: "upper".into(),
             lowers: vec!["lower".into()],
-            mounts: vec![],
+            mounts: vec![PathBuf::from("etc/hosts")],
         };
         let (found, truncated) = drift(&root, &layers, &[PathBuf::from("tmp")]);
         drop(mounted);
