@@ -25,6 +25,7 @@ LAYERS=(
 	"engine"
 	"attribution"
 	"served"
+	"containers"
 	# The context holds the delivery queue; the reporting tasks take the context.
 	"context report"
 	"monitor"

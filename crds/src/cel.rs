@@ -18,9 +18,16 @@ macro_rules! regex_rule {
 
 /// A policy must monitor something.
 pub const HAS_PATHS_OR_PRESET: &str =
-    "(has(self.paths) && size(self.paths) > 0) || has(self.preset)";
+    "(has(self.paths) && size(self.paths) > 0) || has(self.preset) || has(self.containers)";
 pub const HAS_PATHS_OR_PRESET_MSG: &str =
-    "a policy needs at least one entry in spec.paths or a spec.preset";
+    "a policy needs at least one entry in spec.paths, a spec.preset or spec.containers";
+
+/// Paths inside a container to leave out: absolute, canonical, no wildcards.
+pub const CONTAINER_EXCLUDES: &str = "self.all(p, p.startsWith('/') && \
+    (p == '/' || !(p.contains('//') || p.endsWith('/'))) && \
+    !p.matches(r'(^|/)\\.\\.?(/|$)') && !p.matches(r'[*?\\[\\x00-\\x1f\\x7f]'))";
+pub const CONTAINER_EXCLUDES_MSG: &str = "each exclude must be an absolute, canonical directory or file path \
+    inside the container (no '.', '..' or empty segments, no wildcards or control characters)";
 
 /// Paths are absolute.
 pub const PATH_ABSOLUTE: &str = "self.startsWith('/')";

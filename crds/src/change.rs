@@ -56,6 +56,12 @@ use crate::policy::Attribute;
         description = "Policy that monitors the file"
     ),
     printcolumn(
+        name = "Container",
+        type_ = "string",
+        json_path = ".spec.container.name",
+        description = "Container the file is in (drift from its image)"
+    ),
+    printcolumn(
         name = "Unreadable",
         type_ = "string",
         json_path = ".spec.after.unreadable",
@@ -151,6 +157,11 @@ pub struct FileChangeSpec {
     /// kernel could tell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessInfo>,
+
+    /// For a change inside a container (drift from its image): the container,
+    /// its pod and its image. `path` is then the path inside the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerRef>,
 
     /// For category Summary: the changes this object stands for (written by agents
     /// before change storms were paced).
@@ -435,6 +446,36 @@ pub struct ProcessInfo {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 4), extend("x-kubernetes-list-type" = "set"))]
     pub limits: Vec<AttributionLimit>,
+}
+
+/// A running container of a pod on the node, and its image.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerRef {
+    /// Namespace of the pod.
+    #[schemars(length(max = 63))]
+    pub namespace: String,
+    /// Name of the pod.
+    #[schemars(length(max = 253))]
+    pub pod: String,
+    /// `metadata.uid` of the pod.
+    #[schemars(length(max = 36))]
+    pub pod_uid: String,
+    /// Name of the container.
+    #[schemars(length(max = 63))]
+    pub name: String,
+    /// `containerStatuses[].containerID` (`containerd://…`): a restarted
+    /// container is a new one.
+    #[schemars(length(max = 256))]
+    pub id: String,
+    /// The image reference the container runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub image: Option<String>,
+    /// The image's digest (`containerStatuses[].imageID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub image_digest: Option<String>,
 }
 
 /// A pod of the node, and the container in it.

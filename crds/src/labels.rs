@@ -17,6 +17,10 @@ pub const CATEGORY: &str = "fim.kube-fim.io/category";
 pub const PACKAGE: &str = "fim.kube-fim.io/package";
 /// Entry name of a FileChange.
 pub const ENTRY: &str = "fim.kube-fim.io/entry";
+/// Namespace of the pod of a container's FileChange (container drift).
+pub const NAMESPACE: &str = "fim.kube-fim.io/namespace";
+/// Pod of a container's FileChange (container drift).
+pub const POD: &str = "fim.kube-fim.io/pod";
 /// Annotation an admin sets on a FileIntegrityNode, to the id of its
 /// `status.baselineAlarm`, to clear that alarm (the recorded act: the API
 /// server's audit log and the object's managed fields say who and when).

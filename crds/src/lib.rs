@@ -19,9 +19,9 @@ pub mod sink;
 pub mod validate;
 
 pub use change::{
-    Approval, ApprovalOutcome, AttributionLimit, ChangeCategory, ChangeSummary, DetectionSource,
-    EntryDigestMove, FileAttributes, FileChange, FileChangeSpec, FileChangeStatus, FileType, Mount,
-    PackageCheck, PackageManager, PackageVerdict, PodRef, ProcessInfo,
+    Approval, ApprovalOutcome, AttributionLimit, ChangeCategory, ChangeSummary, ContainerRef,
+    DetectionSource, EntryDigestMove, FileAttributes, FileChange, FileChangeSpec, FileChangeStatus,
+    FileType, Mount, PackageCheck, PackageManager, PackageVerdict, PodRef, ProcessInfo,
 };
 pub use node::{
     BaselineAlarm, ChainVerification, EntryDigest, EvidenceGap, FileIntegrityNode,
@@ -29,9 +29,9 @@ pub use node::{
     NodePolicyStatus, UnexplainedMove, VerifiedEntry,
 };
 pub use policy::{
-    Attribute, AttributeProfile, Evidence, FileIntegrityPolicy, FileIntegrityPolicySpec,
-    FileIntegrityPolicyStatus, FleetOutlier, MonitoredPath, PackageVerifiedChanges, Preset,
-    Retention, RolloutStatus,
+    Attribute, AttributeProfile, ContainerSelection, Evidence, FileIntegrityPolicy,
+    FileIntegrityPolicySpec, FileIntegrityPolicyStatus, FleetOutlier, MonitoredPath,
+    PackageVerifiedChanges, Preset, Retention, RolloutStatus,
 };
 pub use sink::{
     DeliveredPosition, FileChangeSink, FileChangeSinkSpec, FileChangeSinkStatus, FileTransport,
@@ -130,6 +130,7 @@ mod tests {
                 "CATEGORY",
                 "PATH",
                 "POLICY",
+                "CONTAINER",
                 "UNREADABLE",
                 "PACKAGE",
                 "AGE"

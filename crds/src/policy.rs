@@ -133,6 +133,11 @@ pub struct FileIntegrityPolicySpec {
     /// waits for approval.
     #[serde(default, skip_serializing_if = "PackageVerifiedChanges::is_default")]
     pub package_verified_changes: PackageVerifiedChanges,
+    /// Container drift: the files added, changed or deleted inside the running
+    /// containers of the selected pods on the policy's nodes, against their
+    /// images. Absent: containers are not looked at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containers: Option<ContainerSelection>,
 }
 
 /// What a package-verified change needs.
@@ -149,6 +154,45 @@ impl PackageVerifiedChanges {
     fn is_default(&self) -> bool {
         *self == PackageVerifiedChanges::Record
     }
+}
+
+/// Which containers a policy watches for drift from their image, and what in them.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerSelection {
+    /// Namespaces whose pods are watched; empty: every namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 63)))]
+    pub namespaces: Vec<String>,
+
+    /// Pod labels that select the pods (all must match); empty: every pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub pod_selector: BTreeMap<String, String>,
+
+    /// Pods expected to write into their own filesystem, left out: a name, or
+    /// a name prefix ending in `*` (`build-*`), optionally as `namespace/name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 317)))]
+    pub exclude_pods: Vec<String>,
+
+    /// Paths inside the container left out, with everything under them.
+    /// Defaults to `/tmp`, `/var/tmp` and `/run`; the container's own mounts
+    /// (volumes, `emptyDir`s, `/etc/hosts`...) are never image content and are
+    /// always left out.
+    #[serde(default = "default_container_excludes")]
+    #[x_kube(validation = kube::core::Rule::new(cel::CONTAINER_EXCLUDES).message(cel::CONTAINER_EXCLUDES_MSG))]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 1024)))]
+    pub exclude: Vec<String>,
+
+    /// Reports only executables: regular files with an exec bit. Removals
+    /// are always reported.
+    #[serde(default)]
+    pub executables_only: bool,
+}
+
+fn default_container_excludes() -> Vec<String> {
+    ["/tmp", "/var/tmp", "/run"].map(String::from).to_vec()
 }
 
 /// One monitored entry of a policy.
@@ -571,6 +615,7 @@ impl FileIntegrityPolicySpec {
             evidence: Evidence::default(),
             process_attribution: false,
             package_verified_changes: PackageVerifiedChanges::Record,
+            containers: None,
         }
     }
 }

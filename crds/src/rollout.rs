@@ -209,6 +209,7 @@ mod tests {
             node: node.into(),
             policy: "p".into(),
             sequence: Some(1),
+            container: None,
             package: None,
             entry: "etc".into(),
             path: "/etc/app.conf".into(),

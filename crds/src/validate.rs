@@ -119,8 +119,21 @@ pub fn validate_policy(policy: &FileIntegrityPolicy) -> Result<(), ValidationErr
 pub fn validate_spec(spec: &FileIntegrityPolicySpec) -> Result<(), ValidationErrors> {
     let mut errs = Errors::default();
 
-    if spec.paths.is_empty() && spec.preset.is_none() {
+    if spec.paths.is_empty() && spec.preset.is_none() && spec.containers.is_none() {
         errs.push("spec.paths", cel::HAS_PATHS_OR_PRESET_MSG);
+    }
+    if let Some(containers) = &spec.containers {
+        let bad = containers.exclude.iter().any(|p| {
+            !p.starts_with('/')
+                || p.len() > 1024
+                || (p != "/" && (p.contains("//") || p.ends_with('/')))
+                || p.split('/').any(|s| s == "." || s == "..")
+                || p.chars()
+                    .any(|c| matches!(c, '*' | '?' | '[') || c.is_control())
+        });
+        if bad {
+            errs.push("spec.containers.exclude", cel::CONTAINER_EXCLUDES_MSG);
+        }
     }
     if spec.paths.len() > MAX_PATHS {
         errs.push(

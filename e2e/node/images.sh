@@ -72,6 +72,16 @@ fill_pause() {
     GOCACHE="${GOCACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kube-fim/go-build}" \
     go build -trimpath -ldflags "-s -w" -o "$1/pause" .)
 }
+# A workload to drift: a static busybox (e2e/deps.sh installs busybox-static)
+# and a few image files for a container to change.
+fill_busybox() {
+  base_rootfs "$1"
+  mkdir -p "$1/bin" "$1/usr/bin"
+  install -m 0755 /bin/busybox "$1/bin/busybox"
+  ln -s busybox "$1/bin/sh"
+  printf 'welcome\n' >"$1/etc/motd"
+  printf 'multi on\n' >"$1/etc/host.conf"
+}
 fill_kube-fim-agent() {
   base_rootfs "$1"
   install -m 0755 "$bindir/kube-fim-agent" "$1/usr/local/bin/kube-fim-agent"
@@ -85,6 +95,8 @@ fill_kube-fim-operator() {
 
 build pause "$(cat "$here/pause/main.go" "$here/pause/go.mod")" \
   --config.entrypoint=/pause
+build busybox "$(sha256sum /bin/busybox; declare -f fill_busybox base_rootfs)" \
+  --config.entrypoint=/bin/busybox --config.cmd=sleep --config.cmd=36000
 build kube-fim-agent "$(sha256sum "$bindir/kube-fim-agent")" \
   --config.entrypoint=/usr/local/bin/kube-fim-agent --config.exposedports=9101/tcp \
   --config.label=org.opencontainers.image.title=kube-fim-agent

@@ -201,6 +201,10 @@ node_up() {
   # own, so HostToContainer mount propagation is real (`/` is private here).
   mount --bind "$ND/root" "$ND/root"
   mount --make-rshared "$ND/root"
+  # The node's procfs inside it, as a host's `/` has one: the agent reads
+  # the host's mount table and the containers' (container drift) there.
+  mkdir -p "$ND/root/proc"
+  mount -t proc proc "$ND/root/proc"
 
   client_kubeconfig "$d" kubelet "system:node:$NODE_NAME" system:nodes
   # The kubelet's serving certificate: the API server checks it against the CA.
@@ -240,7 +244,9 @@ node_up() {
 EOF
   cat >"$ND/containerd/config.toml" <<EOF
 version = 2
-root = "$ND/containerd/root"
+# Inside the node's `/`, where a node keeps it (/var/lib/containerd): the
+# containers' writable layers are then host paths the agent can read.
+root = "$ND/root/var/lib/containerd"
 state = "$ND/containerd/state"
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
 [grpc]
@@ -269,7 +275,7 @@ EOF
   start containerd containerd --config "$ND/containerd/config.toml"
   wait_for containerd 30 ctr -a "$sock" version || die "containerd did not start (log: $ND/logs/containerd.log)"
   local image
-  for image in pause kube-fim-agent kube-fim-operator; do
+  for image in pause busybox kube-fim-agent kube-fim-operator; do
     ctr -a "$sock" -n k8s.io images import "$IMAGES/$image.tar" >/dev/null
   done
 

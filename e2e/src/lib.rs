@@ -437,6 +437,7 @@ impl ChangeFixture {
                 summary: None,
                 sequence: None,
                 package: None,
+                container: None,
             },
         );
         fc.metadata.labels = Some(std::collections::BTreeMap::from([

@@ -931,3 +931,306 @@ async fn a_stalled_monitor_fails_the_liveness_probe_and_the_kubelet_restarts_the
         started.elapsed()
     );
 }
+
+// ------------------------------------------------------------------ container drift
+
+const SHOP: &str = "shop";
+const DRIFT_POLICY: &str = "container-drift";
+
+/// The FileChanges of the containers of pod `pod`: (category, path, container id).
+fn drift_changes(pod: &str) -> Vec<(String, String, String)> {
+    let mut out: Vec<(String, String, String)> = file_changes()
+        .into_iter()
+        .filter(|c| c["spec"]["container"]["pod"] == pod)
+        .map(|c| {
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (
+                s(&c["spec"]["category"]),
+                s(&c["spec"]["path"]),
+                s(&c["spec"]["container"]["id"]),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The shop's web pod, once Ready: its container id and restart count.
+async fn ready_web(restarts_at_least: i64) -> (String, i64) {
+    eventually(
+        "the pod shop/web to be Ready",
+        Duration::from_secs(120),
+        || async {
+            let pod = json(&["get", "pod", "-n", SHOP, "web", "-o", "json"])?;
+            let id = pod["status"]["containerStatuses"][0]["containerID"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if is_ready(&pod) && restarts(&pod) >= restarts_at_least && !id.is_empty() {
+                Ok((id, restarts(&pod)))
+            } else {
+                Err(format!("{}", pod["status"]))
+            }
+        },
+    )
+    .await
+}
+
+fn web_exec(script: &str) {
+    let run = kubectl([
+        "exec",
+        "-n",
+        SHOP,
+        "web",
+        "--",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(run.success, "exec {script}: {}", run.stderr);
+}
+
+/// The agent's resident memory on the node, from the host's procfs.
+fn agent_rss_kib() -> Option<u64> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if cmdline.starts_with(b"/usr/local/bin/kube-fim-agent") {
+            let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_drifting_from_its_image_is_reported_with_its_pod_and_image() {
+    let _installed = installed().await;
+    let run = kubectl(["create", "namespace", SHOP]);
+    assert!(run.success, "{}", run.stderr);
+    let policy = format!(
+        "apiVersion: fim.kube-fim.io/v1alpha1
+kind: FileIntegrityPolicy
+metadata: {{name: {DRIFT_POLICY}}}
+spec:
+  nodeSelector: {{kubernetes.io/os: linux}}
+  containers:
+    namespaces: [{SHOP}]
+"
+    );
+    let run = kubectl_stdin(&["apply", "-f", "-"], &policy);
+    assert!(run.success, "{}", run.stderr);
+    let pod = format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: web, namespace: {SHOP}, labels: {{app: web}}}}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: web
+    image: localhost/kube-fim/busybox:{tag}
+    imagePullPolicy: Never
+    command: [/bin/busybox, sh, -c, 'trap \"exit 0\" TERM; while true; do /bin/busybox sleep 1; done']
+",
+        tag = node_env("KUBE_FIM_NODE_TAG")
+    );
+    let run = kubectl_stdin(&["apply", "-f", "-"], &pod);
+    assert!(run.success, "{}", run.stderr);
+    let (first_id, _) = ready_web(0).await;
+    // The agent looks at the new container before it drifts: what follows is real time.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(drift_changes("web"), [], "a fresh container has no drift");
+
+    // What an intruder does after `kubectl exec`.
+    web_exec(
+        "/bin/busybox cp /bin/busybox /usr/bin/curl && echo 'order hosts' >> /etc/host.conf \
+         && /bin/busybox rm /etc/motd && echo scratch > /tmp/scratch",
+    );
+    let written = std::time::Instant::now();
+    let want = |id: &str| {
+        vec![
+            (
+                "Added".to_string(),
+                "/usr/bin/curl".to_string(),
+                id.to_string(),
+            ),
+            (
+                "Modified".to_string(),
+                "/etc/host.conf".to_string(),
+                id.to_string(),
+            ),
+            (
+                "Removed".to_string(),
+                "/etc/motd".to_string(),
+                id.to_string(),
+            ),
+        ]
+    };
+    let mut expected = want(&first_id);
+    expected.sort();
+    eventually(
+        "three FileChanges of the web container's drift",
+        Duration::from_secs(30),
+        || async {
+            let got = drift_changes("web");
+            if got.len() >= expected.len() {
+                Ok(got)
+            } else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+    let latency = written.elapsed();
+    eprintln!("container drift: exec's write to its FileChanges in {latency:?}");
+    // Nothing for /tmp, the container's mounts (/etc/hosts, /etc/resolv.conf,
+    // the token) or anything else.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(drift_changes("web"), expected);
+
+    let changes = file_changes();
+    let curl = changes
+        .iter()
+        .find(|c| c["spec"]["path"] == "/usr/bin/curl")
+        .expect("the new binary's FileChange");
+    let c = &curl["spec"]["container"];
+    assert_eq!(c["namespace"], SHOP);
+    assert_eq!(c["name"], "web");
+    assert_eq!(curl["spec"]["policy"], DRIFT_POLICY);
+    assert!(
+        c["image"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("kube-fim/busybox"),
+        "{c}"
+    );
+    assert!(
+        c["imageDigest"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("sha256:"),
+        "{c}"
+    );
+    assert_eq!(curl["spec"]["after"]["mode"], "0755");
+    assert_eq!(
+        curl["metadata"]["labels"]["fim.kube-fim.io/namespace"],
+        SHOP
+    );
+    assert_eq!(curl["metadata"]["labels"]["fim.kube-fim.io/pod"], "web");
+    let modified = changes
+        .iter()
+        .find(|c| c["spec"]["path"] == "/etc/host.conf" && c["spec"]["container"]["pod"] == "web")
+        .expect("the modified image file");
+    assert_ne!(
+        modified["spec"]["before"]["hash"], modified["spec"]["after"]["hash"],
+        "before is the image's file, after the container's"
+    );
+    let run = kubectl([
+        "get",
+        "fc",
+        "-l",
+        "fim.kube-fim.io/namespace=shop",
+        "-o",
+        "name",
+    ]);
+    assert!(run.success, "{}", run.stderr);
+    assert_eq!(run.stdout.lines().count(), 3, "{}", run.stdout);
+    let run = kubectl(["get", "fc"]);
+    assert!(run.stdout.contains("CONTAINER"), "{}", run.stdout);
+
+    // The Event on the pod itself.
+    let event = eventually(
+        "a FileAdded Event on the pod shop/web",
+        Duration::from_secs(30),
+        || async {
+            let events = json(&["get", "events.events.k8s.io", "-n", SHOP, "-o", "json"])?;
+            events["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| {
+                    e["regarding"]["name"] == "web"
+                        && e["reason"] == "FileAdded"
+                        && e["note"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .contains("/usr/bin/curl")
+                })
+                .cloned()
+                .ok_or_else(|| format!("{events}"))
+        },
+    )
+    .await;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["regarding"]["kind"], "Pod");
+
+    // A restarted container starts from its image again: its old drift is
+    // not reported again, the new container's is.
+    web_exec("/bin/busybox kill 1");
+    let (second_id, _) = ready_web(1).await;
+    assert_ne!(second_id, first_id);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    web_exec("echo '#!/bin/sh' > /usr/bin/again && /bin/busybox chmod 755 /usr/bin/again");
+    eventually(
+        "the restarted container's drift",
+        Duration::from_secs(30),
+        || async {
+            let got = drift_changes("web");
+            if got
+                .iter()
+                .any(|(_, p, id)| p == "/usr/bin/again" && *id == second_id)
+            {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut after_restart = expected.clone();
+    after_restart.push(("Added".into(), "/usr/bin/again".into(), second_id.clone()));
+    after_restart.sort();
+    assert_eq!(
+        drift_changes("web"),
+        after_restart,
+        "no storm of removals, no re-report"
+    );
+
+    if let Some(rss) = agent_rss_kib() {
+        eprintln!("container drift: agent resident memory {rss} KiB");
+    }
+
+    // The pod deleted: its evidence stays, the agent forgets the container.
+    let run = kubectl([
+        "delete",
+        "pod",
+        "-n",
+        SHOP,
+        "web",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    assert!(run.success, "{}", run.stderr);
+    let state = PathBuf::from(node_env("KUBE_FIM_NODE_STATE")).join("containers");
+    eventually(
+        "the agent to forget the deleted pod's containers",
+        Duration::from_secs(30),
+        || async {
+            let left: Vec<_> = std::fs::read_dir(&state)
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(drift_changes("web"), after_restart, "evidence kept");
+}

@@ -79,6 +79,7 @@ fn main() {
                 node: "n".into(),
                 policy: "p".into(),
                 sequence: None,
+                container: None,
                 entry: "e".into(),
                 path: path.clone(),
                 category: ChangeCategory::Modified,

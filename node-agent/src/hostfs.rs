@@ -419,6 +419,25 @@ impl HostRoot {
         }
     }
 
+    /// The device number (major, minor) of `rel` when it is a character
+    /// device, `Ok(None)` when it is anything else or absent: an overlay
+    /// whiteout is a character device 0/0.
+    pub fn char_device(&self, rel: &Path) -> Result<Option<(u32, u32)>, InspectError> {
+        let item = Item::of(rel, &[]);
+        let dir = match self.open_dir(item.dir) {
+            Ok(dir) => dir,
+            Err(Errno::NOENT | Errno::NOTDIR) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match rustix::fs::statx(&dir, item.name, LOOK, STATX) {
+            Ok(st) if raw_type(&st) == RawType::CharacterDevice => {
+                Ok(Some((st.stx_rdev_major, st.stx_rdev_minor)))
+            }
+            Ok(_) | Err(Errno::NOENT | Errno::NOTDIR) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// [`HostRoot::inspect`] of every item, in parallel on the scan's pool;
     /// the results are in the order of `items`, one per item. Items of one
     /// directory next to each other share its descriptor.

@@ -7,6 +7,7 @@ pub mod attribution;
 pub mod baseline;
 pub mod budget;
 pub mod cluster;
+pub mod containers;
 pub mod context;
 pub mod engine;
 #[cfg(test)]

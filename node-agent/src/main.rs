@@ -137,6 +137,10 @@ enum Command {
         /// namespace's table, in which the host root is a directory).
         #[arg(long, default_value = "/", requires = "mount_table")]
         mount_table_root: PathBuf,
+        /// Where --root is on the host (the host path mounted there): container
+        /// layers are host paths, read inside --root.
+        #[arg(long, default_value = "/")]
+        host_root_path: PathBuf,
     },
 }
 
@@ -288,6 +292,7 @@ async fn watch_cmd(args: Standalone, output: Output, addr: SocketAddr) -> anyhow
         control: control_rx,
         out: batch_tx,
         status: status_tx,
+        drift: None,
     };
     monitor::run(
         engine,
@@ -353,6 +358,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             queue_capacity,
             mount_table,
             mount_table_root,
+            host_root_path,
         } => {
             if node_name.is_empty() {
                 bail!("--node-name (or NODE_NAME from the downward API) is required");
@@ -377,6 +383,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         table,
                         root: mount_table_root,
                     }),
+                    host_root_path,
                 },
                 shutdown_signal(),
             )

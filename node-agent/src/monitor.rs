@@ -18,6 +18,7 @@ use crate::attribution::AttributionState;
 use crate::attribution::fanotify::Notice;
 use crate::attribution::join::Attribution;
 use crate::attribution::pods::PodIndex;
+use crate::containers::DriftBatch;
 use crate::engine::{Approval, Approved, Engine, Outcome, PolicyStatus};
 use crate::packages::{Packages, Scope};
 use crate::report::object::object_name;
@@ -170,6 +171,8 @@ pub struct Channels {
     pub out: mpsc::Sender<Batch>,
     /// What the loop last knew, for the node status.
     pub status: watch::Sender<Snapshot>,
+    /// Container drift to number and queue ([`crate::containers`]).
+    pub drift: Option<mpsc::Receiver<DriftBatch>>,
 }
 
 /// The reporter is gone (the agent is stopping): nothing more is marked.
@@ -241,6 +244,7 @@ pub async fn run(
         mut control,
         out,
         status,
+        mut drift,
     } = channels;
     let (inotify_tx, mut inotify_events) = mpsc::unbounded_channel();
     let (attribution, mut notices) = Attribution::new(engine.root_path(), settings.pods);
@@ -289,6 +293,7 @@ pub async fn run(
                 m.mounts_changed();
                 Ok(())
             }
+            Some((specs, done)) = next_drift(&mut drift) => m.drift(specs, done).await,
             notice = notices.recv() => {
                 m.notice(notice);
                 Ok(())
@@ -312,7 +317,37 @@ pub async fn run(
     }
 }
 
+/// The next drift batch; never, without a drift task.
+async fn next_drift(drift: &mut Option<mpsc::Receiver<DriftBatch>>) -> Option<DriftBatch> {
+    match drift {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Monitor {
+    /// Container drift through the reporting protocol: numbered, handed
+    /// over (queued on disk), the counter saved; then the drift task saves
+    /// what it reported.
+    async fn drift(
+        &mut self,
+        specs: Vec<kube_fim_crds::FileChangeSpec>,
+        done: oneshot::Sender<()>,
+    ) -> Result<(), Stopped> {
+        self.telemetry.changes_detected(0, 0, &specs);
+        let mut reports: Vec<Detected> = specs
+            .into_iter()
+            .map(|spec| Detected { spec, epoch: 0 })
+            .collect();
+        sequence::number(&mut reports, &mut self.engine);
+        if !hand_over(&self.out, reports).await {
+            return Err(Stopped);
+        }
+        self.digest = self.save();
+        let _ = done.send(());
+        Ok(())
+    }
+
     /// Carries a detected outcome through the reporting protocol
     /// ([`crate::report`]): counted, handed over (and queued on disk by the
     /// reporter), marked reported, saved.
@@ -727,6 +762,7 @@ mod tests {
             control,
             out,
             status,
+            drift: None,
         };
         let telemetry = a.ctx.telemetry.clone();
         let monitor = tokio::spawn(run(

@@ -445,6 +445,7 @@ mod tests {
                 summary: None,
                 sequence: None,
                 package: None,
+                container: None,
             },
         );
         fc.metadata.creation_timestamp = Some(Time(created));

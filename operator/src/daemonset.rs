@@ -171,6 +171,11 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
     if let Some(selector) = &config.policy_selector {
         args.push(format!("--policy-selector={selector}"));
     }
+    if config.agent_host_root != "/" {
+        // Container layers are named by host paths: the agent reads them
+        // inside its root, which is this directory of the host.
+        args.push(format!("--host-root-path={}", config.agent_host_root));
+    }
     if config.agent_threads > 0 {
         args.push(format!("--threads={}", config.agent_threads));
     }

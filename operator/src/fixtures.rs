@@ -413,6 +413,7 @@ fn file_change(name: &str, policy: &str) -> Value {
             summary: None,
             sequence: None,
             package: None,
+            container: None,
         },
     );
     // The label says "web" for all three: anyone with patch rights can set

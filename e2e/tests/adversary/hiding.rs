@@ -45,6 +45,7 @@ async fn a_malformed_change_from_the_api_cannot_stall_the_agent() {
                 process: None,
                 summary: None,
                 sequence: None,
+                container: None,
                 package: None,
             },
         );

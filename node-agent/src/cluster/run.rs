@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use kube::Client;
 use tokio::sync::{mpsc, watch};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::lifecycle::{Lifecycle, Stop};
 use super::{approvals, heartbeat, policies, startup};
 use crate::attribution::pods::PodIndex;
+use crate::containers;
 use crate::monitor::{self, Snapshot};
 use crate::report::deliver::{self, RateLimit};
 use crate::report::reporter;
@@ -37,6 +38,8 @@ pub struct RunConfig {
     pub queue_capacity: usize,
     /// Where the host's mount table is read, if not from the host root's procfs.
     pub mount_table: Option<crate::mounts::MountSource>,
+    /// Where `root` is on the host (`/` when it is the host's `/`).
+    pub host_root_path: PathBuf,
 }
 
 /// Runs the agent until `shutdown`.
@@ -64,10 +67,26 @@ pub async fn run(
     // The pods of this node, to name the pod behind a change (process attribution).
     let pods = PodIndex::default();
     tasks.spawn_helper(pods.clone().follow(ctx.client.clone(), ctx.node.clone()));
+    // Container drift: numbered and queued by the monitoring loop.
+    let (drift_tx, drift_rx) = mpsc::channel(4);
+    match crate::hostfs::HostRoot::open(&config.root) {
+        Ok(root) => {
+            let settings = containers::Settings {
+                node: ctx.node.clone(),
+                root,
+                host_root: config.host_root_path.clone(),
+                state: config.state.clone(),
+            };
+            let drift = containers::run(ctx.client.clone(), settings, ctx.served.clone(), drift_tx);
+            tasks.spawn_helper(drift);
+        }
+        Err(error) => warn!(%error, "container drift off: the host root cannot be opened"),
+    }
     let loop_ends = monitor::Channels {
         control: control_rx,
         out: batch_tx,
         status: status_tx,
+        drift: Some(drift_rx),
     };
     let settings = monitor::Settings {
         wait_for_policies: true,

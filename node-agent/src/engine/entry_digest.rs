@@ -316,6 +316,7 @@ impl Engine {
                 summary: None,
                 sequence: None,
                 package: None,
+                container: None,
             });
         }
         (names, changes)

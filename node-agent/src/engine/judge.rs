@@ -249,6 +249,7 @@ impl Engine {
                 summary: None,
                 sequence: None,
                 package: None,
+                container: None,
             });
         }
         if reported {

@@ -40,6 +40,11 @@ pub fn identity(spec: &FileChangeSpec, epoch: u64) -> String {
         hasher.update(b"epoch");
         hasher.update(&epoch.to_le_bytes());
     }
+    if let Some(container) = &spec.container {
+        // Replicas drifting alike are changes of their own.
+        hasher.update(b"container");
+        hasher.update(container.id.as_bytes());
+    }
     if let Some(summary) = &spec.summary {
         // Summaries of one window are one object.
         hasher.update(summary.window_start.0.to_string().as_bytes());
@@ -165,6 +170,10 @@ pub fn to_object(spec: FileChangeSpec, epoch: u64) -> FileChange {
     if let Some(p) = &spec.package {
         labels.insert(labels::PACKAGE.to_string(), p.verdict.as_str().to_string());
     }
+    if let Some(c) = &spec.container {
+        labels.insert(labels::NAMESPACE.to_string(), label_value(&c.namespace));
+        labels.insert(labels::POD.to_string(), label_value(&c.pod));
+    }
     let mut object = FileChange::new(&name, spec);
     object.metadata.labels = Some(labels);
     shorten(&object, TEXT_MAX)
@@ -201,6 +210,7 @@ mod tests {
             summary: None,
             sequence: None,
             package: None,
+            container: None,
         }
     }
 

@@ -267,6 +267,19 @@ impl Book {
     }
 }
 
+/// An Event's note is at most 1 kB.
+fn shorten_note(mut note: String) -> String {
+    if note.len() > 1024 {
+        let mut end = 1021;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str("...");
+    }
+    note
+}
+
 /// Publishes the Events of delivered changes as series.
 pub struct ChangeEvents {
     api: Api<Event>,
@@ -288,7 +301,12 @@ impl ChangeEvents {
     }
 
     /// Publishes a stored change: a new Event, or one more in an open series.
+    /// A change inside a container is also an Event on its pod, in the pod's
+    /// namespace, so `kubectl describe pod` shows it.
     pub async fn publish(&mut self, change: &FileChange) {
+        if let Some(container) = &change.spec.container {
+            self.publish_on_pod(change, container).await;
+        }
         self.publish_as(change, reason(&change.spec)).await;
         if mismatch(&change.spec) {
             self.publish_as(change, PACKAGE_MISMATCH).await;
@@ -354,6 +372,55 @@ impl ChangeEvents {
         self.book.next(Instant::now())
     }
 
+    async fn publish_on_pod(&self, change: &FileChange, c: &kube_fim_crds::ContainerRef) {
+        let at = Timestamp::now();
+        let spec = &change.spec;
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(format!("{}.{:x}", c.pod, at.as_nanosecond())),
+                namespace: Some(c.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(at)),
+            action: Some("Detect".into()),
+            reason: Some(reason(spec).into()),
+            type_: Some("Warning".into()),
+            note: Some(shorten_note(format!(
+                "{} {} in container {} (image {}), drift from its image: FileChange {}",
+                spec.category.as_str(),
+                spec.path,
+                c.name,
+                c.image_digest
+                    .as_deref()
+                    .or(c.image.as_deref())
+                    .unwrap_or("unknown"),
+                change.metadata.name.as_deref().unwrap_or_default(),
+            ))),
+            regarding: Some(ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                namespace: Some(c.namespace.clone()),
+                name: Some(c.pod.clone()),
+                uid: Some(c.pod_uid.clone()),
+                field_path: Some(format!("spec.containers{{{}}}", c.name)),
+                ..ObjectReference::default()
+            }),
+            related: Some(change.object_ref(&())),
+            reporting_controller: Some(CONTROLLER.into()),
+            reporting_instance: Some(self.node.clone()),
+            ..Event::default()
+        };
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PostParams::default()
+        };
+        let api: Api<Event> = Api::namespaced(self.api.clone().into_client(), &c.namespace);
+        if let Err(error) = api.create(&params, &event).await {
+            self.telemetry.change_event_failed();
+            debug!(%error, "pod event not published");
+        }
+    }
+
     fn event(&self, change: &FileChange, at: Timestamp, reason: &'static str) -> Event {
         let spec = &change.spec;
         let regarding = self
@@ -413,6 +480,7 @@ mod tests {
                 summary: None,
                 sequence: None,
                 package: None,
+                container: None,
             },
             0,
         )
