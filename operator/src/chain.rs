@@ -295,6 +295,7 @@ struct Memory {
 /// The verifier's clock: a pass over the covered nodes every few seconds,
 /// once the caches are filled. Runs until the controller stops it.
 pub async fn run(ctx: Arc<Context>) {
+    let started = std::time::Instant::now();
     ctx.changes.wait_until_listed().await;
     for ready in [
         ctx.policies.wait_until_ready().await.is_ok(),
@@ -305,6 +306,12 @@ pub async fn run(ctx: Arc<Context>) {
             return;
         }
     }
+    // When verification begins: the caches it waits for are what an
+    // operator's start-up time is made of.
+    info!(
+        seconds = started.elapsed().as_secs_f64(),
+        "verifying the nodes' chains"
+    );
     let every =
         (ctx.config.evidence_grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(5));
     let mut memory: HashMap<String, Memory> = HashMap::new();

@@ -56,6 +56,7 @@ fn watcher_config(config: &Config) -> watcher::Config {
 /// Runs the operator until `shutdown` resolves.
 pub async fn run(
     client: Client,
+    requests: Client,
     config: Config,
     metrics: Metrics,
     identity: String,
@@ -65,14 +66,16 @@ pub async fn run(
     let (nodes, node_writer) = reflector::store::<Node>();
     let (records, record_writer) = reflector::store::<FileIntegrityNode>();
     let recorder = Recorder::new(
-        client.clone(),
+        requests.clone(),
         Reporter {
             controller: FIELD_MANAGER.into(),
             instance: Some(identity),
         },
     );
+    // Watches use `client`; every request of the loops, `requests` (which
+    // times out).
     let ctx = Arc::new(Context::new(
-        client.clone(),
+        requests,
         config.clone(),
         metrics,
         recorder,

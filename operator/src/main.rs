@@ -56,9 +56,20 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    let client = kube::Client::try_default()
+    let api_config = kube::Config::infer()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    // Watches and the lease: long-lived responses, guarded by the watcher's
+    // own idle timeout.
+    let client = kube::Client::try_from(api_config.clone()).context("building the API client")?;
+    // Every other request (status writes, Events, deletions, lists) gets an
+    // answer within REQUEST_TIMEOUT or fails and is retried: without a read
+    // timeout one response that never comes stalls the loop waiting for it
+    // (the chain verifier, retention, a policy's status) for good.
+    let mut request_config = api_config;
+    request_config.read_timeout = Some(REQUEST_TIMEOUT);
+    request_config.reset_reader_on_write = true;
+    let requests = kube::Client::try_from(request_config).context("building the API client")?;
 
     let manager = LeaseManagerBuilder::new(client.clone(), &config.lease_name)
         .with_namespace(&config.namespace)
@@ -94,7 +105,15 @@ async fn main() -> anyhow::Result<()> {
         config.namespace.clone(),
         config.policy_selector.clone(),
     ));
-    controller::run(client, config, metrics.clone(), identity, shutdown).await;
+    controller::run(
+        client,
+        requests,
+        config,
+        metrics.clone(),
+        identity,
+        shutdown,
+    )
+    .await;
     export::stop(Duration::from_secs(3)).await;
     export.abort();
     metrics.leader.set(0);
@@ -116,6 +135,9 @@ async fn main() -> anyhow::Result<()> {
         bail!("lost leadership; exiting so that a restart rejoins the election as a standby")
     }
 }
+
+/// How long the operator waits for the answer to one request (not a watch).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn wait_for(
     rx: &mut tokio::sync::watch::Receiver<bool>,
