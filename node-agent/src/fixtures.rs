@@ -144,7 +144,8 @@ pub fn agent() -> Agent {
     let ctx = Context {
         committed: committed_rx,
         node: "n1".into(),
-        client: Client::new(service, "default"),
+        client: Client::new(service.clone(), "default"),
+        watches: Client::new(service, "default"),
         telemetry: Telemetry::new("n1").unwrap(),
         queue: Arc::new(Mutex::new(queue)),
         queued: Notify::new(),

@@ -321,7 +321,8 @@ async fn shutdown_signal() {
     }
 }
 
-async fn client(kubeconfig: Option<PathBuf>) -> anyhow::Result<kube::Client> {
+/// The agent's API clients: (requests, which time out; watches).
+async fn clients(kubeconfig: Option<PathBuf>) -> anyhow::Result<(kube::Client, kube::Client)> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(&path)
@@ -334,7 +335,7 @@ async fn client(kubeconfig: Option<PathBuf>) -> anyhow::Result<kube::Client> {
             .await
             .context("no in-cluster config and no kubeconfig")?,
     };
-    kube::Client::try_from(config).context("building the API client")
+    kube_fim_agent::context::clients(config).context("building the API clients")
 }
 
 async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -367,9 +368,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("--root {}: not a directory", root.display());
             }
             StateDir::create(&state).with_context(|| format!("creating {}", state.display()))?;
-            let client = client(kubeconfig).await?;
+            let clients = clients(kubeconfig).await?;
             run(
-                client,
+                clients,
                 RunConfig {
                     node: node_name,
                     root,

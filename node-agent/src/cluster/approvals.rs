@@ -41,7 +41,8 @@ pub async fn run(
     }
     let api: Api<FileChange> = Api::all(ctx.client.clone());
     let wc = watcher::Config::default().fields(&format!("spec.node={}", ctx.node));
-    let mut stream = std::pin::pin!(watcher(api.clone(), wc).default_backoff().applied_objects());
+    let watched: Api<FileChange> = Api::all(ctx.watches.clone());
+    let mut stream = std::pin::pin!(watcher(watched, wc).default_backoff().applied_objects());
     // The watch retries with backoff; each new kind of failure is said once.
     let mut last_error: Option<String> = None;
     loop {

@@ -37,13 +37,13 @@ pub async fn run(
     if let Some(sel) = &selector {
         wc = wc.labels(sel);
     }
-    let policy_events = watcher(Api::<FileIntegrityPolicy>::all(ctx.client.clone()), wc)
+    let policy_events = watcher(Api::<FileIntegrityPolicy>::all(ctx.watches.clone()), wc)
         .default_backoff()
         .reflect(policy_writer)
         .map(|_| ());
     let (nodes, node_writer) = reflector::store::<Node>();
     let node_events = watcher(
-        Api::<Node>::all(ctx.client.clone()),
+        Api::<Node>::all(ctx.watches.clone()),
         watcher::Config::default().fields(&format!("metadata.name={}", ctx.node)),
     )
     .default_backoff()

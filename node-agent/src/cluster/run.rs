@@ -44,7 +44,7 @@ pub struct RunConfig {
 
 /// Runs the agent until `shutdown`.
 pub async fn run(
-    client: Client,
+    client: (Client, Client),
     config: RunConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -66,7 +66,7 @@ pub async fn run(
 
     // The pods of this node, to name the pod behind a change (process attribution).
     let pods = PodIndex::default();
-    tasks.spawn_helper(pods.clone().follow(ctx.client.clone(), ctx.node.clone()));
+    tasks.spawn_helper(pods.clone().follow(ctx.watches.clone(), ctx.node.clone()));
     // Container drift: numbered and queued by the monitoring loop.
     let (drift_tx, drift_rx) = mpsc::channel(4);
     match crate::hostfs::HostRoot::open(&config.root) {
@@ -77,7 +77,8 @@ pub async fn run(
                 host_root: config.host_root_path.clone(),
                 state: config.state.clone(),
             };
-            let drift = containers::run(ctx.client.clone(), settings, ctx.served.clone(), drift_tx);
+            let drift =
+                containers::run(ctx.watches.clone(), settings, ctx.served.clone(), drift_tx);
             tasks.spawn_helper(drift);
         }
         Err(error) => warn!(%error, "container drift off: the host root cannot be opened"),

@@ -67,7 +67,7 @@ where
 /// Starts the agent's telemetry server, opens its state and builds its
 /// context; `served` is what the policy watch will decide.
 pub async fn start(
-    client: Client,
+    (client, watches): (Client, Client),
     config: &RunConfig,
     served: watch::Receiver<ServedPolicies>,
 ) -> anyhow::Result<Started> {
@@ -118,6 +118,7 @@ pub async fn start(
         committed: engine.committed_sequence(),
         node: config.node.clone(),
         client,
+        watches,
         telemetry,
         queue: Arc::new(Mutex::new(queue)),
         queued: Notify::new(),
