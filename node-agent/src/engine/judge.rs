@@ -19,6 +19,24 @@ use crate::hostfs::Inspected;
 use crate::paths::{host_path, rel_path};
 use crate::plan::{Entry, Plan};
 
+/// What a path's state is against the baseline ([`Engine::assess`]).
+enum Verdict {
+    /// Only new entries watch it: the state is their baseline.
+    Establish,
+    /// The approved state, with attributes measured for the first time.
+    Adopt(FileAttributes),
+    /// The approved state.
+    Settled,
+    /// A difference reported already.
+    Reported,
+    /// A difference: the changes to report (none when only what no entry
+    /// compares differs), and the digest of the state.
+    Changes {
+        changes: Vec<FileChangeSpec>,
+        digest: String,
+    },
+}
+
 /// The longest reason a state gives for being unreadable (the CRD's
 /// `maxLength` of `unreadable`).
 const UNREADABLE_MAX: usize = 256;
@@ -78,6 +96,10 @@ impl Engine {
             let current = self.inspect(path, &owners, &mut out);
             let key = host_path(path);
             self.judge(&key, path, current, &owners, source, &mut out);
+        }
+        // What was not judged (no longer monitored) is forgotten.
+        for p in paths {
+            self.transient.take(&host_path(p));
         }
         (out, new_dirs)
     }
@@ -145,6 +167,44 @@ impl Engine {
         } else {
             self.unreadable.remove(path);
         }
+        let verdict = self.assess(key, path, current.as_ref(), owners, source);
+        let transient = self.transient.take(key);
+        match verdict {
+            Verdict::Establish => self.baseline.establish_path(key, current),
+            Verdict::Adopt(c) => self.baseline.adopt(key, c),
+            Verdict::Settled | Verdict::Reported => {
+                if matches!(verdict, Verdict::Settled) {
+                    self.baseline.settled(key);
+                }
+                // Back by the end of the window: the write still happened.
+                if let Some(changes) = transient {
+                    out.changes.extend(changes);
+                    out.epochs.insert(key.to_string(), self.baseline.epoch(key));
+                }
+            }
+            Verdict::Changes { changes, digest } => {
+                // A state reported now supersedes a transient one.
+                if !changes.is_empty() {
+                    out.changes.extend(changes);
+                    out.epochs.insert(key.to_string(), self.baseline.epoch(key));
+                }
+                // Marked even when no entry found a difference worth a report
+                // (a directory's mtime): judged once per state.
+                out.marks.push((key.to_string(), digest));
+            }
+        }
+    }
+
+    /// What `current` is against the baseline, deciding nothing: the one
+    /// judgement both [`Engine::judge`] and [`Engine::peek`] make.
+    fn assess(
+        &self,
+        key: &str,
+        path: &Path,
+        current: Option<&FileAttributes>,
+        owners: &[&Entry],
+        source: DetectionSource,
+    ) -> Verdict {
         let mut established: Vec<&Entry> = Vec::new();
         for o in owners.iter().filter(|o| {
             self.baseline
@@ -162,36 +222,33 @@ impl Engine {
         }
         if established.is_empty() {
             // Only new entries watch it: what exists now is their baseline, silently.
-            self.baseline.establish_path(key, current);
-            return;
+            return Verdict::Establish;
         }
         let approved = self.baseline.approved(key);
-        if approved == current {
-            self.baseline.settled(key);
-            return;
+        if approved.as_ref() == current {
+            return Verdict::Settled;
         }
-        if let (Some(a), Some(c)) = (&approved, &current)
+        if let (Some(a), Some(c)) = (&approved, current)
             && let Some(unmeasured) = without_late_attributes(a, c)
         {
             if unmeasured == *a {
                 // A state approved before these attributes were measured,
                 // unchanged since: their values now are its baseline, as for a
                 // new entry.
-                self.baseline.adopt(key, c.clone());
-                return;
+                return Verdict::Adopt(c.clone());
             }
             if !self.list_reported
                 && self.baseline.reported(key).as_deref()
                     == Some(state_digest(Some(&unmeasured)).as_str())
             {
-                return; // reported before these attributes were measured
+                return Verdict::Reported; // reported before these attributes were measured
             }
         }
-        let digest = state_digest(current.as_ref());
+        let digest = state_digest(current);
         if !self.list_reported && self.baseline.reported(key).as_deref() == Some(digest.as_str()) {
-            return; // already reported
+            return Verdict::Reported;
         }
-        let category = match (&approved, &current) {
+        let category = match (&approved, current) {
             (None, Some(_)) => ChangeCategory::Added,
             (Some(_), None) => ChangeCategory::Removed,
             _ => ChangeCategory::Modified,
@@ -201,13 +258,13 @@ impl Engine {
         // appears or goes is reported like a file (a hidden directory is how
         // payloads hide).
         let now = Timestamp::now();
-        let mut reported = false;
+        let mut changes = Vec::new();
         for o in established {
             let mut attrs = o.attributes.clone();
-            if is_dir(current.as_ref()) || is_dir(approved.as_ref()) {
+            if is_dir(current) || is_dir(approved.as_ref()) {
                 attrs.retain(|a| DIR_ATTRS.contains(a));
             }
-            let changed = match (&approved, &current) {
+            let changed = match (&approved, current) {
                 (Some(a), Some(c)) => {
                     let mut d = differing(a, c, &attrs);
                     if o.grow_only && self.grew_keeping_prefix(path, a, c) {
@@ -233,8 +290,7 @@ impl Engine {
             } else {
                 source
             };
-            reported = true;
-            out.changes.push(FileChangeSpec {
+            changes.push(FileChangeSpec {
                 node: self.node.clone(),
                 policy: o.owner.policy.clone(),
                 entry: o.owner.entry.clone(),
@@ -242,7 +298,7 @@ impl Engine {
                 category,
                 changed_attributes: changed,
                 before: approved.as_ref().map(|a| project(a, &o.attributes)),
-                after: current.as_ref().map(|c| project(c, &o.attributes)),
+                after: current.map(|c| project(c, &o.attributes)),
                 detected_time: MicroTime(now),
                 source,
                 process: None,
@@ -250,14 +306,59 @@ impl Engine {
                 sequence: None,
                 package: None,
                 container: None,
+                restored: None,
             });
         }
-        if reported {
-            out.epochs.insert(key.to_string(), self.baseline.epoch(key));
+        Verdict::Changes { changes, digest }
+    }
+
+    /// Whether the present state of `path` (root-relative) would be reported
+    /// as a modification, without recording anything: the changes it would
+    /// be, marked restored (they are reported only if the file is back by the
+    /// time its debounce ends, see [`Engine::closed`]). Reads the file.
+    pub fn peek(&self, path: &Path) -> Vec<FileChangeSpec> {
+        let plan = Arc::clone(&self.plan);
+        let owners = plan.owners(path);
+        if owners.is_empty() {
+            return Vec::new();
         }
-        // Marked even when no entry found a difference worth a report (a
-        // directory's mtime): judged once per state.
-        out.marks.push((key.to_string(), digest));
+        let mut scratch = Outcome::default();
+        let current = self.inspect(path, &owners, &mut scratch);
+        // A state that could not be read whole is left to the rescan.
+        if current.as_ref().is_none_or(|c| c.unreadable.is_some()) {
+            return Vec::new();
+        }
+        let key = host_path(path);
+        match self.assess(
+            &key,
+            path,
+            current.as_ref(),
+            &owners,
+            DetectionSource::Realtime,
+        ) {
+            Verdict::Changes { mut changes, .. } => {
+                // Only a file of the baseline modified in place: a new file
+                // gone by the end of the window was mostly renamed (an
+                // editor's temporary file), and the rename is reported.
+                changes.retain(|c| c.category == ChangeCategory::Modified);
+                for c in &mut changes {
+                    c.restored = Some(true);
+                }
+                changes
+            }
+            Verdict::Establish | Verdict::Adopt(_) | Verdict::Settled | Verdict::Reported => {
+                Vec::new()
+            }
+        }
+    }
+
+    /// A close after a write of `path` (root-relative): if its state now is
+    /// a modification, it is remembered until the path's rescan, which
+    /// reports it if the file is back by then. `false` when that could not be
+    /// remembered (too many paths in the window): the rescan alone judges it.
+    pub fn closed(&mut self, path: &Path) -> bool {
+        let changes = self.peek(path);
+        self.transient.record(host_path(path), changes)
     }
 
     /// Step 4 of the reporting protocol: the changes of `outcome` are safely
