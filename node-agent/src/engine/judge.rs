@@ -559,4 +559,126 @@ mod tests {
         let su = o.changes.iter().find(|c| c.path == "/usr/bin/su");
         assert!(su.is_none());
     }
+
+    /// Puts `content` back in `path` with the mtime it had (what an attacker
+    /// undoing a write does).
+    fn put_back(path: &Path, content: &str) {
+        let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
+        std::fs::write(path, content).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+
+    fn hash_of(c: &FileChangeSpec) -> Option<String> {
+        c.after.as_ref().and_then(|a| a.hash.clone())
+    }
+
+    #[test]
+    fn a_state_seen_at_a_close_is_reported_restored_once_the_file_is_back() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        let sudoers = root.path().join("etc/sudoers");
+        std::fs::write(&sudoers, "root ALL\n").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        scan(&mut e, DetectionSource::Startup);
+        e.save().unwrap();
+        let rel = PathBuf::from("etc/sudoers");
+        let ready = BTreeSet::from([rel.clone()]);
+
+        let original = std::fs::metadata(&sudoers).unwrap().modified().unwrap();
+        std::fs::write(&sudoers, "root ALL\nevil ALL\n").unwrap();
+        let peeked = e.peek(&rel);
+        assert_eq!(
+            describe_specs(&peeked),
+            ["Modified /etc/sudoers [Hash, Size, Mtime]"]
+        );
+        assert!(!e.baseline().is_dirty(), "a peek records nothing");
+        assert!(e.closed(&rel));
+        // Put back, content and mtime.
+        std::fs::write(&sudoers, "root ALL\n").unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&sudoers)
+            .unwrap();
+        f.set_modified(original).unwrap();
+        drop(f);
+        // The restore is a close too: its state (the baseline's) is nothing to keep.
+        assert!(e.closed(&rel));
+        let (o, _) = e.rescan(&ready, DetectionSource::Realtime);
+        e.mark_reported(&o);
+        assert_eq!(describe(&o), ["Modified /etc/sudoers [Hash, Size, Mtime]"]);
+        assert_eq!(o.changes[0].restored, Some(true));
+        assert_eq!(
+            hash_of(&o.changes[0]),
+            Some(blake3::hash(b"root ALL\nevil ALL\n").to_hex().to_string())
+        );
+        assert!(o.epochs.contains_key("/etc/sudoers"));
+        let (again, _) = e.rescan(&ready, DetectionSource::Realtime);
+        assert!(
+            again.changes.is_empty(),
+            "reported once: {:?}",
+            describe(&again)
+        );
+
+        // A state that lasts supersedes the transient one: reported as today.
+        std::fs::write(&sudoers, "root ALL\nevil ALL\n").unwrap();
+        assert!(e.closed(&rel));
+        put_back(&sudoers, "root ALL\nother\n");
+        assert!(e.closed(&rel));
+        let (o, _) = e.rescan(&ready, DetectionSource::Realtime);
+        e.mark_reported(&o);
+        assert_eq!(o.changes.len(), 1, "{:?}", describe(&o));
+        assert_eq!(o.changes[0].restored, None);
+        assert_eq!(
+            hash_of(&o.changes[0]),
+            Some(blake3::hash(b"root ALL\nother\n").to_hex().to_string())
+        );
+
+        // Already reported (not approved), written and put back into that
+        // reported state: the state in between is reported restored.
+        put_back(&sudoers, "root ALL\nworse\n");
+        assert!(e.closed(&rel));
+        put_back(&sudoers, "root ALL\nother\n");
+        let (o, _) = e.rescan(&ready, DetectionSource::Realtime);
+        assert_eq!(o.changes.len(), 1, "{:?}", describe(&o));
+        assert_eq!(o.changes[0].restored, Some(true));
+        assert_eq!(
+            hash_of(&o.changes[0]),
+            Some(blake3::hash(b"root ALL\nworse\n").to_hex().to_string())
+        );
+    }
+
+    #[test]
+    fn a_new_file_gone_by_the_end_of_the_window_is_not_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        scan(&mut e, DetectionSource::Startup);
+        // An editor's temporary file, renamed over the target.
+        std::fs::write(root.path().join("etc/.hosts.swp"), "b").unwrap();
+        assert!(e.peek(Path::new("etc/.hosts.swp")).is_empty());
+        assert!(e.closed(Path::new("etc/.hosts.swp")));
+        std::fs::rename(
+            root.path().join("etc/.hosts.swp"),
+            root.path().join("etc/hosts"),
+        )
+        .unwrap();
+        let paths = BTreeSet::from([PathBuf::from("etc/.hosts.swp"), PathBuf::from("etc/hosts")]);
+        let (o, _) = e.rescan(&paths, DetectionSource::Realtime);
+        let d = describe(&o);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].starts_with("Modified /etc/hosts"), "{d:?}");
+        // Not monitored: nothing to peek at.
+        assert!(e.peek(Path::new("opt/tool")).is_empty());
+    }
+
+    fn describe_specs(changes: &[FileChangeSpec]) -> Vec<String> {
+        describe(&Outcome {
+            changes: changes.to_vec(),
+            ..Outcome::default()
+        })
+    }
 }
