@@ -298,7 +298,7 @@ fn a_write_undone_within_the_debounce_window_is_reported_restored() {
     assert_eq!(c["restored"], true, "{c:#}");
     assert_eq!(c["after"]["hash"], blake3_hex(&evil), "the transient state");
     assert_eq!(c["before"]["hash"], blake3_hex(&original), "{c:#}");
-    assert!(attrs(&c).contains(&"hash".to_string()), "{c:#}");
+    assert!(attrs(c).contains(&"hash".to_string()), "{c:#}");
     assert!(c["sequence"].is_u64(), "numbered in the chain: {c:#}");
 
     // The file is in its baseline: nothing more, and an ordinary write after

@@ -24,7 +24,7 @@ enum Verdict {
     /// Only new entries watch it: the state is their baseline.
     Establish,
     /// The approved state, with attributes measured for the first time.
-    Adopt(FileAttributes),
+    Adopt(Box<FileAttributes>),
     /// The approved state.
     Settled,
     /// A difference reported already.
@@ -171,7 +171,7 @@ impl Engine {
         let transient = self.transient.take(key);
         match verdict {
             Verdict::Establish => self.baseline.establish_path(key, current),
-            Verdict::Adopt(c) => self.baseline.adopt(key, c),
+            Verdict::Adopt(c) => self.baseline.adopt(key, *c),
             Verdict::Settled | Verdict::Reported => {
                 if matches!(verdict, Verdict::Settled) {
                     self.baseline.settled(key);
@@ -235,7 +235,7 @@ impl Engine {
                 // A state approved before these attributes were measured,
                 // unchanged since: their values now are its baseline, as for a
                 // new entry.
-                return Verdict::Adopt(c.clone());
+                return Verdict::Adopt(Box::new(c.clone()));
             }
             if !self.list_reported
                 && self.baseline.reported(key).as_deref()
