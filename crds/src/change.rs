@@ -174,6 +174,12 @@ pub struct FileChangeSpec {
     /// cannot re-read the file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub package: Option<PackageCheck>,
+
+    /// The file was in `after` at a close after a write, and back in its
+    /// baseline (or its state already reported) by the end of the debounce
+    /// window: a write undone within it. Approving it adopts nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<bool>,
 }
 
 /// A changed file checked against the node's package database.

@@ -211,6 +211,7 @@ mod tests {
             sequence: Some(1),
             container: None,
             package: None,
+            restored: None,
             entry: "etc".into(),
             path: "/etc/app.conf".into(),
             category: ChangeCategory::Modified,

@@ -437,6 +437,7 @@ impl ChangeFixture {
                 summary: None,
                 sequence: None,
                 package: None,
+                restored: None,
                 container: None,
             },
         );

@@ -325,6 +325,7 @@ async fn a_filechange_shows_the_printer_columns_and_is_immutable() {
             summary: None,
             sequence: None,
             package: None,
+            restored: None,
             container: None,
         },
     );

@@ -97,6 +97,7 @@ fn main() {
                 process: None,
                 summary: None,
                 package: None,
+                restored: None,
             }
         })
         .collect();

@@ -191,6 +191,7 @@ pub fn change(path: &str) -> FileChangeSpec {
         summary: None,
         sequence: None,
         package: None,
+        restored: None,
         container: None,
     }
 }

@@ -531,10 +531,31 @@ impl Monitor {
         ) {
             return;
         }
+        let closed = matches!(
+            event.kind,
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+        );
         let deadline = Instant::now() + self.engine.timing().0;
         for p in event.paths {
             if let Ok(rel) = p.strip_prefix(&self.root) {
                 self.pending.entry(rel.to_path_buf()).or_insert(deadline);
+                if closed {
+                    self.closed(rel.to_path_buf());
+                }
+            }
+        }
+    }
+
+    /// A close after a write: the file is looked at now, so a state undone
+    /// before its debounce ends is still reported ([`Engine::closed`]).
+    fn closed(&mut self, rel: PathBuf) {
+        if !tokio::task::block_in_place(|| self.engine.closed(&rel)) {
+            let dropped = self.engine.transient_dropped();
+            if dropped.is_power_of_two() {
+                warn!(
+                    dropped,
+                    "too many files written within one debounce window: the states between are not all kept"
+                );
             }
         }
     }
@@ -561,9 +582,12 @@ impl Monitor {
 
     fn notice(&mut self, notice: Option<Notice>) {
         match notice {
-            Some(Notice::Changed { rel, writer, .. }) => {
+            Some(Notice::Changed { rel, writer, mask }) => {
                 let deadline = Instant::now() + self.engine.timing().0;
                 self.pending.entry(rel.clone()).or_insert(deadline);
+                if mask & libc::FAN_CLOSE_WRITE != 0 {
+                    self.closed(rel.clone());
+                }
                 self.attribution.note(rel, *writer);
             }
             Some(Notice::Overflow) => {

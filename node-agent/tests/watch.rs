@@ -250,3 +250,62 @@ fn walk_sizes(h: &Host) -> u64 {
     }
     total + std::fs::metadata(h.p("/opt/app.conf")).unwrap().len()
 }
+
+/// Root appends a line to a monitored file and puts the file back (content
+/// and mtime) before the debounce ends: the rescan alone finds the baseline,
+/// yet the write happened. One Modified, marked restored, with the state the
+/// file was in at the close after the write.
+#[test]
+fn a_write_undone_within_the_debounce_window_is_reported_restored() {
+    let h = Host::with(
+        &Policy::named("test")
+            .debounce("2s")
+            .path(Entry::new("etc", "/etc").recursive()),
+    );
+    let original = b"root ALL=(ALL:ALL) ALL\n".to_vec();
+    let sudoers = h.write("/etc/sudoers", &original);
+    age(&sudoers);
+    let mtime = std::fs::metadata(&sudoers).unwrap().modified().unwrap();
+    h.baseline();
+    let w = h.watch();
+
+    let mut evil = original.clone();
+    evil.extend_from_slice(b"mallory ALL=(ALL) NOPASSWD: ALL\n");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&sudoers)
+            .unwrap();
+        f.write_all(b"mallory ALL=(ALL) NOPASSWD: ALL\n").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    // Put back: the content by a write, then the mtime.
+    std::fs::write(&sudoers, &original).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&sudoers)
+        .unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+
+    let got = w.collect(Duration::from_secs(5));
+    assert_eq!(got.len(), 1, "one change: {got:#?}");
+    let c = &got[0];
+    assert_eq!(c["path"], "/etc/sudoers", "{c:#}");
+    assert_eq!(c["category"], "Modified", "{c:#}");
+    assert_eq!(c["source"], "Realtime", "{c:#}");
+    assert_eq!(c["restored"], true, "{c:#}");
+    assert_eq!(c["after"]["hash"], blake3_hex(&evil), "the transient state");
+    assert_eq!(c["before"]["hash"], blake3_hex(&original), "{c:#}");
+    assert!(attrs(c).contains(&"hash".to_string()), "{c:#}");
+    assert!(c["sequence"].is_u64(), "numbered in the chain: {c:#}");
+
+    // The file is in its baseline: nothing more, and an ordinary write after
+    // the window is an ordinary change.
+    assert!(w.collect(Duration::from_secs(3)).is_empty());
+    std::fs::write(&sudoers, &evil).unwrap();
+    let (_, c) = w.next(Duration::from_secs(6)).expect("a change line");
+    assert_eq!(c["after"]["hash"], blake3_hex(&evil), "{c:#}");
+    assert!(c.get("restored").is_none(), "{c:#}");
+}

@@ -413,6 +413,7 @@ fn file_change(name: &str, policy: &str) -> Value {
             summary: None,
             sequence: None,
             package: None,
+            restored: None,
             container: None,
         },
     );

@@ -47,6 +47,7 @@ async fn a_malformed_change_from_the_api_cannot_stall_the_agent() {
                 sequence: None,
                 container: None,
                 package: None,
+                restored: None,
             },
         );
         c.metadata.labels = Some(BTreeMap::from([(

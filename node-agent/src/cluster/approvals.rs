@@ -181,7 +181,7 @@ async fn judge(
             format!(
                 "{path} on {node} no longer is in the approved state (spec.after: every attribute entry {entry} compares): nothing was approved; {}",
                 if names.is_empty() {
-                    "its present state was reported already as a newer FileChange".to_string()
+                    "its present state is its baseline (a restored change: nothing to adopt) or was reported already as a newer FileChange".to_string()
                 } else {
                     format!("its present state is reported as {}", names.join(", "))
                 }

@@ -373,6 +373,7 @@ fn spec(
         policy: policy.to_string(),
         sequence: None,
         package: None,
+        restored: None,
         entry: ENTRY.to_string(),
         path: path.to_string(),
         category: d.category,

@@ -305,4 +305,46 @@ mod tests {
         assert_eq!(digests_of(&e), entries);
         assert!(scan(&mut e, DetectionSource::Scan).changes.is_empty());
     }
+
+    #[test]
+    fn approving_a_restored_state_adopts_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        let sudoers = root.path().join("etc/sudoers");
+        std::fs::write(&sudoers, "root ALL\n").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(false)]);
+        scan(&mut e, DetectionSource::Startup);
+        let digest = e.save().unwrap();
+        let entries = digests_of(&e);
+        let rel = std::path::PathBuf::from("etc/sudoers");
+        let original = std::fs::metadata(&sudoers).unwrap().modified().unwrap();
+        std::fs::write(&sudoers, "root ALL\nevil ALL\n").unwrap();
+        assert!(e.closed(&rel));
+        std::fs::write(&sudoers, "root ALL\n").unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&sudoers)
+            .unwrap();
+        f.set_modified(original).unwrap();
+        drop(f);
+        let (o, _) = e.rescan(&BTreeSet::from([rel]), DetectionSource::Realtime);
+        e.mark_reported(&o);
+        let restored = &o.changes[0];
+        assert_eq!(restored.restored, Some(true));
+
+        // The file is back: the state it was in is not there to adopt, and
+        // nothing new is reported.
+        let answer = approve(&mut e, "/etc/sudoers", restored.after.as_ref());
+        let Approved::Superseded(again) = answer else {
+            panic!("not superseded: {answer:?}");
+        };
+        assert!(again.changes.is_empty(), "{:?}", describe(&again));
+        assert_eq!(
+            e.baseline().approved("/etc/sudoers").and_then(|a| a.hash),
+            Some(blake3::hash(b"root ALL\n").to_hex().to_string())
+        );
+        assert_eq!(digests_of(&e), entries, "the entry digests did not move");
+        assert_eq!(e.save().unwrap(), digest, "the baseline is unchanged");
+    }
 }

@@ -316,6 +316,7 @@ impl Engine {
                 summary: None,
                 sequence: None,
                 package: None,
+                restored: None,
                 container: None,
             });
         }

@@ -19,6 +19,24 @@ use crate::hostfs::Inspected;
 use crate::paths::{host_path, rel_path};
 use crate::plan::{Entry, Plan};
 
+/// What a path's state is against the baseline ([`Engine::assess`]).
+enum Verdict {
+    /// Only new entries watch it: the state is their baseline.
+    Establish,
+    /// The approved state, with attributes measured for the first time.
+    Adopt(Box<FileAttributes>),
+    /// The approved state.
+    Settled,
+    /// A difference reported already.
+    Reported,
+    /// A difference: the changes to report (none when only what no entry
+    /// compares differs), and the digest of the state.
+    Changes {
+        changes: Vec<FileChangeSpec>,
+        digest: String,
+    },
+}
+
 /// The longest reason a state gives for being unreadable (the CRD's
 /// `maxLength` of `unreadable`).
 const UNREADABLE_MAX: usize = 256;
@@ -78,6 +96,10 @@ impl Engine {
             let current = self.inspect(path, &owners, &mut out);
             let key = host_path(path);
             self.judge(&key, path, current, &owners, source, &mut out);
+        }
+        // What was not judged (no longer monitored) is forgotten.
+        for p in paths {
+            self.transient.take(&host_path(p));
         }
         (out, new_dirs)
     }
@@ -145,6 +167,44 @@ impl Engine {
         } else {
             self.unreadable.remove(path);
         }
+        let verdict = self.assess(key, path, current.as_ref(), owners, source);
+        let transient = self.transient.take(key);
+        match verdict {
+            Verdict::Establish => self.baseline.establish_path(key, current),
+            Verdict::Adopt(c) => self.baseline.adopt(key, *c),
+            Verdict::Settled | Verdict::Reported => {
+                if matches!(verdict, Verdict::Settled) {
+                    self.baseline.settled(key);
+                }
+                // Back by the end of the window: the write still happened.
+                if let Some(changes) = transient {
+                    out.changes.extend(changes);
+                    out.epochs.insert(key.to_string(), self.baseline.epoch(key));
+                }
+            }
+            Verdict::Changes { changes, digest } => {
+                // A state reported now supersedes a transient one.
+                if !changes.is_empty() {
+                    out.changes.extend(changes);
+                    out.epochs.insert(key.to_string(), self.baseline.epoch(key));
+                }
+                // Marked even when no entry found a difference worth a report
+                // (a directory's mtime): judged once per state.
+                out.marks.push((key.to_string(), digest));
+            }
+        }
+    }
+
+    /// What `current` is against the baseline, deciding nothing: the one
+    /// judgement both [`Engine::judge`] and [`Engine::peek`] make.
+    fn assess(
+        &self,
+        key: &str,
+        path: &Path,
+        current: Option<&FileAttributes>,
+        owners: &[&Entry],
+        source: DetectionSource,
+    ) -> Verdict {
         let mut established: Vec<&Entry> = Vec::new();
         for o in owners.iter().filter(|o| {
             self.baseline
@@ -162,36 +222,33 @@ impl Engine {
         }
         if established.is_empty() {
             // Only new entries watch it: what exists now is their baseline, silently.
-            self.baseline.establish_path(key, current);
-            return;
+            return Verdict::Establish;
         }
         let approved = self.baseline.approved(key);
-        if approved == current {
-            self.baseline.settled(key);
-            return;
+        if approved.as_ref() == current {
+            return Verdict::Settled;
         }
-        if let (Some(a), Some(c)) = (&approved, &current)
+        if let (Some(a), Some(c)) = (&approved, current)
             && let Some(unmeasured) = without_late_attributes(a, c)
         {
             if unmeasured == *a {
                 // A state approved before these attributes were measured,
                 // unchanged since: their values now are its baseline, as for a
                 // new entry.
-                self.baseline.adopt(key, c.clone());
-                return;
+                return Verdict::Adopt(Box::new(c.clone()));
             }
             if !self.list_reported
                 && self.baseline.reported(key).as_deref()
                     == Some(state_digest(Some(&unmeasured)).as_str())
             {
-                return; // reported before these attributes were measured
+                return Verdict::Reported; // reported before these attributes were measured
             }
         }
-        let digest = state_digest(current.as_ref());
+        let digest = state_digest(current);
         if !self.list_reported && self.baseline.reported(key).as_deref() == Some(digest.as_str()) {
-            return; // already reported
+            return Verdict::Reported;
         }
-        let category = match (&approved, &current) {
+        let category = match (&approved, current) {
             (None, Some(_)) => ChangeCategory::Added,
             (Some(_), None) => ChangeCategory::Removed,
             _ => ChangeCategory::Modified,
@@ -201,13 +258,13 @@ impl Engine {
         // appears or goes is reported like a file (a hidden directory is how
         // payloads hide).
         let now = Timestamp::now();
-        let mut reported = false;
+        let mut changes = Vec::new();
         for o in established {
             let mut attrs = o.attributes.clone();
-            if is_dir(current.as_ref()) || is_dir(approved.as_ref()) {
+            if is_dir(current) || is_dir(approved.as_ref()) {
                 attrs.retain(|a| DIR_ATTRS.contains(a));
             }
-            let changed = match (&approved, &current) {
+            let changed = match (&approved, current) {
                 (Some(a), Some(c)) => {
                     let mut d = differing(a, c, &attrs);
                     if o.grow_only && self.grew_keeping_prefix(path, a, c) {
@@ -233,8 +290,7 @@ impl Engine {
             } else {
                 source
             };
-            reported = true;
-            out.changes.push(FileChangeSpec {
+            changes.push(FileChangeSpec {
                 node: self.node.clone(),
                 policy: o.owner.policy.clone(),
                 entry: o.owner.entry.clone(),
@@ -242,7 +298,7 @@ impl Engine {
                 category,
                 changed_attributes: changed,
                 before: approved.as_ref().map(|a| project(a, &o.attributes)),
-                after: current.as_ref().map(|c| project(c, &o.attributes)),
+                after: current.map(|c| project(c, &o.attributes)),
                 detected_time: MicroTime(now),
                 source,
                 process: None,
@@ -250,14 +306,59 @@ impl Engine {
                 sequence: None,
                 package: None,
                 container: None,
+                restored: None,
             });
         }
-        if reported {
-            out.epochs.insert(key.to_string(), self.baseline.epoch(key));
+        Verdict::Changes { changes, digest }
+    }
+
+    /// Whether the present state of `path` (root-relative) would be reported
+    /// as a modification, without recording anything: the changes it would
+    /// be, marked restored (they are reported only if the file is back by the
+    /// time its debounce ends, see [`Engine::closed`]). Reads the file.
+    pub fn peek(&self, path: &Path) -> Vec<FileChangeSpec> {
+        let plan = Arc::clone(&self.plan);
+        let owners = plan.owners(path);
+        if owners.is_empty() {
+            return Vec::new();
         }
-        // Marked even when no entry found a difference worth a report (a
-        // directory's mtime): judged once per state.
-        out.marks.push((key.to_string(), digest));
+        let mut scratch = Outcome::default();
+        let current = self.inspect(path, &owners, &mut scratch);
+        // A state that could not be read whole is left to the rescan.
+        if current.as_ref().is_none_or(|c| c.unreadable.is_some()) {
+            return Vec::new();
+        }
+        let key = host_path(path);
+        match self.assess(
+            &key,
+            path,
+            current.as_ref(),
+            &owners,
+            DetectionSource::Realtime,
+        ) {
+            Verdict::Changes { mut changes, .. } => {
+                // Only a file of the baseline modified in place: a new file
+                // gone by the end of the window was mostly renamed (an
+                // editor's temporary file), and the rename is reported.
+                changes.retain(|c| c.category == ChangeCategory::Modified);
+                for c in &mut changes {
+                    c.restored = Some(true);
+                }
+                changes
+            }
+            Verdict::Establish | Verdict::Adopt(_) | Verdict::Settled | Verdict::Reported => {
+                Vec::new()
+            }
+        }
+    }
+
+    /// A close after a write of `path` (root-relative): if its state now is
+    /// a modification, it is remembered until the path's rescan, which
+    /// reports it if the file is back by then. `false` when that could not be
+    /// remembered (too many paths in the window): the rescan alone judges it.
+    pub fn closed(&mut self, path: &Path) -> bool {
+        let changes = self.peek(path);
+        self.transient.record(host_path(path), changes)
     }
 
     /// Step 4 of the reporting protocol: the changes of `outcome` are safely
@@ -457,5 +558,127 @@ mod tests {
         // The changed one is compared on its count once approved again.
         let su = o.changes.iter().find(|c| c.path == "/usr/bin/su");
         assert!(su.is_none());
+    }
+
+    /// Puts `content` back in `path` with the mtime it had (what an attacker
+    /// undoing a write does).
+    fn put_back(path: &Path, content: &str) {
+        let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
+        std::fs::write(path, content).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+
+    fn hash_of(c: &FileChangeSpec) -> Option<String> {
+        c.after.as_ref().and_then(|a| a.hash.clone())
+    }
+
+    #[test]
+    fn a_state_seen_at_a_close_is_reported_restored_once_the_file_is_back() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        let sudoers = root.path().join("etc/sudoers");
+        std::fs::write(&sudoers, "root ALL\n").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        scan(&mut e, DetectionSource::Startup);
+        e.save().unwrap();
+        let rel = PathBuf::from("etc/sudoers");
+        let ready = BTreeSet::from([rel.clone()]);
+
+        let original = std::fs::metadata(&sudoers).unwrap().modified().unwrap();
+        std::fs::write(&sudoers, "root ALL\nevil ALL\n").unwrap();
+        let peeked = e.peek(&rel);
+        assert_eq!(
+            describe_specs(&peeked),
+            ["Modified /etc/sudoers [Hash, Size, Mtime]"]
+        );
+        assert!(!e.baseline().is_dirty(), "a peek records nothing");
+        assert!(e.closed(&rel));
+        // Put back, content and mtime.
+        std::fs::write(&sudoers, "root ALL\n").unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&sudoers)
+            .unwrap();
+        f.set_modified(original).unwrap();
+        drop(f);
+        // The restore is a close too: its state (the baseline's) is nothing to keep.
+        assert!(e.closed(&rel));
+        let (o, _) = e.rescan(&ready, DetectionSource::Realtime);
+        e.mark_reported(&o);
+        assert_eq!(describe(&o), ["Modified /etc/sudoers [Hash, Size, Mtime]"]);
+        assert_eq!(o.changes[0].restored, Some(true));
+        assert_eq!(
+            hash_of(&o.changes[0]),
+            Some(blake3::hash(b"root ALL\nevil ALL\n").to_hex().to_string())
+        );
+        assert!(o.epochs.contains_key("/etc/sudoers"));
+        let (again, _) = e.rescan(&ready, DetectionSource::Realtime);
+        assert!(
+            again.changes.is_empty(),
+            "reported once: {:?}",
+            describe(&again)
+        );
+
+        // A state that lasts supersedes the transient one: reported as today.
+        std::fs::write(&sudoers, "root ALL\nevil ALL\n").unwrap();
+        assert!(e.closed(&rel));
+        put_back(&sudoers, "root ALL\nother\n");
+        assert!(e.closed(&rel));
+        let (o, _) = e.rescan(&ready, DetectionSource::Realtime);
+        e.mark_reported(&o);
+        assert_eq!(o.changes.len(), 1, "{:?}", describe(&o));
+        assert_eq!(o.changes[0].restored, None);
+        assert_eq!(
+            hash_of(&o.changes[0]),
+            Some(blake3::hash(b"root ALL\nother\n").to_hex().to_string())
+        );
+
+        // Already reported (not approved), written and put back into that
+        // reported state: the state in between is reported restored.
+        put_back(&sudoers, "root ALL\nworse\n");
+        assert!(e.closed(&rel));
+        put_back(&sudoers, "root ALL\nother\n");
+        let (o, _) = e.rescan(&ready, DetectionSource::Realtime);
+        assert_eq!(o.changes.len(), 1, "{:?}", describe(&o));
+        assert_eq!(o.changes[0].restored, Some(true));
+        assert_eq!(
+            hash_of(&o.changes[0]),
+            Some(blake3::hash(b"root ALL\nworse\n").to_hex().to_string())
+        );
+    }
+
+    #[test]
+    fn a_new_file_gone_by_the_end_of_the_window_is_not_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(root.path().join("etc/hosts"), "a").unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        scan(&mut e, DetectionSource::Startup);
+        // An editor's temporary file, renamed over the target.
+        std::fs::write(root.path().join("etc/.hosts.swp"), "b").unwrap();
+        assert!(e.peek(Path::new("etc/.hosts.swp")).is_empty());
+        assert!(e.closed(Path::new("etc/.hosts.swp")));
+        std::fs::rename(
+            root.path().join("etc/.hosts.swp"),
+            root.path().join("etc/hosts"),
+        )
+        .unwrap();
+        let paths = BTreeSet::from([PathBuf::from("etc/.hosts.swp"), PathBuf::from("etc/hosts")]);
+        let (o, _) = e.rescan(&paths, DetectionSource::Realtime);
+        let d = describe(&o);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].starts_with("Modified /etc/hosts"), "{d:?}");
+        // Not monitored: nothing to peek at.
+        assert!(e.peek(Path::new("opt/tool")).is_empty());
+    }
+
+    fn describe_specs(changes: &[FileChangeSpec]) -> Vec<String> {
+        describe(&Outcome {
+            changes: changes.to_vec(),
+            ..Outcome::default()
+        })
     }
 }

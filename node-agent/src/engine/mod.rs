@@ -16,6 +16,7 @@
 //! - `approve` — approvals.
 //! - `entry_digest` — the per-entry digests (and their earlier format).
 //! - `mount_tracking` — the host's mount table and what its changes touch.
+//! - `transient` — states seen at a close after a write, until the rescan.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -38,6 +39,7 @@ mod judge;
 mod mount_tracking;
 #[cfg(test)]
 mod tests;
+mod transient;
 mod walk;
 
 pub use approve::{Applied, Approval, Approved};
@@ -45,6 +47,7 @@ pub use diff::differing;
 pub use entry_digest::{ApprovedMove, Published};
 
 use entry_digest::EntrySums;
+use transient::Transients;
 
 /// Engine errors (per-file trouble is not an error: the file's state says
 /// what could not be read, and it is reported).
@@ -157,6 +160,8 @@ pub struct Engine {
     /// Paths whose last state was unreadable (their content or more): looked
     /// at again until they can be read ([`Engine::unreadable`]).
     unreadable: BTreeSet<PathBuf>,
+    /// States seen at a close after a write, until the path's rescan.
+    transient: Transients,
     /// List every difference from the approved baseline, even those already
     /// reported (`check` reports the state; it does not deliver).
     list_reported: bool,
@@ -215,6 +220,7 @@ impl Engine {
             files_total: 0,
             last_errors: Vec::new(),
             unreadable: BTreeSet::new(),
+            transient: Transients::default(),
             list_reported: false,
             dry_run: false,
         })
@@ -310,6 +316,12 @@ impl Engine {
     /// content is compared once it can be read.
     pub fn unreadable(&self) -> Vec<PathBuf> {
         self.unreadable.iter().cloned().collect()
+    }
+
+    /// Closes after a write whose state could not be remembered for the
+    /// rescan (too many paths in one window).
+    pub fn transient_dropped(&self) -> u64 {
+        self.transient.dropped
     }
 
     /// Root-relative paths of the served entries (without their wildcard

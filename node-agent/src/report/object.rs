@@ -45,6 +45,11 @@ pub fn identity(spec: &FileChangeSpec, epoch: u64) -> String {
         hasher.update(b"container");
         hasher.update(container.id.as_bytes());
     }
+    if spec.restored == Some(true) {
+        // A state the file left within the window is not the same
+        // transition as the file staying in it.
+        hasher.update(b"restored");
+    }
     if let Some(summary) = &spec.summary {
         // Summaries of one window are one object.
         hasher.update(summary.window_start.0.to_string().as_bytes());
@@ -210,6 +215,7 @@ mod tests {
             summary: None,
             sequence: None,
             package: None,
+            restored: None,
             container: None,
         }
     }

@@ -480,6 +480,7 @@ mod tests {
                 summary: None,
                 sequence: None,
                 package: None,
+                restored: None,
                 container: None,
             },
             0,

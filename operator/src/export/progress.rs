@@ -421,6 +421,7 @@ mod tests {
                 summary: None,
                 sequence: None,
                 package: None,
+                restored: None,
                 container: None,
             },
         )
