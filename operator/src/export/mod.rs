@@ -53,13 +53,13 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use kube_fim_crds::duration::parse_duration;
-use kube_fim_crds::{FileChange, FileChangeSink, FileChangeSinkStatus};
+use kube_fim_crds::{FileChange, FileChangeSink, FileChangeSinkStatus, FileIntegrityNode};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use progress::{HoldDecision, Index, Observed, Progress, decide_hold};
+use progress::{HoldDecision, Index, Observed, Progress, Record, decide_hold};
 use transport::{Outgoing, SendError, Transport};
 
 /// Field manager of the exporter's status writes.
@@ -131,9 +131,11 @@ static SHARED: LazyLock<Shared> = LazyLock::new(|| Shared {
 /// to the sinks labelled for it).
 pub async fn run(client: Client, namespace: String, selector: Option<String>) {
     let changes = tokio::spawn(watch_changes(client.clone()));
+    let alarms = tokio::spawn(watch_alarms(client.clone()));
     let ctx = Arc::new(Ctx { client, namespace });
     watch_sinks(ctx, selector).await;
     changes.abort();
+    alarms.abort();
 }
 
 /// Asks every delivery task to record the position it delivered up to and
@@ -162,14 +164,44 @@ async fn watch_changes(client: Client) {
     // The sender lives in a static: waiting cannot fail.
     let _ = SHARED.any_sink.subscribe().wait_for(|any| *any).await;
     let api: Api<FileChange> = Api::all(client);
-    let mut stream = watcher(api, watcher::Config::default())
+    let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .modify(|c| c.managed_fields_mut().clear())
         .boxed();
+    follow(stream, |index, event| index.observe(event), "FileChange").await;
+}
+
+/// The alarms of the nodes' records (`FileIntegrityNode.status`) fill the
+/// index next to the changes, in each node's order.
+async fn watch_alarms(client: Client) {
+    // The sender lives in a static: waiting cannot fail.
+    let _ = SHARED.any_sink.subscribe().wait_for(|any| *any).await;
+    let api: Api<FileIntegrityNode> = Api::all(client);
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|n| n.managed_fields_mut().clear())
+        .boxed();
+    follow(
+        stream,
+        |index, event| index.observe_node(event),
+        "FileIntegrityNode",
+    )
+    .await;
+}
+
+/// Feeds one watch into the index; a record the index did not have is late
+/// for the sinks whose position of its node has passed it, and wakes them.
+async fn follow<K, S>(
+    mut stream: S,
+    observe: impl Fn(&mut Index, watcher::Event<K>) -> Observed,
+    kind: &str,
+) where
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Unpin,
+{
     loop {
         match stream.try_next().await {
             Ok(Some(event)) => {
-                let observed = SHARED.index().observe(event);
+                let observed = observe(&mut SHARED.index(), event);
                 match observed {
                     Observed::Nothing => continue,
                     Observed::New(node, keys) => {
@@ -185,7 +217,7 @@ async fn watch_changes(client: Client) {
                 SHARED.changed.send_modify(|n| *n = n.wrapping_add(1));
             }
             Ok(None) => return,
-            Err(error) => warn!(%error, "FileChange watch (retrying)"),
+            Err(error) => warn!(%error, kind, "watch (retrying)"),
         }
     }
 }
@@ -440,16 +472,18 @@ async fn deliver(ctx: Arc<Ctx>, sink: FileChangeSink, state: Arc<SinkState>) {
         let outgoing: Vec<Outgoing> = batch
             .iter()
             .map(|r| {
-                let c = &r.change;
                 let key = r.key();
                 Outgoing {
-                    id: key.name,
-                    node: c.spec.node.clone(),
+                    node: r.node().to_string(),
                     detected: key.detected,
-                    line: match r.approval {
-                        true => format::encode_approval(sink.spec.format, c).unwrap_or_default(),
-                        false => format::encode(sink.spec.format, c),
+                    line: match r {
+                        Record::Change(c) => format::encode(sink.spec.format, c),
+                        Record::Approval(c) => {
+                            format::encode_approval(sink.spec.format, c).unwrap_or_default()
+                        }
+                        Record::Alarm(a) => format::encode_alarm(sink.spec.format, a),
                     },
+                    id: key.name,
                 }
             })
             .collect();
