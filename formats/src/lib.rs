@@ -723,7 +723,7 @@ pub fn ocsf_alarm(alarm: &Alarm) -> Value {
         "metadata": {
             "uid": alarm.id,
             "version": OCSF_VERSION,
-            "profiles": ["host"],
+            "profiles": ["host", "security_control"],
             "product": { "name": PRODUCT, "vendor_name": PRODUCT, "version": PRODUCT_VERSION },
             "log_name": "FileIntegrityNode",
         },
@@ -732,6 +732,11 @@ pub fn ocsf_alarm(alarm: &Alarm) -> Value {
         // or was altered.
         "actor": { "app_name": "Unknown" },
         "file": { "name": alarm_subject(alarm), "type_id": 0 },
+        // Nothing was blocked: kube-fim detects.
+        "action_id": 1,
+        "action": "Allowed",
+        "disposition_id": 15,
+        "disposition": "Detected",
         "is_alert": true,
         "unmapped": { "alarm": alarm.reason },
     });
@@ -1089,5 +1094,35 @@ mod tests {
             assert!(!line.contains('\n'));
             assert_eq!(encode(f, &fc), line, "deterministic");
         }
+    }
+
+    #[test]
+    fn an_alarm_is_an_alert_in_every_format_with_its_stable_id() {
+        let alarm = Alarm {
+            id: "node-a/digest/p/etc/v2-b".into(),
+            node: "node-a".into(),
+            reason: "EvidenceGap".into(),
+            since: "2026-12-07T05:02:00Z".parse().unwrap(),
+            message: "entry etc moved; a=b|c\nforged".into(),
+            entry: Some(("p".into(), "etc".into())),
+        };
+        let ecs: Value = serde_json::from_str(&encode_alarm(SinkFormat::Ecs, &alarm)).unwrap();
+        assert_eq!(ecs["event"]["kind"], "alert");
+        assert_eq!(ecs["event"]["id"], alarm.id.as_str());
+        assert_eq!(ecs["@timestamp"], "2026-12-07T05:02:00.000Z");
+        assert_eq!(ecs["rule"]["name"], "p");
+        let ocsf: Value = serde_json::from_str(&encode_alarm(SinkFormat::Ocsf, &alarm)).unwrap();
+        assert_eq!(ocsf["metadata"]["uid"], alarm.id.as_str());
+        assert_eq!(ocsf["is_alert"], true);
+        let cef = encode_alarm(SinkFormat::Cef, &alarm);
+        assert!(cef.starts_with("CEF:0|kube-fim|kube-fim|"), "{cef}");
+        assert!(cef.contains("|alarm-EvidenceGap|EvidenceGap|8|"), "{cef}");
+        assert!(cef.contains("externalId=node-a/digest/p/etc/v2-b"), "{cef}");
+        // What a node wrote cannot start a field or a line of its own.
+        assert!(
+            cef.contains("msg=entry etc moved; a\\=b|c\\nforged"),
+            "{cef}"
+        );
+        assert!(!cef.contains('\n'));
     }
 }

@@ -29,10 +29,20 @@
 //!   change is deleted, counted in `kube_fim_sink_hold_expired_total` and named
 //!   in a `SinkHoldExpired` Warning Event on the sink.
 //!
-//! One task watches the sinks and runs one delivery task per sink; one watch
-//! of the FileChanges (whole objects: the formats need all of them), started
-//! when the first sink appears, fills the index every delivery task reads. A
-//! cluster without sinks costs the operator nothing more.
+//! - **Alarms too.** A node's standing alarms (its `FileIntegrityNode`'s
+//!   baseline alarm, evidence gaps and unexplained digest moves) are records
+//!   of its stream, keyed by (since, stable id), delivered once each like a
+//!   change: durable conditions on the record, where Events expire. A cleared
+//!   alarm is still delivered; after a restart the standing ones a sink's
+//!   position has passed are sent once more (same ids): a position does not
+//!   say which alarms before it were sent. Retention does not
+//!   look at them.
+//!
+//! One task watches the sinks and runs one delivery task per sink; a watch
+//! of the FileChanges (whole objects: the formats need all of them) and one
+//! of the FileIntegrityNodes (their alarms), started when the first sink
+//! appears, fill the index every delivery task reads. A cluster without sinks
+//! costs the operator nothing more.
 
 /// The formats (shared with `kubectl fim export`).
 pub use kube_fim_formats as format;
@@ -270,10 +280,12 @@ async fn watch_sinks(ctx: Arc<Ctx>, selector: Option<String>) {
                     .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
             });
             // Keep what this process delivered when only the spec changed.
-            if let Some(old) = SHARED.sinks().get(&name) {
-                let known = old.progress().clone();
-                if !known.positions.is_empty() {
-                    *state.progress() = known;
+            let known = SHARED.sinks().get(&name).map(|old| old.progress().clone());
+            match known {
+                Some(known) if !known.positions.is_empty() => *state.progress() = known,
+                _ => {
+                    let index = SHARED.index();
+                    state.progress().resend_alarms(&index);
                 }
             }
             SHARED.sinks().insert(name.clone(), state.clone());

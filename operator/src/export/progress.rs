@@ -323,6 +323,21 @@ impl Progress {
             && !self.late.contains(&(node.to_string(), key.clone()))
     }
 
+    /// Every alarm of the index at or before its node's position is sent
+    /// again: what a sink's status records is a position, not which alarms
+    /// it got, so a sink this process did not deliver to yet (a restart)
+    /// sends the standing ones once more, with their ids, rather than
+    /// losing one that arrived while no operator led.
+    pub fn resend_alarms(&mut self, index: &Index) {
+        for (node, keys) in &index.alarms {
+            for key in keys {
+                if self.positions.get(node).is_some_and(|p| key <= p) {
+                    self.late.insert((node.clone(), key.clone()));
+                }
+            }
+        }
+    }
+
     /// A new change of the index: late if its node's position is past it.
     pub fn observe_new(&mut self, node: &str, key: &Key) {
         if self.positions.get(node).is_some_and(|p| key <= p) {
@@ -724,6 +739,15 @@ mod tests {
         let hold = decide_hold(vec!["a1".into(), "a3".into()], &index, &sinks, at(60));
         assert_eq!(hold.allowed, ["a1", "a3"]);
         assert!(hold.held.is_empty());
+        // A restart (a progress from the sink's status) sends the alarms its
+        // position passed once more, with their ids.
+        let mut restarted = Progress::from_status(&p.to_status(), Duration::ZERO);
+        restarted.ack(&restarted.clone().next_batch(&index, 10));
+        restarted.resend_alarms(&index);
+        let again = restarted.next_batch(&index, 10);
+        assert_eq!(names(&again), ["a/baseline/b7", "a/gap/5-7/Missing"]);
+        restarted.ack(&again);
+        assert!(restarted.next_batch(&index, 10).is_empty());
     }
 
     #[test]
