@@ -1527,3 +1527,87 @@ async fn a_nodes_alarms_reach_the_sink_once_each_with_stable_ids() {
         .await
         .unwrap();
 }
+
+/// A node's agent (or root on it, with its token) backdates the alarm it
+/// raises to before what the sink already delivered of that node, while no
+/// operator leads: a position alone would count it as delivered. The next
+/// operator sends it all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backdated_alarm_raised_while_no_operator_leads_still_reaches_the_sink() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::api::{Patch, PatchParams};
+    use kube_fim_crds::{FileIntegrityNode, FileIntegrityNodeSpec};
+
+    ensure_export_rbac();
+    let suite = unique_name("exp-backdate");
+    let mut operator = Operator::start(&suite, &suite, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evidence.ndjson");
+    let name = format!("{suite}-file");
+    let sinks = create_sink(&sink(
+        &name,
+        &suite,
+        FileChangeSinkSpec::with_file(path.to_str().unwrap()),
+    ))
+    .await;
+    let admin = client().await;
+    let node = format!("{suite}-a");
+    kube_fim_e2e::create_node(&admin, &node, &[]).await;
+    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&node)).await;
+    let records = Api::<FileIntegrityNode>::all(agent.clone());
+    records
+        .create(
+            &PostParams::default(),
+            &FileIntegrityNode::new(&node, FileIntegrityNodeSpec { node: node.clone() }),
+        )
+        .await
+        .unwrap();
+    let names = create_changes(&node, "p", &node, 1).await;
+    eventually(
+        "the change delivered and recorded",
+        Duration::from_secs(60),
+        || {
+            let sinks = sinks.clone();
+            let (name, node, last) = (name.clone(), node.clone(), names[0].clone());
+            async move {
+                let s = sinks.get(&name).await.map_err(|e| e.to_string())?;
+                let st = s.status.unwrap_or_default();
+                match st.positions.iter().find(|p| p.node == node) {
+                    Some(p) if p.name == last => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+
+    operator.process.kill();
+    let backdated = Timestamp::now() - Duration::from_secs(3600);
+    records
+        .patch_status(
+            &node,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": { "baselineAlarm": {
+                "id": "old", "reason": "BaselineMissing", "since": Time(backdated),
+                "message": "the baseline on this node is missing",
+            }}})),
+        )
+        .await
+        .expect("the agent raises its alarm");
+    let _operator = Operator::start(&suite, &suite, &[]);
+    let mut want = names.clone();
+    want.push(format!("{node}/baseline/old"));
+    eventually(
+        "the backdated alarm delivered by the next operator",
+        Duration::from_secs(90),
+        || {
+            let (path, node, want) = (path.clone(), node.clone(), want.clone());
+            async move {
+                let got = ocsf_ids(&file_events(&path), &node);
+                (got == want).then_some(()).ok_or(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+    sinks.delete(&name, &DeleteParams::default()).await.unwrap();
+}
