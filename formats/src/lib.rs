@@ -20,7 +20,8 @@
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube_fim_crds::{
-    Attribute, ChangeCategory, FileAttributes, FileChange, FileType, ProcessInfo, SinkFormat,
+    Attribute, ChangeCategory, FileAttributes, FileChange, FileIntegrityNode, FileType,
+    ProcessInfo, SinkFormat,
 };
 use serde_json::{Map, Value, json};
 
@@ -612,6 +613,200 @@ fn cef_event(change: &FileChange, id: &str, at: &Timestamp, outcome: &str) -> St
     )
 }
 
+/// A standing alarm of a node (its `FileIntegrityNode.status`) as the sinks
+/// receive it: plain data, one per condition, with a stable id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alarm {
+    /// The stable event id: the same condition seen again is the same id.
+    pub id: String,
+    pub node: String,
+    /// `BaselineMissing`, `BaselineTampered` or `EvidenceGap`.
+    pub reason: String,
+    /// When the condition began: its place in the node's order.
+    pub since: Timestamp,
+    pub message: String,
+    /// What the alarm is about, when one policy entry: (policy, entry).
+    pub entry: Option<(String, String)>,
+}
+
+/// The standing alarms of a node's record: its baseline alarm, its evidence
+/// gaps (missing transition numbers) and its unexplained entry digest moves.
+/// An id holds the node's name and the condition's identity (never the
+/// message), so a condition republished unchanged is the same event.
+pub fn alarms(node: &FileIntegrityNode) -> Vec<Alarm> {
+    let name = node.name_any();
+    let Some(status) = &node.status else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let Some(a) = &status.baseline_alarm {
+        out.push(Alarm {
+            id: format!("{name}/baseline/{}", a.id),
+            node: name.clone(),
+            reason: a.reason.clone(),
+            since: a.since.0,
+            message: a.message.clone(),
+            entry: None,
+        });
+    }
+    if let Some(v) = &status.verification {
+        for g in &v.gaps {
+            out.push(Alarm {
+                id: format!("{name}/gap/{}-{}/{}", g.first, g.last, g.reason),
+                node: name.clone(),
+                reason: "EvidenceGap".into(),
+                since: g.since.0,
+                message: format!(
+                    "transition numbers {} to {} of node {name}: {}",
+                    g.first, g.last, g.reason
+                ),
+                entry: None,
+            });
+        }
+        for m in &v.unexplained {
+            out.push(Alarm {
+                id: format!("{name}/digest/{}/{}/{}", m.policy, m.entry, m.to),
+                node: name.clone(),
+                reason: "EvidenceGap".into(),
+                since: m.since.0,
+                message: format!(
+                    "entry {} of policy {} on node {name}: its digest moved from {} to {} with nothing in the cluster to explain it",
+                    m.entry, m.policy, m.from, m.to
+                ),
+                entry: Some((m.policy.clone(), m.entry.clone())),
+            });
+        }
+    }
+    out
+}
+
+/// An alarm as a line of the sink's format: OCSF File System Activity with
+/// activity Other (99) and severity High, an alert about the node's evidence
+/// (the `file` is the policy entry it concerns, or the node's baseline); ECS
+/// `event.kind: alert`; CEF severity 8.
+pub fn encode_alarm(format: SinkFormat, alarm: &Alarm) -> String {
+    match format {
+        SinkFormat::Ocsf => ocsf_alarm(alarm).to_string(),
+        SinkFormat::Ecs => ecs_alarm(alarm).to_string(),
+        SinkFormat::Cef => cef_alarm(alarm),
+    }
+}
+
+/// What an alarm concerns, as a name: the entry, or the node's baseline.
+fn alarm_subject(alarm: &Alarm) -> String {
+    match &alarm.entry {
+        Some((policy, entry)) => format!("{policy}/{entry}"),
+        None => "baseline".into(),
+    }
+}
+
+/// OCSF activity id Other: the base event's, which every class inherits.
+const OCSF_OTHER: u32 = 99;
+
+/// An alarm as OCSF 1.x File System Activity, activity Other.
+pub fn ocsf_alarm(alarm: &Alarm) -> Value {
+    let mut event = json!({
+        "class_uid": OCSF_CLASS_UID,
+        "class_name": "File System Activity",
+        "category_uid": OCSF_CATEGORY_UID,
+        "category_name": "System Activity",
+        "activity_id": OCSF_OTHER,
+        "activity_name": alarm.reason,
+        "type_uid": OCSF_CLASS_UID * 100 + OCSF_OTHER,
+        "type_name": "File System Activity: Other",
+        "severity_id": 4,
+        "severity": "High",
+        "status_id": 2,
+        "status": "Failure",
+        "time": millis(&alarm.since),
+        "message": alarm.message,
+        "metadata": {
+            "uid": alarm.id,
+            "version": OCSF_VERSION,
+            "profiles": ["host", "security_control"],
+            "product": { "name": PRODUCT, "vendor_name": PRODUCT, "version": PRODUCT_VERSION },
+            "log_name": "FileIntegrityNode",
+        },
+        "device": { "hostname": alarm.node, "name": alarm.node, "type_id": 0 },
+        // Nobody is known to have acted: the alarm says evidence is missing
+        // or was altered.
+        "actor": { "app_name": "Unknown" },
+        "file": { "name": alarm_subject(alarm), "type_id": 0 },
+        // Nothing was blocked: kube-fim detects.
+        "action_id": 1,
+        "action": "Allowed",
+        "disposition_id": 15,
+        "disposition": "Detected",
+        "is_alert": true,
+        "unmapped": { "alarm": alarm.reason },
+    });
+    if let Some((policy, entry)) = &alarm.entry {
+        event["unmapped"]["policy"] = policy.clone().into();
+        event["unmapped"]["entry"] = entry.clone().into();
+    }
+    event
+}
+
+/// An alarm as ECS 8.x: an alert of the node.
+pub fn ecs_alarm(alarm: &Alarm) -> Value {
+    let mut event = json!({
+        "@timestamp": rfc3339(&alarm.since),
+        "ecs": { "version": ECS_VERSION },
+        "message": alarm.message,
+        "event": {
+            "id": alarm.id,
+            "kind": "alert",
+            "category": ["file"],
+            "type": ["info"],
+            "action": alarm.reason,
+            "module": "kube_fim",
+            "dataset": "kube_fim.alarm",
+            "provider": PRODUCT,
+            "severity": 8,
+        },
+        "host": { "name": alarm.node, "hostname": alarm.node },
+        "observer": { "product": PRODUCT, "vendor": PRODUCT, "type": "file-integrity", "version": PRODUCT_VERSION },
+        "orchestrator": { "type": "kubernetes", "resource": { "type": "fileintegritynode", "name": alarm.node } },
+        "kube_fim": { "alarm": alarm.reason },
+    });
+    if let Some((policy, entry)) = &alarm.entry {
+        event["rule"] = json!({ "name": policy, "ruleset": entry });
+    }
+    event
+}
+
+/// An alarm as one CEF line, severity 8 (high).
+pub fn cef_alarm(alarm: &Alarm) -> String {
+    let mut ext: Vec<(&str, String)> = vec![
+        ("rt", millis(&alarm.since).to_string()),
+        ("externalId", alarm.id.clone()),
+        ("dvchost", alarm.node.clone()),
+        ("dhost", alarm.node.clone()),
+        ("cat", "FileIntegrity".to_string()),
+        ("msg", alarm.message.clone()),
+        ("fname", alarm_subject(alarm)),
+    ];
+    if let Some((policy, entry)) = &alarm.entry {
+        ext.push(("cs1Label", "policy".to_string()));
+        ext.push(("cs1", policy.clone()));
+        ext.push(("cs2Label", "entry".to_string()));
+        ext.push(("cs2", entry.clone()));
+    }
+    let extension: Vec<String> = ext
+        .into_iter()
+        .map(|(k, v)| format!("{k}={}", cef_value(&v)))
+        .collect();
+    format!(
+        "CEF:0|{}|{}|{}|{}|{}|8|{}",
+        cef_header(PRODUCT),
+        cef_header(PRODUCT),
+        cef_header(PRODUCT_VERSION),
+        cef_header(&format!("alarm-{}", alarm.reason)),
+        cef_header(&alarm.reason),
+        extension.join(" ")
+    )
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -900,5 +1095,35 @@ mod tests {
             assert!(!line.contains('\n'));
             assert_eq!(encode(f, &fc), line, "deterministic");
         }
+    }
+
+    #[test]
+    fn an_alarm_is_an_alert_in_every_format_with_its_stable_id() {
+        let alarm = Alarm {
+            id: "node-a/digest/p/etc/v2-b".into(),
+            node: "node-a".into(),
+            reason: "EvidenceGap".into(),
+            since: "2026-12-07T05:02:00Z".parse().unwrap(),
+            message: "entry etc moved; a=b|c\nforged".into(),
+            entry: Some(("p".into(), "etc".into())),
+        };
+        let ecs: Value = serde_json::from_str(&encode_alarm(SinkFormat::Ecs, &alarm)).unwrap();
+        assert_eq!(ecs["event"]["kind"], "alert");
+        assert_eq!(ecs["event"]["id"], alarm.id.as_str());
+        assert_eq!(ecs["@timestamp"], "2026-12-07T05:02:00.000Z");
+        assert_eq!(ecs["rule"]["name"], "p");
+        let ocsf: Value = serde_json::from_str(&encode_alarm(SinkFormat::Ocsf, &alarm)).unwrap();
+        assert_eq!(ocsf["metadata"]["uid"], alarm.id.as_str());
+        assert_eq!(ocsf["is_alert"], true);
+        let cef = encode_alarm(SinkFormat::Cef, &alarm);
+        assert!(cef.starts_with("CEF:0|kube-fim|kube-fim|"), "{cef}");
+        assert!(cef.contains("|alarm-EvidenceGap|EvidenceGap|8|"), "{cef}");
+        assert!(cef.contains("externalId=node-a/digest/p/etc/v2-b"), "{cef}");
+        // What a node wrote cannot start a field or a line of its own.
+        assert!(
+            cef.contains("msg=entry etc moved; a\\=b|c\\nforged"),
+            "{cef}"
+        );
+        assert!(!cef.contains('\n'));
     }
 }

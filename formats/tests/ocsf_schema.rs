@@ -359,6 +359,52 @@ fn every_kind_of_change_is_a_valid_file_system_activity() {
     );
 }
 
+/// A node's alarms (baseline alarm, evidence gap, unexplained digest move)
+/// are File System Activity events too, activity Other (99, which every
+/// class inherits from the base event), severity High.
+#[test]
+fn every_kind_of_alarm_is_a_valid_file_system_activity() {
+    let record: kube_fim_crds::FileIntegrityNode = serde_json::from_value(json!({
+        "apiVersion": "fim.kube-fim.io/v1alpha1", "kind": "FileIntegrityNode",
+        "metadata": {"name": "node-a"},
+        "spec": {"node": "node-a"},
+        "status": {
+            "baselineAlarm": {"id": "b1", "reason": "BaselineTampered",
+                              "since": "2026-12-07T05:00:00Z", "message": "not the baseline the cluster knows"},
+            "verification": {
+                "verifiedThrough": 9, "since": "2026-12-07T04:00:00Z",
+                "gaps": [{"first": 5, "last": 7, "reason": "Missing", "since": "2026-12-07T05:01:00Z"}],
+                "unexplained": [{"policy": "p", "entry": "etc", "from": "v2-a", "to": "v2-b",
+                                 "since": "2026-12-07T05:02:00Z"}],
+            },
+        },
+    }))
+    .unwrap();
+    let alarms = kube_fim_formats::alarms(&record);
+    let ids: Vec<&str> = alarms.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "node-a/baseline/b1",
+            "node-a/gap/5-7/Missing",
+            "node-a/digest/p/etc/v2-b"
+        ]
+    );
+    for alarm in &alarms {
+        let event = kube_fim_formats::ocsf_alarm(alarm);
+        let errs = errors(&event);
+        assert!(
+            errs.is_empty(),
+            "{}: the alarm's OCSF event does not conform to OCSF 1.4.0 File System Activity:\n{}\n{}",
+            alarm.id,
+            errs.join("\n"),
+            serde_json::to_string_pretty(&event).unwrap()
+        );
+        assert_eq!(event["metadata"]["uid"], alarm.id.as_str());
+        assert_eq!(event["severity_id"], 4);
+    }
+}
+
 /// The check itself can fail: what the schema does not allow is named.
 #[test]
 fn the_check_names_what_the_schema_does_not_allow() {

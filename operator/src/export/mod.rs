@@ -29,10 +29,20 @@
 //!   change is deleted, counted in `kube_fim_sink_hold_expired_total` and named
 //!   in a `SinkHoldExpired` Warning Event on the sink.
 //!
-//! One task watches the sinks and runs one delivery task per sink; one watch
-//! of the FileChanges (whole objects: the formats need all of them), started
-//! when the first sink appears, fills the index every delivery task reads. A
-//! cluster without sinks costs the operator nothing more.
+//! - **Alarms too.** A node's standing alarms (its `FileIntegrityNode`'s
+//!   baseline alarm, evidence gaps and unexplained digest moves) are records
+//!   of its stream, keyed by (since, stable id), delivered once each like a
+//!   change: durable conditions on the record, where Events expire. A cleared
+//!   alarm is still delivered; after a restart the standing ones a sink's
+//!   position has passed are sent once more (same ids): a position does not
+//!   say which alarms before it were sent. Retention does not
+//!   look at them.
+//!
+//! One task watches the sinks and runs one delivery task per sink; a watch
+//! of the FileChanges (whole objects: the formats need all of them) and one
+//! of the FileIntegrityNodes (their alarms), started when the first sink
+//! appears, fill the index every delivery task reads. A cluster without sinks
+//! costs the operator nothing more.
 
 /// The formats (shared with `kubectl fim export`).
 pub use kube_fim_formats as format;
@@ -53,13 +63,13 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use kube_fim_crds::duration::parse_duration;
-use kube_fim_crds::{FileChange, FileChangeSink, FileChangeSinkStatus};
+use kube_fim_crds::{FileChange, FileChangeSink, FileChangeSinkStatus, FileIntegrityNode};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use progress::{HoldDecision, Index, Observed, Progress, decide_hold};
+use progress::{HoldDecision, Index, Observed, Progress, Record, decide_hold};
 use transport::{Outgoing, SendError, Transport};
 
 /// Field manager of the exporter's status writes.
@@ -131,9 +141,11 @@ static SHARED: LazyLock<Shared> = LazyLock::new(|| Shared {
 /// to the sinks labelled for it).
 pub async fn run(client: Client, namespace: String, selector: Option<String>) {
     let changes = tokio::spawn(watch_changes(client.clone()));
+    let alarms = tokio::spawn(watch_alarms(client.clone()));
     let ctx = Arc::new(Ctx { client, namespace });
     watch_sinks(ctx, selector).await;
     changes.abort();
+    alarms.abort();
 }
 
 /// Asks every delivery task to record the position it delivered up to and
@@ -162,14 +174,44 @@ async fn watch_changes(client: Client) {
     // The sender lives in a static: waiting cannot fail.
     let _ = SHARED.any_sink.subscribe().wait_for(|any| *any).await;
     let api: Api<FileChange> = Api::all(client);
-    let mut stream = watcher(api, watcher::Config::default())
+    let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .modify(|c| c.managed_fields_mut().clear())
         .boxed();
+    follow(stream, |index, event| index.observe(event), "FileChange").await;
+}
+
+/// The alarms of the nodes' records (`FileIntegrityNode.status`) fill the
+/// index next to the changes, in each node's order.
+async fn watch_alarms(client: Client) {
+    // The sender lives in a static: waiting cannot fail.
+    let _ = SHARED.any_sink.subscribe().wait_for(|any| *any).await;
+    let api: Api<FileIntegrityNode> = Api::all(client);
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|n| n.managed_fields_mut().clear())
+        .boxed();
+    follow(
+        stream,
+        |index, event| index.observe_node(event),
+        "FileIntegrityNode",
+    )
+    .await;
+}
+
+/// Feeds one watch into the index; a record the index did not have is late
+/// for the sinks whose position of its node has passed it, and wakes them.
+async fn follow<K, S>(
+    mut stream: S,
+    observe: impl Fn(&mut Index, watcher::Event<K>) -> Observed,
+    kind: &str,
+) where
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Unpin,
+{
     loop {
         match stream.try_next().await {
             Ok(Some(event)) => {
-                let observed = SHARED.index().observe(event);
+                let observed = observe(&mut SHARED.index(), event);
                 match observed {
                     Observed::Nothing => continue,
                     Observed::New(node, keys) => {
@@ -185,7 +227,7 @@ async fn watch_changes(client: Client) {
                 SHARED.changed.send_modify(|n| *n = n.wrapping_add(1));
             }
             Ok(None) => return,
-            Err(error) => warn!(%error, "FileChange watch (retrying)"),
+            Err(error) => warn!(%error, kind, "watch (retrying)"),
         }
     }
 }
@@ -238,10 +280,12 @@ async fn watch_sinks(ctx: Arc<Ctx>, selector: Option<String>) {
                     .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
             });
             // Keep what this process delivered when only the spec changed.
-            if let Some(old) = SHARED.sinks().get(&name) {
-                let known = old.progress().clone();
-                if !known.positions.is_empty() {
-                    *state.progress() = known;
+            let known = SHARED.sinks().get(&name).map(|old| old.progress().clone());
+            match known {
+                Some(known) if !known.positions.is_empty() => *state.progress() = known,
+                _ => {
+                    let index = SHARED.index();
+                    state.progress().resend_alarms(&index);
                 }
             }
             SHARED.sinks().insert(name.clone(), state.clone());
@@ -440,16 +484,18 @@ async fn deliver(ctx: Arc<Ctx>, sink: FileChangeSink, state: Arc<SinkState>) {
         let outgoing: Vec<Outgoing> = batch
             .iter()
             .map(|r| {
-                let c = &r.change;
                 let key = r.key();
                 Outgoing {
-                    id: key.name,
-                    node: c.spec.node.clone(),
+                    node: r.node().to_string(),
                     detected: key.detected,
-                    line: match r.approval {
-                        true => format::encode_approval(sink.spec.format, c).unwrap_or_default(),
-                        false => format::encode(sink.spec.format, c),
+                    line: match r {
+                        Record::Change(c) => format::encode(sink.spec.format, c),
+                        Record::Approval(c) => {
+                            format::encode_approval(sink.spec.format, c).unwrap_or_default()
+                        }
+                        Record::Alarm(a) => format::encode_alarm(sink.spec.format, a),
                     },
+                    id: key.name,
                 }
             })
             .collect();

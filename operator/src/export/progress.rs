@@ -18,8 +18,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::watcher;
-use kube_fim_crds::{DeliveredPosition, FileChange};
-use kube_fim_formats::approval_event_id;
+use kube_fim_crds::{DeliveredPosition, FileChange, FileIntegrityNode};
+use kube_fim_formats::{Alarm, alarms, approval_event_id};
 
 /// Where a change stands in its node's order.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,6 +36,14 @@ impl Key {
         }
     }
 
+    /// Where an alarm stands in its node's order: when it began, under its id.
+    pub fn of_alarm(alarm: &Alarm) -> Key {
+        Key {
+            detected: alarm.since,
+            name: alarm.id.clone(),
+        }
+    }
+
     /// Where the approval of `change` stands in its node's order: at the
     /// approval's time, under the approval's event id.
     pub fn of_approval(change: &FileChange) -> Option<Key> {
@@ -46,47 +54,46 @@ impl Key {
     }
 }
 
-/// What one delivery sends: a change, or (once approved) its approval.
+/// What one delivery sends: a change, (once approved) its approval, or an
+/// alarm of the node.
 #[derive(Clone, Debug)]
-pub struct Record {
-    pub change: Arc<FileChange>,
-    pub approval: bool,
+pub enum Record {
+    Change(Arc<FileChange>),
+    Approval(Arc<FileChange>),
+    Alarm(Arc<Alarm>),
 }
 
 impl Record {
     pub fn key(&self) -> Key {
-        match self.approval {
-            true => Key::of_approval(&self.change).unwrap_or_else(|| Key::of(&self.change)),
-            false => Key::of(&self.change),
+        match self {
+            Record::Change(c) => Key::of(c),
+            Record::Approval(c) => Key::of_approval(c).unwrap_or_else(|| Key::of(c)),
+            Record::Alarm(a) => Key::of_alarm(a),
         }
     }
 
     pub fn node(&self) -> &str {
-        &self.change.spec.node
+        match self {
+            Record::Change(c) | Record::Approval(c) => &c.spec.node,
+            Record::Alarm(a) => &a.node,
+        }
     }
 }
 
 /// The records of `change`: itself, and its approval once it has one.
 fn records(change: FileChange) -> Vec<(Key, Record)> {
     let change = Arc::new(change);
-    let mut out = vec![(
-        Key::of(&change),
-        Record {
-            change: change.clone(),
-            approval: false,
-        },
-    )];
+    let mut out = vec![(Key::of(&change), Record::Change(change.clone()))];
     if let Some(key) = Key::of_approval(&change) {
-        out.push((
-            key,
-            Record {
-                change,
-                approval: true,
-            },
-        ));
+        out.push((key, Record::Approval(change)));
     }
     out
 }
+
+/// Alarms of one node the index keeps, standing or cleared: a cleared one
+/// stays so that a sink that was down still receives it; past this many the
+/// oldest are forgotten (a node's record holds at most 65 standing ones).
+pub const MAX_ALARMS_PER_NODE: usize = 256;
 
 /// Per node, its records (changes and approvals) in delivery order.
 type ByNode = BTreeMap<String, BTreeMap<Key, Record>>;
@@ -97,6 +104,8 @@ pub struct Index {
     current: ByNode,
     /// Name to node and key, to find a change by name (retention's hold).
     names: HashMap<String, (String, Key)>,
+    /// Per node, the keys of its alarms in `current`.
+    alarms: BTreeMap<String, BTreeSet<Key>>,
     relist: Option<ByNode>,
     listed: bool,
 }
@@ -144,14 +153,28 @@ impl Index {
                 Observed::Nothing
             }
             watcher::Event::InitDone => {
-                self.current = self.relist.take().unwrap_or_default();
+                let mut relisted = self.relist.take().unwrap_or_default();
+                // Alarms come from the other watch: a relist of the changes
+                // keeps them.
+                for (node, keys) in &self.alarms {
+                    for key in keys {
+                        if let Some(r) = self.get(node, key) {
+                            let r = r.clone();
+                            relisted
+                                .entry(node.clone())
+                                .or_default()
+                                .insert(key.clone(), r);
+                        }
+                    }
+                }
+                self.current = relisted;
                 self.names = self
                     .current
                     .iter()
                     .flat_map(|(node, changes)| {
                         changes
                             .iter()
-                            .filter(|(_, r)| !r.approval)
+                            .filter(|(_, r)| matches!(r, Record::Change(_)))
                             .map(|(k, _)| (k.name.clone(), (node.clone(), k.clone())))
                     })
                     .collect();
@@ -175,6 +198,45 @@ impl Index {
         match new.is_empty() {
             true => Observed::Nothing,
             false => Observed::New(node, new),
+        }
+    }
+
+    /// Records one event of the FileIntegrityNode watch: the alarms of the
+    /// node's record the index did not have. A node deleted, or an alarm
+    /// cleared, removes nothing: what stood is delivered all the same.
+    pub fn observe_node(&mut self, event: watcher::Event<FileIntegrityNode>) -> Observed {
+        let node = match event {
+            watcher::Event::Apply(node) | watcher::Event::InitApply(node) => node,
+            _ => return Observed::Nothing,
+        };
+        let name = node.name_any();
+        let mut new = Vec::new();
+        for alarm in alarms(&node) {
+            let key = Key::of_alarm(&alarm);
+            let known = self.alarms.entry(name.clone()).or_default();
+            if !known.insert(key.clone()) {
+                continue;
+            }
+            self.current
+                .entry(name.clone())
+                .or_default()
+                .insert(key.clone(), Record::Alarm(Arc::new(alarm)));
+            new.push(key);
+        }
+        if let Some(known) = self.alarms.get_mut(&name) {
+            while known.len() > MAX_ALARMS_PER_NODE {
+                let Some(oldest) = known.pop_first() else {
+                    break;
+                };
+                new.retain(|k| *k != oldest);
+                if let Some(records) = self.current.get_mut(&name) {
+                    records.remove(&oldest);
+                }
+            }
+        }
+        match new.is_empty() {
+            true => Observed::Nothing,
+            false => Observed::New(name, new),
         }
     }
 
@@ -259,6 +321,21 @@ impl Progress {
     pub fn delivered(&self, node: &str, key: &Key) -> bool {
         self.positions.get(node).is_some_and(|p| key <= p)
             && !self.late.contains(&(node.to_string(), key.clone()))
+    }
+
+    /// Every alarm of the index at or before its node's position is sent
+    /// again: what a sink's status records is a position, not which alarms
+    /// it got, so a sink this process did not deliver to yet (a restart)
+    /// sends the standing ones once more, with their ids, rather than
+    /// losing one that arrived while no operator led.
+    pub fn resend_alarms(&mut self, index: &Index) {
+        for (node, keys) in &index.alarms {
+            for key in keys {
+                if self.positions.get(node).is_some_and(|p| key <= p) {
+                    self.late.insert((node.clone(), key.clone()));
+                }
+            }
+        }
     }
 
     /// A new change of the index: late if its node's position is past it.
@@ -362,9 +439,10 @@ pub fn decide_hold(
             continue;
         };
         // Its approval is evidence too: held like the change.
-        let approval = index
-            .get(node, key)
-            .and_then(|r| Key::of_approval(&r.change));
+        let approval = index.get(node, key).and_then(|r| match r {
+            Record::Change(c) => Key::of_approval(c),
+            _ => None,
+        });
         let mut keep = false;
         let mut expired_for = Vec::new();
         for (sink, progress, hold_max) in sinks {
@@ -546,7 +624,7 @@ mod tests {
         p.observe_new(&node, &keys[0]);
         let batch = p.next_batch(&index, 10);
         assert_eq!(names(&batch), ["a1/approval"]);
-        assert!(batch[0].approval);
+        assert!(matches!(batch[0], Record::Approval(_)));
         p.ack(&batch);
         assert!(p.next_batch(&index, 10).is_empty(), "delivered once");
         // Approved later than everything: delivered in order after a3.
@@ -567,6 +645,120 @@ mod tests {
         assert_eq!(hold.held["s"], 1);
         index.observe(watcher::Event::Delete(approved(change("a3", "a", 30), 40)));
         assert_eq!(names(&p.next_batch(&index, 10)), ["a4"]);
+    }
+
+    /// Node `name`'s record with a baseline alarm since `alarm` (if any) and
+    /// an evidence gap of numbers 5 to 7 since `gap` (if any).
+    fn node(name: &str, alarm: Option<i64>, gap: Option<i64>) -> FileIntegrityNode {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use kube_fim_crds::{
+            BaselineAlarm, ChainVerification, EvidenceGap, FileIntegrityNodeSpec,
+            FileIntegrityNodeStatus,
+        };
+        let mut n = FileIntegrityNode::new(name, FileIntegrityNodeSpec { node: name.into() });
+        n.status = Some(FileIntegrityNodeStatus {
+            baseline_alarm: alarm.map(|secs| BaselineAlarm {
+                id: "b7".into(),
+                reason: "BaselineTampered".into(),
+                since: Time(at(secs)),
+                message: "the baseline is not the one the cluster knows".into(),
+            }),
+            verification: gap.map(|secs| ChainVerification {
+                verified_through: 10,
+                from: 0,
+                since: Time(at(0)),
+                gaps: vec![EvidenceGap {
+                    first: 5,
+                    last: 7,
+                    reason: "Missing".into(),
+                    since: Time(at(secs)),
+                }],
+                entries: vec![],
+                unexplained: vec![],
+            }),
+            ..Default::default()
+        });
+        n
+    }
+
+    #[test]
+    fn a_nodes_alarms_are_delivered_once_each_in_its_order_and_hold_nothing() {
+        let mut index = listed(vec![change("a1", "a", 10), change("a3", "a", 30)]);
+        let mut p = Progress::default();
+        p.ack(&p.clone().next_batch(&index, 10));
+        // Tampering found at 20, between a1 and a3 (delivered already): late,
+        // so delivered next.
+        let Observed::New(n, keys) =
+            index.observe_node(watcher::Event::Apply(node("a", Some(20), None)))
+        else {
+            panic!("the alarm is new");
+        };
+        assert_eq!(n, "a");
+        assert_eq!(keys.len(), 1);
+        p.observe_new(&n, &keys[0]);
+        let batch = p.next_batch(&index, 10);
+        assert_eq!(names(&batch), ["a/baseline/b7"]);
+        assert!(matches!(&batch[0], Record::Alarm(a) if a.reason == "BaselineTampered"));
+        p.ack(&batch);
+        assert!(p.next_batch(&index, 10).is_empty(), "delivered once");
+        // Seen again (any status write of the node): the same id, nothing new.
+        assert_eq!(
+            index.observe_node(watcher::Event::Apply(node("a", Some(20), None))),
+            Observed::Nothing
+        );
+        // A gap after a3: in the node's order after it, with a later change.
+        index.observe(watcher::Event::Apply(change("a5", "a", 50)));
+        let Observed::New(_, keys) =
+            index.observe_node(watcher::Event::Apply(node("a", Some(20), Some(40))))
+        else {
+            panic!("the gap is new");
+        };
+        assert_eq!(keys.len(), 1, "only the gap is new: {keys:?}");
+        // The alarm cleared before the sink got to it: delivered all the same.
+        index.observe_node(watcher::Event::Apply(node("a", None, None)));
+        assert_eq!(
+            names(&p.next_batch(&index, 10)),
+            ["a/gap/5-7/Missing", "a5"]
+        );
+        // A relist of the changes keeps the alarms; they are no change.
+        index.observe(watcher::Event::Init);
+        for c in [
+            change("a1", "a", 10),
+            change("a3", "a", 30),
+            change("a5", "a", 50),
+        ] {
+            index.observe(watcher::Event::InitApply(c));
+        }
+        index.observe(watcher::Event::InitDone);
+        assert_eq!(index.len(), 3, "changes only");
+        assert_eq!(
+            names(&p.next_batch(&index, 10)),
+            ["a/gap/5-7/Missing", "a5"]
+        );
+        // Retention of a delivered change waits for no alarm.
+        let sinks = [("s".to_string(), p.clone(), Duration::from_secs(3600))];
+        let hold = decide_hold(vec!["a1".into(), "a3".into()], &index, &sinks, at(60));
+        assert_eq!(hold.allowed, ["a1", "a3"]);
+        assert!(hold.held.is_empty());
+        // A restart (a progress from the sink's status) sends the alarms its
+        // position passed once more, with their ids.
+        let mut restarted = Progress::from_status(&p.to_status(), Duration::ZERO);
+        restarted.ack(&restarted.clone().next_batch(&index, 10));
+        restarted.resend_alarms(&index);
+        let again = restarted.next_batch(&index, 10);
+        assert_eq!(names(&again), ["a/baseline/b7", "a/gap/5-7/Missing"]);
+        restarted.ack(&again);
+        assert!(restarted.next_batch(&index, 10).is_empty());
+    }
+
+    #[test]
+    fn a_node_rewriting_its_alarm_cannot_grow_the_index_without_bound() {
+        let mut index = listed(vec![]);
+        for i in 0..(MAX_ALARMS_PER_NODE as i64 + 50) {
+            index.observe_node(watcher::Event::Apply(node("a", None, Some(i))));
+        }
+        let pending = Progress::default().backlog(&index).pending;
+        assert_eq!(pending, MAX_ALARMS_PER_NODE);
     }
 
     #[test]
