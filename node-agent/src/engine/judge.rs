@@ -183,7 +183,24 @@ impl Engine {
                 }
             }
             Verdict::Changes { changes, digest } => {
-                // A state reported now supersedes a transient one.
+                // A state reported now supersedes a transient one of the same
+                // content; one of other content (written, then put back but
+                // for its mtime) is reported too, restored, before it.
+                let other_content: Vec<FileChangeSpec> = transient
+                    .into_iter()
+                    .flatten()
+                    .filter(|t| {
+                        let written = t.after.as_ref().and_then(|a| a.hash.as_ref());
+                        written.is_some()
+                            && !changes
+                                .iter()
+                                .any(|c| c.after.as_ref().and_then(|a| a.hash.as_ref()) == written)
+                    })
+                    .collect();
+                if !other_content.is_empty() {
+                    out.changes.extend(other_content);
+                    out.epochs.insert(key.to_string(), self.baseline.epoch(key));
+                }
                 if !changes.is_empty() {
                     out.changes.extend(changes);
                     out.epochs.insert(key.to_string(), self.baseline.epoch(key));
@@ -647,6 +664,41 @@ mod tests {
             hash_of(&o.changes[0]),
             Some(blake3::hash(b"root ALL\nworse\n").to_hex().to_string())
         );
+    }
+
+    /// Written, then put back with the content but not the mtime: what is
+    /// left is an mtime change, and the content in between is reported too.
+    #[test]
+    fn content_put_back_with_another_mtime_still_reports_the_content_in_between() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        let sudoers = root.path().join("etc/sudoers");
+        std::fs::write(&sudoers, "root ALL\n").unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&sudoers)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+        scan(&mut e, DetectionSource::Startup);
+        e.save().unwrap();
+        let rel = PathBuf::from("etc/sudoers");
+        std::fs::write(&sudoers, "root ALL\nevil ALL\n").unwrap();
+        assert!(e.closed(&rel));
+        std::fs::write(&sudoers, "root ALL\n").unwrap();
+        assert!(e.closed(&rel));
+        let (o, _) = e.rescan(&BTreeSet::from([rel]), DetectionSource::Realtime);
+        assert_eq!(o.changes.len(), 2, "{:?}", describe(&o));
+        assert_eq!(o.changes[0].restored, Some(true));
+        assert_eq!(
+            hash_of(&o.changes[0]),
+            Some(blake3::hash(b"root ALL\nevil ALL\n").to_hex().to_string())
+        );
+        assert_eq!(o.changes[1].restored, None);
+        assert_eq!(describe(&o)[1], "Modified /etc/sudoers [Mtime]");
     }
 
     #[test]
