@@ -154,12 +154,15 @@ pub struct FileChangeSinkSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OtlpTransport {
     /// Collector endpoint. For `http`, the base URL (`https://otel:4318`):
-    /// `/v1/logs` is appended unless the URL already has a path.
+    /// `/v1/logs` is appended unless the URL already has a path. For `grpc`,
+    /// the URL of the collector's gRPC receiver (`https://otel:4317`; `http://`
+    /// for plaintext HTTP/2).
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = kube::core::Rule::new(HTTP_URL).message(HTTP_URL_MSG))]
     pub endpoint: String,
 
-    /// `http` (OTLP/HTTP, JSON encoding) or `grpc`.
+    /// `http` (OTLP/HTTP, JSON encoding) or `grpc` (OTLP/gRPC, the
+    /// `LogsService/Export` call).
     #[serde(default)]
     pub protocol: OtlpProtocol,
 

@@ -150,7 +150,7 @@ async fn pass(policy: &FileIntegrityPolicy, ctx: &Context) -> bool {
         Timestamp::now(),
     )
     .doomed;
-    let doomed = crate::export::hold(&ctx.client, doomed);
+    let doomed = crate::export::hold(&ctx.client, doomed).await;
     if doomed.is_empty() {
         return false;
     }

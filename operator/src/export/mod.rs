@@ -58,7 +58,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -92,6 +92,8 @@ struct Shared {
     /// Per sink, its delivery state.
     sinks: Mutex<HashMap<String, Arc<SinkState>>>,
     sinks_listed: watch::Sender<bool>,
+    /// The label selector of the sinks this operator delivers to.
+    selector: std::sync::OnceLock<Option<String>>,
     /// Whether a sink was ever seen: the FileChange watch (whole objects, so
     /// memory) starts only then.
     any_sink: watch::Sender<bool>,
@@ -129,6 +131,7 @@ static SHARED: LazyLock<Shared> = LazyLock::new(|| Shared {
     changed: watch::Sender::new(0),
     sinks: Mutex::default(),
     sinks_listed: watch::Sender::new(false),
+    selector: std::sync::OnceLock::new(),
     any_sink: watch::Sender::new(false),
     stopping: watch::Sender::new(false),
     stopped: watch::Sender::new(0),
@@ -235,6 +238,7 @@ async fn follow<K, S>(
 /// The delivery task of each sink, restarted when its spec changes.
 async fn watch_sinks(ctx: Arc<Ctx>, selector: Option<String>) {
     let api: Api<FileChangeSink> = Api::all(ctx.client.clone());
+    let _ = SHARED.selector.set(selector.clone());
     let config = match &selector {
         Some(s) => watcher::Config::default().labels(s),
         None => watcher::Config::default(),
@@ -617,17 +621,42 @@ async fn write_status(
 /// is kept, unless it was detected longer ago than that sink's `holdMax`:
 /// then it goes, and the sink's `SinkHoldExpired` Warning Event and
 /// `kube_fim_sink_hold_expired_total` say so. Until the exporter has listed
-/// the sinks and the changes, everything is kept.
-pub fn hold(client: &Client, doomed: Vec<String>) -> Vec<String> {
+/// the sinks and the changes, everything is kept; so it is while a sink the
+/// API server holds has not reached the exporter's watch yet (the changes
+/// made after a new sink can reach retention's watch before the sink reaches
+/// the exporter's: those changes are the new sink's to deliver).
+pub async fn hold(client: &Client, doomed: Vec<String>) -> Vec<String> {
     if doomed.is_empty() {
         return doomed;
     }
+    if !*SHARED.sinks_listed.borrow() {
+        return Vec::new();
+    }
+    let mut params = ListParams::default();
+    if let Some(Some(selector)) = SHARED.selector.get() {
+        params = params.labels(selector);
+    }
+    let existing = match Api::<FileChangeSink>::all(client.clone())
+        .list_metadata(&params)
+        .await
+    {
+        Ok(list) => list.items,
+        Err(error) => {
+            warn!(%error, "listing the sinks before retention: nothing deleted this pass");
+            return Vec::new();
+        }
+    };
     let sinks: Vec<(String, Arc<SinkState>)> = SHARED
         .sinks()
         .iter()
         .map(|(n, s)| (n.clone(), s.clone()))
         .collect();
-    if !*SHARED.sinks_listed.borrow() {
+    if let Some(new) = existing
+        .iter()
+        .map(|s| s.name_any())
+        .find(|n| !sinks.iter().any(|(known, _)| known == n))
+    {
+        debug!(sink = %new, "a sink not watched yet: retention waits for it");
         return Vec::new();
     }
     if sinks.is_empty() {

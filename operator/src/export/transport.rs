@@ -4,10 +4,13 @@
 //! - `file`: appended as NDJSON, then `fsync`: acknowledged once on disk.
 //! - `webhook`: one HTTP POST of NDJSON per batch (hyper with the workspace's
 //!   rustls); acknowledged by a 2xx answer.
-//! - `otlp` (`http`): one OTLP/HTTP export request per batch, JSON encoding
-//!   (the protobuf JSON mapping of `ExportLogsServiceRequest`, written with
-//!   serde), one log record per event; acknowledged by a 2xx answer without
-//!   rejected records.
+//! - `otlp`: one `ExportLogsServiceRequest` per batch, one log record per
+//!   event, built with the collector protocol's generated messages
+//!   (`opentelemetry-proto`). `http`: OTLP/HTTP with the JSON encoding,
+//!   acknowledged by a 2xx answer; `grpc`: the `LogsService/Export` call
+//!   (tonic, HTTP/2 over the same rustls connector), acknowledged by an OK
+//!   status. Either way, an answer naming rejected records is no
+//!   acknowledgement.
 //! - `syslog`: RFC 5424 messages with octet-counting framing (RFC 6587) over
 //!   TCP, TLS (RFC 5425) when asked. Syslog has no acknowledgement: a batch
 //!   counts as delivered once written and flushed to the connection.
@@ -29,6 +32,13 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube_fim_crds::{FileChangeSinkSpec, OtlpProtocol, SecretKeyRef, SinkTls, SyslogTransport};
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsPartialSuccess, ExportLogsServiceRequest,
+};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber};
+use opentelemetry_proto::tonic::resource::v1::Resource;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use thiserror::Error;
@@ -88,7 +98,8 @@ type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 /// A sink's transport, ready to send.
 pub enum Transport {
     File(PathBuf),
-    Http(HttpTarget),
+    Http(Box<HttpTarget>),
+    Grpc(Box<GrpcTarget>),
     Syslog(SyslogTarget),
 }
 
@@ -97,6 +108,12 @@ pub struct HttpTarget {
     authorization: Option<String>,
     client: HttpClient<Https, Full<Bytes>>,
     otlp: bool,
+}
+
+pub struct GrpcTarget {
+    endpoint: String,
+    authorization: Option<tonic::metadata::AsciiMetadataValue>,
+    client: LogsServiceClient<tonic::transport::Channel>,
 }
 
 pub struct SyslogTarget {
@@ -201,12 +218,12 @@ impl Transport {
         }
         let (url, auth, otlp) = match (&spec.webhook, &spec.otlp) {
             (Some(w), _) => (w.url.clone(), w.authorization_secret_ref.as_ref(), false),
+            (None, Some(o)) if o.protocol == OtlpProtocol::Grpc => {
+                return GrpcTarget::build(o, spec.tls.as_ref(), secrets)
+                    .await
+                    .map(|t| Transport::Grpc(Box::new(t)));
+            }
             (None, Some(o)) => {
-                if o.protocol == OtlpProtocol::Grpc {
-                    return Err(SendError::Config(
-                        "OTLP over gRPC is not supported by this operator version: use protocol http (port 4318)".into(),
-                    ));
-                }
                 let mut url = o.endpoint.clone();
                 let has_path = url
                     .parse::<hyper::Uri>()
@@ -227,14 +244,7 @@ impl Transport {
             .parse()
             .map_err(|e| SendError::Config(format!("URL {url:?}: {e}")))?;
         let authorization = match auth {
-            Some(r) => Some(
-                String::from_utf8(secret_value(secrets, r).await?)
-                    .map_err(|_| {
-                        SendError::Config(format!("Secret {} key {:?} is not UTF-8", r.name, r.key))
-                    })?
-                    .trim()
-                    .to_string(),
-            ),
+            Some(r) => Some(authorization(secrets, r).await?),
             None => None,
         };
         let tls = tls_config(spec.tls.as_ref(), secrets).await?;
@@ -244,12 +254,12 @@ impl Transport {
             .enable_http1()
             .build();
         let client = HttpClient::builder(TokioExecutor::new()).build(connector);
-        Ok(Transport::Http(HttpTarget {
+        Ok(Transport::Http(Box::new(HttpTarget {
             url,
             authorization,
             client,
             otlp,
-        }))
+        })))
     }
 
     /// Sends a batch; `Ok` once the receiver acknowledged all of it.
@@ -272,9 +282,18 @@ impl Transport {
         match self {
             Transport::File(path) => append(path.clone(), ndjson(batch)).await,
             Transport::Http(target) => target.post(batch).await,
+            Transport::Grpc(target) => target.export(batch).await,
             Transport::Syslog(target) => target.send(batch).await,
         }
     }
+}
+
+/// The value of an `Authorization` header kept in a Secret.
+async fn authorization(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<String, SendError> {
+    Ok(String::from_utf8(secret_value(secrets, r).await?)
+        .map_err(|_| SendError::Config(format!("Secret {} key {:?} is not UTF-8", r.name, r.key)))?
+        .trim()
+        .to_string())
 }
 
 /// The lines of a batch, each ending in a newline.
@@ -306,10 +325,9 @@ async fn append(path: PathBuf, data: Vec<u8>) -> Result<(), SendError> {
 impl HttpTarget {
     async fn post(&self, batch: &[Outgoing]) -> Result<(), SendError> {
         let (body, content_type) = if self.otlp {
-            (
-                otlp_json(batch).to_string().into_bytes(),
-                "application/json",
-            )
+            let body = serde_json::to_vec(&otlp_request(batch))
+                .map_err(|e| SendError::Config(format!("encoding the OTLP request: {e}")))?;
+            (body, "application/json")
         } else {
             (ndjson(batch), "application/x-ndjson")
         };
@@ -337,21 +355,92 @@ impl HttpTarget {
             return Err(SendError::Rejected(format!("HTTP {status}: {text}")));
         }
         if self.otlp {
-            // A partial success names records the collector dropped: not delivered.
+            // An empty or unreadable body is a full success (OTLP/HTTP allows it).
             let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            let rejected = answer["partialSuccess"]["rejectedLogRecords"]
-                .as_str()
-                .and_then(|s| s.parse::<u64>().ok())
-                .or_else(|| answer["partialSuccess"]["rejectedLogRecords"].as_u64())
-                .unwrap_or(0);
-            if rejected > 0 {
-                return Err(SendError::Rejected(format!(
-                    "the collector rejected {rejected} log records: {}",
-                    answer["partialSuccess"]["errorMessage"]
-                )));
-            }
+            let partial = ExportLogsPartialSuccess {
+                rejected_log_records: answer["partialSuccess"]["rejectedLogRecords"]
+                    .as_str()
+                    .and_then(|s| s.parse::<i64>().ok())
+                    .or_else(|| answer["partialSuccess"]["rejectedLogRecords"].as_i64())
+                    .unwrap_or(0),
+                error_message: answer["partialSuccess"]["errorMessage"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            };
+            return acknowledged(Some(&partial));
         }
         Ok(())
+    }
+}
+
+/// A partial success names records the collector dropped: not delivered.
+fn acknowledged(partial: Option<&ExportLogsPartialSuccess>) -> Result<(), SendError> {
+    match partial {
+        Some(p) if p.rejected_log_records > 0 => Err(SendError::Rejected(format!(
+            "the collector rejected {} log records: {:?}",
+            p.rejected_log_records, p.error_message
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl GrpcTarget {
+    async fn build(
+        otlp: &kube_fim_crds::OtlpTransport,
+        tls: Option<&SinkTls>,
+        secrets: &Api<Secret>,
+    ) -> Result<Self, SendError> {
+        let authorization = match &otlp.authorization_secret_ref {
+            Some(r) => Some(authorization(secrets, r).await?.parse().map_err(|_| {
+                SendError::Config(format!(
+                    "Secret {} key {:?} is not a valid header value",
+                    r.name, r.key
+                ))
+            })?),
+            None => None,
+        };
+        // The connector offers `h2` by ALPN itself.
+        let tls = tls_config(tls, secrets).await?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http2()
+            .build();
+        let endpoint = tonic::transport::Endpoint::from_shared(otlp.endpoint.clone())
+            .map_err(|e| SendError::Config(format!("endpoint {:?}: {e}", otlp.endpoint)))?
+            .connect_timeout(TIMEOUT)
+            .timeout(TIMEOUT);
+        // Connects on the first export, and again after a failure.
+        let channel = endpoint.connect_with_connector_lazy(connector);
+        Ok(GrpcTarget {
+            endpoint: otlp.endpoint.clone(),
+            authorization,
+            client: LogsServiceClient::new(channel),
+        })
+    }
+
+    async fn export(&mut self, batch: &[Outgoing]) -> Result<(), SendError> {
+        let mut request = tonic::Request::new(otlp_request(batch));
+        if let Some(auth) = &self.authorization {
+            request.metadata_mut().insert("authorization", auth.clone());
+        }
+        let answer = self.client.export(request).await.map_err(|status| {
+            let text = format!(
+                "{}: {:?} {}",
+                self.endpoint,
+                status.code(),
+                status.message()
+            );
+            match status.code() {
+                tonic::Code::Unavailable | tonic::Code::Unknown => {
+                    SendError::Connect(format!("{text}: {}", error_chain(&status)))
+                }
+                tonic::Code::DeadlineExceeded => SendError::Timeout,
+                _ => SendError::Rejected(text),
+            }
+        })?;
+        acknowledged(answer.into_inner().partial_success.as_ref())
     }
 }
 
@@ -366,37 +455,60 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-fn kv(key: &str, value: &str) -> serde_json::Value {
-    serde_json::json!({ "key": key, "value": { "stringValue": value } })
+fn text(value: &str) -> Option<AnyValue> {
+    Some(AnyValue {
+        value: Some(any_value::Value::StringValue(value.to_string())),
+    })
 }
 
-/// An OTLP `ExportLogsServiceRequest` in the protobuf JSON mapping: one log
-/// record per event, its body the event, `event.id` its stable id.
-pub fn otlp_json(batch: &[Outgoing]) -> serde_json::Value {
-    let now = Timestamp::now().as_nanosecond().to_string();
-    let records: Vec<serde_json::Value> = batch
+fn kv(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: text(value),
+        ..Default::default()
+    }
+}
+
+/// A nanosecond count as OTLP carries it (0, "unknown", before 1970).
+fn unix_nanos(t: Timestamp) -> u64 {
+    u64::try_from(t.as_nanosecond()).unwrap_or(0)
+}
+
+/// The OTLP `ExportLogsServiceRequest` of a batch: one log record per event,
+/// its body the event, `event.id` its stable id.
+pub fn otlp_request(batch: &[Outgoing]) -> ExportLogsServiceRequest {
+    let now = unix_nanos(Timestamp::now());
+    let records = batch
         .iter()
-        .map(|e| {
-            serde_json::json!({
-                "timeUnixNano": e.detected.as_nanosecond().to_string(),
-                "observedTimeUnixNano": now,
-                "severityNumber": 13,
-                "severityText": "WARN",
-                "eventName": "kube_fim.file_change",
-                "body": { "stringValue": e.line },
-                "attributes": [kv("event.id", &e.id), kv("host.name", &e.node)],
-            })
+        .map(|e| LogRecord {
+            time_unix_nano: unix_nanos(e.detected),
+            observed_time_unix_nano: now,
+            severity_number: SeverityNumber::Warn as i32,
+            severity_text: "WARN".into(),
+            event_name: "kube_fim.file_change".into(),
+            body: text(&e.line),
+            attributes: vec![kv("event.id", &e.id), kv("host.name", &e.node)],
+            ..Default::default()
         })
         .collect();
-    serde_json::json!({
-        "resourceLogs": [{
-            "resource": { "attributes": [kv("service.name", "kube-fim-operator")] },
-            "scopeLogs": [{
-                "scope": { "name": "kube-fim", "version": env!("CARGO_PKG_VERSION") },
-                "logRecords": records,
+    ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", "kube-fim-operator")],
+                ..Default::default()
+            }),
+            scope_logs: vec![ScopeLogs {
+                scope: Some(InstrumentationScope {
+                    name: "kube-fim".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    ..Default::default()
+                }),
+                log_records: records,
+                ..Default::default()
             }],
+            ..Default::default()
         }],
-    })
+    }
 }
 
 /// An RFC 5424 field of printable US-ASCII without spaces, `-` when empty.
@@ -534,7 +646,7 @@ mod tests {
 
     #[test]
     fn otlp_requests_carry_one_record_per_event_with_its_id() {
-        let v = otlp_json(&[event("one"), event("two")]);
+        let v = serde_json::to_value(otlp_request(&[event("one"), event("two")])).unwrap();
         let records = &v["resourceLogs"][0]["scopeLogs"][0]["logRecords"];
         assert_eq!(records.as_array().unwrap().len(), 2);
         assert_eq!(records[1]["body"]["stringValue"], "two");

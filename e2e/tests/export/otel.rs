@@ -1,0 +1,319 @@
+//! A real OpenTelemetry Collector: OTLP over HTTP and gRPC.
+
+use super::*;
+
+/// The export tests' OpenTelemetry Collector, built from Go modules and cached
+/// by `e2e/otelcol/build.sh` (a cold build takes many minutes).
+fn otelcol_binary() -> std::path::PathBuf {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = std::process::Command::new(repo_root().join("e2e/otelcol/build.sh"))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("running e2e/otelcol/build.sh");
+        assert!(out.status.success(), "e2e/otelcol/build.sh failed");
+        std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
+}
+
+/// A real OpenTelemetry Collector: OTLP receiver (HTTP on `port`, gRPC on
+/// `grpc_port`), file exporter.
+struct Collector {
+    process: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+    port: u16,
+    grpc_port: u16,
+    runs: usize,
+}
+
+impl Collector {
+    fn new() -> Collector {
+        Collector {
+            process: None,
+            dir: tempfile::tempdir().unwrap(),
+            port: kube_fim_e2e::free_port(),
+            grpc_port: kube_fim_e2e::free_port(),
+            runs: 0,
+        }
+    }
+
+    /// Starts it, each run exporting to a file of its own.
+    fn start(&mut self) {
+        self.runs += 1;
+        let dir = self.dir.path();
+        let conf = format!(
+            r#"receivers:
+  otlp:
+    protocols:
+      http:
+        endpoint: 127.0.0.1:{port}
+      grpc:
+        endpoint: 127.0.0.1:{grpc_port}
+exporters:
+  file:
+    path: {dir}/logs-{run}.json
+    flush_interval: 100ms
+service:
+  telemetry:
+    metrics:
+      level: none
+  pipelines:
+    logs:
+      receivers: [otlp]
+      exporters: [file]
+"#,
+            port = self.port,
+            grpc_port = self.grpc_port,
+            dir = dir.display(),
+            run = self.runs
+        );
+        let path = dir.join(format!("config-{}.yaml", self.runs));
+        std::fs::write(&path, conf).unwrap();
+        let log = std::fs::File::create(dir.join(format!("collector-{}.log", self.runs))).unwrap();
+        let child = std::process::Command::new(otelcol_binary())
+            .arg(format!("--config=file:{}", path.display()))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting the collector");
+        self.process = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", self.grpc_port)).is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the collector did not listen: {}",
+                std::fs::read_to_string(dir.join(format!("collector-{}.log", self.runs)))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The OCSF events the collector exported, over all runs, in order.
+    fn events(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        for run in 1..=self.runs {
+            let text = std::fs::read_to_string(self.dir.path().join(format!("logs-{run}.json")))
+                .unwrap_or_default();
+            for line in text.lines() {
+                let Ok(request) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
+                for rl in request["resourceLogs"].as_array().into_iter().flatten() {
+                    for sl in rl["scopeLogs"].as_array().into_iter().flatten() {
+                        for record in sl["logRecords"].as_array().into_iter().flatten() {
+                            if let Some(body) = record["body"]["stringValue"].as_str() {
+                                out.push(serde_json::from_str(body).expect("the body is JSON"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// First occurrences, in order.
+fn dedup(ids: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    ids.into_iter().filter(|i| seen.insert(i.clone())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_collector_gets_every_change_across_operator_and_collector_restarts() {
+    ensure_export_rbac();
+    let suite = unique_name("exp-otel");
+    let mut collector = Collector::new();
+    collector.start();
+    let mut operator = Operator::start(&suite, &suite, &[]);
+    let name = format!("{suite}-otlp");
+    let mut spec = FileChangeSinkSpec {
+        otlp: Some(kube_fim_crds::OtlpTransport {
+            endpoint: format!("http://127.0.0.1:{}", collector.port),
+            protocol: kube_fim_crds::OtlpProtocol::Http,
+            authorization_secret_ref: None,
+        }),
+        ..FileChangeSinkSpec::default()
+    };
+    spec.batch_size = 5;
+    let sinks = create_sink(&sink(&name, &suite, spec)).await;
+    let node = format!("{suite}-n");
+    let mut all = create_changes(&node, "p", &format!("{node}-1"), 10).await;
+    eventually(
+        "the collector has the first changes",
+        Duration::from_secs(60),
+        || {
+            let got = ocsf_ids(&collector.events(), &node);
+            let want = all.clone();
+            async move {
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            }
+        },
+    )
+    .await;
+
+    // Acknowledged batches are recorded at most a second later; a crash
+    // before that sends them again (same ids). Recorded: nothing is re-sent.
+    eventually("the position recorded", Duration::from_secs(30), || {
+        let sinks = sinks.clone();
+        let (name, node, last) = (name.clone(), node.clone(), all[9].clone());
+        async move {
+            let s = sinks.get(&name).await.map_err(|e| e.to_string())?;
+            let st = s.status.unwrap_or_default();
+            match st.positions.iter().find(|p| p.node == node) {
+                Some(p) if p.name == last => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    // Both ends go down; changes keep coming.
+    operator.process.kill();
+    collector.kill();
+    all.extend(create_changes(&node, "p", &format!("{node}-2"), 5).await);
+    let _operator = Operator::start(&suite, &suite, &[]);
+    eventually("the sink Degraded", Duration::from_secs(60), || {
+        let sinks = sinks.clone();
+        let name = name.clone();
+        async move {
+            let s = sinks.get(&name).await.map_err(|e| e.to_string())?;
+            match condition(&s, "Degraded") {
+                Some(c) if c.0 == "True" && c.2.contains("cannot reach the receiver") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    collector.start();
+    all.extend(create_changes(&node, "p", &format!("{node}-3"), 5).await);
+    eventually(
+        "every change at the collector, in order",
+        Duration::from_secs(120),
+        || {
+            let got = ocsf_ids(&collector.events(), &node);
+            let want = all.clone();
+            async move {
+                // Duplicates only as the ids allow: every id is a change's, and
+                // the first occurrences are every change in order.
+                if got.iter().all(|id| want.contains(id)) && dedup(got.clone()) == want {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    let got = ocsf_ids(&collector.events(), &node);
+    assert_eq!(got, all, "nothing acknowledged was sent twice");
+    sinks.delete(&name, &DeleteParams::default()).await.unwrap();
+}
+
+/// OTLP over gRPC: the `LogsService/Export` call to a real collector's gRPC
+/// receiver. A collector that is down turns the sink Degraded ("cannot reach
+/// the receiver"); back up, it gets every change, in order, each once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_collector_gets_every_change_over_grpc_across_its_restart() {
+    ensure_export_rbac();
+    let suite = unique_name("exp-grpc");
+    let mut collector = Collector::new();
+    collector.start();
+    let _operator = Operator::start(&suite, &suite, &[]);
+    let name = format!("{suite}-otlp");
+    let mut spec = FileChangeSinkSpec {
+        otlp: Some(kube_fim_crds::OtlpTransport {
+            endpoint: format!("http://127.0.0.1:{}", collector.grpc_port),
+            protocol: kube_fim_crds::OtlpProtocol::Grpc,
+            authorization_secret_ref: None,
+        }),
+        ..FileChangeSinkSpec::default()
+    };
+    spec.batch_size = 4;
+    let sinks = create_sink(&sink(&name, &suite, spec)).await;
+    let node = format!("{suite}-n");
+    let mut all = create_changes(&node, "p", &format!("{node}-1"), 6).await;
+    eventually(
+        "the collector has the changes sent over gRPC",
+        Duration::from_secs(60),
+        || {
+            let got = ocsf_ids(&collector.events(), &node);
+            let want = all.clone();
+            async move {
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            }
+        },
+    )
+    .await;
+
+    collector.kill();
+    all.extend(create_changes(&node, "p", &format!("{node}-2"), 5).await);
+    eventually("the sink Degraded", Duration::from_secs(60), || {
+        let sinks = sinks.clone();
+        let name = name.clone();
+        async move {
+            let s = sinks.get(&name).await.map_err(|e| e.to_string())?;
+            match condition(&s, "Degraded") {
+                Some(c) if c.0 == "True" && c.2.contains("cannot reach the receiver") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    collector.start();
+    eventually(
+        "every change at the collector, in order",
+        Duration::from_secs(120),
+        || {
+            let got = ocsf_ids(&collector.events(), &node);
+            let want = all.clone();
+            async move {
+                // Duplicates only as the ids allow (a batch whose
+                // acknowledgement the kill cut off is sent again).
+                if got.iter().all(|id| want.contains(id)) && dedup(got.clone()) == want {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    eventually("the sink Ready again", Duration::from_secs(30), || {
+        let sinks = sinks.clone();
+        let name = name.clone();
+        async move {
+            let s = sinks.get(&name).await.map_err(|e| e.to_string())?;
+            match condition(&s, "Ready") {
+                Some(c) if c.0 == "True" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    sinks.delete(&name, &DeleteParams::default()).await.unwrap();
+}

@@ -1,0 +1,280 @@
+//! Approvals and alarms reach sinks as records of their own.
+
+use super::*;
+
+/// An approval is evidence too: a change already delivered, then approved
+/// by a person, reaches the sink a second time as its own event — id
+/// `<change>/approval`, the approver and the reason, no longer an alert — once,
+/// in its node's order after what was delivered before it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_approval_of_a_delivered_change_reaches_the_sink_as_its_own_event() {
+    ensure_export_rbac();
+    let suite = unique_name("exp-approve");
+    let _operator = Operator::start(&suite, &suite, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evidence.ndjson");
+    let file_sink = sink(
+        &format!("{suite}-file"),
+        &suite,
+        FileChangeSinkSpec::with_file(path.to_str().unwrap()),
+    );
+    let sinks = create_sink(&file_sink).await;
+    let node = format!("{suite}-a");
+    let names = create_changes(&node, "p", &format!("{suite}-a"), 2).await;
+    let delivered = |want: Vec<String>| {
+        let (path, node) = (path.clone(), node.clone());
+        move || {
+            let (path, node, want) = (path.clone(), node.clone(), want.clone());
+            async move {
+                let got = ocsf_ids(&file_events(&path), &node);
+                (got == want).then_some(()).ok_or(format!("{got:?}"))
+            }
+        }
+    };
+    eventually(
+        "both changes delivered",
+        Duration::from_secs(120),
+        delivered(names.clone()),
+    )
+    .await;
+
+    let admin = client().await;
+    kube_fim_e2e::approve(&admin, &names[0], "CHG-42")
+        .await
+        .unwrap();
+    let mut want = names.clone();
+    want.push(format!("{}/approval", names[0]));
+    eventually(
+        "the approval delivered after the changes",
+        Duration::from_secs(60),
+        delivered(want.clone()),
+    )
+    .await;
+    let events = file_events(&path);
+    let approval = events
+        .iter()
+        .find(|e| e["metadata"]["uid"] == want[2].as_str())
+        .unwrap();
+    assert_eq!(approval["is_alert"], false);
+    assert_eq!(approval["unmapped"]["approval"]["reason"], "CHG-42");
+    assert_eq!(
+        approval["unmapped"]["approval"]["approvedBy"],
+        kube_fim_e2e::whoami(&admin).await.as_str()
+    );
+    assert_eq!(approval["file"]["path"], "/etc/exported-0");
+    // Once: a later status write (the agent's answer) sends nothing again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(ocsf_ids(&file_events(&path), &node), want);
+    sinks
+        .delete(&file_sink.metadata.name.unwrap(), &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+/// A node's alarms (the baseline alarm its agent raises, an evidence gap the
+/// operator records on its record) are evidence as much as its changes: each
+/// reaches the sink once, under a stable id, in the node's order; the same
+/// alarm written again is nothing new.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nodes_alarms_reach_the_sink_once_each_with_stable_ids() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::api::{Patch, PatchParams};
+    use kube_fim_crds::{FileIntegrityNode, FileIntegrityNodeSpec};
+
+    ensure_export_rbac();
+    let suite = unique_name("exp-alarm");
+    let _operator = Operator::start(&suite, &suite, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evidence.ndjson");
+    let file_sink = sink(
+        &format!("{suite}-file"),
+        &suite,
+        FileChangeSinkSpec::with_file(path.to_str().unwrap()),
+    );
+    let sinks = create_sink(&file_sink).await;
+    let admin = client().await;
+    let node = format!("{suite}-a");
+    kube_fim_e2e::create_node(&admin, &node, &[]).await;
+    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&node)).await;
+    Api::<FileIntegrityNode>::all(agent.clone())
+        .create(
+            &PostParams::default(),
+            &FileIntegrityNode::new(&node, FileIntegrityNodeSpec { node: node.clone() }),
+        )
+        .await
+        .unwrap();
+    let names = create_changes(&node, "p", &node, 1).await;
+    let delivered = |want: Vec<String>| {
+        let (path, node) = (path.clone(), node.clone());
+        move || {
+            let (path, node, want) = (path.clone(), node.clone(), want.clone());
+            async move {
+                let got = ocsf_ids(&file_events(&path), &node);
+                (got == want).then_some(()).ok_or(format!("{got:?}"))
+            }
+        }
+    };
+    eventually(
+        "the change delivered",
+        Duration::from_secs(120),
+        delivered(names.clone()),
+    )
+    .await;
+
+    // The node's own agent (its node-bound token) raises a baseline alarm.
+    let raise = serde_json::json!({ "status": { "baselineAlarm": {
+        "id": "b1", "reason": "BaselineTampered",
+        "since": Time(Timestamp::now()),
+        "message": "the baseline on this node is not the one the cluster knows",
+    }}});
+    Api::<FileIntegrityNode>::all(agent.clone())
+        .patch_status(&node, &PatchParams::default(), &Patch::Merge(&raise))
+        .await
+        .expect("the agent raises its alarm");
+    let mut want = names.clone();
+    want.push(format!("{node}/baseline/b1"));
+    eventually(
+        "the baseline alarm delivered after the change",
+        Duration::from_secs(60),
+        delivered(want.clone()),
+    )
+    .await;
+    let events = file_events(&path);
+    let alarm = events
+        .iter()
+        .find(|e| e["metadata"]["uid"] == want[1].as_str())
+        .unwrap();
+    assert_eq!(alarm["is_alert"], true);
+    assert_eq!(alarm["severity"], "High");
+    assert_eq!(alarm["activity_id"], 99);
+    assert_eq!(alarm["activity_name"], "BaselineTampered");
+    assert_eq!(alarm["class_uid"], 1001);
+
+    // The operator records an evidence gap (written here as it writes one:
+    // server-side apply of status.verification).
+    let gap = serde_json::json!({
+        "apiVersion": "fim.kube-fim.io/v1alpha1", "kind": "FileIntegrityNode",
+        "status": { "verification": {
+            "verifiedThrough": 9, "from": 0, "since": Time(Timestamp::now()),
+            "gaps": [{ "first": 5, "last": 7, "reason": "Missing", "since": Time(Timestamp::now()) }],
+        }},
+    });
+    Api::<FileIntegrityNode>::all(admin.clone())
+        .patch_status(
+            &node,
+            &PatchParams::apply("kube-fim-operator").force(),
+            &Patch::Apply(&gap),
+        )
+        .await
+        .expect("the gap recorded");
+    want.push(format!("{node}/gap/5-7/Missing"));
+    eventually(
+        "the evidence gap delivered",
+        Duration::from_secs(60),
+        delivered(want.clone()),
+    )
+    .await;
+    let events = file_events(&path);
+    let gap = events
+        .iter()
+        .find(|e| e["metadata"]["uid"] == want[2].as_str())
+        .unwrap();
+    assert_eq!(gap["activity_name"], "EvidenceGap");
+    assert_eq!(gap["is_alert"], true);
+
+    // The agent republishing its alarm, unchanged, sends nothing again.
+    Api::<FileIntegrityNode>::all(agent.clone())
+        .patch_status(&node, &PatchParams::default(), &Patch::Merge(&raise))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(ocsf_ids(&file_events(&path), &node), want, "once each");
+    sinks
+        .delete(&file_sink.metadata.name.unwrap(), &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+/// A node's agent (or root on it, with its token) backdates the alarm it
+/// raises to before what the sink already delivered of that node, while no
+/// operator leads: a position alone would count it as delivered. The next
+/// operator sends it all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backdated_alarm_raised_while_no_operator_leads_still_reaches_the_sink() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::api::{Patch, PatchParams};
+    use kube_fim_crds::{FileIntegrityNode, FileIntegrityNodeSpec};
+
+    ensure_export_rbac();
+    let suite = unique_name("exp-backdate");
+    let mut operator = Operator::start(&suite, &suite, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evidence.ndjson");
+    let name = format!("{suite}-file");
+    let sinks = create_sink(&sink(
+        &name,
+        &suite,
+        FileChangeSinkSpec::with_file(path.to_str().unwrap()),
+    ))
+    .await;
+    let admin = client().await;
+    let node = format!("{suite}-a");
+    kube_fim_e2e::create_node(&admin, &node, &[]).await;
+    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&node)).await;
+    let records = Api::<FileIntegrityNode>::all(agent.clone());
+    records
+        .create(
+            &PostParams::default(),
+            &FileIntegrityNode::new(&node, FileIntegrityNodeSpec { node: node.clone() }),
+        )
+        .await
+        .unwrap();
+    let names = create_changes(&node, "p", &node, 1).await;
+    eventually(
+        "the change delivered and recorded",
+        Duration::from_secs(60),
+        || {
+            let sinks = sinks.clone();
+            let (name, node, last) = (name.clone(), node.clone(), names[0].clone());
+            async move {
+                let s = sinks.get(&name).await.map_err(|e| e.to_string())?;
+                let st = s.status.unwrap_or_default();
+                match st.positions.iter().find(|p| p.node == node) {
+                    Some(p) if p.name == last => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+
+    operator.process.kill();
+    let backdated = Timestamp::now() - Duration::from_secs(3600);
+    records
+        .patch_status(
+            &node,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": { "baselineAlarm": {
+                "id": "old", "reason": "BaselineMissing", "since": Time(backdated),
+                "message": "the baseline on this node is missing",
+            }}})),
+        )
+        .await
+        .expect("the agent raises its alarm");
+    let _operator = Operator::start(&suite, &suite, &[]);
+    let mut want = names.clone();
+    want.push(format!("{node}/baseline/old"));
+    eventually(
+        "the backdated alarm delivered by the next operator",
+        Duration::from_secs(90),
+        || {
+            let (path, node, want) = (path.clone(), node.clone(), want.clone());
+            async move {
+                let got = ocsf_ids(&file_events(&path), &node);
+                (got == want).then_some(()).ok_or(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+    sinks.delete(&name, &DeleteParams::default()).await.unwrap();
+}
