@@ -233,6 +233,35 @@ pub struct FileTransport {
     #[x_kube(validation = kube::core::Rule::new(cel::PATH_NO_DOT_SEGMENT).message(cel::PATH_NO_DOT_SEGMENT_MSG))]
     #[x_kube(validation = kube::core::Rule::new(cel::NO_CONTROL_CHARS).message(cel::NO_CONTROL_CHARS_MSG))]
     pub path: String,
+
+    /// Rotate the file before a batch would take it past this many megabytes
+    /// (MiB): `path` is renamed `path.1` (`path.1` to `path.2`, and so on) and
+    /// a new `path` is started, as logrotate and shippers tailing a file
+    /// expect. Unset: the file grows without bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_size_megabytes: Option<u32>,
+
+    /// Rotated files kept (`path.1` … `path.N`); the oldest beyond them is
+    /// deleted at rotation. Only with `maxSizeMegabytes`.
+    #[serde(default = "default_max_files")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_files: u32,
+}
+
+fn default_max_files() -> u32 {
+    5
+}
+
+impl FileTransport {
+    /// A file that is never rotated.
+    pub fn at(path: &str) -> Self {
+        FileTransport {
+            path: path.into(),
+            max_size_megabytes: None,
+            max_files: default_max_files(),
+        }
+    }
 }
 
 /// Trust and identity for a network transport.
@@ -374,7 +403,7 @@ impl FileChangeSinkSpec {
     /// A spec with this transport and every other field at the API server's defaults.
     pub fn with_file(path: &str) -> Self {
         FileChangeSinkSpec {
-            file: Some(FileTransport { path: path.into() }),
+            file: Some(FileTransport::at(path)),
             ..FileChangeSinkSpec::default()
         }
     }

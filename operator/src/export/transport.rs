@@ -2,6 +2,9 @@
 //! what counts as its acknowledgement.
 //!
 //! - `file`: appended as NDJSON, then `fsync`: acknowledged once on disk.
+//!   With `maxSizeMegabytes`, rotated before a batch would pass it (`path` to
+//!   `path.1`, …, the oldest beyond `maxFiles` deleted), so a batch is never
+//!   split across two files.
 //! - `webhook`: one HTTP POST of NDJSON per batch (hyper with the workspace's
 //!   rustls); acknowledged by a 2xx answer.
 //! - `otlp`: one `ExportLogsServiceRequest` per batch, one log record per
@@ -97,7 +100,7 @@ type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// A sink's transport, ready to send.
 pub enum Transport {
-    File(PathBuf),
+    File(FileTarget),
     Http(Box<HttpTarget>),
     Grpc(Box<GrpcTarget>),
     Syslog(SyslogTarget),
@@ -108,6 +111,27 @@ pub struct HttpTarget {
     authorization: Option<String>,
     client: HttpClient<Https, Full<Bytes>>,
     otlp: bool,
+}
+
+/// The file transport: where, and when to rotate.
+#[derive(Clone, Debug)]
+pub struct FileTarget {
+    pub path: PathBuf,
+    /// Rotate before a batch would take the file past this size.
+    pub max_bytes: Option<u64>,
+    /// Rotated files kept.
+    pub max_files: u32,
+}
+
+impl FileTarget {
+    /// A file that is never rotated.
+    pub fn unbounded(path: PathBuf) -> Self {
+        FileTarget {
+            path,
+            max_bytes: None,
+            max_files: 0,
+        }
+    }
 }
 
 pub struct GrpcTarget {
@@ -203,7 +227,11 @@ impl Transport {
         secrets: &Api<Secret>,
     ) -> Result<Self, SendError> {
         if let Some(file) = &spec.file {
-            return Ok(Transport::File(PathBuf::from(&file.path)));
+            return Ok(Transport::File(FileTarget {
+                path: PathBuf::from(&file.path),
+                max_bytes: file.max_size_megabytes.map(|m| u64::from(m) << 20),
+                max_files: file.max_files,
+            }));
         }
         if let Some(syslog) = &spec.syslog {
             let tls = match syslog.tls {
@@ -280,7 +308,7 @@ impl Transport {
 
     async fn send_inner(&mut self, batch: &[Outgoing]) -> Result<(), SendError> {
         match self {
-            Transport::File(path) => append(path.clone(), ndjson(batch)).await,
+            Transport::File(target) => append(target.clone(), ndjson(batch)).await,
             Transport::Http(target) => target.post(batch).await,
             Transport::Grpc(target) => target.export(batch).await,
             Transport::Syslog(target) => target.send(batch).await,
@@ -306,9 +334,44 @@ pub fn ndjson(batch: &[Outgoing]) -> Vec<u8> {
     out
 }
 
-async fn append(path: PathBuf, data: Vec<u8>) -> Result<(), SendError> {
+/// `path.n`: the `n`th rotated file of `path`.
+fn rotated(path: &std::path::Path, n: u32) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+/// Shifts `path.1` … `path.(keep-1)` up by one (deleting `path.keep`), then
+/// renames `path` to `path.1`, and makes the renames durable. A crash in
+/// between leaves a gap in the numbers, never a lost or a mixed file.
+fn rotate(path: &std::path::Path, keep: u32) -> std::io::Result<()> {
+    let ignore_missing = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    };
+    let keep = keep.max(1);
+    ignore_missing(std::fs::remove_file(rotated(path, keep)))?;
+    for n in (1..keep).rev() {
+        ignore_missing(std::fs::rename(rotated(path, n), rotated(path, n + 1)))?;
+    }
+    std::fs::rename(path, rotated(path, 1))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+async fn append(target: FileTarget, data: Vec<u8>) -> Result<(), SendError> {
     tokio::task::spawn_blocking(move || {
         use std::io::Write;
+        let path = target.path;
+        if let Some(max) = target.max_bytes {
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if len > 0 && len + data.len() as u64 > max {
+                rotate(&path, target.max_files)
+                    .map_err(|e| SendError::Io(format!("rotating {}: {e}", path.display())))?;
+            }
+        }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -672,14 +735,59 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("events.ndjson");
         let _ = std::fs::remove_file(&path);
-        let mut t = Transport::File(path.clone());
+        let mut t = Transport::File(FileTarget::unbounded(path.clone()));
         t.send(&[event("a")]).await.unwrap();
         t.send(&[event("b"), event("c")]).await.unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "a\nb\nc\n");
-        let mut missing = Transport::File(dir.join("no/such/dir/x"));
+        let mut missing = Transport::File(FileTarget::unbounded(dir.join("no/such/dir/x")));
         let err = missing.send(&[event("a")]).await.unwrap_err();
         assert_eq!(err.reason(), "io");
         assert!(err.to_string().contains("no/such/dir"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_file_transport_rotates_before_a_batch_would_pass_the_size() {
+        let dir = std::env::temp_dir().join(format!("kube-fim-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("evidence.ndjson");
+        let mut t = Transport::File(FileTarget {
+            path: path.clone(),
+            max_bytes: Some(8),
+            max_files: 2,
+        });
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+        // "aaa\n" + "bbb\n" fill 8 bytes exactly: no rotation yet.
+        t.send(&[event("aaa")]).await.unwrap();
+        t.send(&[event("bbb")]).await.unwrap();
+        assert_eq!(read(&path), "aaa\nbbb\n");
+        // The next batch would pass 8: the file moves to .1, whole.
+        t.send(&[event("ccc"), event("ddd")]).await.unwrap();
+        assert_eq!(read(&path), "ccc\nddd\n");
+        assert_eq!(read(&rotated(&path, 1)), "aaa\nbbb\n");
+        // A batch bigger than the limit still goes whole, into a fresh file.
+        t.send(&[event("a-batch-longer-than-8-bytes")])
+            .await
+            .unwrap();
+        assert_eq!(read(&path), "a-batch-longer-than-8-bytes\n");
+        assert_eq!(read(&rotated(&path, 1)), "ccc\nddd\n");
+        assert_eq!(read(&rotated(&path, 2)), "aaa\nbbb\n");
+        // Two kept: the oldest goes.
+        t.send(&[event("eee")]).await.unwrap();
+        assert_eq!(read(&path), "eee\n");
+        assert_eq!(read(&rotated(&path, 1)), "a-batch-longer-than-8-bytes\n");
+        assert_eq!(read(&rotated(&path, 2)), "ccc\nddd\n");
+        assert!(!rotated(&path, 3).exists());
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["evidence.ndjson", "evidence.ndjson.1", "evidence.ndjson.2"]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
