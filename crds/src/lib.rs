@@ -24,9 +24,9 @@ pub use change::{
     FileType, Mount, PackageCheck, PackageManager, PackageVerdict, PodRef, ProcessInfo,
 };
 pub use node::{
-    BaselineAlarm, ChainVerification, EntryDigest, EvidenceGap, FileIntegrityNode,
-    FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodeAttribution, NodePolicyPhase,
-    NodePolicyStatus, UnexplainedMove, VerifiedEntry,
+    BaselineAlarm, ChainVerification, ChangeFloodRecord, EntryDigest, EvidenceGap,
+    FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodeAttribution,
+    NodePolicyPhase, NodePolicyStatus, UnexplainedMove, VerifiedEntry,
 };
 pub use policy::{
     Attribute, AttributeProfile, ContainerSelection, Evidence, FileIntegrityPolicy,

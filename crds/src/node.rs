@@ -148,6 +148,32 @@ pub struct FileIntegrityNodeStatus {
     /// (written by the operator only; admission refuses the agent's writes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verification: Option<ChainVerification>,
+
+    /// Floods the operator counted (`ChangeFlood`): the node created
+    /// FileChanges far faster than its policies allow, which its agent never
+    /// does (its token used outside the agent, an agent replaced, or a long
+    /// outage's backlog). Written by the operator only (admission refuses the
+    /// agent's writes); the newest 16, kept as evidence sinks deliver.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub floods: Vec<ChangeFloodRecord>,
+}
+
+/// One flood of FileChanges from a node, from its first counted minute to
+/// its last.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeFloodRecord {
+    /// When the node first went past its allowance.
+    pub since: Time,
+    /// The last time it was still past it.
+    pub last: Time,
+    /// The most FileChanges it created in one minute.
+    #[schemars(range(min = 0))]
+    pub count: u64,
+    /// What its policies allowed in a minute (times the operator's factor).
+    #[schemars(range(min = 0))]
+    pub budget: u64,
 }
 
 /// What the operator verified of a node's transition numbers.

@@ -620,7 +620,7 @@ pub struct Alarm {
     /// The stable event id: the same condition seen again is the same id.
     pub id: String,
     pub node: String,
-    /// `BaselineMissing`, `BaselineTampered` or `EvidenceGap`.
+    /// `BaselineMissing`, `BaselineTampered`, `EvidenceGap` or `ChangeFlood`.
     pub reason: String,
     /// When the condition began: its place in the node's order.
     pub since: Timestamp,
@@ -630,7 +630,8 @@ pub struct Alarm {
 }
 
 /// The standing alarms of a node's record: its baseline alarm, its evidence
-/// gaps (missing transition numbers) and its unexplained entry digest moves.
+/// gaps (missing transition numbers), its unexplained entry digest moves and
+/// the floods of FileChanges the operator counted.
 /// An id holds the node's name and the condition's identity (never the
 /// message), so a condition republished unchanged is the same event.
 pub fn alarms(node: &FileIntegrityNode) -> Vec<Alarm> {
@@ -676,6 +677,19 @@ pub fn alarms(node: &FileIntegrityNode) -> Vec<Alarm> {
                 entry: Some((m.policy.clone(), m.entry.clone())),
             });
         }
+    }
+    for f in &status.floods {
+        out.push(Alarm {
+            id: format!("{name}/flood/{}", f.since.0.as_second()),
+            node: name.clone(),
+            reason: "ChangeFlood".into(),
+            since: f.since.0,
+            message: format!(
+                "node {name} created up to {} FileChanges a minute, more than the {} its policies allow, from {} to {}: its token used outside its agent, an agent replaced, or a long outage's backlog",
+                f.count, f.budget, f.since.0, f.last.0
+            ),
+            entry: None,
+        });
     }
     out
 }

@@ -359,7 +359,7 @@ fn every_kind_of_change_is_a_valid_file_system_activity() {
     );
 }
 
-/// A node's alarms (baseline alarm, evidence gap, unexplained digest move)
+/// A node's alarms (baseline alarm, evidence gap, unexplained digest move, flood)
 /// are File System Activity events too, activity Other (99, which every
 /// class inherits from the base event), severity High.
 #[test]
@@ -377,6 +377,8 @@ fn every_kind_of_alarm_is_a_valid_file_system_activity() {
                 "unexplained": [{"policy": "p", "entry": "etc", "from": "v2-a", "to": "v2-b",
                                  "since": "2026-12-07T05:02:00Z"}],
             },
+            "floods": [{"since": "2026-12-07T05:03:00Z", "last": "2026-12-07T05:05:00Z",
+                        "count": 900, "budget": 240}],
         },
     }))
     .unwrap();
@@ -387,7 +389,8 @@ fn every_kind_of_alarm_is_a_valid_file_system_activity() {
         [
             "node-a/baseline/b1",
             "node-a/gap/5-7/Missing",
-            "node-a/digest/p/etc/v2-b"
+            "node-a/digest/p/etc/v2-b",
+            "node-a/flood/1796619780"
         ]
     );
     for alarm in &alarms {

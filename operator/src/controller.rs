@@ -303,6 +303,28 @@ async fn watch_changes(api: Api<ChangeView>, ctx: Arc<Context>) {
     }
 }
 
+/// Records a node's floods on its FileIntegrityNode: `status.floods` only,
+/// server-side applied under a field manager of its own, so the chain
+/// verifier's writes of `status.verification` and the agent's merge patches
+/// leave it alone (admission refuses the agent's writes of it).
+async fn write_floods(ctx: &Context, node: &str, floods: Vec<kube_fim_crds::ChangeFloodRecord>) {
+    let api: Api<FileIntegrityNode> = Api::all(ctx.client.clone());
+    let patch = serde_json::json!({
+        "apiVersion": "fim.kube-fim.io/v1alpha1",
+        "kind": "FileIntegrityNode",
+        "status": { "floods": floods },
+    });
+    let params = PatchParams::apply(FLOODS_FIELD_MANAGER).force();
+    if let Err(error) = api.patch_status(node, &params, &Patch::Apply(&patch)).await {
+        // No record (a node token used before any agent ran): the Event and
+        // the metric still say it.
+        warn!(%node, %error, "could not record the flood on the node's FileIntegrityNode");
+    }
+}
+
+/// The field manager of `status.floods`.
+const FLOODS_FIELD_MANAGER: &str = "kube-fim-operator-floods";
+
 /// Counts a new FileChange against its node's allowance; says a flood once a
 /// window (the Event is published beside the watch, never holding it up).
 fn count_new_change(floods: &flood::Floods, item: &changes::Item, ctx: &Arc<Context>) {
@@ -318,6 +340,15 @@ fn count_new_change(floods: &flood::Floods, item: &changes::Item, ctx: &Arc<Cont
     };
     ctx.metrics.change_floods.inc();
     warn!(node = %found.node, count = found.count, budget = found.budget, "change flood");
+    let recorded = ctx
+        .records
+        .get(&ObjectRef::new(&found.node))
+        .and_then(|r| r.status.as_ref().map(|s| s.floods.clone()))
+        .unwrap_or_default();
+    let floods = flood::record(&recorded, &found, now);
+    let writer = ctx.clone();
+    let name = found.node.clone();
+    tokio::spawn(async move { write_floods(&writer, &name, floods).await });
     let Some(node) = node else {
         return;
     };

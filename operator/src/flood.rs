@@ -8,16 +8,19 @@
 //! ServiceAccount), so such a node also delays every other node's reports. The
 //! operator counts each node's new FileChanges over the last minute and raises
 //! a `ChangeFlood` Warning Event on the Node and `kube_fim_operator_change_floods_total`
-//! (alert `KubeFimChangeFlood`) once per minute while it lasts.
+//! (alert `KubeFimChangeFlood`) once per minute while it lasts. The flood is
+//! also recorded on the node's FileIntegrityNode (`status.floods`, the
+//! operator's field: [`record`]), where evidence sinks pick it up as an alarm.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube_fim_crds::FileIntegrityPolicy;
 use kube_fim_crds::selection::matches_labels;
+use kube_fim_crds::{ChangeFloodRecord, FileIntegrityPolicy};
 
 /// The window counted.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -94,7 +97,44 @@ impl Floods {
             budget,
         })
     }
+}
 
+/// Floods a node's record keeps.
+pub const RECORDED: usize = 16;
+
+/// The node's flood records with `flood` (said at `now`) added: the same
+/// flood said again a minute later extends the newest record (one alarm per
+/// flood, however long), a new one starts a record; the newest
+/// [`RECORDED`] are kept.
+pub fn record(
+    existing: &[ChangeFloodRecord],
+    flood: &Flood,
+    now: Timestamp,
+) -> Vec<ChangeFloodRecord> {
+    let mut out = existing.to_vec();
+    out.sort_by_key(|r| r.since.0);
+    let ongoing = out
+        .last_mut()
+        .filter(|r| r.last.0 >= now - jiff_span(WINDOW * 2) && r.last.0 <= now);
+    match ongoing {
+        Some(r) => {
+            r.last = Time(now);
+            r.count = r.count.max(flood.count as u64);
+            r.budget = flood.budget;
+        }
+        None => out.push(ChangeFloodRecord {
+            since: Time(now),
+            last: Time(now),
+            count: flood.count as u64,
+            budget: flood.budget,
+        }),
+    }
+    let excess = out.len().saturating_sub(RECORDED);
+    out.drain(..excess);
+    out
+}
+
+impl Floods {
     /// Forgets nodes with nothing in the window (bounded memory).
     pub fn trim(&self, now: Timestamp) {
         let window = jiff_span(WINDOW);
@@ -154,6 +194,36 @@ mod tests {
         assert_eq!(budget(&web, &ps), 2 * (50 * 3 + 100));
         assert_eq!(budget(&web, &[]), MIN_BUDGET);
         assert_eq!(budget(&web, &[policy(1, 1, &[])]), MIN_BUDGET);
+    }
+
+    #[test]
+    fn a_flood_said_each_minute_is_one_record_and_a_new_one_another() {
+        let flood = |count| Flood {
+            node: "a".into(),
+            count,
+            budget: 120,
+        };
+        let t0 = Timestamp::from_second(1_000).unwrap();
+        let r = record(&[], &flood(121), t0);
+        assert_eq!(r.len(), 1);
+        // Said again a minute later, and again: the same flood, its peak kept.
+        let r = record(&r, &flood(300), t0 + jiff_span(WINDOW));
+        let r = record(&r, &flood(200), t0 + jiff_span(WINDOW * 2));
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].since.0, r[0].count), (t0, 300));
+        assert_eq!(r[0].last.0, t0 + jiff_span(WINDOW * 2));
+        // Quiet for longer than two windows: a new flood, a new record.
+        let later = t0 + jiff_span(WINDOW * 10);
+        let r = record(&r, &flood(150), later);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[1].since.0, r[1].count), (later, 150));
+        // Bounded: the oldest go.
+        let mut r = r;
+        for i in 0..40 {
+            r = record(&r, &flood(130), later + jiff_span(WINDOW * (5 * i + 5)));
+        }
+        assert_eq!(r.len(), RECORDED);
+        assert!(r.windows(2).all(|w| w[0].since.0 < w[1].since.0));
     }
 
     #[test]

@@ -278,3 +278,79 @@ async fn a_backdated_alarm_raised_while_no_operator_leads_still_reaches_the_sink
     .await;
     sinks.delete(&name, &DeleteParams::default()).await.unwrap();
 }
+
+/// A node whose FileChanges arrive far faster than its agent ever sends them
+/// (its token used by hand) is a `ChangeFlood`: the operator records it on the
+/// node's FileIntegrityNode, where the node's own token cannot erase it, and
+/// every sink receives it as an alarm with a stable id.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_changes_reaches_the_sink_as_an_alarm_the_node_cannot_erase() {
+    use kube::api::{Patch, PatchParams};
+    use kube_fim_crds::{FileIntegrityNode, FileIntegrityNodeSpec};
+
+    ensure_export_rbac();
+    let suite = unique_name("exp-flood");
+    let _operator = Operator::start(&suite, &suite, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evidence.ndjson");
+    let file_sink = sink(
+        &format!("{suite}-file"),
+        &suite,
+        FileChangeSinkSpec::with_file(path.to_str().unwrap()),
+    );
+    let sinks = create_sink(&file_sink).await;
+    let admin = client().await;
+    let node = format!("{suite}-a");
+    kube_fim_e2e::create_node(&admin, &node, &[]).await;
+    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&node)).await;
+    let records = Api::<FileIntegrityNode>::all(agent.clone());
+    records
+        .create(
+            &PostParams::default(),
+            &FileIntegrityNode::new(&node, FileIntegrityNodeSpec { node: node.clone() }),
+        )
+        .await
+        .unwrap();
+    // Past the floor of 120 a minute a node with no policy is allowed.
+    create_changes(&node, "p", &node, 130).await;
+    let alarm = eventually(
+        "the flood delivered as an alarm",
+        Duration::from_secs(90),
+        || {
+            let (path, node) = (path.clone(), node.clone());
+            async move {
+                file_events(&path)
+                    .into_iter()
+                    .find(|e| {
+                        e["metadata"]["uid"]
+                            .as_str()
+                            .is_some_and(|id| id.starts_with(&format!("{node}/flood/")))
+                    })
+                    .ok_or_else(|| "no flood alarm yet".to_string())
+            }
+        },
+    )
+    .await;
+    assert_eq!(alarm["activity_name"], "ChangeFlood");
+    assert_eq!(alarm["is_alert"], true);
+    let message = alarm["message"].as_str().unwrap_or_default();
+    assert!(message.contains("more than the 120"), "{alarm}");
+
+    // The node's own token cannot erase the record of it.
+    let erase = serde_json::json!({ "status": { "floods": null } });
+    kube_fim_e2e::assert_refused(
+        records
+            .patch_status(&node, &PatchParams::default(), &Patch::Merge(&erase))
+            .await,
+        "status.floods is the operator's",
+    );
+    let stored = Api::<FileIntegrityNode>::all(admin.clone())
+        .get(&node)
+        .await
+        .unwrap();
+    assert_eq!(stored.status.unwrap_or_default().floods.len(), 1);
+    sinks
+        .delete(&file_sink.metadata.name.unwrap(), &DeleteParams::default())
+        .await
+        .unwrap();
+}

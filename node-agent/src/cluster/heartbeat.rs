@@ -175,6 +175,7 @@ impl Heartbeat {
             sequence: Some(head),
             undelivered: Some(undelivered.iter().map(ToString::to_string).collect()),
             verification: None,
+            floods: Vec::new(),
         };
         let stored = match node_status::write(&self.api, &self.ctx.node, &status).await {
             Ok(stored) => stored,
