@@ -347,9 +347,10 @@ pub async fn approve(
 
 /// A kubeconfig for the control plane that logs in with `token`.
 fn token_kubeconfig(label: &str, token: &str) -> PathBuf {
-    let admin: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(kubeconfig()).expect("kubeconfig readable"))
-            .expect("kubeconfig is YAML");
+    let admin: serde_json::Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(kubeconfig()).expect("kubeconfig readable"),
+    )
+    .expect("kubeconfig is YAML");
     let cluster = &admin["clusters"][0]["cluster"];
     let config = serde_json::json!({
         "apiVersion": "v1",
@@ -365,7 +366,8 @@ fn token_kubeconfig(label: &str, token: &str) -> PathBuf {
     let dir = repo_root().join("target/e2e-kubeconfigs");
     std::fs::create_dir_all(&dir).expect("create kubeconfig dir");
     let path = dir.join(format!("{label}-{}.yaml", std::process::id()));
-    std::fs::write(&path, serde_yaml::to_string(&config).expect("YAML")).expect("write kubeconfig");
+    std::fs::write(&path, serde_saphyr::to_string(&config).expect("YAML"))
+        .expect("write kubeconfig");
     path
 }
 

@@ -17,8 +17,7 @@ use kube_fim_e2e::{
     Process, binary, ensure_crds, ensure_rbac, eventually, free_port, helm, helm_binary, http_get,
     kubectl, kubectl_stdin, metric, repo_root, service_account_kubeconfig_in,
 };
-use serde::Deserialize;
-use serde_yaml::Value;
+use serde_json::Value;
 
 /// Every optional part of the chart switched on.
 const ALL_OPTIONS: &[&str] = &[
@@ -117,8 +116,9 @@ fn template_args(release: &str, namespace: &str, sets: &[&str]) -> Vec<String> {
 }
 
 fn documents(text: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|doc| Value::deserialize(doc).expect("helm renders YAML"))
+    serde_saphyr::from_multiple::<Value>(text)
+        .expect("helm renders YAML")
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -143,15 +143,10 @@ fn kinds(docs: &[Value]) -> BTreeSet<String> {
 
 fn string_map(value: &Value) -> BTreeMap<String, String> {
     value
-        .as_mapping()
+        .as_object()
         .map(|m| {
             m.iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().expect("string key").to_string(),
-                        v.as_str().expect("string value").to_string(),
-                    )
-                })
+                .map(|(k, v)| (k.clone(), v.as_str().expect("string value").to_string()))
                 .collect()
         })
         .unwrap_or_default()
@@ -413,7 +408,7 @@ fn operator_args(sets: &[&str]) -> Vec<String> {
     let docs = template("fim", "fim-system", sets);
     let deployment = find(&docs, "Deployment", "fim-kube-fim-operator");
     deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .map(|a| a.as_str().unwrap().to_string())
@@ -574,7 +569,7 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         pod["securityContext"]["seccompProfile"]["type"],
         "RuntimeDefault"
     );
-    let containers = pod["containers"].as_sequence().unwrap();
+    let containers = pod["containers"].as_array().unwrap();
     assert_eq!(containers.len(), 1);
     let c = &containers[0];
     let sc = &c["securityContext"];
@@ -589,7 +584,7 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], "metrics");
     let env: BTreeMap<String, String> = c["env"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .filter_map(|e| {
@@ -610,7 +605,7 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         Some("metadata.namespace")
     );
     let args: Vec<&str> = c["args"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .map(|a| a.as_str().unwrap())
@@ -652,10 +647,10 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
     let role = find(&docs, "Role", "fim-kube-fim-operator");
     assert_eq!(role["metadata"]["namespace"], "fim-system");
     let role_resources: BTreeSet<&str> = role["rules"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
-        .flat_map(|r| r["resources"].as_sequence().unwrap())
+        .flat_map(|r| r["resources"].as_array().unwrap())
         .map(|r| r.as_str().unwrap())
         .collect();
     assert_eq!(role_resources, BTreeSet::from(["daemonsets", "leases"]));
@@ -687,9 +682,9 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         .iter()
         .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
     {
-        for rule in doc["rules"].as_sequence().unwrap() {
+        for rule in doc["rules"].as_array().unwrap() {
             for field in ["apiGroups", "resources", "verbs"] {
-                for item in rule[field].as_sequence().unwrap() {
+                for item in rule[field].as_array().unwrap() {
                     let item = item.as_str().unwrap();
                     assert!(
                         item != "*",
@@ -706,17 +701,17 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         }
     }
     let agent_writes: BTreeSet<String> = find(&docs, "ClusterRole", "fim-kube-fim-agent")["rules"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .filter(|r| {
             r["verbs"]
-                .as_sequence()
+                .as_array()
                 .unwrap()
                 .iter()
                 .any(|v| matches!(v.as_str(), Some("create" | "update" | "patch" | "delete")))
         })
-        .flat_map(|r| r["resources"].as_sequence().unwrap().clone())
+        .flat_map(|r| r["resources"].as_array().unwrap().clone())
         .map(|r| r.as_str().unwrap().to_string())
         .collect();
     assert_eq!(
@@ -780,7 +775,7 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         // Agent series carry `node` themselves: a target label of that name
         // would turn theirs into exported_node and break the dashboard.
         assert!(
-            !serde_yaml::to_string(&monitor["spec"])
+            !serde_saphyr::to_string(&monitor["spec"])
                 .unwrap()
                 .contains("targetLabel: node"),
             "a ServiceMonitor sets a node target label"
@@ -800,7 +795,8 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
 fn the_prometheus_rule_and_dashboard_ship_the_tested_files() {
     let docs = template("kube-fim", "kube-fim", ALL_OPTIONS);
     let rule_file = chart_dir().join("rules/kube-fim-alerts.yaml");
-    let rules: Value = serde_yaml::from_str(&std::fs::read_to_string(&rule_file).unwrap()).unwrap();
+    let rules: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(&rule_file).unwrap()).unwrap();
     let rule = find(&docs, "PrometheusRule", "kube-fim");
     assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
     assert_eq!(
@@ -810,7 +806,7 @@ fn the_prometheus_rule_and_dashboard_ship_the_tested_files() {
     // And what the PrometheusRule carries is a rule file promtool accepts.
     let dir = tempfile::tempdir().unwrap();
     let extracted = dir.path().join("rules.yaml");
-    std::fs::write(&extracted, serde_yaml::to_string(&rule["spec"]).unwrap()).unwrap();
+    std::fs::write(&extracted, serde_saphyr::to_string(&rule["spec"]).unwrap()).unwrap();
     let (ok, out) = promtool(&["check", "rules", path_str(&extracted)]);
     assert!(
         ok && out.contains("SUCCESS"),
@@ -844,8 +840,8 @@ fn rendered_rules(sets: &[&str]) -> (Value, BTreeMap<String, Value>) {
     let docs = template("kube-fim", "kube-fim", &all);
     let spec = find(&docs, "PrometheusRule", "kube-fim")["spec"].clone();
     let mut by_name = BTreeMap::new();
-    for group in spec["groups"].as_sequence().unwrap() {
-        for rule in group["rules"].as_sequence().unwrap() {
+    for group in spec["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
             let name = rule["alert"]
                 .as_str()
                 .or(rule["record"].as_str())
@@ -863,7 +859,7 @@ fn promtool_test(spec: &Value, test: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("rules.yaml"),
-        serde_yaml::to_string(spec).unwrap(),
+        serde_saphyr::to_string(spec).unwrap(),
     )
     .unwrap();
     let (ok, out) = promtool(&["check", "rules", path_str(&dir.path().join("rules.yaml"))]);
@@ -1065,14 +1061,14 @@ fn the_dashboard_has_the_panels_and_variables_a_security_team_expects() {
 
 #[test]
 fn alert_rules_use_only_published_metrics_and_cover_each_failure() {
-    let rules: Value = serde_yaml::from_str(
+    let rules: Value = serde_saphyr::from_str(
         &std::fs::read_to_string(chart_dir().join("rules/kube-fim-alerts.yaml")).unwrap(),
     )
     .unwrap();
     let mut used = BTreeSet::new();
     let mut alerts = BTreeMap::new();
-    for group in rules["groups"].as_sequence().unwrap() {
-        for rule in group["rules"].as_sequence().unwrap() {
+    for group in rules["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
             let expr = rule["expr"].as_str().unwrap();
             used.extend(metric_names(expr));
             alerts.insert(
