@@ -329,14 +329,61 @@ fn the_chart_declares_the_kubernetes_the_crds_need() {
     let old = render("1.31.9");
     assert!(!old.success, "helm renders for Kubernetes 1.31");
     assert!(
-        old.stderr.contains("kubeVersion") && old.stderr.contains(">=1.32.0-0"),
+        old.stderr.contains("kubeVersion") && old.stderr.contains(">=1.33.0-0"),
         "{}",
         old.stderr
     );
-    for ok in ["1.32.0", "v1.33.13"] {
+    for ok in ["1.33.0", "v1.33.13", "1.34.1"] {
         let run = render(ok);
         assert!(run.success, "Kubernetes {ok}: {}", run.stderr);
     }
+}
+
+/// The minimum Kubernetes the chart declares is the one the suite runs: the
+/// running API server's version satisfies the chart's `kubeVersion`, and the
+/// minor before it does not (a declared minimum no test runs is a guess).
+#[test]
+fn the_chart_declares_as_minimum_the_kubernetes_the_suite_runs() {
+    let server = json(&["version", "-o", "json"]).unwrap()["serverVersion"]["gitVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pinned = kube_fim_e2e::release::kubernetes_version();
+    assert!(
+        server.starts_with(&pinned),
+        "the API server runs {server}, e2e/controlplane/go.mod pins {pinned}"
+    );
+    let chart: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
+            .unwrap();
+    let constraint = chart["kubeVersion"].as_str().unwrap();
+    let minimum = constraint
+        .strip_prefix(">=")
+        .unwrap_or_else(|| panic!("kubeVersion {constraint:?} is not a single minimum"));
+    let (major, minor) = kube_fim_e2e::release::major_minor(minimum).unwrap();
+    assert_eq!(
+        Some((major, minor)),
+        kube_fim_e2e::release::major_minor(&server),
+        "Chart.yaml declares {constraint} but the suite runs {server}: declare the suite's \
+         version, or run the declared one too"
+    );
+    let chart_path = path_str(&chart_dir()).to_string();
+    let render = |version: &str| {
+        helm([
+            "template",
+            "kube-fim",
+            chart_path.as_str(),
+            "--kube-version",
+            version,
+        ])
+    };
+    let run = render(&server);
+    assert!(run.success, "Kubernetes {server}: {}", run.stderr);
+    let before = format!("{major}.{}.99", minor - 1);
+    assert!(
+        !render(&before).success,
+        "the chart installs on {before}, older than any version the suite runs"
+    );
 }
 
 #[test]
@@ -2059,9 +2106,10 @@ fn helm_upgrade_updates_crds_by_the_documented_step_and_loses_nothing() {
     assert!(hooks.success, "{}", hooks.stderr);
     assert!(
         hooks.stdout.contains("helm.sh/hook: test")
-            && hooks.stdout.contains(&format!(
-                "{UPGRADE_RELEASE}-kube-fim-operator.{UPGRADE_NAMESPACE}.svc:8080/readyz"
-            )),
+            && hooks
+                .stdout
+                .contains("- /usr/local/bin/kube-fim-operator\n        - check\n")
+            && hooks.stdout.contains("_SERVICE_PORT_METRICS)/metrics"),
         "{}",
         hooks.stdout
     );
