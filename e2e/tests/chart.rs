@@ -1187,7 +1187,7 @@ fn rendered_chart_and_manifests_pass_a_server_side_dry_run() {
         "fileintegritypolicy.fim.kube-fim.io/node-baseline",
         "configmap/kube-fim-dashboard",
         "service/kube-fim-agent",
-        "pod/kube-fim-test-operator-ready",
+        "pod/kube-fim-test-operator-check",
     ] {
         assert!(
             applied
@@ -2043,7 +2043,7 @@ fn helm_upgrade_updates_crds_by_the_documented_step_and_loses_nothing() {
             path_str(&new),
             "--namespace",
             UPGRADE_NAMESPACE,
-            "--reuse-values",
+            "--reset-then-reuse-values",
             "--set",
             values,
         ]);
