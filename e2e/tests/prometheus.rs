@@ -249,9 +249,11 @@ async fn prometheus_scrapes_agent_and_operator_and_sees_a_change() {
         "KubeFimOperatorDown to fire once the operator is stopped",
         Duration::from_secs(60),
         || async {
-            match query(prom_port, down) {
-                Some(v) if v == 1.0 => Ok(()),
-                other => Err(format!("{other:?}")),
+            let firing = query(prom_port, down);
+            if firing == Some(1.0) {
+                Ok(())
+            } else {
+                Err(format!("{firing:?}"))
             }
         },
     )
