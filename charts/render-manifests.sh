@@ -25,11 +25,16 @@ helm_home="$(mktemp -d)"
 trap 'rm -rf "$helm_home"' EXIT
 export HELM_CACHE_HOME="$helm_home/cache" HELM_CONFIG_HOME="$helm_home/config" HELM_DATA_HOME="$helm_home/data"
 
+# Rendered for the Kubernetes the e2e suite runs (the chart's declared minimum),
+# not the one Helm's client-go assumes without a cluster.
+kube_version="$(awk '$1=="k8s.io/kubernetes" {print $2; exit}' "$root/e2e/controlplane/go.mod")"
+[[ -n "$kube_version" ]] || { echo "render-manifests: no k8s.io/kubernetes in e2e/controlplane/go.mod" >&2; exit 1; }
+
 render() { # render TEMPLATE...: the chart's default rendering of those templates
   local args=()
   for t in "$@"; do args+=(--show-only "templates/$t"); done
   # Applied with kubectl, not Helm: no chart label, and say who manages them.
-  "$helm" template kube-fim "$chart" --namespace kube-fim "${args[@]}" \
+  "$helm" template kube-fim "$chart" --namespace kube-fim --kube-version "$kube_version" "${args[@]}" \
     | sed -e '/^    helm\.sh\/chart: /d' -e 's/^\(    app\.kubernetes\.io\/managed-by: \)Helm$/\1kubectl/'
 }
 

@@ -453,7 +453,7 @@ mod tests {
                 .and_then(|s| s.status.as_ref())
                 .is_some()
         );
-        let yaml = serde_yaml::to_string(&crd).unwrap_or_default();
+        let yaml = serde_saphyr::to_string(&crd).unwrap_or_default();
         for rule in [ONE_TRANSPORT, HTTP_URL, PORT_RANGE, HOLD_MAX] {
             assert!(yaml.contains(&rule[..20]), "rule {rule} in the CRD");
         }

@@ -342,7 +342,7 @@ fn range(field: &str, value: u64, min: u64, max: u64, errs: &mut Errors) {
 pub enum PolicyFileError {
     /// The file is not a FileIntegrityPolicy document.
     #[error("not a FileIntegrityPolicy: {0}")]
-    Parse(#[from] serde_yaml::Error),
+    Parse(#[from] serde_saphyr::Error),
     /// The document has another apiVersion or kind.
     #[error(
         "expected apiVersion fim.kube-fim.io/v1alpha1 and kind FileIntegrityPolicy, found {api_version} {kind}"
@@ -369,14 +369,14 @@ pub fn policy_from_yaml(text: &str) -> Result<FileIntegrityPolicy, PolicyFileErr
         #[serde(default)]
         kind: String,
     }
-    let head: Head = serde_yaml::from_str(text)?;
+    let head: Head = serde_saphyr::from_str(text)?;
     if head.api_version != "fim.kube-fim.io/v1alpha1" || head.kind != "FileIntegrityPolicy" {
         return Err(PolicyFileError::WrongKind {
             api_version: head.api_version,
             kind: head.kind,
         });
     }
-    let policy: FileIntegrityPolicy = serde_yaml::from_str(text)?;
+    let policy: FileIntegrityPolicy = serde_saphyr::from_str(text)?;
     validate_policy(&policy)?;
     Ok(policy)
 }

@@ -111,12 +111,12 @@ fn kubectl_explain_shows_field_docs() {
 /// Applies a policy file from `examples/` under a fresh name, returns that name.
 fn apply_example(file: &str) -> (String, kube_fim_e2e::Run) {
     let text = fs::read_to_string(repo_root().join("examples").join(file)).expect("example exists");
-    let mut policy: serde_yaml::Value = serde_yaml::from_str(&text).expect("example is YAML");
+    let mut policy: serde_json::Value = serde_saphyr::from_str(&text).expect("example is YAML");
     let name = unique_name(file.trim_end_matches(".yaml"));
-    policy["metadata"]["name"] = serde_yaml::Value::String(name.clone());
+    policy["metadata"]["name"] = serde_json::Value::String(name.clone());
     let run = kubectl_stdin(
         &["apply", "-f", "-"],
-        &serde_yaml::to_string(&policy).expect("YAML"),
+        &serde_saphyr::to_string(&policy).expect("YAML"),
     );
     (name, run)
 }

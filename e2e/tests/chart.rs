@@ -17,8 +17,7 @@ use kube_fim_e2e::{
     Process, binary, ensure_crds, ensure_rbac, eventually, free_port, helm, helm_binary, http_get,
     kubectl, kubectl_stdin, metric, repo_root, service_account_kubeconfig_in,
 };
-use serde::Deserialize;
-use serde_yaml::Value;
+use serde_json::Value;
 
 /// Every optional part of the chart switched on.
 const ALL_OPTIONS: &[&str] = &[
@@ -117,8 +116,9 @@ fn template_args(release: &str, namespace: &str, sets: &[&str]) -> Vec<String> {
 }
 
 fn documents(text: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|doc| Value::deserialize(doc).expect("helm renders YAML"))
+    serde_saphyr::from_multiple::<Value>(text)
+        .expect("helm renders YAML")
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -143,15 +143,10 @@ fn kinds(docs: &[Value]) -> BTreeSet<String> {
 
 fn string_map(value: &Value) -> BTreeMap<String, String> {
     value
-        .as_mapping()
+        .as_object()
         .map(|m| {
             m.iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().expect("string key").to_string(),
-                        v.as_str().expect("string value").to_string(),
-                    )
-                })
+                .map(|(k, v)| (k.clone(), v.as_str().expect("string value").to_string()))
                 .collect()
         })
         .unwrap_or_default()
@@ -334,14 +329,61 @@ fn the_chart_declares_the_kubernetes_the_crds_need() {
     let old = render("1.31.9");
     assert!(!old.success, "helm renders for Kubernetes 1.31");
     assert!(
-        old.stderr.contains("kubeVersion") && old.stderr.contains(">=1.32.0-0"),
+        old.stderr.contains("kubeVersion") && old.stderr.contains(">=1.33.0-0"),
         "{}",
         old.stderr
     );
-    for ok in ["1.32.0", "v1.33.13"] {
+    for ok in ["1.33.0", "v1.33.13", "1.34.1"] {
         let run = render(ok);
         assert!(run.success, "Kubernetes {ok}: {}", run.stderr);
     }
+}
+
+/// The minimum Kubernetes the chart declares is the one the suite runs: the
+/// running API server's version satisfies the chart's `kubeVersion`, and the
+/// minor before it does not (a declared minimum no test runs is a guess).
+#[test]
+fn the_chart_declares_as_minimum_the_kubernetes_the_suite_runs() {
+    let server = json(&["version", "-o", "json"]).unwrap()["serverVersion"]["gitVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pinned = kube_fim_e2e::release::kubernetes_version();
+    assert!(
+        server.starts_with(&pinned),
+        "the API server runs {server}, e2e/controlplane/go.mod pins {pinned}"
+    );
+    let chart: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
+            .unwrap();
+    let constraint = chart["kubeVersion"].as_str().unwrap();
+    let minimum = constraint
+        .strip_prefix(">=")
+        .unwrap_or_else(|| panic!("kubeVersion {constraint:?} is not a single minimum"));
+    let (major, minor) = kube_fim_e2e::release::major_minor(minimum).unwrap();
+    assert_eq!(
+        Some((major, minor)),
+        kube_fim_e2e::release::major_minor(&server),
+        "Chart.yaml declares {constraint} but the suite runs {server}: declare the suite's \
+         version, or run the declared one too"
+    );
+    let chart_path = path_str(&chart_dir()).to_string();
+    let render = |version: &str| {
+        helm([
+            "template",
+            "kube-fim",
+            chart_path.as_str(),
+            "--kube-version",
+            version,
+        ])
+    };
+    let run = render(&server);
+    assert!(run.success, "Kubernetes {server}: {}", run.stderr);
+    let before = format!("{major}.{}.99", minor - 1);
+    assert!(
+        !render(&before).success,
+        "the chart installs on {before}, older than any version the suite runs"
+    );
 }
 
 #[test]
@@ -413,7 +455,7 @@ fn operator_args(sets: &[&str]) -> Vec<String> {
     let docs = template("fim", "fim-system", sets);
     let deployment = find(&docs, "Deployment", "fim-kube-fim-operator");
     deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .map(|a| a.as_str().unwrap().to_string())
@@ -574,7 +616,7 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         pod["securityContext"]["seccompProfile"]["type"],
         "RuntimeDefault"
     );
-    let containers = pod["containers"].as_sequence().unwrap();
+    let containers = pod["containers"].as_array().unwrap();
     assert_eq!(containers.len(), 1);
     let c = &containers[0];
     let sc = &c["securityContext"];
@@ -589,7 +631,7 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], "metrics");
     let env: BTreeMap<String, String> = c["env"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .filter_map(|e| {
@@ -610,7 +652,7 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         Some("metadata.namespace")
     );
     let args: Vec<&str> = c["args"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .map(|a| a.as_str().unwrap())
@@ -652,10 +694,10 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
     let role = find(&docs, "Role", "fim-kube-fim-operator");
     assert_eq!(role["metadata"]["namespace"], "fim-system");
     let role_resources: BTreeSet<&str> = role["rules"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
-        .flat_map(|r| r["resources"].as_sequence().unwrap())
+        .flat_map(|r| r["resources"].as_array().unwrap())
         .map(|r| r.as_str().unwrap())
         .collect();
     assert_eq!(role_resources, BTreeSet::from(["daemonsets", "leases"]));
@@ -687,9 +729,9 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         .iter()
         .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
     {
-        for rule in doc["rules"].as_sequence().unwrap() {
+        for rule in doc["rules"].as_array().unwrap() {
             for field in ["apiGroups", "resources", "verbs"] {
-                for item in rule[field].as_sequence().unwrap() {
+                for item in rule[field].as_array().unwrap() {
                     let item = item.as_str().unwrap();
                     assert!(
                         item != "*",
@@ -706,17 +748,17 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         }
     }
     let agent_writes: BTreeSet<String> = find(&docs, "ClusterRole", "fim-kube-fim-agent")["rules"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .filter(|r| {
             r["verbs"]
-                .as_sequence()
+                .as_array()
                 .unwrap()
                 .iter()
                 .any(|v| matches!(v.as_str(), Some("create" | "update" | "patch" | "delete")))
         })
-        .flat_map(|r| r["resources"].as_sequence().unwrap().clone())
+        .flat_map(|r| r["resources"].as_array().unwrap().clone())
         .map(|r| r.as_str().unwrap().to_string())
         .collect();
     assert_eq!(
@@ -780,7 +822,7 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
         // Agent series carry `node` themselves: a target label of that name
         // would turn theirs into exported_node and break the dashboard.
         assert!(
-            !serde_yaml::to_string(&monitor["spec"])
+            !serde_saphyr::to_string(&monitor["spec"])
                 .unwrap()
                 .contains("targetLabel: node"),
             "a ServiceMonitor sets a node target label"
@@ -800,7 +842,8 @@ fn the_operator_deployment_wires_flags_identity_and_least_privilege() {
 fn the_prometheus_rule_and_dashboard_ship_the_tested_files() {
     let docs = template("kube-fim", "kube-fim", ALL_OPTIONS);
     let rule_file = chart_dir().join("rules/kube-fim-alerts.yaml");
-    let rules: Value = serde_yaml::from_str(&std::fs::read_to_string(&rule_file).unwrap()).unwrap();
+    let rules: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(&rule_file).unwrap()).unwrap();
     let rule = find(&docs, "PrometheusRule", "kube-fim");
     assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
     assert_eq!(
@@ -810,7 +853,7 @@ fn the_prometheus_rule_and_dashboard_ship_the_tested_files() {
     // And what the PrometheusRule carries is a rule file promtool accepts.
     let dir = tempfile::tempdir().unwrap();
     let extracted = dir.path().join("rules.yaml");
-    std::fs::write(&extracted, serde_yaml::to_string(&rule["spec"]).unwrap()).unwrap();
+    std::fs::write(&extracted, serde_saphyr::to_string(&rule["spec"]).unwrap()).unwrap();
     let (ok, out) = promtool(&["check", "rules", path_str(&extracted)]);
     assert!(
         ok && out.contains("SUCCESS"),
@@ -844,8 +887,8 @@ fn rendered_rules(sets: &[&str]) -> (Value, BTreeMap<String, Value>) {
     let docs = template("kube-fim", "kube-fim", &all);
     let spec = find(&docs, "PrometheusRule", "kube-fim")["spec"].clone();
     let mut by_name = BTreeMap::new();
-    for group in spec["groups"].as_sequence().unwrap() {
-        for rule in group["rules"].as_sequence().unwrap() {
+    for group in spec["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
             let name = rule["alert"]
                 .as_str()
                 .or(rule["record"].as_str())
@@ -863,7 +906,7 @@ fn promtool_test(spec: &Value, test: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("rules.yaml"),
-        serde_yaml::to_string(spec).unwrap(),
+        serde_saphyr::to_string(spec).unwrap(),
     )
     .unwrap();
     let (ok, out) = promtool(&["check", "rules", path_str(&dir.path().join("rules.yaml"))]);
@@ -1065,14 +1108,14 @@ fn the_dashboard_has_the_panels_and_variables_a_security_team_expects() {
 
 #[test]
 fn alert_rules_use_only_published_metrics_and_cover_each_failure() {
-    let rules: Value = serde_yaml::from_str(
+    let rules: Value = serde_saphyr::from_str(
         &std::fs::read_to_string(chart_dir().join("rules/kube-fim-alerts.yaml")).unwrap(),
     )
     .unwrap();
     let mut used = BTreeSet::new();
     let mut alerts = BTreeMap::new();
-    for group in rules["groups"].as_sequence().unwrap() {
-        for rule in group["rules"].as_sequence().unwrap() {
+    for group in rules["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
             let expr = rule["expr"].as_str().unwrap();
             used.extend(metric_names(expr));
             alerts.insert(
@@ -1144,7 +1187,7 @@ fn rendered_chart_and_manifests_pass_a_server_side_dry_run() {
         "fileintegritypolicy.fim.kube-fim.io/node-baseline",
         "configmap/kube-fim-dashboard",
         "service/kube-fim-agent",
-        "pod/kube-fim-test-operator-ready",
+        "pod/kube-fim-test-operator-check",
     ] {
         assert!(
             applied
@@ -2000,7 +2043,7 @@ fn helm_upgrade_updates_crds_by_the_documented_step_and_loses_nothing() {
             path_str(&new),
             "--namespace",
             UPGRADE_NAMESPACE,
-            "--reuse-values",
+            "--reset-then-reuse-values",
             "--set",
             values,
         ]);
@@ -2063,9 +2106,10 @@ fn helm_upgrade_updates_crds_by_the_documented_step_and_loses_nothing() {
     assert!(hooks.success, "{}", hooks.stderr);
     assert!(
         hooks.stdout.contains("helm.sh/hook: test")
-            && hooks.stdout.contains(&format!(
-                "{UPGRADE_RELEASE}-kube-fim-operator.{UPGRADE_NAMESPACE}.svc:8080/readyz"
-            )),
+            && hooks
+                .stdout
+                .contains("- /usr/local/bin/kube-fim-operator\n        - check\n")
+            && hooks.stdout.contains("_SERVICE_PORT_METRICS)/metrics"),
         "{}",
         hooks.stdout
     );

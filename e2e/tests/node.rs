@@ -284,9 +284,8 @@ impl Drop for Hung<'_> {
     }
 }
 
-fn helm_install(root: &Path) {
+fn helm_install(root: &Path, chart: &Path) {
     let state = node_env("KUBE_FIM_NODE_STATE");
-    let chart = repo_root().join("charts/kube-fim");
     let values = [
         "operator.image.repository=localhost/kube-fim/kube-fim-operator".to_string(),
         "agent.image.repository=localhost/kube-fim/kube-fim-agent".to_string(),
@@ -310,7 +309,7 @@ fn helm_install(root: &Path) {
     let mut args = vec![
         "install".to_string(),
         RELEASE.into(),
-        path_str(&chart).into(),
+        path_str(chart).into(),
         "--namespace".into(),
         NAMESPACE.into(),
     ];
@@ -470,10 +469,14 @@ async fn installed() -> tokio::sync::MappedMutexGuard<'static, Installed> {
 }
 
 async fn install() -> Installed {
+    install_chart(&repo_root().join("charts/kube-fim")).await
+}
+
+async fn install_chart(chart: &Path) -> Installed {
     let root = node_root();
     prepare_node_root(&root);
     let share = Share::mount(&root);
-    helm_install(&root);
+    helm_install(&root, chart);
 
     // The operator pods run from the local image and one of them leads.
     let leader: String = eventually(
@@ -1233,4 +1236,296 @@ spec:
     )
     .await;
     assert_eq!(drift_changes("web"), after_restart, "evidence kept");
+}
+
+// ------------------------------------------------------------------ helm test and upgrade
+
+/// `helm test` on the running install: the chart's test Pod runs
+/// `kube-fim-operator check` from the operator's image under the kubelet and
+/// succeeds once a leading operator counts the policy's node Ready.
+async fn helm_test_passes() {
+    let run = kube_fim_e2e::helm(["test", RELEASE, "-n", NAMESPACE, "--timeout", "4m"]);
+    assert!(
+        run.success,
+        "helm test: {}{}\\n{}",
+        run.stdout,
+        run.stderr,
+        kubectl([
+            "logs",
+            "-n",
+            NAMESPACE,
+            &format!("{RELEASE}-test-operator-check")
+        ])
+        .stdout
+    );
+    assert!(
+        run.stdout
+            .contains(&format!("{RELEASE}-test-operator-check"))
+            && run.stdout.contains("Phase:          Succeeded"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn helm_test_checks_the_running_install_from_the_operators_image() {
+    let _installed = installed().await;
+    helm_test_passes().await;
+}
+
+/// The chart as it was before the current one: the chart directory of main
+/// before the upgrade-tested changes (its templates, values and CRDs). A commit
+/// of main stays in every clone of it.
+const PREVIOUS_CHART_COMMIT: &str = "4e7282c2935ff3818c7b38115a22c35d53a9b345";
+
+fn previous_chart(dir: &Path) -> PathBuf {
+    let archive = Command::new("git")
+        .current_dir(repo_root())
+        .args([
+            "archive",
+            "--format=tar",
+            PREVIOUS_CHART_COMMIT,
+            "charts/kube-fim",
+        ])
+        .output()
+        .expect("git runs");
+    assert!(
+        archive.status.success(),
+        "git archive {PREVIOUS_CHART_COMMIT} (a clone with main's history): {}",
+        String::from_utf8_lossy(&archive.stderr)
+    );
+    let tar = dir.join("previous.tar");
+    std::fs::write(&tar, &archive.stdout).expect("write the archive");
+    let untar = Command::new("tar")
+        .args(["-x", "-f", path_str(&tar), "-C", path_str(dir)])
+        .output()
+        .expect("tar runs");
+    assert!(
+        untar.status.success(),
+        "{}",
+        String::from_utf8_lossy(&untar.stderr)
+    );
+    dir.join("charts/kube-fim")
+}
+
+fn agent_pod_uids() -> Vec<String> {
+    json(&[
+        "get",
+        "pods",
+        "-n",
+        NAMESPACE,
+        "-l",
+        "app.kubernetes.io/component=agent",
+        "-o",
+        "json",
+    ])
+    .map(|v| {
+        v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .map(|p| {
+                p["metadata"]["uid"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// Per policy entry, the digest of its baseline as the agent publishes it.
+fn entry_digests(node: &str) -> BTreeMap<String, String> {
+    let fin = json(&["get", "fileintegritynode", node, "-o", "json"]).expect("the node record");
+    fin["status"]["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                format!("{}/{}", e["policy"], e["entry"]),
+                e["digest"].to_string(),
+            )
+        })
+        .collect()
+}
+
+fn baseline_alarm_events() -> Vec<String> {
+    json(&["get", "events", "-A", "-o", "json"])
+        .map(|v| {
+            v["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| {
+                    matches!(
+                        e["reason"].as_str(),
+                        Some("BaselineTampered" | "BaselineMissing" | "BaselineUnreadable")
+                    )
+                })
+                .map(|e| format!("{} {}", e["reason"], e["message"]))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `helm upgrade` from the previous chart on a running install, by the README's
+/// procedure (the new CRDs server-side, then `helm upgrade
+/// --reset-then-reuse-values`): the operator and the agent DaemonSet roll, a
+/// file changed while the agent pod is replaced is reported once, nothing else
+/// is, every baseline is kept (the published entry digests are unchanged, no
+/// baseline alarm), and `helm test` passes on the upgraded release.
+///
+/// It needs the node before any other scenario installs the current chart:
+/// `make e2e-node` runs it on a node of its own (see the Makefile); in a run of
+/// the whole file that started another scenario first it says so and stops.
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrade_from_the_previous_chart_keeps_baselines_and_reports_a_change_during_the_roll() {
+    let mut node_slot = NODE.lock().await;
+    if node_slot.is_some() {
+        eprintln!(
+            "skipped: another scenario installed the current chart on this node first; \
+             `make e2e-node` runs this one on a fresh node (cargo test --test node upgrade_from)"
+        );
+        return;
+    }
+    let node = node_env("KUBE_FIM_NODE_NAME");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let previous = previous_chart(dir.path());
+    let mut installed = install_chart(&previous).await;
+    let root = installed.root.clone();
+
+    // A change under the previous chart, reported there.
+    write(
+        &root.join("etc/ssh/sshd_config"),
+        "PermitRootLogin prohibit-password\n",
+        0o600,
+    );
+    file_change("/etc/ssh/sshd_config", "Modified").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before: Vec<String> = file_changes()
+        .iter()
+        .map(|c| {
+            c["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    let digests = entry_digests(&node);
+    assert!(!digests.is_empty(), "the node publishes its entry digests");
+    let old_agents = agent_pod_uids();
+    assert_eq!(old_agents.len(), 1, "{old_agents:?}");
+
+    // The README's upgrade procedure, with one value changed.
+    let chart = repo_root().join("charts/kube-fim");
+    let crds = kubectl([
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        path_str(&chart.join("crds")),
+    ]);
+    assert!(crds.success, "{}", crds.stderr);
+    let upgrade = kube_fim_e2e::helm([
+        "upgrade",
+        RELEASE,
+        path_str(&chart),
+        "-n",
+        NAMESPACE,
+        "--reset-then-reuse-values",
+        "--set",
+        "agent.podAnnotations.upgraded=yes",
+    ]);
+    assert!(
+        upgrade.success,
+        "helm upgrade: {}{}",
+        upgrade.stdout, upgrade.stderr
+    );
+
+    // The roll: as soon as the old agent pod is going, a file changes.
+    eventually(
+        "the agent DaemonSet to replace the agent pod",
+        Duration::from_secs(180),
+        || async {
+            let now = agent_pod_uids();
+            if now.iter().any(|u| old_agents.contains(u)) {
+                Err(format!("still running: {now:?}"))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    write(&root.join("etc/host.conf"), "multi off\n", 0o644);
+    let pod = ready_agent_pod().await;
+    assert!(
+        !old_agents.contains(
+            &pod["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        ),
+        "a new agent pod"
+    );
+    assert_eq!(
+        pod["metadata"]["annotations"]["upgraded"], "yes",
+        "the new chart's values reached the DaemonSet"
+    );
+    file_change("/etc/host.conf", "Modified").await;
+
+    // Nothing else new, nothing twice, every baseline kept.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let new: Vec<String> = file_changes()
+        .iter()
+        .filter(|c| {
+            !before.contains(
+                &c["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .map(|c| format!("{} {}", c["spec"]["category"], c["spec"]["path"]))
+        .collect();
+    assert_eq!(
+        new,
+        ["Modified /etc/host.conf"],
+        "only the change made during the roll"
+    );
+    assert_eq!(entry_digests(&node), digests, "every baseline kept");
+    let fin = json(&["get", "fileintegritynode", &node, "-o", "json"]).expect("node record");
+    assert!(
+        fin["status"]["baselineAlarm"].is_null(),
+        "{}",
+        fin["status"]["baselineAlarm"]
+    );
+    assert!(
+        baseline_alarm_events().is_empty(),
+        "{:?}",
+        baseline_alarm_events()
+    );
+    let fip = json(&["get", "fip", POLICY, "-o", "json"]).expect("the policy");
+    assert_eq!(fip["status"]["nodesReady"], 1, "{}", fip["status"]);
+
+    helm_test_passes().await;
+
+    // The node now runs the current chart: the other scenarios may go on.
+    let lease = json(&[
+        "get",
+        "lease",
+        "-n",
+        NAMESPACE,
+        &format!("{RELEASE}-operator"),
+        "-o",
+        "json",
+    ])
+    .expect("the lease");
+    installed.leader = lease["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    *node_slot = Some(installed);
 }

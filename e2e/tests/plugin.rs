@@ -339,7 +339,7 @@ async fn kubectl_shaped_flags_outputs_and_escaping() {
     assert_eq!(ours["unapproved"], 2);
     let run = kubectl_fim(&["summary", "--since", "1d", "-o", "yaml"]);
     assert!(run.success, "{}", run.stderr);
-    let yaml: serde_json::Value = serde_yaml::from_str(&run.stdout).unwrap();
+    let yaml: serde_json::Value = serde_saphyr::from_str(&run.stdout).unwrap();
     assert_eq!(yaml, json, "-o yaml is the same data");
     let run = kubectl_fim(&["summary", "--since", "1d", "-o", "wide"]);
     assert!(run.stdout.contains("LAST CHANGE"), "{}", run.stdout);

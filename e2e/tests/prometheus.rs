@@ -57,7 +57,7 @@ async fn prometheus_scrapes_agent_and_operator_and_sees_a_change() {
     fleet.wait_ready(&a, &policy, Duration::from_secs(60)).await;
 
     let op_port = free_port();
-    let _operator = Process::start(
+    let mut operator = Process::start(
         &format!("{suite}-operator"),
         &binary("kube-fim-operator"),
         &[
@@ -73,8 +73,22 @@ async fn prometheus_scrapes_agent_and_operator_and_sees_a_change() {
 
     let dir = tempfile::tempdir().unwrap();
     let prom_port = free_port();
+    // The chart's alert rules as shipped, with KubeFimOperatorDown's 5m `for`
+    // cut to seconds (its expression and labels unchanged).
+    let rules = std::fs::read_to_string(
+        kube_fim_e2e::repo_root().join("charts/kube-fim/rules/kube-fim-alerts.yaml"),
+    )
+    .unwrap();
+    let (head, tail) = rules.split_once("- alert: KubeFimOperatorDown").unwrap();
+    let tail = tail.replacen("for: 5m", "for: 5s", 1);
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        format!("{head}- alert: KubeFimOperatorDown{tail}"),
+    )
+    .unwrap();
     let config = format!(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: kube-fim-agent\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n  - job_name: kube-fim-operator\n    static_configs:\n      - targets: ['127.0.0.1:{op_port}']\n",
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [{}]\nscrape_configs:\n  - job_name: kube-fim-agent\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n  - job_name: kube-fim-operator\n    static_configs:\n      - targets: ['127.0.0.1:{op_port}']\n",
+        dir.path().join("rules.yaml").display(),
         fleet.nodes[0].metrics_port
     );
     std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
@@ -221,5 +235,28 @@ async fn prometheus_scrapes_agent_and_operator_and_sees_a_change() {
     )
     .await;
     assert_eq!(shown["value"][1], "1", "{shown}");
+
+    // The watcher is watched: with the operator up the operator-down alert is
+    // quiet; once the operator stops it fires.
+    let down = "ALERTS{alertname=\"KubeFimOperatorDown\",alertstate=\"firing\"}";
+    assert_eq!(
+        query(prom_port, down),
+        None,
+        "firing while the operator is up"
+    );
+    operator.kill();
+    eventually(
+        "KubeFimOperatorDown to fire once the operator is stopped",
+        Duration::from_secs(60),
+        || async {
+            let firing = query(prom_port, down);
+            if firing == Some(1.0) {
+                Ok(())
+            } else {
+                Err(format!("{firing:?}"))
+            }
+        },
+    )
+    .await;
     fleet.cleanup().await;
 }

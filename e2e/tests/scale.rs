@@ -54,8 +54,8 @@ fn main() {
 
 /// A kubeconfig logging in with `token`.
 fn token_kubeconfig(dir: &Path, name: &str, token: &str) -> PathBuf {
-    let admin: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(kubeconfig()).unwrap()).unwrap();
+    let admin: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(kubeconfig()).unwrap()).unwrap();
     let cluster = &admin["clusters"][0]["cluster"];
     let config = serde_json::json!({
         "apiVersion": "v1",
@@ -69,7 +69,7 @@ fn token_kubeconfig(dir: &Path, name: &str, token: &str) -> PathBuf {
         "current-context": "local",
     });
     let path = dir.join(format!("{name}.kubeconfig"));
-    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    std::fs::write(&path, serde_saphyr::to_string(&config).unwrap()).unwrap();
     path
 }
 

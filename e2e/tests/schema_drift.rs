@@ -21,15 +21,15 @@ use kube_fim_e2e::{
 
 const CRD_FILE: &str = "crds/fim.kube-fim.io_fileintegritypolicies.yaml";
 
-fn strip_validations(value: &mut serde_yaml::Value) {
+fn strip_validations(value: &mut serde_json::Value) {
     match value {
-        serde_yaml::Value::Mapping(map) => {
+        serde_json::Value::Object(map) => {
             map.remove("x-kubernetes-validations");
             for (_, v) in map.iter_mut() {
                 strip_validations(v);
             }
         }
-        serde_yaml::Value::Sequence(seq) => seq.iter_mut().for_each(strip_validations),
+        serde_json::Value::Array(seq) => seq.iter_mut().for_each(strip_validations),
         _ => {}
     }
 }
@@ -75,9 +75,9 @@ async fn a_policy_invalid_under_the_current_schema_degrades_without_a_crash_loop
     {
         // An "older" schema without the CEL rules accepts the relative path...
         let restore = RestoreCrd(committed.clone());
-        let mut loose: serde_yaml::Value = serde_yaml::from_str(&committed).unwrap();
+        let mut loose: serde_json::Value = serde_saphyr::from_str(&committed).unwrap();
         strip_validations(&mut loose);
-        apply_crd(&serde_yaml::to_string(&loose).unwrap());
+        apply_crd(&serde_saphyr::to_string(&loose).unwrap());
         eventually(
             "the loose schema in effect",
             Duration::from_secs(20),

@@ -139,9 +139,9 @@ fn bad_policy_files_exit_2_naming_the_field() {
 
     // A field the API types lack cannot be built typed: it is added to the
     // policy as written.
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&etc_policy().yaml()).unwrap();
+    let mut doc: serde_json::Value = serde_saphyr::from_str(&etc_policy().yaml()).unwrap();
     doc["spec"]["scanIntervall"] = "1h".into();
-    let h = Host::new(&serde_yaml::to_string(&doc).unwrap());
+    let h = Host::new(&serde_saphyr::to_string(&doc).unwrap());
     let r = agent(&h.args("baseline"), T);
     assert_eq!(r.code(), 2, "{r:?}");
     assert!(r.stderr.contains("scanIntervall"), "{}", r.stderr);

@@ -224,22 +224,22 @@ impl Default for Config {
 mod tests {
     use super::*;
 
-    fn chart_values() -> serde_yaml::Value {
+    fn chart_values() -> serde_json::Value {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../charts/kube-fim/values.yaml"
         );
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+        serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
-    fn value(v: &serde_yaml::Value, path: &str) -> String {
+    fn value(v: &serde_json::Value, path: &str) -> String {
         let mut v = v;
         for key in path.split('.') {
             v = &v[key];
         }
         match v {
-            serde_yaml::Value::String(s) => s.clone(),
-            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
             other => panic!("{path}: {other:?}"),
         }
     }
@@ -265,7 +265,7 @@ mod tests {
         );
         assert!(
             v["operator"]["fleetPoolLabels"]
-                .as_sequence()
+                .as_array()
                 .is_some_and(|s| s.is_empty())
                 && c.fleet_pool_labels.is_empty()
         );
@@ -320,8 +320,8 @@ mod tests {
             ("podAnnotations", c.agent_pod_annotations.is_empty()),
         ] {
             let chart_empty = match &v["agent"][key] {
-                serde_yaml::Value::Sequence(s) => s.is_empty(),
-                serde_yaml::Value::Mapping(m) => m.is_empty(),
+                serde_json::Value::Array(s) => s.is_empty(),
+                serde_json::Value::Object(m) => m.is_empty(),
                 other => panic!("agent.{key}: {other:?}"),
             };
             assert_eq!(chart_empty, empty, "agent.{key}");

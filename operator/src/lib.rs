@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod retention;
 pub mod rollouts;
 pub mod seen;
+pub mod selfcheck;
 pub mod server;
 pub mod status;
 pub mod triggers;

@@ -9,6 +9,7 @@ use clap::Parser;
 use kube_fim_operator::config::Config;
 use kube_fim_operator::export;
 use kube_fim_operator::metrics::Metrics;
+use kube_fim_operator::selfcheck::{self, CheckArgs};
 use kube_fim_operator::server::{self, Health};
 use kube_fim_operator::{context, controller};
 use kube_lease_manager::LeaseManagerBuilder;
@@ -29,6 +30,17 @@ fn init_tracing(format: &str) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // `check`: the chart's `helm test`, from this same image (selfcheck.rs).
+    if std::env::args().nth(1).as_deref() == Some("check") {
+        let args = CheckArgs::parse_from(std::env::args().skip(1));
+        return match tokio::task::spawn_blocking(move || selfcheck::run(args)).await? {
+            Ok(ok) => {
+                println!("{ok}");
+                Ok(())
+            }
+            Err(e) => bail!("{e}"),
+        };
+    }
     let config = Config::parse();
     init_tracing(&config.log_format);
 

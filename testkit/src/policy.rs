@@ -119,7 +119,7 @@ impl Policy {
 
     /// The policy as a YAML document, as a policy file or `kubectl apply` reads it.
     pub fn yaml(&self) -> String {
-        serde_yaml::to_string(&self.policy).expect("a policy serialises")
+        serde_saphyr::to_string(&self.policy).expect("a policy serialises")
     }
 }
 
@@ -207,7 +207,7 @@ mod tests {
             yaml.starts_with("apiVersion: fim.kube-fim.io/v1alpha1\nkind: FileIntegrityPolicy\n"),
             "{yaml}"
         );
-        let read: FileIntegrityPolicy = serde_yaml::from_str(&yaml).expect("YAML reads back");
+        let read: FileIntegrityPolicy = serde_saphyr::from_str(&yaml).expect("YAML reads back");
         assert_eq!((&read.metadata, &read.spec), (&built.metadata, &built.spec));
         assert_eq!(read.spec.paths[0].exclude, ["*.swp"]);
         assert!(!read.spec.paths[1].enabled);

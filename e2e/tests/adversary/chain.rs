@@ -60,8 +60,8 @@ impl Plug {
 
     /// The `host:port` of the API server `kubeconfig` logs in to.
     fn server_of(kubeconfig: &std::path::Path) -> String {
-        let config: serde_yaml::Value =
-            serde_yaml::from_str(&std::fs::read_to_string(kubeconfig).unwrap()).unwrap();
+        let config: serde_json::Value =
+            serde_saphyr::from_str(&std::fs::read_to_string(kubeconfig).unwrap()).unwrap();
         config["clusters"][0]["cluster"]["server"]
             .as_str()
             .unwrap()
@@ -71,17 +71,17 @@ impl Plug {
 
     /// `kubeconfig` with its server replaced by this proxy.
     fn kubeconfig(&self, kubeconfig: &std::path::Path) -> (std::path::PathBuf, String) {
-        let mut config: serde_yaml::Value =
-            serde_yaml::from_str(&std::fs::read_to_string(kubeconfig).unwrap()).unwrap();
+        let mut config: serde_json::Value =
+            serde_saphyr::from_str(&std::fs::read_to_string(kubeconfig).unwrap()).unwrap();
         let server = config["clusters"][0]["cluster"]["server"]
             .as_str()
             .unwrap()
             .to_string();
         let target = server.trim_start_matches("https://").to_string();
         config["clusters"][0]["cluster"]["server"] =
-            serde_yaml::Value::String(format!("https://127.0.0.1:{}", self.port));
+            serde_json::Value::String(format!("https://127.0.0.1:{}", self.port));
         let path = kubeconfig.with_extension(format!("plug-{}.yaml", self.port));
-        std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+        std::fs::write(&path, serde_saphyr::to_string(&config).unwrap()).unwrap();
         (path, target)
     }
 }

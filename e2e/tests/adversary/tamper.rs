@@ -442,7 +442,7 @@ async fn a_baseline_rebuilt_offline_is_an_alarm_naming_the_entry() {
         .await
         .unwrap();
     let file = fleet.nodes[0].state.with_extension("policy.yaml");
-    std::fs::write(&file, serde_yaml::to_string(&served).unwrap()).unwrap();
+    std::fs::write(&file, serde_saphyr::to_string(&served).unwrap()).unwrap();
     let rebuilt = std::process::Command::new(kube_fim_e2e::binary("kube-fim-agent"))
         .args([
             "baseline".to_string(),
