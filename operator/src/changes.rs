@@ -459,6 +459,7 @@ mod tests {
                 approved_by: "admin".into(),
                 approved_at: Time(Timestamp::now()),
                 reason: None,
+                paths: Vec::new(),
             }),
             ..FileChangeStatus::default()
         });
@@ -666,6 +667,7 @@ mod tests {
                 version: "1.9.13p3-1+deb12u2".into(),
                 version_before: None,
                 verdict,
+                transaction: None,
             });
             fc
         };

@@ -47,6 +47,21 @@ pub struct Applied {
     previous: Option<FileAttributes>,
 }
 
+/// What became of the approvals of [`Engine::approve_all`].
+#[derive(Debug, Default)]
+pub struct ApprovedAll {
+    /// Applied in memory, in order, with the states they replaced.
+    applied: Vec<(String, Option<FileAttributes>)>,
+    /// The paths whose approved state is the baseline now (in memory).
+    pub applied_paths: Vec<String>,
+    /// How the entry digests moved, all approvals together.
+    pub moved: Vec<EntryDigestMove>,
+    /// Paths that moved on, with the changes that report them.
+    pub superseded: Vec<(String, Outcome)>,
+    /// Paths the change's entry does not cover here.
+    pub not_monitored: Vec<String>,
+}
+
 /// The attributes an entry compares (a directory's only, for a directory),
 /// as the judge does.
 fn compared(entry: &Entry, dir: bool) -> Vec<kube_fim_crds::Attribute> {
@@ -97,6 +112,80 @@ impl Engine {
     /// Applied only in memory: the caller records the answer in the cluster,
     /// then saves (or reverts).
     pub fn approve(&mut self, approval: &Approval<'_>) -> Approved {
+        let before = self.digests_by_entry();
+        let previous = match self.adopt(approval) {
+            Ok(previous) => previous,
+            Err(not) => return not,
+        };
+        let key = approval.key;
+        let own = (approval.policy.to_string(), approval.entry.to_string());
+        let moved = self.moves(&before, &own);
+        Approved::Applied(Box::new(Applied {
+            moved,
+            key: key.to_string(),
+            previous,
+        }))
+    }
+
+    /// Approves many changes at once (the changes of a package transaction),
+    /// each exactly as [`Engine::approve`] would; the entry digests' moves
+    /// are those of all of them together (the first change's entry first).
+    pub fn approve_all(&mut self, approvals: &[Approval<'_>]) -> ApprovedAll {
+        let before = self.digests_by_entry();
+        let mut all = ApprovedAll::default();
+        for a in approvals {
+            match self.adopt(a) {
+                Ok(previous) => {
+                    all.applied.push((a.key.to_string(), previous));
+                    all.applied_paths.push(a.key.to_string());
+                }
+                Err(Approved::Superseded(outcome)) => {
+                    all.superseded.push((a.key.to_string(), outcome));
+                }
+                Err(Approved::NotMonitored | Approved::Applied(_)) => {
+                    all.not_monitored.push(a.key.to_string());
+                }
+            }
+        }
+        if let Some(first) = approvals.first().filter(|_| !all.applied.is_empty()) {
+            let own = (first.policy.to_string(), first.entry.to_string());
+            all.moved = self.moves(&before, &own);
+        }
+        all
+    }
+
+    /// Undoes the applied approvals of [`Engine::approve_all`], last first.
+    pub fn revert_all(&mut self, all: ApprovedAll) {
+        for (key, previous) in all.applied.into_iter().rev() {
+            self.baseline.approve(&key, previous);
+        }
+    }
+
+    fn moves(
+        &self,
+        before: &BTreeMap<(String, String), String>,
+        own: &(String, String),
+    ) -> Vec<EntryDigestMove> {
+        let after = self.digests_by_entry();
+        let mut moved: Vec<EntryDigestMove> = after
+            .iter()
+            .filter_map(|(k, a)| {
+                let b = before.get(k)?;
+                (b != a || k == own).then(|| EntryDigestMove {
+                    policy: k.0.clone(),
+                    entry: k.1.clone(),
+                    before: b.clone(),
+                    after: a.clone(),
+                })
+            })
+            .collect();
+        moved.sort_by_key(|m| m.policy != own.0 || m.entry != own.1);
+        moved
+    }
+
+    /// The reviewed state taken in as the path's baseline (in memory), with
+    /// the state it replaces; or why not.
+    fn adopt(&mut self, approval: &Approval<'_>) -> Result<Option<FileAttributes>, Approved> {
         let key = approval.key;
         let path = rel_path(key);
         let plan = Arc::clone(&self.plan);
@@ -106,7 +195,7 @@ impl Engine {
             .find(|o| o.owner.policy == approval.policy && o.owner.entry == approval.entry)
         else {
             warn!(path = %key, policy = approval.policy, entry = approval.entry, "not monitored here by that entry: nothing to approve");
-            return Approved::NotMonitored;
+            return Err(Approved::NotMonitored);
         };
         let mut scratch = Outcome::default();
         let current = self.inspect(&path, &owners, &mut scratch);
@@ -128,30 +217,10 @@ impl Engine {
         };
         let Some(state) = adopted else {
             let (outcome, _) = self.rescan(&BTreeSet::from([path]), DetectionSource::Scan);
-            return Approved::Superseded(outcome);
+            return Err(Approved::Superseded(outcome));
         };
-        let before = self.digests_by_entry();
         self.baseline.approve(key, state);
-        let after = self.digests_by_entry();
-        let own = (approval.policy.to_string(), approval.entry.to_string());
-        let mut moved: Vec<EntryDigestMove> = after
-            .iter()
-            .filter_map(|(k, a)| {
-                let b = before.get(k)?;
-                (b != a || *k == own).then(|| EntryDigestMove {
-                    policy: k.0.clone(),
-                    entry: k.1.clone(),
-                    before: b.clone(),
-                    after: a.clone(),
-                })
-            })
-            .collect();
-        moved.sort_by_key(|m| m.policy != own.0 || m.entry != own.1);
-        Approved::Applied(Box::new(Applied {
-            moved,
-            key: key.to_string(),
-            previous,
-        }))
+        Ok(previous)
     }
 
     /// Undoes an applied approval whose answer the cluster does not hold:
