@@ -134,6 +134,7 @@ mod tests {
                 "CONTAINER",
                 "UNREADABLE",
                 "PACKAGE",
+                "TRANSACTION",
                 "AGE"
             ]
         );
