@@ -244,6 +244,66 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::engine::tests::*;
+    /// A package transaction's approval: every listed change approved as
+    /// one would be, the entry digest moved once from where it was to where
+    /// all of them take it (what the operator's digest verification
+    /// follows), a change that moved on left out; undone whole when the
+    /// answer is not recorded.
+    #[test]
+    fn approving_a_transaction_moves_its_entry_digest_once_through_every_change() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        for f in ["a", "b", "c"] {
+            std::fs::write(root.path().join("etc").join(f), "v1").unwrap();
+        }
+        let mut e = engine(root.path(), state.path(), vec![etc(false)]);
+        scan(&mut e, DetectionSource::Startup);
+        let first = digests_of(&e)["p/etc"].digest.clone();
+        for f in ["a", "b", "c"] {
+            std::fs::write(root.path().join("etc").join(f), "v2").unwrap();
+        }
+        let o = scan(&mut e, DetectionSource::Scan);
+        assert_eq!(o.changes.len(), 3);
+        // One of them moved on before the approval arrives.
+        std::fs::write(root.path().join("etc/c"), "v3").unwrap();
+        let approvals: Vec<Approval<'_>> = o
+            .changes
+            .iter()
+            .map(|c| Approval {
+                policy: "p",
+                entry: "etc",
+                key: &c.path,
+                after: c.after.as_ref(),
+            })
+            .collect();
+        let all = e.approve_all(&approvals);
+        let mut applied = all.applied_paths.clone();
+        applied.sort();
+        assert_eq!(applied, ["/etc/a", "/etc/b"]);
+        assert_eq!(
+            all.superseded
+                .iter()
+                .map(|(p, _)| p.as_str())
+                .collect::<Vec<_>>(),
+            ["/etc/c"]
+        );
+        let now = digests_of(&e)["p/etc"].digest.clone();
+        assert_eq!(all.moved.len(), 1, "{:?}", all.moved);
+        assert_eq!(
+            (all.moved[0].before.as_str(), all.moved[0].after.as_str()),
+            (first.as_str(), now.as_str())
+        );
+        assert_ne!(first, now);
+        // The same two approved one by one reach the same digest.
+        e.revert_all(all);
+        assert_eq!(digests_of(&e)["p/etc"].digest, first, "undone whole");
+        for a in approvals.iter().filter(|a| a.key != "/etc/c") {
+            assert!(matches!(e.approve(a), Approved::Applied(_)));
+        }
+        assert_eq!(digests_of(&e)["p/etc"].digest, now);
+    }
+
     #[test]
     fn an_approval_of_a_state_the_file_has_left_approves_nothing() {
         let root = tempfile::tempdir().unwrap();
