@@ -390,10 +390,23 @@ impl Monitor {
         tokio::task::block_in_place(|| self.packages.verify(&mut outcome.changes, &self.telemetry));
         self.telemetry
             .changes_detected(outcome.bytes, outcome.errors.len(), &outcome.changes);
-        if found != Found::Approval {
-            self.hold_package_changes(&mut outcome);
-        }
+        // The start's scan sees an upgrade made while the agent was down
+        // (or one it was holding when it died) whole: grouped at once, in the
+        // same batch, so a transaction queued before a crash gets its number
+        // back by its identity.
+        let at_start = found == Found::Scan && self.first;
+        let grouped = if at_start {
+            let keys = groupable_paths(&outcome.changes);
+            let specs = outcome.take_paths(&keys, false).into_iter().map(|(s, _)| s);
+            transaction::group(specs.collect(), Timestamp::now())
+        } else {
+            if found != Found::Approval {
+                self.hold_package_changes(&mut outcome);
+            }
+            Vec::new()
+        };
         let mut reports = detected(&mut outcome);
+        reports.extend(grouped.into_iter().map(|spec| Detected { spec, epoch: 0 }));
         sequence::number(&mut reports, &mut self.engine);
         let names = match found {
             Found::Approval => reports

@@ -26,9 +26,10 @@
 //! state still listed), numbered once per object, queued durably like any
 //! report, and only then marked, in the protocol's order ([`super`]). So a
 //! crash before the close loses nothing: the held changes were never marked,
-//! and the startup scan detects them again (source `Startup`) and groups them
-//! anew. A crash between queueing and marking is the protocol's case 3→4:
-//! the same items regrouped get the object's number back by its identity.
+//! and the startup scan detects them again (source `Startup`). The startup
+//! scan groups at once, in its own batch (it sees the upgrade whole): a crash
+//! between queueing and marking is then the protocol's case 3→4, the same
+//! items regrouped get the object's number back by its identity.
 //! Grouping costs latency, never evidence: a package-verified change reaches
 //! the cluster up to [`MAX_DELAY`] later.
 
