@@ -443,3 +443,97 @@ async fn an_agent_killed_during_a_transaction_window_loses_none_of_its_changes()
     );
     fleet.cleanup().await;
 }
+
+/// Runs `kubectl fim ARGS` as the admin, with the plugin's directory first on PATH.
+fn kubectl_fim(args: &[&str]) -> kube_fim_e2e::Run {
+    let dir = kube_fim_e2e::binary("kubectl-fim")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    std::process::Command::new("kubectl")
+        .arg("fim")
+        .args(args)
+        .env("PATH", path)
+        .env("KUBECONFIG", kube_fim_e2e::kubeconfig())
+        .output()
+        .expect("kubectl runs")
+        .into()
+}
+
+/// The same upgrade on two nodes is one rollout of their transaction
+/// objects, approved with one command; a node whose upgrade wrote other
+/// content is its outlier and is not approved.
+#[tokio::test]
+async fn the_same_upgrade_on_two_nodes_is_one_rollout_of_transaction_objects() {
+    use kube_fim_crds::rollout::Transition;
+    let client = client().await;
+    let suite = unique_name("txnr");
+    let mut fleet = Fleet::new(client.clone(), &suite, 3).await;
+    let policy = format!("{suite}-bin");
+    let names: Vec<String> = fleet.nodes.iter().map(|n| n.name.clone()).collect();
+    for n in &fleet.nodes {
+        install_dpkg(&n.root, &["gzip"]);
+    }
+    fleet
+        .create_policy(&fleet.policy(&policy, vec![entry("bin", "/bin", true)]))
+        .await;
+    for n in &mut fleet.nodes {
+        n.start_agent();
+    }
+    for n in &names {
+        fleet.wait_ready(n, &policy, READY).await;
+    }
+    let _operator = Operator::start(&suite, &suite, &["--resync=2s".to_string()]);
+    for (i, to) in [(0, "99.0-1"), (1, "99.0-1"), (2, "99.0-2")] {
+        upgrade(&fleet.nodes[i].root.clone(), "gzip", to);
+    }
+    let a = wait_transaction(&fleet, &names[0], "99.0-1").await;
+    let b = wait_transaction(&fleet, &names[1], "99.0-1").await;
+    let c = wait_transaction(&fleet, &names[2], "99.0-2").await;
+    let id = Transition::of(&a.spec).unwrap().id();
+    assert_eq!(Transition::of(&b.spec).unwrap().id(), id);
+    assert_ne!(Transition::of(&c.spec).unwrap().id(), id);
+
+    let listed = eventually("the rollout in kubectl fim rollouts", SEEN, || async {
+        let run = kubectl_fim(&["rollouts", "--policy", &policy, "-o", "json"]);
+        if !run.success {
+            return Err(run.stderr);
+        }
+        let rows: serde_json::Value =
+            serde_json::from_str(&run.stdout).map_err(|e| e.to_string())?;
+        let row = rows
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["id"] == id.as_str()).cloned())
+            .ok_or_else(|| run.stdout.clone())?;
+        if row["outliers"] == serde_json::json!([names[2]]) {
+            Ok(row)
+        } else {
+            Err(run.stdout)
+        }
+    })
+    .await;
+    assert_eq!(listed["nodes"], 2, "{listed}");
+
+    let run = kubectl_fim(&["rollouts", "approve", &id, "--reason", "CHG-7"]);
+    assert!(run.success, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("approved 2, skipped 0"),
+        "{}",
+        run.stdout
+    );
+    for fc in [&a, &b] {
+        let answer = wait_answer(&client, &fc.name_any()).await;
+        assert_eq!(answer.outcome, Some(ApprovalOutcome::Applied), "{answer:?}");
+    }
+    let c = Api::<FileChange>::all(client.clone())
+        .get(&c.name_any())
+        .await
+        .unwrap();
+    assert!(c.approval().is_none(), "the outlier is not approved");
+    fleet.cleanup().await;
+}
