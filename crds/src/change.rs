@@ -74,6 +74,12 @@ use crate::policy::Attribute;
         description = "Verified: the content is the installed package's; Mismatch: a package's file with content no installed package has"
     ),
     printcolumn(
+        name = "Transaction",
+        type_ = "string",
+        json_path = ".spec.package.transaction.summary",
+        description = "A package transaction reported as one object: package, versions and its number of files"
+    ),
+    printcolumn(
         name = "Source",
         type_ = "string",
         json_path = ".spec.source",
@@ -201,6 +207,70 @@ pub struct PackageCheck {
     pub version_before: Option<String>,
     /// The content compared with the package's recorded digest.
     pub verdict: PackageVerdict,
+    /// For one object standing for a package transaction on the node: the
+    /// package-verified changes it lists (every one, each with its own
+    /// before and after). `path` and the other fields of the spec then name
+    /// the first of them; `name` and the versions are the transaction's
+    /// main package.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction: Option<PackageTransaction>,
+}
+
+/// Most changes one transaction object lists (a larger transaction is a few
+/// objects, each far under the API server's object size limit).
+pub const TRANSACTION_ITEMS_MAX: usize = 500;
+
+/// The package-verified changes of one package transaction on one node,
+/// reported as one object with one transition number.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PackageTransaction {
+    /// One line for `kubectl get fc`: `openssl 3.0.13→3.0.15, 48 files`.
+    #[schemars(length(max = 512))]
+    pub summary: String,
+    /// Number of changes listed.
+    pub files: u64,
+    /// Every change of the transaction, in path order.
+    #[schemars(length(max = 500))]
+    pub changes: Vec<TransactionItem>,
+}
+
+/// One change of a package transaction: what a FileChange of its own would say.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TransactionItem {
+    /// Host path of the file (escaped like `spec.path`).
+    #[schemars(length(min = 1, max = 4096))]
+    pub path: String,
+    /// What happened to the file.
+    pub category: ChangeCategory,
+    /// Attributes that differ between before and after.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 13), extend("x-kubernetes-list-type" = "set"))]
+    pub changed_attributes: Vec<Attribute>,
+    /// The file as recorded in the baseline (absent for Added).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<FileAttributes>,
+    /// The file as found on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<FileAttributes>,
+    /// When the agent detected the change.
+    pub detected_time: MicroTime,
+    /// How the change was found.
+    pub source: DetectionSource,
+    /// The writer, when process attribution named one (a package manager).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessInfo>,
+    /// The package whose recorded digest the content has.
+    #[schemars(length(min = 1, max = 253))]
+    pub package: String,
+    /// Its installed version.
+    #[schemars(length(max = 253))]
+    pub version: String,
+    /// The version before, for an upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub version_before: Option<String>,
 }
 
 /// A package database on the node.
@@ -616,6 +686,13 @@ pub struct Approval {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub reason: Option<String>,
+
+    /// For a package transaction (`spec.package.transaction`): the paths of
+    /// the changes approved; empty approves every change it lists. The node
+    /// reports the changes left out again, as a new object to approve.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 500), inner(length(max = 4096)))]
+    pub paths: Vec<String>,
 }
 
 /// What the agent did with an approval.

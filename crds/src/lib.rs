@@ -21,7 +21,8 @@ pub mod validate;
 pub use change::{
     Approval, ApprovalOutcome, AttributionLimit, ChangeCategory, ChangeSummary, ContainerRef,
     DetectionSource, EntryDigestMove, FileAttributes, FileChange, FileChangeSpec, FileChangeStatus,
-    FileType, Mount, PackageCheck, PackageManager, PackageVerdict, PodRef, ProcessInfo,
+    FileType, Mount, PackageCheck, PackageManager, PackageTransaction, PackageVerdict, PodRef,
+    ProcessInfo, TRANSACTION_ITEMS_MAX, TransactionItem,
 };
 pub use node::{
     BaselineAlarm, ChainVerification, ChangeFloodRecord, EntryDigest, EvidenceGap,
@@ -133,6 +134,7 @@ mod tests {
                 "CONTAINER",
                 "UNREADABLE",
                 "PACKAGE",
+                "TRANSACTION",
                 "AGE"
             ]
         );

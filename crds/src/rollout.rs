@@ -113,6 +113,29 @@ pub const SHORT_DIGEST: usize = 12;
 impl Transition {
     /// The transition of a change; none for a Summary, which stands for many.
     pub fn of(spec: &FileChangeSpec) -> Option<Transition> {
+        if let Some(t) = spec.package.as_ref().and_then(|p| p.transaction.as_ref()) {
+            let states: Vec<(&str, ChangeCategory, Option<Comparable>, Option<Comparable>)> = t
+                .changes
+                .iter()
+                .map(|i| {
+                    (
+                        i.path.as_str(),
+                        i.category,
+                        i.before.as_ref().map(Comparable::of),
+                        i.after.as_ref().map(Comparable::of),
+                    )
+                })
+                .collect();
+            return Transition::of_items(
+                &spec.policy,
+                &spec.entry,
+                &spec.path,
+                spec.category,
+                states
+                    .iter()
+                    .map(|(p, c, b, a)| (*p, *c, b.as_ref(), a.as_ref())),
+            );
+        }
         Transition::from_parts(
             &spec.policy,
             &spec.entry,
@@ -139,6 +162,44 @@ impl Transition {
             category,
             before: Comparable::digest(before),
             after: Comparable::digest(after),
+        })
+    }
+
+    /// The transition of a package transaction object (one object listing
+    /// many changes, `spec.package.transaction`): before and after are
+    /// digests of every listed change's path, category and state, so the
+    /// same transaction on two nodes is one transition and a transaction
+    /// that differs in any change is another.
+    pub fn of_items<'a>(
+        policy: &str,
+        entry: &str,
+        path: &str,
+        category: ChangeCategory,
+        items: impl IntoIterator<
+            Item = (
+                &'a str,
+                ChangeCategory,
+                Option<&'a Comparable>,
+                Option<&'a Comparable>,
+            ),
+        >,
+    ) -> Option<Transition> {
+        let (mut before, mut after) = (blake3::Hasher::new(), blake3::Hasher::new());
+        for (p, c, b, a) in items {
+            for (h, state) in [(&mut before, b), (&mut after, a)] {
+                for part in [p, c.as_str(), Comparable::digest(state).as_str()] {
+                    h.update(&(part.len() as u64).to_le_bytes());
+                    h.update(part.as_bytes());
+                }
+            }
+        }
+        (category != ChangeCategory::Summary).then(|| Transition {
+            policy: policy.to_string(),
+            entry: entry.to_string(),
+            path: path.to_string(),
+            category,
+            before: format!("txn-{}", before.finalize().to_hex()),
+            after: format!("txn-{}", after.finalize().to_hex()),
         })
     }
 
@@ -281,6 +342,57 @@ mod tests {
         );
         assert_eq!(Comparable::digest(None), "-");
         assert_eq!(short("-"), "-");
+    }
+
+    #[test]
+    fn the_same_package_transaction_on_two_nodes_is_one_transition_and_another_is_not() {
+        use crate::{
+            PackageCheck, PackageManager, PackageTransaction, PackageVerdict, TransactionItem,
+        };
+        let txn = |node: &str, inode: u64, second: char| {
+            let item = |path: &str, after: char| TransactionItem {
+                path: path.into(),
+                category: ChangeCategory::Modified,
+                changed_attributes: vec![],
+                before: Some(state('1', inode, node)),
+                after: Some(state(after, inode + 1, node)),
+                detected_time: MicroTime(Timestamp::now()),
+                source: crate::DetectionSource::Realtime,
+                process: None,
+                package: "openssl".into(),
+                version: "3.0.15".into(),
+                version_before: None,
+            };
+            let mut s = spec(node, state('1', 1, node), state('2', 2, node));
+            s.path = "/usr/bin/a".into();
+            s.before = None;
+            s.after = None;
+            s.package = Some(PackageCheck {
+                manager: PackageManager::Dpkg,
+                name: "openssl".into(),
+                version: "3.0.15".into(),
+                version_before: None,
+                verdict: PackageVerdict::Verified,
+                transaction: Some(PackageTransaction {
+                    summary: "openssl 3.0.15, 2 files".into(),
+                    files: 2,
+                    changes: vec![item("/usr/bin/a", '2'), item("/usr/bin/b", second)],
+                }),
+            });
+            Transition::of(&s).unwrap()
+        };
+        let a = txn("/dev/sda1", 10, '2');
+        let b = txn("/dev/nvme0n1p1", 70, '2');
+        assert_eq!(
+            a, b,
+            "the same transaction, whatever the node's inodes and devices"
+        );
+        let c = txn("/dev/sda1", 10, '3');
+        assert_ne!(a.id(), c.id(), "one change differs: another transition");
+        assert!(a.same_file(&c), "an outlier of the rollout");
+        let mut single = spec("a", state('1', 1, "/dev/sda1"), state('2', 2, "/dev/sda1"));
+        single.path = "/usr/bin/a".into();
+        assert_ne!(Transition::of(&single).unwrap(), a);
     }
 
     #[test]

@@ -347,6 +347,7 @@ pub async fn approve(
             k8s_openapi::jiff::Timestamp::now(),
         ),
         reason: Some(reason.to_string()),
+        paths: Vec::new(),
     };
     kube::Api::<kube_fim_crds::FileChange>::all(client.clone())
         .patch_status(

@@ -349,6 +349,7 @@ async fn a_filechange_shows_the_printer_columns_and_is_immutable() {
             "CONTAINER",
             "UNREADABLE",
             "PACKAGE",
+            "TRANSACTION",
             "AGE"
         ]
     );

@@ -254,6 +254,7 @@ async fn an_agent_cannot_label_a_change_with_another_verdict() {
             version: "1.9.13p3-1+deb12u1".into(),
             version_before: None,
             verdict,
+            transaction: None,
         });
         if let Some(l) = label {
             fc.labels_mut().insert(labels::PACKAGE.into(), l.into());

@@ -28,6 +28,7 @@ fn approval(by: &str) -> serde_json::Value {
         approved_by: by.into(),
         approved_at: Time(Timestamp::now()),
         reason: Some("forged".into()),
+        paths: Vec::new(),
     }}})
 }
 

@@ -977,6 +977,7 @@ mod tests {
                 approved_by: "alice".into(),
                 approved_at: Time(at("2026-12-07T06:00:00Z")),
                 reason: Some("CHG-1".into()),
+                paths: Vec::new(),
             }),
             ..FileChangeStatus::default()
         });
@@ -996,6 +997,7 @@ mod tests {
                 approved_by: "alice".into(),
                 approved_at: Time(at("2026-12-07T06:00:00Z")),
                 reason: Some("CHG-1".into()),
+                paths: Vec::new(),
             }),
             ..FileChangeStatus::default()
         });

@@ -564,6 +564,7 @@ async fn approve(
         approved_by: whoami(client).await?,
         approved_at: Time(Timestamp::now()),
         reason,
+        paths: Vec::new(),
     };
     let patch = serde_json::json!({"status": {"approval": approval}});
     let mut failed = 0;

@@ -315,6 +315,7 @@ pub async fn approve(
         approved_by: approver,
         approved_at: Time(Timestamp::now()),
         reason,
+        paths: Vec::new(),
     };
     let patch = serde_json::json!({"status": {"approval": approval}});
     let api: Api<FileChange> = Api::all(client.clone());

@@ -8,7 +8,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kube_fim_crds::{DetectionSource, EntryDigest, EntryDigestMove, FileAttributes};
+use k8s_openapi::jiff::Timestamp;
+use kube_fim_crds::{
+    DetectionSource, EntryDigest, EntryDigestMove, FileAttributes, FileChangeSpec,
+};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -21,7 +24,9 @@ use crate::attribution::pods::PodIndex;
 use crate::containers::DriftBatch;
 use crate::engine::{Approval, Approved, Engine, Outcome, PolicyStatus};
 use crate::packages::{Packages, Scope};
+use crate::paths::rel_path;
 use crate::report::object::object_name;
+use crate::report::transaction::{self, Held};
 use crate::report::{Batch, Detected, detected, hand_over, sequence};
 use crate::served::ServedPolicies;
 use crate::telemetry::Telemetry;
@@ -37,6 +42,30 @@ pub enum Control {
         request: ApprovalRequest,
         done: oneshot::Sender<Answer>,
     },
+    /// An approver approved changes a package transaction object listed
+    /// (all of them, or the paths the approval names); `remainder` lists
+    /// the others, reported again as a new object to approve.
+    ApproveAll {
+        requests: Vec<ApprovalRequest>,
+        remainder: Option<Box<FileChangeSpec>>,
+        done: oneshot::Sender<AllAnswer>,
+    },
+}
+
+/// What the loop did with the approval of a transaction's changes.
+#[derive(Debug, Default)]
+pub struct AllAnswer {
+    /// Paths whose approved state is the baseline (in memory until
+    /// `recorded` says `true`, as for [`Answer::Applied`]).
+    pub applied: Vec<String>,
+    pub moved: Vec<EntryDigestMove>,
+    pub recorded: Option<oneshot::Sender<bool>>,
+    /// Paths that moved on (their present state is reported anew).
+    pub superseded: Vec<String>,
+    /// Paths no served entry covers here.
+    pub not_monitored: Vec<String>,
+    /// The FileChange that lists the changes left out of the approval.
+    pub remainder: Option<String>,
 }
 
 /// The reviewed state: a FileChange's policy entry, path and `after`.
@@ -218,6 +247,8 @@ pub struct Monitor {
     /// The node's package databases, for the changes of package-owned files.
     packages: Packages,
     root: PathBuf,
+    /// Package-verified changes held until their transaction closes.
+    held: Held,
     /// Paths waiting for their rescan, with when (debounce).
     pending: BTreeMap<PathBuf, Instant>,
     /// Directories the real-time sources follow.
@@ -261,6 +292,7 @@ pub async fn run(
         inotify: Inotify::new(inotify_tx),
         attribution,
         packages,
+        held: Held::default(),
         pending: BTreeMap::new(),
         followed: BTreeSet::new(),
         first: true,
@@ -309,6 +341,9 @@ pub async fn run(
                     Ok(())
                 }
                 Some(Control::Approve { request, done }) => m.approve(&request, done).await,
+                Some(Control::ApproveAll { requests, remainder, done }) => {
+                    m.approve_all(&requests, remainder, done).await
+                }
             },
         };
         if step.is_err() {
@@ -355,7 +390,23 @@ impl Monitor {
         tokio::task::block_in_place(|| self.packages.verify(&mut outcome.changes, &self.telemetry));
         self.telemetry
             .changes_detected(outcome.bytes, outcome.errors.len(), &outcome.changes);
+        // The start's scan sees an upgrade made while the agent was down
+        // (or one it was holding when it died) whole: grouped at once, in the
+        // same batch, so a transaction queued before a crash gets its number
+        // back by its identity.
+        let at_start = found == Found::Scan && self.first;
+        let grouped = if at_start {
+            let keys = groupable_paths(&outcome.changes);
+            let specs = outcome.take_paths(&keys, false).into_iter().map(|(s, _)| s);
+            transaction::group(specs.collect(), Timestamp::now())
+        } else {
+            if found != Found::Approval {
+                self.hold_package_changes(&mut outcome);
+            }
+            Vec::new()
+        };
         let mut reports = detected(&mut outcome);
+        reports.extend(grouped.into_iter().map(|spec| Detected { spec, epoch: 0 }));
         sequence::number(&mut reports, &mut self.engine);
         let names = match found {
             Found::Approval => reports
@@ -379,6 +430,63 @@ impl Monitor {
             differing,
             saved,
         })
+    }
+
+    /// Takes the package-verified changes out of `outcome` (not reported, not
+    /// marked) into the open transaction: paths whose every change is
+    /// groupable ([`transaction::groupable`]) only.
+    fn hold_package_changes(&mut self, outcome: &mut Outcome) {
+        let keys = groupable_paths(&outcome.changes);
+        if keys.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for (spec, epoch) in outcome.take_paths(&keys, true) {
+            self.held.hold(Detected { spec, epoch }, now);
+        }
+    }
+
+    /// Closes the open transaction: its paths looked at again, the changes
+    /// still there grouped into transaction objects, the rest reported on
+    /// their own; numbered, handed over, then marked (see
+    /// [`crate::report::transaction`]).
+    async fn close_transaction(&mut self) -> Result<(), Stopped> {
+        let held = self.held.take();
+        let paths: BTreeSet<PathBuf> = held.iter().map(|d| rel_path(&d.spec.path)).collect();
+        let (mut fresh, new_dirs) =
+            tokio::task::block_in_place(|| self.engine.rescan(&paths, DetectionSource::Realtime));
+        tokio::task::block_in_place(|| self.packages.verify(&mut fresh.changes, &self.telemetry));
+        let keys = groupable_paths(&fresh.changes);
+        let grouped: Vec<FileChangeSpec> = fresh
+            .take_paths(&keys, false)
+            .into_iter()
+            .map(|(spec, _)| spec)
+            .collect();
+        self.telemetry
+            .changes_detected(fresh.bytes, fresh.errors.len(), &fresh.changes);
+        let items = transaction::merge(held, grouped);
+        let mut reports = detected(&mut fresh);
+        let objects = transaction::group(items, Timestamp::now());
+        info!(
+            objects = objects.len(),
+            others = reports.len(),
+            "package transaction closed"
+        );
+        reports.extend(objects.into_iter().map(|spec| Detected { spec, epoch: 0 }));
+        sequence::number(&mut reports, &mut self.engine);
+        if !hand_over(&self.out, reports).await {
+            return Err(Stopped);
+        }
+        self.engine.mark_reported(&fresh);
+        let saved = self.engine.baseline().is_dirty();
+        self.digest = self.save();
+        if saved {
+            self.publish_status(None);
+        }
+        if new_dirs {
+            self.sync_watches(true);
+        }
+        Ok(())
     }
 
     /// After a lost or replaced baseline, the first scan's entries against
@@ -412,7 +520,14 @@ impl Monitor {
 
     fn next_wake(&self) -> Instant {
         let now = Instant::now();
-        let due = self.pending.values().min().copied();
+        let due = self
+            .pending
+            .values()
+            .min()
+            .copied()
+            .into_iter()
+            .chain(self.held.due())
+            .min();
         if self.first {
             due.unwrap_or(now + BEAT)
         } else {
@@ -467,6 +582,9 @@ impl Monitor {
     /// Rescans the paths whose debounce is over.
     async fn rescan_due(&mut self) -> Result<(), Stopped> {
         let now = Instant::now();
+        if self.held.due().is_some_and(|d| d <= now) {
+            self.close_transaction().await?;
+        }
         let ready: BTreeSet<PathBuf> = self
             .pending
             .iter()
@@ -668,6 +786,68 @@ impl Monitor {
         Ok(())
     }
 
+    /// An approver approved changes of a package transaction object.
+    async fn approve_all(
+        &mut self,
+        requests: &[ApprovalRequest],
+        remainder: Option<Box<FileChangeSpec>>,
+        done: oneshot::Sender<AllAnswer>,
+    ) -> Result<(), Stopped> {
+        let approvals: Vec<Approval<'_>> = requests
+            .iter()
+            .map(|r| Approval {
+                policy: &r.policy,
+                entry: &r.entry,
+                key: &r.key,
+                after: r.after.as_deref(),
+            })
+            .collect();
+        let mut all = tokio::task::block_in_place(|| self.engine.approve_all(&approvals));
+        let superseded = std::mem::take(&mut all.superseded);
+        let mut answer = AllAnswer {
+            applied: all.applied_paths.clone(),
+            moved: all.moved.clone(),
+            superseded: superseded.iter().map(|(p, _)| p.clone()).collect(),
+            not_monitored: all.not_monitored.clone(),
+            ..AllAnswer::default()
+        };
+        if let Some(spec) = remainder {
+            // Numbered and queued like any report; saved with the baseline below.
+            let mut reports = vec![Detected {
+                spec: *spec,
+                epoch: 0,
+            }];
+            sequence::number(&mut reports, &mut self.engine);
+            answer.remainder = reports.first().map(|d| object_name(&d.spec, 0));
+            if !hand_over(&self.out, reports).await {
+                self.engine.revert_all(all);
+                return Err(Stopped);
+            }
+        }
+        if all.applied_paths.is_empty() {
+            let _ = done.send(answer);
+        } else {
+            let (recorded, answered) = oneshot::channel();
+            answer.recorded = Some(recorded);
+            let _ = done.send(answer);
+            // The answer first, then the baseline (as for one change).
+            if answered.await != Ok(true) {
+                warn!(
+                    changes = all.applied_paths.len(),
+                    "the answer to a transaction's approval was not recorded: not applied"
+                );
+                self.engine.revert_all(all);
+            }
+        }
+        // Saved (with the approvals) before the paths that moved on are reported.
+        self.digest = self.save();
+        for (_, outcome) in superseded {
+            self.carry(outcome, Found::Approval).await?;
+        }
+        self.publish_status(None);
+        Ok(())
+    }
+
     fn wants_attribution(&self) -> bool {
         self.engine
             .policies()
@@ -724,6 +904,18 @@ impl Monitor {
         };
         let _ = self.status.send(snapshot);
     }
+}
+
+/// The paths of `changes` whose every change may join a transaction.
+fn groupable_paths(changes: &[FileChangeSpec]) -> BTreeSet<String> {
+    let mut all: BTreeMap<&str, bool> = BTreeMap::new();
+    for c in changes {
+        *all.entry(c.path.as_str()).or_insert(true) &= transaction::groupable(c);
+    }
+    all.into_iter()
+        .filter(|(_, g)| *g)
+        .map(|(p, _)| p.to_string())
+        .collect()
 }
 
 #[cfg(test)]

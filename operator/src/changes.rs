@@ -57,10 +57,33 @@ pub struct ViewSpec {
     pub package: Option<ViewPackage>,
 }
 
-/// Of a FileChange's package check, its verdict.
+/// Of a FileChange's package check, its verdict (and for a package
+/// transaction object, what its changes' transitions need).
 #[derive(Clone, Debug, Deserialize)]
 pub struct ViewPackage {
     pub verdict: PackageVerdict,
+    #[serde(default)]
+    pub transaction: Option<ViewTransaction>,
+}
+
+/// Of a package transaction object, its changes.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ViewTransaction {
+    #[serde(default)]
+    pub changes: Vec<ViewItem>,
+}
+
+/// Of one change a transaction lists, what its transition is made of.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ViewItem {
+    #[serde(default)]
+    pub path: String,
+    pub category: ChangeCategory,
+    #[serde(default)]
+    pub before: Option<Comparable>,
+    #[serde(default)]
+    pub after: Option<Comparable>,
 }
 
 /// Of a FileChange's status, whether it holds an approval: a person's recorded
@@ -136,6 +159,22 @@ fn transition_of(spec: &ViewSpec) -> Option<Transition> {
         "Removed" => ChangeCategory::Removed,
         _ => return None,
     };
+    if let Some(t) = spec.package.as_ref().and_then(|p| p.transaction.as_ref()) {
+        return Transition::of_items(
+            &spec.policy,
+            &spec.entry,
+            &spec.path,
+            category,
+            t.changes.iter().map(|i| {
+                (
+                    i.path.as_str(),
+                    i.category,
+                    i.before.as_ref(),
+                    i.after.as_ref(),
+                )
+            }),
+        );
+    }
     Transition::from_parts(
         &spec.policy,
         &spec.entry,
@@ -459,6 +498,7 @@ mod tests {
                 approved_by: "admin".into(),
                 approved_at: Time(Timestamp::now()),
                 reason: None,
+                paths: Vec::new(),
             }),
             ..FileChangeStatus::default()
         });
@@ -666,6 +706,7 @@ mod tests {
                 version: "1.9.13p3-1+deb12u2".into(),
                 version_before: None,
                 verdict,
+                transaction: None,
             });
             fc
         };
@@ -689,5 +730,49 @@ mod tests {
             changes.counts("web", now, PackageVerifiedChanges::RequireApproval),
             counts(3, 3)
         );
+    }
+    #[test]
+    fn a_transaction_objects_transition_is_the_same_from_the_view_and_the_typed_object() {
+        let now = Timestamp::now();
+        let mut fc = change("txn", "web", now);
+        let state = |hash: char| kube_fim_crds::FileAttributes {
+            hash: Some(hash.to_string().repeat(64)),
+            inode: Some(7),
+            ..Default::default()
+        };
+        let item = |path: &str| kube_fim_crds::TransactionItem {
+            path: path.into(),
+            category: ChangeCategory::Modified,
+            changed_attributes: vec![],
+            before: Some(state('1')),
+            after: Some(state('2')),
+            detected_time: fc.spec.detected_time.clone(),
+            source: fc.spec.source,
+            process: None,
+            package: "gzip".into(),
+            version: "2".into(),
+            version_before: None,
+        };
+        fc.spec.before = None;
+        fc.spec.after = None;
+        fc.spec.package = Some(kube_fim_crds::PackageCheck {
+            manager: kube_fim_crds::PackageManager::Dpkg,
+            name: "gzip".into(),
+            version: "2".into(),
+            version_before: None,
+            verdict: PackageVerdict::Verified,
+            transaction: Some(kube_fim_crds::PackageTransaction {
+                summary: "gzip 2, 2 files".into(),
+                files: 2,
+                changes: vec![item("/bin/gzip"), item("/bin/zcat")],
+            }),
+        });
+        let typed = Transition::of(&fc.spec).unwrap();
+        let seen = Item::of(&view(&fc)).transition.unwrap();
+        assert_eq!(
+            *seen, typed,
+            "kubectl fim rollouts approve recomputes what the operator grouped"
+        );
+        assert!(typed.before.starts_with("txn-"), "{typed:?}");
     }
 }

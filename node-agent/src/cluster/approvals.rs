@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::context::Context;
-use crate::monitor::{Answer, ApprovalRequest, Control};
-use crate::report::deliver;
+use crate::monitor::{AllAnswer, Answer, ApprovalRequest, Control};
+use crate::report::{deliver, transaction};
 
 /// An approver says that a change was expected (`status.approval`, which
 /// the admission policy lets only holders of the approve verb write, in their
@@ -149,6 +149,9 @@ async fn judge(
             ),
         ));
     }
+    if let Some(items) = transaction::items(&change.spec) {
+        return judge_transaction(change, items, approver, node, control).await;
+    }
     let (tx, rx) = oneshot::channel();
     let request = Control::Approve {
         request: ApprovalRequest {
@@ -187,6 +190,104 @@ async fn judge(
                 }
             ),
         ),
+    })
+}
+
+/// The approval of a package transaction object: each change it lists (or
+/// those `status.approval.paths` names) approved as one change would be; the
+/// entry digests move once for all of them. The changes left out are
+/// reported again, as a new object to approve.
+async fn judge_transaction(
+    change: &FileChange,
+    items: &[kube_fim_crds::TransactionItem],
+    approver: &str,
+    node: &str,
+    control: &mpsc::Sender<Control>,
+) -> Option<Verdict> {
+    let named: &[String] = change.approval().map_or(&[], |a| a.paths.as_slice());
+    let chosen = |path: &str| named.is_empty() || named.iter().any(|n| n == path);
+    let (selected, left): (Vec<_>, Vec<_>) = items.iter().cloned().partition(|i| chosen(&i.path));
+    let unknown: Vec<&String> = named
+        .iter()
+        .filter(|n| !items.iter().any(|i| &i.path == *n))
+        .collect();
+    let requests: Vec<ApprovalRequest> = selected
+        .iter()
+        .map(|i| ApprovalRequest {
+            policy: change.spec.policy.clone(),
+            entry: change.spec.entry.clone(),
+            key: i.path.clone(),
+            after: i.after.clone().map(Box::new),
+        })
+        .collect();
+    let manager = change.spec.package.as_ref().map(|p| p.manager);
+    let remainder =
+        transaction::object(&change.spec, manager, left, Timestamp::now()).map(Box::new);
+    let (tx, rx) = oneshot::channel();
+    let request = Control::ApproveAll {
+        requests,
+        remainder,
+        done: tx,
+    };
+    control.send(request).await.ok()?;
+    let answer: AllAnswer = rx.await.ok()?;
+    let entry = format!("{}/{}", change.spec.policy, change.spec.entry);
+    let outcome = if !answer.applied.is_empty() {
+        ApprovalOutcome::Applied
+    } else if !answer.superseded.is_empty() {
+        ApprovalOutcome::Superseded
+    } else {
+        ApprovalOutcome::NotMonitored
+    };
+    let mut message = format!(
+        "approved by {approver}: {} of {} changes of the transaction (entry {entry}) are the baseline on {node}",
+        answer.applied.len(),
+        items.len()
+    );
+    let list = |paths: &[String]| {
+        let shown: Vec<&str> = paths.iter().take(5).map(String::as_str).collect();
+        let more = paths.len().saturating_sub(shown.len());
+        if more > 0 {
+            format!("{} and {more} more", shown.join(", "))
+        } else {
+            shown.join(", ")
+        }
+    };
+    if !answer.superseded.is_empty() {
+        message.push_str(&format!(
+            "; moved on since (not approved, their present state is reported anew): {}",
+            list(&answer.superseded)
+        ));
+    }
+    if !answer.not_monitored.is_empty() {
+        message.push_str(&format!(
+            "; not monitored here by entry {entry} (not approved): {}",
+            list(&answer.not_monitored)
+        ));
+    }
+    if let Some(rest) = &answer.remainder {
+        message.push_str(&format!(
+            "; the {} changes the approval left out are reported again as {rest}",
+            items.len() - selected.len()
+        ));
+    }
+    if !unknown.is_empty() {
+        let unknown: Vec<String> = unknown.into_iter().cloned().collect();
+        message.push_str(&format!(
+            "; paths the transaction does not list: {}",
+            list(&unknown)
+        ));
+    }
+    let mut cut = message.len().min(1024);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    message.truncate(cut);
+    Some(Verdict {
+        outcome,
+        message,
+        moved: answer.moved,
+        recorded: answer.recorded,
     })
 }
 

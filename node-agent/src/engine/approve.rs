@@ -47,6 +47,21 @@ pub struct Applied {
     previous: Option<FileAttributes>,
 }
 
+/// What became of the approvals of [`Engine::approve_all`].
+#[derive(Debug, Default)]
+pub struct ApprovedAll {
+    /// Applied in memory, in order, with the states they replaced.
+    applied: Vec<(String, Option<FileAttributes>)>,
+    /// The paths whose approved state is the baseline now (in memory).
+    pub applied_paths: Vec<String>,
+    /// How the entry digests moved, all approvals together.
+    pub moved: Vec<EntryDigestMove>,
+    /// Paths that moved on, with the changes that report them.
+    pub superseded: Vec<(String, Outcome)>,
+    /// Paths the change's entry does not cover here.
+    pub not_monitored: Vec<String>,
+}
+
 /// The attributes an entry compares (a directory's only, for a directory),
 /// as the judge does.
 fn compared(entry: &Entry, dir: bool) -> Vec<kube_fim_crds::Attribute> {
@@ -97,6 +112,80 @@ impl Engine {
     /// Applied only in memory: the caller records the answer in the cluster,
     /// then saves (or reverts).
     pub fn approve(&mut self, approval: &Approval<'_>) -> Approved {
+        let before = self.digests_by_entry();
+        let previous = match self.adopt(approval) {
+            Ok(previous) => previous,
+            Err(not) => return not,
+        };
+        let key = approval.key;
+        let own = (approval.policy.to_string(), approval.entry.to_string());
+        let moved = self.moves(&before, &own);
+        Approved::Applied(Box::new(Applied {
+            moved,
+            key: key.to_string(),
+            previous,
+        }))
+    }
+
+    /// Approves many changes at once (the changes of a package transaction),
+    /// each exactly as [`Engine::approve`] would; the entry digests' moves
+    /// are those of all of them together (the first change's entry first).
+    pub fn approve_all(&mut self, approvals: &[Approval<'_>]) -> ApprovedAll {
+        let before = self.digests_by_entry();
+        let mut all = ApprovedAll::default();
+        for a in approvals {
+            match self.adopt(a) {
+                Ok(previous) => {
+                    all.applied.push((a.key.to_string(), previous));
+                    all.applied_paths.push(a.key.to_string());
+                }
+                Err(Approved::Superseded(outcome)) => {
+                    all.superseded.push((a.key.to_string(), outcome));
+                }
+                Err(Approved::NotMonitored | Approved::Applied(_)) => {
+                    all.not_monitored.push(a.key.to_string());
+                }
+            }
+        }
+        if let Some(first) = approvals.first().filter(|_| !all.applied.is_empty()) {
+            let own = (first.policy.to_string(), first.entry.to_string());
+            all.moved = self.moves(&before, &own);
+        }
+        all
+    }
+
+    /// Undoes the applied approvals of [`Engine::approve_all`], last first.
+    pub fn revert_all(&mut self, all: ApprovedAll) {
+        for (key, previous) in all.applied.into_iter().rev() {
+            self.baseline.approve(&key, previous);
+        }
+    }
+
+    fn moves(
+        &self,
+        before: &BTreeMap<(String, String), String>,
+        own: &(String, String),
+    ) -> Vec<EntryDigestMove> {
+        let after = self.digests_by_entry();
+        let mut moved: Vec<EntryDigestMove> = after
+            .iter()
+            .filter_map(|(k, a)| {
+                let b = before.get(k)?;
+                (b != a || k == own).then(|| EntryDigestMove {
+                    policy: k.0.clone(),
+                    entry: k.1.clone(),
+                    before: b.clone(),
+                    after: a.clone(),
+                })
+            })
+            .collect();
+        moved.sort_by_key(|m| m.policy != own.0 || m.entry != own.1);
+        moved
+    }
+
+    /// The reviewed state taken in as the path's baseline (in memory), with
+    /// the state it replaces; or why not.
+    fn adopt(&mut self, approval: &Approval<'_>) -> Result<Option<FileAttributes>, Approved> {
         let key = approval.key;
         let path = rel_path(key);
         let plan = Arc::clone(&self.plan);
@@ -106,7 +195,7 @@ impl Engine {
             .find(|o| o.owner.policy == approval.policy && o.owner.entry == approval.entry)
         else {
             warn!(path = %key, policy = approval.policy, entry = approval.entry, "not monitored here by that entry: nothing to approve");
-            return Approved::NotMonitored;
+            return Err(Approved::NotMonitored);
         };
         let mut scratch = Outcome::default();
         let current = self.inspect(&path, &owners, &mut scratch);
@@ -128,30 +217,10 @@ impl Engine {
         };
         let Some(state) = adopted else {
             let (outcome, _) = self.rescan(&BTreeSet::from([path]), DetectionSource::Scan);
-            return Approved::Superseded(outcome);
+            return Err(Approved::Superseded(outcome));
         };
-        let before = self.digests_by_entry();
         self.baseline.approve(key, state);
-        let after = self.digests_by_entry();
-        let own = (approval.policy.to_string(), approval.entry.to_string());
-        let mut moved: Vec<EntryDigestMove> = after
-            .iter()
-            .filter_map(|(k, a)| {
-                let b = before.get(k)?;
-                (b != a || *k == own).then(|| EntryDigestMove {
-                    policy: k.0.clone(),
-                    entry: k.1.clone(),
-                    before: b.clone(),
-                    after: a.clone(),
-                })
-            })
-            .collect();
-        moved.sort_by_key(|m| m.policy != own.0 || m.entry != own.1);
-        Approved::Applied(Box::new(Applied {
-            moved,
-            key: key.to_string(),
-            previous,
-        }))
+        Ok(previous)
     }
 
     /// Undoes an applied approval whose answer the cluster does not hold:
@@ -175,6 +244,66 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::engine::tests::*;
+    /// A package transaction's approval: every listed change approved as
+    /// one would be, the entry digest moved once from where it was to where
+    /// all of them take it (what the operator's digest verification
+    /// follows), a change that moved on left out; undone whole when the
+    /// answer is not recorded.
+    #[test]
+    fn approving_a_transaction_moves_its_entry_digest_once_through_every_change() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        for f in ["a", "b", "c"] {
+            std::fs::write(root.path().join("etc").join(f), "v1").unwrap();
+        }
+        let mut e = engine(root.path(), state.path(), vec![etc(false)]);
+        scan(&mut e, DetectionSource::Startup);
+        let first = digests_of(&e)["p/etc"].digest.clone();
+        for f in ["a", "b", "c"] {
+            std::fs::write(root.path().join("etc").join(f), "v2").unwrap();
+        }
+        let o = scan(&mut e, DetectionSource::Scan);
+        assert_eq!(o.changes.len(), 3);
+        // One of them moved on before the approval arrives.
+        std::fs::write(root.path().join("etc/c"), "v3").unwrap();
+        let approvals: Vec<Approval<'_>> = o
+            .changes
+            .iter()
+            .map(|c| Approval {
+                policy: "p",
+                entry: "etc",
+                key: &c.path,
+                after: c.after.as_ref(),
+            })
+            .collect();
+        let all = e.approve_all(&approvals);
+        let mut applied = all.applied_paths.clone();
+        applied.sort();
+        assert_eq!(applied, ["/etc/a", "/etc/b"]);
+        assert_eq!(
+            all.superseded
+                .iter()
+                .map(|(p, _)| p.as_str())
+                .collect::<Vec<_>>(),
+            ["/etc/c"]
+        );
+        let now = digests_of(&e)["p/etc"].digest.clone();
+        assert_eq!(all.moved.len(), 1, "{:?}", all.moved);
+        assert_eq!(
+            (all.moved[0].before.as_str(), all.moved[0].after.as_str()),
+            (first.as_str(), now.as_str())
+        );
+        assert_ne!(first, now);
+        // The same two approved one by one reach the same digest.
+        e.revert_all(all);
+        assert_eq!(digests_of(&e)["p/etc"].digest, first, "undone whole");
+        for a in approvals.iter().filter(|a| a.key != "/etc/c") {
+            assert!(matches!(e.approve(a), Approved::Applied(_)));
+        }
+        assert_eq!(digests_of(&e)["p/etc"].digest, now);
+    }
+
     #[test]
     fn an_approval_of_a_state_the_file_has_left_approves_nothing() {
         let root = tempfile::tempdir().unwrap();

@@ -42,7 +42,7 @@ mod tests;
 mod transient;
 mod walk;
 
-pub use approve::{Applied, Approval, Approved};
+pub use approve::{Applied, Approval, Approved, ApprovedAll};
 pub use diff::differing;
 pub use entry_digest::{ApprovedMove, Published};
 
@@ -86,6 +86,33 @@ pub struct Outcome {
     pub files: usize,
     /// Bytes read for hashing.
     pub bytes: u64,
+}
+
+impl Outcome {
+    /// Takes out the changes of the paths `keys` (as `spec.path`), each with
+    /// its path's epoch. With `hold`, their marks go too: held back, they are
+    /// neither reported nor marked reported now, and are found again by the
+    /// next look at the path (a start's scan after a crash included).
+    pub fn take_paths(
+        &mut self,
+        keys: &BTreeSet<String>,
+        hold: bool,
+    ) -> Vec<(FileChangeSpec, u64)> {
+        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.changes)
+            .into_iter()
+            .partition(|c| keys.contains(&c.path));
+        self.changes = kept;
+        if hold {
+            self.marks.retain(|(k, _)| !keys.contains(k));
+        }
+        taken
+            .into_iter()
+            .map(|c| {
+                let epoch = self.epochs.get(&c.path).copied().unwrap_or(0);
+                (c, epoch)
+            })
+            .collect()
+    }
 }
 
 /// One policy as the engine serves it.

@@ -427,6 +427,7 @@ impl Packages {
                     version: p.version.clone(),
                     version_before: before.get(&p.name).filter(|v| **v != p.version).cloned(),
                     verdict,
+                    transaction: None,
                 });
                 break;
             }

@@ -59,6 +59,7 @@ pub mod reporter;
 pub mod sequence;
 pub mod series;
 pub mod storm;
+pub mod transaction;
 
 use kube_fim_crds::FileChangeSpec;
 use tokio::sync::{mpsc, oneshot};

@@ -34,6 +34,15 @@ pub fn identity(spec: &FileChangeSpec, epoch: u64) -> String {
         hasher.update(&(json.len() as u64).to_le_bytes());
         hasher.update(&json);
     }
+    if let Some(items) = super::transaction::items(spec) {
+        // A transaction is the transitions it lists (not when it closed).
+        for i in items {
+            let json =
+                serde_json::to_vec(&(&i.path, i.category, &i.before, &i.after)).unwrap_or_default();
+            hasher.update(&(json.len() as u64).to_le_bytes());
+            hasher.update(&json);
+        }
+    }
     if epoch > 0 {
         // The same transition again after the path returned to or was
         // approved into its baseline: a new report.
@@ -138,6 +147,19 @@ pub fn shorten(change: &FileChange, max: usize) -> FileChange {
                 *text = shorten_text(text, max);
             }
             m.fs_type = shorten_text(&m.fs_type, max.min(256));
+        }
+    }
+    let items = spec
+        .package
+        .as_mut()
+        .and_then(|p| p.transaction.as_mut())
+        .map(|t| t.changes.iter_mut());
+    for item in items.into_iter().flatten() {
+        item.path = shorten_text(&item.path, max);
+        for attrs in [&mut item.before, &mut item.after].into_iter().flatten() {
+            if let Some(t) = attrs.link_target.as_deref() {
+                attrs.link_target = Some(shorten_text(t, max));
+            }
         }
     }
     if let Some(summary) = spec.summary.as_mut() {

@@ -601,6 +601,7 @@ mod tests {
                 approved_by: "alice".into(),
                 approved_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(secs)),
                 reason: None,
+                paths: Vec::new(),
             }),
             ..Default::default()
         });
