@@ -52,6 +52,59 @@ pub fn event_id(change: &FileChange) -> String {
     change.name_any()
 }
 
+/// The events a FileChange becomes, each with its stable id and its line: the
+/// change itself, or, for a package transaction (one object listing many
+/// changes), one event per change it lists, id `<change>/<index>` (no object
+/// name holds a `/`), each as the FileChange of that one file would be. A SIEM
+/// sees every file of an upgrade, not its first.
+pub fn encode_all(format: SinkFormat, change: &FileChange) -> Vec<(String, String)> {
+    expand(change)
+        .into_iter()
+        .map(|c| (event_id(&c), encode(format, &c)))
+        .collect()
+}
+
+/// The FileChanges a FileChange stands for (see [`encode_all`]).
+pub fn expand(change: &FileChange) -> Vec<FileChange> {
+    let Some(package) = &change.spec.package else {
+        return vec![change.clone()];
+    };
+    let Some(transaction) = package
+        .transaction
+        .as_ref()
+        .filter(|t| !t.changes.is_empty())
+    else {
+        return vec![change.clone()];
+    };
+    transaction
+        .changes
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let mut one = change.clone();
+            one.metadata.name = Some(format!("{}/{i}", change.name_any()));
+            let spec = &mut one.spec;
+            spec.path = item.path.clone();
+            spec.category = item.category;
+            spec.changed_attributes = item.changed_attributes.clone();
+            spec.before = item.before.clone();
+            spec.after = item.after.clone();
+            spec.detected_time = item.detected_time.clone();
+            spec.source = item.source;
+            spec.process = item.process.clone();
+            spec.package = Some(kube_fim_crds::PackageCheck {
+                manager: package.manager,
+                name: item.package.clone(),
+                version: item.version.clone(),
+                version_before: item.version_before.clone(),
+                verdict: package.verdict,
+                transaction: None,
+            });
+            one
+        })
+        .collect()
+}
+
 /// The stable id of the event a FileChange's approval becomes: the change's
 /// id and `/approval` (no object name holds a `/`, so it is no change's id).
 pub fn approval_event_id(change: &FileChange) -> String {

@@ -432,3 +432,60 @@ fn the_check_names_what_the_schema_does_not_allow() {
         );
     }
 }
+
+/// A package transaction (one FileChange listing every file of an upgrade)
+/// becomes one event per file it lists, each with its own stable id and its
+/// own file, package and versions, each valid File System Activity.
+#[test]
+fn a_package_transaction_is_one_valid_event_per_file_it_lists() {
+    let item = |path: &str, category: &str| {
+        json!({
+            "path": path, "category": category, "changedAttributes": ["hash"],
+            "before": {"type": "file", "hash": "1".repeat(64), "size": 10},
+            "after": {"type": "file", "hash": "2".repeat(64), "size": 12},
+            "detectedTime": "2026-12-07T05:01:02.345678Z", "source": "Realtime",
+            "package": "gzip", "version": "1.13-1", "versionBefore": "1.12-1",
+        })
+    };
+    let fc = change(
+        "Modified",
+        &["hash"],
+        json!({
+            "package": {
+                "manager": "dpkg", "name": "gzip", "version": "1.13-1",
+                "versionBefore": "1.12-1", "verdict": "Verified",
+                "transaction": {
+                    "summary": "gzip 1.12-1→1.13-1, 2 files", "files": 2,
+                    "changes": [item("/bin/gzip", "Modified"), item("/bin/gunzip", "Modified")],
+                },
+            },
+        }),
+    );
+    let events = kube_fim_formats::encode_all(kube_fim_crds::SinkFormat::Ocsf, &fc);
+    let ids: Vec<&str> = events.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "node-a-7-4f2a9c0123456789abcd/0",
+            "node-a-7-4f2a9c0123456789abcd/1"
+        ]
+    );
+    let paths: Vec<String> = events
+        .iter()
+        .map(|(id, line)| {
+            let event: Value = serde_json::from_str(line).unwrap();
+            let errs = errors(&event);
+            assert!(errs.is_empty(), "{id}: {}", errs.join("\n"));
+            assert_eq!(event["metadata"]["uid"], id.as_str());
+            event["file"]["path"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(paths, ["/bin/gzip", "/bin/gunzip"]);
+    // A change that is no transaction is one event, under its name.
+    let one = kube_fim_formats::encode_all(
+        kube_fim_crds::SinkFormat::Ecs,
+        &change("Modified", &["hash"], json!({})),
+    );
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].0, "node-a-7-4f2a9c0123456789abcd");
+}

@@ -430,7 +430,9 @@ async fn export(client: &Client, since: &str, format: Format) -> anyhow::Result<
     if let Some(f) = sink_format {
         // The operator's encoder: the same events a FileChangeSink delivers.
         for c in &changes {
-            writeln!(out, "{}", kube_fim_formats::encode(f, c))?;
+            for (_, line) in kube_fim_formats::encode_all(f, c) {
+                writeln!(out, "{line}")?;
+            }
         }
         return Ok(());
     }

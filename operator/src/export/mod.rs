@@ -485,22 +485,29 @@ async fn deliver(ctx: Arc<Ctx>, sink: FileChangeSink, state: Arc<SinkState>) {
             changed.borrow_and_update();
             continue;
         }
+        // A package transaction is one record (one position) and as many
+        // events as it lists changes, each with its own id.
         let outgoing: Vec<Outgoing> = batch
             .iter()
-            .map(|r| {
+            .flat_map(|r| {
                 let key = r.key();
-                Outgoing {
-                    node: r.node().to_string(),
+                let node = r.node().to_string();
+                let events = match r {
+                    Record::Change(c) => format::encode_all(sink.spec.format, c),
+                    Record::Approval(c) => vec![(
+                        key.name.clone(),
+                        format::encode_approval(sink.spec.format, c).unwrap_or_default(),
+                    )],
+                    Record::Alarm(a) => {
+                        vec![(key.name.clone(), format::encode_alarm(sink.spec.format, a))]
+                    }
+                };
+                events.into_iter().map(move |(id, line)| Outgoing {
+                    node: node.clone(),
                     detected: key.detected,
-                    line: match r {
-                        Record::Change(c) => format::encode(sink.spec.format, c),
-                        Record::Approval(c) => {
-                            format::encode_approval(sink.spec.format, c).unwrap_or_default()
-                        }
-                        Record::Alarm(a) => format::encode_alarm(sink.spec.format, a),
-                    },
-                    id: key.name,
-                }
+                    line,
+                    id,
+                })
             })
             .collect();
         match transport.send(&outgoing).await {
