@@ -135,3 +135,55 @@ pub fn install_rpm(root: &Path) {
     std::fs::create_dir_all(tool.parent().expect("parent")).expect("mkdir");
     std::fs::write(&tool, RPM_TOOL).expect("write");
 }
+
+fn md5_of(bytes: &[u8]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("f");
+    std::fs::write(&file, bytes).expect("upgrade");
+    let out = std::process::Command::new("md5sum")
+        .arg(&file)
+        .output()
+        .expect("upgrade");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("upgrade")
+        .to_string()
+}
+
+/// Upgrades `package` in the node root as dpkg does: the new version's
+/// md5sums and status first, then each new file written beside its old one
+/// and renamed over it. Its files under `bin/`, as host paths.
+pub fn upgrade(root: &Path, package: &str, to: &str) -> Vec<String> {
+    let info = root.join("var/lib/dpkg/info");
+    let sums = md5sums_in(&info, package);
+    let mut files = Vec::new();
+    let mut text = String::new();
+    for line in std::fs::read_to_string(&sums).expect("upgrade").lines() {
+        let (_, rel) = line.split_once("  ").expect("upgrade");
+        let mut content = std::fs::read(root.join(rel)).expect("upgrade");
+        content.extend_from_slice(format!("\n# {package} {to}\n").as_bytes());
+        text.push_str(&format!("{}  {rel}\n", md5_of(&content)));
+        if rel.starts_with("bin/") {
+            files.push((rel.to_string(), content));
+        }
+    }
+    let tmp = sums.with_extension("dpkg-new");
+    std::fs::write(&tmp, text).expect("upgrade");
+    std::fs::rename(&tmp, &sums).expect("upgrade");
+    let status = root.join("var/lib/dpkg/status");
+    let s = std::fs::read_to_string(&status).expect("upgrade");
+    let stanza_start = s.find(&format!("Package: {package}\n")).expect("upgrade");
+    let at = stanza_start + s[stanza_start..].find("Version: ").expect("upgrade");
+    let end = at + s[at..].find('\n').expect("upgrade");
+    let s = format!("{}Version: {to}{}", &s[..at], &s[end..]);
+    std::fs::write(&status, s).expect("upgrade");
+    for (rel, content) in &files {
+        let new = root.join(format!("{rel}.dpkg-new"));
+        std::fs::write(&new, content).expect("upgrade");
+        std::fs::rename(&new, root.join(rel)).expect("upgrade");
+    }
+    let mut paths: Vec<String> = files.into_iter().map(|(r, _)| format!("/{r}")).collect();
+    paths.sort();
+    paths
+}

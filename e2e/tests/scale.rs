@@ -429,6 +429,8 @@ async fn run() {
         for d in ["etc/storm", "etc/ssh", "usr/bin", "tmp"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
+        // A real dpkg record of gzip and its files: the fleet-wide upgrade below.
+        kube_fim_e2e::packages::install_dpkg(&root, &["gzip"]);
         for (path, content) in [
             ("etc/passwd", "root:x:0:0:root:/root:/bin/bash\n"),
             ("etc/hosts", "127.0.0.1 localhost\n"),
@@ -471,6 +473,7 @@ async fn run() {
         .debounce("200ms")
         .path(Entry::new("etc", "/etc").recursive())
         .path(Entry::new("bin", "/usr/bin").recursive())
+        .path(Entry::new("pkg", "/bin").recursive())
         .yaml();
     let applied = Instant::now();
     let run = kubectl_stdin(&["apply", "-f", "-"], &manifest);
@@ -732,6 +735,91 @@ async fn run() {
         );
     }
 
+    // A fleet-wide package upgrade: gzip on every node at once, as dpkg
+    // writes it. Each node's files are package-verified changes of one
+    // transaction: one FileChange per node instead of one per file.
+    let upgrade_before = apiserver_metrics();
+    let upgrade_start = Instant::now();
+    let roots: Vec<PathBuf> = nodes.iter().map(|n| n.root.clone()).collect();
+    let files_per_node = tokio::task::spawn_blocking(move || {
+        roots
+            .iter()
+            .map(|r| kube_fim_e2e::packages::upgrade(r, "gzip", "99.0-1").len())
+            .max()
+            .unwrap_or(0)
+    })
+    .await
+    .unwrap();
+    let changes_api: Api<FileChange> = Api::all(client.clone());
+    let wanted = files_per_node * n;
+    let upgrade_deadline = Instant::now() + Duration::from_secs(600);
+    let (txn_objects, listed, per_file_objects) = loop {
+        let all = changes_api
+            .list(&ListParams::default().labels(&format!("{POLICY}={}", label_value(&policy))))
+            .await
+            .unwrap()
+            .items;
+        let upgraded: Vec<&FileChange> = all
+            .iter()
+            .filter(|c| {
+                c.spec
+                    .package
+                    .as_ref()
+                    .is_some_and(|p| p.version == "99.0-1")
+            })
+            .collect();
+        let txns: Vec<&&FileChange> = upgraded
+            .iter()
+            .filter(|c| {
+                c.spec
+                    .package
+                    .as_ref()
+                    .is_some_and(|p| p.transaction.is_some())
+            })
+            .collect();
+        let listed: usize = txns
+            .iter()
+            .map(|c| {
+                c.spec
+                    .package
+                    .as_ref()
+                    .and_then(|p| p.transaction.as_ref())
+                    .map_or(0, |t| t.changes.len())
+            })
+            .sum();
+        let singles = upgraded.len() - txns.len();
+        if listed + singles >= wanted || Instant::now() > upgrade_deadline {
+            break (txns.len(), listed, singles);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let upgrade_secs = upgrade_start.elapsed().as_secs_f64();
+    let upgrade_after = apiserver_metrics();
+    let (ub, ua) = (requests(&upgrade_before), requests(&upgrade_after));
+    let upgrade_writes: f64 = ua
+        .count
+        .iter()
+        .filter(|(k, _)| {
+            is_write(k)
+                && !k.starts_with("WATCH")
+                && !k.ends_with(" leases")
+                && !k.ends_with(" nodes/status")
+        })
+        .map(|(k, v)| v - ub.count.get(k).copied().unwrap_or(0.0))
+        .sum();
+    println!();
+    println!(
+        "package upgrade: gzip on {n} nodes × {files_per_node} files = {wanted} package-verified \
+         changes in {upgrade_secs:.0}s: {txn_objects} transaction objects listing {listed} \
+         changes + {per_file_objects} per-file objects ({:.2} FileChange objects per node); \
+         {upgrade_writes:.0} API writes in all, {:.1} per node (per-file objects: at least \
+         {files_per_node} creates per node); projected to 5,000 nodes upgrading within a minute: \
+         {:.0} writes/s",
+        (txn_objects + per_file_objects) as f64 / n as f64,
+        upgrade_writes / n as f64,
+        upgrade_writes / n as f64 * 5000.0 / 60.0
+    );
+
     // Operator.
     println!();
     let agent_pids: Vec<u32> = nodes.iter().map(|n| n.agent.child.id()).collect();
@@ -784,4 +872,9 @@ async fn run() {
         "changes lost in the storm"
     );
     assert_eq!(missing, 0, "probe changes never seen");
+    assert_eq!(
+        listed + per_file_objects,
+        wanted,
+        "every file of the upgrade retrievable from the FileChanges"
+    );
 }

@@ -21,64 +21,12 @@ use kube_fim_crds::{
 };
 use kube_fim_e2e::fleet::{Fleet, describe, entry};
 use kube_fim_e2e::operator::Operator;
-use kube_fim_e2e::packages::{install_dpkg, md5sums_in, version};
+use kube_fim_e2e::packages::{install_dpkg, upgrade, version};
 use kube_fim_e2e::{client, eventually, kubectl, unique_name, whoami};
 
 const READY: Duration = Duration::from_secs(60);
 const SEEN: Duration = Duration::from_secs(60);
 const OPERATOR: Duration = Duration::from_secs(300);
-
-fn md5_of(bytes: &[u8]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("f");
-    std::fs::write(&file, bytes).unwrap();
-    let out = std::process::Command::new("md5sum")
-        .arg(&file)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// Upgrades `package` in the node root as dpkg does: the new version's
-/// md5sums and status first, then each new file written beside its old one
-/// and renamed over it. Its files under `bin/`, as host paths.
-fn upgrade(root: &Path, package: &str, to: &str) -> Vec<String> {
-    let info = root.join("var/lib/dpkg/info");
-    let sums = md5sums_in(&info, package);
-    let mut files = Vec::new();
-    let mut text = String::new();
-    for line in std::fs::read_to_string(&sums).unwrap().lines() {
-        let (_, rel) = line.split_once("  ").unwrap();
-        let mut content = std::fs::read(root.join(rel)).unwrap();
-        content.extend_from_slice(format!("\n# {package} {to}\n").as_bytes());
-        text.push_str(&format!("{}  {rel}\n", md5_of(&content)));
-        if rel.starts_with("bin/") {
-            files.push((rel.to_string(), content));
-        }
-    }
-    let tmp = sums.with_extension("dpkg-new");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, &sums).unwrap();
-    let status = root.join("var/lib/dpkg/status");
-    let s = std::fs::read_to_string(&status).unwrap();
-    let stanza_start = s.find(&format!("Package: {package}\n")).unwrap();
-    let at = stanza_start + s[stanza_start..].find("Version: ").unwrap();
-    let end = at + s[at..].find('\n').unwrap();
-    let s = format!("{}Version: {to}{}", &s[..at], &s[end..]);
-    std::fs::write(&status, s).unwrap();
-    for (rel, content) in &files {
-        let new = root.join(format!("{rel}.dpkg-new"));
-        std::fs::write(&new, content).unwrap();
-        std::fs::rename(&new, root.join(rel)).unwrap();
-    }
-    let mut paths: Vec<String> = files.into_iter().map(|(r, _)| format!("/{r}")).collect();
-    paths.sort();
-    paths
-}
 
 /// Keeps size and mtime, flips a byte: a careful trojan.
 fn trojan(file: &Path) {
