@@ -1488,7 +1488,13 @@ async fn upgrade_from_the_previous_chart_keeps_baselines_and_reports_a_change_du
                     .to_string(),
             )
         })
-        .map(|c| format!("{} {}", c["spec"]["category"], c["spec"]["path"]))
+        .map(|c| {
+            format!(
+                "{} {}",
+                c["spec"]["category"].as_str().unwrap_or_default(),
+                c["spec"]["path"].as_str().unwrap_or_default()
+            )
+        })
         .collect();
     assert_eq!(
         new,
