@@ -1274,35 +1274,20 @@ async fn helm_test_checks_the_running_install_from_the_operators_image() {
 }
 
 /// The chart as it was before the current one: the chart directory of main
-/// before the upgrade-tested changes (its templates, values and CRDs). A commit
-/// of main stays in every clone of it.
+/// at this commit (its templates, values and CRDs), kept packed in the
+/// repository (`git archive <commit> charts/kube-fim | gzip -9n`), so the test
+/// needs no git history (a shallow clone runs it too).
 const PREVIOUS_CHART_COMMIT: &str = "4e7282c2935ff3818c7b38115a22c35d53a9b345";
 
 fn previous_chart(dir: &Path) -> PathBuf {
-    let archive = Command::new("git")
-        .current_dir(repo_root())
-        .args([
-            "archive",
-            "--format=tar",
-            PREVIOUS_CHART_COMMIT,
-            "charts/kube-fim",
-        ])
-        .output()
-        .expect("git runs");
-    assert!(
-        archive.status.success(),
-        "git archive {PREVIOUS_CHART_COMMIT} (a clone with main's history): {}",
-        String::from_utf8_lossy(&archive.stderr)
-    );
-    let tar = dir.join("previous.tar");
-    std::fs::write(&tar, &archive.stdout).expect("write the archive");
+    let packed = repo_root().join("e2e/node/previous-chart.tar.gz");
     let untar = Command::new("tar")
-        .args(["-x", "-f", path_str(&tar), "-C", path_str(dir)])
+        .args(["-x", "-z", "-f", path_str(&packed), "-C", path_str(dir)])
         .output()
         .expect("tar runs");
     assert!(
         untar.status.success(),
-        "{}",
+        "unpacking the chart of {PREVIOUS_CHART_COMMIT}: {}",
         String::from_utf8_lossy(&untar.stderr)
     );
     dir.join("charts/kube-fim")

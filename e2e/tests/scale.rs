@@ -796,7 +796,7 @@ async fn run() {
     let upgrade_secs = upgrade_start.elapsed().as_secs_f64();
     let upgrade_after = apiserver_metrics();
     let (ub, ua) = (requests(&upgrade_before), requests(&upgrade_after));
-    let upgrade_writes: f64 = ua
+    let upgrade_rows: Vec<(String, f64)> = ua
         .count
         .iter()
         .filter(|(k, _)| {
@@ -805,8 +805,10 @@ async fn run() {
                 && !k.ends_with(" leases")
                 && !k.ends_with(" nodes/status")
         })
-        .map(|(k, v)| v - ub.count.get(k).copied().unwrap_or(0.0))
-        .sum();
+        .map(|(k, v)| (k.clone(), v - ub.count.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d > 0.0)
+        .collect();
+    let upgrade_writes: f64 = upgrade_rows.iter().map(|r| r.1).sum();
     println!();
     println!(
         "package upgrade: gzip on {n} nodes × {files_per_node} files = {wanted} package-verified \
@@ -819,6 +821,9 @@ async fn run() {
         upgrade_writes / n as f64,
         upgrade_writes / n as f64 * 5000.0 / 60.0
     );
+    for (k, d) in &upgrade_rows {
+        println!("  {k:<44} {d:>8.0} ({:.2} per node)", d / n as f64);
+    }
 
     // Operator.
     println!();
