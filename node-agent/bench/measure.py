@@ -7,10 +7,19 @@
   measure.py watch BIN POLICY ROOT STATE N
                                       real-time latency (write -> change line) over N
                                       writes, then idle CPU of `watch` over 5 s
+  measure.py foreground SECONDS ROUNDS -- SCAN_COMMAND...
+                                      throughput of a CPU-bound job at normal priority
+                                      (one sha256 worker per core) alone and while
+                                      SCAN_COMMAND runs over and over, alternated
+                                      ROUNDS times; prints each ratio and the median
 """
 
+import hashlib
 import json
+import multiprocessing
 import os
+import statistics
+import threading
 import random
 import select
 import signal
@@ -171,10 +180,91 @@ def watch(binary, policy, root, state, n):
             proc.kill()
 
 
+def _hash_worker(seconds, out):
+    buf = b"x" * (1 << 20)
+    n = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        hashlib.sha256(buf).digest()
+        n += 1
+    out.put(n)
+
+
+def _throughput(seconds):
+    """MiB/s sha256'd by one worker process per core, at normal priority."""
+    out = multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=_hash_worker, args=(seconds, out))
+             for _ in range(os.cpu_count() or 1)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    total = sum(out.get() for _ in procs)
+    for p in procs:
+        p.join()
+    return total / (time.monotonic() - t0)
+
+
+def foreground(seconds, rounds, scan):
+    """The foreground job alone, then while scans run back to back (the agent
+    as the chart runs it: its own priority, its default threads), ROUNDS
+    times; the ratio of each pair."""
+    ratios, shares, scans, scan_cpu = [], [], 0, 0.0
+    for r in range(rounds):
+        alone = _throughput(seconds)
+        stop = threading.Event()
+        count, used, current = [0], [0.0], [None]
+        lock = threading.Lock()
+
+        def loop():
+            while True:
+                with lock:
+                    if stop.is_set():
+                        return
+                    # In this session (a new one would be a scheduling
+                    # group of its own under autogroup, sharing the CPU
+                    # with the foreground job whatever its priority).
+                    p = subprocess.Popen(scan, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+                    current[0] = p
+                _, status, ru = os.wait4(p.pid, 0)
+                p.returncode = status
+                used[0] += ru.ru_utime + ru.ru_stime
+                if status == 0:
+                    count[0] += 1
+
+        t = threading.Thread(target=loop)
+        t.start()
+        time.sleep(0.5)  # the scan under way
+        busy = _throughput(seconds)
+        with lock:
+            stop.set()
+            if current[0] is not None and current[0].returncode is None:
+                # A scan starved by the foreground job is not waited for.
+                current[0].kill()
+        t.join()
+        cpu = used[0]
+        scans += count[0]
+        scan_cpu += cpu
+        ratios.append(busy / alone)
+        # What the scan took of the machine meanwhile: a bound on what the
+        # foreground lost to it that the machine's other load does not blur.
+        share = cpu / (seconds * (os.cpu_count() or 1))
+        shares.append(share)
+        print(f"foreground round {r + 1}: alone {alone:.1f} MiB/s, with scans {busy:.1f} MiB/s, "
+              f"ratio {busy / alone:.3f} ({count[0]} scans finished, {cpu:.2f} s of scan CPU, "
+              f"{share * 100:.1f}% of the CPU time)")
+    med = statistics.median(ratios)
+    print(f"foreground_ratio_median={med:.3f} foreground_loss_pct={(1 - med) * 100:.1f} "
+          f"min={min(ratios):.3f} max={max(ratios):.3f} rounds={rounds} scans={scans} "
+          f"scan_cpu_share_pct={statistics.median(shares) * 100:.1f}")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "tree":
         tree(sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])
     elif sys.argv[1] == "watch":
         watch(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]))
+    elif sys.argv[1] == "foreground" and sys.argv[4] == "--":
+        foreground(float(sys.argv[2]), int(sys.argv[3]), sys.argv[5:])
     else:
         sys.exit(__doc__)

@@ -82,12 +82,36 @@ pub fn cgroup_cpus(mount: &Path, proc_self_cgroup: &str) -> Option<f64> {
     }
 }
 
+/// The CPU priority of scan threads (`--scan-priority`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScanPriority {
+    /// Nice 19 (weight 15 against a normal task's 1024).
+    Nice,
+    /// `SCHED_IDLE` as well (weight 3; a normal task waking preempts it at
+    /// once): the scan runs on what the rest leaves idle, and on a host busy
+    /// all the time takes many times longer.
+    Idle,
+}
+
+static PRIORITY: OnceLock<ScanPriority> = OnceLock::new();
+
+/// Sets the priority of scan threads of this process; the first call
+/// decides (default [`ScanPriority::Nice`]).
+pub fn configure_priority(priority: Option<ScanPriority>) -> ScanPriority {
+    *PRIORITY.get_or_init(|| priority.unwrap_or(ScanPriority::Nice))
+}
+
 /// Lowers the calling thread's CPU and I/O priority for the rest of its life
-/// (nice 19; best-effort I/O at its lowest level). Errors are returned for
-/// logging: a scan at normal priority still works.
+/// (nice 19, and `SCHED_IDLE` with `--scan-priority idle`; best-effort I/O at
+/// its lowest level: idle I/O could starve a scan on a disk that is never
+/// idle). Errors are returned for logging: a scan at normal priority still
+/// works.
 pub fn lower_this_thread() -> std::io::Result<()> {
     let tid = rustix::thread::gettid();
     rustix::process::setpriority_process(Some(tid), SCAN_NICE)?;
+    if configure_priority(None) == ScanPriority::Idle {
+        crate::sys::sched_idle_this_thread()?;
+    }
     crate::sys::ioprio_lowest_best_effort()
 }
 

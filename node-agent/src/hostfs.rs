@@ -362,13 +362,11 @@ impl HostRoot {
         } else {
             rel
         };
-        rustix::fs::openat2(
-            &*self.fd,
-            rel,
-            flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-            RESOLVE,
-        )
+        let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        match rustix::fs::openat2(&*self.fd, rel, flags, Mode::empty(), RESOLVE) {
+            Err(Errno::NOSYS) => open_beneath(&self.fd, rel, flags),
+            other => other,
+        }
     }
 
     /// A descriptor (`O_PATH`) of directory `rel`, resolved inside the root,
@@ -379,13 +377,11 @@ impl HostRoot {
         } else {
             rel
         };
-        rustix::fs::openat2(
-            &*self.fd,
-            rel,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            RESOLVE,
-        )
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        match rustix::fs::openat2(&*self.fd, rel, flags, Mode::empty(), RESOLVE) {
+            Err(Errno::NOSYS) => open_beneath(&self.fd, rel, flags | OFlags::NOFOLLOW),
+            other => other,
+        }
     }
 
     /// The entries of directory `rel`, or why it cannot be listed.
@@ -634,6 +630,35 @@ impl HostRoot {
     }
 }
 
+/// `rel` opened below `root` one component at a time, for kernels (before
+/// 5.6) and sandboxes (a seccomp profile, valgrind) without `openat2`: every
+/// component is opened relative to the one before with `O_NOFOLLOW`, and
+/// `..` is refused, so nothing leads outside the root. Stricter than
+/// `RESOLVE_IN_ROOT`: a symlink on the way is refused (`ELOOP`), not
+/// followed inside the root.
+fn open_beneath(root: &OwnedFd, rel: &Path, flags: OFlags) -> Result<OwnedFd, Errno> {
+    use std::path::Component;
+    let parts: Vec<&OsStr> = rel
+        .components()
+        .map(|c| match c {
+            Component::Normal(name) => Ok(Some(name)),
+            Component::CurDir | Component::RootDir => Ok(None),
+            Component::ParentDir | Component::Prefix(_) => Err(Errno::XDEV),
+        })
+        .filter_map(Result::transpose)
+        .collect::<Result<_, _>>()?;
+    let step = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let Some((last, dirs)) = parts.split_last() else {
+        return rustix::fs::openat(root, ".", flags, Mode::empty());
+    };
+    let mut at: Option<OwnedFd> = None;
+    for name in dirs {
+        let next = rustix::fs::openat(at.as_ref().unwrap_or(root), *name, step, Mode::empty())?;
+        at = Some(next);
+    }
+    rustix::fs::openat(at.as_ref().unwrap_or(root), *last, flags, Mode::empty())
+}
+
 /// What was read of a regular file, and the `statx` of the state read.
 struct Content {
     st: Statx,
@@ -828,6 +853,36 @@ mod tests {
         assert!(
             through.is_none(),
             "an absolute link resolves inside the root, where nothing is"
+        );
+    }
+
+    #[test]
+    fn without_openat2_no_symlink_or_dot_dot_leads_outside_the_root() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "outside").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc/sub")).unwrap();
+        std::fs::write(root.path().join("etc/sub/f"), "inside").unwrap();
+        symlink(outside.path(), root.path().join("etc/out")).unwrap();
+        symlink(outside.path().join("secret"), root.path().join("etc/abs")).unwrap();
+        let host = HostRoot::open(root.path()).unwrap();
+        let read = |rel: &str, flags: OFlags| -> Result<String, Errno> {
+            let fd = open_beneath(&host.fd, Path::new(rel), flags | OFlags::CLOEXEC)?;
+            Ok(std::io::read_to_string(std::fs::File::from(fd)).unwrap())
+        };
+        let file = OFlags::RDONLY | OFlags::NOFOLLOW;
+        assert_eq!(read("etc/sub/f", file).unwrap(), "inside");
+        assert_eq!(read("/etc/./sub/f", file).unwrap(), "inside");
+        assert_eq!(read("etc/out/secret", file), Err(Errno::NOTDIR));
+        assert_eq!(read("etc/abs", file), Err(Errno::LOOP));
+        let up = format!("etc/{}/secret", "../".repeat(20));
+        assert_eq!(read(&up, file), Err(Errno::XDEV));
+        let dir = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW;
+        assert!(open_beneath(&host.fd, Path::new(""), dir).is_ok());
+        assert!(open_beneath(&host.fd, Path::new("etc/sub"), dir).is_ok());
+        assert_eq!(
+            open_beneath(&host.fd, Path::new("etc/out"), dir).err(),
+            Some(Errno::NOTDIR)
         );
     }
 

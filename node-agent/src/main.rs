@@ -45,6 +45,12 @@ struct Cli {
     /// the container's cgroup CPU quota allows, else every core).
     #[arg(long, global = true, env = "KUBE_FIM_THREADS")]
     threads: Option<NonZeroUsize>,
+    /// CPU priority of the scan threads: `nice` (nice 19, the default) or
+    /// `idle` (SCHED_IDLE too: only what everything else leaves idle, and
+    /// much slower on a busy host). Both at the lowest best-effort I/O
+    /// priority. Against other pods, the agent pod's CPU request decides.
+    #[arg(long, global = true, env = "KUBE_FIM_SCAN_PRIORITY", value_enum)]
+    scan_priority: Option<kube_fim_agent::budget::ScanPriority>,
     #[command(subcommand)]
     command: Command,
 }
@@ -399,7 +405,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
     let threads = kube_fim_agent::budget::configure(cli.threads.map(NonZeroUsize::get));
-    tracing::debug!(threads, "scan threads");
+    let priority = kube_fim_agent::budget::configure_priority(cli.scan_priority);
+    tracing::debug!(threads, ?priority, "scan threads");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -124,6 +124,20 @@ pub fn ioprio_lowest_best_effort() -> io::Result<()> {
     Ok(())
 }
 
+/// `sched_setscheduler(2)` of the calling thread to `SCHED_IDLE`: it runs
+/// only when nothing else wants the CPU (weight 3 against a normal task's
+/// 1024, and any normal task waking preempts it).
+pub fn sched_idle_this_thread() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for the call; pid 0 is the
+    // calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Makes the allocator (mimalloc) return memory freed to the system after
 /// `ms` milliseconds (its default: 10).
 pub fn allocator_purge_delay(ms: i64) {

@@ -4,6 +4,8 @@
 //! a save costs what it changes, not the size of the baseline; and the digest
 //! of one file's state, to remember what was reported.
 
+use std::sync::LazyLock;
+
 use kube_fim_crds::FileAttributes;
 
 pub(super) const TAG_FILE: u8 = b'f';
@@ -27,14 +29,18 @@ impl SetHash {
         SetHash(Box::new([0; Self::LANES]))
     }
 
-    fn element(tag: u8, key: &[u8], value: &[u8]) -> Box<[u8; 2 * SetHash::LANES]> {
-        let mut h = blake3::Hasher::new_derive_key("kube-fim baseline record v2");
+    /// On the stack (one element per record written or verified: no
+    /// allocation), from a hasher whose key was derived once.
+    fn element(tag: u8, key: &[u8], value: &[u8]) -> [u8; 2 * SetHash::LANES] {
+        static RECORDS: LazyLock<blake3::Hasher> =
+            LazyLock::new(|| blake3::Hasher::new_derive_key("kube-fim baseline record v2"));
+        let mut h = RECORDS.clone();
         h.update(&[tag]);
         h.update(&(key.len() as u64).to_le_bytes());
         h.update(key);
         h.update(value);
-        let mut out = Box::new([0u8; 2 * Self::LANES]);
-        h.finalize_xof().fill(&mut out[..]);
+        let mut out = [0u8; 2 * Self::LANES];
+        h.finalize_xof().fill(&mut out);
         out
     }
 

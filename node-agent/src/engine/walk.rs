@@ -5,7 +5,7 @@
 //! the judgement, which goes in the order the walk found them. All of it runs
 //! on the scan's threads: `--threads N` is the scan's whole CPU budget.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -287,21 +287,47 @@ impl Engine {
             .filter(|n| candidate(plan, n))
             .cloned()
             .collect();
-        let mut stack: Vec<Node> = roots.iter().rev().cloned().collect();
+        // Directories still to descend into, depth first. Files never go on
+        // it (nothing below them): one copy of their path, in the batch.
+        let mut stack: Vec<Node> = roots
+            .iter()
+            .rev()
+            .filter(|n| descends(plan, n))
+            .cloned()
+            .collect();
+        // Candidates of a directory listed but not yet batched: a directory
+        // of 20,000 entries is judged in batches of SCAN_BATCH like any
+        // other (memory is bounded by the batch, not the largest directory),
+        // in the same order.
+        let mut listed: VecDeque<Node> = VecDeque::new();
         loop {
             while batch.len() < SCAN_BATCH {
+                if let Some(node) = listed.pop_front() {
+                    batch.push(node);
+                    continue;
+                }
                 let Some(node) = stack.pop() else {
                     break;
                 };
-                if !descends(plan, &node) {
-                    continue;
-                }
                 let children = self.children(&node, plan, &mut out.errors);
-                batch.extend(children.iter().filter(|n| candidate(plan, n)).cloned());
-                stack.extend(children.into_iter().rev());
+                let at = stack.len();
+                for child in children {
+                    let down = descends(plan, &child);
+                    match (candidate(plan, &child), down) {
+                        (true, true) => {
+                            listed.push_back(child.clone());
+                            stack.push(child);
+                        }
+                        (true, false) => listed.push_back(child),
+                        (false, true) => stack.push(child),
+                        (false, false) => {}
+                    }
+                }
+                // Popped in name order.
+                stack[at..].reverse();
             }
             let nodes = std::mem::take(&mut batch);
-            let done = stack.is_empty();
+            let done = stack.is_empty() && listed.is_empty();
             let snapshot = read_ahead.then(|| self.baseline.snapshot()).flatten();
             let root = self.root.clone();
             let next = || plan_batch(&root, parallel, plan, nodes, snapshot);
@@ -471,6 +497,59 @@ mod tests {
                 "Removed /etc/x []"
             ]
         );
+    }
+
+    #[test]
+    fn a_directory_larger_than_a_batch_is_judged_whole_in_order() {
+        // A directory of many batches (memory holds one batch of it, not
+        // the directory), between subdirectories listed before and after.
+        let n = 2 * SCAN_BATCH + 7;
+        for threads in [1, 2] {
+            let root = tempfile::tempdir().unwrap();
+            let state = tempfile::tempdir().unwrap();
+            let big = root.path().join("etc/big");
+            std::fs::create_dir_all(&big).unwrap();
+            for i in 0..n {
+                std::fs::write(big.join(format!("f{i:05}")), i.to_string()).unwrap();
+            }
+            std::fs::create_dir_all(big.join("a-sub")).unwrap();
+            std::fs::write(big.join("a-sub/x"), "x").unwrap();
+            std::fs::create_dir_all(big.join("z-sub")).unwrap();
+            std::fs::write(big.join("z-sub/y"), "y").unwrap();
+            let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+            e.set_threads(threads);
+            assert!(scan(&mut e, DetectionSource::Startup).changes.is_empty());
+            // etc, big, its files, 2 subdirectories and their 2 files.
+            assert_eq!(e.files_total, 2 + n + 4, "threads {threads}");
+            e.save().unwrap();
+            std::fs::write(big.join("f00000"), "first").unwrap();
+            std::fs::write(big.join(format!("f{:05}", SCAN_BATCH)), "boundary").unwrap();
+            std::fs::write(big.join(format!("f{:05}", n - 1)), "last").unwrap();
+            std::fs::remove_file(big.join(format!("f{:05}", SCAN_BATCH + 1))).unwrap();
+            std::fs::write(big.join("z-sub/y"), "changed").unwrap();
+            std::fs::write(big.join("a-sub/new"), "n").unwrap();
+            let o = scan(&mut e, DetectionSource::Scan);
+            let mut d: Vec<String> = o
+                .changes
+                .iter()
+                .map(|c| format!("{} {}", c.category.as_str(), c.path))
+                .collect();
+            d.sort();
+            assert_eq!(
+                d,
+                [
+                    "Added /etc/big/a-sub/new".to_string(),
+                    "Modified /etc/big/f00000".to_string(),
+                    format!("Modified /etc/big/f{SCAN_BATCH:05}"),
+                    format!("Modified /etc/big/f{:05}", n - 1),
+                    "Modified /etc/big/z-sub/y".to_string(),
+                    format!("Removed /etc/big/f{:05}", SCAN_BATCH + 1),
+                ],
+                "threads {threads}"
+            );
+            // One file fewer, one more.
+            assert_eq!(e.files_total, 2 + n + 4, "threads {threads}");
+        }
     }
 
     #[test]
