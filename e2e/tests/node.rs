@@ -296,6 +296,8 @@ fn helm_install(root: &Path) {
         "agent.image.pullPolicy=Never".to_string(),
         format!("agent.hostRoot={}", root.display()),
         format!("agent.stateDir={state}"),
+        // The node's containerd socket (not at its usual path on this node).
+        format!("agent.criSocket={}", node_env("KUBE_FIM_NODE_CONTAINERD")),
     ];
     let run = kubectl(["create", "namespace", NAMESPACE]);
     assert!(run.success, "{}", run.stderr);

@@ -40,6 +40,8 @@ pub struct RunConfig {
     pub mount_table: Option<crate::mounts::MountSource>,
     /// Where `root` is on the host (`/` when it is the host's `/`).
     pub host_root_path: PathBuf,
+    /// The node's CRI socket, asked for the running containers (container drift).
+    pub cri_socket: Option<PathBuf>,
 }
 
 /// Runs the agent until `shutdown`.
@@ -76,6 +78,8 @@ pub async fn run(
                 root,
                 host_root: config.host_root_path.clone(),
                 state: config.state.clone(),
+                cri: config.cri_socket.clone(),
+                telemetry: Some(ctx.telemetry.clone()),
             };
             let drift =
                 containers::run(ctx.watches.clone(), settings, ctx.served.clone(), drift_tx);

@@ -23,13 +23,15 @@
 //! its old drift is not reported again. A container that is gone takes its
 //! state with it; its FileChanges stay.
 
+pub mod cri;
+pub mod events;
 pub mod overlay;
 pub mod select;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -52,8 +54,18 @@ pub type DriftBatch = (Vec<FileChangeSpec>, oneshot::Sender<()>);
 /// The entry name of every drift change.
 pub const ENTRY: &str = "containers";
 
-/// How often every selected container is read again.
+/// How often a container is read when its writable layer cannot be fully
+/// watched (no inotify, more directories than its share of watches), and how
+/// often the runtime is asked for the node's containers.
 pub const PASS: Duration = Duration::from_secs(1);
+/// How often a fully watched container is read all the same: the safety net
+/// under the events.
+pub const SAFETY_PASS: Duration = Duration::from_secs(60);
+/// After an event, the wait for the burst of writes it starts to settle.
+pub const SETTLE: Duration = Duration::from_millis(100);
+/// Least time between two reads of one container: a container writing
+/// without pause costs a bounded pass every so often, not a busy agent.
+pub const MIN_GAP: Duration = Duration::from_millis(250);
 
 /// What the drift task needs.
 pub struct Settings {
@@ -63,6 +75,9 @@ pub struct Settings {
     pub host_root: PathBuf,
     /// The agent's state directory.
     pub state: PathBuf,
+    /// The node's CRI socket (in the agent's file system), if one is to be asked.
+    pub cri: Option<PathBuf>,
+    pub telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 /// The node's pods, by uid, kept by a watch.
@@ -125,6 +140,9 @@ type Reported = BTreeMap<String, BTreeMap<String, String>>;
 struct Watched {
     layers: Layers,
     reported: Reported,
+    /// Not every directory of its writable layer is watched: read every [`PASS`].
+    partial: bool,
+    last_read: Option<Instant>,
 }
 
 /// The first process of the container `bare_id`, from the cgroups in `proc`.
@@ -219,6 +237,62 @@ fn apply(reported: &mut BTreeMap<String, String>, changes: &[(String, Drifted)])
     }
 }
 
+/// The selected running containers, with the policies selecting each: from
+/// the runtime when it answers over CRI (`cri`), else from the pods' status.
+fn select_containers(
+    policies: &[(String, kube_fim_crds::ContainerSelection)],
+    pods: &HashMap<String, Arc<Pod>>,
+    cri: Option<&[cri::CriContainer]>,
+) -> BTreeMap<String, (Running, Option<u32>, Vec<usize>)> {
+    let mut selected = BTreeMap::new();
+    for (uid, pod) in pods {
+        let by: Vec<usize> = policies
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, sel))| select::selects(sel, pod))
+            .map(|(i, _)| i)
+            .collect();
+        if by.is_empty() {
+            continue;
+        }
+        match cri {
+            // The runtime's containers of this pod (by its uid): running now,
+            // whatever the pod's status says yet.
+            Some(list) => {
+                for c in list.iter().filter(|c| c.running.reference.pod_uid == *uid) {
+                    selected.insert(
+                        c.running.bare_id.clone(),
+                        (c.running.clone(), c.pid, by.clone()),
+                    );
+                }
+            }
+            None => {
+                for r in select::running(pod) {
+                    selected.insert(r.bare_id.clone(), (r, None, by.clone()));
+                }
+            }
+        }
+    }
+    selected
+}
+
+/// Whether process `pid` is in the container `bare_id` (its cgroup names it):
+/// a pid the runtime gave may have ended and been reused since.
+fn in_container(proc: &Path, pid: u32, bare_id: &str) -> bool {
+    std::fs::read(proc.join(pid.to_string()).join("cgroup")).is_ok_and(|cgroup| {
+        cgroup
+            .windows(bare_id.len())
+            .any(|w| w == bare_id.as_bytes())
+    })
+}
+
+/// Where the containers come from, said once per change (log and metric).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Cri,
+    Pods,
+}
+
 /// Runs the drift task until the monitoring loop is gone.
 pub async fn run(
     client: Client,
@@ -233,6 +307,19 @@ pub async fn run(
     let proc = settings.root.path().join("proc");
     let mut watched: HashMap<String, Watched> = HashMap::new();
     let mut first_pass = true;
+    let mut cri = settings.cri.clone().map(cri::Cri::new);
+    let mut source: Option<Source> = None;
+    // Real time: without inotify every container is read every PASS.
+    let watcher = match events::Watcher::new() {
+        Ok(w) => Some(w),
+        Err(error) => {
+            warn!(%error, "no inotify for container drift: every container is read every second");
+            None
+        }
+    };
+    // Containers whose layers moved and are not read yet.
+    let mut pending: BTreeSet<String> = BTreeSet::new();
+    let mut read_all = true;
     loop {
         let policies: Vec<(String, kube_fim_crds::ContainerSelection)> = {
             let served = served.borrow_and_update();
@@ -249,24 +336,37 @@ pub async fn run(
         {
             tokio::spawn(pods.clone().follow(client, settings.node.clone()));
         }
-        // The selected running containers, with the policies selecting each.
-        let mut selected: BTreeMap<String, (Running, Vec<usize>)> = BTreeMap::new();
-        if !policies.is_empty() {
-            for pod in pods.pods.read().await.values() {
-                let by: Vec<usize> = policies
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, (_, sel))| select::selects(sel, pod))
-                    .map(|(i, _)| i)
-                    .collect();
-                if by.is_empty() {
-                    continue;
+        // The runtime is asked only while a policy selects containers.
+        let from_cri = match cri.as_mut().filter(|_| !policies.is_empty()) {
+            Some(c) => match c.running().await {
+                Ok(list) => {
+                    if source != Some(Source::Cri) {
+                        info!(socket = %c.socket().display(), "containers from the runtime over CRI");
+                    }
+                    source = Some(Source::Cri);
+                    Some(list)
                 }
-                for r in select::running(pod) {
-                    selected.insert(r.bare_id.clone(), (r, by.clone()));
+                Err(error) => {
+                    if source != Some(Source::Pods) {
+                        warn!(%error, "the CRI socket does not answer: containers from the pods' status instead");
+                    }
+                    source = Some(Source::Pods);
+                    None
                 }
+            },
+            None => {
+                if !policies.is_empty() && source.is_none() {
+                    info!("no CRI socket configured: containers from the pods' status");
+                    source = Some(Source::Pods);
+                }
+                None
             }
-        }
+        };
+        let selected = if policies.is_empty() {
+            BTreeMap::new()
+        } else {
+            select_containers(&policies, &*pods.pods.read().await, from_cri.as_deref())
+        };
         // Gone (deleted, restarted, no longer selected): forgotten; its evidence stays.
         let gone: Vec<String> = watched
             .keys()
@@ -275,15 +375,30 @@ pub async fn run(
             .collect();
         for id in gone {
             watched.remove(&id);
+            pending.remove(&id);
+            if let Some(w) = &watcher {
+                w.forget(&id);
+            }
             let _ = std::fs::remove_file(state_file(&settings.state, &id));
             debug!(container = %id, "container gone");
         }
+        if let Some(w) = &watcher {
+            let dirty = w.take();
+            if dirty.all {
+                warn!("container drift events overflowed: every container is read again");
+                read_all = true;
+            }
+            pending.extend(dirty.ids);
+        }
+        let now = Instant::now();
         let mut batch = Vec::new();
-        let mut pending: Vec<(String, Reported)> = Vec::new();
-        for (id, (running, by)) in &selected {
+        let mut saves: Vec<(String, Reported)> = Vec::new();
+        for (id, (running, pid, by)) in &selected {
             if !watched.contains_key(id) {
                 let layers = tokio::task::block_in_place(|| {
-                    let pid = process_of(&proc, id)?;
+                    let pid = pid
+                        .filter(|p| in_container(&proc, *p, id))
+                        .or_else(|| process_of(&proc, id))?;
                     let table = std::fs::read(proc.join(pid.to_string()).join("mountinfo")).ok()?;
                     overlay::layers_of(&table, &settings.host_root)
                 });
@@ -294,24 +409,46 @@ pub async fn run(
                 info!(pod = %running.reference.pod, container = %running.reference.name,
                       upper = %layers.upper.display(), "watching container drift");
                 let reported = load(&settings.state, id);
-                watched.insert(id.clone(), Watched { layers, reported });
+                watched.insert(
+                    id.clone(),
+                    Watched {
+                        layers,
+                        reported,
+                        partial: true,
+                        last_read: None,
+                    },
+                );
             }
-            let Some(w) = watched.get(id) else { continue };
+            let Some(w) = watched.get_mut(id) else {
+                continue;
+            };
+            if !due(w, read_all, pending.contains(id), watcher.is_some(), now) {
+                continue;
+            }
+            pending.remove(id);
+            w.last_read = Some(now);
             let mut next = w.reported.clone();
             let mut any = false;
+            let mut complete = true;
             for i in by {
                 let Some((policy, sel)) = policies.get(*i) else {
                     continue;
                 };
                 let excludes = select::excludes(sel);
-                let (now, truncated) = tokio::task::block_in_place(|| {
-                    overlay::drift(&settings.root, &w.layers, &excludes)
+                let (found_now, truncated) = tokio::task::block_in_place(|| {
+                    let mut on_dir = |dir: &Path| {
+                        if let Some(watcher) = &watcher {
+                            complete &= watcher.watch(&settings.root, id, dir);
+                        }
+                    };
+                    overlay::drift(&settings.root, &w.layers, &excludes, &mut on_dir)
                 });
                 if truncated {
                     warn!(container = %id, "writable layer too large; read in part");
+                    complete = false;
                 }
                 let mine = next.entry(policy.clone()).or_default();
-                let found = changes(mine, &now, sel.executables_only);
+                let found = changes(mine, &found_now, sel.executables_only);
                 if found.is_empty() {
                     continue;
                 }
@@ -327,9 +464,22 @@ pub async fn run(
                 }
                 apply(mine, &found);
             }
-            if any {
-                pending.push((id.clone(), next));
+            if w.partial != !complete {
+                debug!(container = %id, watched = complete, "container drift watches");
             }
+            w.partial = !complete || watcher.is_none();
+            if any {
+                saves.push((id.clone(), next));
+            }
+        }
+        read_all = false;
+        if let Some(t) = &settings.telemetry {
+            let n = watched.len();
+            let (cri_n, pods_n) = match source {
+                Some(Source::Cri) => (n, 0),
+                _ => (0, n),
+            };
+            t.container_drift(cri_n, pods_n, watcher.as_ref().map_or(0, |w| w.count()));
         }
         if !batch.is_empty() {
             info!(changes = batch.len(), "container drift");
@@ -338,7 +488,7 @@ pub async fn run(
                 return;
             }
             // Queued: now what was reported is saved.
-            for (id, reported) in pending {
+            for (id, reported) in saves {
                 if let Err(error) = save(&settings.state, &id, &reported) {
                     warn!(%error, container = %id, "could not save the container's reported drift");
                 }
@@ -348,12 +498,48 @@ pub async fn run(
             }
         }
         first_pass = false;
+        // Moved layers not read yet (too soon after their last read): back then.
+        let wait = if pending.is_empty() { PASS } else { MIN_GAP };
+        let moved = async {
+            match &watcher {
+                Some(w) => {
+                    w.moved.notified().await;
+                    // Writes come in bursts: read once they settle.
+                    tokio::time::sleep(SETTLE).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            () = tokio::time::sleep(PASS) => {}
+            () = tokio::time::sleep(wait) => {}
+            () = moved => {}
             () = pods.changed.notified() => {}
-            r = served.changed() => if r.is_err() { return },
+            r = served.changed() => {
+                if r.is_err() { return }
+                read_all = true;
+            }
         }
     }
+}
+
+/// Whether a watched container is read in this pass: its layer moved (and
+/// was not read within [`MIN_GAP`]), or it is read every [`PASS`] (no
+/// inotify, or watches partial), or its safety-net pass is due.
+fn due(w: &Watched, read_all: bool, moved: bool, inotify: bool, now: Instant) -> bool {
+    let Some(last) = w.last_read else {
+        return true;
+    };
+    let since = now.saturating_duration_since(last);
+    if read_all {
+        return true;
+    }
+    if moved {
+        return since >= MIN_GAP;
+    }
+    if !inotify || w.partial {
+        return since >= PASS;
+    }
+    since >= SAFETY_PASS
 }
 
 fn spec(
