@@ -71,6 +71,7 @@ pub async fn run(
     tasks.spawn_helper(pods.clone().follow(ctx.watches.clone(), ctx.node.clone()));
     // Container drift: numbered and queued by the monitoring loop.
     let (drift_tx, drift_rx) = mpsc::channel(4);
+    let (drift_approvals_tx, drift_approvals_rx) = mpsc::channel(16);
     match crate::hostfs::HostRoot::open(&config.root) {
         Ok(root) => {
             let settings = containers::Settings {
@@ -81,8 +82,13 @@ pub async fn run(
                 cri: config.cri_socket.clone(),
                 telemetry: Some(ctx.telemetry.clone()),
             };
-            let drift =
-                containers::run(ctx.watches.clone(), settings, ctx.served.clone(), drift_tx);
+            let drift = containers::run(
+                ctx.watches.clone(),
+                settings,
+                ctx.served.clone(),
+                drift_tx,
+                drift_approvals_rx,
+            );
             tasks.spawn_helper(drift);
         }
         Err(error) => warn!(%error, "container drift off: the host root cannot be opened"),
@@ -124,7 +130,12 @@ pub async fn run(
     let heartbeat = heartbeat::run(ctx.clone(), settings, status_rx, tasks.shutdown());
     tasks.spawn("heartbeat", Stop::Abort, heartbeat);
     // Approvals wait for the first policy decision (see approvals::run).
-    let approvals = approvals::run(ctx.clone(), control_tx, tasks.shutdown());
+    let approvals = approvals::run(
+        ctx.clone(),
+        control_tx,
+        drift_approvals_tx,
+        tasks.shutdown(),
+    );
     tasks.spawn("acknowledgements", Stop::Abort, approvals);
 
     info!(node = %ctx.node, root = %config.root.display(), "agent running");

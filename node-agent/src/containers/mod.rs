@@ -3,25 +3,26 @@
 //!
 //! The baseline of a container is its image, so nothing is hashed ahead: a
 //! container's writable layer holds exactly its drift ([`overlay`]). The
-//! containers come from the node's pods as the API server has them (the
-//! kubelet writes what the runtime told it over CRI: container id, image,
-//! image digest), so the agent needs no CRI socket, which has no read-only
-//! mode (anyone who may list containers over it may also exec into them). A
-//! container's layers come from the mount table of one of its processes
-//! (found by the container id in `/proc/<pid>/cgroup`), read in the host's
-//! procfs through the host root.
+//! containers come from the node's runtime over its CRI socket ([`cri`]:
+//! running containers, their pods, images, digests and first processes),
+//! joined by pod UID to the node's pods the policies select; without a socket,
+//! or while it does not answer, from the pods' status as the API server has it
+//! (the kubelet writes what the runtime told it). A container's layers come
+//! from the mount table of one of its processes (its cgroup names the
+//! container), read in the host's procfs through the host root.
 //!
-//! Each pass (every [`PASS`], and at once when the pods change) reads every
-//! selected container's upper directory and reports what differs from what it
-//! reported for that container: a new or changed file, a whiteout, a reported
-//! file gone again. The changes are numbered and queued by the monitoring
-//! loop like host changes ([`crate::report`]); only once they are queued is
-//! the container's reported state saved on the node (`containers/` in the
-//! state directory), so an agent restart re-reports nothing already queued,
-//! and a crash in between reports it again rather than losing it. A
-//! restarted container is a new container (a new id, a new writable layer):
-//! its old drift is not reported again. A container that is gone takes its
-//! state with it; its FileChanges stay.
+//! A container's layer is read when inotify says it moved ([`events`]), every
+//! [`PASS`] when it cannot be fully watched, every [`SAFETY_PASS`] anyway, and
+//! at once when the pods or the policies change. A read reports what differs
+//! from what was reported for that container: a new or changed file, a
+//! whiteout, a reported file gone again. The changes are numbered and queued
+//! by the monitoring loop like host changes ([`crate::report`]); only once they
+//! are queued is the container's reported state saved on the node
+//! (`containers/` in the state directory), so an agent restart re-reports
+//! nothing already queued, and a crash in between reports it again rather
+//! than losing it. A restarted container is a new container (a new id, a new
+//! writable layer): its old drift is not reported again. A container that is
+//! gone takes its state and its watches with it; its FileChanges stay.
 
 pub mod cri;
 pub mod events;
@@ -237,6 +238,56 @@ fn apply(reported: &mut BTreeMap<String, String>, changes: &[(String, Drifted)])
     }
 }
 
+/// An approval of a drift change, for the drift task to answer: drift is
+/// judged against the container it was found in, never against another
+/// container (of this pod, a later restart, another pod of the image).
+#[derive(Debug)]
+pub struct DriftApproval {
+    /// The container's id as its FileChange names it (`containerd://…`).
+    pub container: String,
+    pub policy: String,
+    pub path: String,
+    /// The approved state (`None`: a removal).
+    pub after: Option<kube_fim_crds::FileAttributes>,
+    pub done: oneshot::Sender<DriftAnswer>,
+}
+
+/// What became of an approval of a drift change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DriftAnswer {
+    /// The container still is in the approved state: approved, for it alone.
+    Applied,
+    /// The container is gone (deleted, restarted): nothing to approve.
+    Gone,
+    /// The file moved on since (its present state is reported anew).
+    Superseded,
+}
+
+/// Answers an approval from what was reported for its container.
+fn judge_approval(watched: &HashMap<String, Watched>, a: &DriftApproval) -> DriftAnswer {
+    let bare = a.container.rsplit("://").next().unwrap_or(&a.container);
+    let Some(w) = watched.get(bare) else {
+        return DriftAnswer::Gone;
+    };
+    let now = w.reported.get(&a.policy).and_then(|m| m.get(&a.path));
+    let approved = Drifted {
+        category: ChangeCategory::Added,
+        before: None,
+        after: a.after.clone(),
+    }
+    .key();
+    // A reported file deleted again is no longer in the reported state at all.
+    let same = match now {
+        Some(now) => *now == approved,
+        None => a.after.is_none(),
+    };
+    if same {
+        DriftAnswer::Applied
+    } else {
+        DriftAnswer::Superseded
+    }
+}
+
 /// The selected running containers, with the policies selecting each: from
 /// the runtime when it answers over CRI (`cri`), else from the pods' status.
 fn select_containers(
@@ -299,6 +350,7 @@ pub async fn run(
     settings: Settings,
     mut served: watch::Receiver<ServedPolicies>,
     out: mpsc::Sender<DriftBatch>,
+    mut approvals: mpsc::Receiver<DriftApproval>,
 ) {
     let pods = Pods::default();
     // The pod watch starts with the first policy selecting containers: an
@@ -518,6 +570,10 @@ pub async fn run(
                 if r.is_err() { return }
                 read_all = true;
             }
+            Some(a) = approvals.recv() => {
+                let answer = judge_approval(&watched, &a);
+                let _ = a.done.send(answer);
+            }
         }
     }
 }
@@ -638,6 +694,64 @@ mod tests {
         let found = changes(&BTreeMap::new(), &now, true);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].0, "/x");
+    }
+
+    fn watched_with(path: &str, d: &Drifted) -> Watched {
+        Watched {
+            layers: Layers {
+                upper: "u".into(),
+                lowers: Vec::new(),
+                mounts: Vec::new(),
+            },
+            reported: BTreeMap::from([(
+                "p".to_string(),
+                BTreeMap::from([(path.to_string(), d.key())]),
+            )]),
+            partial: false,
+            last_read: None,
+        }
+    }
+
+    fn approval(container: &str, after: Option<FileAttributes>) -> DriftApproval {
+        DriftApproval {
+            container: container.into(),
+            policy: "p".into(),
+            path: "/usr/bin/curl".into(),
+            after,
+            done: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn an_approval_of_drift_is_for_its_own_container_only() {
+        let curl = added("1");
+        // Pod A and pod B both dropped the same binary; A's restarted
+        // container ("a2") is a new container with a drift of its own.
+        let watched = HashMap::from([
+            ("a1".to_string(), watched_with("/usr/bin/curl", &curl)),
+            ("b1".to_string(), watched_with("/usr/bin/curl", &curl)),
+        ]);
+        let after = curl.after.clone();
+        assert_eq!(
+            judge_approval(&watched, &approval("containerd://a1", after.clone())),
+            DriftAnswer::Applied
+        );
+        // The approval named A's container: B's own FileChange is not touched
+        // (it stays unapproved until approved itself), and A's next container
+        // is not A's old one.
+        assert_eq!(
+            judge_approval(&watched, &approval("containerd://a2", after.clone())),
+            DriftAnswer::Gone
+        );
+        // A state the file has left approves nothing.
+        assert_eq!(
+            judge_approval(&watched, &approval("containerd://b1", added("2").after)),
+            DriftAnswer::Superseded
+        );
+        assert_eq!(
+            judge_approval(&watched, &approval("containerd://b1", None)),
+            DriftAnswer::Superseded
+        );
     }
 
     #[test]
