@@ -433,9 +433,12 @@ pub(crate) mod fake {
         Refuse,
     }
 
+    /// A running container: id, labels, image, digest, pid.
+    type Entry = (String, HashMap<String, String>, String, String, u32);
+
     #[derive(Clone)]
     pub struct Runtime {
-        pub containers: Arc<Mutex<Vec<(String, HashMap<String, String>, String, String, u32)>>>,
+        pub containers: Arc<Mutex<Vec<Entry>>>,
         pub behaviour: Arc<Mutex<Behaviour>>,
         pub status_calls: Arc<Mutex<usize>>,
     }

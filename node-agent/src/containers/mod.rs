@@ -516,7 +516,7 @@ pub async fn run(
                 }
                 apply(mine, &found);
             }
-            if w.partial != !complete {
+            if w.partial == complete {
                 debug!(container = %id, watched = complete, "container drift watches");
             }
             w.partial = !complete || watcher.is_none();
