@@ -755,6 +755,63 @@ mod tests {
     }
 
     #[test]
+    fn containers_come_from_the_runtime_and_from_the_pods_status_without_it() {
+        use k8s_openapi::api::core::v1::{
+            ContainerState, ContainerStateRunning, ContainerStatus, PodStatus,
+        };
+        let pod = |ns: &str, uid: &str, id: &str| {
+            let mut p = Pod::default();
+            p.metadata.namespace = Some(ns.into());
+            p.metadata.name = Some("web".into());
+            p.metadata.uid = Some(uid.into());
+            p.status = Some(PodStatus {
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "web".into(),
+                    container_id: Some(format!("containerd://{id}")),
+                    state: Some(ContainerState {
+                        running: Some(ContainerStateRunning::default()),
+                        ..ContainerState::default()
+                    }),
+                    ..ContainerStatus::default()
+                }]),
+                ..PodStatus::default()
+            });
+            Arc::new(p)
+        };
+        let pods = HashMap::from([
+            ("u1".to_string(), pod("shop", "u1", "old1")),
+            ("u2".to_string(), pod("dev", "u2", "old2")),
+        ]);
+        let policies = vec![(
+            "p".to_string(),
+            kube_fim_crds::ContainerSelection {
+                namespaces: vec!["shop".into()],
+                ..kube_fim_crds::ContainerSelection::default()
+            },
+        )];
+        let from_runtime = |uid: &str, id: &str| cri::CriContainer {
+            running: Running {
+                reference: kube_fim_crds::ContainerRef {
+                    pod_uid: uid.into(),
+                    id: format!("containerd://{id}"),
+                    ..kube_fim_crds::ContainerRef::default()
+                },
+                bare_id: id.into(),
+            },
+            pid: Some(42),
+        };
+        // The runtime runs a container the pod's status does not name yet.
+        let list = [from_runtime("u1", "new1"), from_runtime("u2", "new2")];
+        let got = select_containers(&policies, &pods, Some(&list));
+        assert_eq!(got.keys().collect::<Vec<_>>(), ["new1"]);
+        assert_eq!(got["new1"].1, Some(42));
+        // Without the runtime: the pods' status.
+        let got = select_containers(&policies, &pods, None);
+        assert_eq!(got.keys().collect::<Vec<_>>(), ["old1"]);
+        assert_eq!(got["old1"].1, None);
+    }
+
+    #[test]
     fn the_reported_state_survives_a_restart() {
         let t = tempfile::tempdir().unwrap();
         let reported: Reported = BTreeMap::from([(
