@@ -195,11 +195,13 @@ fn save(state: &Path, bare_id: &str, reported: &Reported) -> std::io::Result<()>
     std::fs::File::open(&dir)?.sync_all()
 }
 
-/// The changes between what was reported and the drift now, for one policy.
+/// The changes between what was reported and the drift now, for one policy;
+/// `complete`: the layer was read whole (else no removal is concluded).
 pub fn changes(
     reported: &BTreeMap<String, String>,
     now: &BTreeMap<String, Drifted>,
     executables_only: bool,
+    complete: bool,
 ) -> Vec<(String, Drifted)> {
     let mut out = Vec::new();
     for (path, d) in now {
@@ -211,7 +213,11 @@ pub fn changes(
         }
     }
     // Reported, and gone from the writable layer: an added file deleted
-    // again (dropped, run, removed), or a change undone.
+    // again (dropped, run, removed), or a change undone. Only a layer read
+    // whole says so: a read stopped at its bound did not reach the rest.
+    if !complete {
+        return out;
+    }
     for path in reported.keys() {
         if !now.contains_key(path) {
             out.push((
@@ -500,7 +506,7 @@ pub async fn run(
                     complete = false;
                 }
                 let mine = next.entry(policy.clone()).or_default();
-                let found = changes(mine, &found_now, sel.executables_only);
+                let found = changes(mine, &found_now, sel.executables_only, !truncated);
                 if found.is_empty() {
                     continue;
                 }
@@ -667,22 +673,41 @@ mod tests {
     fn only_what_moved_since_the_last_report_is_reported() {
         let mut reported = BTreeMap::new();
         let now = BTreeMap::from([("/a".to_string(), added("1"))]);
-        let first = changes(&reported, &now, false);
+        let first = changes(&reported, &now, false, true);
         assert_eq!(first.len(), 1);
         apply(&mut reported, &first);
-        assert!(changes(&reported, &now, false).is_empty());
+        assert!(changes(&reported, &now, false, true).is_empty());
         // Written again: reported again.
         let now = BTreeMap::from([("/a".to_string(), added("2"))]);
-        let again = changes(&reported, &now, false);
+        let again = changes(&reported, &now, false, true);
         assert_eq!(again.len(), 1);
         apply(&mut reported, &again);
         // Deleted again: a removal, and then nothing.
-        let gone = changes(&reported, &BTreeMap::new(), false);
+        let gone = changes(&reported, &BTreeMap::new(), false, true);
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].1.category, ChangeCategory::Removed);
         apply(&mut reported, &gone);
         assert!(reported.is_empty());
-        assert!(changes(&reported, &BTreeMap::new(), false).is_empty());
+        assert!(changes(&reported, &BTreeMap::new(), false, true).is_empty());
+    }
+
+    #[test]
+    fn a_layer_read_in_part_reports_no_removal_of_what_it_did_not_reach() {
+        // An attacker writes past the bound of a pass: the files reported
+        // before and not reached this time are not gone.
+        let mut reported = BTreeMap::new();
+        let first = BTreeMap::from([("/usr/bin/nc".to_string(), added("1"))]);
+        let found = changes(&reported, &first, false, true);
+        apply(&mut reported, &found);
+        let partial = BTreeMap::from([("/var/junk/1".to_string(), added("2"))]);
+        let found = changes(&reported, &partial, false, false);
+        assert_eq!(
+            found
+                .iter()
+                .map(|(p, d)| (p.as_str(), d.category))
+                .collect::<Vec<_>>(),
+            [("/var/junk/1", ChangeCategory::Added)]
+        );
     }
 
     #[test]
@@ -691,7 +716,7 @@ mod tests {
         exe.after.as_mut().unwrap().mode = Some("0755".into());
         exe.after.as_mut().unwrap().file_type = Some(kube_fim_crds::FileType::File);
         let now = BTreeMap::from([("/data".to_string(), added("1")), ("/x".to_string(), exe)]);
-        let found = changes(&BTreeMap::new(), &now, true);
+        let found = changes(&BTreeMap::new(), &now, true, true);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].0, "/x");
     }
