@@ -295,6 +295,8 @@ fn helm_install(root: &Path, chart: &Path) {
         "agent.image.pullPolicy=Never".to_string(),
         format!("agent.hostRoot={}", root.display()),
         format!("agent.stateDir={state}"),
+        // The node's containerd socket (not at its usual path on this node).
+        format!("agent.criSocket={}", node_env("KUBE_FIM_NODE_CONTAINERD")),
     ];
     let run = kubectl(["create", "namespace", NAMESPACE]);
     assert!(run.success, "{}", run.stderr);
@@ -1519,4 +1521,191 @@ async fn upgrade_from_the_previous_chart_keeps_baselines_and_reports_a_change_du
         .unwrap_or_default()
         .to_string();
     *node_slot = Some(installed);
+}
+
+const FLOOD: &str = "drift-flood";
+
+/// A pod of namespace `ns` once Ready: its first container's id and restart count.
+async fn ready_pod(ns: &str, name: &str) -> (String, i64) {
+    eventually(
+        &format!("the pod {ns}/{name} to be Ready"),
+        Duration::from_secs(120),
+        || async {
+            let pod = json(&["get", "pod", "-n", ns, name, "-o", "json"])?;
+            let id = pod["status"]["containerStatuses"][0]["containerID"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if is_ready(&pod) && !id.is_empty() {
+                Ok((id, restarts(&pod)))
+            } else {
+                Err(format!("{}", pod["status"]))
+            }
+        },
+    )
+    .await
+}
+
+fn pod_exec(ns: &str, name: &str, script: &str) {
+    let run = kubectl([
+        "exec",
+        "-n",
+        ns,
+        name,
+        "--",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(run.success, "exec {script}: {}", run.stderr);
+}
+
+/// A sample of the agent's /metrics (`name{...labels} value`, labels containing `has`).
+async fn agent_metric(name: &str, has: &str) -> Option<f64> {
+    let agent = ready_agent_pod().await;
+    let pod = agent["metadata"]["name"].as_str().unwrap_or_default();
+    let run = agent_exec(pod, &["wget", "-qO-", "http://127.0.0.1:9101/metrics"]);
+    run.stdout
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(has))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn container_drift_comes_from_the_runtime_in_real_time_and_a_flood_of_directories_does_not_stall_it()
+ {
+    let _installed = installed().await;
+    let run = kubectl(["create", "namespace", FLOOD]);
+    assert!(run.success, "{}", run.stderr);
+    let policy = format!(
+        "apiVersion: fim.kube-fim.io/v1alpha1
+kind: FileIntegrityPolicy
+metadata: {{name: container-drift-flood}}
+spec:
+  nodeSelector: {{kubernetes.io/os: linux}}
+  containers:
+    namespaces: [{FLOOD}]
+    executablesOnly: true
+"
+    );
+    let run = kubectl_stdin(&["apply", "-f", "-"], &policy);
+    assert!(run.success, "{}", run.stderr);
+    let pod = format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: flood, namespace: {FLOOD}}}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: flood
+    image: localhost/kube-fim/busybox:{tag}
+    imagePullPolicy: Never
+    command: [/bin/busybox, sh, -c, 'trap \"exit 0\" TERM; while true; do /bin/busybox sleep 1; done']
+",
+        tag = node_env("KUBE_FIM_NODE_TAG")
+    );
+    let run = kubectl_stdin(&["apply", "-f", "-"], &pod);
+    assert!(run.success, "{}", run.stderr);
+    let (id, _) = ready_pod(FLOOD, "flood").await;
+
+    // The runtime named the container over its CRI socket (not the pods' status).
+    eventually(
+        "the agent to watch a container found over CRI",
+        Duration::from_secs(60),
+        || async {
+            match agent_metric("kube_fim_agent_containers_watched", "source=\"cri\"").await {
+                Some(n) if n >= 1.0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let agent_before = ready_agent_pod().await;
+
+    // Real time: a new binary in the container, seen through inotify.
+    pod_exec(FLOOD, "flood", "/bin/busybox cp /bin/busybox /usr/bin/nc");
+    let written = std::time::Instant::now();
+    eventually(
+        "the new binary's FileChange",
+        Duration::from_secs(30),
+        || async {
+            let got = drift_changes("flood");
+            if got
+                .iter()
+                .any(|(c, p, i)| c == "Added" && p == "/usr/bin/nc" && *i == id)
+            {
+                Ok(())
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "container drift over CRI and inotify: exec's write to its FileChange in {:?}",
+        written.elapsed()
+    );
+    let watches = agent_metric("kube_fim_agent_container_watches", "").await;
+    assert!(watches.is_some_and(|w| w >= 1.0), "{watches:?}");
+
+    // The attacker floods the writable layer: more directories than the
+    // agent watches for one container, renamed under its feet.
+    pod_exec(
+        FLOOD,
+        "flood",
+        "cd /var && set -- && i=0 && while [ $i -lt 1500 ]; do set -- \"$@\" junk/$i/d; i=$((i+1)); done \
+         && /bin/busybox mkdir -p \"$@\" && for d in \"$@\"; do : > $d/f; done \
+         && /bin/busybox mv junk junk2 && /bin/busybox mkdir junk",
+    );
+    pod_exec(
+        FLOOD,
+        "flood",
+        "/bin/busybox cp /bin/busybox /var/junk2/7/d/after-flood",
+    );
+    eventually(
+        "the drift written after the flood",
+        Duration::from_secs(30),
+        || async {
+            let got = drift_changes("flood");
+            if got
+                .iter()
+                .any(|(c, p, _)| c == "Added" && p == "/var/junk2/7/d/after-flood")
+            {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+    // Bounded: the agent holds its share of watches, no more, and neither
+    // stalled nor restarted.
+    let watches = agent_metric("kube_fim_agent_container_watches", "").await;
+    assert!(
+        watches.is_some_and(|w| (1.0..=1100.0).contains(&w)),
+        "{watches:?}"
+    );
+    let agent_after = ready_agent_pod().await;
+    assert_eq!(
+        agent_after["metadata"]["uid"],
+        agent_before["metadata"]["uid"]
+    );
+    assert_eq!(restarts(&agent_after), restarts(&agent_before));
+    // executablesOnly: the flood's data files are not reported, the binaries are.
+    let mut want = vec![
+        ("Added".to_string(), "/usr/bin/nc".to_string(), id.clone()),
+        (
+            "Added".to_string(),
+            "/var/junk2/7/d/after-flood".to_string(),
+            id.clone(),
+        ),
+    ];
+    want.sort();
+    assert_eq!(drift_changes("flood"), want);
+
+    // The policy stays (deleting it would roll the agents out under the next test).
+    let run = kubectl(["delete", "namespace", FLOOD, "--wait=true"]);
+    assert!(run.success, "{}", run.stderr);
 }

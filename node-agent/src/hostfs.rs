@@ -370,6 +370,13 @@ impl HostRoot {
     }
 
     /// A descriptor (`O_PATH`) of directory `rel`, resolved inside the root,
+    /// its last component never followed: what an inotify watch is put on
+    /// (through `/proc/self/fd`), so a directory swapped for a link is refused.
+    pub fn open_watchable(&self, rel: &Path) -> Result<OwnedFd, Errno> {
+        self.open_in(rel, OFlags::PATH | OFlags::DIRECTORY)
+    }
+
+    /// A descriptor (`O_PATH`) of directory `rel`, resolved inside the root,
     /// following a symlink as its last component too.
     fn open_dir(&self, rel: &Path) -> Result<OwnedFd, Errno> {
         let rel = if rel.as_os_str().is_empty() {

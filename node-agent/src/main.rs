@@ -147,6 +147,12 @@ enum Command {
         /// layers are host paths, read inside --root.
         #[arg(long, default_value = "/")]
         host_root_path: PathBuf,
+        /// The node's CRI socket (containerd, CRI-O, k3s), a path in the
+        /// agent's file system: container drift asks the runtime for the
+        /// running containers. Without it (or while it does not answer) they
+        /// come from the pods' status.
+        #[arg(long)]
+        cri_socket: Option<PathBuf>,
     },
 }
 
@@ -366,6 +372,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             mount_table,
             mount_table_root,
             host_root_path,
+            cri_socket,
         } => {
             if node_name.is_empty() {
                 bail!("--node-name (or NODE_NAME from the downward API) is required");
@@ -391,6 +398,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         root: mount_table_root,
                     }),
                     host_root_path,
+                    cri_socket,
                 },
                 shutdown_signal(),
             )

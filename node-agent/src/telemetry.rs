@@ -88,6 +88,8 @@ struct Metrics {
     names_squatted: IntCounter,
     baseline_tampered: IntGauge,
     queue_write_failing: IntGauge,
+    containers_watched: IntGaugeVec,
+    container_watches: IntGauge,
 }
 
 fn counter(name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
@@ -236,6 +238,15 @@ impl Metrics {
                 "kube_fim_agent_queue_write_failing",
                 "1 while detected changes cannot be written to the node's delivery queue (e.g. a full disk); detection waits, nothing is dropped",
             )?,
+            containers_watched: gauges(
+                "kube_fim_agent_containers_watched",
+                "Running containers watched for drift, by where they were found (source: cri, or pods when the CRI socket does not answer)",
+                &["source"],
+            )?,
+            container_watches: gauge(
+                "kube_fim_agent_container_watches",
+                "inotify watches on the containers' writable layers",
+            )?,
             registry,
         };
         for c in [
@@ -265,6 +276,8 @@ impl Metrics {
             Box::new(m.deferred_delivered.clone()),
             Box::new(m.names_squatted.clone()),
             Box::new(m.baseline_tampered.clone()),
+            Box::new(m.containers_watched.clone()),
+            Box::new(m.container_watches.clone()),
         ] {
             m.registry.register(c)?;
         }
@@ -401,6 +414,20 @@ impl Telemetry {
     /// The baseline could not be written (counted as an inspection error).
     pub fn baseline_write_failed(&self) {
         self.metrics.scan_errors.inc();
+    }
+
+    /// The containers watched for drift (found over CRI or from the pods'
+    /// status) and the inotify watches on their writable layers.
+    pub fn container_drift(&self, cri: usize, pods: usize, watches: usize) {
+        let m = &self.metrics;
+        m.containers_watched
+            .with_label_values(&["cri"])
+            .set(i64::try_from(cri).unwrap_or(i64::MAX));
+        m.containers_watched
+            .with_label_values(&["pods"])
+            .set(i64::try_from(pods).unwrap_or(i64::MAX));
+        m.container_watches
+            .set(i64::try_from(watches).unwrap_or(i64::MAX));
     }
 
     /// A real-time watch could not be set, or its events were lost.

@@ -57,6 +57,12 @@ pub struct Config {
     /// directory standing for it on a test node.
     #[arg(long, default_value = "/")]
     pub agent_host_root: String,
+    /// The nodes' CRI socket (a host path: containerd's by default; k3s:
+    /// `/run/k3s/containerd/containerd.sock`, CRI-O: `/var/run/crio/crio.sock`).
+    /// Mounted read-only into the agents only while a policy selects
+    /// containers; empty: never, container drift takes the pods' status.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    pub agent_cri_socket: String,
     /// Port the agents serve `/metrics`, `/healthz` and `/readyz` on.
     #[arg(long, default_value_t = 9101)]
     pub agent_metrics_port: i32,
@@ -284,6 +290,7 @@ mod tests {
         );
         assert_eq!(value(&v, "agent.stateDir"), c.agent_state_dir);
         assert_eq!(value(&v, "agent.hostRoot"), c.agent_host_root);
+        assert_eq!(value(&v, "agent.criSocket"), c.agent_cri_socket);
         assert_eq!(
             value(&v, "agent.metricsPort"),
             c.agent_metrics_port.to_string()

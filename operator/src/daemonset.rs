@@ -31,6 +31,8 @@ pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 pub const NAME_LABEL: &str = "app.kubernetes.io/name";
 /// Where the host's `/` is mounted in the agent container.
 pub const HOST_ROOT: &str = "/host";
+/// Where an agent finds the node's CRI socket (container drift only).
+pub const CRI_SOCKET: &str = "/run/kube-fim/cri.sock";
 
 /// Capabilities of the agent container, with why each one is there. Everything
 /// else is dropped; the container is not privileged.
@@ -159,6 +161,11 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
     let mut policies = policies.to_vec();
     policies.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let process_attribution = policies.iter().any(|p| p.spec.process_attribution);
+    // The runtime's socket only for container drift: CRI has no read-only
+    // mode (a read-only mount does not stop a connect), so no agent has it
+    // unless a policy needs it.
+    let cri_socket = Some(config.agent_cri_socket.clone())
+        .filter(|s| !s.is_empty() && policies.iter().any(|p| p.spec.containers.is_some()));
 
     let mut args = vec![
         format!("--log-format={}", config.agent_log_format),
@@ -178,6 +185,9 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
     }
     if config.agent_threads > 0 {
         args.push(format!("--threads={}", config.agent_threads));
+    }
+    if cri_socket.is_some() {
+        args.push(format!("--cri-socket={CRI_SOCKET}"));
     }
 
     let mut limits = BTreeMap::from([(
@@ -256,22 +266,33 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "host".into(),
-                mount_path: HOST_ROOT.into(),
-                read_only: Some(true),
-                // Submounts of the host (/boot, /var/lib/kubelet...) read-only too
-                // where the kernel supports it (Linux 5.12+).
-                recursive_read_only: Some("IfPossible".into()),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "state".into(),
-                mount_path: config.agent_state_dir.clone(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some({
+            let mut mounts = vec![
+                VolumeMount {
+                    name: "host".into(),
+                    mount_path: HOST_ROOT.into(),
+                    read_only: Some(true),
+                    // Submounts of the host (/boot, /var/lib/kubelet...) read-only too
+                    // where the kernel supports it (Linux 5.12+).
+                    recursive_read_only: Some("IfPossible".into()),
+                    ..VolumeMount::default()
+                },
+                VolumeMount {
+                    name: "state".into(),
+                    mount_path: config.agent_state_dir.clone(),
+                    ..VolumeMount::default()
+                },
+            ];
+            if cri_socket.is_some() {
+                mounts.push(VolumeMount {
+                    name: "cri".into(),
+                    mount_path: CRI_SOCKET.into(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                });
+            }
+            mounts
+        }),
         ..Container::default()
     };
 
@@ -313,24 +334,37 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
                 .collect()
         }),
         termination_grace_period_seconds: Some(30),
-        volumes: Some(vec![
-            Volume {
-                name: "host".into(),
-                host_path: Some(HostPathVolumeSource {
-                    path: config.agent_host_root.clone(),
-                    type_: Some("Directory".into()),
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "state".into(),
-                host_path: Some(HostPathVolumeSource {
-                    path: config.agent_state_dir.clone(),
-                    type_: Some("DirectoryOrCreate".into()),
-                }),
-                ..Volume::default()
-            },
-        ]),
+        volumes: Some({
+            let mut volumes = vec![
+                Volume {
+                    name: "host".into(),
+                    host_path: Some(HostPathVolumeSource {
+                        path: config.agent_host_root.clone(),
+                        type_: Some("Directory".into()),
+                    }),
+                    ..Volume::default()
+                },
+                Volume {
+                    name: "state".into(),
+                    host_path: Some(HostPathVolumeSource {
+                        path: config.agent_state_dir.clone(),
+                        type_: Some("DirectoryOrCreate".into()),
+                    }),
+                    ..Volume::default()
+                },
+            ];
+            if let Some(socket) = &cri_socket {
+                volumes.push(Volume {
+                    name: "cri".into(),
+                    host_path: Some(HostPathVolumeSource {
+                        path: socket.clone(),
+                        type_: Some("Socket".into()),
+                    }),
+                    ..Volume::default()
+                });
+            }
+            volumes
+        }),
         ..PodSpec::default()
     };
 
@@ -690,5 +724,58 @@ mod tests {
             .clone()
             .unwrap();
         assert_eq!(add, ["DAC_READ_SEARCH", "SYS_ADMIN", "SYS_PTRACE"]);
+    }
+
+    #[test]
+    fn only_container_drift_gets_the_cri_socket_read_only() {
+        let a = policy("a", &[]);
+        let socket = |ds: DaemonSet| {
+            let pod = ds.spec.unwrap().template.spec.unwrap();
+            let c = &pod.containers[0];
+            let mount = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == "cri")
+                .cloned();
+            let volume = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == "cri")
+                .and_then(|v| v.host_path.clone());
+            let arg = c
+                .args
+                .iter()
+                .flatten()
+                .find(|a| a.starts_with("--cri-socket"))
+                .cloned();
+            (mount, volume, arg)
+        };
+        assert_eq!(
+            socket(desired_daemonset(&Config::default(), &[&a]).unwrap()),
+            (None, None, None),
+            "a host-only policy: no runtime socket"
+        );
+        let mut b = policy("b", &[]);
+        b.spec.containers = Some(kube_fim_crds::ContainerSelection::default());
+        let (mount, volume, arg) =
+            socket(desired_daemonset(&Config::default(), &[&a, &b]).unwrap());
+        let mount = mount.unwrap();
+        assert_eq!(mount.read_only, Some(true));
+        assert_eq!(mount.mount_path, CRI_SOCKET);
+        let volume = volume.unwrap();
+        assert_eq!(volume.path, "/run/containerd/containerd.sock");
+        assert_eq!(volume.type_.as_deref(), Some("Socket"));
+        assert_eq!(arg.as_deref(), Some("--cri-socket=/run/kube-fim/cri.sock"));
+        // Turned off by the value: containers come from the pods' status.
+        let off = Config {
+            agent_cri_socket: String::new(),
+            ..Config::default()
+        };
+        assert_eq!(
+            socket(desired_daemonset(&off, &[&b]).unwrap()),
+            (None, None, None)
+        );
     }
 }

@@ -12,6 +12,7 @@ use kube_fim_crds::{ApprovalOutcome, ChangeCategory, EntryDigestMove, FileChange
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use crate::containers::{self, DriftAnswer, DriftApproval};
 use crate::context::Context;
 use crate::monitor::{AllAnswer, Answer, ApprovalRequest, Control};
 use crate::report::{deliver, transaction};
@@ -29,6 +30,7 @@ use crate::report::{deliver, transaction};
 pub async fn run(
     ctx: Arc<Context>,
     control: mpsc::Sender<Control>,
+    drift: mpsc::Sender<DriftApproval>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -66,7 +68,9 @@ pub async fn run(
         let Some(approval) = change.approval().filter(|_| !answered) else {
             continue;
         };
-        let Some(verdict) = judge(&change, &approval.approved_by, &ctx.node, &control).await else {
+        let Some(verdict) =
+            judge(&change, &approval.approved_by, &ctx.node, &control, &drift).await
+        else {
             return;
         };
         let mut status =
@@ -133,6 +137,7 @@ async fn judge(
     approver: &str,
     node: &str,
     control: &mpsc::Sender<Control>,
+    drift: &mpsc::Sender<DriftApproval>,
 ) -> Option<Verdict> {
     let path = &change.spec.path;
     let verdict = |outcome, message| Verdict {
@@ -148,6 +153,48 @@ async fn judge(
                 "a Summary stands for many files and approves none of them on {node}: approve their own changes"
             ),
         ));
+    }
+    // Drift is approved for the container it was found in, by the drift task.
+    if let Some(container) = change
+        .spec
+        .container
+        .as_ref()
+        .filter(|_| change.spec.entry == containers::ENTRY)
+    {
+        let (tx, rx) = oneshot::channel();
+        let request = DriftApproval {
+            container: container.id.clone(),
+            policy: change.spec.policy.clone(),
+            path: path.clone(),
+            after: change.spec.after.clone(),
+            done: tx,
+        };
+        drift.send(request).await.ok()?;
+        let pod = format!("{}/{}", container.namespace, container.pod);
+        let c = format!(
+            "container {} ({}) of pod {pod}",
+            container.name, container.id
+        );
+        return Some(match rx.await.ok()? {
+            DriftAnswer::Applied => verdict(
+                ApprovalOutcome::Applied,
+                format!(
+                    "approved by {approver}: {path} as it is in {c} on {node}, for that container only (other pods, and this pod's next container, are judged on their own)"
+                ),
+            ),
+            DriftAnswer::Gone => verdict(
+                ApprovalOutcome::NotMonitored,
+                format!(
+                    "{c} no longer runs on {node}: nothing was approved (its FileChanges stay as evidence)"
+                ),
+            ),
+            DriftAnswer::Superseded => verdict(
+                ApprovalOutcome::Superseded,
+                format!(
+                    "{path} in {c} on {node} no longer is in the approved state: nothing was approved; its present state is reported as a newer FileChange"
+                ),
+            ),
+        });
     }
     if let Some(items) = transaction::items(&change.spec) {
         return judge_transaction(change, items, approver, node, control).await;
@@ -303,7 +350,9 @@ mod tests {
         let (control, mut asked) = mpsc::channel(1);
         let mut change = to_object(fixtures::change("/etc/passwd"), 0);
         change.spec.category = ChangeCategory::Summary;
-        let verdict = judge(&change, "alice", "n1", &control).await.unwrap();
+        let verdict = judge(&change, "alice", "n1", &control, &mpsc::channel(1).0)
+            .await
+            .unwrap();
         assert_eq!(verdict.outcome, ApprovalOutcome::Superseded);
         assert!(verdict.message.contains("approve their own changes"));
         assert!(asked.try_recv().is_err());
@@ -320,7 +369,9 @@ mod tests {
             let _ = done.send(Answer::Superseded(vec!["fc-newer".into()]));
         });
         let change = to_object(fixtures::change("/etc/passwd"), 0);
-        let verdict = judge(&change, "alice", "n1", &control).await.unwrap();
+        let verdict = judge(&change, "alice", "n1", &control, &mpsc::channel(1).0)
+            .await
+            .unwrap();
         monitor.await.unwrap();
         assert_eq!(verdict.outcome, ApprovalOutcome::Superseded);
         assert!(
@@ -337,6 +388,54 @@ mod tests {
         let (control, asked) = mpsc::channel(1);
         drop(asked);
         let change = to_object(fixtures::change("/etc/passwd"), 0);
-        assert!(judge(&change, "alice", "n1", &control).await.is_none());
+        assert!(
+            judge(&change, "alice", "n1", &control, &mpsc::channel(1).0)
+                .await
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_approval_of_drift_is_judged_by_its_container_not_the_hosts_baseline() {
+        let (control, mut asked) = mpsc::channel(1);
+        let (drift, mut drift_asked) = mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            let Some(a): Option<DriftApproval> = drift_asked.recv().await else {
+                panic!("the drift task was not asked");
+            };
+            assert_eq!(a.container, "containerd://a1");
+            assert_eq!(a.path, "/usr/bin/curl");
+            let _ = a.done.send(DriftAnswer::Applied);
+        });
+        let mut change = to_object(fixtures::change("/usr/bin/curl"), 0);
+        change.spec.entry = containers::ENTRY.into();
+        change.spec.container = Some(kube_fim_crds::ContainerRef {
+            namespace: "shop".into(),
+            pod: "web".into(),
+            pod_uid: "u".into(),
+            name: "web".into(),
+            id: "containerd://a1".into(),
+            image: None,
+            image_digest: None,
+        });
+        let verdict = judge(&change, "alice", "n1", &control, &drift)
+            .await
+            .unwrap();
+        task.await.unwrap();
+        assert_eq!(
+            verdict.outcome,
+            ApprovalOutcome::Applied,
+            "{}",
+            verdict.message
+        );
+        assert!(
+            verdict.message.contains("for that container only"),
+            "{}",
+            verdict.message
+        );
+        assert!(
+            asked.try_recv().is_err(),
+            "the host's baseline is not asked"
+        );
     }
 }

@@ -40,6 +40,8 @@ pub struct RunConfig {
     pub mount_table: Option<crate::mounts::MountSource>,
     /// Where `root` is on the host (`/` when it is the host's `/`).
     pub host_root_path: PathBuf,
+    /// The node's CRI socket, asked for the running containers (container drift).
+    pub cri_socket: Option<PathBuf>,
 }
 
 /// Runs the agent until `shutdown`.
@@ -69,6 +71,7 @@ pub async fn run(
     tasks.spawn_helper(pods.clone().follow(ctx.watches.clone(), ctx.node.clone()));
     // Container drift: numbered and queued by the monitoring loop.
     let (drift_tx, drift_rx) = mpsc::channel(4);
+    let (drift_approvals_tx, drift_approvals_rx) = mpsc::channel(16);
     match crate::hostfs::HostRoot::open(&config.root) {
         Ok(root) => {
             let settings = containers::Settings {
@@ -76,9 +79,16 @@ pub async fn run(
                 root,
                 host_root: config.host_root_path.clone(),
                 state: config.state.clone(),
+                cri: config.cri_socket.clone(),
+                telemetry: Some(ctx.telemetry.clone()),
             };
-            let drift =
-                containers::run(ctx.watches.clone(), settings, ctx.served.clone(), drift_tx);
+            let drift = containers::run(
+                ctx.watches.clone(),
+                settings,
+                ctx.served.clone(),
+                drift_tx,
+                drift_approvals_rx,
+            );
             tasks.spawn_helper(drift);
         }
         Err(error) => warn!(%error, "container drift off: the host root cannot be opened"),
@@ -120,7 +130,12 @@ pub async fn run(
     let heartbeat = heartbeat::run(ctx.clone(), settings, status_rx, tasks.shutdown());
     tasks.spawn("heartbeat", Stop::Abort, heartbeat);
     // Approvals wait for the first policy decision (see approvals::run).
-    let approvals = approvals::run(ctx.clone(), control_tx, tasks.shutdown());
+    let approvals = approvals::run(
+        ctx.clone(),
+        control_tx,
+        drift_approvals_tx,
+        tasks.shutdown(),
+    );
     tasks.spawn("acknowledgements", Stop::Abort, approvals);
 
     info!(node = %ctx.node, root = %config.root.display(), "agent running");

@@ -3,33 +3,36 @@
 //!
 //! The baseline of a container is its image, so nothing is hashed ahead: a
 //! container's writable layer holds exactly its drift ([`overlay`]). The
-//! containers come from the node's pods as the API server has them (the
-//! kubelet writes what the runtime told it over CRI: container id, image,
-//! image digest), so the agent needs no CRI socket, which has no read-only
-//! mode (anyone who may list containers over it may also exec into them). A
-//! container's layers come from the mount table of one of its processes
-//! (found by the container id in `/proc/<pid>/cgroup`), read in the host's
-//! procfs through the host root.
+//! containers come from the node's runtime over its CRI socket ([`cri`]:
+//! running containers, their pods, images, digests and first processes),
+//! joined by pod UID to the node's pods the policies select; without a socket,
+//! or while it does not answer, from the pods' status as the API server has it
+//! (the kubelet writes what the runtime told it). A container's layers come
+//! from the mount table of one of its processes (its cgroup names the
+//! container), read in the host's procfs through the host root.
 //!
-//! Each pass (every [`PASS`], and at once when the pods change) reads every
-//! selected container's upper directory and reports what differs from what it
-//! reported for that container: a new or changed file, a whiteout, a reported
-//! file gone again. The changes are numbered and queued by the monitoring
-//! loop like host changes ([`crate::report`]); only once they are queued is
-//! the container's reported state saved on the node (`containers/` in the
-//! state directory), so an agent restart re-reports nothing already queued,
-//! and a crash in between reports it again rather than losing it. A
-//! restarted container is a new container (a new id, a new writable layer):
-//! its old drift is not reported again. A container that is gone takes its
-//! state with it; its FileChanges stay.
+//! A container's layer is read when inotify says it moved ([`events`]), every
+//! [`PASS`] when it cannot be fully watched, every [`SAFETY_PASS`] anyway, and
+//! at once when the pods or the policies change. A read reports what differs
+//! from what was reported for that container: a new or changed file, a
+//! whiteout, a reported file gone again. The changes are numbered and queued
+//! by the monitoring loop like host changes ([`crate::report`]); only once they
+//! are queued is the container's reported state saved on the node
+//! (`containers/` in the state directory), so an agent restart re-reports
+//! nothing already queued, and a crash in between reports it again rather
+//! than losing it. A restarted container is a new container (a new id, a new
+//! writable layer): its old drift is not reported again. A container that is
+//! gone takes its state and its watches with it; its FileChanges stay.
 
+pub mod cri;
+pub mod events;
 pub mod overlay;
 pub mod select;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -52,8 +55,18 @@ pub type DriftBatch = (Vec<FileChangeSpec>, oneshot::Sender<()>);
 /// The entry name of every drift change.
 pub const ENTRY: &str = "containers";
 
-/// How often every selected container is read again.
+/// How often a container is read when its writable layer cannot be fully
+/// watched (no inotify, more directories than its share of watches), and how
+/// often the runtime is asked for the node's containers.
 pub const PASS: Duration = Duration::from_secs(1);
+/// How often a fully watched container is read all the same: the safety net
+/// under the events.
+pub const SAFETY_PASS: Duration = Duration::from_secs(60);
+/// After an event, the wait for the burst of writes it starts to settle.
+pub const SETTLE: Duration = Duration::from_millis(100);
+/// Least time between two reads of one container: a container writing
+/// without pause costs a bounded pass every so often, not a busy agent.
+pub const MIN_GAP: Duration = Duration::from_millis(250);
 
 /// What the drift task needs.
 pub struct Settings {
@@ -63,6 +76,9 @@ pub struct Settings {
     pub host_root: PathBuf,
     /// The agent's state directory.
     pub state: PathBuf,
+    /// The node's CRI socket (in the agent's file system), if one is to be asked.
+    pub cri: Option<PathBuf>,
+    pub telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 /// The node's pods, by uid, kept by a watch.
@@ -125,6 +141,9 @@ type Reported = BTreeMap<String, BTreeMap<String, String>>;
 struct Watched {
     layers: Layers,
     reported: Reported,
+    /// Not every directory of its writable layer is watched: read every [`PASS`].
+    partial: bool,
+    last_read: Option<Instant>,
 }
 
 /// The first process of the container `bare_id`, from the cgroups in `proc`.
@@ -176,11 +195,13 @@ fn save(state: &Path, bare_id: &str, reported: &Reported) -> std::io::Result<()>
     std::fs::File::open(&dir)?.sync_all()
 }
 
-/// The changes between what was reported and the drift now, for one policy.
+/// The changes between what was reported and the drift now, for one policy;
+/// `complete`: the layer was read whole (else no removal is concluded).
 pub fn changes(
     reported: &BTreeMap<String, String>,
     now: &BTreeMap<String, Drifted>,
     executables_only: bool,
+    complete: bool,
 ) -> Vec<(String, Drifted)> {
     let mut out = Vec::new();
     for (path, d) in now {
@@ -192,7 +213,11 @@ pub fn changes(
         }
     }
     // Reported, and gone from the writable layer: an added file deleted
-    // again (dropped, run, removed), or a change undone.
+    // again (dropped, run, removed), or a change undone. Only a layer read
+    // whole says so: a read stopped at its bound did not reach the rest.
+    if !complete {
+        return out;
+    }
     for path in reported.keys() {
         if !now.contains_key(path) {
             out.push((
@@ -219,12 +244,119 @@ fn apply(reported: &mut BTreeMap<String, String>, changes: &[(String, Drifted)])
     }
 }
 
+/// An approval of a drift change, for the drift task to answer: drift is
+/// judged against the container it was found in, never against another
+/// container (of this pod, a later restart, another pod of the image).
+#[derive(Debug)]
+pub struct DriftApproval {
+    /// The container's id as its FileChange names it (`containerd://…`).
+    pub container: String,
+    pub policy: String,
+    pub path: String,
+    /// The approved state (`None`: a removal).
+    pub after: Option<kube_fim_crds::FileAttributes>,
+    pub done: oneshot::Sender<DriftAnswer>,
+}
+
+/// What became of an approval of a drift change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DriftAnswer {
+    /// The container still is in the approved state: approved, for it alone.
+    Applied,
+    /// The container is gone (deleted, restarted): nothing to approve.
+    Gone,
+    /// The file moved on since (its present state is reported anew).
+    Superseded,
+}
+
+/// Answers an approval from what was reported for its container.
+fn judge_approval(watched: &HashMap<String, Watched>, a: &DriftApproval) -> DriftAnswer {
+    let bare = a.container.rsplit("://").next().unwrap_or(&a.container);
+    let Some(w) = watched.get(bare) else {
+        return DriftAnswer::Gone;
+    };
+    let now = w.reported.get(&a.policy).and_then(|m| m.get(&a.path));
+    let approved = Drifted {
+        category: ChangeCategory::Added,
+        before: None,
+        after: a.after.clone(),
+    }
+    .key();
+    // A reported file deleted again is no longer in the reported state at all.
+    let same = match now {
+        Some(now) => *now == approved,
+        None => a.after.is_none(),
+    };
+    if same {
+        DriftAnswer::Applied
+    } else {
+        DriftAnswer::Superseded
+    }
+}
+
+/// The selected running containers, with the policies selecting each: from
+/// the runtime when it answers over CRI (`cri`), else from the pods' status.
+fn select_containers(
+    policies: &[(String, kube_fim_crds::ContainerSelection)],
+    pods: &HashMap<String, Arc<Pod>>,
+    cri: Option<&[cri::CriContainer]>,
+) -> BTreeMap<String, (Running, Option<u32>, Vec<usize>)> {
+    let mut selected = BTreeMap::new();
+    for (uid, pod) in pods {
+        let by: Vec<usize> = policies
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, sel))| select::selects(sel, pod))
+            .map(|(i, _)| i)
+            .collect();
+        if by.is_empty() {
+            continue;
+        }
+        match cri {
+            // The runtime's containers of this pod (by its uid): running now,
+            // whatever the pod's status says yet.
+            Some(list) => {
+                for c in list.iter().filter(|c| c.running.reference.pod_uid == *uid) {
+                    selected.insert(
+                        c.running.bare_id.clone(),
+                        (c.running.clone(), c.pid, by.clone()),
+                    );
+                }
+            }
+            None => {
+                for r in select::running(pod) {
+                    selected.insert(r.bare_id.clone(), (r, None, by.clone()));
+                }
+            }
+        }
+    }
+    selected
+}
+
+/// Whether process `pid` is in the container `bare_id` (its cgroup names it):
+/// a pid the runtime gave may have ended and been reused since.
+fn in_container(proc: &Path, pid: u32, bare_id: &str) -> bool {
+    std::fs::read(proc.join(pid.to_string()).join("cgroup")).is_ok_and(|cgroup| {
+        cgroup
+            .windows(bare_id.len())
+            .any(|w| w == bare_id.as_bytes())
+    })
+}
+
+/// Where the containers come from, said once per change (log and metric).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Cri,
+    Pods,
+}
+
 /// Runs the drift task until the monitoring loop is gone.
 pub async fn run(
     client: Client,
     settings: Settings,
     mut served: watch::Receiver<ServedPolicies>,
     out: mpsc::Sender<DriftBatch>,
+    mut approvals: mpsc::Receiver<DriftApproval>,
 ) {
     let pods = Pods::default();
     // The pod watch starts with the first policy selecting containers: an
@@ -233,6 +365,19 @@ pub async fn run(
     let proc = settings.root.path().join("proc");
     let mut watched: HashMap<String, Watched> = HashMap::new();
     let mut first_pass = true;
+    let mut cri = settings.cri.clone().map(cri::Cri::new);
+    let mut source: Option<Source> = None;
+    // Real time: without inotify every container is read every PASS.
+    let watcher = match events::Watcher::new() {
+        Ok(w) => Some(w),
+        Err(error) => {
+            warn!(%error, "no inotify for container drift: every container is read every second");
+            None
+        }
+    };
+    // Containers whose layers moved and are not read yet.
+    let mut pending: BTreeSet<String> = BTreeSet::new();
+    let mut read_all = true;
     loop {
         let policies: Vec<(String, kube_fim_crds::ContainerSelection)> = {
             let served = served.borrow_and_update();
@@ -249,24 +394,37 @@ pub async fn run(
         {
             tokio::spawn(pods.clone().follow(client, settings.node.clone()));
         }
-        // The selected running containers, with the policies selecting each.
-        let mut selected: BTreeMap<String, (Running, Vec<usize>)> = BTreeMap::new();
-        if !policies.is_empty() {
-            for pod in pods.pods.read().await.values() {
-                let by: Vec<usize> = policies
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, (_, sel))| select::selects(sel, pod))
-                    .map(|(i, _)| i)
-                    .collect();
-                if by.is_empty() {
-                    continue;
+        // The runtime is asked only while a policy selects containers.
+        let from_cri = match cri.as_mut().filter(|_| !policies.is_empty()) {
+            Some(c) => match c.running().await {
+                Ok(list) => {
+                    if source != Some(Source::Cri) {
+                        info!(socket = %c.socket().display(), "containers from the runtime over CRI");
+                    }
+                    source = Some(Source::Cri);
+                    Some(list)
                 }
-                for r in select::running(pod) {
-                    selected.insert(r.bare_id.clone(), (r, by.clone()));
+                Err(error) => {
+                    if source != Some(Source::Pods) {
+                        warn!(%error, "the CRI socket does not answer: containers from the pods' status instead");
+                    }
+                    source = Some(Source::Pods);
+                    None
                 }
+            },
+            None => {
+                if !policies.is_empty() && source.is_none() {
+                    info!("no CRI socket configured: containers from the pods' status");
+                    source = Some(Source::Pods);
+                }
+                None
             }
-        }
+        };
+        let selected = if policies.is_empty() {
+            BTreeMap::new()
+        } else {
+            select_containers(&policies, &*pods.pods.read().await, from_cri.as_deref())
+        };
         // Gone (deleted, restarted, no longer selected): forgotten; its evidence stays.
         let gone: Vec<String> = watched
             .keys()
@@ -275,15 +433,30 @@ pub async fn run(
             .collect();
         for id in gone {
             watched.remove(&id);
+            pending.remove(&id);
+            if let Some(w) = &watcher {
+                w.forget(&id);
+            }
             let _ = std::fs::remove_file(state_file(&settings.state, &id));
             debug!(container = %id, "container gone");
         }
+        if let Some(w) = &watcher {
+            let dirty = w.take();
+            if dirty.all {
+                warn!("container drift events overflowed: every container is read again");
+                read_all = true;
+            }
+            pending.extend(dirty.ids);
+        }
+        let now = Instant::now();
         let mut batch = Vec::new();
-        let mut pending: Vec<(String, Reported)> = Vec::new();
-        for (id, (running, by)) in &selected {
+        let mut saves: Vec<(String, Reported)> = Vec::new();
+        for (id, (running, pid, by)) in &selected {
             if !watched.contains_key(id) {
                 let layers = tokio::task::block_in_place(|| {
-                    let pid = process_of(&proc, id)?;
+                    let pid = pid
+                        .filter(|p| in_container(&proc, *p, id))
+                        .or_else(|| process_of(&proc, id))?;
                     let table = std::fs::read(proc.join(pid.to_string()).join("mountinfo")).ok()?;
                     overlay::layers_of(&table, &settings.host_root)
                 });
@@ -294,24 +467,46 @@ pub async fn run(
                 info!(pod = %running.reference.pod, container = %running.reference.name,
                       upper = %layers.upper.display(), "watching container drift");
                 let reported = load(&settings.state, id);
-                watched.insert(id.clone(), Watched { layers, reported });
+                watched.insert(
+                    id.clone(),
+                    Watched {
+                        layers,
+                        reported,
+                        partial: true,
+                        last_read: None,
+                    },
+                );
             }
-            let Some(w) = watched.get(id) else { continue };
+            let Some(w) = watched.get_mut(id) else {
+                continue;
+            };
+            if !due(w, read_all, pending.contains(id), watcher.is_some(), now) {
+                continue;
+            }
+            pending.remove(id);
+            w.last_read = Some(now);
             let mut next = w.reported.clone();
             let mut any = false;
+            let mut complete = true;
             for i in by {
                 let Some((policy, sel)) = policies.get(*i) else {
                     continue;
                 };
                 let excludes = select::excludes(sel);
-                let (now, truncated) = tokio::task::block_in_place(|| {
-                    overlay::drift(&settings.root, &w.layers, &excludes)
+                let (found_now, truncated) = tokio::task::block_in_place(|| {
+                    let mut on_dir = |dir: &Path| {
+                        if let Some(watcher) = &watcher {
+                            complete &= watcher.watch(&settings.root, id, dir);
+                        }
+                    };
+                    overlay::drift(&settings.root, &w.layers, &excludes, &mut on_dir)
                 });
                 if truncated {
                     warn!(container = %id, "writable layer too large; read in part");
+                    complete = false;
                 }
                 let mine = next.entry(policy.clone()).or_default();
-                let found = changes(mine, &now, sel.executables_only);
+                let found = changes(mine, &found_now, sel.executables_only, !truncated);
                 if found.is_empty() {
                     continue;
                 }
@@ -327,9 +522,22 @@ pub async fn run(
                 }
                 apply(mine, &found);
             }
-            if any {
-                pending.push((id.clone(), next));
+            if w.partial == complete {
+                debug!(container = %id, watched = complete, "container drift watches");
             }
+            w.partial = !complete || watcher.is_none();
+            if any {
+                saves.push((id.clone(), next));
+            }
+        }
+        read_all = false;
+        if let Some(t) = &settings.telemetry {
+            let n = watched.len();
+            let (cri_n, pods_n) = match source {
+                Some(Source::Cri) => (n, 0),
+                _ => (0, n),
+            };
+            t.container_drift(cri_n, pods_n, watcher.as_ref().map_or(0, |w| w.count()));
         }
         if !batch.is_empty() {
             info!(changes = batch.len(), "container drift");
@@ -338,7 +546,7 @@ pub async fn run(
                 return;
             }
             // Queued: now what was reported is saved.
-            for (id, reported) in pending {
+            for (id, reported) in saves {
                 if let Err(error) = save(&settings.state, &id, &reported) {
                     warn!(%error, container = %id, "could not save the container's reported drift");
                 }
@@ -348,12 +556,52 @@ pub async fn run(
             }
         }
         first_pass = false;
+        // Moved layers not read yet (too soon after their last read): back then.
+        let wait = if pending.is_empty() { PASS } else { MIN_GAP };
+        let moved = async {
+            match &watcher {
+                Some(w) => {
+                    w.moved.notified().await;
+                    // Writes come in bursts: read once they settle.
+                    tokio::time::sleep(SETTLE).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            () = tokio::time::sleep(PASS) => {}
+            () = tokio::time::sleep(wait) => {}
+            () = moved => {}
             () = pods.changed.notified() => {}
-            r = served.changed() => if r.is_err() { return },
+            r = served.changed() => {
+                if r.is_err() { return }
+                read_all = true;
+            }
+            Some(a) = approvals.recv() => {
+                let answer = judge_approval(&watched, &a);
+                let _ = a.done.send(answer);
+            }
         }
     }
+}
+
+/// Whether a watched container is read in this pass: its layer moved (and
+/// was not read within [`MIN_GAP`]), or it is read every [`PASS`] (no
+/// inotify, or watches partial), or its safety-net pass is due.
+fn due(w: &Watched, read_all: bool, moved: bool, inotify: bool, now: Instant) -> bool {
+    let Some(last) = w.last_read else {
+        return true;
+    };
+    let since = now.saturating_duration_since(last);
+    if read_all {
+        return true;
+    }
+    if moved {
+        return since >= MIN_GAP;
+    }
+    if !inotify || w.partial {
+        return since >= PASS;
+    }
+    since >= SAFETY_PASS
 }
 
 fn spec(
@@ -425,22 +673,41 @@ mod tests {
     fn only_what_moved_since_the_last_report_is_reported() {
         let mut reported = BTreeMap::new();
         let now = BTreeMap::from([("/a".to_string(), added("1"))]);
-        let first = changes(&reported, &now, false);
+        let first = changes(&reported, &now, false, true);
         assert_eq!(first.len(), 1);
         apply(&mut reported, &first);
-        assert!(changes(&reported, &now, false).is_empty());
+        assert!(changes(&reported, &now, false, true).is_empty());
         // Written again: reported again.
         let now = BTreeMap::from([("/a".to_string(), added("2"))]);
-        let again = changes(&reported, &now, false);
+        let again = changes(&reported, &now, false, true);
         assert_eq!(again.len(), 1);
         apply(&mut reported, &again);
         // Deleted again: a removal, and then nothing.
-        let gone = changes(&reported, &BTreeMap::new(), false);
+        let gone = changes(&reported, &BTreeMap::new(), false, true);
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].1.category, ChangeCategory::Removed);
         apply(&mut reported, &gone);
         assert!(reported.is_empty());
-        assert!(changes(&reported, &BTreeMap::new(), false).is_empty());
+        assert!(changes(&reported, &BTreeMap::new(), false, true).is_empty());
+    }
+
+    #[test]
+    fn a_layer_read_in_part_reports_no_removal_of_what_it_did_not_reach() {
+        // An attacker writes past the bound of a pass: the files reported
+        // before and not reached this time are not gone.
+        let mut reported = BTreeMap::new();
+        let first = BTreeMap::from([("/usr/bin/nc".to_string(), added("1"))]);
+        let found = changes(&reported, &first, false, true);
+        apply(&mut reported, &found);
+        let partial = BTreeMap::from([("/var/junk/1".to_string(), added("2"))]);
+        let found = changes(&reported, &partial, false, false);
+        assert_eq!(
+            found
+                .iter()
+                .map(|(p, d)| (p.as_str(), d.category))
+                .collect::<Vec<_>>(),
+            [("/var/junk/1", ChangeCategory::Added)]
+        );
     }
 
     #[test]
@@ -449,9 +716,124 @@ mod tests {
         exe.after.as_mut().unwrap().mode = Some("0755".into());
         exe.after.as_mut().unwrap().file_type = Some(kube_fim_crds::FileType::File);
         let now = BTreeMap::from([("/data".to_string(), added("1")), ("/x".to_string(), exe)]);
-        let found = changes(&BTreeMap::new(), &now, true);
+        let found = changes(&BTreeMap::new(), &now, true, true);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].0, "/x");
+    }
+
+    fn watched_with(path: &str, d: &Drifted) -> Watched {
+        Watched {
+            layers: Layers {
+                upper: "u".into(),
+                lowers: Vec::new(),
+                mounts: Vec::new(),
+            },
+            reported: BTreeMap::from([(
+                "p".to_string(),
+                BTreeMap::from([(path.to_string(), d.key())]),
+            )]),
+            partial: false,
+            last_read: None,
+        }
+    }
+
+    fn approval(container: &str, after: Option<FileAttributes>) -> DriftApproval {
+        DriftApproval {
+            container: container.into(),
+            policy: "p".into(),
+            path: "/usr/bin/curl".into(),
+            after,
+            done: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn an_approval_of_drift_is_for_its_own_container_only() {
+        let curl = added("1");
+        // Pod A and pod B both dropped the same binary; A's restarted
+        // container ("a2") is a new container with a drift of its own.
+        let watched = HashMap::from([
+            ("a1".to_string(), watched_with("/usr/bin/curl", &curl)),
+            ("b1".to_string(), watched_with("/usr/bin/curl", &curl)),
+        ]);
+        let after = curl.after.clone();
+        assert_eq!(
+            judge_approval(&watched, &approval("containerd://a1", after.clone())),
+            DriftAnswer::Applied
+        );
+        // The approval named A's container: B's own FileChange is not touched
+        // (it stays unapproved until approved itself), and A's next container
+        // is not A's old one.
+        assert_eq!(
+            judge_approval(&watched, &approval("containerd://a2", after.clone())),
+            DriftAnswer::Gone
+        );
+        // A state the file has left approves nothing.
+        assert_eq!(
+            judge_approval(&watched, &approval("containerd://b1", added("2").after)),
+            DriftAnswer::Superseded
+        );
+        assert_eq!(
+            judge_approval(&watched, &approval("containerd://b1", None)),
+            DriftAnswer::Superseded
+        );
+    }
+
+    #[test]
+    fn containers_come_from_the_runtime_and_from_the_pods_status_without_it() {
+        use k8s_openapi::api::core::v1::{
+            ContainerState, ContainerStateRunning, ContainerStatus, PodStatus,
+        };
+        let pod = |ns: &str, uid: &str, id: &str| {
+            let mut p = Pod::default();
+            p.metadata.namespace = Some(ns.into());
+            p.metadata.name = Some("web".into());
+            p.metadata.uid = Some(uid.into());
+            p.status = Some(PodStatus {
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "web".into(),
+                    container_id: Some(format!("containerd://{id}")),
+                    state: Some(ContainerState {
+                        running: Some(ContainerStateRunning::default()),
+                        ..ContainerState::default()
+                    }),
+                    ..ContainerStatus::default()
+                }]),
+                ..PodStatus::default()
+            });
+            Arc::new(p)
+        };
+        let pods = HashMap::from([
+            ("u1".to_string(), pod("shop", "u1", "old1")),
+            ("u2".to_string(), pod("dev", "u2", "old2")),
+        ]);
+        let policies = vec![(
+            "p".to_string(),
+            kube_fim_crds::ContainerSelection {
+                namespaces: vec!["shop".into()],
+                ..kube_fim_crds::ContainerSelection::default()
+            },
+        )];
+        let from_runtime = |uid: &str, id: &str| cri::CriContainer {
+            running: Running {
+                reference: kube_fim_crds::ContainerRef {
+                    pod_uid: uid.into(),
+                    id: format!("containerd://{id}"),
+                    ..kube_fim_crds::ContainerRef::default()
+                },
+                bare_id: id.into(),
+            },
+            pid: Some(42),
+        };
+        // The runtime runs a container the pod's status does not name yet.
+        let list = [from_runtime("u1", "new1"), from_runtime("u2", "new2")];
+        let got = select_containers(&policies, &pods, Some(&list));
+        assert_eq!(got.keys().collect::<Vec<_>>(), ["new1"]);
+        assert_eq!(got["new1"].1, Some(42));
+        // Without the runtime: the pods' status.
+        let got = select_containers(&policies, &pods, None);
+        assert_eq!(got.keys().collect::<Vec<_>>(), ["old1"]);
+        assert_eq!(got["old1"].1, None);
     }
 
     #[test]

@@ -188,11 +188,14 @@ pub const MAX_ENTRIES: usize = 20_000;
 /// The drift of a container: its upper directory's files by their path
 /// inside the container (`/usr/bin/x`), minus `exclude` (container paths,
 /// with everything under them) and the container's mount points. The second
-/// value is whether the walk stopped at [`MAX_ENTRIES`].
+/// value is whether the walk stopped at [`MAX_ENTRIES`]. `on_dir` is called
+/// with each directory walked (as a path inside the host root) before it is
+/// listed, so a watch put on it there misses nothing written after the listing.
 pub fn drift(
     root: &HostRoot,
     layers: &Layers,
     exclude: &[PathBuf],
+    on_dir: &mut dyn FnMut(&Path),
 ) -> (BTreeMap<String, Drifted>, bool) {
     let mut out = BTreeMap::new();
     let mut seen = 0usize;
@@ -203,7 +206,9 @@ pub fn drift(
     };
     let mut hashed = 0u64;
     while let Some(dir) = todo.pop() {
-        let Ok(children) = root.list_dir(&layers.upper.join(&dir)) else {
+        let here = layers.upper.join(&dir);
+        on_dir(&here);
+        let Ok(children) = root.list_dir(&here) else {
             continue;
         };
         for child in children {
@@ -406,7 +411,10 @@ mod real_overlay {
             lowers: vec!["lower".into()],
             mounts: vec![PathBuf::from("etc/hosts")],
         };
-        let (found, truncated) = drift(&root, &layers, &[PathBuf::from("tmp")]);
+        let mut dirs = Vec::new();
+        let (found, truncated) = drift(&root, &layers, &[PathBuf::from("tmp")], &mut |d| {
+            dirs.push(d.to_path_buf())
+        });
         drop(mounted);
         assert!(!truncated);
         let summary: Vec<(&str, ChangeCategory)> = found
@@ -437,5 +445,8 @@ mod real_overlay {
         assert_eq!(link.file_type, Some(FileType::Symlink));
         assert_eq!(link.link_target.as_deref(), Some("/etc/shadow"));
         assert_eq!(found["/etc/motd"].after, None);
+        // Every directory walked is offered for a watch; excluded ones are not.
+        assert!(dirs.contains(&PathBuf::from("upper/usr/bin")), "{dirs:?}");
+        assert!(!dirs.contains(&PathBuf::from("upper/tmp")), "{dirs:?}");
     }
 }
