@@ -880,6 +880,76 @@ fn the_prometheus_rule_and_dashboard_ship_the_tested_files() {
     );
 }
 
+/// The dashboard's queries take the alerts' selectors (one source of truth
+/// for which series are kube-fim's): every agent and operator series the
+/// dashboard reads, in panels and in its variables' `label_values`, carries
+/// the matchers the user set, and the JSON stays valid.
+#[test]
+fn the_dashboard_takes_the_same_selectors_as_the_alerts() {
+    let docs = template(
+        "kube-fim",
+        "kube-fim",
+        &[
+            "dashboards.enabled=true",
+            "metrics.prometheusRule.agentSelector=job=\"fim-agents\"",
+            "metrics.prometheusRule.operatorSelector=job=\"fim-operator\"",
+        ],
+    );
+    let config_map = find(&docs, "ConfigMap", "kube-fim-dashboard");
+    let text = config_map["data"]["kube-fim.json"].as_str().unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(text).expect("valid JSON");
+    let mut queries = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v.as_str()) {
+                        ("expr" | "query" | "definition", Some(q)) => out.push(q.to_string()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&dashboard, &mut queries);
+    let mut series = 0;
+    for q in &queries {
+        for (at, _) in q.match_indices("kube_fim_") {
+            let rest = &q[at..];
+            let name_end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            let want = if rest.starts_with("kube_fim_agent_") {
+                "{job=\"fim-agents\""
+            } else {
+                "{job=\"fim-operator\""
+            };
+            assert!(
+                rest[name_end..].starts_with(want),
+                "{} in {q:?} does not carry {want}",
+                &rest[..name_end]
+            );
+            series += 1;
+        }
+    }
+    assert!(series >= 30, "only {series} series found in the dashboard");
+    // Without selectors, the dashboard is the file as it is.
+    let plain = template("kube-fim", "kube-fim", &["dashboards.enabled=true"]);
+    let shipped: serde_json::Value = serde_json::from_str(
+        find(&plain, "ConfigMap", "kube-fim-dashboard")["data"]["kube-fim.json"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let file: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(chart_dir().join("dashboards/kube-fim.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(shipped, file);
+}
+
 /// The PrometheusRule's rules by alert name, rendered with `sets` (plus the rule on).
 fn rendered_rules(sets: &[&str]) -> (Value, BTreeMap<String, Value>) {
     let mut all = vec!["metrics.prometheusRule.enabled=true"];
