@@ -247,3 +247,60 @@ fn condition(sink: &FileChangeSink, type_: &str) -> Option<(String, String, Stri
         .find(|c| c.type_ == type_)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
+
+/// Waits until the sink's condition `type_` has `status` and a message
+/// holding `says`; the condition's (status, reason, message).
+async fn wait_condition(
+    sinks: &Api<FileChangeSink>,
+    name: &str,
+    type_: &str,
+    status: &str,
+    says: &str,
+) -> (String, String, String) {
+    eventually(
+        &format!("the sink {type_}={status}"),
+        Duration::from_secs(60),
+        || {
+            let (sinks, name) = (sinks.clone(), name.to_string());
+            async move {
+                let s = sinks.get(&name).await.map_err(|e| e.to_string())?;
+                match condition(&s, type_) {
+                    Some(c) if c.0 == status && c.2.contains(says) => Ok(c),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// A Node and its FileIntegrityNode, created with the node's own bound token
+/// as its agent would; the node's name and that agent's client.
+async fn node_with_record(suite: &str) -> (String, kube::Client) {
+    use kube_fim_crds::{FileIntegrityNode, FileIntegrityNodeSpec};
+    let node = format!("{suite}-a");
+    kube_fim_e2e::create_node(&client().await, &node, &[]).await;
+    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&node)).await;
+    Api::<FileIntegrityNode>::all(agent.clone())
+        .create(
+            &PostParams::default(),
+            &FileIntegrityNode::new(&node, FileIntegrityNodeSpec { node: node.clone() }),
+        )
+        .await
+        .unwrap();
+    (node, agent)
+}
+
+/// An OTLP sink spec.
+fn otlp(endpoint: String, protocol: kube_fim_crds::OtlpProtocol, batch: u32) -> FileChangeSinkSpec {
+    let mut spec = FileChangeSinkSpec {
+        otlp: Some(kube_fim_crds::OtlpTransport {
+            endpoint,
+            protocol,
+            authorization_secret_ref: None,
+        }),
+        ..FileChangeSinkSpec::default()
+    };
+    spec.batch_size = batch;
+    spec
+}

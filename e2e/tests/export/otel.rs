@@ -124,6 +124,27 @@ service:
     }
 }
 
+impl Collector {
+    /// Waits until the collector holds `want` of `node`: exactly, or (with
+    /// `resent`) every id a change's and the first occurrences `want` in
+    /// order (a batch whose acknowledgement a kill cut off is sent again).
+    async fn wait_for(&self, what: &str, node: &str, want: &[String], resent: bool) {
+        eventually(what, Duration::from_secs(120), || {
+            let got = ocsf_ids(&self.events(), node);
+            let want = want.to_vec();
+            async move {
+                let ok = if resent {
+                    got.iter().all(|id| want.contains(id)) && dedup(got.clone()) == want
+                } else {
+                    got == want
+                };
+                if ok { Ok(()) } else { Err(format!("{got:?}")) }
+            }
+        })
+        .await;
+    }
+}
+
 impl Drop for Collector {
     fn drop(&mut self) {
         self.kill();
@@ -144,34 +165,17 @@ async fn a_real_collector_gets_every_change_across_operator_and_collector_restar
     collector.start();
     let mut operator = Operator::start(&suite, &suite, &[]);
     let name = format!("{suite}-otlp");
-    let mut spec = FileChangeSinkSpec {
-        otlp: Some(kube_fim_crds::OtlpTransport {
-            endpoint: format!("http://127.0.0.1:{}", collector.port),
-            protocol: kube_fim_crds::OtlpProtocol::Http,
-            authorization_secret_ref: None,
-        }),
-        ..FileChangeSinkSpec::default()
-    };
-    spec.batch_size = 5;
+    let spec = otlp(
+        format!("http://127.0.0.1:{}", collector.port),
+        kube_fim_crds::OtlpProtocol::Http,
+        5,
+    );
     let sinks = create_sink(&sink(&name, &suite, spec)).await;
     let node = format!("{suite}-n");
     let mut all = create_changes(&node, "p", &format!("{node}-1"), 10).await;
-    eventually(
-        "the collector has the first changes",
-        Duration::from_secs(60),
-        || {
-            let got = ocsf_ids(&collector.events(), &node);
-            let want = all.clone();
-            async move {
-                if got == want {
-                    Ok(())
-                } else {
-                    Err(format!("{got:?}"))
-                }
-            }
-        },
-    )
-    .await;
+    collector
+        .wait_for("the collector has the first changes", &node, &all, false)
+        .await;
 
     // Acknowledged batches are recorded at most a second later; a crash
     // before that sends them again (same ids). Recorded: nothing is re-sent.
@@ -193,38 +197,19 @@ async fn a_real_collector_gets_every_change_across_operator_and_collector_restar
     collector.kill();
     all.extend(create_changes(&node, "p", &format!("{node}-2"), 5).await);
     let _operator = Operator::start(&suite, &suite, &[]);
-    eventually("the sink Degraded", Duration::from_secs(60), || {
-        let sinks = sinks.clone();
-        let name = name.clone();
-        async move {
-            let s = sinks.get(&name).await.map_err(|e| e.to_string())?;
-            match condition(&s, "Degraded") {
-                Some(c) if c.0 == "True" && c.2.contains("cannot reach the receiver") => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        }
-    })
+    wait_condition(
+        &sinks,
+        &name,
+        "Degraded",
+        "True",
+        "cannot reach the receiver",
+    )
     .await;
     collector.start();
     all.extend(create_changes(&node, "p", &format!("{node}-3"), 5).await);
-    eventually(
-        "every change at the collector, in order",
-        Duration::from_secs(120),
-        || {
-            let got = ocsf_ids(&collector.events(), &node);
-            let want = all.clone();
-            async move {
-                // Duplicates only as the ids allow: every id is a change's, and
-                // the first occurrences are every change in order.
-                if got.iter().all(|id| want.contains(id)) && dedup(got.clone()) == want {
-                    Ok(())
-                } else {
-                    Err(format!("{got:?}"))
-                }
-            }
-        },
-    )
-    .await;
+    collector
+        .wait_for("every change at the collector, in order", &node, &all, true)
+        .await;
     let got = ocsf_ids(&collector.events(), &node);
     assert_eq!(got, all, "nothing acknowledged was sent twice");
     sinks.delete(&name, &DeleteParams::default()).await.unwrap();
@@ -241,79 +226,37 @@ async fn a_real_collector_gets_every_change_over_grpc_across_its_restart() {
     collector.start();
     let _operator = Operator::start(&suite, &suite, &[]);
     let name = format!("{suite}-otlp");
-    let mut spec = FileChangeSinkSpec {
-        otlp: Some(kube_fim_crds::OtlpTransport {
-            endpoint: format!("http://127.0.0.1:{}", collector.grpc_port),
-            protocol: kube_fim_crds::OtlpProtocol::Grpc,
-            authorization_secret_ref: None,
-        }),
-        ..FileChangeSinkSpec::default()
-    };
-    spec.batch_size = 4;
+    let spec = otlp(
+        format!("http://127.0.0.1:{}", collector.grpc_port),
+        kube_fim_crds::OtlpProtocol::Grpc,
+        4,
+    );
     let sinks = create_sink(&sink(&name, &suite, spec)).await;
     let node = format!("{suite}-n");
     let mut all = create_changes(&node, "p", &format!("{node}-1"), 6).await;
-    eventually(
-        "the collector has the changes sent over gRPC",
-        Duration::from_secs(60),
-        || {
-            let got = ocsf_ids(&collector.events(), &node);
-            let want = all.clone();
-            async move {
-                if got == want {
-                    Ok(())
-                } else {
-                    Err(format!("{got:?}"))
-                }
-            }
-        },
-    )
-    .await;
+    collector
+        .wait_for(
+            "the collector has the changes sent over gRPC",
+            &node,
+            &all,
+            false,
+        )
+        .await;
 
     collector.kill();
     all.extend(create_changes(&node, "p", &format!("{node}-2"), 5).await);
-    eventually("the sink Degraded", Duration::from_secs(60), || {
-        let sinks = sinks.clone();
-        let name = name.clone();
-        async move {
-            let s = sinks.get(&name).await.map_err(|e| e.to_string())?;
-            match condition(&s, "Degraded") {
-                Some(c) if c.0 == "True" && c.2.contains("cannot reach the receiver") => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        }
-    })
-    .await;
-    collector.start();
-    eventually(
-        "every change at the collector, in order",
-        Duration::from_secs(120),
-        || {
-            let got = ocsf_ids(&collector.events(), &node);
-            let want = all.clone();
-            async move {
-                // Duplicates only as the ids allow (a batch whose
-                // acknowledgement the kill cut off is sent again).
-                if got.iter().all(|id| want.contains(id)) && dedup(got.clone()) == want {
-                    Ok(())
-                } else {
-                    Err(format!("{got:?}"))
-                }
-            }
-        },
+    wait_condition(
+        &sinks,
+        &name,
+        "Degraded",
+        "True",
+        "cannot reach the receiver",
     )
     .await;
-    eventually("the sink Ready again", Duration::from_secs(30), || {
-        let sinks = sinks.clone();
-        let name = name.clone();
-        async move {
-            let s = sinks.get(&name).await.map_err(|e| e.to_string())?;
-            match condition(&s, "Ready") {
-                Some(c) if c.0 == "True" => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        }
-    })
-    .await;
+    collector.start();
+    collector
+        .wait_for("every change at the collector, in order", &node, &all, true)
+        .await;
+    wait_condition(&sinks, &name, "Ready", "True", "").await;
     sinks.delete(&name, &DeleteParams::default()).await.unwrap();
 }

@@ -11,14 +11,7 @@ async fn an_approval_of_a_delivered_change_reaches_the_sink_as_its_own_event() {
     ensure_export_rbac();
     let suite = unique_name("exp-approve");
     let _operator = Operator::start(&suite, &suite, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("evidence.ndjson");
-    let file_sink = sink(
-        &format!("{suite}-file"),
-        &suite,
-        FileChangeSinkSpec::with_file(path.to_str().unwrap()),
-    );
-    let sinks = create_sink(&file_sink).await;
+    let (_dir, path, file_sink, sinks) = file_sink(&suite).await;
     let node = format!("{suite}-a");
     let names = create_changes(&node, "p", &format!("{suite}-a"), 2).await;
     let delivered = |want: Vec<String>| {
@@ -79,30 +72,14 @@ async fn an_approval_of_a_delivered_change_reaches_the_sink_as_its_own_event() {
 async fn a_nodes_alarms_reach_the_sink_once_each_with_stable_ids() {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use kube::api::{Patch, PatchParams};
-    use kube_fim_crds::{FileIntegrityNode, FileIntegrityNodeSpec};
+    use kube_fim_crds::FileIntegrityNode;
 
     ensure_export_rbac();
     let suite = unique_name("exp-alarm");
     let _operator = Operator::start(&suite, &suite, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("evidence.ndjson");
-    let file_sink = sink(
-        &format!("{suite}-file"),
-        &suite,
-        FileChangeSinkSpec::with_file(path.to_str().unwrap()),
-    );
-    let sinks = create_sink(&file_sink).await;
+    let (_dir, path, file_sink, sinks) = file_sink(&suite).await;
     let admin = client().await;
-    let node = format!("{suite}-a");
-    kube_fim_e2e::create_node(&admin, &node, &[]).await;
-    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&node)).await;
-    Api::<FileIntegrityNode>::all(agent.clone())
-        .create(
-            &PostParams::default(),
-            &FileIntegrityNode::new(&node, FileIntegrityNodeSpec { node: node.clone() }),
-        )
-        .await
-        .unwrap();
+    let (node, agent) = node_with_record(&suite).await;
     let names = create_changes(&node, "p", &node, 1).await;
     let delivered = |want: Vec<String>| {
         let (path, node) = (path.clone(), node.clone());
@@ -203,32 +180,15 @@ async fn a_nodes_alarms_reach_the_sink_once_each_with_stable_ids() {
 async fn a_backdated_alarm_raised_while_no_operator_leads_still_reaches_the_sink() {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use kube::api::{Patch, PatchParams};
-    use kube_fim_crds::{FileIntegrityNode, FileIntegrityNodeSpec};
+    use kube_fim_crds::FileIntegrityNode;
 
     ensure_export_rbac();
     let suite = unique_name("exp-backdate");
     let mut operator = Operator::start(&suite, &suite, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("evidence.ndjson");
-    let name = format!("{suite}-file");
-    let sinks = create_sink(&sink(
-        &name,
-        &suite,
-        FileChangeSinkSpec::with_file(path.to_str().unwrap()),
-    ))
-    .await;
-    let admin = client().await;
-    let node = format!("{suite}-a");
-    kube_fim_e2e::create_node(&admin, &node, &[]).await;
-    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&node)).await;
+    let (_dir, path, file_sink, sinks) = file_sink(&suite).await;
+    let name = file_sink.metadata.name.clone().unwrap();
+    let (node, agent) = node_with_record(&suite).await;
     let records = Api::<FileIntegrityNode>::all(agent.clone());
-    records
-        .create(
-            &PostParams::default(),
-            &FileIntegrityNode::new(&node, FileIntegrityNodeSpec { node: node.clone() }),
-        )
-        .await
-        .unwrap();
     let names = create_changes(&node, "p", &node, 1).await;
     eventually(
         "the change delivered and recorded",
@@ -286,31 +246,15 @@ async fn a_backdated_alarm_raised_while_no_operator_leads_still_reaches_the_sink
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_changes_reaches_the_sink_as_an_alarm_the_node_cannot_erase() {
     use kube::api::{Patch, PatchParams};
-    use kube_fim_crds::{FileIntegrityNode, FileIntegrityNodeSpec};
+    use kube_fim_crds::FileIntegrityNode;
 
     ensure_export_rbac();
     let suite = unique_name("exp-flood");
     let _operator = Operator::start(&suite, &suite, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("evidence.ndjson");
-    let file_sink = sink(
-        &format!("{suite}-file"),
-        &suite,
-        FileChangeSinkSpec::with_file(path.to_str().unwrap()),
-    );
-    let sinks = create_sink(&file_sink).await;
+    let (_dir, path, file_sink, sinks) = file_sink(&suite).await;
     let admin = client().await;
-    let node = format!("{suite}-a");
-    kube_fim_e2e::create_node(&admin, &node, &[]).await;
-    let agent = kube_fim_e2e::client_for(&kube_fim_e2e::node_bound_kubeconfig(&node)).await;
+    let (node, agent) = node_with_record(&suite).await;
     let records = Api::<FileIntegrityNode>::all(agent.clone());
-    records
-        .create(
-            &PostParams::default(),
-            &FileIntegrityNode::new(&node, FileIntegrityNodeSpec { node: node.clone() }),
-        )
-        .await
-        .unwrap();
     // Past the floor of 120 a minute a node with no policy is allowed.
     create_changes(&node, "p", &node, 130).await;
     let alarm = eventually(
@@ -353,4 +297,25 @@ async fn a_flood_of_changes_reaches_the_sink_as_an_alarm_the_node_cannot_erase()
         .delete(&file_sink.metadata.name.unwrap(), &DeleteParams::default())
         .await
         .unwrap();
+}
+
+/// A file sink of the suite in a directory of its own: the directory (kept
+/// while it lives), the file, the sink and its API.
+async fn file_sink(
+    suite: &str,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    FileChangeSink,
+    Api<FileChangeSink>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evidence.ndjson");
+    let file_sink = sink(
+        &format!("{suite}-file"),
+        suite,
+        FileChangeSinkSpec::with_file(path.to_str().unwrap()),
+    );
+    let sinks = create_sink(&file_sink).await;
+    (dir, path, file_sink, sinks)
 }
