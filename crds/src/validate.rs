@@ -340,9 +340,17 @@ fn range(field: &str, value: u64, min: u64, max: u64, errs: &mut Errors) {
 /// Reading a policy file from disk.
 #[derive(Debug, Error)]
 pub enum PolicyFileError {
-    /// The file is not a FileIntegrityPolicy document.
+    /// The file is not a YAML (or JSON) document.
     #[error("not a FileIntegrityPolicy: {0}")]
     Parse(#[from] serde_saphyr::Error),
+    /// A field of the document does not fit the API's types.
+    #[error("not a FileIntegrityPolicy: {path}: {message}")]
+    Field {
+        /// Where, as the API server names fields (`spec.preset`).
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The document has another apiVersion or kind.
     #[error(
         "expected apiVersion fim.kube-fim.io/v1alpha1 and kind FileIntegrityPolicy, found {api_version} {kind}"
@@ -376,7 +384,13 @@ pub fn policy_from_yaml(text: &str) -> Result<FileIntegrityPolicy, PolicyFileErr
             kind: head.kind,
         });
     }
-    let policy: FileIntegrityPolicy = serde_saphyr::from_str(text)?;
+    // Through a generic document, so the error names the field it is about.
+    let document: serde_json::Value = serde_saphyr::from_str(text)?;
+    let policy: FileIntegrityPolicy =
+        serde_path_to_error::deserialize(document).map_err(|e| PolicyFileError::Field {
+            path: e.path().to_string(),
+            message: e.inner().to_string(),
+        })?;
     validate_policy(&policy)?;
     Ok(policy)
 }
@@ -546,9 +560,20 @@ mod tests {
             assert_eq!(p.spec.scan_interval, "1h");
             assert!(p.spec.paths[0].enabled);
         }
+        // An unknown field is refused, named where it is.
         let typo = good.replace("recursive", "recursiv");
+        let err = policy_from_yaml(&typo)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("spec.paths[0].recursiv: unknown field `recursiv`")
+                || err.contains("spec.paths[0]: unknown field `recursiv`"),
+            "{err}"
+        );
+        // Not YAML at all.
         assert!(matches!(
-            policy_from_yaml(&typo),
+            policy_from_yaml("spec: [unclosed"),
             Err(PolicyFileError::Parse(_))
         ));
         let bad = good.replace("/etc,", "etc,");
