@@ -43,7 +43,7 @@ use kube_fim_crds::{ChainVerification, EvidenceGap, FileIntegrityNode, Unexplain
 use tracing::{info, warn};
 
 use crate::changes::Numbers;
-use crate::context::{Context, FIELD_MANAGER};
+use crate::context::{Context, FIELD_MANAGER, store_ready};
 use crate::status::selects;
 
 pub mod digests;
@@ -298,9 +298,9 @@ pub async fn run(ctx: Arc<Context>) {
     let started = std::time::Instant::now();
     ctx.changes.wait_until_listed().await;
     for ready in [
-        ctx.policies.wait_until_ready().await.is_ok(),
-        ctx.nodes.wait_until_ready().await.is_ok(),
-        ctx.records.wait_until_ready().await.is_ok(),
+        store_ready(&ctx.policies).await.is_ok(),
+        store_ready(&ctx.nodes).await.is_ok(),
+        store_ready(&ctx.records).await.is_ok(),
     ] {
         if !ready {
             return;

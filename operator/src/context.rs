@@ -9,6 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Event, Recorder};
 use kube::runtime::reflector::Store;
+use kube::runtime::reflector::store::WriterDropped;
 use kube::{Client, Resource, ResourceExt};
 use kube_fim_crds::{FileIntegrityNode, FileIntegrityPolicy};
 use thiserror::Error;
@@ -106,5 +107,60 @@ impl Context {
 pub async fn publish(policy: &FileIntegrityPolicy, ctx: &Context, event: Event) {
     if let Err(error) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
         warn!(policy = %policy.name_any(), reason = %event.reason, %error, "could not publish event");
+    }
+}
+
+/// Waits until `store` holds its first list (`Err` if its watch is gone).
+///
+/// kube-runtime's `Store::wait_until_ready` keeps one waker: of several tasks
+/// waiting on the same store at once (the chain verifier, retention, the
+/// fleet and policy reconcilers), only the last to poll is woken when the
+/// list arrives, and the others would wait for good. So each task asks again
+/// every second instead of trusting the wake-up.
+pub async fn store_ready<K>(store: &Store<K>) -> Result<(), WriterDropped>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(ready) =
+            tokio::time::timeout(std::time::Duration::from_secs(1), store.wait_until_ready()).await
+        {
+            return ready;
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use kube::runtime::{reflector, watcher};
+    use std::time::Duration;
+
+    /// Three tasks wait for one store at once (as the chain verifier, the
+    /// fleet reconciler and retention do at start): every one of them goes on
+    /// once the store is listed. With kube-runtime's `wait_until_ready` alone,
+    /// only the last to wait is woken.
+    #[tokio::test]
+    async fn every_task_waiting_for_a_store_goes_on_once_it_is_listed() {
+        let (store, mut writer) = reflector::store::<Node>();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store_ready(&store).await.is_ok() })
+            })
+            .collect();
+        // Every waiter polled (and registered its waker) before the list.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        for w in waiters {
+            let done = tokio::time::timeout(Duration::from_secs(5), w).await;
+            assert!(
+                matches!(done, Ok(Ok(true))),
+                "a task waiting for the store was never woken"
+            );
+        }
     }
 }

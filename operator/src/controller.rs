@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::changes::{self, ChangeView};
 use crate::config::Config;
-use crate::context::{Context, Error, FIELD_MANAGER};
+use crate::context::{Context, Error, FIELD_MANAGER, store_ready};
 use crate::daemonset::desired_daemonset;
 use crate::metrics::Metrics;
 use crate::seen::{Change, Seen};
@@ -431,12 +431,10 @@ async fn reconcile_policy(policy: &FileIntegrityPolicy, ctx: &Context) -> Result
 
     // Caches still empty at start must not look like a cluster without nodes
     // or changes.
-    ctx.nodes
-        .wait_until_ready()
+    store_ready(&ctx.nodes)
         .await
         .map_err(|_| Error::WatchStopped("Node"))?;
-    ctx.records
-        .wait_until_ready()
+    store_ready(&ctx.records)
         .await
         .map_err(|_| Error::WatchStopped("FileIntegrityNode"))?;
     ctx.changes.wait_until_listed().await;
@@ -704,9 +702,9 @@ async fn sync_fleet(ctx: &Context) -> Result<(), Error> {
     // Records are only judged once every cache is filled: an empty node cache
     // at start must not look like a cluster without nodes.
     for (ready, kind) in [
-        (ctx.policies.wait_until_ready().await, "FileIntegrityPolicy"),
-        (ctx.nodes.wait_until_ready().await, "Node"),
-        (ctx.records.wait_until_ready().await, "FileIntegrityNode"),
+        (store_ready(&ctx.policies).await, "FileIntegrityPolicy"),
+        (store_ready(&ctx.nodes).await, "Node"),
+        (store_ready(&ctx.records).await, "FileIntegrityNode"),
     ] {
         ready.map_err(|_| Error::WatchStopped(kind))?;
     }

@@ -35,7 +35,7 @@ use kube_fim_crds::{FileChange, FileIntegrityPolicy};
 use tracing::{debug, info, warn};
 
 use crate::changes::Item;
-use crate::context::{Context, publish};
+use crate::context::{Context, publish, store_ready};
 
 /// The next pass comes this soon when one left changes to delete.
 const BACKLOG: Duration = Duration::from_secs(5);
@@ -113,7 +113,7 @@ pub fn select_for_deletion(
 /// Runs until the controller stops it.
 pub async fn run(ctx: Arc<Context>) {
     ctx.changes.wait_until_listed().await;
-    if ctx.policies.wait_until_ready().await.is_err() {
+    if store_ready(&ctx.policies).await.is_err() {
         return;
     }
     loop {
