@@ -286,7 +286,7 @@ impl Drop for Hung<'_> {
 
 fn helm_install(root: &Path, chart: &Path) {
     let state = node_env("KUBE_FIM_NODE_STATE");
-    let values = [
+    let mut values = vec![
         "operator.image.repository=localhost/kube-fim/kube-fim-operator".to_string(),
         "agent.image.repository=localhost/kube-fim/kube-fim-agent".to_string(),
         format!("operator.image.tag={}", node_env("KUBE_FIM_NODE_TAG")),
@@ -295,9 +295,17 @@ fn helm_install(root: &Path, chart: &Path) {
         "agent.image.pullPolicy=Never".to_string(),
         format!("agent.hostRoot={}", root.display()),
         format!("agent.stateDir={state}"),
-        // The node's containerd socket (not at its usual path on this node).
-        format!("agent.criSocket={}", node_env("KUBE_FIM_NODE_CONTAINERD")),
     ];
+    // The node's containerd socket (not at its usual path on this node), for
+    // a chart that has the value (the previous chart of the upgrade test has
+    // not: its schema refuses it).
+    let schema = std::fs::read_to_string(chart.join("values.schema.json")).unwrap_or_default();
+    if schema.contains("\"criSocket\"") {
+        values.push(format!(
+            "agent.criSocket={}",
+            node_env("KUBE_FIM_NODE_CONTAINERD")
+        ));
+    }
     let run = kubectl(["create", "namespace", NAMESPACE]);
     assert!(run.success, "{}", run.stderr);
     // What the chart's README asks for: the agents mount the host.
