@@ -7,6 +7,7 @@
 
 pub mod cel;
 pub mod change;
+pub mod compliance;
 pub mod duration;
 pub mod glob;
 pub mod labels;
@@ -24,6 +25,7 @@ pub use change::{
     FileType, Mount, PackageCheck, PackageManager, PackageTransaction, PackageVerdict, PodRef,
     ProcessInfo, TRANSACTION_ITEMS_MAX, TransactionItem,
 };
+pub use compliance::ComplianceRef;
 pub use node::{
     BaselineAlarm, ChainVerification, ChangeFloodRecord, EntryDigest, EvidenceGap,
     FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodeAttribution,

@@ -22,6 +22,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::cel;
+use crate::compliance::ComplianceRef;
 
 /// Most path entries one policy may hold.
 pub const MAX_PATHS: usize = 128;
@@ -138,6 +139,17 @@ pub struct FileIntegrityPolicySpec {
     /// images. Absent: containers are not looked at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub containers: Option<ContainerSelection>,
+
+    /// Compliance controls every entry of this policy is evidence for (an
+    /// entry's own `compliance` replaces a reference of the same framework;
+    /// a preset's entries carry the preset's references, see the README).
+    /// The operator labels each FileChange with its entry's references,
+    /// `compliance.kube-fim.io/<framework>=<control>`, so `kubectl get fc -l
+    /// compliance.kube-fim.io/pci-dss-4.0=11.5.2` lists the evidence of a
+    /// control; `kubectl fim report` groups by them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["framework"]))]
+    pub compliance: Vec<ComplianceRef>,
 }
 
 /// What a package-verified change needs.
@@ -261,6 +273,14 @@ pub struct MonitoredPath {
     /// usually floods the cluster with noise. Refused unless set.
     #[serde(default)]
     pub allow_whole_host: bool,
+
+    /// Compliance controls changes under this entry are evidence for, one
+    /// per framework (`{framework: pci-dss-4.0, control: 11.5.2}`), added to
+    /// the policy's and the preset's (replacing theirs of the same
+    /// framework).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["framework"]))]
+    pub compliance: Vec<ComplianceRef>,
 }
 
 /// A predefined list of entries.
@@ -596,6 +616,7 @@ impl Default for MonitoredPath {
             profile: AttributeProfile::default(),
             attributes: Vec::new(),
             allow_whole_host: false,
+            compliance: Vec::new(),
         }
     }
 }
@@ -616,6 +637,7 @@ impl FileIntegrityPolicySpec {
             process_attribution: false,
             package_verified_changes: PackageVerifiedChanges::Record,
             containers: None,
+            compliance: Vec::new(),
         }
     }
 }

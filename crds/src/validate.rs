@@ -15,6 +15,7 @@ use regex::Regex;
 use thiserror::Error;
 
 use crate::cel;
+use crate::compliance::{self, ComplianceRef};
 use crate::duration::parse_duration;
 use crate::policy::{
     FileIntegrityPolicy, FileIntegrityPolicySpec, MAX_EXCLUDE_LEN, MAX_EXCLUDES, MAX_PATH_LEN,
@@ -86,6 +87,8 @@ static CONTROL_CHARS: LazyLock<Regex> = LazyLock::new(|| re(cel::CONTROL_CHARS_R
 static BRACES_BALANCED: LazyLock<Regex> = LazyLock::new(|| re(cel::BRACES_BALANCED_RE));
 static WHOLE_HOST: LazyLock<Regex> = LazyLock::new(|| re(cel::WHOLE_HOST_RE));
 static DURATION: LazyLock<Regex> = LazyLock::new(|| re(cel::DURATION_RE));
+static FRAMEWORK: LazyLock<Regex> = LazyLock::new(|| re(compliance::FRAMEWORK_RE));
+static CONTROL: LazyLock<Regex> = LazyLock::new(|| re(compliance::CONTROL_RE));
 static ENTRY_NAME: LazyLock<Regex> = LazyLock::new(|| re(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"));
 static DNS_SUBDOMAIN: LazyLock<Regex> =
     LazyLock::new(|| re(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"));
@@ -155,6 +158,8 @@ pub fn validate_spec(spec: &FileIntegrityPolicySpec) -> Result<(), ValidationErr
         }
         validate_entry(entry, &field, &mut errs);
     }
+
+    validate_compliance(&spec.compliance, "spec.compliance", &mut errs);
 
     if spec.node_selector.len() > 32 {
         errs.push(
@@ -299,6 +304,8 @@ fn validate_entry(entry: &MonitoredPath, field: &str, errs: &mut Errors) {
         errs.push(&path_field, format!("invalid glob: {e}"));
     }
 
+    validate_compliance(&entry.compliance, &format!("{field}.compliance"), errs);
+
     let mut seen = HashSet::new();
     for (j, a) in entry.attributes.iter().enumerate() {
         if !seen.insert(a) {
@@ -306,6 +313,60 @@ fn validate_entry(entry: &MonitoredPath, field: &str, errs: &mut Errors) {
                 format!("{field}.attributes[{j}]"),
                 format!("Duplicate value: {a:?} is listed twice"),
             );
+        }
+    }
+}
+
+/// A list of compliance references (`spec.compliance`, an entry's
+/// `compliance`): bounded, one per framework, each a label key and value.
+fn validate_compliance(refs: &[ComplianceRef], field: &str, errs: &mut Errors) {
+    if refs.len() > compliance::MAX_REFS {
+        errs.push(
+            field,
+            format!(
+                "Too many: {}: must have at most {} items",
+                refs.len(),
+                compliance::MAX_REFS
+            ),
+        );
+    }
+    let mut frameworks = HashSet::new();
+    for (i, r) in refs.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        if !frameworks.insert(r.framework.as_str()) {
+            errs.push(
+                &at,
+                format!(
+                    "Duplicate value: framework {:?} is listed twice (one control per framework)",
+                    r.framework
+                ),
+            );
+        }
+        let framework_field = format!("{at}.framework");
+        if r.framework.is_empty() || r.framework.len() > compliance::MAX_FRAMEWORK_LEN {
+            errs.push(
+                &framework_field,
+                format!(
+                    "Too long: must be between 1 and {} characters long",
+                    compliance::MAX_FRAMEWORK_LEN
+                ),
+            );
+        }
+        if !FRAMEWORK.is_match(&r.framework) {
+            errs.push(&framework_field, compliance::FRAMEWORK_MSG);
+        }
+        let control_field = format!("{at}.control");
+        if r.control.is_empty() || r.control.len() > compliance::MAX_CONTROL_LEN {
+            errs.push(
+                &control_field,
+                format!(
+                    "Too long: must be between 1 and {} characters long",
+                    compliance::MAX_CONTROL_LEN
+                ),
+            );
+        }
+        if !CONTROL.is_match(&r.control) {
+            errs.push(&control_field, compliance::CONTROL_MSG);
         }
     }
 }
