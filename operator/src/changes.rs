@@ -16,9 +16,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::core::{ApiResource, Object};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
+use kube_fim_crds::compliance::{self, ComplianceRef};
 use kube_fim_crds::rollout::{Comparable, Transition};
 use kube_fim_crds::{
-    ChangeCategory, EntryDigestMove, FileChange, PackageVerdict, PackageVerifiedChanges,
+    ChangeCategory, EntryDigestMove, FileChange, FileIntegrityPolicySpec, PackageVerdict,
+    PackageVerifiedChanges,
 };
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -55,6 +57,9 @@ pub struct ViewSpec {
     /// The agent's package check of the file, if a package owns it.
     #[serde(default)]
     pub package: Option<ViewPackage>,
+    /// Set for a change inside a container (its path is not the host's).
+    #[serde(default)]
+    pub container: Option<IgnoredAny>,
 }
 
 /// Of a FileChange's package check, its verdict (and for a package
@@ -121,6 +126,12 @@ pub struct Item {
     pub transition: Option<Arc<Transition>>,
     /// Its new content is an installed package's (the node's claim).
     pub package_verified: bool,
+    /// The policy entry it was filed under, and its host path (none for a
+    /// change inside a container): what its compliance references come from.
+    pub entry: String,
+    pub host_path: Option<String>,
+    /// Its `compliance.kube-fim.io/*` labels, as stored.
+    pub compliance_labels: BTreeMap<String, String>,
 }
 
 impl Item {
@@ -148,6 +159,18 @@ impl Item {
                 .package
                 .as_ref()
                 .is_some_and(|p| p.verdict == PackageVerdict::Verified),
+            entry: change.spec.entry.clone(),
+            host_path: change
+                .spec
+                .container
+                .is_none()
+                .then(|| change.spec.path.clone()),
+            compliance_labels: change
+                .metadata
+                .labels
+                .as_ref()
+                .map(compliance::labels_in)
+                .unwrap_or_default(),
         }
     }
 }
@@ -450,6 +473,72 @@ impl Changes {
         }
         counts
     }
+
+    /// Per compliance reference of `spec`'s entries, how many of `policy`'s
+    /// changes are evidence for it, and how many of those wait for an
+    /// approval (as [`Changes::counts`] counts them). From the policy, never
+    /// from a change's labels.
+    pub fn compliance_counts(
+        &self,
+        policy: &str,
+        spec: &FileIntegrityPolicySpec,
+    ) -> BTreeMap<ComplianceRef, ComplianceCount> {
+        let index = self.index();
+        let mut out: BTreeMap<ComplianceRef, ComplianceCount> = spec
+            .all_compliance()
+            .into_iter()
+            .map(|r| (r, ComplianceCount::default()))
+            .collect();
+        let map = spec.compliance_map();
+        for item in index.of_policy(policy) {
+            let refs = map.of_change(&item.entry, item.host_path.as_deref());
+            let recorded = item.package_verified
+                && spec.package_verified_changes == PackageVerifiedChanges::Record;
+            for r in refs.iter() {
+                let count = out.entry(r.clone()).or_default();
+                count.changes += 1;
+                if !item.approved && !recorded {
+                    count.unacknowledged += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// `policy`'s changes that lack the compliance labels `spec` gives their
+    /// entry, with those labels: what the operator labels (at most `max`).
+    pub fn to_label(
+        &self,
+        policy: &str,
+        spec: &FileIntegrityPolicySpec,
+        max: usize,
+    ) -> Vec<(String, BTreeMap<String, String>)> {
+        let map = spec.compliance_map();
+        let index = self.index();
+        let mut out = Vec::new();
+        for item in index.of_policy(policy) {
+            if out.len() >= max {
+                break;
+            }
+            // Labelled once: a policy edited later does not relabel what its
+            // earlier version filed.
+            if !item.compliance_labels.is_empty() {
+                continue;
+            }
+            let want = compliance::labels(&map.of_change(&item.entry, item.host_path.as_deref()));
+            if !want.is_empty() {
+                out.push((item.name.clone(), want));
+            }
+        }
+        out
+    }
+}
+
+/// Of one compliance reference, the changes that are evidence for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ComplianceCount {
+    pub changes: i64,
+    pub unacknowledged: i64,
 }
 
 #[cfg(test)]
@@ -490,6 +579,65 @@ mod tests {
         );
         fc.metadata.creation_timestamp = Some(Time(created));
         fc
+    }
+
+    #[test]
+    fn compliance_comes_from_the_policy_and_the_path_and_each_change_is_labelled_once() {
+        use kube_fim_crds::{MonitoredPath, Preset};
+        let now = Timestamp::now();
+        let mut spec = FileIntegrityPolicySpec::with_paths(vec![MonitoredPath {
+            name: "etc".into(),
+            path: "/etc/passwd".into(),
+            ..MonitoredPath::default()
+        }]);
+        spec.preset = Some(Preset::Recommended);
+        let changes = Changes::default();
+        let mut misfiled = change("m", "web", now);
+        misfiled.spec.path = "/usr/bin/sudo".into();
+        let mut labelled = change("l", "web", now);
+        labelled.spec.path = "/usr/bin/su".into();
+        labelled.metadata.labels = Some(
+            [(
+                "compliance.kube-fim.io/pci-dss-4.0".to_string(),
+                "1.1.1".to_string(),
+            )]
+            .into(),
+        );
+        for fc in [
+            change("c", "web", now),
+            approved(misfiled.clone()),
+            labelled,
+        ] {
+            changes.observe(&watcher::Event::Apply(view(&fc)));
+        }
+        // Filed under `etc` by the node, /usr/bin/sudo is the preset's
+        // usr-bin all the same; /etc/passwd is under no control.
+        let todo = changes.to_label("web", &spec, 10);
+        assert_eq!(todo.len(), 1, "{todo:?}");
+        assert_eq!(todo[0].0, "m");
+        assert_eq!(
+            todo[0]
+                .1
+                .get("compliance.kube-fim.io/pci-dss-4.0")
+                .map(String::as_str),
+            Some("11.5.2")
+        );
+        // Counted from the policy: the relabelled change too, whatever its label says.
+        let counts = changes.compliance_counts("web", &spec);
+        let pci = counts[&ComplianceRef::new("pci-dss-4.0", "11.5.2")];
+        assert_eq!(
+            pci,
+            ComplianceCount {
+                changes: 2,
+                unacknowledged: 1
+            }
+        );
+        assert_eq!(counts.len(), 3);
+        assert!(
+            changes
+                .to_label("web", &FileIntegrityPolicySpec::default(), 10)
+                .is_empty()
+        );
     }
 
     fn approved(mut fc: FileChange) -> FileChange {
@@ -595,6 +743,9 @@ mod tests {
                 moves: Vec::new(),
                 transition: Transition::of(&fc.spec).map(Arc::new),
                 package_verified: false,
+                entry: fc.spec.entry.clone(),
+                host_path: Some(fc.spec.path.clone()),
+                compliance_labels: BTreeMap::new(),
             }
         );
         let mut answered = change("c2", "web", created);

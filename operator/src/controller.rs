@@ -482,11 +482,65 @@ async fn reconcile_policy(policy: &FileIntegrityPolicy, ctx: &Context) -> Result
     ] {
         gauge.with_label_values(&[name.as_str()]).set(value as i64);
     }
+    ctx.metrics
+        .observe_compliance(&name, &ctx.changes.compliance_counts(&name, &policy.spec));
+    label_compliance(&name, &policy.spec, ctx).await;
 
     if policy.status.as_ref() != Some(&assessment.status) {
         write_status(policy, &assessment.status, ctx).await?;
     }
     Ok(Action::requeue(ctx.config.resync))
+}
+
+/// Most FileChanges labelled per reconcile (each label is a watch event
+/// that wakes the policy again: a backlog drains over a few passes).
+const LABELS_PER_PASS: usize = 500;
+
+/// Labels the policy's FileChanges with their entry's compliance references
+/// (`compliance.kube-fim.io/<framework>=<control>`), so `kubectl get fc -l`
+/// finds the evidence of a control. The operator's word, from the policy:
+/// an agent may not set these labels (admission), so a node can neither
+/// file its change under a control nor keep it out of one.
+async fn label_compliance(
+    policy: &str,
+    spec: &kube_fim_crds::FileIntegrityPolicySpec,
+    ctx: &Context,
+) {
+    let todo = ctx.changes.to_label(policy, spec, LABELS_PER_PASS);
+    if todo.is_empty() {
+        return;
+    }
+    let api = changes::api(ctx.client.clone());
+    let failed = std::sync::atomic::AtomicUsize::new(0);
+    futures::stream::iter(todo)
+        .for_each_concurrent(8, |(name, labels)| {
+            let api = &api;
+            let failed = &failed;
+            async move {
+                let patch = serde_json::json!({"metadata": {"labels": labels}});
+                match api
+                    .patch(
+                        &name,
+                        &PatchParams {
+                            field_manager: Some(FIELD_MANAGER.into()),
+                            ..PatchParams::default()
+                        },
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                {
+                    Ok(_) => {}
+                    // Deleted meanwhile (retention, a user).
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(error) => {
+                        if failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                            warn!(%policy, change = %name, %error, "could not label a FileChange with its compliance references");
+                        }
+                    }
+                }
+            }
+        })
+        .await;
 }
 
 async fn write_status(

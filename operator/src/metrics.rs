@@ -42,6 +42,14 @@ pub struct Metrics {
     pub rollout_outliers: IntGaugeVec,
     /// Per policy, nodes and entries whose digest differs from their pool's majority.
     pub fleet_outliers: IntGaugeVec,
+    /// Per policy and compliance reference (`framework`, `control`: bounded
+    /// by the policies' own lists, at most 8 per policy and per entry), the
+    /// changes that are evidence for it, and those waiting for an approval.
+    /// Counted from the cluster and the policy, never from labels.
+    pub compliance_changes: IntGaugeVec,
+    pub compliance_unacknowledged: IntGaugeVec,
+    /// The references each policy's series were last set for.
+    compliance_series: Arc<Mutex<HashMap<String, Vec<(String, String)>>>>,
     policy_status_age: prometheus::GaugeVec,
     /// When each policy's status was last computed (the age is set at scrape time).
     refreshed: Arc<Mutex<HashMap<String, Instant>>>,
@@ -183,7 +191,23 @@ impl Metrics {
             ),
             &["policy"],
         )?;
+        let compliance_changes = IntGaugeVec::new(
+            Opts::new(
+                "compliance_changes",
+                "FileChanges stored of a policy's entries that carry a compliance reference, by framework and control (from the policy)",
+            ),
+            &["policy", "framework", "control"],
+        )?;
+        let compliance_unacknowledged = IntGaugeVec::new(
+            Opts::new(
+                "compliance_unacknowledged_changes",
+                "Of those, the changes nobody has acknowledged yet (counted from the cluster)",
+            ),
+            &["policy", "framework", "control"],
+        )?;
         for m in [
+            &compliance_changes,
+            &compliance_unacknowledged,
             &rollouts,
             &rollout_outliers,
             &fleet_outliers,
@@ -230,6 +254,9 @@ impl Metrics {
             rollouts,
             rollout_outliers,
             fleet_outliers,
+            compliance_changes,
+            compliance_unacknowledged,
+            compliance_series: Arc::default(),
             policy_status_age,
             refreshed: Arc::default(),
         })
@@ -263,6 +290,48 @@ impl Metrics {
         }
     }
 
+    /// Records a policy's changes per compliance reference, dropping the
+    /// series of references the policy no longer gives.
+    pub fn observe_compliance(
+        &self,
+        policy: &str,
+        counts: &std::collections::BTreeMap<
+            kube_fim_crds::ComplianceRef,
+            crate::changes::ComplianceCount,
+        >,
+    ) {
+        let now: Vec<(String, String)> = counts
+            .keys()
+            .map(|r| (r.framework.clone(), r.control.clone()))
+            .collect();
+        let mut series = self
+            .compliance_series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (f, c) in series.get(policy).into_iter().flatten() {
+            if !now.contains(&(f.clone(), c.clone())) {
+                let _ = self.compliance_changes.remove_label_values(&[policy, f, c]);
+                let _ = self
+                    .compliance_unacknowledged
+                    .remove_label_values(&[policy, f, c]);
+            }
+        }
+        for (r, count) in counts {
+            let labels = [policy, r.framework.as_str(), r.control.as_str()];
+            self.compliance_changes
+                .with_label_values(&labels)
+                .set(count.changes);
+            self.compliance_unacknowledged
+                .with_label_values(&labels)
+                .set(count.unacknowledged);
+        }
+        if now.is_empty() {
+            series.remove(policy);
+        } else {
+            series.insert(policy.to_string(), now);
+        }
+    }
+
     /// A policy's status was just computed.
     pub fn status_refreshed(&self, policy: &str) {
         self.refreshed
@@ -287,6 +356,7 @@ impl Metrics {
         let _ = self.rollouts.remove_label_values(&[policy]);
         let _ = self.rollout_outliers.remove_label_values(&[policy]);
         let _ = self.fleet_outliers.remove_label_values(&[policy]);
+        self.observe_compliance(policy, &std::collections::BTreeMap::new());
         for t in ["Ready", "Degraded"] {
             let _ = self.policy_condition.remove_label_values(&[policy, t]);
         }

@@ -277,6 +277,9 @@ mod tests {
             moves: Vec::new(),
             transition: None,
             package_verified: false,
+            entry: "etc".into(),
+            host_path: None,
+            compliance_labels: Default::default(),
         }
     }
 

@@ -184,6 +184,9 @@ mod tests {
             sequence: Some(1),
             moves: Vec::new(),
             package_verified: false,
+            entry: "etc".into(),
+            host_path: Some(path.into()),
+            compliance_labels: Default::default(),
             transition: Transition::from_parts(
                 "p",
                 "etc",

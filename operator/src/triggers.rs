@@ -311,6 +311,9 @@ mod tests {
             moves: Vec::new(),
             transition: None,
             package_verified: false,
+            entry: "etc".into(),
+            host_path: None,
+            compliance_labels: Default::default(),
         };
         let woke = |change: Change<Item>| change_wake(change, &policies);
         let b = BTreeSet::from(["b".to_string()]);
