@@ -101,6 +101,12 @@ enum Command {
         /// ...and/or of this policy.
         #[arg(long)]
         policy: Option<String>,
+        /// For a package transaction (a FileChange listing many changes,
+        /// TRANSACTION column): approve only the change of this path
+        /// (repeatable). The node reports the others again, as a new object
+        /// to approve. Needs FileChange names.
+        #[arg(long = "path")]
+        paths: Vec<String>,
     },
     /// Policies, nodes reporting, last scans, errors.
     Status {
@@ -534,8 +540,14 @@ async fn approve(
     reason: Option<String>,
     node: Option<String>,
     policy: Option<String>,
+    paths: Vec<String>,
 ) -> anyhow::Result<()> {
     let api: Api<FileChange> = Api::all(client.clone());
+    if !paths.is_empty() && (node.is_some() || policy.is_some() || names.is_empty()) {
+        bail!(
+            "--path approves part of a package transaction: name its FileChange (not --node or --policy)"
+        );
+    }
     let mut targets = names;
     if node.is_some() || policy.is_some() {
         let mut selector = Vec::new();
@@ -575,7 +587,8 @@ async fn approve(
         // Names given on the command line are echoed too.
         let name = esc(name);
         // An approval is given once; a second one would rewrite nothing.
-        if let Ok(c) = api.get(&name).await
+        let stored = api.get(&name).await;
+        if let Ok(c) = &stored
             && let Some(given) = c.approval()
         {
             println!(
@@ -585,10 +598,45 @@ async fn approve(
             );
             continue;
         }
+        let mut patch = patch.clone();
+        if !paths.is_empty() {
+            let approved = match &stored {
+                Ok(c) => approval_paths(c, &paths),
+                Err(e) => Err(e.to_string()),
+            };
+            match approved {
+                Ok(p) => patch["status"]["approval"]["paths"] = serde_json::json!(p),
+                Err(why) => {
+                    failed += 1;
+                    eprintln!("filechange/{name}: {}", esc(&why));
+                    continue;
+                }
+            }
+        }
         match api
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
+            Ok(c) if !paths.is_empty() => println!(
+                "filechange/{} approved by {}: {} of its {} changes ({}) on {}; the node reports the others again",
+                name,
+                esc(&approval.approved_by),
+                c.approval().map_or(0, |a| a.paths.len()),
+                c.spec
+                    .package
+                    .as_ref()
+                    .and_then(|p| p.transaction.as_ref())
+                    .map_or(0, |t| t.files),
+                c.approval()
+                    .map(|a| a
+                        .paths
+                        .iter()
+                        .map(|p| esc(p).into_owned())
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default(),
+                esc(&c.spec.node)
+            ),
             Ok(c) => println!(
                 "filechange/{} approved by {} ({} {} on {})",
                 name,
@@ -611,6 +659,33 @@ async fn approve(
         bail!("{failed} of {} could not be approved", targets.len());
     }
     Ok(())
+}
+
+/// The `status.approval.paths` approving `paths` of transaction `c`: each
+/// must be one of the changes it lists (an approval of a path it does not
+/// list would approve nothing, and say nothing).
+fn approval_paths(c: &FileChange, paths: &[String]) -> Result<Vec<String>, String> {
+    let Some(t) = c.spec.package.as_ref().and_then(|p| p.transaction.as_ref()) else {
+        return Err(
+            "not a package transaction (it is one change): approve it without --path".into(),
+        );
+    };
+    let missing: Vec<&str> = paths
+        .iter()
+        .filter(|p| !t.changes.iter().any(|i| &i.path == *p))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "the transaction ({}) lists no change of {}: nothing approved",
+            t.summary,
+            missing.join(", ")
+        ));
+    }
+    let mut out = paths.to_vec();
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 fn age(t: Option<Timestamp>) -> String {
@@ -895,7 +970,8 @@ async fn main() -> std::process::ExitCode {
                 reason,
                 node,
                 policy,
-            } => approve(&client, names, reason, node, policy).await,
+                paths,
+            } => approve(&client, names, reason, node, policy, paths).await,
             Command::Status { output } => status(&client, output).await,
             Command::Report { since, output } => report(&client, &since, output).await,
             Command::Rollouts {
@@ -928,6 +1004,41 @@ async fn main() -> std::process::ExitCode {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_approval_names_changes_the_transaction_lists() {
+        let item = |path: &str| {
+            serde_json::json!({
+                "path": path, "category": "Modified", "source": "Realtime",
+                "detectedTime": "2026-12-01T10:00:00Z", "package": "openssl", "version": "3.0.15"
+            })
+        };
+        let txn: FileChange = serde_json::from_value(serde_json::json!({
+            "apiVersion": "fim.kube-fim.io/v1alpha1",
+            "kind": "FileChange",
+            "metadata": {"name": "t"},
+            "spec": {
+                "node": "n", "policy": "baseline", "entry": "usr-bin", "path": "/usr/bin/openssl",
+                "category": "Modified", "source": "Realtime",
+                "detectedTime": "2026-12-01T10:00:00Z",
+                "package": {"manager": "dpkg", "name": "openssl", "version": "3.0.15",
+                    "verdict": "Verified",
+                    "transaction": {"summary": "openssl 3.0.13→3.0.15, 2 files", "files": 2,
+                        "changes": [item("/usr/bin/c_rehash"), item("/usr/bin/openssl")]}}
+            }
+        }))
+        .unwrap();
+        let paths = |ps: &[&str]| ps.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            approval_paths(&txn, &paths(&["/usr/bin/openssl", "/usr/bin/openssl"])),
+            Ok(paths(&["/usr/bin/openssl"]))
+        );
+        let err = approval_paths(&txn, &paths(&["/usr/bin/openssl", "/usr/bin/sudo"])).unwrap_err();
+        assert!(err.contains("lists no change of /usr/bin/sudo"), "{err}");
+        let single = change("n", "/etc/passwd", "Modified", false);
+        let err = approval_paths(&single, &paths(&["/etc/passwd"])).unwrap_err();
+        assert!(err.contains("not a package transaction"), "{err}");
+    }
 
     fn change(node: &str, path: &str, category: &str, approved: bool) -> FileChange {
         let mut c: FileChange = serde_json::from_value(serde_json::json!({

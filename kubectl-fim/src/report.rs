@@ -30,6 +30,25 @@ pub struct Report {
     pub approvals: Vec<ApprovalLine>,
     pub unapproved: Vec<ChangeLine>,
     pub alarms: Vec<Alarm>,
+    /// Per compliance control the policies reference, its evidence.
+    pub compliance: Vec<ControlReport>,
+}
+
+/// One control of one framework: which policy entries are evidence for it
+/// (from the policies, never from a change's labels or a node's word), and
+/// the changes of the period under them.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlReport {
+    pub framework: String,
+    pub control: String,
+    /// `policy/entry` of every entry that references the control.
+    pub entries: Vec<String>,
+    pub changes: u64,
+    pub approved: u64,
+    pub unapproved: u64,
+    /// The FileChanges that are its evidence (names), unapproved first.
+    pub evidence: Vec<String>,
 }
 
 /// One node.
@@ -210,7 +229,9 @@ pub fn build(
             });
         }
     }
+    let compliance = controls(policies, changes);
     Report {
+        compliance,
         generated: now.to_string(),
         since: since.to_string(),
         passed: !nodes.is_empty()
@@ -222,6 +243,61 @@ pub fn build(
         unapproved,
         alarms,
     }
+}
+
+/// Per control the policies reference, its entries and the changes under
+/// them (each change's references as the operator finds them: from its
+/// policy and the entries covering its path, never from its labels).
+fn controls(policies: &[FileIntegrityPolicy], changes: &[FileChange]) -> Vec<ControlReport> {
+    let mut out: BTreeMap<(String, String), ControlReport> = BTreeMap::new();
+    let mut maps = BTreeMap::new();
+    for p in policies {
+        let policy = p.name_any();
+        for e in p.spec.effective_paths() {
+            for r in p.spec.compliance_of(&e.name) {
+                out.entry((r.framework.clone(), r.control.clone()))
+                    .or_insert_with(|| ControlReport {
+                        framework: r.framework.clone(),
+                        control: r.control.clone(),
+                        entries: Vec::new(),
+                        changes: 0,
+                        approved: 0,
+                        unapproved: 0,
+                        evidence: Vec::new(),
+                    })
+                    .entries
+                    .push(format!("{policy}/{}", e.name));
+            }
+        }
+        maps.insert(policy, p.spec.compliance_map());
+    }
+    let mut approved_evidence: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for c in changes {
+        let Some(map) = maps.get(&c.spec.policy) else {
+            continue;
+        };
+        let host_path = c.spec.container.is_none().then_some(c.spec.path.as_str());
+        for r in map.of_change(&c.spec.entry, host_path) {
+            let key = (r.framework, r.control);
+            let Some(control) = out.get_mut(&key) else {
+                continue;
+            };
+            control.changes += 1;
+            if c.approval().is_some() {
+                control.approved += 1;
+                approved_evidence.entry(key).or_default().push(c.name_any());
+            } else {
+                control.unapproved += 1;
+                control.evidence.push(c.name_any());
+            }
+        }
+    }
+    for (key, names) in approved_evidence {
+        if let Some(control) = out.get_mut(&key) {
+            control.evidence.extend(names);
+        }
+    }
+    out.into_values().collect()
 }
 
 /// The report as text, for people (every value from the cluster escaped).
@@ -337,6 +413,41 @@ pub fn render(report: &Report) -> String {
         }
         out.push_str(&t.render());
     }
+    out.push_str(&format!(
+        "\nCompliance controls ({})\n",
+        report.compliance.len()
+    ));
+    if !report.compliance.is_empty() {
+        let mut t = display::Table::new(&[
+            ("FRAMEWORK", Left),
+            ("CONTROL", Left),
+            ("ENTRIES", Right),
+            ("CHANGES", Right),
+            ("APPROVED", Right),
+            ("UNAPPROVED", Right),
+            ("EVIDENCE", Left),
+        ]);
+        for c in &report.compliance {
+            let mut evidence: Vec<String> = c.evidence.iter().take(5).map(|n| e(n)).collect();
+            if c.evidence.len() > 5 {
+                evidence.push(format!("+{} more (-o json)", c.evidence.len() - 5));
+            }
+            t.row([
+                e(&c.framework),
+                e(&c.control),
+                c.entries.len().to_string(),
+                c.changes.to_string(),
+                c.approved.to_string(),
+                c.unapproved.to_string(),
+                if evidence.is_empty() {
+                    "-".into()
+                } else {
+                    evidence.join(" ")
+                },
+            ]);
+        }
+        out.push_str(&t.render());
+    }
     out.push_str(&format!("\nOpen alarms ({})\n", report.alarms.len()));
     for a in &report.alarms {
         out.push_str(&format!(
@@ -400,6 +511,70 @@ mod tests {
 
     fn now() -> Timestamp {
         "2026-12-07T12:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn each_control_lists_its_evidence_from_the_policy_not_from_labels() {
+        let policy: FileIntegrityPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "fim.kube-fim.io/v1alpha1",
+            "kind": "FileIntegrityPolicy",
+            "metadata": {"name": "baseline"},
+            "spec": {
+                "preset": "recommended",
+                "paths": [
+                    {"name": "etc", "path": "/etc/passwd",
+                     "compliance": [{"framework": "pci-dss-4.0", "control": "10.3.4"}]},
+                    {"name": "app", "path": "/srv/app"}
+                ]
+            }
+        }))
+        .unwrap();
+        let mut in_app = change("a-3-w", "a", None);
+        in_app.spec.entry = "app".into();
+        in_app.spec.path = "/srv/app/x".into();
+        // Labels claiming a control are not what files a change under it.
+        in_app.metadata.labels = Some(
+            [(
+                "compliance.kube-fim.io/pci-dss-4.0".to_string(),
+                "11.5.2".to_string(),
+            )]
+            .into(),
+        );
+        // Filed by the node under `app`, but /usr/bin is the preset's
+        // usr-bin: evidence for its controls all the same.
+        let mut in_bin = change("a-4-v", "a", None);
+        in_bin.spec.entry = "app".into();
+        in_bin.spec.path = "/usr/bin/sudo".into();
+        let changes = [
+            change("a-1-x", "a", Some("alice@example.com")),
+            change("a-2-y", "a", None),
+            in_app,
+            in_bin,
+        ];
+        let r = build("7d", now(), &[policy], &[], &changes);
+        let control = |f: &str, c: &str| {
+            r.compliance
+                .iter()
+                .find(|x| x.framework == f && x.control == c)
+                .unwrap_or_else(|| panic!("no {f} {c} in {:?}", r.compliance))
+        };
+        let pci_fim = control("pci-dss-4.0", "11.5.2");
+        assert_eq!(pci_fim.evidence, ["a-4-v"]);
+        assert_eq!(pci_fim.entries.len(), 18, "the preset's entries");
+        let pci_logs = control("pci-dss-4.0", "10.3.4");
+        assert_eq!(pci_logs.entries, ["baseline/etc"]);
+        assert_eq!(
+            (pci_logs.changes, pci_logs.approved, pci_logs.unapproved),
+            (2, 1, 1)
+        );
+        assert_eq!(pci_logs.evidence, ["a-2-y", "a-1-x"], "unapproved first");
+        let cis = control("cis-dil-2.0", "1.3.2");
+        assert_eq!(cis.evidence, ["a-4-v"]);
+        assert_eq!(cis.entries.len(), 18);
+        let text = render(&r);
+        assert!(text.contains("Compliance controls (4)"), "{text}");
+        let line = text.lines().find(|l| l.contains("10.3.4")).unwrap();
+        assert!(line.contains("a-2-y a-1-x"), "{line}");
     }
 
     #[test]
