@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube_fim_crds::{
     ApprovalOutcome, ChainVerification, FileChange, FileChangeStatus, FileIntegrityNode,
     PackageVerdict,
@@ -72,25 +72,6 @@ async fn wait_transaction(fleet: &Fleet, node: &str, version: &str) -> FileChang
         },
     )
     .await
-}
-
-async fn approve_paths(client: &kube::Client, name: &str, paths: &[String]) {
-    let approval = kube_fim_crds::Approval {
-        approved_by: whoami(client).await,
-        approved_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::now(),
-        ),
-        reason: Some("CHG-7".into()),
-        paths: paths.to_vec(),
-    };
-    Api::<FileChange>::all(client.clone())
-        .patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"status": {"approval": approval}})),
-        )
-        .await
-        .expect("approved");
 }
 
 async fn wait_answer(client: &kube::Client, name: &str) -> FileChangeStatus {
@@ -291,7 +272,42 @@ async fn a_package_upgrade_is_one_object_approvable_whole_or_by_path_and_a_troja
     let txn2 = wait_transaction(&fleet, &node, "99.1-1").await;
     assert_eq!(items(&txn2), files2);
     let first = files2[0].clone();
-    approve_paths(&client, &txn2.name_any(), std::slice::from_ref(&first)).await;
+    // `kubectl fim approve --path`: a path the transaction does not list
+    // approves nothing, and says so.
+    let refused = kubectl_fim(&["approve", &txn2.name_any(), "--path", "/usr/bin/sudo"]);
+    assert!(!refused.success, "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains("lists no change of /usr/bin/sudo"),
+        "{}",
+        refused.stderr
+    );
+    let c = Api::<FileChange>::all(client.clone())
+        .get(&txn2.name_any())
+        .await
+        .unwrap();
+    assert!(c.approval().is_none(), "nothing approved");
+    let run = kubectl_fim(&[
+        "approve",
+        &txn2.name_any(),
+        "--path",
+        &first,
+        "--reason",
+        "CHG-7",
+    ]);
+    assert!(run.success, "{}", run.stderr);
+    assert!(
+        run.stdout
+            .contains(&format!("1 of its {} changes ({first})", files2.len())),
+        "{}",
+        run.stdout
+    );
+    let c = Api::<FileChange>::all(client.clone())
+        .get(&txn2.name_any())
+        .await
+        .unwrap();
+    let approval = c.approval().cloned().unwrap();
+    assert_eq!(approval.paths, [first.clone()]);
+    assert_eq!(approval.approved_by, whoami(&client).await);
     let answer = wait_answer(&client, &txn2.name_any()).await;
     assert_eq!(answer.outcome, Some(ApprovalOutcome::Applied), "{answer:?}");
     let message = answer.message.clone().unwrap_or_default();
