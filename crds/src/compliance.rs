@@ -413,7 +413,8 @@ mod tests {
 
     #[test]
     fn bad_references_are_refused_naming_the_field() {
-        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+        type Refs<'a> = &'a [(&'a str, &'a str)];
+        let cases: &[(Refs, &str, &str)] = &[
             (
                 &[("PCI DSS", "11.5.2")],
                 "spec.paths[0].compliance[0].framework",
@@ -471,10 +472,9 @@ mod tests {
 
     #[test]
     fn every_valid_reference_makes_a_valid_label() {
-        let spec = {
-            let mut s = FileIntegrityPolicySpec::default();
-            s.preset = Some(Preset::Recommended);
-            s
+        let spec = FileIntegrityPolicySpec {
+            preset: Some(Preset::Recommended),
+            ..FileIntegrityPolicySpec::default()
         };
         for r in spec.all_compliance() {
             assert_eq!(crate::labels::label_value(&r.control), r.control);

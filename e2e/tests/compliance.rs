@@ -229,7 +229,7 @@ async fn a_change_under_a_preset_is_labelled_counted_and_reported_under_its_cont
     .unwrap();
     assert_eq!(
         own,
-        [app_change.clone()],
+        std::slice::from_ref(&app_change),
         "the entry's own control replaces the preset's"
     );
 
@@ -262,7 +262,7 @@ async fn a_change_under_a_preset_is_labelled_counted_and_reported_under_its_cont
     assert!(!names(&row).contains(&app_change), "{row}");
     assert_eq!(row["entries"].as_array().map(Vec::len), Some(18), "{row}");
     let own = report_control("pci-dss-4.0", "10.3.4").unwrap();
-    assert_eq!(names(&own), [app_change.clone()], "{own}");
+    assert_eq!(names(&own), std::slice::from_ref(&app_change), "{own}");
     let text = kubectl_fim(&["report"]);
     assert!(text.success, "{}", text.stderr);
     let line = text

@@ -306,7 +306,7 @@ async fn a_package_upgrade_is_one_object_approvable_whole_or_by_path_and_a_troja
         .await
         .unwrap();
     let approval = c.approval().cloned().unwrap();
-    assert_eq!(approval.paths, [first.clone()]);
+    assert_eq!(approval.paths, std::slice::from_ref(&first));
     assert_eq!(approval.approved_by, whoami(&client).await);
     let answer = wait_answer(&client, &txn2.name_any()).await;
     assert_eq!(answer.outcome, Some(ApprovalOutcome::Applied), "{answer:?}");

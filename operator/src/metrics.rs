@@ -49,11 +49,14 @@ pub struct Metrics {
     pub compliance_changes: IntGaugeVec,
     pub compliance_unacknowledged: IntGaugeVec,
     /// The references each policy's series were last set for.
-    compliance_series: Arc<Mutex<HashMap<String, Vec<(String, String)>>>>,
+    compliance_series: Arc<Mutex<HashMap<String, Vec<FrameworkControl>>>>,
     policy_status_age: prometheus::GaugeVec,
     /// When each policy's status was last computed (the age is set at scrape time).
     refreshed: Arc<Mutex<HashMap<String, Instant>>>,
 }
+
+/// A compliance series' `framework` and `control` labels.
+type FrameworkControl = (String, String);
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -300,7 +303,7 @@ impl Metrics {
             crate::changes::ComplianceCount,
         >,
     ) {
-        let now: Vec<(String, String)> = counts
+        let now: Vec<FrameworkControl> = counts
             .keys()
             .map(|r| (r.framework.clone(), r.control.clone()))
             .collect();
