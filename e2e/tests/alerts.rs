@@ -28,7 +28,7 @@ fn alert_rules_are_valid_and_their_unit_tests_pass() {
     let rules = repo_root().join("charts/kube-fim/rules");
     let (ok, out) = promtool(&["check", "rules", "kube-fim-alerts.yaml"], &rules);
     assert!(ok, "{out}");
-    assert!(out.contains("SUCCESS: 18 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 19 rules found"), "{out}");
     let tests = rules.join("tests");
     let mut files: Vec<String> = std::fs::read_dir(&tests)
         .unwrap()

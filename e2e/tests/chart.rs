@@ -54,6 +54,8 @@ const METRICS: &[&str] = &[
     "kube_fim_operator_rollouts",
     "kube_fim_operator_rollout_outliers",
     "kube_fim_operator_fleet_outliers",
+    "kube_fim_operator_compliance_changes",
+    "kube_fim_operator_compliance_unacknowledged_changes",
     "kube_fim_agent_changes_total",
     "kube_fim_agent_files_monitored",
     "kube_fim_agent_bytes_hashed_total",
