@@ -124,6 +124,11 @@ pub struct Item {
     pub moves: Vec<EntryDigestMove>,
     /// The change's transition (none for a Summary), which rollouts group by.
     pub transition: Option<Arc<Transition>>,
+    /// For a package transaction object, what each listed change turned its
+    /// file into ([`TransactionParts`]): how rollouts tell a node whose
+    /// window split the same upgrade differently from one that changed a
+    /// file differently.
+    pub parts: Option<TransactionParts>,
     /// Its new content is an installed package's (the node's claim).
     pub package_verified: bool,
     /// The policy entry it was filed under, and its host path (none for a
@@ -154,6 +159,12 @@ impl Item {
                 .map(|s| s.entry_digests.clone())
                 .unwrap_or_default(),
             transition: transition_of(&change.spec).map(Arc::new),
+            parts: change
+                .spec
+                .package
+                .as_ref()
+                .and_then(|p| p.transaction.as_ref())
+                .map(TransactionParts::of),
             package_verified: change
                 .spec
                 .package
@@ -172,6 +183,65 @@ impl Item {
                 .map(compliance::labels_in)
                 .unwrap_or_default(),
         }
+    }
+}
+
+/// Of each change a transaction object lists, a key of its path and one of
+/// what it turned the file into (category and state after), sorted by path
+/// key: 16 bytes a listed change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransactionParts(Arc<[(u64, u64)]>);
+
+impl TransactionParts {
+    pub fn of(t: &ViewTransaction) -> TransactionParts {
+        let key = |parts: &[&[u8]]| {
+            let mut h = blake3::Hasher::new();
+            for p in parts {
+                h.update(&(p.len() as u64).to_le_bytes());
+                h.update(p);
+            }
+            let mut k = [0u8; 8];
+            k.copy_from_slice(&h.finalize().as_bytes()[..8]);
+            u64::from_le_bytes(k)
+        };
+        let mut parts: Vec<(u64, u64)> = t
+            .changes
+            .iter()
+            .map(|i| {
+                let after = Comparable::digest(i.after.as_ref());
+                (
+                    key(&[i.path.as_bytes()]),
+                    key(&[i.category.as_str().as_bytes(), after.as_bytes()]),
+                )
+            })
+            .collect();
+        parts.sort_unstable();
+        TransactionParts(parts.into())
+    }
+
+    /// Whether a file both list was turned into something different: the
+    /// same upgrade split into other transactions (a part of it, or more)
+    /// is not a different change.
+    pub fn differ(&self, other: &TransactionParts) -> bool {
+        let (mut a, mut b) = (self.0.iter().peekable(), other.0.iter().peekable());
+        while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
+            match x.0.cmp(&y.0) {
+                std::cmp::Ordering::Less => {
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if x.1 != y.1 {
+                        return true;
+                    }
+                    a.next();
+                    b.next();
+                }
+            }
+        }
+        false
     }
 }
 
@@ -742,6 +812,7 @@ mod tests {
                 sequence: None,
                 moves: Vec::new(),
                 transition: Transition::of(&fc.spec).map(Arc::new),
+                parts: None,
                 package_verified: false,
                 entry: fc.spec.entry.clone(),
                 host_path: Some(fc.spec.path.clone()),

@@ -20,7 +20,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube_fim_crds::RolloutStatus;
 use kube_fim_crds::rollout::{Transition, short};
 
-use crate::changes::Item;
+use crate::changes::{Item, TransactionParts};
 
 /// Rollouts listed in a policy's status at most (the largest first).
 pub const MAX_LISTED: usize = 20;
@@ -48,8 +48,14 @@ pub struct Rollouts {
     pub outlier_nodes: usize,
 }
 
-/// One change of a file: its transition, node and creation time.
-type Seen<'a> = (&'a Transition, &'a str, Timestamp);
+/// One change of a file: its transition, node, creation time and (a
+/// transaction object) what it turned each listed file into.
+type Seen<'a> = (
+    &'a Transition,
+    &'a str,
+    Timestamp,
+    Option<&'a TransactionParts>,
+);
 
 #[derive(Default)]
 struct Group<'a> {
@@ -57,6 +63,8 @@ struct Group<'a> {
     nodes: BTreeMap<&'a str, bool>,
     first: Option<Timestamp>,
     last: Option<Timestamp>,
+    /// For a transaction, what it turned each listed file into.
+    parts: Option<&'a TransactionParts>,
 }
 
 /// The rollouts among `items` (the changes of one policy) at `now`.
@@ -74,10 +82,11 @@ pub fn find<'a>(items: impl Iterator<Item = &'a Item>, now: Timestamp, s: Settin
         *approved &= item.approved;
         g.first = Some(g.first.map_or(item.created, |f| f.min(item.created)));
         g.last = Some(g.last.map_or(item.created, |l| l.max(item.created)));
+        g.parts = g.parts.or(item.parts.as_ref());
         by_file
             .entry((t.entry.as_str(), t.path.as_str()))
             .or_default()
-            .push((t, item.node.as_str(), item.created));
+            .push((t, item.node.as_str(), item.created, item.parts.as_ref()));
     }
     let mut found: Vec<(RolloutStatus, BTreeSet<&str>)> = Vec::new();
     for (t, g) in &groups {
@@ -95,13 +104,21 @@ pub fn find<'a>(items: impl Iterator<Item = &'a Item>, now: Timestamp, s: Settin
             .get(&(t.entry.as_str(), t.path.as_str()))
             .into_iter()
             .flatten()
-            .filter(|(other, node, created)| {
+            .filter(|(other, node, created, parts)| {
                 *other != *t
                     && other.after != t.after
                     && !g.nodes.contains_key(node)
                     && (from..=until).contains(created)
+                    // Transactions (grouped by their first listed file) are
+                    // different only where a file both list differs: a node
+                    // whose window split the same upgrade otherwise is not
+                    // an outlier.
+                    && match (g.parts, parts) {
+                        (Some(ours), Some(theirs)) => ours.differ(theirs),
+                        _ => true,
+                    }
             })
-            .map(|(_, node, _)| *node)
+            .map(|(_, node, _, _)| *node)
             .collect();
         found.push((
             RolloutStatus {
@@ -187,6 +204,7 @@ mod tests {
             entry: "etc".into(),
             host_path: Some(path.into()),
             compliance_labels: Default::default(),
+            parts: None,
             transition: Transition::from_parts(
                 "p",
                 "etc",
@@ -281,6 +299,77 @@ mod tests {
         let found = find(items.iter(), now, settings());
         assert_eq!(found.total, 2);
         assert_eq!(found.outlier_nodes, 0);
+    }
+
+    /// A package transaction object listing `files` (path, state after), on
+    /// `node`, as the FileChange watch keeps it.
+    fn transaction(name: &str, node: &str, files: &[(&str, char)], at: Timestamp) -> Item {
+        use crate::changes::{ViewItem, ViewTransaction};
+        let listed = ViewTransaction {
+            changes: files
+                .iter()
+                .map(|(path, after)| ViewItem {
+                    path: path.to_string(),
+                    category: ChangeCategory::Modified,
+                    before: Some(state('1')),
+                    after: Some(state(*after)),
+                })
+                .collect(),
+        };
+        let mut it = item(name, node, files[0].0, '1', '1', at);
+        it.transition = Transition::of_items(
+            "p",
+            "etc",
+            files[0].0,
+            ChangeCategory::Modified,
+            listed.changes.iter().map(|i| {
+                (
+                    i.path.as_str(),
+                    i.category,
+                    i.before.as_ref(),
+                    i.after.as_ref(),
+                )
+            }),
+        )
+        .map(Arc::new);
+        it.parts = Some(TransactionParts::of(&listed));
+        it
+    }
+
+    #[test]
+    fn a_node_whose_window_split_the_same_upgrade_is_no_outlier_and_a_different_file_is() {
+        // Nodes a and b list the upgrade's four files in one transaction;
+        // c's transaction window closed after two (its other two files are
+        // another object): the same upgrade, not a different change. d
+        // turned one of the four into something else: the outlier.
+        let now = Timestamp::now();
+        let upgrade = [
+            ("/usr/bin/a", '2'),
+            ("/usr/bin/b", '2'),
+            ("/usr/bin/c", '2'),
+            ("/usr/bin/d", '2'),
+        ];
+        let mut trojan = upgrade;
+        trojan[2].1 = '6';
+        let items = [
+            transaction("a", "a", &upgrade, now - mins(5)),
+            transaction("b", "b", &upgrade, now - mins(5)),
+            transaction("c1", "c", &upgrade[..2], now - mins(5)),
+            transaction("c2", "c", &upgrade[2..], now - mins(5)),
+            transaction("d", "d", &trojan, now - mins(5)),
+        ];
+        let found = find(items.iter(), now, settings());
+        let r = found
+            .listed
+            .iter()
+            .find(|r| r.nodes == 2)
+            .expect("the rollout of a and b");
+        assert_eq!(
+            r.outliers,
+            ["d"],
+            "c split the same upgrade; d changed /usr/bin/c differently"
+        );
+        assert_eq!(found.outlier_nodes, 1);
     }
 
     #[test]

@@ -310,6 +310,7 @@ mod tests {
             sequence: None,
             moves: Vec::new(),
             transition: None,
+            parts: None,
             package_verified: false,
             entry: "etc".into(),
             host_path: None,
