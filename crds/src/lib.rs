@@ -36,7 +36,7 @@ pub use policy::{
 };
 pub use sink::{
     DeliveredPosition, FileChangeSink, FileChangeSinkSpec, FileChangeSinkStatus, FileTransport,
-    OtlpProtocol, OtlpTransport, SecretKeyRef, SinkFormat, SinkTls, SyslogTransport,
+    Fingerprint, OtlpProtocol, OtlpTransport, SecretKeyRef, SinkFormat, SinkTls, SyslogTransport,
     WebhookTransport,
 };
 

@@ -74,15 +74,18 @@ pub async fn run(
     );
     // Watches use `client`; every request of the loops, `requests` (which
     // times out).
-    let ctx = Arc::new(Context::new(
-        requests,
-        config.clone(),
-        metrics,
-        recorder,
-        policies.clone(),
-        nodes,
-        records,
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            requests,
+            config.clone(),
+            metrics,
+            recorder,
+            policies.clone(),
+            nodes,
+            records,
+        )
+        .with_fingerprints(crate::export::fingerprints()),
+    );
 
     let heartbeat_timeout = config.heartbeat_timeout;
     let watches = [
@@ -130,6 +133,7 @@ pub async fn run(
         tokio::spawn(watch_changes(changes::api(client.clone()), ctx.clone())),
         tokio::spawn(retention::run(ctx.clone())),
         tokio::spawn(chain::run(ctx.clone())),
+        tokio::spawn(follow_fingerprints(ctx.clone())),
     ];
 
     let shutdown = shutdown.shared();
@@ -201,6 +205,21 @@ pub async fn run(
         task.abort();
     }
     info!("controller stopped");
+}
+
+/// A sink asking for other fingerprints (or no longer) changes the agents'
+/// arguments: the fleet looks again.
+async fn follow_fingerprints(ctx: Arc<Context>) {
+    let mut fingerprints = ctx.fingerprints.clone();
+    while fingerprints.changed().await.is_ok() {
+        ctx.pending().add(
+            triggers::Wake {
+                fleet: true,
+                ..triggers::Wake::default()
+            },
+            Instant::now(),
+        );
+    }
 }
 
 /// Ticks once per batch window until `shutdown`.
@@ -733,8 +752,17 @@ async fn sync_fleet(ctx: &Context) -> Result<(), Error> {
         .with_label_values(&["invalid"])
         .set((all.len() - valid.len()) as i64);
 
+    // The agents' arguments say what the sinks ask of them: wait for the
+    // sinks' list rather than roll the agents out twice at start.
+    let fingerprints = {
+        let mut rx = ctx.fingerprints.clone();
+        let listed = rx.wait_for(Option::is_some).await.map(|v| v.clone());
+        listed
+            .unwrap_or_else(|_| rx.borrow().clone())
+            .unwrap_or_default()
+    };
     let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    match desired_daemonset(&ctx.config, &valid) {
+    match desired_daemonset(&ctx.config, &valid, &fingerprints) {
         Some(ds) => {
             api.patch(
                 &ctx.config.daemonset_name,
