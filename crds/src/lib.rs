@@ -25,9 +25,9 @@ pub use change::{
     ProcessInfo, TRANSACTION_ITEMS_MAX, TransactionItem,
 };
 pub use node::{
-    BaselineAlarm, ChainVerification, ChangeFloodRecord, EntryDigest, EvidenceGap,
-    FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodeAttribution,
-    NodePolicyPhase, NodePolicyStatus, UnexplainedMove, VerifiedEntry,
+    BaselineAlarm, ChainVerification, ChangeFloodRecord, ChangeStormRecord, EntryDigest,
+    EvidenceGap, FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
+    NodeAttribution, NodePolicyPhase, NodePolicyStatus, UnexplainedMove, VerifiedEntry,
 };
 pub use policy::{
     Attribute, AttributeProfile, ContainerSelection, Evidence, FileIntegrityPolicy,

@@ -702,7 +702,8 @@ pub struct Alarm {
     /// The stable event id: the same condition seen again is the same id.
     pub id: String,
     pub node: String,
-    /// `BaselineMissing`, `BaselineTampered`, `EvidenceGap` or `ChangeFlood`.
+    /// `BaselineMissing`, `BaselineTampered`, `EvidenceGap`, `ChangeFlood` or
+    /// `ChangeStorm`.
     pub reason: String,
     /// When the condition began: its place in the node's order.
     pub since: Timestamp,
@@ -712,8 +713,8 @@ pub struct Alarm {
 }
 
 /// The standing alarms of a node's record: its baseline alarm, its evidence
-/// gaps (missing transition numbers), its unexplained entry digest moves and
-/// the floods of FileChanges the operator counted.
+/// gaps (missing transition numbers), its unexplained entry digest moves,
+/// the floods of FileChanges the operator counted and the storms it found.
 /// An id holds the node's name and the condition's identity (never the
 /// message), so a condition republished unchanged is the same event.
 pub fn alarms(node: &FileIntegrityNode) -> Vec<Alarm> {
@@ -771,6 +772,24 @@ pub fn alarms(node: &FileIntegrityNode) -> Vec<Alarm> {
                 f.count, f.budget, f.since.0, f.last.0
             ),
             entry: None,
+        });
+    }
+    for s in &status.storms {
+        out.push(Alarm {
+            id: format!(
+                "{name}/storm/{}/{}/{}",
+                s.policy,
+                s.entry,
+                s.since.0.as_second()
+            ),
+            node: name.clone(),
+            reason: "ChangeStorm".into(),
+            since: s.since.0,
+            message: format!(
+                "entry {} of policy {} on node {name}: up to {} changes detected in a minute, more than its cap of {}, from {} to {}; its agent paces them (each is a FileChange of its own, delivered late)",
+                s.entry, s.policy, s.count, s.cap, s.since.0, s.last.0
+            ),
+            entry: Some((s.policy.clone(), s.entry.clone())),
         });
     }
     out
@@ -1239,6 +1258,42 @@ mod tests {
             assert!(!line.contains('\n'));
             assert_eq!(encode(f, &fc), line, "deterministic");
         }
+    }
+
+    #[test]
+    fn a_recorded_storm_is_an_alarm_of_its_entry_with_a_stable_id() {
+        use kube_fim_crds::{ChangeStormRecord, FileIntegrityNodeSpec, FileIntegrityNodeStatus};
+        let since = at("2026-12-07T05:00:00Z");
+        let mut node = FileIntegrityNode::new(
+            "node-a",
+            FileIntegrityNodeSpec {
+                node: "node-a".into(),
+            },
+        );
+        let storm = |last: &str, count| ChangeStormRecord {
+            policy: "p".into(),
+            entry: "ssh".into(),
+            since: Time(since),
+            last: Time(at(last)),
+            count,
+            cap: 100,
+        };
+        node.status = Some(FileIntegrityNodeStatus {
+            storms: vec![storm("2026-12-07T05:00:30Z", 5000)],
+            ..FileIntegrityNodeStatus::default()
+        });
+        let a = alarms(&node);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].id, format!("node-a/storm/p/ssh/{}", since.as_second()));
+        assert_eq!(a[0].reason, "ChangeStorm");
+        assert_eq!(a[0].entry, Some(("p".into(), "ssh".into())));
+        assert!(a[0].message.contains("5000"), "{}", a[0].message);
+        // The storm lasting longer is the same alarm.
+        node.status = Some(FileIntegrityNodeStatus {
+            storms: vec![storm("2026-12-07T05:09:00Z", 6000)],
+            ..FileIntegrityNodeStatus::default()
+        });
+        assert_eq!(alarms(&node)[0].id, a[0].id);
     }
 
     #[test]
