@@ -29,6 +29,13 @@ async fn a_changed_files_sha256_reaches_the_sink_when_it_asks_for_it() {
     spec.fingerprints = vec![kube_fim_crds::Fingerprint::Sha256];
     let name = format!("{suite}-file");
     let sinks = create_sink(&sink(&name, &suite, spec)).await;
+    // And an ECS sink: `file.hash.sha256`.
+    let ecs_path = dir.path().join("evidence-ecs.ndjson");
+    let mut ecs_spec = FileChangeSinkSpec::with_file(ecs_path.to_str().unwrap());
+    ecs_spec.format = SinkFormat::Ecs;
+    ecs_spec.fingerprints = vec![kube_fim_crds::Fingerprint::Sha256];
+    let ecs_name = format!("{suite}-ecs");
+    create_sink(&sink(&ecs_name, &suite, ecs_spec)).await;
 
     // The operator tells the agents, through the arguments it gives them.
     let daemonsets: Api<DaemonSet> = Api::namespaced(admin.clone(), "kube-fim");
@@ -103,6 +110,24 @@ async fn a_changed_files_sha256_reaches_the_sink_when_it_asks_for_it() {
         ),
         "the SHA-256 and the BLAKE3 of the same bytes: {event}"
     );
+    let ecs = eventually(
+        "the change with its SHA-256 in the ECS sink",
+        Duration::from_secs(60),
+        || {
+            let events = file_events(&ecs_path);
+            let node = node.clone();
+            async move {
+                events
+                    .into_iter()
+                    .find(|e| {
+                        e["host"]["name"] == node.as_str() && e["file"]["path"] == "/etc/passwd"
+                    })
+                    .ok_or_else(|| "not yet".to_string())
+            }
+        },
+    )
+    .await;
+    assert_eq!(ecs["file"]["hash"]["sha256"], sha256.as_str(), "{ecs}");
     let stored = fleet.changes(&node).await;
     let after = stored
         .iter()
@@ -111,5 +136,9 @@ async fn a_changed_files_sha256_reaches_the_sink_when_it_asks_for_it() {
         .unwrap();
     assert_eq!(after.sha256.as_deref(), Some(sha256.as_str()));
     sinks.delete(&name, &DeleteParams::default()).await.unwrap();
+    sinks
+        .delete(&ecs_name, &DeleteParams::default())
+        .await
+        .unwrap();
     fleet.cleanup().await;
 }
