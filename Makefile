@@ -109,6 +109,10 @@ down: ## Stop the background control plane
 bench: ## Speed and memory of the agent against b3sum and AIDE
 	node-agent/bench/bench.sh
 
+.PHONY: bench-fingerprints
+bench-fingerprints: ## What SHA-256 beside BLAKE3 costs per changed file and per scan (BENCH_TREE, default /usr/bin)
+	$(CARGO) run --release --manifest-path node-agent/bench/fingerprints/Cargo.toml
+
 .PHONY: scale
 scale: controlplane ## SCALE_NODES (100) simulated nodes with real agents on one API server: apply→Ready, a change storm, API server and operator load
 	$(CARGO) build --workspace --bins

@@ -427,6 +427,20 @@ pub struct FileAttributes {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
     pub unreadable: Option<String>,
+
+    /// SHA-256 of the content, hex, when a FileChangeSink asks for it
+    /// (`spec.fingerprints`): of the same bytes as `hash` (both digests from
+    /// one read, kept only when its BLAKE3 equals `hash`). Only in `after`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+
+    /// Why `sha256` is absent although a sink asked for it: the file is too
+    /// large, could not be read, or changed again before it was read (never
+    /// a digest of other bytes than `hash`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub sha256_missing: Option<String>,
 }
 
 /// A mount of the host, as its mount table (`/proc/1/mountinfo`) lists it.

@@ -27,9 +27,9 @@ pub use change::{
 };
 pub use compliance::ComplianceRef;
 pub use node::{
-    BaselineAlarm, ChainVerification, ChangeFloodRecord, EntryDigest, EvidenceGap,
-    FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus, NodeAttribution,
-    NodePolicyPhase, NodePolicyStatus, UnexplainedMove, VerifiedEntry,
+    BaselineAlarm, ChainVerification, ChangeFloodRecord, ChangeStormRecord, EntryDigest,
+    EvidenceGap, FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
+    NodeAttribution, NodePolicyPhase, NodePolicyStatus, UnexplainedMove, VerifiedEntry,
 };
 pub use policy::{
     Attribute, AttributeProfile, ContainerSelection, Evidence, FileIntegrityPolicy,
@@ -38,7 +38,7 @@ pub use policy::{
 };
 pub use sink::{
     DeliveredPosition, FileChangeSink, FileChangeSinkSpec, FileChangeSinkStatus, FileTransport,
-    OtlpProtocol, OtlpTransport, SecretKeyRef, SinkFormat, SinkTls, SyslogTransport,
+    Fingerprint, OtlpProtocol, OtlpTransport, SecretKeyRef, SinkFormat, SinkTls, SyslogTransport,
     WebhookTransport,
 };
 

@@ -157,6 +157,39 @@ pub struct FileIntegrityNodeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub floods: Vec<ChangeFloodRecord>,
+
+    /// Storms the operator found in the node's FileChanges (`ChangeStorm`):
+    /// more changes of one policy entry detected within a minute than the
+    /// policy's `maxChangesPerNodePerMinute`, which the agent paces (every
+    /// change still has its FileChange). Written by the operator only
+    /// (admission refuses the agent's writes); the newest 16, kept as
+    /// evidence sinks deliver.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub storms: Vec<ChangeStormRecord>,
+}
+
+/// One storm of changes in one policy entry of a node, from the first
+/// detection of its first minute past the cap to the last detection past it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeStormRecord {
+    /// The policy whose cap the entry went past.
+    #[schemars(length(max = 253))]
+    pub policy: String,
+    /// The entry (the agent's pacing lane).
+    #[schemars(length(max = 253))]
+    pub entry: String,
+    /// When the first change of the storm was detected.
+    pub since: Time,
+    /// The last detection still past the cap.
+    pub last: Time,
+    /// The most changes of the entry detected within one minute.
+    #[schemars(range(min = 0))]
+    pub count: u64,
+    /// The policy's cap: changes of one entry per node per minute.
+    #[schemars(range(min = 0))]
+    pub cap: u64,
 }
 
 /// One flood of FileChanges from a node, from its first counted minute to

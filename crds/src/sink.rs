@@ -147,6 +147,36 @@ pub struct FileChangeSinkSpec {
     #[serde(default = "default_hold_max")]
     #[x_kube(validation = kube::core::Rule::new(HOLD_MAX).message(HOLD_MAX_MSG))]
     pub hold_max: String,
+
+    /// Content fingerprints beside BLAKE3 (which OCSF and ECS have no field
+    /// for) that the agents compute for this sink: `sha256` makes every
+    /// agent hash a changed file's new content with SHA-256 too, in the same
+    /// read as its BLAKE3 (`after.sha256` of the FileChange; OCSF
+    /// `file.hashes`, ECS `file.hash.sha256`, CEF `fileHash`), for matching
+    /// against threat intelligence. Only changed files are read again: scans
+    /// cost the same. Changes detected before a sink asked keep BLAKE3 only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1))]
+    pub fingerprints: Vec<Fingerprint>,
+}
+
+/// A content fingerprint the agents can compute besides BLAKE3.
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Fingerprint {
+    /// SHA-256 (FIPS 180-4), hex.
+    Sha256,
+}
+
+impl Fingerprint {
+    /// The name as written in the spec and in the agent's `--fingerprints`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fingerprint::Sha256 => "sha256",
+        }
+    }
 }
 
 /// OTLP logs transport.
@@ -431,6 +461,7 @@ impl Default for FileChangeSinkSpec {
             tls: None,
             batch_size: default_batch_size(),
             hold_max: default_hold_max(),
+            fingerprints: Vec::new(),
         }
     }
 }

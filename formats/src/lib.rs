@@ -10,12 +10,15 @@
 //! - **OCSF** 1.4 File System Activity (class 1001 in category 1, System
 //!   Activity), with the `security_control` profile for the policy and the
 //!   `host` profile for the node. OCSF's fingerprint algorithms have no
-//!   BLAKE3 id: hashes are `algorithm_id` 99 (Other) named `BLAKE3`.
+//!   BLAKE3 id: hashes are `algorithm_id` 99 (Other) named `BLAKE3`, and a
+//!   SHA-256 (when a sink asked the agents for it) `algorithm_id` 3.
 //! - **ECS** (Elastic Common Schema 8.x): `event.*`, `file.*`, `process.*`,
 //!   `host.*`, `rule.*`. ECS's `file.hash.*` has no BLAKE3 field either; the
 //!   digest goes to the custom field set `kube_fim.*`, with everything
-//!   kube-fim-specific (entry, detection source, the state before).
-//! - **CEF** (ArcSight Common Event Format rev. 25), one line.
+//!   kube-fim-specific (entry, detection source, the state before); a
+//!   SHA-256 is `file.hash.sha256`.
+//! - **CEF** (ArcSight Common Event Format rev. 25), one line. `fileHash`
+//!   is the SHA-256 when there is one, the BLAKE3 digest otherwise.
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -275,11 +278,15 @@ fn ocsf_file(path: &str, state: Option<&FileAttributes>) -> Value {
         if let Some(uid) = s.uid {
             file.insert("owner".into(), json!({ "uid": uid.to_string() }));
         }
+        let mut hashes = Vec::new();
         if let Some(hash) = &s.hash {
-            file.insert(
-                "hashes".into(),
-                json!([{ "algorithm_id": 99, "algorithm": "BLAKE3", "value": hash }]),
-            );
+            hashes.push(json!({ "algorithm_id": 99, "algorithm": "BLAKE3", "value": hash }));
+        }
+        if let Some(sha256) = &s.sha256 {
+            hashes.push(json!({ "algorithm_id": 3, "algorithm": "SHA-256", "value": sha256 }));
+        }
+        if !hashes.is_empty() {
+            file.insert("hashes".into(), hashes.into());
         }
         let mut attrs = Map::new();
         insert(&mut attrs, "mode", s.mode.clone());
@@ -496,6 +503,9 @@ pub fn ecs(change: &FileChange) -> Value {
         insert(&mut file, "mtime", s.mtime.as_ref().map(|t| rfc3339(&t.0)));
         insert(&mut file, "ctime", s.ctime.as_ref().map(|t| rfc3339(&t.0)));
         insert(&mut file, "target_path", s.link_target.clone());
+        if let Some(sha256) = &s.sha256 {
+            file.insert("hash".into(), json!({ "sha256": sha256 }));
+        }
     }
     let mut event = json!({
         "@timestamp": rfc3339(&spec.detected_time.0),
@@ -601,9 +611,23 @@ fn cef_event(change: &FileChange, id: &str, at: &Timestamp, outcome: &str) -> St
                 .join(","),
         ));
     }
+    // CEF's `fileHash` names no algorithm and SIEMs match it against
+    // threat intelligence, whose digests are SHA-256: with a SHA-256 it is
+    // that, and the BLAKE3 digests go to custom strings (`oldFileHash` then
+    // stays out: the state before has BLAKE3 only, and two digests of two
+    // algorithms side by side would read as a content change).
+    let sha256 = current(change).and_then(|s| s.sha256.clone());
     if let Some(s) = current(change) {
-        if let Some(h) = &s.hash {
-            ext.push(("fileHash", h.clone()));
+        match (&sha256, &s.hash) {
+            (Some(sha256), hash) => {
+                ext.push(("fileHash", sha256.clone()));
+                if let Some(h) = hash {
+                    ext.push(("cs5Label", "blake3".to_string()));
+                    ext.push(("cs5", h.clone()));
+                }
+            }
+            (None, Some(h)) => ext.push(("fileHash", h.clone())),
+            (None, None) => {}
         }
         if let Some(size) = s.size {
             ext.push(("fsize", size.to_string()));
@@ -619,7 +643,12 @@ fn cef_event(change: &FileChange, id: &str, at: &Timestamp, outcome: &str) -> St
         && let Some(before) = &spec.before
     {
         if let Some(h) = &before.hash {
-            ext.push(("oldFileHash", h.clone()));
+            if sha256.is_some() {
+                ext.push(("cs6Label", "oldBlake3".to_string()));
+                ext.push(("cs6", h.clone()));
+            } else {
+                ext.push(("oldFileHash", h.clone()));
+            }
         }
         if let Some(mode) = &before.mode {
             ext.push(("oldFilePermission", mode.clone()));
@@ -673,7 +702,8 @@ pub struct Alarm {
     /// The stable event id: the same condition seen again is the same id.
     pub id: String,
     pub node: String,
-    /// `BaselineMissing`, `BaselineTampered`, `EvidenceGap` or `ChangeFlood`.
+    /// `BaselineMissing`, `BaselineTampered`, `EvidenceGap`, `ChangeFlood` or
+    /// `ChangeStorm`.
     pub reason: String,
     /// When the condition began: its place in the node's order.
     pub since: Timestamp,
@@ -683,8 +713,8 @@ pub struct Alarm {
 }
 
 /// The standing alarms of a node's record: its baseline alarm, its evidence
-/// gaps (missing transition numbers), its unexplained entry digest moves and
-/// the floods of FileChanges the operator counted.
+/// gaps (missing transition numbers), its unexplained entry digest moves,
+/// the floods of FileChanges the operator counted and the storms it found.
 /// An id holds the node's name and the condition's identity (never the
 /// message), so a condition republished unchanged is the same event.
 pub fn alarms(node: &FileIntegrityNode) -> Vec<Alarm> {
@@ -742,6 +772,24 @@ pub fn alarms(node: &FileIntegrityNode) -> Vec<Alarm> {
                 f.count, f.budget, f.since.0, f.last.0
             ),
             entry: None,
+        });
+    }
+    for s in &status.storms {
+        out.push(Alarm {
+            id: format!(
+                "{name}/storm/{}/{}/{}",
+                s.policy,
+                s.entry,
+                s.since.0.as_second()
+            ),
+            node: name.clone(),
+            reason: "ChangeStorm".into(),
+            since: s.since.0,
+            message: format!(
+                "entry {} of policy {} on node {name}: up to {} changes detected in a minute, more than its cap of {}, from {} to {}; its agent paces them (each is a FileChange of its own, delivered late)",
+                s.entry, s.policy, s.count, s.cap, s.since.0, s.last.0
+            ),
+            entry: Some((s.policy.clone(), s.entry.clone())),
         });
     }
     out
@@ -1156,6 +1204,52 @@ mod tests {
     }
 
     #[test]
+    fn a_sha256_from_the_agent_reaches_every_format_beside_blake3() {
+        const SHA: &str = "3333333333333333333333333333333333333333333333333333333333333333";
+        let mut fc = change(ChangeCategory::Modified, vec![Attribute::Hash]);
+        if let Some(after) = fc.spec.after.as_mut() {
+            after.sha256 = Some(SHA.into());
+        }
+        let o = ocsf(&fc);
+        assert_eq!(
+            o["file"]["hashes"],
+            json!([
+                { "algorithm_id": 99, "algorithm": "BLAKE3", "value": AFTER },
+                { "algorithm_id": 3, "algorithm": "SHA-256", "value": SHA },
+            ])
+        );
+        let e = ecs(&fc);
+        assert_eq!(e["file"]["hash"], json!({ "sha256": SHA }));
+        assert_eq!(e["kube_fim"]["after"]["hash"], AFTER);
+        let c = cef(&fc);
+        assert!(c.contains(&format!("fileHash={SHA} ")), "{c}");
+        assert!(c.contains(&format!("cs5Label=blake3 cs5={AFTER}")), "{c}");
+        // The state before has BLAKE3 only: never beside a SHA-256 as if
+        // the two were comparable.
+        assert!(!c.contains("oldFileHash"), "{c}");
+        assert!(
+            c.contains(&format!("cs6Label=oldBlake3 cs6={BEFORE}")),
+            "{c}"
+        );
+
+        // A sink asked, the agent could not: no SHA-256 anywhere, BLAKE3 as before.
+        if let Some(after) = fc.spec.after.as_mut() {
+            after.sha256 = None;
+            after.sha256_missing = Some("larger than 1073741824 bytes".into());
+        }
+        assert_eq!(
+            ocsf(&fc)["file"]["hashes"].as_array().map(Vec::len),
+            Some(1)
+        );
+        assert_eq!(
+            ocsf(&fc)["unmapped"]["after"]["sha256Missing"],
+            "larger than 1073741824 bytes"
+        );
+        assert!(ecs(&fc)["file"].get("hash").is_none());
+        assert!(cef(&fc).contains(&format!("fileHash={AFTER}")));
+    }
+
+    #[test]
     fn every_format_carries_the_stable_id() {
         let fc = change(ChangeCategory::Added, vec![]);
         for f in [SinkFormat::Ocsf, SinkFormat::Ecs, SinkFormat::Cef] {
@@ -1164,6 +1258,42 @@ mod tests {
             assert!(!line.contains('\n'));
             assert_eq!(encode(f, &fc), line, "deterministic");
         }
+    }
+
+    #[test]
+    fn a_recorded_storm_is_an_alarm_of_its_entry_with_a_stable_id() {
+        use kube_fim_crds::{ChangeStormRecord, FileIntegrityNodeSpec, FileIntegrityNodeStatus};
+        let since = at("2026-12-07T05:00:00Z");
+        let mut node = FileIntegrityNode::new(
+            "node-a",
+            FileIntegrityNodeSpec {
+                node: "node-a".into(),
+            },
+        );
+        let storm = |last: &str, count| ChangeStormRecord {
+            policy: "p".into(),
+            entry: "ssh".into(),
+            since: Time(since),
+            last: Time(at(last)),
+            count,
+            cap: 100,
+        };
+        node.status = Some(FileIntegrityNodeStatus {
+            storms: vec![storm("2026-12-07T05:00:30Z", 5000)],
+            ..FileIntegrityNodeStatus::default()
+        });
+        let a = alarms(&node);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].id, format!("node-a/storm/p/ssh/{}", since.as_second()));
+        assert_eq!(a[0].reason, "ChangeStorm");
+        assert_eq!(a[0].entry, Some(("p".into(), "ssh".into())));
+        assert!(a[0].message.contains("5000"), "{}", a[0].message);
+        // The storm lasting longer is the same alarm.
+        node.status = Some(FileIntegrityNodeStatus {
+            storms: vec![storm("2026-12-07T05:09:00Z", 6000)],
+            ..FileIntegrityNodeStatus::default()
+        });
+        assert_eq!(alarms(&node)[0].id, a[0].id);
     }
 
     #[test]

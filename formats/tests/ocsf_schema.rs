@@ -326,6 +326,16 @@ fn every_kind_of_change_is_a_valid_file_system_activity() {
         ("mount", change("Modified", &["mount"], json!({}))),
         ("attributed", change("Modified", &["hash"], writer)),
         (
+            "sha256",
+            change(
+                "Modified",
+                &["hash"],
+                json!({ "after": {
+                    "type": "file", "hash": "2".repeat(64), "sha256": "3".repeat(64), "size": 1234
+                } }),
+            ),
+        ),
+        (
             "approved",
             change("Modified", &["hash", "mode"], approved.clone()),
         ),

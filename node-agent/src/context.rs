@@ -45,4 +45,7 @@ pub struct Context {
     /// The first transition number the baseline has not saved yet: reports
     /// numbered from it on wait (see [`crate::report::sequence`]).
     pub committed: watch::Receiver<u64>,
+    /// SHA-256 beside BLAKE3 for changed files, when a sink asked for it
+    /// (`--fingerprints=sha256`).
+    pub fingerprints: Option<crate::report::fingerprint::Fingerprints>,
 }

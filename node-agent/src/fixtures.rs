@@ -150,6 +150,7 @@ pub fn agent() -> Agent {
         queue: Arc::new(Mutex::new(queue)),
         queued: Notify::new(),
         served: served_rx,
+        fingerprints: None,
     };
     Agent {
         ctx: Arc::new(ctx),

@@ -60,6 +60,8 @@ pub enum InspectError {
     Loop,
     #[error("changed while being hashed ({0} attempts)")]
     Unstable(u32),
+    #[error("larger than {0} bytes")]
+    TooLarge(u64),
     #[error("{0}")]
     Io(String),
 }
@@ -634,6 +636,54 @@ impl HostRoot {
         let mut file = std::fs::File::from(fd).take(len);
         std::io::copy(&mut file, &mut hasher).map_err(|e| InspectError::Io(e.to_string()))?;
         Ok(hasher.finalize().to_hex().to_string())
+    }
+}
+
+impl HostRoot {
+    /// BLAKE3 and SHA-256 of the regular file `rel` (resolved inside the
+    /// root, its last component never followed) from one read: every buffer
+    /// read goes to both hashers, so the two digests are of the same bytes
+    /// whatever happens to the file meanwhile. A file with more than `max`
+    /// bytes is refused ([`InspectError::TooLarge`]), when its size says so
+    /// or once `max` is passed while reading.
+    pub fn blake3_and_sha256(
+        &self,
+        rel: &Path,
+        max: u64,
+    ) -> Result<(String, String), InspectError> {
+        use sha2::Digest;
+        let fd = self.open_in(rel, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY)?;
+        let st = rustix::fs::fstat(&fd)?;
+        if RawType::from_raw_mode(st.st_mode) != RawType::RegularFile {
+            return Err(InspectError::Io("not a regular file".into()));
+        }
+        if st.st_size as u64 > max {
+            return Err(InspectError::TooLarge(max));
+        }
+        let mut file = std::fs::File::from(fd);
+        let mut blake3 = blake3::Hasher::new();
+        let mut sha256 = sha2::Sha256::new();
+        let mut total = 0u64;
+        READ_BUF.with_borrow_mut(|buf| -> Result<(), InspectError> {
+            loop {
+                let n = match file.read(buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(InspectError::Io(e.to_string())),
+                };
+                total += n as u64;
+                if total > max {
+                    return Err(InspectError::TooLarge(max));
+                }
+                blake3.update(&buf[..n]);
+                sha256.update(&buf[..n]);
+            }
+        })?;
+        Ok((
+            blake3.finalize().to_hex().to_string(),
+            format!("{:x}", sha256.finalize()),
+        ))
     }
 }
 

@@ -153,7 +153,18 @@ enum Command {
         /// come from the pods' status.
         #[arg(long)]
         cri_socket: Option<PathBuf>,
+        /// Fingerprints a changed file's new content gets besides BLAKE3,
+        /// comma-separated (`sha256`): the operator sets it when a
+        /// FileChangeSink asks. Scans are not affected.
+        #[arg(long, value_delimiter = ',')]
+        fingerprints: Vec<FingerprintArg>,
     },
+}
+
+/// A fingerprint of `--fingerprints`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum FingerprintArg {
+    Sha256,
 }
 
 fn init_tracing(format: &str) {
@@ -373,6 +384,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             mount_table_root,
             host_root_path,
             cri_socket,
+            fingerprints,
         } => {
             if node_name.is_empty() {
                 bail!("--node-name (or NODE_NAME from the downward API) is required");
@@ -399,6 +411,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     }),
                     host_root_path,
                     cri_socket,
+                    fingerprints: fingerprints
+                        .into_iter()
+                        .map(|FingerprintArg::Sha256| kube_fim_crds::Fingerprint::Sha256)
+                        .collect(),
                 },
                 shutdown_signal(),
             )

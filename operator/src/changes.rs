@@ -50,6 +50,9 @@ pub struct ViewSpec {
     pub path: String,
     #[serde(default)]
     pub category: String,
+    /// When the agent detected it: what storms are counted by ([`crate::storm`]).
+    #[serde(default, rename = "detectedTime")]
+    pub detected_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime>,
     #[serde(default)]
     pub before: Option<Comparable>,
     #[serde(default)]

@@ -11,8 +11,9 @@ use kube::runtime::events::{Event, Recorder};
 use kube::runtime::reflector::Store;
 use kube::runtime::reflector::store::WriterDropped;
 use kube::{Client, Resource, ResourceExt};
-use kube_fim_crds::{FileIntegrityNode, FileIntegrityPolicy};
+use kube_fim_crds::{FileIntegrityNode, FileIntegrityPolicy, Fingerprint};
 use thiserror::Error;
+use tokio::sync::watch;
 use tracing::warn;
 
 use crate::changes::Changes;
@@ -71,6 +72,9 @@ pub struct Context {
     pending: Mutex<Pending>,
     /// Policies the fleet saw last, to drop the metrics of deleted ones.
     pub(crate) known_policies: Mutex<HashSet<String>>,
+    /// The fingerprints the sinks ask the agents for, `None` until the sinks
+    /// are listed ([`crate::export::fingerprints`]).
+    pub fingerprints: watch::Receiver<Option<Vec<Fingerprint>>>,
 }
 
 impl Context {
@@ -95,7 +99,17 @@ impl Context {
             changes: Changes::default(),
             pending: Mutex::default(),
             known_policies: Mutex::default(),
+            fingerprints: watch::channel(Some(Vec::new())).1,
         }
+    }
+
+    /// The same, the agents' fingerprints following `fingerprints`.
+    pub fn with_fingerprints(
+        mut self,
+        fingerprints: watch::Receiver<Option<Vec<Fingerprint>>>,
+    ) -> Context {
+        self.fingerprints = fingerprints;
+        self
     }
 
     pub(crate) fn pending(&self) -> MutexGuard<'_, Pending> {

@@ -38,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::seen::{Change, Seen};
 use crate::status::{self, DEGRADED};
 use crate::triggers::{self, Wake};
-use crate::{chain, evidence, fleet, flood, retention, rollouts};
+use crate::{chain, evidence, fleet, flood, retention, rollouts, storm};
 
 /// The fleet is looked at again this often without any event.
 const FLEET_RESYNC: Duration = Duration::from_secs(30);
@@ -74,15 +74,18 @@ pub async fn run(
     );
     // Watches use `client`; every request of the loops, `requests` (which
     // times out).
-    let ctx = Arc::new(Context::new(
-        requests,
-        config.clone(),
-        metrics,
-        recorder,
-        policies.clone(),
-        nodes,
-        records,
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            requests,
+            config.clone(),
+            metrics,
+            recorder,
+            policies.clone(),
+            nodes,
+            records,
+        )
+        .with_fingerprints(crate::export::fingerprints()),
+    );
 
     let heartbeat_timeout = config.heartbeat_timeout;
     let watches = [
@@ -130,6 +133,7 @@ pub async fn run(
         tokio::spawn(watch_changes(changes::api(client.clone()), ctx.clone())),
         tokio::spawn(retention::run(ctx.clone())),
         tokio::spawn(chain::run(ctx.clone())),
+        tokio::spawn(follow_fingerprints(ctx.clone())),
     ];
 
     let shutdown = shutdown.shared();
@@ -203,6 +207,21 @@ pub async fn run(
     info!("controller stopped");
 }
 
+/// A sink asking for other fingerprints (or no longer) changes the agents'
+/// arguments: the fleet looks again.
+async fn follow_fingerprints(ctx: Arc<Context>) {
+    let mut fingerprints = ctx.fingerprints.clone();
+    while fingerprints.changed().await.is_ok() {
+        ctx.pending().add(
+            triggers::Wake {
+                fleet: true,
+                ..triggers::Wake::default()
+            },
+            Instant::now(),
+        );
+    }
+}
+
 /// Ticks once per batch window until `shutdown`.
 fn batches(
     window: Duration,
@@ -272,10 +291,14 @@ async fn watch_changes(api: Api<ChangeView>, ctx: Arc<Context>) {
     let events = watcher(api, watcher::Config::default()).default_backoff();
     futures::pin_mut!(events);
     let floods = flood::Floods::default();
+    let storms = storm::Storms::default();
     let started = Instant::now();
     while let Some(event) = events.next().await {
         match event {
             Ok(event) => {
+                if let watcher::Event::Apply(view) | watcher::Event::InitApply(view) = &event {
+                    count_storm(&storms, view, &ctx);
+                }
                 let change = ctx.changes.observe(&event);
                 if change == Change::Relisted {
                     // Retention, the chain and every status wait for this
@@ -321,6 +344,63 @@ async fn write_floods(ctx: &Context, node: &str, floods: Vec<kube_fim_crds::Chan
         warn!(%node, %error, "could not record the flood on the node's FileIntegrityNode");
     }
 }
+
+/// Counts a FileChange in its lane's minute of detections; records a storm
+/// on the node's FileIntegrityNode when the lane went past its policy's cap
+/// ([`storm`]).
+fn count_storm(storms: &storm::Storms, view: &ChangeView, ctx: &Arc<Context>) {
+    let spec = &view.spec;
+    let Some(detected) = spec.detected_time.as_ref().map(|t| t.0) else {
+        return;
+    };
+    if spec.category == "Summary" || spec.entry.is_empty() {
+        return;
+    }
+    let Some(policy) = ctx.policies.get(&ObjectRef::new(&spec.policy)) else {
+        return;
+    };
+    let lane = storm::Lane {
+        node: spec.node.clone(),
+        policy: spec.policy.clone(),
+        entry: spec.entry.clone(),
+    };
+    let cap = policy.spec.max_changes_per_node_per_minute;
+    let Some(found) = storms.observe(lane, &view.name_any(), detected, cap) else {
+        return;
+    };
+    ctx.metrics.change_storms.inc();
+    info!(node = %found.lane.node, policy = %found.lane.policy, entry = %found.lane.entry, count = found.count, cap, "change storm");
+    let recorded = ctx
+        .records
+        .get(&ObjectRef::new(&found.lane.node))
+        .and_then(|r| r.status.as_ref().map(|s| s.storms.clone()))
+        .unwrap_or_default();
+    let storms = storm::record(&recorded, &found);
+    if storms == recorded {
+        return;
+    }
+    let writer = ctx.clone();
+    tokio::spawn(async move { write_storms(&writer, &found.lane.node, storms).await });
+}
+
+/// Records a node's storms on its FileIntegrityNode: `status.storms` only,
+/// under a field manager of its own (as [`write_floods`]; admission refuses
+/// the agent's writes of it).
+async fn write_storms(ctx: &Context, node: &str, storms: Vec<kube_fim_crds::ChangeStormRecord>) {
+    let api: Api<FileIntegrityNode> = Api::all(ctx.client.clone());
+    let patch = serde_json::json!({
+        "apiVersion": "fim.kube-fim.io/v1alpha1",
+        "kind": "FileIntegrityNode",
+        "status": { "storms": storms },
+    });
+    let params = PatchParams::apply(STORMS_FIELD_MANAGER).force();
+    if let Err(error) = api.patch_status(node, &params, &Patch::Apply(&patch)).await {
+        warn!(%node, %error, "could not record the change storm on the node's FileIntegrityNode");
+    }
+}
+
+/// The field manager of `status.storms`.
+const STORMS_FIELD_MANAGER: &str = "kube-fim-operator-storms";
 
 /// The field manager of `status.floods`.
 const FLOODS_FIELD_MANAGER: &str = "kube-fim-operator-floods";
@@ -787,8 +867,17 @@ async fn sync_fleet(ctx: &Context) -> Result<(), Error> {
         .with_label_values(&["invalid"])
         .set((all.len() - valid.len()) as i64);
 
+    // The agents' arguments say what the sinks ask of them: wait for the
+    // sinks' list rather than roll the agents out twice at start.
+    let fingerprints = {
+        let mut rx = ctx.fingerprints.clone();
+        let listed = rx.wait_for(Option::is_some).await.map(|v| v.clone());
+        listed
+            .unwrap_or_else(|_| rx.borrow().clone())
+            .unwrap_or_default()
+    };
     let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    match desired_daemonset(&ctx.config, &valid) {
+    match desired_daemonset(&ctx.config, &valid, &fingerprints) {
         Some(ds) => {
             api.patch(
                 &ctx.config.daemonset_name,

@@ -20,8 +20,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
-use kube_fim_crds::FileIntegrityPolicy;
 use kube_fim_crds::labels::{MANAGED_BY, MANAGED_BY_VALUE};
+use kube_fim_crds::{FileIntegrityPolicy, Fingerprint};
 
 use crate::config::{Config, MaxUnavailable};
 
@@ -154,7 +154,14 @@ fn http_probe(path: &str, port: i32, period: i32) -> Probe {
 /// The agent DaemonSet for the given (valid, served) policies, or `None` when
 /// there are none: no policy, no agents. Policies are taken in name order so the
 /// same set always yields the same pod template (no needless rollouts).
-pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> Option<DaemonSet> {
+///
+/// `fingerprints`, what the sinks ask for besides BLAKE3, become the agents'
+/// `--fingerprints` (a change of them rolls the agents out once).
+pub fn desired_daemonset(
+    config: &Config,
+    policies: &[&FileIntegrityPolicy],
+    fingerprints: &[Fingerprint],
+) -> Option<DaemonSet> {
     if policies.is_empty() {
         return None;
     }
@@ -188,6 +195,10 @@ pub fn desired_daemonset(config: &Config, policies: &[&FileIntegrityPolicy]) -> 
     }
     if cri_socket.is_some() {
         args.push(format!("--cri-socket={CRI_SOCKET}"));
+    }
+    if !fingerprints.is_empty() {
+        let names: Vec<&str> = fingerprints.iter().map(|f| f.as_str()).collect();
+        args.push(format!("--fingerprints={}", names.join(",")));
     }
 
     let mut limits = BTreeMap::from([(
@@ -468,7 +479,7 @@ mod tests {
     fn agents_hash_on_the_threads_configured_or_their_cpu_budget() {
         let a = policy("a", &[]);
         let args = |c: &Config| {
-            desired_daemonset(c, &[&a])
+            desired_daemonset(c, &[&a], &[])
                 .unwrap()
                 .spec
                 .unwrap()
@@ -494,7 +505,7 @@ mod tests {
 
     fn pod_spec(config: &Config) -> (ObjectMeta, PodSpec, DaemonSetSpec) {
         let a = policy("a", &[]);
-        let spec = desired_daemonset(config, &[&a]).unwrap().spec.unwrap();
+        let spec = desired_daemonset(config, &[&a], &[]).unwrap().spec.unwrap();
         (
             spec.template.metadata.clone().unwrap(),
             spec.template.spec.clone().unwrap(),
@@ -592,15 +603,35 @@ mod tests {
     }
 
     #[test]
+    fn a_sink_asking_for_sha256_is_told_to_the_agents() {
+        let a = policy("a", &[]);
+        let args = |fingerprints: &[Fingerprint]| {
+            desired_daemonset(&Config::default(), &[&a], fingerprints)
+                .unwrap()
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .containers[0]
+                .args
+                .clone()
+                .unwrap()
+        };
+        assert!(!args(&[]).iter().any(|a| a.starts_with("--fingerprints")));
+        assert!(args(&[Fingerprint::Sha256]).contains(&"--fingerprints=sha256".to_string()));
+    }
+
+    #[test]
     fn no_policy_no_daemonset() {
-        assert!(desired_daemonset(&Config::default(), &[]).is_none());
+        assert!(desired_daemonset(&Config::default(), &[], &[]).is_none());
     }
 
     #[test]
     fn affinity_is_the_union_of_selections() {
         let a = policy("a", &[("role", "web")]);
         let b = policy("b", &[("role", "db"), ("zone", "z1")]);
-        let ds = desired_daemonset(&Config::default(), &[&b, &a]).unwrap();
+        let ds = desired_daemonset(&Config::default(), &[&b, &a], &[]).unwrap();
         let terms = terms(&ds);
         assert_eq!(terms.len(), 2, "one ORed term per policy");
         let exprs = terms[0].match_expressions.as_ref().unwrap();
@@ -619,7 +650,7 @@ mod tests {
     fn a_policy_selecting_all_nodes_removes_the_affinity() {
         let a = policy("a", &[("role", "web")]);
         let all = policy("all", &[]);
-        let ds = desired_daemonset(&Config::default(), &[&a, &all]).unwrap();
+        let ds = desired_daemonset(&Config::default(), &[&a, &all], &[]).unwrap();
         assert!(terms(&ds).is_empty());
     }
 
@@ -627,8 +658,8 @@ mod tests {
     fn same_policies_in_any_order_give_the_same_template() {
         let a = policy("a", &[("role", "web")]);
         let b = policy("b", &[("role", "db")]);
-        let one = desired_daemonset(&Config::default(), &[&a, &b]).unwrap();
-        let two = desired_daemonset(&Config::default(), &[&b, &a]).unwrap();
+        let one = desired_daemonset(&Config::default(), &[&a, &b], &[]).unwrap();
+        let two = desired_daemonset(&Config::default(), &[&b, &a], &[]).unwrap();
         assert_eq!(one, two);
     }
 
@@ -638,7 +669,7 @@ mod tests {
         a.metadata.uid = Some("uid-a".into());
         let mut b = policy("b", &[]);
         b.metadata.uid = Some("uid-b".into());
-        let ds = desired_daemonset(&Config::default(), &[&b, &a]).unwrap();
+        let ds = desired_daemonset(&Config::default(), &[&b, &a], &[]).unwrap();
         let owners: Vec<(String, String)> = ds
             .metadata
             .owner_references
@@ -682,7 +713,7 @@ mod tests {
     #[test]
     fn least_privilege_security_context() {
         let a = policy("a", &[]);
-        let ds = desired_daemonset(&Config::default(), &[&a]).unwrap();
+        let ds = desired_daemonset(&Config::default(), &[&a], &[]).unwrap();
         let pod = ds.spec.unwrap().template.spec.unwrap();
         assert_eq!(pod.host_pid, None);
         let c = &pod.containers[0];
@@ -710,7 +741,7 @@ mod tests {
     fn process_attribution_adds_only_what_it_needs() {
         let mut a = policy("a", &[]);
         a.spec.process_attribution = true;
-        let ds = desired_daemonset(&Config::default(), &[&a]).unwrap();
+        let ds = desired_daemonset(&Config::default(), &[&a], &[]).unwrap();
         let pod = ds.spec.unwrap().template.spec.unwrap();
         assert_eq!(pod.host_pid, Some(true));
         let add = pod.containers[0]
@@ -753,14 +784,14 @@ mod tests {
             (mount, volume, arg)
         };
         assert_eq!(
-            socket(desired_daemonset(&Config::default(), &[&a]).unwrap()),
+            socket(desired_daemonset(&Config::default(), &[&a], &[]).unwrap()),
             (None, None, None),
             "a host-only policy: no runtime socket"
         );
         let mut b = policy("b", &[]);
         b.spec.containers = Some(kube_fim_crds::ContainerSelection::default());
         let (mount, volume, arg) =
-            socket(desired_daemonset(&Config::default(), &[&a, &b]).unwrap());
+            socket(desired_daemonset(&Config::default(), &[&a, &b], &[]).unwrap());
         let mount = mount.unwrap();
         assert_eq!(mount.read_only, Some(true));
         assert_eq!(mount.mount_path, CRI_SOCKET);
@@ -774,7 +805,7 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(
-            socket(desired_daemonset(&off, &[&b]).unwrap()),
+            socket(desired_daemonset(&off, &[&b], &[]).unwrap()),
             (None, None, None)
         );
     }

@@ -23,4 +23,5 @@ pub mod seen;
 pub mod selfcheck;
 pub mod server;
 pub mod status;
+pub mod storm;
 pub mod triggers;

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub retention_deleted: IntCounter,
     /// Nodes found creating FileChanges far faster than their policies allow.
     pub change_floods: IntCounter,
+    pub change_storms: IntCounter,
     /// Per node, the transition numbers with no evidence in the cluster (from
     /// the stored verification, so it survives restarts).
     pub evidence_gaps: IntGaugeVec,
@@ -117,6 +118,10 @@ impl Metrics {
         let change_floods = IntCounter::new(
             "change_floods_total",
             "Times a node created FileChanges far faster than its policies allow (ChangeFlood Events name the node)",
+        )?;
+        let change_storms = IntCounter::new(
+            "change_storms_total",
+            "Storms found in the nodes' FileChanges: more changes of one policy entry detected in a minute than the policy's cap (recorded on the node's FileIntegrityNode)",
         )?;
         let evidence_gaps = IntGaugeVec::new(
             Opts::new(
@@ -231,6 +236,7 @@ impl Metrics {
         registry.register(Box::new(policies.clone()))?;
         registry.register(Box::new(retention_deleted.clone()))?;
         registry.register(Box::new(change_floods.clone()))?;
+        registry.register(Box::new(change_storms.clone()))?;
         registry.register(Box::new(evidence_gaps.clone()))?;
         registry.register(Box::new(evidence_gaps_found.clone()))?;
         registry.register(Box::new(daemonset_applies.clone()))?;
@@ -245,6 +251,7 @@ impl Metrics {
             policies,
             retention_deleted,
             change_floods,
+            change_storms,
             evidence_gaps,
             evidence_gaps_found,
             daemonset_applies,

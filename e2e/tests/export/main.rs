@@ -7,6 +7,7 @@
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
 mod delivery;
+mod fingerprints;
 mod otel;
 mod records;
 mod retention;

@@ -299,6 +299,105 @@ async fn a_flood_of_changes_reaches_the_sink_as_an_alarm_the_node_cannot_erase()
         .unwrap();
 }
 
+/// A storm in one policy entry (more changes detected in a minute than the
+/// policy's cap: the agent paces them) is a `ChangeStorm`: the operator
+/// finds it in the node's FileChanges, records it on the node's
+/// FileIntegrityNode, where the node's own token cannot erase it, and every
+/// sink receives it as an alarm of that entry with a stable id, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_storm_reaches_the_sink_as_an_alarm_the_node_cannot_erase() {
+    use kube::api::{Patch, PatchParams};
+    use kube_fim_crds::{FileIntegrityNode, FileIntegrityPolicy};
+    use kube_fim_e2e::{Entry, Policy};
+
+    ensure_export_rbac();
+    let suite = unique_name("exp-storm");
+    let _operator = Operator::start(&suite, &suite, &[]);
+    let admin = client().await;
+    let policy = format!("{suite}-p");
+    Api::<FileIntegrityPolicy>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &Policy::named(&policy)
+                .label(SUITE_LABEL, &suite)
+                .node_selector("role", &suite)
+                .path(Entry::new("etc", "/etc").recursive())
+                .max_changes_per_node_per_minute(5)
+                .build(),
+        )
+        .await
+        .unwrap();
+    let (_dir, path, file_sink, sinks) = file_sink(&suite).await;
+    let (node, agent) = node_with_record(&suite).await;
+    let records = Api::<FileIntegrityNode>::all(agent.clone());
+    // Six changes of entry `etc` detected within a minute, against a cap of
+    // five; they arrive one by one (as paced).
+    let start = Timestamp::now();
+    let mut names = Vec::new();
+    for i in 0..6 {
+        names.extend(
+            create_changes_at(
+                &node,
+                &policy,
+                &format!("{node}-{i}"),
+                1,
+                start + Duration::from_secs(i),
+            )
+            .await,
+        );
+    }
+    let id = format!("{node}/storm/{policy}/etc/{}", start.as_second());
+    let alarm = eventually(
+        "the storm delivered as an alarm",
+        Duration::from_secs(90),
+        || {
+            let (path, id) = (path.clone(), id.clone());
+            async move {
+                file_events(&path)
+                    .into_iter()
+                    .find(|e| e["metadata"]["uid"] == id.as_str())
+                    .ok_or_else(|| "no storm alarm yet".to_string())
+            }
+        },
+    )
+    .await;
+    assert_eq!(alarm["activity_name"], "ChangeStorm");
+    assert_eq!(alarm["is_alert"], true);
+    assert_eq!(alarm["unmapped"]["entry"], "etc");
+    let message = alarm["message"].as_str().unwrap_or_default();
+    assert!(message.contains("more than its cap of 5"), "{alarm}");
+
+    // The node's own token cannot erase the record of it.
+    let erase = serde_json::json!({ "status": { "storms": null } });
+    kube_fim_e2e::assert_refused(
+        records
+            .patch_status(&node, &PatchParams::default(), &Patch::Merge(&erase))
+            .await,
+        "status.storms is the operator's",
+    );
+    // More of the same storm extend its record: the same alarm, once.
+    create_changes_at(
+        &node,
+        &policy,
+        &format!("{node}-7"),
+        3,
+        start + Duration::from_secs(7),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stored = Api::<FileIntegrityNode>::all(admin.clone())
+        .get(&node)
+        .await
+        .unwrap();
+    assert_eq!(stored.status.unwrap_or_default().storms.len(), 1);
+    let ids = ocsf_ids(&file_events(&path), &node);
+    assert_eq!(ids.iter().filter(|i| **i == id).count(), 1, "{ids:?}");
+    sinks
+        .delete(&file_sink.metadata.name.unwrap(), &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
 /// A file sink of the suite in a directory of its own: the directory (kept
 /// while it lives), the file, the sink and its API.
 async fn file_sink(

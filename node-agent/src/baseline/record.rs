@@ -391,6 +391,8 @@ mod tests {
                 root: "/".into(),
             }),
             unreadable: None,
+            sha256: None,
+            sha256_missing: None,
         }
     }
 
@@ -533,6 +535,9 @@ mod tests {
                         root,
                     }),
                     unreadable,
+                    // Never in a baseline record (a change's only).
+                    sha256: None,
+                    sha256_missing: None,
                 },
             )
     }

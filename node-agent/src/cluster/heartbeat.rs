@@ -176,6 +176,7 @@ impl Heartbeat {
             undelivered: Some(undelivered.iter().map(ToString::to_string).collect()),
             verification: None,
             floods: Vec::new(),
+            storms: Vec::new(),
         };
         let stored = match node_status::write(&self.api, &self.ctx.node, &status).await {
             Ok(stored) => stored,

@@ -42,6 +42,8 @@ pub struct RunConfig {
     pub host_root_path: PathBuf,
     /// The node's CRI socket, asked for the running containers (container drift).
     pub cri_socket: Option<PathBuf>,
+    /// Fingerprints besides BLAKE3 that changed files get (a sink asks).
+    pub fingerprints: Vec<kube_fim_crds::Fingerprint>,
 }
 
 /// Runs the agent until `shutdown`.

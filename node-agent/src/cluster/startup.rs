@@ -14,16 +14,19 @@ use kube::{Client, Resource, ResourceExt};
 use kube_fim_crds::labels::CLEAR_BASELINE_ALARM;
 use kube_fim_crds::{
     ApprovalOutcome, BaselineAlarm, FileChange, FileIntegrityNode, FileIntegrityNodeStatus,
+    Fingerprint,
 };
 use tokio::sync::{Mutex, Notify, watch};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::node_status;
 use super::run::RunConfig;
 use crate::baseline::{BaselineError, StateDir};
 use crate::context::Context;
 use crate::engine::{ApprovedMove, Engine, EngineError, Published};
+use crate::hostfs::HostRoot;
 use crate::report::deliver;
+use crate::report::fingerprint::Fingerprints;
 use crate::report::object::shorten_text;
 use crate::report::queue::Queue;
 use crate::served::ServedPolicies;
@@ -114,6 +117,13 @@ pub async fn start(
     // the cluster already holds, so no name is given twice.
     let published_sequence = status.status.as_ref().and_then(|s| s.sequence).unwrap_or(0);
     engine.continue_after(published_sequence);
+    let fingerprints = if config.fingerprints.contains(&Fingerprint::Sha256) {
+        let root = HostRoot::open(&config.root).context("opening the host root for SHA-256")?;
+        info!("changed files get a SHA-256 beside their BLAKE3 (a sink asks for it)");
+        Some(Fingerprints::new(root))
+    } else {
+        None
+    };
     let ctx = Context {
         committed: engine.committed_sequence(),
         node: config.node.clone(),
@@ -123,6 +133,7 @@ pub async fn start(
         queue: Arc::new(Mutex::new(queue)),
         queued: Notify::new(),
         served,
+        fingerprints,
     };
     Ok(Started {
         ctx: Arc::new(ctx),

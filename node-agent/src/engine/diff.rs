@@ -97,5 +97,8 @@ pub(super) fn project(a: &FileAttributes, attrs: &[Attribute]) -> FileAttributes
         mount: a.mount.clone().filter(|_| has(Attribute::Mount)),
         // Why what is absent is absent, whatever the entry compares.
         unreadable: a.unreadable.clone(),
+        // The reporter's, not the scan's ([`crate::report::fingerprint`]).
+        sha256: None,
+        sha256_missing: None,
     }
 }

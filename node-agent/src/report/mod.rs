@@ -53,6 +53,7 @@
 //! is a FileChange of its own.
 
 pub mod deliver;
+pub mod fingerprint;
 pub mod object;
 pub mod queue;
 pub mod reporter;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use kube_fim_crds::labels::{self, label_value};
-use kube_fim_crds::{FileChange, FileChangeSpec};
+use kube_fim_crds::{FileAttributes, FileChange, FileChangeSpec};
 
 /// Longest node-name prefix kept in object names (names are at most 253
 /// bytes: the node, a sequence number, a digest and a suffix of
@@ -30,15 +30,17 @@ pub fn identity(spec: &FileChangeSpec, epoch: u64) -> String {
         hasher.update(part.as_bytes());
     }
     for attrs in [&spec.before, &spec.after] {
-        let json = serde_json::to_vec(attrs).unwrap_or_default();
+        let attrs = without_fingerprints(attrs);
+        let json = serde_json::to_vec(&attrs).unwrap_or_default();
         hasher.update(&(json.len() as u64).to_le_bytes());
         hasher.update(&json);
     }
     if let Some(items) = super::transaction::items(spec) {
         // A transaction is the transitions it lists (not when it closed).
         for i in items {
+            let after = without_fingerprints(&i.after);
             let json =
-                serde_json::to_vec(&(&i.path, i.category, &i.before, &i.after)).unwrap_or_default();
+                serde_json::to_vec(&(&i.path, i.category, &i.before, &after)).unwrap_or_default();
             hasher.update(&(json.len() as u64).to_le_bytes());
             hasher.update(&json);
         }
@@ -64,6 +66,18 @@ pub fn identity(spec: &FileChangeSpec, epoch: u64) -> String {
         hasher.update(summary.window_start.0.to_string().as_bytes());
     }
     hasher.finalize().to_hex()[..20].to_string()
+}
+
+/// A state without the SHA-256 the reporter may add ([`super::fingerprint`]):
+/// a transition's identity is the same whether or not a sink asked for one
+/// (the monitor names a change before the reporter reads it, and a change
+/// detected again after a crash may be read otherwise).
+fn without_fingerprints(attrs: &Option<FileAttributes>) -> Option<FileAttributes> {
+    attrs.clone().map(|mut a| {
+        a.sha256 = None;
+        a.sha256_missing = None;
+        a
+    })
 }
 
 /// The object name of a change: the node first, then its sequence number
@@ -212,7 +226,7 @@ mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
     use k8s_openapi::jiff::Timestamp;
-    use kube_fim_crds::{ChangeCategory, DetectionSource, FileAttributes};
+    use kube_fim_crds::{ChangeCategory, DetectionSource};
 
     fn spec(ctime_secs: i64, detected: Timestamp) -> FileChangeSpec {
         FileChangeSpec {
@@ -240,6 +254,24 @@ mod tests {
             restored: None,
             container: None,
         }
+    }
+
+    #[test]
+    fn a_sha256_does_not_change_the_name() {
+        // Named by the monitor before the reporter adds it, and a crash's
+        // second detection may read the file otherwise.
+        let at = Timestamp::now();
+        let plain = spec(100, at);
+        let mut with = plain.clone();
+        if let Some(a) = with.after.as_mut() {
+            a.sha256 = Some("3".repeat(64));
+        }
+        assert_eq!(object_name(&plain, 0), object_name(&with, 0));
+        if let Some(a) = with.after.as_mut() {
+            a.sha256 = None;
+            a.sha256_missing = Some("larger than 1024 bytes".into());
+        }
+        assert_eq!(identity(&plain, 0), identity(&with, 0));
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub async fn run(
                 None => return,
             },
         };
+        let changes = with_fingerprints(&ctx, changes).await;
         for Detected { spec, epoch } in changes {
             // No owner reference: evidence is not garbage-collected with its
             // policy (see the policy's `evidence` field).
@@ -56,6 +57,32 @@ pub async fn run(
         telemetry.reports_queued(len);
         ctx.queued.notify_one();
         let _ = done.send(());
+    }
+}
+
+/// The changes with their SHA-256 fingerprints when a sink asked for them
+/// ([`super::fingerprint`]), read off the runtime's threads. Should the
+/// reading fail as a task, the changes go on without (a change is never held
+/// back by its fingerprint).
+async fn with_fingerprints(ctx: &Context, changes: Vec<Detected>) -> Vec<Detected> {
+    let Some(fingerprints) = ctx.fingerprints.clone() else {
+        return changes;
+    };
+    let original = changes.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut changes = changes;
+        for d in &mut changes {
+            fingerprints.add(&mut d.spec);
+        }
+        changes
+    })
+    .await;
+    match done {
+        Ok(changes) => changes,
+        Err(error) => {
+            warn!(%error, "SHA-256 fingerprints not computed for a batch of changes");
+            original
+        }
     }
 }
 

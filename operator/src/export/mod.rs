@@ -63,7 +63,9 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use kube_fim_crds::duration::parse_duration;
-use kube_fim_crds::{FileChange, FileChangeSink, FileChangeSinkStatus, FileIntegrityNode};
+use kube_fim_crds::{
+    FileChange, FileChangeSink, FileChangeSinkStatus, FileIntegrityNode, Fingerprint,
+};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -97,6 +99,9 @@ struct Shared {
     /// Whether a sink was ever seen: the FileChange watch (whole objects, so
     /// memory) starts only then.
     any_sink: watch::Sender<bool>,
+    /// The fingerprints the sinks ask the agents for (`spec.fingerprints`),
+    /// `None` until the sinks are listed.
+    fingerprints: watch::Sender<Option<Vec<Fingerprint>>>,
     /// Set by [`stop`]: delivery tasks record their position and end.
     stopping: watch::Sender<bool>,
     /// Delivery tasks that recorded their position after `stopping`.
@@ -107,6 +112,7 @@ struct Shared {
 struct SinkState {
     progress: Mutex<Progress>,
     hold_max: Duration,
+    fingerprints: Vec<Fingerprint>,
 }
 
 impl SinkState {
@@ -133,6 +139,7 @@ static SHARED: LazyLock<Shared> = LazyLock::new(|| Shared {
     sinks_listed: watch::Sender::new(false),
     selector: std::sync::OnceLock::new(),
     any_sink: watch::Sender::new(false),
+    fingerprints: watch::Sender::new(None),
     stopping: watch::Sender::new(false),
     stopped: watch::Sender::new(0),
 });
@@ -257,6 +264,7 @@ async fn watch_sinks(ctx: Arc<Ctx>, selector: Option<String>) {
                     // them) or a cluster without the CRD: there is nothing
                     // it could deliver to, so nothing for retention to wait for.
                     SHARED.sinks_listed.send_replace(true);
+                    publish_fingerprints(true);
                 }
                 continue;
             }
@@ -282,6 +290,7 @@ async fn watch_sinks(ctx: Arc<Ctx>, selector: Option<String>) {
                 )),
                 hold_max: parse_duration(&sink.spec.hold_max)
                     .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+                fingerprints: sink.spec.fingerprints.clone(),
             });
             // Keep what this process delivered when only the spec changed.
             let known = SHARED.sinks().get(&name).map(|old| old.progress().clone());
@@ -302,6 +311,7 @@ async fn watch_sinks(ctx: Arc<Ctx>, selector: Option<String>) {
         match event {
             watcher::Event::Apply(sink) => {
                 apply(sink, &mut tasks);
+                publish_fingerprints(false);
             }
             watcher::Event::Delete(sink) => {
                 let name = sink.name_any();
@@ -310,6 +320,7 @@ async fn watch_sinks(ctx: Arc<Ctx>, selector: Option<String>) {
                 }
                 SHARED.sinks().remove(&name);
                 metrics::forget(&name);
+                publish_fingerprints(false);
                 info!(sink = %name, "sink deleted");
             }
             watcher::Event::Init => relisted.clear(),
@@ -328,12 +339,40 @@ async fn watch_sinks(ctx: Arc<Ctx>, selector: Option<String>) {
                     metrics::forget(&name);
                 }
                 SHARED.sinks_listed.send_replace(true);
+                publish_fingerprints(true);
             }
         }
     }
     for (_, (_, task)) in tasks {
         task.abort();
     }
+}
+
+/// The fingerprints the sinks ask for, to the agents' DaemonSet: the union
+/// over the sinks, once they were listed (`listed`: they just were).
+fn publish_fingerprints(listed: bool) {
+    if !listed && SHARED.fingerprints.borrow().is_none() {
+        return;
+    }
+    let mut all: Vec<Fingerprint> = SHARED
+        .sinks()
+        .values()
+        .flat_map(|s| s.fingerprints.iter().copied())
+        .collect();
+    all.sort();
+    all.dedup();
+    SHARED.fingerprints.send_if_modified(|now| {
+        let changed = now.as_ref() != Some(&all);
+        *now = Some(all);
+        changed
+    });
+}
+
+/// The fingerprints the sinks ask the agents for, `None` until the sinks
+/// were listed (the fleet waits for it: a DaemonSet applied without them at
+/// start would restart every agent twice).
+pub fn fingerprints() -> watch::Receiver<Option<Vec<Fingerprint>>> {
+    SHARED.fingerprints.subscribe()
 }
 
 /// Whether a watch error means the sinks cannot be read at all: forbidden,
