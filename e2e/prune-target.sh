@@ -18,7 +18,7 @@ for profile in debug release; do
   deps="$target/$profile/deps"
   [[ -d "$deps" ]] || continue
   find "$deps" -maxdepth 1 -type f ! -newer "$stamp" -printf '%f\n' \
-    | grep -E "^(lib)?($names)-[0-9a-f]{16}(\..*)?$" \
+    | { grep -E "^(lib)?($names)-[0-9a-f]{16}(\..*)?$" || true; } \
     | sed "s|^|$deps/|" | xargs -r rm -f
 done
 rm -rf "$target/debug/incremental" "$target/release/incremental"

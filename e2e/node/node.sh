@@ -244,7 +244,7 @@ node_up() {
 EOF
   cat >"$ND/containerd/config.toml" <<EOF
 version = 2
-# Inside the node's `/`, where a node keeps it (/var/lib/containerd): the
+# Inside the node's root, where a node keeps it (/var/lib/containerd): the
 # containers' writable layers are then host paths the agent can read.
 root = "$ND/root/var/lib/containerd"
 state = "$ND/containerd/state"
