@@ -263,6 +263,51 @@ impl Listener {
         }
     }
 
+    /// Follows one more directory, keeping the others: `dir` opened by the
+    /// caller (beneath a container's writable layer, never through a link),
+    /// its events named by `rel`. False when fanotify cannot follow it.
+    pub fn add(&mut self, dir: &OwnedFd, rel: &Path) -> bool {
+        let (Ok(fsid), Ok((handle_type, handle))) =
+            (sys::fsid(dir.as_fd()), sys::dir_handle(dir.as_fd()))
+        else {
+            return false;
+        };
+        let key = DirKey {
+            fsid,
+            handle_type,
+            handle,
+        };
+        if !self.follow(rel, dir, &key) {
+            return false;
+        }
+        if !self.fs_marks.contains(&fsid) {
+            self.inode_marks.insert(rel.to_path_buf(), key.clone());
+        }
+        if let Ok(mut dirs) = self.dirs.write() {
+            dirs.insert(key, rel.to_path_buf());
+        }
+        true
+    }
+
+    /// Stops following the directories `rel` is, or is above (a container
+    /// gone): their marks go where `root.join(rel)` still names them.
+    pub fn remove_below(&mut self, root: &Path, rel: &Path) {
+        let gone: Vec<PathBuf> = self
+            .inode_marks
+            .keys()
+            .filter(|p| p.starts_with(rel))
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some(key) = self.inode_marks.remove(&p) {
+                unmark(&self.group, &root.join(&p), &key);
+            }
+        }
+        if let Ok(mut dirs) = self.dirs.write() {
+            dirs.retain(|_, p| !p.starts_with(rel));
+        }
+    }
+
     /// Directories followed through fanotify.
     pub fn followed(&self) -> usize {
         self.dirs.read().map(|d| d.len()).unwrap_or(0)
