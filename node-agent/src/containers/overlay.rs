@@ -503,9 +503,9 @@ mod walk {
         let root = HostRoot::open(t.path()).unwrap();
         let mut swapped = false;
         let read = drift(&root, &layers(), &[], &BTreeSet::new(), &mut |dir, _| {
-            // Once /usr is listed and before /usr/bin is opened, the
+            // Once /usr is listed and before /usr/bin is listed, the
             // container swaps /usr for a link to the host's /etc.
-            if dir == Path::new("upper/usr") && !swapped {
+            if dir == Path::new("upper/usr/bin") && !swapped {
                 swapped = true;
                 std::fs::rename(upper.join("usr"), upper.join("usr.old")).unwrap();
                 std::os::unix::fs::symlink("/etc", upper.join("usr")).unwrap();
