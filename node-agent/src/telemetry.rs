@@ -932,11 +932,16 @@ mod tests {
             "{text}"
         );
         assert!(
-            lines.iter().any(|l| l.contains("namespace=\"other\"")
-                && l.ends_with(" 21")),
+            lines
+                .iter()
+                .any(|l| l.contains("namespace=\"other\"") && l.ends_with(" 21")),
             "{text}"
         );
-        assert!(lines.len() <= DRIFT_NAMESPACES_MAX * 2 + 2, "{}", lines.len());
+        assert!(
+            lines.len() <= DRIFT_NAMESPACES_MAX * 2 + 2,
+            "{}",
+            lines.len()
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! group's mark limit) falls back to one file system mark, and one that
 //! refuses that too to inotify.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -292,10 +292,17 @@ impl Listener {
     /// Stops following the directories `rel` is, or is above (a container
     /// gone): their marks go where `root.join(rel)` still names them.
     pub fn remove_below(&mut self, root: &Path, rel: &Path) {
+        self.retain_below(root, rel, &HashSet::new());
+    }
+
+    /// Stops following the directories below `rel` but those of `keep` (the
+    /// directories a whole read of a writable layer found): what a container
+    /// removed is let go, so churning directories cannot grow the agent.
+    pub fn retain_below(&mut self, root: &Path, rel: &Path, keep: &HashSet<PathBuf>) {
         let gone: Vec<PathBuf> = self
             .inode_marks
             .keys()
-            .filter(|p| p.starts_with(rel))
+            .filter(|p| p.starts_with(rel) && !keep.contains(*p))
             .cloned()
             .collect();
         for p in gone {
@@ -304,7 +311,7 @@ impl Listener {
             }
         }
         if let Ok(mut dirs) = self.dirs.write() {
-            dirs.retain(|_, p| !p.starts_with(rel));
+            dirs.retain(|_, p| !p.starts_with(rel) || keep.contains(p));
         }
     }
 

@@ -282,7 +282,8 @@ impl Reader {
                 };
                 let name = event.file_name().map(|n| n.to_bytes()).unwrap_or_default();
                 if !name.is_empty() {
-                    let inside = dir.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name));
+                    let inside = dir
+                        .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name));
                     s.named.entry(id.clone()).or_default().add(inside);
                 }
                 if flags.contains(ReadFlags::IGNORED) {

@@ -45,10 +45,10 @@ use kube_fim_crds::{ChangeCategory, DetectionSource, FileChangeSpec};
 use tokio::sync::{Notify, RwLock, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::hostfs::HostRoot;
-use crate::served::ServedPolicies;
 use crate::attribution::fanotify::{Listener, Notice};
 use crate::attribution::{Users, process_info};
+use crate::hostfs::HostRoot;
+use crate::served::ServedPolicies;
 use overlay::{Drifted, Layers};
 use select::Running;
 use writers::Writers;
@@ -404,7 +404,11 @@ impl Attribution {
                         (!inside.as_os_str().is_empty()).then(|| (id, inside.to_path_buf()))
                     });
                     if let Some((id, inside)) = found {
-                        let dir = mask & libc::FAN_ONDIR != 0;
+                        // A directory made or moved into place (a copy-up):
+                        // what is written in it before it is marked is its
+                        // writer's at most.
+                        let dir = mask & libc::FAN_ONDIR != 0
+                            && mask & (libc::FAN_CREATE | libc::FAN_MOVED_TO) != 0;
                         self.writers.note(id, inside, *writer, dir);
                     }
                 }
@@ -467,7 +471,10 @@ pub async fn run(
     // Asked for and refused (said once): not asked again until the policies change.
     let mut attribution_refused = false;
     loop {
-        let (policies, attributed): (Vec<(String, kube_fim_crds::ContainerSelection)>, BTreeSet<String>) = {
+        let (policies, attributed): (
+            Vec<(String, kube_fim_crds::ContainerSelection)>,
+            BTreeSet<String>,
+        ) = {
             let served = served.borrow_and_update();
             let mut attributed = BTreeSet::new();
             let policies = served
@@ -483,7 +490,11 @@ pub async fn run(
                 .collect();
             (policies, attributed)
         };
-        match (attributed.is_empty(), attribution.is_some(), attribution_refused) {
+        match (
+            attributed.is_empty(),
+            attribution.is_some(),
+            attribution_refused,
+        ) {
             (false, false, false) => {
                 attribution = Attribution::start(&settings);
                 attribution_refused = attribution.is_none();
@@ -546,7 +557,8 @@ pub async fn run(
             }
             if let (Some(a), Some(w)) = (attribution.as_mut(), &w) {
                 a.writers.forget(&id);
-                a.listener.remove_below(settings.root.path(), &w.layers.upper);
+                a.listener
+                    .remove_below(settings.root.path(), &w.layers.upper);
             }
             let _ = std::fs::remove_file(state_file(&settings.state, &id));
             debug!(container = %id, "container gone");
@@ -562,7 +574,9 @@ pub async fn run(
         if let Some(a) = attribution.as_mut()
             && a.drain(&watched)
         {
-            warn!("container drift attribution lost events: the writers of what they said are unknown");
+            warn!(
+                "container drift attribution lost events: the writers of what they said are unknown"
+            );
             read_all = true;
         }
         let now = Instant::now();
@@ -616,6 +630,8 @@ pub async fn run(
                 a.writers.begin()
             });
             let mut found_here: Vec<FileChangeSpec> = Vec::new();
+            // The directories this read found (to let go of the marks of the others).
+            let mut walked: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
             for i in by {
                 let Some((policy, sel)) = policies.get(*i) else {
                     continue;
@@ -632,6 +648,7 @@ pub async fn run(
                         // Marked within the watches' bounds.
                         if let (true, Some(a)) = (watched, attribution.as_mut()) {
                             a.listener.add(fd, dir);
+                            walked.insert(dir.to_path_buf());
                         }
                     };
                     overlay::drift(&settings.root, &w.layers, &excludes, &first, &mut on_dir)
@@ -663,6 +680,10 @@ pub async fn run(
                     found_here.push(spec(&settings.node, policy, path, d, source, running));
                 }
                 apply(mine, &found);
+            }
+            if let (true, Some(a)) = (complete, attribution.as_mut()) {
+                a.listener
+                    .retain_below(settings.root.path(), &w.layers.upper, &walked);
             }
             if w.partial == complete {
                 debug!(container = %id, watched = complete, "container drift watches");
@@ -1059,7 +1080,14 @@ mod real_overlay_writers {
         }
         let t = tempfile::tempdir().unwrap();
         let host = t.path();
-        for d in ["lower/usr/bin", "lower/etc", "upper/etc", "b-upper", "work", "merged"] {
+        for d in [
+            "lower/usr/bin",
+            "lower/etc",
+            "upper/etc",
+            "b-upper",
+            "work",
+            "merged",
+        ] {
             std::fs::create_dir_all(host.join(d)).unwrap();
         }
         std::fs::write(host.join("lower/etc/motd"), "hello\n").unwrap();
@@ -1137,10 +1165,17 @@ mod real_overlay_writers {
         let evil = writer(&mut a, &watched, "a", "usr/bin/evil").await;
         let (wpid, _, limits) = evil.expect("the writer of /usr/bin/evil");
         assert_eq!(wpid, pid);
-        assert_eq!(limits, vec![kube_fim_crds::AttributionLimit::DirectoryWriter]);
+        assert_eq!(
+            limits,
+            vec![kube_fim_crds::AttributionLimit::DirectoryWriter]
+        );
         // Container b's layer: nobody wrote there.
         assert!(a.writers.writer_of("b", Path::new("etc/motd")).is_none());
-        assert!(a.writers.writer_of("b", Path::new("usr/bin/evil")).is_none());
+        assert!(
+            a.writers
+                .writer_of("b", Path::new("usr/bin/evil"))
+                .is_none()
+        );
 
         // Once its directory is marked, a file's own event names its writer:
         // a `rm` of an image file is the whiteout moved into place.

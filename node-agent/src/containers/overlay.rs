@@ -527,10 +527,19 @@ mod walk {
         // A link named by an event is no way out either.
         let named = BTreeSet::from([PathBuf::from("usr/bin/shadow")]);
         let read = drift(&root, &layers(), &[], &named, &mut |_, _| {});
-        assert!(!read.drift.contains_key("/usr/bin/shadow"), "{:?}", read.drift);
+        assert!(
+            !read.drift.contains_key("/usr/bin/shadow"),
+            "{:?}",
+            read.drift
+        );
         // The link itself is the container's drift, recorded as a link.
         assert_eq!(
-            read.drift["/usr"].after.as_ref().unwrap().link_target.as_deref(),
+            read.drift["/usr"]
+                .after
+                .as_ref()
+                .unwrap()
+                .link_target
+                .as_deref(),
             Some("/etc")
         );
     }

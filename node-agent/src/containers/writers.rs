@@ -211,10 +211,7 @@ mod tests {
         w.note("a", "etc/hosts2".into(), proc(12, "sh"), false);
         w.end("a", e);
         assert!(w.writer_of("a", Path::new("etc/motd")).is_none());
-        assert_eq!(
-            w.writer_of("a", Path::new("etc/hosts2")).unwrap().0.pid,
-            12
-        );
+        assert_eq!(w.writer_of("a", Path::new("etc/hosts2")).unwrap().0.pid, 12);
         // Lost events: nothing noted is trusted.
         w.lost();
         assert!(w.writer_of("a", Path::new("etc/hosts2")).is_none());
