@@ -1182,7 +1182,7 @@ mod real_overlay_writers {
         mark(&mut a, &root, "upper/usr/bin");
         let e = a.writers.begin();
         a.writers.end("a", e);
-        let rm = Command::new("rm")
+        let mut rm = Command::new("rm")
             .arg(merged.join("usr/bin/evil"))
             .spawn()
             .unwrap();
@@ -1191,6 +1191,7 @@ mod real_overlay_writers {
         let (wpid, _, limits) = gone.expect("the writer of the removal");
         assert_eq!(wpid, rm_pid);
         assert!(limits.is_empty(), "{limits:?}");
+        let _ = rm.wait();
         let _ = sh.kill();
         let _ = sh.wait();
     }
