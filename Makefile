@@ -78,9 +78,10 @@ e2e: controlplane helm ## Integration tests against a fresh local control plane
 
 .PHONY: e2e-node
 e2e-node: deps controlplane helm release ## Real-node tests: the chart's images as pods under a real kubelet (root)
-	$(CARGO) test -p kube-fim-e2e --test node --no-run
+	$(CARGO) test -p kube-fim-e2e --test node --test node_drift --no-run
 	rm -rf "$(NODE_DIR)"
-	e2e/node/node.sh run "$(NODE_DIR)" -- $(CARGO) test -p kube-fim-e2e --test node -- --skip upgrade_from_the_previous_chart
+	# Container drift with its writers runs on the same node and install, after the rest.
+	e2e/node/node.sh run "$(NODE_DIR)" -- sh -c '$(CARGO) test -p kube-fim-e2e --test node -- --skip upgrade_from_the_previous_chart && $(CARGO) test -p kube-fim-e2e --test node_drift'
 	# The upgrade scenario installs the previous chart: it needs a node of its own.
 	rm -rf "$(NODE_DIR)"
 	e2e/node/node.sh run "$(NODE_DIR)" -- $(CARGO) test -p kube-fim-e2e --test node upgrade_from_the_previous_chart

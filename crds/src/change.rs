@@ -602,6 +602,14 @@ pub enum AttributionLimit {
     MultipleWriters,
     /// The cgroup names a pod that is not (or no longer) known on this node.
     PodUnknown,
+    /// No event named the file itself: it was written in a directory made
+    /// moments before (a container's copy-up or `mkdir`) that was not
+    /// followed yet, and the process that made the directory is named.
+    DirectoryWriter,
+    /// No event named the writer (the change was found by a read, at start
+    /// or by the safety net, or its events were lost): the writer is
+    /// unknown, and nothing else is named.
+    WriterUnknown,
 }
 
 /// Many changes summarised in one object.

@@ -687,6 +687,107 @@ impl HostRoot {
     }
 }
 
+/// How paths below a container's writable layer are resolved: beneath it,
+/// never through a symlink or a magic link, never onto another mount. The
+/// container can swap any of its directories for a link at any moment; a
+/// link met on the way fails the open (`ELOOP`, `EXDEV`) rather than lead
+/// to a host file.
+const LAYER: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS)
+    .union(ResolveFlags::NO_XDEV);
+
+/// A directory held open (a container's writable layer, an image layer),
+/// below which paths are resolved without following any link ([`LAYER`]).
+#[derive(Debug)]
+pub struct Layer {
+    fd: OwnedFd,
+}
+
+impl HostRoot {
+    /// Opens directory `rel` (inside the root, its last component never
+    /// followed) as a [`Layer`].
+    pub fn open_layer(&self, rel: &Path) -> Result<Layer, Errno> {
+        Ok(Layer {
+            fd: self.open_in(rel, OFlags::PATH | OFlags::DIRECTORY)?,
+        })
+    }
+
+    /// [`HostRoot::inspect`] of `name` (a bare name) in the directory `dir`
+    /// already opened (by [`Layer::open_dir`]).
+    pub fn inspect_in(
+        &self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        want: &[Attribute],
+        hashed: &mut u64,
+    ) -> Inspected {
+        if !is_bare_name(name) {
+            return Err(InspectError::Io(format!(
+                "not a file name: {}",
+                name.to_string_lossy()
+            )));
+        }
+        self.inspect_at(dir, name, want, hashed)
+    }
+}
+
+impl Layer {
+    /// Directory `inside` (relative to the layer; empty for the layer
+    /// itself) opened for listing; `Ok(None)` when it is absent or no
+    /// directory (a file, or a link where a directory was).
+    pub fn open_dir(&self, inside: &Path) -> Result<Option<OwnedFd>, Errno> {
+        let inside = if inside.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            inside
+        };
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let opened = match rustix::fs::openat2(&self.fd, inside, flags, Mode::empty(), LAYER) {
+            Err(Errno::NOSYS) => open_beneath(&self.fd, inside, flags),
+            other => other,
+        };
+        match opened {
+            Ok(fd) => Ok(Some(fd)),
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The entries of a directory opened by [`Layer::open_dir`].
+    pub fn list(dir: &OwnedFd) -> Result<Vec<Child>, InspectError> {
+        let listing = Dir::read_from(dir)?;
+        let mut out = Vec::new();
+        for entry in listing {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            out.push(Child {
+                name: OsStr::from_bytes(name).to_os_string(),
+                is_dir: entry.file_type() == RawType::Directory,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The device number of `name` in `dir` when it is a character device
+    /// (an overlay whiteout is 0/0), `Ok(None)` for anything else or absent.
+    pub fn char_device(dir: &OwnedFd, name: &OsStr) -> Result<Option<(u32, u32)>, InspectError> {
+        if !is_bare_name(name) {
+            return Ok(None);
+        }
+        match rustix::fs::statx(dir, name, LOOK, STATX) {
+            Ok(st) if raw_type(&st) == RawType::CharacterDevice => {
+                Ok(Some((st.stx_rdev_major, st.stx_rdev_minor)))
+            }
+            Ok(_) | Err(Errno::NOENT | Errno::NOTDIR) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 /// `rel` opened below `root` one component at a time, for kernels (before
 /// 5.6) and sandboxes (a seccomp profile, valgrind) without `openat2`: every
 /// component is opened relative to the one before with `O_NOFOLLOW`, and

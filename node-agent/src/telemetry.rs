@@ -90,6 +90,7 @@ struct Metrics {
     queue_write_failing: IntGauge,
     containers_watched: IntGaugeVec,
     container_watches: IntGauge,
+    drift_changes: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
@@ -247,6 +248,11 @@ impl Metrics {
                 "kube_fim_agent_container_watches",
                 "inotify watches on the containers' writable layers",
             )?,
+            drift_changes: counters(
+                "kube_fim_agent_container_drift_changes_total",
+                "Changes found in containers against their images, by the pod's namespace (past 200 namespaces: other), category, and whether the file is an executable",
+                &["namespace", "category", "executable"],
+            )?,
             registry,
         };
         for c in [
@@ -278,6 +284,7 @@ impl Metrics {
             Box::new(m.baseline_tampered.clone()),
             Box::new(m.containers_watched.clone()),
             Box::new(m.container_watches.clone()),
+            Box::new(m.drift_changes.clone()),
         ] {
             m.registry.register(c)?;
         }
@@ -297,6 +304,11 @@ struct EventSink {
 /// under `command="other"` with no pod. Pod churn and command names chosen by
 /// whoever runs a process on the node cannot grow the series without bound.
 pub const ATTRIBUTED_SERIES_MAX: usize = 200;
+/// Namespaces counted in `kube_fim_agent_container_drift_changes_total`;
+/// past it a namespace is counted as `other`: namespace churn cannot grow the
+/// series without bound. No series carries a pod (pods come and go by the
+/// thousand; the FileChanges name them).
+pub const DRIFT_NAMESPACES_MAX: usize = 200;
 /// A command name as a label: at most this many characters, controls dropped.
 const COMMAND_LABEL_MAX: usize = 64;
 
@@ -307,6 +319,8 @@ pub struct Telemetry {
     metrics: Arc<Metrics>,
     /// The writers counted so far, by their labels ([`ATTRIBUTED_SERIES_MAX`]).
     writers: Arc<std::sync::Mutex<std::collections::HashSet<[String; 4]>>>,
+    /// The namespaces counted so far ([`DRIFT_NAMESPACES_MAX`]).
+    drift_namespaces: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     ready: Arc<AtomicBool>,
     progress: Progress,
     events: Option<EventSink>,
@@ -319,6 +333,7 @@ impl Telemetry {
             node: node.to_string(),
             metrics: Arc::new(Metrics::new(node)?),
             writers: Arc::default(),
+            drift_namespaces: Arc::default(),
             ready: Arc::new(AtomicBool::new(false)),
             progress: Progress::default(),
             events: None,
@@ -378,7 +393,45 @@ impl Telemetry {
             m.changes
                 .with_label_values(&[c.policy.as_str(), c.category.as_str()])
                 .inc();
+            if let Some(container) = &c.container {
+                self.drift_counted(&container.namespace, c);
+            }
         }
+    }
+
+    /// One drift change, by its pod's namespace (bounded) and whether it is
+    /// of an executable (a new or changed binary outranks a data file).
+    fn drift_counted(&self, namespace: &str, c: &FileChangeSpec) {
+        let namespace = {
+            let mut seen = self
+                .drift_namespaces
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if seen.contains(namespace) || seen.len() < DRIFT_NAMESPACES_MAX {
+                seen.insert(namespace.to_string());
+                namespace
+            } else {
+                "other"
+            }
+        };
+        let exec = |a: &Option<kube_fim_crds::FileAttributes>| {
+            a.as_ref().is_some_and(|a| {
+                a.file_type == Some(kube_fim_crds::FileType::File)
+                    && a.mode
+                        .as_deref()
+                        .and_then(|m| u32::from_str_radix(m, 8).ok())
+                        .is_some_and(|m| m & 0o111 != 0)
+            })
+        };
+        let executable = if exec(&c.after) || exec(&c.before) {
+            "true"
+        } else {
+            "false"
+        };
+        self.metrics
+            .drift_changes
+            .with_label_values(&[namespace, c.category.as_str(), executable])
+            .inc();
     }
 
     /// A full scan took `took`; `policies` are the served ones with the
@@ -817,6 +870,77 @@ mod tests {
                 .iter()
                 .any(|l| l.contains("pod=\"web-0\"") && l.ends_with(" 2")),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn drift_is_counted_by_namespace_never_by_pod_and_bounded() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+        use kube_fim_crds::{
+            ChangeCategory, ContainerRef, DetectionSource, FileAttributes, FileType,
+        };
+        let t = Telemetry::new("n").unwrap();
+        let drift = |ns: &str, pod: &str, mode: &str| FileChangeSpec {
+            node: "n".into(),
+            policy: "p".into(),
+            sequence: None,
+            package: None,
+            restored: None,
+            entry: "containers".into(),
+            path: "/usr/bin/x".into(),
+            category: ChangeCategory::Added,
+            changed_attributes: Vec::new(),
+            before: None,
+            after: Some(FileAttributes {
+                file_type: Some(FileType::File),
+                mode: Some(mode.into()),
+                ..FileAttributes::default()
+            }),
+            detected_time: MicroTime(Timestamp::now()),
+            source: DetectionSource::Realtime,
+            process: None,
+            container: Some(ContainerRef {
+                namespace: ns.into(),
+                pod: pod.into(),
+                ..ContainerRef::default()
+            }),
+            summary: None,
+        };
+        t.changes_detected(
+            0,
+            0,
+            &[
+                drift("shop", "web-1", "0755"),
+                drift("shop", "web-2", "0755"),
+                drift("shop", "web-2", "0644"),
+            ],
+        );
+        // Namespace churn: every change in another namespace.
+        for i in 0..DRIFT_NAMESPACES_MAX + 20 {
+            t.changes_detected(0, 0, &[drift(&format!("ns-{i}"), "p", "0644")]);
+        }
+        let text = t.render();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("kube_fim_agent_container_drift_changes_total{"))
+            .collect();
+        assert!(lines.iter().all(|l| !l.contains("pod=")), "{text}");
+        assert!(
+            lines.iter().any(|l| l.contains("namespace=\"shop\"")
+                && l.contains("executable=\"true\"")
+                && l.ends_with(" 2")),
+            "{text}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("namespace=\"other\"") && l.ends_with(" 21")),
+            "{text}"
+        );
+        assert!(
+            lines.len() <= DRIFT_NAMESPACES_MAX * 2 + 2,
+            "{}",
+            lines.len()
         );
     }
 

@@ -16,7 +16,7 @@
 //! group's mark limit) falls back to one file system mark, and one that
 //! refuses that too to inotify.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -260,6 +260,58 @@ impl Listener {
                 self.refused.insert(key.fsid);
                 false
             }
+        }
+    }
+
+    /// Follows one more directory, keeping the others: `dir` opened by the
+    /// caller (beneath a container's writable layer, never through a link),
+    /// its events named by `rel`. False when fanotify cannot follow it.
+    pub fn add(&mut self, dir: &OwnedFd, rel: &Path) -> bool {
+        let (Ok(fsid), Ok((handle_type, handle))) =
+            (sys::fsid(dir.as_fd()), sys::dir_handle(dir.as_fd()))
+        else {
+            return false;
+        };
+        let key = DirKey {
+            fsid,
+            handle_type,
+            handle,
+        };
+        if !self.follow(rel, dir, &key) {
+            return false;
+        }
+        if !self.fs_marks.contains(&fsid) {
+            self.inode_marks.insert(rel.to_path_buf(), key.clone());
+        }
+        if let Ok(mut dirs) = self.dirs.write() {
+            dirs.insert(key, rel.to_path_buf());
+        }
+        true
+    }
+
+    /// Stops following the directories `rel` is, or is above (a container
+    /// gone): their marks go where `root.join(rel)` still names them.
+    pub fn remove_below(&mut self, root: &Path, rel: &Path) {
+        self.retain_below(root, rel, &HashSet::new());
+    }
+
+    /// Stops following the directories below `rel` but those of `keep` (the
+    /// directories a whole read of a writable layer found): what a container
+    /// removed is let go, so churning directories cannot grow the agent.
+    pub fn retain_below(&mut self, root: &Path, rel: &Path, keep: &HashSet<PathBuf>) {
+        let gone: Vec<PathBuf> = self
+            .inode_marks
+            .keys()
+            .filter(|p| p.starts_with(rel) && !keep.contains(*p))
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some(key) = self.inode_marks.remove(&p) {
+                unmark(&self.group, &root.join(&p), &key);
+            }
+        }
+        if let Ok(mut dirs) = self.dirs.write() {
+            dirs.retain(|_, p| !p.starts_with(rel) || keep.contains(p));
         }
     }
 

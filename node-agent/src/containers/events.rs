@@ -1,23 +1,29 @@
 //! Real time for container drift: inotify on the directories of the
 //! containers' writable layers (host paths), one inotify instance for all.
 //!
-//! An event is only a trigger: it marks its container dirty, and the drift
-//! task reads that container's writable layer again ([`super::overlay`]).
-//! Nothing of the event (a name, a cookie) is believed, so a watch that lands
-//! on the wrong directory costs a needless pass, never a wrong report.
+//! An event is a trigger: it marks its container dirty, and the drift task
+//! reads that container's writable layer again ([`super::overlay`]). The
+//! name an event carries is kept too ([`Named`]): the files named are judged
+//! first in that read, outside the bound of its walk, so a container that
+//! writes more entries than one read lists cannot hide a later file behind
+//! them. A name is only where to look: what is reported is what the read
+//! finds there, so a watch that lands on the wrong directory costs a needless
+//! look, never a wrong report.
 //!
 //! Bounded: at most [`MAX_PER_CONTAINER`] watches for one container and
 //! [`MAX_WATCHES`] for all. A container past its share (or when the kernel
 //! refuses more watches) is *partial*: the drift task reads it every second,
 //! as it would without inotify. An overflowed event queue marks every
 //! container dirty. A container writing millions of files produces events
-//! that only set a flag again: the reader thread never allocates per event,
-//! and the passes a container's events cause are spaced by the drift task.
+//! that set a flag again and keep at most [`MAX_NAMED`] names per read (the
+//! first half and the last half of what it wrote: a flood before or after a
+//! file does not push it out), and the passes a container's events cause are
+//! spaced by the drift task.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +38,44 @@ pub const MAX_PER_CONTAINER: usize = 1_024;
 /// Most watches on all containers' writable layers together (the kernel's
 /// `max_user_watches` is shared with the host's watches and other programs).
 pub const MAX_WATCHES: usize = 16_384;
+/// Most file names kept for one container between two reads.
+pub const MAX_NAMED: usize = 4_096;
+
+/// The files events named in one container since its last read (paths
+/// inside the container), bounded: the first [`MAX_NAMED`]/2 and the last
+/// [`MAX_NAMED`]/2 distinct names.
+#[derive(Debug, Default)]
+pub struct Named {
+    head: Vec<PathBuf>,
+    tail: VecDeque<PathBuf>,
+    members: HashSet<PathBuf>,
+    /// Names were let go between head and tail.
+    pub dropped: bool,
+}
+
+impl Named {
+    pub fn add(&mut self, path: PathBuf) {
+        if self.members.contains(&path) {
+            return;
+        }
+        self.members.insert(path.clone());
+        if self.head.len() < MAX_NAMED / 2 {
+            self.head.push(path);
+            return;
+        }
+        self.tail.push_back(path);
+        if self.tail.len() > MAX_NAMED / 2
+            && let Some(out) = self.tail.pop_front()
+        {
+            self.members.remove(&out);
+            self.dropped = true;
+        }
+    }
+
+    pub fn paths(&self) -> BTreeSet<PathBuf> {
+        self.members.iter().cloned().collect()
+    }
+}
 
 const MASK: WatchFlags = WatchFlags::CREATE
     .union(WatchFlags::DELETE)
@@ -47,8 +91,11 @@ const MASK: WatchFlags = WatchFlags::CREATE
 
 #[derive(Default)]
 struct State {
-    /// Watch descriptor → container id.
-    owner: HashMap<i32, String>,
+    /// Watch descriptor → container id, and the directory (inside the
+    /// container) it watches.
+    owner: HashMap<i32, (String, PathBuf)>,
+    /// Container id → the files its events named since it was last read.
+    named: HashMap<String, Named>,
     /// Container id → its watch descriptors.
     watches: HashMap<String, HashSet<i32>>,
     /// Containers whose writable layer moved since they were last taken.
@@ -115,6 +162,16 @@ impl Watcher {
     /// is used up, or the kernel refused (the container is then partial).
     /// A directory gone or swapped for a link meanwhile is no failure.
     pub fn watch(&self, root: &HostRoot, id: &str, rel: &Path) -> bool {
+        let dir = match root.open_watchable(rel) {
+            Ok(dir) => dir,
+            Err(_) => return true,
+        };
+        self.watch_fd(id, &dir, rel)
+    }
+
+    /// Watches the directory `dir` (opened by the caller, at `inside` in the
+    /// container) for container `id`; as [`Watcher::watch`].
+    pub fn watch_fd(&self, id: &str, dir: &OwnedFd, inside: &Path) -> bool {
         {
             let s = lock(&self.state);
             let mine = s.watches.get(id).map_or(0, HashSet::len);
@@ -124,16 +181,12 @@ impl Watcher {
                 return false;
             }
         }
-        let dir = match root.open_watchable(rel) {
-            Ok(dir) => dir,
-            Err(_) => return true,
-        };
         // The descriptor names the very directory opened inside the root.
         let path = format!("/proc/self/fd/{}", dir.as_raw_fd());
         match inotify::add_watch(&*self.fd, path.as_str(), MASK) {
             Ok(wd) => {
                 let mut s = lock(&self.state);
-                s.owner.insert(wd, id.to_string());
+                s.owner.insert(wd, (id.to_string(), inside.to_path_buf()));
                 s.watches.entry(id.to_string()).or_default().insert(wd);
                 true
             }
@@ -148,11 +201,18 @@ impl Watcher {
         for wd in wds {
             let _ = inotify::remove_watch(&*self.fd, wd);
             let mut s = lock(&self.state);
-            if s.owner.get(&wd).is_some_and(|o| o == id) {
+            if s.owner.get(&wd).is_some_and(|(o, _)| o == id) {
                 s.owner.remove(&wd);
             }
         }
-        lock(&self.state).dirty.remove(id);
+        let mut s = lock(&self.state);
+        s.dirty.remove(id);
+        s.named.remove(id);
+    }
+
+    /// The files events named in container `id` since the last call.
+    pub fn take_named(&self, id: &str) -> Named {
+        lock(&self.state).named.remove(id).unwrap_or_default()
     }
 
     /// What moved since the last call, and forgotten.
@@ -217,9 +277,15 @@ impl Reader {
                     woke = true;
                     continue;
                 }
-                let Some(id) = s.owner.get(&wd).cloned() else {
+                let Some((id, dir)) = s.owner.get(&wd).cloned() else {
                     continue;
                 };
+                let name = event.file_name().map(|n| n.to_bytes()).unwrap_or_default();
+                if !name.is_empty() {
+                    let inside = dir
+                        .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name));
+                    s.named.entry(id.clone()).or_default().add(inside);
+                }
                 if flags.contains(ReadFlags::IGNORED) {
                     // The directory is gone (or unwatched): its descriptor may be reused.
                     s.owner.remove(&wd);

@@ -28,6 +28,7 @@ pub mod cri;
 pub mod events;
 pub mod overlay;
 pub mod select;
+pub mod writers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -44,10 +45,13 @@ use kube_fim_crds::{ChangeCategory, DetectionSource, FileChangeSpec};
 use tokio::sync::{Notify, RwLock, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::attribution::fanotify::{Listener, Notice};
+use crate::attribution::{Users, process_info};
 use crate::hostfs::HostRoot;
 use crate::served::ServedPolicies;
 use overlay::{Drifted, Layers};
 use select::Running;
+use writers::Writers;
 
 /// Drift changes to number and queue; the sender answers once they are queued.
 pub type DriftBatch = (Vec<FileChangeSpec>, oneshot::Sender<()>);
@@ -196,10 +200,12 @@ fn save(state: &Path, bare_id: &str, reported: &Reported) -> std::io::Result<()>
 }
 
 /// The changes between what was reported and the drift now, for one policy;
-/// `complete`: the layer was read whole (else no removal is concluded).
+/// `complete`: the layer was read whole (else no removal is concluded but of
+/// the paths known `absent`: named by events and looked up alone).
 pub fn changes(
     reported: &BTreeMap<String, String>,
     now: &BTreeMap<String, Drifted>,
+    absent: &BTreeSet<String>,
     executables_only: bool,
     complete: bool,
 ) -> Vec<(String, Drifted)> {
@@ -214,12 +220,10 @@ pub fn changes(
     }
     // Reported, and gone from the writable layer: an added file deleted
     // again (dropped, run, removed), or a change undone. Only a layer read
-    // whole says so: a read stopped at its bound did not reach the rest.
-    if !complete {
-        return out;
-    }
+    // whole says so, or a path looked up alone: a read stopped at its bound
+    // did not reach the rest.
     for path in reported.keys() {
-        if !now.contains_key(path) {
+        if !now.contains_key(path) && (complete || absent.contains(path)) {
             out.push((
                 path.clone(),
                 Drifted {
@@ -350,6 +354,91 @@ enum Source {
     Pods,
 }
 
+/// Writer attribution of drift ([`writers`]): a fanotify group of the drift
+/// task's own, with an inode mark on each directory of the writable layers
+/// that has an inotify watch (the same bounds), on while a policy selecting
+/// containers sets `processAttribution`.
+struct Attribution {
+    listener: Listener,
+    notices: mpsc::UnboundedReceiver<Notice>,
+    writers: Writers,
+    users: Users,
+}
+
+impl Attribution {
+    fn start(settings: &Settings) -> Option<Self> {
+        let (tx, notices) = mpsc::unbounded_channel();
+        let telemetry = settings.telemetry.clone()?;
+        // The agent runs with the host's pid namespace: the events' pids are
+        // the node's, read in its own /proc.
+        match Listener::start(Path::new("/proc"), tx, telemetry) {
+            Ok(listener) => {
+                info!("container drift names its writers (fanotify on the writable layers)");
+                Some(Attribution {
+                    listener,
+                    notices,
+                    writers: Writers::default(),
+                    users: Users::new(settings.root.path()),
+                })
+            }
+            Err(why) => {
+                warn!(reason = %why, "container drift without writers: changes say the writer is unknown");
+                None
+            }
+        }
+    }
+
+    /// Notes the writers the listener reported, by container: the container
+    /// whose writable layer holds the path. True when events were lost.
+    fn drain(&mut self, watched: &HashMap<String, Watched>) -> bool {
+        let mut lost = false;
+        while let Ok(notice) = self.notices.try_recv() {
+            match notice {
+                Notice::Overflow => {
+                    self.writers.lost();
+                    lost = true;
+                }
+                Notice::Changed { rel, mask, writer } => {
+                    let found = watched.iter().find_map(|(id, w)| {
+                        let inside = rel.strip_prefix(&w.layers.upper).ok()?;
+                        (!inside.as_os_str().is_empty()).then(|| (id, inside.to_path_buf()))
+                    });
+                    if let Some((id, inside)) = found {
+                        // A directory made or moved into place (a copy-up):
+                        // what is written in it before it is marked is its
+                        // writer's at most.
+                        let dir = mask & libc::FAN_ONDIR != 0
+                            && mask & (libc::FAN_CREATE | libc::FAN_MOVED_TO) != 0;
+                        self.writers.note(id, inside, *writer, dir);
+                    }
+                }
+            }
+        }
+        lost
+    }
+
+    /// The writer of each change of `specs` whose policy asks for it, or
+    /// `unknown` (never a guess).
+    fn attach(&mut self, id: &str, specs: &mut [FileChangeSpec], pods: &HashMap<String, Arc<Pod>>) {
+        let index = crate::attribution::pods::PodIndex::default();
+        for p in pods.values() {
+            index.upsert(p);
+        }
+        for c in specs {
+            let inside = PathBuf::from(crate::paths::unescape(&c.path));
+            let inside = inside.strip_prefix("/").unwrap_or(&inside);
+            c.process = Some(match self.writers.writer_of(id, inside) {
+                Some((w, multiple, limits)) => {
+                    let mut p = process_info(&w, &mut self.users, Some(&index), multiple);
+                    p.limits.extend(limits);
+                    p
+                }
+                None => writers::unknown(),
+            });
+        }
+    }
+}
+
 /// Runs the drift task until the monitoring loop is gone.
 pub async fn run(
     client: Client,
@@ -378,17 +467,46 @@ pub async fn run(
     // Containers whose layers moved and are not read yet.
     let mut pending: BTreeSet<String> = BTreeSet::new();
     let mut read_all = true;
+    let mut attribution: Option<Attribution> = None;
+    // Asked for and refused (said once): not asked again until the policies change.
+    let mut attribution_refused = false;
     loop {
-        let policies: Vec<(String, kube_fim_crds::ContainerSelection)> = {
+        let (policies, attributed): (
+            Vec<(String, kube_fim_crds::ContainerSelection)>,
+            BTreeSet<String>,
+        ) = {
             let served = served.borrow_and_update();
-            served
+            let mut attributed = BTreeSet::new();
+            let policies = served
                 .names()
                 .filter_map(|n| {
-                    let c = served.get(n)?.spec.containers.clone()?;
+                    let p = served.get(n)?;
+                    let c = p.spec.containers.clone()?;
+                    if p.spec.process_attribution {
+                        attributed.insert(n.to_string());
+                    }
                     Some((n.to_string(), c))
                 })
-                .collect()
+                .collect();
+            (policies, attributed)
         };
+        match (
+            attributed.is_empty(),
+            attribution.is_some(),
+            attribution_refused,
+        ) {
+            (false, false, false) => {
+                attribution = Attribution::start(&settings);
+                attribution_refused = attribution.is_none();
+                // Every container is walked again to mark its directories.
+                read_all = true;
+            }
+            (true, _, _) => {
+                attribution = None;
+                attribution_refused = false;
+            }
+            _ => {}
+        }
         if !policies.is_empty()
             && let Some(client) = client.take()
         {
@@ -432,10 +550,15 @@ pub async fn run(
             .cloned()
             .collect();
         for id in gone {
-            watched.remove(&id);
+            let w = watched.remove(&id);
             pending.remove(&id);
             if let Some(w) = &watcher {
                 w.forget(&id);
+            }
+            if let (Some(a), Some(w)) = (attribution.as_mut(), &w) {
+                a.writers.forget(&id);
+                a.listener
+                    .remove_below(settings.root.path(), &w.layers.upper);
             }
             let _ = std::fs::remove_file(state_file(&settings.state, &id));
             debug!(container = %id, "container gone");
@@ -448,7 +571,16 @@ pub async fn run(
             }
             pending.extend(dirty.ids);
         }
+        if let Some(a) = attribution.as_mut()
+            && a.drain(&watched)
+        {
+            warn!(
+                "container drift attribution lost events: the writers of what they said are unknown"
+            );
+            read_all = true;
+        }
         let now = Instant::now();
+        let mut reread = false;
         let mut batch = Vec::new();
         let mut saves: Vec<(String, Reported)> = Vec::new();
         for (id, (running, pid, by)) in &selected {
@@ -488,25 +620,52 @@ pub async fn run(
             let mut next = w.reported.clone();
             let mut any = false;
             let mut complete = true;
+            // The files events named: judged first, whatever the walk reaches.
+            let mut first: BTreeSet<PathBuf> = watcher
+                .as_ref()
+                .map(|x| x.take_named(id).paths())
+                .unwrap_or_default();
+            let epoch = attribution.as_mut().map(|a| {
+                first.extend(a.writers.named(id).cloned());
+                a.writers.begin()
+            });
+            let mut found_here: Vec<FileChangeSpec> = Vec::new();
+            // The directories this read found (to let go of the marks of the others).
+            let mut walked: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
             for i in by {
                 let Some((policy, sel)) = policies.get(*i) else {
                     continue;
                 };
                 let excludes = select::excludes(sel);
-                let (found_now, truncated) = tokio::task::block_in_place(|| {
-                    let mut on_dir = |dir: &Path| {
-                        if let Some(watcher) = &watcher {
-                            complete &= watcher.watch(&settings.root, id, dir);
+                let read = tokio::task::block_in_place(|| {
+                    let mut on_dir = |dir: &Path, fd: &std::os::fd::OwnedFd| {
+                        let Some(watcher) = &watcher else {
+                            return;
+                        };
+                        let inside = dir.strip_prefix(&w.layers.upper).unwrap_or(dir);
+                        let watched = watcher.watch_fd(id, fd, inside);
+                        complete &= watched;
+                        // Marked within the watches' bounds.
+                        if let (true, Some(a)) = (watched, attribution.as_mut()) {
+                            a.listener.add(fd, dir);
+                            walked.insert(dir.to_path_buf());
                         }
                     };
-                    overlay::drift(&settings.root, &w.layers, &excludes, &mut on_dir)
+                    overlay::drift(&settings.root, &w.layers, &excludes, &first, &mut on_dir)
                 });
+                let truncated = read.truncated;
                 if truncated {
                     warn!(container = %id, "writable layer too large; read in part");
                     complete = false;
                 }
                 let mine = next.entry(policy.clone()).or_default();
-                let found = changes(mine, &found_now, sel.executables_only, !truncated);
+                let found = changes(
+                    mine,
+                    &read.drift,
+                    &read.absent,
+                    sel.executables_only,
+                    !truncated,
+                );
                 if found.is_empty() {
                     continue;
                 }
@@ -518,9 +677,13 @@ pub async fn run(
                     DetectionSource::Realtime
                 };
                 for (path, d) in &found {
-                    batch.push(spec(&settings.node, policy, path, d, source, running));
+                    found_here.push(spec(&settings.node, policy, path, d, source, running));
                 }
                 apply(mine, &found);
+            }
+            if let (true, Some(a)) = (complete, attribution.as_mut()) {
+                a.listener
+                    .retain_below(settings.root.path(), &w.layers.upper, &walked);
             }
             if w.partial == complete {
                 debug!(container = %id, watched = complete, "container drift watches");
@@ -529,8 +692,29 @@ pub async fn run(
             if any {
                 saves.push((id.clone(), next));
             }
+            // The writers: what was noted up to the end of the read (a write
+            // made while it ran may be what it saw).
+            let (mine, others): (Vec<_>, Vec<_>) = found_here
+                .into_iter()
+                .partition(|c| attributed.contains(&c.policy));
+            let mut mine = mine;
+            if let Some(a) = attribution.as_mut() {
+                reread |= a.drain(&watched);
+                if !mine.is_empty() {
+                    a.attach(id, &mut mine, &*pods.pods.read().await);
+                }
+                if let Some(e) = epoch {
+                    a.writers.end(id, e);
+                }
+            } else {
+                for c in &mut mine {
+                    c.process = Some(writers::unknown());
+                }
+            }
+            batch.extend(mine);
+            batch.extend(others);
         }
-        read_all = false;
+        read_all = reread;
         if let Some(t) = &settings.telemetry {
             let n = watched.len();
             let (cri_n, pods_n) = match source {
@@ -673,22 +857,22 @@ mod tests {
     fn only_what_moved_since_the_last_report_is_reported() {
         let mut reported = BTreeMap::new();
         let now = BTreeMap::from([("/a".to_string(), added("1"))]);
-        let first = changes(&reported, &now, false, true);
+        let first = changes(&reported, &now, &BTreeSet::new(), false, true);
         assert_eq!(first.len(), 1);
         apply(&mut reported, &first);
-        assert!(changes(&reported, &now, false, true).is_empty());
+        assert!(changes(&reported, &now, &BTreeSet::new(), false, true).is_empty());
         // Written again: reported again.
         let now = BTreeMap::from([("/a".to_string(), added("2"))]);
-        let again = changes(&reported, &now, false, true);
+        let again = changes(&reported, &now, &BTreeSet::new(), false, true);
         assert_eq!(again.len(), 1);
         apply(&mut reported, &again);
         // Deleted again: a removal, and then nothing.
-        let gone = changes(&reported, &BTreeMap::new(), false, true);
+        let gone = changes(&reported, &BTreeMap::new(), &BTreeSet::new(), false, true);
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].1.category, ChangeCategory::Removed);
         apply(&mut reported, &gone);
         assert!(reported.is_empty());
-        assert!(changes(&reported, &BTreeMap::new(), false, true).is_empty());
+        assert!(changes(&reported, &BTreeMap::new(), &BTreeSet::new(), false, true).is_empty());
     }
 
     #[test]
@@ -697,10 +881,10 @@ mod tests {
         // before and not reached this time are not gone.
         let mut reported = BTreeMap::new();
         let first = BTreeMap::from([("/usr/bin/nc".to_string(), added("1"))]);
-        let found = changes(&reported, &first, false, true);
+        let found = changes(&reported, &first, &BTreeSet::new(), false, true);
         apply(&mut reported, &found);
         let partial = BTreeMap::from([("/var/junk/1".to_string(), added("2"))]);
-        let found = changes(&reported, &partial, false, false);
+        let found = changes(&reported, &partial, &BTreeSet::new(), false, false);
         assert_eq!(
             found
                 .iter()
@@ -716,7 +900,7 @@ mod tests {
         exe.after.as_mut().unwrap().mode = Some("0755".into());
         exe.after.as_mut().unwrap().file_type = Some(kube_fim_crds::FileType::File);
         let now = BTreeMap::from([("/data".to_string(), added("1")), ("/x".to_string(), exe)]);
-        let found = changes(&BTreeMap::new(), &now, true, true);
+        let found = changes(&BTreeMap::new(), &now, &BTreeSet::new(), true, true);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].0, "/x");
     }
@@ -846,5 +1030,169 @@ mod tests {
         save(t.path(), "abc", &reported).unwrap();
         assert_eq!(load(t.path(), "abc"), reported);
         assert_eq!(kept(t.path()), BTreeSet::from(["abc".to_string()]));
+    }
+}
+
+/// The writer of a write through a real overlay, as the kernel reports it on
+/// the upper directory (root only: mounting and fanotify need CAP_SYS_ADMIN).
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod real_overlay_writers {
+    use super::*;
+    use std::process::Command;
+
+    struct Mounted(PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    fn mark(a: &mut Attribution, root: &HostRoot, rel: &str) {
+        let layer = root.open_layer(Path::new(rel)).unwrap();
+        let fd = layer.open_dir(Path::new("")).unwrap().unwrap();
+        assert!(a.listener.add(&fd, Path::new(rel)), "mark {rel}");
+    }
+
+    /// Drains the notices until `inside` has a writer (or 5 s pass).
+    async fn writer(
+        a: &mut Attribution,
+        watched: &HashMap<String, Watched>,
+        id: &str,
+        inside: &str,
+    ) -> Option<(i32, Option<String>, Vec<kube_fim_crds::AttributionLimit>)> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            a.drain(watched);
+            if let Some((w, _, limits)) = a.writers.writer_of(id, Path::new(inside)) {
+                return Some((w.pid, w.command, limits));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn a_write_through_the_overlay_names_its_process_on_the_upper_directory() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: mounting an overlay and fanotify need root");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let host = t.path();
+        for d in [
+            "lower/usr/bin",
+            "lower/etc",
+            "upper/etc",
+            "b-upper",
+            "work",
+            "merged",
+        ] {
+            std::fs::create_dir_all(host.join(d)).unwrap();
+        }
+        std::fs::write(host.join("lower/etc/motd"), "hello\n").unwrap();
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            host.join("lower").display(),
+            host.join("upper").display(),
+            host.join("work").display()
+        );
+        let merged = host.join("merged");
+        let ok = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &options])
+            .arg(&merged)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount -t overlay");
+        let _mounted = Mounted(merged.clone());
+        let root = HostRoot::open(host).unwrap();
+        let settings = Settings {
+            node: "n".into(),
+            root: root.clone(),
+            host_root: "/".into(),
+            state: host.join("state"),
+            cri: None,
+            telemetry: Some(crate::telemetry::Telemetry::new("n").unwrap()),
+        };
+        let Some(mut a) = Attribution::start(&settings) else {
+            panic!("fanotify refused to root");
+        };
+        let layers = |upper: &str| Layers {
+            upper: upper.into(),
+            lowers: vec!["lower".into()],
+            mounts: Vec::new(),
+        };
+        let watched = HashMap::from([
+            (
+                "a".to_string(),
+                Watched {
+                    layers: layers("upper"),
+                    reported: Reported::new(),
+                    partial: false,
+                    last_read: None,
+                },
+            ),
+            (
+                "b".to_string(),
+                Watched {
+                    layers: layers("b-upper"),
+                    reported: Reported::new(),
+                    partial: false,
+                    last_read: None,
+                },
+            ),
+        ]);
+        mark(&mut a, &root, "upper");
+        mark(&mut a, &root, "upper/etc");
+        mark(&mut a, &root, "b-upper");
+
+        // A shell in the container appends to an image file (a copy-up into
+        // the marked upper/etc) and stays a moment: its /proc is read.
+        let script = format!(
+            "echo more >> {m}/etc/motd; echo x > {m}/usr/bin/evil; sleep 2",
+            m = merged.display()
+        );
+        let mut sh = Command::new("sh").args(["-c", &script]).spawn().unwrap();
+        let pid = sh.id() as i32;
+        let motd = writer(&mut a, &watched, "a", "etc/motd").await;
+        let (wpid, command, limits) = motd.expect("the writer of /etc/motd");
+        assert_eq!((wpid, command.as_deref()), (pid, Some("sh")));
+        assert!(limits.is_empty(), "{limits:?}");
+        // The first file under an image directory: the copy-up of /usr is the
+        // event (upper/usr/bin was not there to be marked), made by the
+        // same process in the same system call; named, and said so.
+        let evil = writer(&mut a, &watched, "a", "usr/bin/evil").await;
+        let (wpid, _, limits) = evil.expect("the writer of /usr/bin/evil");
+        assert_eq!(wpid, pid);
+        assert_eq!(
+            limits,
+            vec![kube_fim_crds::AttributionLimit::DirectoryWriter]
+        );
+        // Container b's layer: nobody wrote there.
+        assert!(a.writers.writer_of("b", Path::new("etc/motd")).is_none());
+        assert!(
+            a.writers
+                .writer_of("b", Path::new("usr/bin/evil"))
+                .is_none()
+        );
+
+        // Once its directory is marked, a file's own event names its writer:
+        // a `rm` of an image file is the whiteout moved into place.
+        mark(&mut a, &root, "upper/usr/bin");
+        let e = a.writers.begin();
+        a.writers.end("a", e);
+        let mut rm = Command::new("rm")
+            .arg(merged.join("usr/bin/evil"))
+            .spawn()
+            .unwrap();
+        let rm_pid = rm.id() as i32;
+        let gone = writer(&mut a, &watched, "a", "usr/bin/evil").await;
+        let (wpid, _, limits) = gone.expect("the writer of the removal");
+        assert_eq!(wpid, rm_pid);
+        assert!(limits.is_empty(), "{limits:?}");
+        let _ = rm.wait();
+        let _ = sh.kill();
+        let _ = sh.wait();
     }
 }

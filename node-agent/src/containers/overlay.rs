@@ -17,14 +17,15 @@
 //! root ([`HostRoot`]): a symlink the container wrote is recorded as a symlink,
 //! never followed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use kube_fim_crds::{Attribute, ChangeCategory, FileAttributes, FileType};
 
-use crate::hostfs::HostRoot;
+use crate::hostfs::{HostRoot, Layer};
 use crate::paths::escape;
 
 /// The layers of a container's root file system, as root-relative paths.
@@ -185,36 +186,165 @@ const WANT: &[Attribute] = &[
 /// millions of files costs the agent a bounded walk.
 pub const MAX_ENTRIES: usize = 20_000;
 
+/// What one read of a writable layer found.
+#[derive(Debug, Default)]
+pub struct Read {
+    /// The drift by path inside the container (`/usr/bin/x`).
+    pub drift: BTreeMap<String, Drifted>,
+    /// The walk stopped at [`MAX_ENTRIES`]: what it did not reach is unknown.
+    pub truncated: bool,
+    /// Paths named ahead (`first`) that the writable layer does not hold:
+    /// known gone, however far the walk got.
+    pub absent: BTreeSet<String>,
+}
+
+/// The layers of one container, held open for one read.
+struct Open<'a> {
+    root: &'a HostRoot,
+    upper: Layer,
+    lowers: Vec<Layer>,
+    hashed: u64,
+}
+
+impl Open<'_> {
+    /// The image's file at `inside` (the topmost lower layer that has it).
+    fn below(&mut self, parent: &Path, name: &OsStr) -> Option<FileAttributes> {
+        for l in &self.lowers {
+            let Ok(Some(dir)) = l.open_dir(parent) else {
+                continue;
+            };
+            if let Ok(Some(a)) = self.root.inspect_in(&dir, name, WANT, &mut self.hashed) {
+                return Some(a);
+            }
+        }
+        None
+    }
+
+    /// The drift of entry `name` of the upper directory `dir` (at `parent`
+    /// inside the container), `None` when it is no drift (absent, a whiteout
+    /// hiding nothing).
+    fn judge(&mut self, dir: &OwnedFd, parent: &Path, name: &OsStr) -> Option<Drifted> {
+        let below = self.below(parent, name);
+        if Layer::char_device(dir, name).ok().flatten() == Some((0, 0)) {
+            // A whiteout hides an image file; without one below it hides nothing.
+            return below.map(|b| Drifted {
+                category: ChangeCategory::Removed,
+                before: Some(b),
+                after: None,
+            });
+        }
+        let after = self
+            .root
+            .inspect_in(dir, name, WANT, &mut self.hashed)
+            .ok()
+            .flatten()?;
+        let category = if below.is_some() {
+            ChangeCategory::Modified
+        } else {
+            ChangeCategory::Added
+        };
+        Some(Drifted {
+            category,
+            before: below,
+            after: Some(after),
+        })
+    }
+}
+
 /// The drift of a container: its upper directory's files by their path
 /// inside the container (`/usr/bin/x`), minus `exclude` (container paths,
-/// with everything under them) and the container's mount points. The second
-/// value is whether the walk stopped at [`MAX_ENTRIES`]. `on_dir` is called
-/// with each directory walked (as a path inside the host root) before it is
-/// listed, so a watch put on it there misses nothing written after the listing.
+/// with everything under them) and the container's mount points.
+///
+/// `first` (paths inside the container, relative: `usr/bin/x`) are judged
+/// before the walk and outside its bound: the files the kernel named in
+/// events, so that a flood of other entries cannot hide them from a read.
+///
+/// Every directory below the upper directory is opened beneath it without
+/// following any link ([`Layer`]): a directory the container swaps for a
+/// link to a host directory, even in the middle of the walk, is never
+/// listed, watched or hashed through it. `on_dir` is called with each
+/// directory walked (its path inside the host root, and its descriptor)
+/// before it is listed, so a watch put on it there misses nothing written
+/// after the listing.
 pub fn drift(
     root: &HostRoot,
     layers: &Layers,
     exclude: &[PathBuf],
-    on_dir: &mut dyn FnMut(&Path),
-) -> (BTreeMap<String, Drifted>, bool) {
-    let mut out = BTreeMap::new();
-    let mut seen = 0usize;
-    let mut todo = vec![PathBuf::new()];
+    first: &BTreeSet<PathBuf>,
+    on_dir: &mut dyn FnMut(&Path, &OwnedFd),
+) -> Read {
+    let mut out = Read::default();
+    let Ok(upper) = root.open_layer(&layers.upper) else {
+        return out;
+    };
+    let lowers = layers
+        .lowers
+        .iter()
+        .filter_map(|l| root.open_layer(l).ok())
+        .collect();
+    let mut open = Open {
+        root,
+        upper,
+        lowers,
+        hashed: 0,
+    };
     let skipped = |inside: &Path| {
         exclude.iter().any(|e| inside.starts_with(e))
             || layers.mounts.iter().any(|m| inside.starts_with(m))
     };
-    let mut hashed = 0u64;
+    let name_of = |inside: &Path| format!("/{}", escape(inside.as_os_str()));
+    // Named first: each looked up alone, beneath the layer.
+    let mut todo = Vec::new();
+    for inside in first {
+        let (Some(parent), Some(name)) = (inside.parent(), inside.file_name()) else {
+            continue;
+        };
+        if skipped(inside) {
+            continue;
+        }
+        let dir = match open.upper.open_dir(parent) {
+            Ok(Some(dir)) => dir,
+            Ok(None) => {
+                out.absent.insert(name_of(inside));
+                continue;
+            }
+            Err(_) => continue,
+        };
+        if let Ok(Some(d)) = open.upper.open_dir(inside) {
+            drop(d);
+            // A directory named: walked first, within the bound.
+            todo.push(inside.to_path_buf());
+            continue;
+        }
+        match open.judge(&dir, parent, name) {
+            Some(d) => {
+                out.drift.insert(name_of(inside), d);
+            }
+            None => {
+                out.absent.insert(name_of(inside));
+            }
+        }
+    }
+    let mut seen = 0usize;
+    // The walk: the named directories first (popped last), then from the top.
+    todo.insert(0, PathBuf::new());
+    let mut walked = BTreeSet::new();
     while let Some(dir) = todo.pop() {
-        let here = layers.upper.join(&dir);
-        on_dir(&here);
-        let Ok(children) = root.list_dir(&here) else {
+        if !walked.insert(dir.clone()) {
+            continue;
+        }
+        let Ok(Some(fd)) = open.upper.open_dir(&dir) else {
+            continue;
+        };
+        on_dir(&layers.upper.join(&dir), &fd);
+        let Ok(children) = Layer::list(&fd) else {
             continue;
         };
         for child in children {
             seen += 1;
             if seen > MAX_ENTRIES {
-                return (out, true);
+                out.truncated = true;
+                return out;
             }
             let inside = dir.join(&child.name);
             if skipped(&inside) {
@@ -224,46 +354,16 @@ pub fn drift(
                 todo.push(inside);
                 continue;
             }
-            let upper = layers.upper.join(&inside);
-            let name = format!("/{}", escape(inside.as_os_str()));
-            let below = layers.lowers.iter().find_map(|l| {
-                root.inspect(&l.join(&inside), WANT, &mut hashed)
-                    .ok()
-                    .flatten()
-            });
-            if root.char_device(&upper).ok().flatten() == Some((0, 0)) {
-                // A whiteout hides an image file; without one below it hides nothing.
-                if below.is_some() {
-                    out.insert(
-                        name,
-                        Drifted {
-                            category: ChangeCategory::Removed,
-                            before: below,
-                            after: None,
-                        },
-                    );
-                }
+            let name = name_of(&inside);
+            if out.drift.contains_key(&name) || out.absent.contains(&name) {
                 continue;
             }
-            let Ok(Some(after)) = root.inspect(&upper, WANT, &mut hashed) else {
-                continue;
-            };
-            let category = if below.is_some() {
-                ChangeCategory::Modified
-            } else {
-                ChangeCategory::Added
-            };
-            out.insert(
-                name,
-                Drifted {
-                    category,
-                    before: below,
-                    after: Some(after),
-                },
-            );
+            if let Some(d) = open.judge(&fd, &dir, &child.name) {
+                out.drift.insert(name, d);
+            }
         }
     }
-    (out, false)
+    out
 }
 
 /// The attributes that differ between an image's file and the container's.
@@ -342,6 +442,109 @@ mod tests {
     }
 }
 
+/// The walk of a writable layer against what a container can do to it.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod walk {
+    use super::*;
+
+    fn layers() -> Layers {
+        Layers {
+            upper: "upper".into(),
+            lowers: vec!["lower".into()],
+            mounts: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_file_named_by_an_event_is_judged_however_many_entries_hide_it() {
+        let t = tempfile::tempdir().unwrap();
+        let upper = t.path().join("upper");
+        std::fs::create_dir_all(upper.join("zz/usr/bin")).unwrap();
+        std::fs::create_dir_all(t.path().join("lower")).unwrap();
+        // More entries at the top than one read lists: the walk never gets
+        // down to zz/.
+        for i in 0..=MAX_ENTRIES {
+            std::fs::write(upper.join(format!("junk{i}")), "").unwrap();
+        }
+        std::fs::write(upper.join("zz/usr/bin/nc"), "evil").unwrap();
+        std::fs::write(upper.join("zz/usr/bin/gone-again"), "").unwrap();
+        let root = HostRoot::open(t.path()).unwrap();
+        let unnamed = drift(&root, &layers(), &[], &BTreeSet::new(), &mut |_, _| {});
+        assert!(unnamed.truncated);
+        assert!(!unnamed.drift.contains_key("/zz/usr/bin/nc"));
+        std::fs::remove_file(upper.join("zz/usr/bin/gone-again")).unwrap();
+        let named = BTreeSet::from([
+            PathBuf::from("zz/usr/bin/nc"),
+            PathBuf::from("zz/usr/bin/gone-again"),
+        ]);
+        let read = drift(&root, &layers(), &[], &named, &mut |_, _| {});
+        assert!(read.truncated);
+        let nc = &read.drift["/zz/usr/bin/nc"];
+        assert_eq!(nc.category, ChangeCategory::Added);
+        assert_eq!(
+            nc.after.as_ref().unwrap().hash.as_deref(),
+            Some(blake3::hash(b"evil").to_hex().as_str())
+        );
+        // Named and not there: known gone, even from a read in part.
+        assert!(read.absent.contains("/zz/usr/bin/gone-again"));
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_link_during_the_walk_never_reports_a_host_file() {
+        let t = tempfile::tempdir().unwrap();
+        let upper = t.path().join("upper");
+        std::fs::create_dir_all(upper.join("usr/bin")).unwrap();
+        std::fs::create_dir_all(t.path().join("lower")).unwrap();
+        std::fs::write(upper.join("usr/bin/tool"), "mine").unwrap();
+        // The host's secret, in the agent's host root.
+        std::fs::create_dir_all(t.path().join("etc/bin")).unwrap();
+        std::fs::write(t.path().join("etc/bin/shadow"), "root:secret").unwrap();
+        let root = HostRoot::open(t.path()).unwrap();
+        let mut swapped = false;
+        let read = drift(&root, &layers(), &[], &BTreeSet::new(), &mut |dir, _| {
+            // Once /usr is listed and before /usr/bin is listed, the
+            // container swaps /usr for a link to the host's /etc.
+            if dir == Path::new("upper/usr/bin") && !swapped {
+                swapped = true;
+                std::fs::rename(upper.join("usr"), upper.join("usr.old")).unwrap();
+                std::os::unix::fs::symlink("/etc", upper.join("usr")).unwrap();
+            }
+        });
+        assert!(swapped);
+        let paths: Vec<&String> = read.drift.keys().collect();
+        assert!(
+            !read.drift.contains_key("/usr/bin/shadow"),
+            "a host file reported as the container's: {paths:?}"
+        );
+        for d in read.drift.values() {
+            let hash = d.after.as_ref().and_then(|a| a.hash.clone());
+            assert_ne!(
+                hash.as_deref(),
+                Some(blake3::hash(b"root:secret").to_hex().as_str())
+            );
+        }
+        // A link named by an event is no way out either.
+        let named = BTreeSet::from([PathBuf::from("usr/bin/shadow")]);
+        let read = drift(&root, &layers(), &[], &named, &mut |_, _| {});
+        assert!(
+            !read.drift.contains_key("/usr/bin/shadow"),
+            "{:?}",
+            read.drift
+        );
+        // The link itself is the container's drift, recorded as a link.
+        assert_eq!(
+            read.drift["/usr"]
+                .after
+                .as_ref()
+                .unwrap()
+                .link_target
+                .as_deref(),
+            Some("/etc")
+        );
+    }
+}
+
 /// Against a real overlay mount (root only: mounting needs CAP_SYS_ADMIN).
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -412,11 +615,16 @@ mod real_overlay {
             mounts: vec![PathBuf::from("etc/hosts")],
         };
         let mut dirs = Vec::new();
-        let (found, truncated) = drift(&root, &layers, &[PathBuf::from("tmp")], &mut |d| {
-            dirs.push(d.to_path_buf())
-        });
+        let read = drift(
+            &root,
+            &layers,
+            &[PathBuf::from("tmp")],
+            &BTreeSet::new(),
+            &mut |d, _| dirs.push(d.to_path_buf()),
+        );
         drop(mounted);
-        assert!(!truncated);
+        assert!(!read.truncated);
+        let found = read.drift;
         let summary: Vec<(&str, ChangeCategory)> = found
             .iter()
             .map(|(p, d)| (p.as_str(), d.category))
