@@ -265,7 +265,10 @@ async fn a_change_under_a_preset_is_labelled_counted_and_reported_under_its_cont
     let ours = row["entries"].as_array().map(|entries| {
         entries
             .iter()
-            .filter(|e| e.as_str().is_some_and(|e| e.starts_with(&format!("{policy}/"))))
+            .filter(|e| {
+                e.as_str()
+                    .is_some_and(|e| e.starts_with(&format!("{policy}/")))
+            })
             .count()
     });
     assert_eq!(ours, Some(18), "{row}");
