@@ -382,7 +382,10 @@ spec:
         .filter(|l| l.contains(&format!("namespace=\"{APPS}\"")))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
-    assert!(counted >= 6.0, "{series:?}");
+    // The counter is the agent process's: at least the three writes just
+    // timed (the earlier ones may have been counted by the agent the
+    // DaemonSet replaced when the first container policy came).
+    assert!(counted >= 3.0, "{series:?}");
     assert!(series.iter().all(|l| !l.contains("pod=")), "{series:?}");
 
     let run = kubectl(["delete", "namespace", APPS, "--wait=true", "--timeout=120s"]);
