@@ -74,6 +74,7 @@ pub fn snapshot(proc: &Path, pid: i32) -> ProcessSnapshot {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use super::*;
 
