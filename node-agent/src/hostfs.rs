@@ -396,20 +396,7 @@ impl HostRoot {
     /// The entries of directory `rel`, or why it cannot be listed.
     pub fn list_dir(&self, rel: &Path) -> Result<Vec<Child>, InspectError> {
         let fd = self.open_in(rel, OFlags::RDONLY | OFlags::DIRECTORY)?;
-        let dir = Dir::new(fd)?;
-        let mut out = Vec::new();
-        for entry in dir {
-            let entry = entry?;
-            let name = entry.file_name().to_bytes();
-            if name == b"." || name == b".." {
-                continue;
-            }
-            out.push(Child {
-                name: OsStr::from_bytes(name).to_os_string(),
-                is_dir: entry.file_type() == RawType::Directory,
-            });
-        }
-        Ok(out)
+        Layer::list(&fd)
     }
 
     /// The attributes of `rel` that `want` asks for, `Ok(None)` if it does not
