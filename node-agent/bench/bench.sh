@@ -265,8 +265,18 @@ if [ "$fg_seconds" != 0 ]; then
     fg_tree=small
     [ -d "$work/small/data" ] || fg_tree=gen
     echo "== foreground job alone vs during scans ($fg_tree tree, ${fg_seconds} s × $fg_rounds rounds; target: loses ≤ 3%)"
-    python3 "$here/measure.py" foreground "$fg_seconds" "$fg_rounds" -- \
-        sh -c "rm -rf '$work/state-fg' && exec '$bin' baseline --policy '$work/policy-$fg_tree.yaml' --root '$work/$fg_tree' --state '$work/state-fg'"
+    fg_scan=(sh -c "rm -rf '$work/state-fg' && exec '$bin' baseline --policy '$work/policy-$fg_tree.yaml' --root '$work/$fg_tree' --state '$work/state-fg'")
+    python3 "$here/measure.py" foreground "$fg_seconds" "$fg_rounds" -- "${fg_scan[@]}"
+    if [ "$(id -u)" = 0 ]; then
+        # As on a node: the agent's pod and the job's in CPU cgroups of their
+        # own (nice and SCHED_IDLE do not act between them), weighted as the
+        # kubelet weights the chart's CPU request (agent.resources.requests.cpu,
+        # 50m) against a pod requesting every core.
+        agent_mcpu=$(awk '/^agent:/ { a = 1 } a && /^    requests:/ { r = 1 } a && r && /cpu:/ { gsub(/[^0-9]/, "", $2); print $2; exit }' "$repo/charts/kube-fim/values.yaml")
+        echo "== the same as pods: agent requesting ${agent_mcpu}m, the job $((threads * 1000))m"
+        python3 "$here/measure.py" foreground "$fg_seconds" "$fg_rounds" \
+            --pods "$agent_mcpu" "$((threads * 1000))" -- "${fg_scan[@]}"
+    fi
 fi
 if [ "${BENCH_ATTRIBUTION:-1}" = 1 ] && [ "$(id -u)" = 0 ]; then
     # Process attribution (fanotify needs root): inotify against fanotify on a

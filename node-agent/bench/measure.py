@@ -7,11 +7,15 @@
   measure.py watch BIN POLICY ROOT STATE N
                                       real-time latency (write -> change line) over N
                                       writes, then idle CPU of `watch` over 5 s
-  measure.py foreground SECONDS ROUNDS -- SCAN_COMMAND...
+  measure.py foreground SECONDS ROUNDS [--pods AGENT_MCPU FG_MCPU] -- SCAN_COMMAND...
                                       throughput of a CPU-bound job at normal priority
                                       (one sha256 worker per core) alone and while
                                       SCAN_COMMAND runs over and over, alternated
-                                      ROUNDS times; prints each ratio and the median
+                                      ROUNDS times; prints each ratio and the median.
+                                      --pods: the scan and the job each in a CPU cgroup
+                                      of its own, weighted as the kubelet weights two
+                                      pods requesting AGENT_MCPU and FG_MCPU millicores
+                                      (root; cgroup v2 cpu.weight or v1 cpu.shares)
 """
 
 import hashlib
@@ -180,6 +184,55 @@ def watch(binary, policy, root, state, n):
             proc.kill()
 
 
+class _Pods:
+    """Two sibling CPU cgroups, `agent` and `foreground`, weighted from CPU
+    requests as the kubelet weights pods: shares = millicores * 1024 / 1000
+    (at least 2), on cgroup v2 cpu.weight = 1 + (shares - 2) * 9999 / 262142.
+    Between sibling cgroups nice and SCHED_IDLE do not act: on a node, the
+    weights are what bound the agent against the other pods."""
+
+    def __init__(self, agent_mcpu, fg_mcpu):
+        v2 = "/sys/fs/cgroup"
+        if os.path.exists(f"{v2}/cgroup.controllers"):
+            with open(f"{v2}/cgroup.controllers") as f:
+                if "cpu" not in f.read().split():
+                    sys.exit("foreground --pods: no cpu controller in cgroup v2")
+            self.base = f"{v2}/kube-fim-bench"
+            os.makedirs(self.base, exist_ok=True)
+            for d in (v2, self.base):
+                with open(f"{d}/cgroup.subtree_control", "w") as f:
+                    f.write("+cpu")
+            knob, value = "cpu.weight", lambda s: 1 + (s - 2) * 9999 // 262142
+        elif os.path.isdir(f"{v2}/cpu"):
+            self.base = f"{v2}/cpu/kube-fim-bench"
+            knob, value = "cpu.shares", lambda s: s
+        else:
+            sys.exit("foreground --pods: no CPU cgroup controller mounted")
+        self.weights = {}
+        for name, mcpu in (("agent", agent_mcpu), ("foreground", fg_mcpu)):
+            os.makedirs(f"{self.base}/{name}", exist_ok=True)
+            shares = max(2, mcpu * 1024 // 1000)
+            with open(f"{self.base}/{name}/{knob}", "w") as f:
+                f.write(str(value(shares)))
+            self.weights[name] = f"{knob}={value(shares)} ({mcpu}m)"
+
+    def enter(self, name, pid=0):
+        with open(f"{self.base}/{name}/cgroup.procs", "w") as f:
+            f.write(str(pid or os.getpid()))
+
+    def close(self):
+        for name in ("agent", "foreground"):
+            # Empty by now: every process of the round has exited.
+            try:
+                os.rmdir(f"{self.base}/{name}")
+            except OSError:
+                pass
+        try:
+            os.rmdir(self.base)
+        except OSError:
+            pass
+
+
 def _hash_worker(seconds, out):
     buf = b"x" * (1 << 20)
     n = 0
@@ -190,27 +243,32 @@ def _hash_worker(seconds, out):
     out.put(n)
 
 
-def _throughput(seconds):
-    """MiB/s sha256'd by one worker process per core, at normal priority."""
+def _throughput(seconds, pods=None):
+    """MiB/s sha256'd by one worker process per core, at normal priority (in
+    the `foreground` cgroup of `pods`)."""
     out = multiprocessing.Queue()
     procs = [multiprocessing.Process(target=_hash_worker, args=(seconds, out))
              for _ in range(os.cpu_count() or 1)]
     t0 = time.monotonic()
     for p in procs:
         p.start()
+        if pods:
+            pods.enter("foreground", p.pid)
     total = sum(out.get() for _ in procs)
     for p in procs:
         p.join()
     return total / (time.monotonic() - t0)
 
 
-def foreground(seconds, rounds, scan):
+def foreground(seconds, rounds, scan, pods=None):
     """The foreground job alone, then while scans run back to back (the agent
     as the chart runs it: its own priority, its default threads), ROUNDS
-    times; the ratio of each pair."""
+    times; the ratio of each pair. With `pods`, each in its pod's cgroup."""
     ratios, shares, scans, scan_cpu = [], [], 0, 0.0
+    if pods:
+        print(f"pods: agent {pods.weights['agent']}, foreground {pods.weights['foreground']}")
     for r in range(rounds):
-        alone = _throughput(seconds)
+        alone = _throughput(seconds, pods)
         stop = threading.Event()
         count, used, current = [0], [0.0], [None]
         lock = threading.Lock()
@@ -223,8 +281,9 @@ def foreground(seconds, rounds, scan):
                     # In this session (a new one would be a scheduling
                     # group of its own under autogroup, sharing the CPU
                     # with the foreground job whatever its priority).
-                    p = subprocess.Popen(scan, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
+                    p = subprocess.Popen(
+                        scan, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        preexec_fn=(lambda: pods.enter("agent")) if pods else None)
                     current[0] = p
                 _, status, ru = os.wait4(p.pid, 0)
                 p.returncode = status
@@ -235,7 +294,7 @@ def foreground(seconds, rounds, scan):
         t = threading.Thread(target=loop)
         t.start()
         time.sleep(0.5)  # the scan under way
-        busy = _throughput(seconds)
+        busy = _throughput(seconds, pods)
         with lock:
             stop.set()
             if current[0] is not None and current[0].returncode is None:
@@ -264,7 +323,17 @@ if __name__ == "__main__":
         tree(sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])
     elif sys.argv[1] == "watch":
         watch(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]))
-    elif sys.argv[1] == "foreground" and sys.argv[4] == "--":
-        foreground(float(sys.argv[2]), int(sys.argv[3]), sys.argv[5:])
+    elif sys.argv[1] == "foreground" and "--" in sys.argv[4:]:
+        sep = sys.argv.index("--", 4)
+        opts, pods = sys.argv[4:sep], None
+        if opts:
+            if len(opts) != 3 or opts[0] != "--pods":
+                sys.exit(__doc__)
+            pods = _Pods(int(opts[1]), int(opts[2]))
+        try:
+            foreground(float(sys.argv[2]), int(sys.argv[3]), sys.argv[sep + 1:], pods)
+        finally:
+            if pods:
+                pods.close()
     else:
         sys.exit(__doc__)
