@@ -115,7 +115,8 @@ enum Command {
         output: Option<Output>,
     },
     /// The compliance report: per node, when every file was last compared with
-    /// the baseline (at least weekly), changes, who approved what, open alarms.
+    /// the baseline (at least weekly), changes, who approved what, open alarms,
+    /// and the evidence gaps, change floods and change storms of the period.
     Report {
         /// Changes detected within this period (e.g. 7d, 30d).
         #[arg(long, default_value = "7d")]
@@ -899,6 +900,7 @@ async fn report(client: &Client, since: &str, output: Option<Output>) -> anyhow:
     let changes = changes_since(client, period).await?;
     let built = report::build(
         since,
+        period,
         Timestamp::now(),
         &policies.items,
         &records.items,
