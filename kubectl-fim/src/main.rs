@@ -1159,6 +1159,52 @@ mod tests {
     }
 
     #[test]
+    fn report_json_and_yaml_list_storms_with_names_escaped() {
+        let node: FileIntegrityNode = serde_json::from_value(serde_json::json!({
+            "apiVersion": "fim.kube-fim.io/v1alpha1",
+            "kind": "FileIntegrityNode",
+            "metadata": {"name": "a"},
+            "spec": {"node": "a"},
+            "status": {"storms": [{
+                "policy": "p", "entry": "evil\u{202e}hs.txt\x1b[2J",
+                "since": "2026-12-07T09:00:00Z", "last": "2026-12-07T09:02:00Z",
+                "count": 12, "cap": 5
+            }]}
+        }))
+        .unwrap();
+        let built = report::build(
+            "1d",
+            Duration::from_secs(86400),
+            "2026-12-07T12:00:00Z".parse().unwrap(),
+            &[],
+            &[node],
+            &[],
+        );
+        let text = structured(&built, Output::Json).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let storm = &json["nodes"][0]["storms"][0];
+        assert_eq!(
+            storm["entry"], "evil\u{202e}hs.txt\x1b[2J",
+            "JSON output is exact"
+        );
+        assert_eq!(
+            (storm["count"].as_u64(), storm["cap"].as_u64()),
+            (Some(12), Some(5))
+        );
+        assert_eq!(storm["since"], "2026-12-07T09:00:00Z");
+        assert_eq!(json["summary"]["changeStorms"], 1);
+        let yaml = structured(&built, Output::Yaml).unwrap();
+        for out in [&text, &yaml] {
+            assert!(
+                !out.chars().any(|c| display::hidden(c) && c != '\n'),
+                "{out:?}"
+            );
+        }
+        let back: serde_json::Value = serde_saphyr::from_str(&yaml).unwrap();
+        assert_eq!(back["nodes"][0]["storms"][0]["count"], 12);
+    }
+
+    #[test]
     fn completion_scripts_know_the_commands_and_kubectl_flags() {
         Cli::command().debug_assert();
         for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh] {

@@ -970,4 +970,348 @@ mod tests {
         assert!(r.passed, "{r:?}");
         assert!(render(&r).contains("Result: PASSED"));
     }
+
+    /// A record of node `node`, heartbeating and compared today, with the
+    /// given storms, floods and evidence gaps (`status` fields as JSON).
+    fn record_with(
+        node: &str,
+        storms: serde_json::Value,
+        floods: serde_json::Value,
+        gaps: serde_json::Value,
+        unexplained: serde_json::Value,
+    ) -> FileIntegrityNode {
+        let mut r = record(node, "2026-12-07T06:00:00Z", false);
+        let mut v = serde_json::to_value(&r).unwrap();
+        v["status"]["storms"] = storms;
+        v["status"]["floods"] = floods;
+        v["status"]["verification"] = serde_json::json!({
+            "verifiedThrough": 40, "since": "2026-12-01T00:00:00Z",
+            "gaps": gaps, "unexplained": unexplained
+        });
+        r = serde_json::from_value(v).unwrap();
+        r
+    }
+
+    fn storm(policy: &str, entry: &str, since: &str, last: &str, count: u64) -> serde_json::Value {
+        serde_json::json!({"policy": policy, "entry": entry, "since": since, "last": last,
+                           "count": count, "cap": 5})
+    }
+
+    fn flood(since: &str, last: &str, count: u64) -> serde_json::Value {
+        serde_json::json!({"since": since, "last": last, "count": count, "budget": 600})
+    }
+
+    #[test]
+    fn gaps_floods_and_storms_of_the_period_are_listed_per_node_newest_first() {
+        let records = [
+            record_with(
+                "a",
+                serde_json::json!([
+                    // Over before the day's period began: not listed.
+                    storm(
+                        "p",
+                        "etc",
+                        "2026-12-06T08:00:00Z",
+                        "2026-12-06T08:01:00Z",
+                        90
+                    ),
+                    // Began before the period, went on into it: listed.
+                    storm(
+                        "p",
+                        "bin",
+                        "2026-12-06T11:59:00Z",
+                        "2026-12-06T12:03:00Z",
+                        7
+                    ),
+                    storm(
+                        "p",
+                        "etc",
+                        "2026-12-07T09:00:00Z",
+                        "2026-12-07T09:02:00Z",
+                        12
+                    ),
+                ]),
+                serde_json::json!([
+                    flood("2026-12-05T01:00:00Z", "2026-12-05T01:10:00Z", 5000),
+                    flood("2026-12-07T10:00:00Z", "2026-12-07T10:05:00Z", 2400),
+                ]),
+                serde_json::json!([
+                    {"first": 5, "last": 7, "reason": "Missing", "since": "2026-12-02T00:00:00Z"},
+                    {"first": 30, "last": 30, "reason": "Rewound", "since": "2026-12-07T11:00:00Z"},
+                ]),
+                serde_json::json!([
+                    {"policy": "p", "entry": "etc", "from": format!("v2-{}", "a".repeat(61)),
+                     "to": format!("v2-{}", "b".repeat(61)), "since": "2026-12-04T00:00:00Z"}
+                ]),
+            ),
+            record_with(
+                "b",
+                serde_json::json!([storm(
+                    "q",
+                    "usr-bin",
+                    "2026-12-07T11:00:00Z",
+                    "2026-12-07T11:00:30Z",
+                    6
+                )]),
+                serde_json::json!([]),
+                serde_json::json!([]),
+                serde_json::json!([]),
+            ),
+        ];
+        let r = build("1d", Duration::from_secs(86400), now(), &[], &records, &[]);
+        assert_eq!(r.period_start, "2026-12-06T12:00:00Z");
+        let a = r.nodes.iter().find(|n| n.node == "a").unwrap();
+        let since = |v: Vec<&str>| v.into_iter().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            a.storms
+                .iter()
+                .map(|s| s.since.as_str())
+                .collect::<Vec<_>>(),
+            ["2026-12-07T09:00:00Z", "2026-12-06T11:59:00Z"],
+            "newest first, the one over before the period left out"
+        );
+        assert_eq!(
+            (
+                a.storms[0].entry.as_str(),
+                a.storms[0].count,
+                a.storms[0].cap
+            ),
+            ("etc", 12, 5)
+        );
+        // The id every evidence sink received for it.
+        let start = "2026-12-07T09:00:00Z"
+            .parse::<Timestamp>()
+            .unwrap()
+            .as_second();
+        assert_eq!(a.storms[0].id, format!("a/storm/p/etc/{start}"));
+        assert_eq!(
+            a.floods.iter().map(|f| f.since.clone()).collect::<Vec<_>>(),
+            since(vec!["2026-12-07T10:00:00Z"])
+        );
+        // Gaps stand until closed: every one recorded is open in the period.
+        assert_eq!(
+            a.gaps
+                .iter()
+                .map(|g| (g.why.as_str(), g.from.as_str(), g.to.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("Rewound", "30", "30"),
+                (
+                    "UnexplainedDigestMove",
+                    &*format!("v2-{}", "a".repeat(61)),
+                    &*format!("v2-{}", "b".repeat(61))
+                ),
+                ("Missing", "5", "7"),
+            ]
+        );
+        assert_eq!(a.gaps[1].entry.as_deref(), Some("etc"));
+        assert_eq!(a.gaps[2].id, "a/gap/5-7/Missing");
+        assert_eq!(
+            (
+                r.summary.evidence_gaps,
+                r.summary.change_floods,
+                r.summary.change_storms
+            ),
+            (3, 1, 3)
+        );
+        // An evidence gap is an open alarm: the report does not pass.
+        assert!(!r.passed);
+
+        let text = render(&r);
+        assert!(
+            text.contains("3 evidence gaps, 1 change floods, 3 change storms"),
+            "{text}"
+        );
+        let section = |title: &str| -> Vec<Vec<String>> {
+            text.split(&format!("\n{title}"))
+                .nth(1)
+                .unwrap_or_else(|| panic!("{title} in\n{text}"))
+                .split("\n\n")
+                .next()
+                .unwrap()
+                .lines()
+                .skip(2)
+                .map(|l| l.split_whitespace().map(String::from).collect())
+                .collect()
+        };
+        let storms = section("Change storms (3)");
+        assert_eq!(
+            storms,
+            [
+                [
+                    "a",
+                    "p",
+                    "etc",
+                    "2026-12-07T09:00:00Z",
+                    "2026-12-07T09:02:00Z",
+                    "12",
+                    "5"
+                ],
+                [
+                    "a",
+                    "p",
+                    "bin",
+                    "2026-12-06T11:59:00Z",
+                    "2026-12-06T12:03:00Z",
+                    "7",
+                    "5"
+                ],
+                [
+                    "b",
+                    "q",
+                    "usr-bin",
+                    "2026-12-07T11:00:00Z",
+                    "2026-12-07T11:00:30Z",
+                    "6",
+                    "5"
+                ],
+            ],
+            "{text}"
+        );
+        let floods = section("Change floods (1)");
+        assert_eq!(
+            floods,
+            [[
+                "a",
+                "2026-12-07T10:00:00Z",
+                "2026-12-07T10:05:00Z",
+                "2400",
+                "600"
+            ]]
+        );
+        let gaps = section("Evidence gaps (3)");
+        assert_eq!(
+            gaps[0],
+            ["a", "2026-12-07T11:00:00Z", "Rewound", "30", "30", "-"]
+        );
+        assert_eq!(
+            gaps[1],
+            [
+                "a",
+                "2026-12-04T00:00:00Z",
+                "UnexplainedDigestMove",
+                "v2-aaaaaaaaaaaaa…",
+                "v2-bbbbbbbbbbbbb…",
+                "p/etc"
+            ]
+        );
+        assert_eq!(gaps[2][2..5], ["Missing", "5", "7"]);
+
+        // A week's report also lists the flood and the storm of two days ago.
+        let week = build("7d", WEEK, now(), &[], &records, &[]);
+        assert_eq!(
+            (week.summary.change_floods, week.summary.change_storms),
+            (2, 4)
+        );
+    }
+
+    #[test]
+    fn storms_and_floods_alone_do_not_fail_the_report_and_no_record_means_none() {
+        let records = [record_with(
+            "a",
+            serde_json::json!([storm(
+                "p",
+                "etc",
+                "2026-12-07T09:00:00Z",
+                "2026-12-07T09:02:00Z",
+                12
+            )]),
+            serde_json::json!([flood("2026-12-07T10:00:00Z", "2026-12-07T10:05:00Z", 2400)]),
+            serde_json::json!([]),
+            serde_json::json!([]),
+        )];
+        let r = build("7d", WEEK, now(), &[], &records, &[]);
+        assert!(r.passed, "paced, every change its own FileChange: {r:?}");
+        let quiet = build(
+            "7d",
+            WEEK,
+            now(),
+            &[],
+            &[record("q", "2026-12-07T06:00:00Z", false)],
+            &[],
+        );
+        let text = render(&quiet);
+        for title in [
+            "Evidence gaps (0)",
+            "Change floods (0)",
+            "Change storms (0)",
+        ] {
+            let after = text
+                .split(title)
+                .nth(1)
+                .unwrap_or_else(|| panic!("{title}: {text}"));
+            assert!(
+                after.starts_with("\n\n"),
+                "no empty table under {title}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_node_lists_its_newest_storms_and_counts_the_older() {
+        let storms: Vec<serde_json::Value> = (0..LISTED_PER_NODE + 4)
+            .map(|i| {
+                let at = format!("2026-12-07T08:{i:02}:00Z");
+                storm("p", &format!("e{i}"), &at, &at, 6)
+            })
+            .collect();
+        let records = [record_with(
+            "a",
+            serde_json::Value::Array(storms),
+            serde_json::json!([]),
+            serde_json::json!([]),
+            serde_json::json!([]),
+        )];
+        let r = build("7d", WEEK, now(), &[], &records, &[]);
+        let a = &r.nodes[0];
+        assert_eq!(a.storms.len(), LISTED_PER_NODE);
+        assert_eq!(a.storms[0].entry, format!("e{}", LISTED_PER_NODE + 3));
+        assert_eq!(
+            a.storms.last().unwrap().entry,
+            "e4",
+            "the oldest four left out"
+        );
+        assert_eq!(a.not_listed, 4);
+        assert_eq!(r.summary.change_storms, LISTED_PER_NODE as u64 + 4);
+        let text = render(&r);
+        assert!(
+            text.contains("4 older on node a not listed (kubectl get fin a -o yaml)"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["nodes"][0]["notListed"], 4);
+        assert_eq!(json["summary"]["changeStorms"], LISTED_PER_NODE + 4);
+    }
+
+    #[test]
+    fn names_from_the_node_reach_the_terminal_escaped() {
+        let node = "n\x1b]0;pwned\x07";
+        let mut r = record_with(
+            node,
+            serde_json::json!([storm(
+                "p\u{202e}",
+                "etc\x1b[2J",
+                "2026-12-07T09:00:00Z",
+                "2026-12-07T09:02:00Z",
+                12
+            )]),
+            serde_json::json!([flood("2026-12-07T10:00:00Z", "2026-12-07T10:05:00Z", 2400)]),
+            serde_json::json!([]),
+            serde_json::json!([{"policy": "p", "entry": "x\u{9b}31m", "from": "v2-a\x07",
+                                "to": "v2-b", "since": "2026-12-04T00:00:00Z"}]),
+        );
+        r.spec.node = node.into();
+        r.metadata.name = Some(node.into());
+        let text = render(&build("7d", WEEK, now(), &[], &[r], &[]));
+        assert!(
+            !text.chars().any(|c| display::hidden(c) && c != '\n'),
+            "{text:?}"
+        );
+        assert!(
+            text.contains("n\\x1b]0;pwned\\x07   p\\u{202e}   etc\\x1b[2J"),
+            "{text}"
+        );
+        assert!(text.contains("p/x\\u{009b}31m"), "{text}");
+        assert!(text.contains("v2-a\\x07"), "{text}");
+    }
 }
