@@ -1313,6 +1313,12 @@ mod tests {
         assert_eq!(a[0].reason, "ChangeStorm");
         assert_eq!(a[0].entry, Some(("p".into(), "ssh".into())));
         assert!(a[0].message.contains("5000"), "{}", a[0].message);
+        // Readers that show more than the message get the record with it.
+        let stored = &node.status.as_ref().unwrap().storms[0];
+        assert_eq!(
+            alarm_records(&node),
+            [(a[0].clone(), AlarmRecord::Storm(stored))]
+        );
         // The storm lasting longer is the same alarm.
         node.status = Some(FileIntegrityNodeStatus {
             storms: vec![storm("2026-12-07T05:09:00Z", 6000)],

@@ -322,9 +322,9 @@ pub fn build(
                     },
                 )),
                 // Floods and storms are over at `last` (one still going on
-                // is extended): the period's are those ending in it. Their
-                // start is not compared with `now`: a node's clock ahead
-                // must not hide one.
+                // is extended): the period's are those ending after it
+                // began. Nothing is compared with `now`: a storm's times
+                // are the node's clock, and one dated ahead is still shown.
                 AlarmRecord::Flood(f) if f.last.0 >= start => floods.push(Dated::new(
                     f.since.0,
                     f.last.0,
