@@ -533,10 +533,10 @@ pub fn render(report: &Report) -> String {
     );
     let sum = &report.summary;
     out.push_str(&format!(
-        "Period: from {}; {} changes on {} nodes ({} unapproved), {} open alarms; {} evidence gaps, {} change floods, {} change storms\n",
+        "Period from {}: nodes {}, changes {} (unapproved {}), open alarms {}; evidence gaps {}, change floods {}, change storms {}\n",
         report.period_start,
-        sum.changes,
         sum.nodes,
+        sum.changes,
         sum.unapproved,
         sum.open_alarms,
         sum.evidence_gaps,
@@ -1119,7 +1119,7 @@ mod tests {
 
         let text = render(&r);
         assert!(
-            text.contains("3 evidence gaps, 1 change floods, 3 change storms"),
+            text.contains("evidence gaps 3, change floods 1, change storms 3"),
             "{text}"
         );
         let section = |title: &str| -> Vec<Vec<String>> {
