@@ -260,6 +260,8 @@ async fn summary_export_approve_and_status() {
     // FileChanges and records it on the node's FileIntegrityNode; the report
     // lists it under its node, and only for a period it overlaps.
     let n3 = format!("{suite}-n3");
+    // A Node, or the operator takes its record for a node gone and deletes it.
+    kube_fim_e2e::create_node(&client, &n3, &[]).await;
     records
         .create(
             &PostParams::default(),
@@ -387,6 +389,7 @@ async fn summary_export_approve_and_status() {
         .delete(&policy, &DeleteParams::default())
         .await
         .unwrap();
+    kube_fim_e2e::delete_node(&client, &n3).await;
 }
 
 fn row_of(text: &str, first: &str) -> Vec<String> {
