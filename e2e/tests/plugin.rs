@@ -2,15 +2,20 @@
 #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
 use std::process::Command;
+use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube_fim_crds::{
     ChangeCategory, FileChange, FileIntegrityNode, FileIntegrityNodeSpec, FileIntegrityNodeStatus,
-    NodePolicyPhase, NodePolicyStatus,
+    FileIntegrityPolicy, NodePolicyPhase, NodePolicyStatus,
 };
-use kube_fim_e2e::{ChangeFixture, Run, binary, client, ensure_crds, kubeconfig, unique_name};
+use kube_fim_e2e::operator::{Operator, SUITE_LABEL};
+use kube_fim_e2e::{
+    ChangeFixture, Entry, Policy, Run, binary, client, ensure_crds, eventually, kubeconfig,
+    unique_name,
+};
 
 /// Runs `kubectl fim ARGS`, with the plugin's directory first on PATH.
 fn kubectl_fim(args: &[&str]) -> Run {
@@ -249,6 +254,142 @@ async fn summary_export_approve_and_status() {
         row_of(&run.stdout, &n1).last().map(String::as_str),
         Some("no")
     );
+
+    // A change storm: more changes of one entry detected within a minute
+    // than the policy's cap, two hours ago. The operator finds it in the
+    // FileChanges and records it on the node's FileIntegrityNode; the report
+    // lists it under its node, and only for a period it overlaps.
+    let n3 = format!("{suite}-n3");
+    // A Node, or the operator takes its record for a node gone and deletes it.
+    kube_fim_e2e::create_node(&client, &n3, &[]).await;
+    records
+        .create(
+            &PostParams::default(),
+            &FileIntegrityNode::new(&n3, FileIntegrityNodeSpec { node: n3.clone() }),
+        )
+        .await
+        .unwrap();
+    let _operator = Operator::start(&suite, &suite, &[]);
+    let policies: Api<FileIntegrityPolicy> = Api::all(client.clone());
+    policies
+        .create(
+            &PostParams::default(),
+            &Policy::named(&policy)
+                .label(SUITE_LABEL, &suite)
+                .node_selector("role", &suite)
+                .path(Entry::new("etc", "/etc").recursive())
+                .max_changes_per_node_per_minute(5)
+                .build(),
+        )
+        .await
+        .unwrap();
+    // The operator counts a storm against the cap of a policy it knows.
+    eventually(
+        "the operator to serve the policy",
+        Duration::from_secs(60),
+        || async {
+            let p = policies.get(&policy).await.map_err(|e| e.to_string())?;
+            p.status
+                .filter(|s| !s.conditions.is_empty())
+                .map(|_| ())
+                .ok_or_else(|| "no status yet".to_string())
+        },
+    )
+    .await;
+    let start = Timestamp::from_second(Timestamp::now().as_second() - 7200).unwrap();
+    for i in 0..6 {
+        let mut fc = ChangeFixture::new(&format!("{suite}-storm-{i}"), &n3, &policy)
+            .path(&format!("/etc/storm-{i}"))
+            .build();
+        fc.spec.detected_time = MicroTime(start + Duration::from_secs(i));
+        api.create(&PostParams::default(), &fc).await.unwrap();
+    }
+    eventually(
+        "the storm recorded on the node",
+        Duration::from_secs(60),
+        || async {
+            let r = records.get(&n3).await.map_err(|e| e.to_string())?;
+            let storms = r.status.unwrap_or_default().storms;
+            storms
+                .iter()
+                .any(|s| s.count == 6)
+                .then_some(())
+                .ok_or_else(|| format!("{storms:?}"))
+        },
+    )
+    .await;
+    let run = kubectl_fim(&["report", "--since", "1d", "-o", "json"]);
+    assert!(run.success, "{}", run.stderr);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let storms = report["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == n3.as_str())
+        .map(|n| n["storms"].clone())
+        .unwrap_or_else(|| panic!("{n3} in {report}"));
+    assert_eq!(
+        storms,
+        serde_json::json!([{
+            "id": format!("{n3}/storm/{policy}/etc/{}", start.as_second()),
+            "policy": policy,
+            "entry": "etc",
+            "since": start.to_string(),
+            "last": (start + Duration::from_secs(5)).to_string(),
+            "count": 6,
+            "cap": 5,
+        }])
+    );
+    assert!(
+        report["summary"]["changeStorms"].as_u64() >= Some(1),
+        "{}",
+        report["summary"]
+    );
+    let run = kubectl_fim(&["report", "--since", "1d"]);
+    assert!(run.success, "{}", run.stderr);
+    let storm_row: Vec<String> = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&n3) && l.contains(&policy))
+        .unwrap_or_else(|| panic!("a storm row of {n3} in\n{}", run.stdout))
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        storm_row,
+        [
+            n3.clone(),
+            policy.clone(),
+            "etc".into(),
+            start.to_string(),
+            (start + Duration::from_secs(5)).to_string(),
+            "6".into(),
+            "5".into()
+        ]
+    );
+    assert!(
+        run.stdout.lines().any(|l| l.starts_with("Period from")
+            && !l.ends_with("change storms 0")
+            && l.contains("change storms")),
+        "{}",
+        run.stdout
+    );
+    // The last hour's report: the storm ended before it began.
+    let run = kubectl_fim(&["report", "--since", "1h", "-o", "json"]);
+    assert!(run.success, "{}", run.stderr);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let ours = report["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == n3.as_str())
+        .unwrap_or_else(|| panic!("{n3} in {report}"));
+    assert_eq!(ours["storms"], serde_json::json!([]), "{ours}");
+    policies
+        .delete(&policy, &DeleteParams::default())
+        .await
+        .unwrap();
+    kube_fim_e2e::delete_node(&client, &n3).await;
 }
 
 fn row_of(text: &str, first: &str) -> Vec<String> {

@@ -23,8 +23,9 @@
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube_fim_crds::{
-    Attribute, ChangeCategory, FileAttributes, FileChange, FileIntegrityNode, FileType,
-    ProcessInfo, SinkFormat,
+    Attribute, BaselineAlarm, ChangeCategory, ChangeFloodRecord, ChangeStormRecord, EvidenceGap,
+    FileAttributes, FileChange, FileIntegrityNode, FileType, ProcessInfo, SinkFormat,
+    UnexplainedMove,
 };
 use serde_json::{Map, Value, json};
 
@@ -712,43 +713,67 @@ pub struct Alarm {
     pub entry: Option<(String, String)>,
 }
 
+/// The part of a node's record an [`Alarm`] stands for, for readers that
+/// show more of it than the sinks' message (`kubectl fim report`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AlarmRecord<'a> {
+    Baseline(&'a BaselineAlarm),
+    /// Missing or rewound transition numbers.
+    Gap(&'a EvidenceGap),
+    /// An entry digest that moved with nothing in the cluster to explain it.
+    DigestMove(&'a UnexplainedMove),
+    Flood(&'a ChangeFloodRecord),
+    Storm(&'a ChangeStormRecord),
+}
+
 /// The standing alarms of a node's record: its baseline alarm, its evidence
 /// gaps (missing transition numbers), its unexplained entry digest moves,
 /// the floods of FileChanges the operator counted and the storms it found.
 /// An id holds the node's name and the condition's identity (never the
 /// message), so a condition republished unchanged is the same event.
 pub fn alarms(node: &FileIntegrityNode) -> Vec<Alarm> {
+    alarm_records(node).into_iter().map(|(a, _)| a).collect()
+}
+
+/// [`alarms`], each with the record of the node's status it stands for.
+pub fn alarm_records(node: &FileIntegrityNode) -> Vec<(Alarm, AlarmRecord<'_>)> {
     let name = node.name_any();
     let Some(status) = &node.status else {
         return Vec::new();
     };
     let mut out = Vec::new();
     if let Some(a) = &status.baseline_alarm {
-        out.push(Alarm {
-            id: format!("{name}/baseline/{}", a.id),
-            node: name.clone(),
-            reason: a.reason.clone(),
-            since: a.since.0,
-            message: a.message.clone(),
-            entry: None,
-        });
+        out.push((
+            Alarm {
+                id: format!("{name}/baseline/{}", a.id),
+                node: name.clone(),
+                reason: a.reason.clone(),
+                since: a.since.0,
+                message: a.message.clone(),
+                entry: None,
+            },
+            AlarmRecord::Baseline(a),
+        ));
     }
     if let Some(v) = &status.verification {
         for g in &v.gaps {
-            out.push(Alarm {
-                id: format!("{name}/gap/{}-{}/{}", g.first, g.last, g.reason),
-                node: name.clone(),
-                reason: "EvidenceGap".into(),
-                since: g.since.0,
-                message: format!(
-                    "transition numbers {} to {} of node {name}: {}",
-                    g.first, g.last, g.reason
-                ),
-                entry: None,
-            });
+            out.push((
+                Alarm {
+                    id: format!("{name}/gap/{}-{}/{}", g.first, g.last, g.reason),
+                    node: name.clone(),
+                    reason: "EvidenceGap".into(),
+                    since: g.since.0,
+                    message: format!(
+                        "transition numbers {} to {} of node {name}: {}",
+                        g.first, g.last, g.reason
+                    ),
+                    entry: None,
+                },
+                AlarmRecord::Gap(g),
+            ));
         }
         for m in &v.unexplained {
-            out.push(Alarm {
+            out.push((Alarm {
                 id: format!("{name}/digest/{}/{}/{}", m.policy, m.entry, m.to),
                 node: name.clone(),
                 reason: "EvidenceGap".into(),
@@ -758,11 +783,11 @@ pub fn alarms(node: &FileIntegrityNode) -> Vec<Alarm> {
                     m.entry, m.policy, m.from, m.to
                 ),
                 entry: Some((m.policy.clone(), m.entry.clone())),
-            });
+            }, AlarmRecord::DigestMove(m)));
         }
     }
     for f in &status.floods {
-        out.push(Alarm {
+        out.push((Alarm {
             id: format!("{name}/flood/{}", f.since.0.as_second()),
             node: name.clone(),
             reason: "ChangeFlood".into(),
@@ -772,10 +797,10 @@ pub fn alarms(node: &FileIntegrityNode) -> Vec<Alarm> {
                 f.count, f.budget, f.since.0, f.last.0
             ),
             entry: None,
-        });
+        }, AlarmRecord::Flood(f)));
     }
     for s in &status.storms {
-        out.push(Alarm {
+        out.push((Alarm {
             id: format!(
                 "{name}/storm/{}/{}/{}",
                 s.policy,
@@ -790,7 +815,7 @@ pub fn alarms(node: &FileIntegrityNode) -> Vec<Alarm> {
                 s.entry, s.policy, s.count, s.cap, s.since.0, s.last.0
             ),
             entry: Some((s.policy.clone(), s.entry.clone())),
-        });
+        }, AlarmRecord::Storm(s)));
     }
     out
 }
@@ -1288,6 +1313,12 @@ mod tests {
         assert_eq!(a[0].reason, "ChangeStorm");
         assert_eq!(a[0].entry, Some(("p".into(), "ssh".into())));
         assert!(a[0].message.contains("5000"), "{}", a[0].message);
+        // Readers that show more than the message get the record with it.
+        let stored = &node.status.as_ref().unwrap().storms[0];
+        assert_eq!(
+            alarm_records(&node),
+            [(a[0].clone(), AlarmRecord::Storm(stored))]
+        );
         // The storm lasting longer is the same alarm.
         node.status = Some(FileIntegrityNodeStatus {
             storms: vec![storm("2026-12-07T05:09:00Z", 6000)],

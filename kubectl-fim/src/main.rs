@@ -115,7 +115,8 @@ enum Command {
         output: Option<Output>,
     },
     /// The compliance report: per node, when every file was last compared with
-    /// the baseline (at least weekly), changes, who approved what, open alarms.
+    /// the baseline (at least weekly), changes, who approved what, open alarms,
+    /// and the evidence gaps, change floods and change storms of the period.
     Report {
         /// Changes detected within this period (e.g. 7d, 30d).
         #[arg(long, default_value = "7d")]
@@ -899,6 +900,7 @@ async fn report(client: &Client, since: &str, output: Option<Output>) -> anyhow:
     let changes = changes_since(client, period).await?;
     let built = report::build(
         since,
+        period,
         Timestamp::now(),
         &policies.items,
         &records.items,
@@ -1154,6 +1156,52 @@ mod tests {
         let json: serde_json::Value =
             serde_json::from_str(&render_status(&status, Some(Output::Json)).unwrap()).unwrap();
         assert_eq!(json["nodes"][0]["node"], long_node().as_str());
+    }
+
+    #[test]
+    fn report_json_and_yaml_list_storms_with_names_escaped() {
+        let node: FileIntegrityNode = serde_json::from_value(serde_json::json!({
+            "apiVersion": "fim.kube-fim.io/v1alpha1",
+            "kind": "FileIntegrityNode",
+            "metadata": {"name": "a"},
+            "spec": {"node": "a"},
+            "status": {"storms": [{
+                "policy": "p", "entry": "evil\u{202e}hs.txt\x1b[2J",
+                "since": "2026-12-07T09:00:00Z", "last": "2026-12-07T09:02:00Z",
+                "count": 12, "cap": 5
+            }]}
+        }))
+        .unwrap();
+        let built = report::build(
+            "1d",
+            Duration::from_secs(86400),
+            "2026-12-07T12:00:00Z".parse().unwrap(),
+            &[],
+            &[node],
+            &[],
+        );
+        let text = structured(&built, Output::Json).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let storm = &json["nodes"][0]["storms"][0];
+        assert_eq!(
+            storm["entry"], "evil\u{202e}hs.txt\x1b[2J",
+            "JSON output is exact"
+        );
+        assert_eq!(
+            (storm["count"].as_u64(), storm["cap"].as_u64()),
+            (Some(12), Some(5))
+        );
+        assert_eq!(storm["since"], "2026-12-07T09:00:00Z");
+        assert_eq!(json["summary"]["changeStorms"], 1);
+        let yaml = structured(&built, Output::Yaml).unwrap();
+        for out in [&text, &yaml] {
+            assert!(
+                !out.chars().any(|c| display::hidden(c) && c != '\n'),
+                "{out:?}"
+            );
+        }
+        let back: serde_json::Value = serde_saphyr::from_str(&yaml).unwrap();
+        assert_eq!(back["nodes"][0]["storms"][0]["count"], 12);
     }
 
     #[test]

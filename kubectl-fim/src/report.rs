@@ -1,8 +1,10 @@
 //! `kubectl fim report`: the compliance document an auditor asks for. Per
 //! node, when each policy last compared every file with the baseline (PCI DSS
 //! 11.5.2 asks for at least weekly), the changes of the period and who approved
-//! which, and every alarm still open — from what the cluster stores, nothing
-//! the node merely says about itself beyond its published record.
+//! which, every alarm still open, and the times changes may have gone
+//! unreported or came paced rather than one by one (evidence gaps, change
+//! floods, change storms) — from what the cluster stores, nothing the node
+//! merely says about itself beyond its published record.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -10,6 +12,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube_fim_crds::{FileChange, FileIntegrityNode, FileIntegrityPolicy};
+use kube_fim_formats::{AlarmRecord, alarm_records};
 use serde::Serialize;
 
 use crate::display::{self, Align};
@@ -17,21 +20,46 @@ use crate::display::{self, Align};
 /// A full comparison older than this fails the report's weekly check.
 pub const FULL_COMPARISON_MAX_AGE: Duration = Duration::from_secs(7 * 86400);
 
+/// Evidence gaps, floods and storms listed per node, each kind newest first;
+/// older ones are counted, not listed (the record keeps at most 16 floods,
+/// 16 storms and 64 gaps: this bounds what a forged one could make us print).
+pub const LISTED_PER_NODE: usize = 16;
+
 /// The whole document.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Report {
     pub generated: String,
     pub since: String,
+    /// Start of the period (`generated` minus `since`).
+    pub period_start: String,
     /// Every node compared all its files within the last 7 days, no alarm is
-    /// open and no change is left unapproved.
+    /// open (an evidence gap included) and no change is left unapproved.
     pub passed: bool,
+    pub summary: Summary,
     pub nodes: Vec<NodeReport>,
     pub approvals: Vec<ApprovalLine>,
     pub unapproved: Vec<ChangeLine>,
     pub alarms: Vec<Alarm>,
     /// Per compliance control the policies reference, its evidence.
     pub compliance: Vec<ControlReport>,
+}
+
+/// The report in numbers.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub nodes: u64,
+    pub changes: u64,
+    pub approved: u64,
+    pub unapproved: u64,
+    pub open_alarms: u64,
+    /// Evidence gaps standing in the period, on every node (listed or not).
+    pub evidence_gaps: u64,
+    /// Change floods overlapping the period.
+    pub change_floods: u64,
+    /// Change storms overlapping the period.
+    pub change_storms: u64,
 }
 
 /// One control of one framework: which policy entries are evidence for it
@@ -64,6 +92,75 @@ pub struct NodeReport {
     pub unapproved: u64,
     /// Each served policy compared every file within 7 days.
     pub weekly_comparison: bool,
+    /// Evidence gaps standing in the period: changes the node numbered that
+    /// the cluster never stored, or a baseline that moved unexplained.
+    /// Newest first, at most [`LISTED_PER_NODE`].
+    pub gaps: Vec<GapLine>,
+    /// Floods of FileChanges from the node overlapping the period. Newest
+    /// first, at most [`LISTED_PER_NODE`].
+    pub floods: Vec<FloodLine>,
+    /// Change storms of the node's entries overlapping the period (each
+    /// change is still a FileChange of its own; they came paced). Newest
+    /// first, at most [`LISTED_PER_NODE`].
+    pub storms: Vec<StormLine>,
+    /// Older gaps, floods and storms of the period beyond those listed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub not_listed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// An evidence gap (`EvidenceGap`): it stands from `since` until its numbers
+/// arrive or an admin clears it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GapLine {
+    /// The alarm's id, as every evidence sink received it.
+    pub id: String,
+    /// When the operator first saw it.
+    pub since: String,
+    /// `Missing` or `Rewound` (transition numbers), `UnexplainedDigestMove`
+    /// (an entry's digest).
+    pub why: String,
+    /// The first and last transition numbers missing, or the entry digest
+    /// verified before and the one the node published instead.
+    pub from: String,
+    pub to: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<String>,
+}
+
+/// A flood (`ChangeFlood`): the node created FileChanges faster than its
+/// policies allow, from `since` to `last`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FloodLine {
+    pub id: String,
+    pub since: String,
+    pub last: String,
+    /// The most FileChanges created in one minute.
+    pub count: u64,
+    /// What the node's policies allowed in a minute.
+    pub budget: u64,
+}
+
+/// A storm (`ChangeStorm`): more changes of one entry detected within a
+/// minute than its policy's cap, from `since` to `last`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StormLine {
+    pub id: String,
+    pub policy: String,
+    pub entry: String,
+    pub since: String,
+    pub last: String,
+    /// The most changes of the entry detected within one minute.
+    pub count: u64,
+    pub cap: u64,
 }
 
 /// When one policy last compared every file of one node.
@@ -114,9 +211,10 @@ pub struct Alarm {
 }
 
 /// Builds the report from what the cluster stores. `changes` are those
-/// detected since `now - since`.
+/// detected since `now - period` (`since` is how the period was asked for).
 pub fn build(
     since: &str,
+    period: Duration,
     now: Timestamp,
     policies: &[FileIntegrityPolicy],
     records: &[FileIntegrityNode],
@@ -124,6 +222,12 @@ pub fn build(
 ) -> Report {
     let max_age =
         k8s_openapi::jiff::SignedDuration::from_secs(FULL_COMPARISON_MAX_AGE.as_secs() as i64);
+    let start = now
+        .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(
+            i64::try_from(period.as_secs()).unwrap_or(i64::MAX),
+        ))
+        .unwrap_or(Timestamp::MIN);
+    let mut summary = Summary::default();
     let mut per_node: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut approvals = Vec::new();
     let mut unapproved = Vec::new();
@@ -176,14 +280,85 @@ pub fn build(
                 }
             })
             .collect();
-        if let Some(a) = &status.baseline_alarm {
-            alarms.push(Alarm {
-                subject: format!("node/{name}"),
-                reason: a.reason.clone(),
-                since: Some(a.since.0.to_string()),
-                message: a.message.clone(),
-            });
+        let mut gaps = Vec::new();
+        let mut floods = Vec::new();
+        let mut storms = Vec::new();
+        // The node's standing conditions as the evidence sinks receive them
+        // (same records, same ids).
+        for (alarm, record) in alarm_records(r) {
+            match record {
+                AlarmRecord::Baseline(_) => alarms.push(Alarm {
+                    subject: format!("node/{name}"),
+                    reason: alarm.reason,
+                    since: Some(alarm.since.to_string()),
+                    message: alarm.message,
+                }),
+                // A gap stands until its numbers arrive or an admin clears
+                // it: every recorded one is open now, so in the period.
+                AlarmRecord::Gap(g) => gaps.push(Dated::new(
+                    g.since.0,
+                    now,
+                    GapLine {
+                        id: alarm.id,
+                        since: g.since.0.to_string(),
+                        why: g.reason.clone(),
+                        from: g.first.to_string(),
+                        to: g.last.to_string(),
+                        policy: None,
+                        entry: None,
+                    },
+                )),
+                AlarmRecord::DigestMove(m) => gaps.push(Dated::new(
+                    m.since.0,
+                    now,
+                    GapLine {
+                        id: alarm.id,
+                        since: m.since.0.to_string(),
+                        why: "UnexplainedDigestMove".into(),
+                        from: m.from.clone(),
+                        to: m.to.clone(),
+                        policy: Some(m.policy.clone()),
+                        entry: Some(m.entry.clone()),
+                    },
+                )),
+                // Floods and storms are over at `last` (one still going on
+                // is extended): the period's are those ending after it
+                // began. Nothing is compared with `now`: a storm's times
+                // are the node's clock, and one dated ahead is still shown.
+                AlarmRecord::Flood(f) if f.last.0 >= start => floods.push(Dated::new(
+                    f.since.0,
+                    f.last.0,
+                    FloodLine {
+                        id: alarm.id,
+                        since: f.since.0.to_string(),
+                        last: f.last.0.to_string(),
+                        count: f.count,
+                        budget: f.budget,
+                    },
+                )),
+                AlarmRecord::Storm(s) if s.last.0 >= start => storms.push(Dated::new(
+                    s.since.0,
+                    s.last.0,
+                    StormLine {
+                        id: alarm.id,
+                        policy: s.policy.clone(),
+                        entry: s.entry.clone(),
+                        since: s.since.0.to_string(),
+                        last: s.last.0.to_string(),
+                        count: s.count,
+                        cap: s.cap,
+                    },
+                )),
+                AlarmRecord::Flood(_) | AlarmRecord::Storm(_) => {}
+            }
         }
+        summary.evidence_gaps += gaps.len() as u64;
+        summary.change_floods += floods.len() as u64;
+        summary.change_storms += storms.len() as u64;
+        let mut not_listed = 0;
+        let gaps = newest_first(gaps, &mut not_listed);
+        let floods = newest_first(floods, &mut not_listed);
+        let storms = newest_first(storms, &mut not_listed);
         let (changes, approved) = per_node.remove(&name).unwrap_or_default();
         nodes.push(NodeReport {
             agent_version: status.agent_version.clone(),
@@ -199,6 +374,10 @@ pub fn build(
             approved,
             unapproved: changes - approved,
             node: name,
+            gaps,
+            floods,
+            storms,
+            not_listed,
         });
     }
     // Changes of nodes without a record (deleted since) still count.
@@ -212,6 +391,10 @@ pub fn build(
             approved,
             unapproved: changes - approved,
             weekly_comparison: false,
+            gaps: Vec::new(),
+            floods: Vec::new(),
+            storms: Vec::new(),
+            not_listed: 0,
         });
     }
     nodes.sort_by(|a, b| a.node.cmp(&b.node));
@@ -230,19 +413,53 @@ pub fn build(
         }
     }
     let compliance = controls(policies, changes);
+    summary.nodes = nodes.len() as u64;
+    summary.changes = nodes.iter().map(|n| n.changes).sum();
+    summary.approved = nodes.iter().map(|n| n.approved).sum();
+    summary.unapproved = nodes.iter().map(|n| n.unapproved).sum();
+    summary.open_alarms = alarms.len() as u64;
     Report {
         compliance,
         generated: now.to_string(),
         since: since.to_string(),
+        period_start: start.to_string(),
+        // An evidence gap is an open alarm (its policies are Degraded too,
+        // while they exist); floods and storms are history, not alarms.
         passed: !nodes.is_empty()
             && nodes.iter().all(|n| n.weekly_comparison)
             && alarms.is_empty()
+            && summary.evidence_gaps == 0
             && unapproved.is_empty(),
+        summary,
         nodes,
         approvals,
         unapproved,
         alarms,
     }
+}
+
+/// A row with the interval it covers, for ordering.
+struct Dated<T> {
+    since: Timestamp,
+    until: Timestamp,
+    row: T,
+}
+
+impl<T> Dated<T> {
+    fn new(since: Timestamp, until: Timestamp, row: T) -> Dated<T> {
+        Dated { since, until, row }
+    }
+}
+
+/// The rows newest first (latest start, then latest end), the newest
+/// [`LISTED_PER_NODE`] of them; the others counted in `not_listed`.
+fn newest_first<T>(mut rows: Vec<Dated<T>>, not_listed: &mut u64) -> Vec<T> {
+    rows.sort_by(|a, b| b.since.cmp(&a.since).then(b.until.cmp(&a.until)));
+    *not_listed += rows.len().saturating_sub(LISTED_PER_NODE) as u64;
+    rows.into_iter()
+        .take(LISTED_PER_NODE)
+        .map(|d| d.row)
+        .collect()
 }
 
 /// Per control the policies reference, its entries and the changes under
@@ -314,6 +531,18 @@ pub fn render(report: &Report) -> String {
             "NOT PASSED (see below)"
         }
     );
+    let sum = &report.summary;
+    out.push_str(&format!(
+        "Period from {}: nodes {}, changes {} (unapproved {}), open alarms {}; evidence gaps {}, change floods {}, change storms {}\n",
+        report.period_start,
+        sum.nodes,
+        sum.changes,
+        sum.unapproved,
+        sum.open_alarms,
+        sum.evidence_gaps,
+        sum.change_floods,
+        sum.change_storms,
+    ));
     out.push_str("\nFull comparison with the baseline (PCI DSS 11.5.2: at least weekly)\n");
     let mut t = display::Table::new(&[
         ("NODE", Left),
@@ -366,6 +595,7 @@ pub fn render(report: &Report) -> String {
         ]);
     }
     out.push_str(&t.render());
+    render_interruptions(report, &mut out);
     out.push_str(&format!("\nApprovals ({})\n", report.approvals.len()));
     if !report.approvals.is_empty() {
         let mut t = display::Table::new(&[
@@ -461,8 +691,113 @@ pub fn render(report: &Report) -> String {
     out
 }
 
+/// Per node, when changes may have gone unreported (evidence gaps) or came
+/// faster than reported one by one (floods, storms).
+fn render_interruptions(report: &Report, out: &mut String) {
+    use Align::{Left, Right};
+    let sum = &report.summary;
+    out.push_str(
+        "\nWhen changes may have gone unreported or came paced (PCI DSS 11.5.2), newest first per node\n",
+    );
+    out.push_str(&format!("\nEvidence gaps ({})\n", sum.evidence_gaps));
+    if sum.evidence_gaps > 0 {
+        let mut t = display::Table::new(&[
+            ("NODE", Left),
+            ("SINCE", Left),
+            ("WHY", Left),
+            ("FROM", Left),
+            ("TO", Left),
+            ("ENTRY", Left),
+        ]);
+        for n in &report.nodes {
+            for g in &n.gaps {
+                let entry = match (&g.policy, &g.entry) {
+                    (Some(p), Some(e)) => format!("{p}/{e}"),
+                    _ => "-".into(),
+                };
+                t.row([
+                    n.node.as_str(),
+                    &g.since,
+                    &g.why,
+                    &short(&g.from),
+                    &short(&g.to),
+                    &entry,
+                ]);
+            }
+        }
+        out.push_str(&t.render());
+    }
+    out.push_str(&format!("\nChange floods ({})\n", sum.change_floods));
+    if sum.change_floods > 0 {
+        let mut t = display::Table::new(&[
+            ("NODE", Left),
+            ("SINCE", Left),
+            ("LAST", Left),
+            ("MOST IN A MINUTE", Right),
+            ("ALLOWED", Right),
+        ]);
+        for n in &report.nodes {
+            for f in &n.floods {
+                t.row([
+                    n.node.as_str(),
+                    &f.since,
+                    &f.last,
+                    &f.count.to_string(),
+                    &f.budget.to_string(),
+                ]);
+            }
+        }
+        out.push_str(&t.render());
+    }
+    out.push_str(&format!("\nChange storms ({})\n", sum.change_storms));
+    if sum.change_storms > 0 {
+        let mut t = display::Table::new(&[
+            ("NODE", Left),
+            ("POLICY", Left),
+            ("ENTRY", Left),
+            ("SINCE", Left),
+            ("LAST", Left),
+            ("MOST IN A MINUTE", Right),
+            ("CAP", Right),
+        ]);
+        for n in &report.nodes {
+            for s in &n.storms {
+                t.row([
+                    n.node.as_str(),
+                    &s.policy,
+                    &s.entry,
+                    &s.since,
+                    &s.last,
+                    &s.count.to_string(),
+                    &s.cap.to_string(),
+                ]);
+            }
+        }
+        out.push_str(&t.render());
+    }
+    for n in report.nodes.iter().filter(|n| n.not_listed > 0) {
+        out.push_str(&format!(
+            "{} older on node {} not listed (kubectl get fin {} -o yaml)\n",
+            n.not_listed,
+            display::escape(&n.node),
+            display::escape(&n.node)
+        ));
+    }
+}
+
+/// A digest cut for a table (`-o json` has it whole); numbers as they are.
+fn short(s: &str) -> String {
+    const KEEP: usize = 16;
+    if s.chars().count() <= KEEP + 1 {
+        return s.to_string();
+    }
+    let mut cut: String = s.chars().take(KEEP).collect();
+    cut.push('…');
+    cut
+}
+
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -509,6 +844,8 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
+    const WEEK: Duration = Duration::from_secs(7 * 86400);
+
     fn now() -> Timestamp {
         "2026-12-07T12:00:00Z".parse().unwrap()
     }
@@ -551,7 +888,7 @@ mod tests {
             in_app,
             in_bin,
         ];
-        let r = build("7d", now(), &[policy], &[], &changes);
+        let r = build("7d", WEEK, now(), &[policy], &[], &changes);
         let control = |f: &str, c: &str| {
             r.compliance
                 .iter()
@@ -583,7 +920,7 @@ mod tests {
             record("fresh", "2026-12-07T06:00:00Z", false),
             record("stale", "2026-11-29T06:00:00Z", false),
         ];
-        let r = build("7d", now(), &[], &records, &[]);
+        let r = build("7d", WEEK, now(), &[], &records, &[]);
         assert!(!r.passed);
         let stale = r.nodes.iter().find(|n| n.node == "stale").unwrap();
         assert!(!stale.weekly_comparison);
@@ -608,7 +945,7 @@ mod tests {
             change("a-2-y", "a", None),
             change("gone-1-z", "gone", None),
         ];
-        let r = build("7d", now(), &[], &records, &changes);
+        let r = build("7d", WEEK, now(), &[], &records, &changes);
         assert!(!r.passed);
         assert_eq!(r.approvals.len(), 1);
         assert_eq!(r.approvals[0].approved_by, "alice@example.com");
@@ -629,8 +966,352 @@ mod tests {
     fn all_compared_nothing_open_passes() {
         let records = [record("a", "2026-12-07T06:00:00Z", false)];
         let changes = [change("a-1-x", "a", Some("alice"))];
-        let r = build("7d", now(), &[], &records, &changes);
+        let r = build("7d", WEEK, now(), &[], &records, &changes);
         assert!(r.passed, "{r:?}");
         assert!(render(&r).contains("Result: PASSED"));
+    }
+
+    /// A record of node `node`, heartbeating and compared today, with the
+    /// given storms, floods and evidence gaps (`status` fields as JSON).
+    fn record_with(
+        node: &str,
+        storms: serde_json::Value,
+        floods: serde_json::Value,
+        gaps: serde_json::Value,
+        unexplained: serde_json::Value,
+    ) -> FileIntegrityNode {
+        let mut r = record(node, "2026-12-07T06:00:00Z", false);
+        let mut v = serde_json::to_value(&r).unwrap();
+        v["status"]["storms"] = storms;
+        v["status"]["floods"] = floods;
+        v["status"]["verification"] = serde_json::json!({
+            "verifiedThrough": 40, "since": "2026-12-01T00:00:00Z",
+            "gaps": gaps, "unexplained": unexplained
+        });
+        r = serde_json::from_value(v).unwrap();
+        r
+    }
+
+    fn storm(policy: &str, entry: &str, since: &str, last: &str, count: u64) -> serde_json::Value {
+        serde_json::json!({"policy": policy, "entry": entry, "since": since, "last": last,
+                           "count": count, "cap": 5})
+    }
+
+    fn flood(since: &str, last: &str, count: u64) -> serde_json::Value {
+        serde_json::json!({"since": since, "last": last, "count": count, "budget": 600})
+    }
+
+    #[test]
+    fn gaps_floods_and_storms_of_the_period_are_listed_per_node_newest_first() {
+        let records = [
+            record_with(
+                "a",
+                serde_json::json!([
+                    // Over before the day's period began: not listed.
+                    storm(
+                        "p",
+                        "etc",
+                        "2026-12-06T08:00:00Z",
+                        "2026-12-06T08:01:00Z",
+                        90
+                    ),
+                    // Began before the period, went on into it: listed.
+                    storm(
+                        "p",
+                        "bin",
+                        "2026-12-06T11:59:00Z",
+                        "2026-12-06T12:03:00Z",
+                        7
+                    ),
+                    storm(
+                        "p",
+                        "etc",
+                        "2026-12-07T09:00:00Z",
+                        "2026-12-07T09:02:00Z",
+                        12
+                    ),
+                ]),
+                serde_json::json!([
+                    flood("2026-12-05T01:00:00Z", "2026-12-05T01:10:00Z", 5000),
+                    flood("2026-12-07T10:00:00Z", "2026-12-07T10:05:00Z", 2400),
+                ]),
+                serde_json::json!([
+                    {"first": 5, "last": 7, "reason": "Missing", "since": "2026-12-02T00:00:00Z"},
+                    {"first": 30, "last": 30, "reason": "Rewound", "since": "2026-12-07T11:00:00Z"},
+                ]),
+                serde_json::json!([
+                    {"policy": "p", "entry": "etc", "from": format!("v2-{}", "a".repeat(61)),
+                     "to": format!("v2-{}", "b".repeat(61)), "since": "2026-12-04T00:00:00Z"}
+                ]),
+            ),
+            record_with(
+                "b",
+                serde_json::json!([storm(
+                    "q",
+                    "usr-bin",
+                    "2026-12-07T11:00:00Z",
+                    "2026-12-07T11:00:30Z",
+                    6
+                )]),
+                serde_json::json!([]),
+                serde_json::json!([]),
+                serde_json::json!([]),
+            ),
+        ];
+        let r = build("1d", Duration::from_secs(86400), now(), &[], &records, &[]);
+        assert_eq!(r.period_start, "2026-12-06T12:00:00Z");
+        let a = r.nodes.iter().find(|n| n.node == "a").unwrap();
+        let since = |v: Vec<&str>| v.into_iter().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            a.storms
+                .iter()
+                .map(|s| s.since.as_str())
+                .collect::<Vec<_>>(),
+            ["2026-12-07T09:00:00Z", "2026-12-06T11:59:00Z"],
+            "newest first, the one over before the period left out"
+        );
+        assert_eq!(
+            (
+                a.storms[0].entry.as_str(),
+                a.storms[0].count,
+                a.storms[0].cap
+            ),
+            ("etc", 12, 5)
+        );
+        // The id every evidence sink received for it.
+        let start = "2026-12-07T09:00:00Z"
+            .parse::<Timestamp>()
+            .unwrap()
+            .as_second();
+        assert_eq!(a.storms[0].id, format!("a/storm/p/etc/{start}"));
+        assert_eq!(
+            a.floods.iter().map(|f| f.since.clone()).collect::<Vec<_>>(),
+            since(vec!["2026-12-07T10:00:00Z"])
+        );
+        // Gaps stand until closed: every one recorded is open in the period.
+        assert_eq!(
+            a.gaps
+                .iter()
+                .map(|g| (g.why.as_str(), g.from.as_str(), g.to.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("Rewound", "30", "30"),
+                (
+                    "UnexplainedDigestMove",
+                    &*format!("v2-{}", "a".repeat(61)),
+                    &*format!("v2-{}", "b".repeat(61))
+                ),
+                ("Missing", "5", "7"),
+            ]
+        );
+        assert_eq!(a.gaps[1].entry.as_deref(), Some("etc"));
+        assert_eq!(a.gaps[2].id, "a/gap/5-7/Missing");
+        assert_eq!(
+            (
+                r.summary.evidence_gaps,
+                r.summary.change_floods,
+                r.summary.change_storms
+            ),
+            (3, 1, 3)
+        );
+        // An evidence gap is an open alarm: the report does not pass.
+        assert!(!r.passed);
+
+        let text = render(&r);
+        assert!(
+            text.contains("evidence gaps 3, change floods 1, change storms 3"),
+            "{text}"
+        );
+        let section = |title: &str| -> Vec<Vec<String>> {
+            text.split(&format!("\n{title}"))
+                .nth(1)
+                .unwrap_or_else(|| panic!("{title} in\n{text}"))
+                .split("\n\n")
+                .next()
+                .unwrap()
+                .lines()
+                .skip(2)
+                .map(|l| l.split_whitespace().map(String::from).collect())
+                .collect()
+        };
+        let storms = section("Change storms (3)");
+        assert_eq!(
+            storms,
+            [
+                [
+                    "a",
+                    "p",
+                    "etc",
+                    "2026-12-07T09:00:00Z",
+                    "2026-12-07T09:02:00Z",
+                    "12",
+                    "5"
+                ],
+                [
+                    "a",
+                    "p",
+                    "bin",
+                    "2026-12-06T11:59:00Z",
+                    "2026-12-06T12:03:00Z",
+                    "7",
+                    "5"
+                ],
+                [
+                    "b",
+                    "q",
+                    "usr-bin",
+                    "2026-12-07T11:00:00Z",
+                    "2026-12-07T11:00:30Z",
+                    "6",
+                    "5"
+                ],
+            ],
+            "{text}"
+        );
+        let floods = section("Change floods (1)");
+        assert_eq!(
+            floods,
+            [[
+                "a",
+                "2026-12-07T10:00:00Z",
+                "2026-12-07T10:05:00Z",
+                "2400",
+                "600"
+            ]]
+        );
+        let gaps = section("Evidence gaps (3)");
+        assert_eq!(
+            gaps[0],
+            ["a", "2026-12-07T11:00:00Z", "Rewound", "30", "30", "-"]
+        );
+        assert_eq!(
+            gaps[1],
+            [
+                "a",
+                "2026-12-04T00:00:00Z",
+                "UnexplainedDigestMove",
+                "v2-aaaaaaaaaaaaa…",
+                "v2-bbbbbbbbbbbbb…",
+                "p/etc"
+            ]
+        );
+        assert_eq!(gaps[2][2..5], ["Missing", "5", "7"]);
+
+        // A week's report also lists the flood and the storm of two days ago.
+        let week = build("7d", WEEK, now(), &[], &records, &[]);
+        assert_eq!(
+            (week.summary.change_floods, week.summary.change_storms),
+            (2, 4)
+        );
+    }
+
+    #[test]
+    fn storms_and_floods_alone_do_not_fail_the_report_and_no_record_means_none() {
+        let records = [record_with(
+            "a",
+            serde_json::json!([storm(
+                "p",
+                "etc",
+                "2026-12-07T09:00:00Z",
+                "2026-12-07T09:02:00Z",
+                12
+            )]),
+            serde_json::json!([flood("2026-12-07T10:00:00Z", "2026-12-07T10:05:00Z", 2400)]),
+            serde_json::json!([]),
+            serde_json::json!([]),
+        )];
+        let r = build("7d", WEEK, now(), &[], &records, &[]);
+        assert!(r.passed, "paced, every change its own FileChange: {r:?}");
+        let quiet = build(
+            "7d",
+            WEEK,
+            now(),
+            &[],
+            &[record("q", "2026-12-07T06:00:00Z", false)],
+            &[],
+        );
+        let text = render(&quiet);
+        for title in [
+            "Evidence gaps (0)",
+            "Change floods (0)",
+            "Change storms (0)",
+        ] {
+            let after = text
+                .split(title)
+                .nth(1)
+                .unwrap_or_else(|| panic!("{title}: {text}"));
+            assert!(
+                after.starts_with("\n\n"),
+                "no empty table under {title}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_node_lists_its_newest_storms_and_counts_the_older() {
+        let storms: Vec<serde_json::Value> = (0..LISTED_PER_NODE + 4)
+            .map(|i| {
+                let at = format!("2026-12-07T08:{i:02}:00Z");
+                storm("p", &format!("e{i}"), &at, &at, 6)
+            })
+            .collect();
+        let records = [record_with(
+            "a",
+            serde_json::Value::Array(storms),
+            serde_json::json!([]),
+            serde_json::json!([]),
+            serde_json::json!([]),
+        )];
+        let r = build("7d", WEEK, now(), &[], &records, &[]);
+        let a = &r.nodes[0];
+        assert_eq!(a.storms.len(), LISTED_PER_NODE);
+        assert_eq!(a.storms[0].entry, format!("e{}", LISTED_PER_NODE + 3));
+        assert_eq!(
+            a.storms.last().unwrap().entry,
+            "e4",
+            "the oldest four left out"
+        );
+        assert_eq!(a.not_listed, 4);
+        assert_eq!(r.summary.change_storms, LISTED_PER_NODE as u64 + 4);
+        let text = render(&r);
+        assert!(
+            text.contains("4 older on node a not listed (kubectl get fin a -o yaml)"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["nodes"][0]["notListed"], 4);
+        assert_eq!(json["summary"]["changeStorms"], LISTED_PER_NODE + 4);
+    }
+
+    #[test]
+    fn names_from_the_node_reach_the_terminal_escaped() {
+        let node = "n\x1b]0;pwned\x07";
+        let mut r = record_with(
+            node,
+            serde_json::json!([storm(
+                "p\u{202e}",
+                "etc\x1b[2J",
+                "2026-12-07T09:00:00Z",
+                "2026-12-07T09:02:00Z",
+                12
+            )]),
+            serde_json::json!([flood("2026-12-07T10:00:00Z", "2026-12-07T10:05:00Z", 2400)]),
+            serde_json::json!([]),
+            serde_json::json!([{"policy": "p", "entry": "x\u{9b}31m", "from": "v2-a\x07",
+                                "to": "v2-b", "since": "2026-12-04T00:00:00Z"}]),
+        );
+        r.spec.node = node.into();
+        r.metadata.name = Some(node.into());
+        let text = render(&build("7d", WEEK, now(), &[], &[r], &[]));
+        assert!(
+            !text.chars().any(|c| display::hidden(c) && c != '\n'),
+            "{text:?}"
+        );
+        assert!(
+            text.contains("n\\x1b]0;pwned\\x07   p\\u{202e}   etc\\x1b[2J"),
+            "{text}"
+        );
+        assert!(text.contains("p/x\\u{009b}31m"), "{text}");
+        assert!(text.contains("v2-a\\x07"), "{text}");
     }
 }
