@@ -423,7 +423,7 @@ async fn record_storms(ctx: Arc<Context>, storms: Arc<storm::Storms>) {
 /// holds (read afresh, not from the cache, which may not show the last
 /// write yet: a storm of another entry recorded a moment ago stays).
 /// Gives `found` back when it could not.
-async fn record_node_storms(
+pub(crate) async fn record_node_storms(
     ctx: &Context,
     node: &str,
     found: Vec<kube_fim_crds::ChangeStormRecord>,
