@@ -171,6 +171,8 @@ pub struct FileIntegrityNodeStatus {
 
 /// One storm of changes in one policy entry of a node, from the first
 /// detection of its first minute past the cap to the last detection past it.
+/// Found again (later minutes, late changes, an operator restarted), it is
+/// extended, never recorded twice.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ChangeStormRecord {
@@ -180,7 +182,10 @@ pub struct ChangeStormRecord {
     /// The entry (the agent's pacing lane).
     #[schemars(length(max = 253))]
     pub entry: String,
-    /// When the first change of the storm was detected.
+    /// When the first change of the storm was detected, of those the
+    /// operator held when it first recorded it: the alarm's id, never moved
+    /// (changes of the storm detected earlier that arrive later raise
+    /// `count`).
     pub since: Time,
     /// The last detection still past the cap.
     pub last: Time,

@@ -88,6 +88,7 @@ pub async fn run(
     );
 
     let heartbeat_timeout = config.heartbeat_timeout;
+    let storms = Arc::new(storm::Storms::default());
     let watches = [
         tokio::spawn(watch(
             Api::<FileIntegrityPolicy>::all(client.clone()),
@@ -130,7 +131,12 @@ pub async fn run(
             move |record, _| triggers::record_view(record, Timestamp::now(), heartbeat_timeout),
             |change, _, _| triggers::record_wake(change),
         )),
-        tokio::spawn(watch_changes(changes::api(client.clone()), ctx.clone())),
+        tokio::spawn(watch_changes(
+            changes::api(client.clone()),
+            ctx.clone(),
+            storms.clone(),
+        )),
+        tokio::spawn(record_storms(ctx.clone(), storms)),
         tokio::spawn(retention::run(ctx.clone())),
         tokio::spawn(chain::run(ctx.clone())),
         tokio::spawn(follow_fingerprints(ctx.clone())),
@@ -286,19 +292,17 @@ async fn watch<K, V>(
 /// Of each, only what the counts and retention need is kept ([`Changes`]).
 ///
 /// New ones are also counted per node ([`flood`]): a node creating them far
-/// faster than its policies allow is a `ChangeFlood`.
-async fn watch_changes(api: Api<ChangeView>, ctx: Arc<Context>) {
+/// faster than its policies allow is a `ChangeFlood`. Their detection times
+/// are kept per entry for [`record_storms`].
+async fn watch_changes(api: Api<ChangeView>, ctx: Arc<Context>, storms: Arc<storm::Storms>) {
     let events = watcher(api, watcher::Config::default()).default_backoff();
     futures::pin_mut!(events);
     let floods = flood::Floods::default();
-    let storms = storm::Storms::default();
     let started = Instant::now();
     while let Some(event) = events.next().await {
         match event {
             Ok(event) => {
-                if let watcher::Event::Apply(view) | watcher::Event::InitApply(view) = &event {
-                    count_storm(&storms, view, &ctx);
-                }
+                follow_detections(&storms, &event);
                 let change = ctx.changes.observe(&event);
                 if change == Change::Relisted {
                     // Retention, the chain and every status wait for this
@@ -345,49 +349,120 @@ async fn write_floods(ctx: &Context, node: &str, floods: Vec<kube_fim_crds::Chan
     }
 }
 
-/// Counts a FileChange in its lane's minute of detections; records a storm
-/// on the node's FileIntegrityNode when the lane went past its policy's cap
-/// ([`storm`]).
-fn count_storm(storms: &storm::Storms, view: &ChangeView, ctx: &Arc<Context>) {
+/// A storm's lane and detection time, of a FileChange that can be part of
+/// one.
+fn storm_lane(view: &ChangeView) -> Option<(storm::Lane, Timestamp)> {
     let spec = &view.spec;
-    let Some(detected) = spec.detected_time.as_ref().map(|t| t.0) else {
-        return;
-    };
+    let detected = spec.detected_time.as_ref()?.0;
     if spec.category == "Summary" || spec.entry.is_empty() {
-        return;
+        return None;
     }
-    let Some(policy) = ctx.policies.get(&ObjectRef::new(&spec.policy)) else {
-        return;
-    };
     let lane = storm::Lane {
         node: spec.node.clone(),
         policy: spec.policy.clone(),
         entry: spec.entry.clone(),
     };
-    let cap = policy.spec.max_changes_per_node_per_minute;
-    let Some(found) = storms.observe(lane, &view.name_any(), detected, cap) else {
-        return;
-    };
-    ctx.metrics.change_storms.inc();
-    info!(node = %found.lane.node, policy = %found.lane.policy, entry = %found.lane.entry, count = found.count, cap, "change storm");
-    let recorded = ctx
-        .records
-        .get(&ObjectRef::new(&found.lane.node))
-        .and_then(|r| r.status.as_ref().map(|s| s.storms.clone()))
-        .unwrap_or_default();
-    let storms = storm::record(&recorded, &found);
-    if storms == recorded {
-        return;
-    }
-    let writer = ctx.clone();
-    tokio::spawn(async move { write_storms(&writer, &found.lane.node, storms).await });
+    Some((lane, detected))
 }
 
-/// Records a node's storms on its FileIntegrityNode: `status.storms` only,
-/// under a field manager of its own (as [`write_floods`]; admission refuses
-/// the agent's writes of it).
-async fn write_storms(ctx: &Context, node: &str, storms: Vec<kube_fim_crds::ChangeStormRecord>) {
+/// Keeps the detection times of the stored FileChanges per lane, as the
+/// watch tells them ([`storm::Storms`]).
+fn follow_detections(storms: &storm::Storms, event: &watcher::Event<ChangeView>) {
+    match event {
+        watcher::Event::Init => storms.relist_started(),
+        watcher::Event::InitDone => storms.relist_done(),
+        watcher::Event::InitApply(view) => {
+            if let Some((lane, t)) = storm_lane(view) {
+                storms.relisted(lane, &view.name_any(), t);
+            }
+        }
+        watcher::Event::Apply(view) => {
+            if let Some((lane, t)) = storm_lane(view) {
+                storms.add(lane, &view.name_any(), t);
+            }
+        }
+        watcher::Event::Delete(view) => {
+            if let Some((lane, t)) = storm_lane(view) {
+                storms.remove(&lane, &view.name_any(), t);
+            }
+        }
+    }
+}
+
+/// How often the lanes that changed are judged, and storms not yet recorded
+/// tried again.
+const STORM_PASS: Duration = Duration::from_secs(1);
+
+/// Judges the lanes whose changes moved ([`storm::Storms::due`]) against
+/// their policies' caps and records each storm on its node's
+/// FileIntegrityNode. A storm is kept until its record is written: a node
+/// without a record yet, or an API outage, only delays it; an operator
+/// restarting finds it again in the FileChanges.
+async fn record_storms(ctx: Arc<Context>, storms: Arc<storm::Storms>) {
+    let mut pending = storm::Pending::default();
+    let mut tick = tokio::time::interval(STORM_PASS);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for found in storms.due(|policy| {
+            ctx.policies
+                .get(&ObjectRef::new(policy))
+                .map(|p| p.spec.max_changes_per_node_per_minute)
+        }) {
+            pending.add(&found);
+        }
+        for (node, found) in pending.take() {
+            if let Err(found) = record_node_storms(&ctx, &node, found).await {
+                pending.put_back(node, found);
+            }
+        }
+    }
+}
+
+/// Records `found` on `node`'s FileIntegrityNode, merged into the storms it
+/// holds (read afresh, not from the cache, which may not show the last
+/// write yet: a storm of another entry recorded a moment ago stays).
+/// Gives `found` back when it could not.
+pub(crate) async fn record_node_storms(
+    ctx: &Context,
+    node: &str,
+    found: Vec<kube_fim_crds::ChangeStormRecord>,
+) -> Result<(), Vec<kube_fim_crds::ChangeStormRecord>> {
+    let stored_storms = |r: &FileIntegrityNode| {
+        r.status
+            .as_ref()
+            .map(|s| s.storms.clone())
+            .unwrap_or_default()
+    };
+    // Already recorded (a storm judged again): no request.
+    if let Some(cached) = ctx
+        .records
+        .get(&ObjectRef::new(node))
+        .map(|r| stored_storms(&r))
+        && storm::merged(&cached, &found) == cached
+    {
+        return Ok(());
+    }
     let api: Api<FileIntegrityNode> = Api::all(ctx.client.clone());
+    let stored = match api.get(node).await {
+        Ok(r) => stored_storms(&r),
+        // The node is gone, and so is its record (the fleet deletes it):
+        // nothing left to record on; its FileChanges stay.
+        Err(kube::Error::Api(e))
+            if e.code == 404 && ctx.nodes.get(&ObjectRef::new(node)).is_none() =>
+        {
+            debug!(%node, "storm of a node that is gone: not recorded");
+            return Ok(());
+        }
+        Err(error) => {
+            debug!(%node, %error, "storm not recorded yet: no FileIntegrityNode to read");
+            return Err(found);
+        }
+    };
+    let storms = storm::merged(&stored, &found);
+    if storms == stored {
+        return Ok(());
+    }
     let patch = serde_json::json!({
         "apiVersion": "fim.kube-fim.io/v1alpha1",
         "kind": "FileIntegrityNode",
@@ -396,7 +471,18 @@ async fn write_storms(ctx: &Context, node: &str, storms: Vec<kube_fim_crds::Chan
     let params = PatchParams::apply(STORMS_FIELD_MANAGER).force();
     if let Err(error) = api.patch_status(node, &params, &Patch::Apply(&patch)).await {
         warn!(%node, %error, "could not record the change storm on the node's FileIntegrityNode");
+        return Err(found);
     }
+    for new in storms.iter().filter(|s| !stored.contains(s)) {
+        let extended = stored
+            .iter()
+            .any(|s| (&s.policy, &s.entry, s.since.0) == (&new.policy, &new.entry, new.since.0));
+        if !extended {
+            ctx.metrics.change_storms.inc();
+        }
+        info!(%node, policy = %new.policy, entry = %new.entry, since = %new.since.0, last = %new.last.0, count = new.count, cap = new.cap, extended, "change storm");
+    }
+    Ok(())
 }
 
 /// The field manager of `status.storms`.

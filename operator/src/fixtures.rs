@@ -485,3 +485,91 @@ async fn a_deleted_policy_with_evidence_delete_takes_only_its_own_changes_then_l
     .await;
     assert_eq!(action.unwrap(), Action::await_change());
 }
+
+const RECORD_A: &str = "/apis/fim.kube-fim.io/v1alpha1/fileintegritynodes/a";
+
+fn storm_record(
+    entry: &str,
+    since: &str,
+    last: &str,
+    count: u64,
+) -> kube_fim_crds::ChangeStormRecord {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    kube_fim_crds::ChangeStormRecord {
+        policy: "web".into(),
+        entry: entry.into(),
+        since: Time(since.parse().unwrap()),
+        last: Time(last.parse().unwrap()),
+        count,
+        cap: 20,
+    }
+}
+
+/// A storm is merged into the storms the node's record holds as read just
+/// now, not as the cache shows them (a storm of another entry recorded a
+/// moment ago is not in the cache yet, and must stay); a write refused is
+/// given back, to be tried again.
+#[tokio::test(start_paused = true)]
+async fn a_storm_is_recorded_beside_those_the_cache_does_not_show_yet_and_kept_until_written() {
+    use crate::controller::record_node_storms;
+    let (ctx, mut server) = context(vec![], vec![node("a", "web")], vec![record("a")]);
+    let earlier = storm_record(
+        "sudoers",
+        "2026-12-07T05:00:00Z",
+        "2026-12-07T05:00:10Z",
+        25,
+    );
+    let found = vec![storm_record(
+        "ssh",
+        "2026-12-07T05:00:05Z",
+        "2026-12-07T05:00:30Z",
+        40,
+    )];
+    let mut stored = serde_json::to_value(record("a")).unwrap();
+    stored["status"] = json!({ "storms": [earlier] });
+    let answer = stored.clone();
+    let want = vec![earlier, found[0].clone()];
+    let written = drive(record_node_storms(&ctx, "a", found.clone()), async move {
+        server
+            .expect(Method::GET, RECORD_A)
+            .await
+            .respond(StatusCode::OK, &answer);
+        let patch = server
+            .expect(Method::PATCH, &format!("{RECORD_A}/status"))
+            .await;
+        assert!(
+            patch
+                .query
+                .contains("fieldManager=kube-fim-operator-storms"),
+            "{:?}",
+            patch.query
+        );
+        let storms: Vec<kube_fim_crds::ChangeStormRecord> =
+            serde_json::from_value(patch.body["status"]["storms"].clone()).unwrap();
+        assert_eq!(storms, want);
+        let mut now = serde_json::to_value(record("a")).unwrap();
+        now["status"] = json!({ "storms": storms });
+        patch.respond(StatusCode::OK, &now);
+        server.no_more_requests().await;
+    })
+    .await;
+    assert_eq!(written, Ok(()));
+
+    let (ctx, mut server) = context(vec![], vec![node("a", "web")], vec![record("a")]);
+    let given_back = drive(record_node_storms(&ctx, "a", found.clone()), async move {
+        server
+            .expect(Method::GET, RECORD_A)
+            .await
+            .respond(StatusCode::OK, &stored);
+        server
+            .expect(Method::PATCH, &format!("{RECORD_A}/status"))
+            .await
+            .respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &status(500, "InternalError", "etcd is away"),
+            );
+        server.no_more_requests().await;
+    })
+    .await;
+    assert_eq!(given_back.map_err(|f| f.len()), Err(1));
+}

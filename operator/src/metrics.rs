@@ -121,7 +121,7 @@ impl Metrics {
         )?;
         let change_storms = IntCounter::new(
             "change_storms_total",
-            "Storms found in the nodes' FileChanges: more changes of one policy entry detected in a minute than the policy's cap (recorded on the node's FileIntegrityNode)",
+            "Storms recorded on the nodes' FileIntegrityNodes: more changes of one policy entry detected in a minute than the policy's cap, found in the nodes' FileChanges (a storm found again extends its record and is not counted again)",
         )?;
         let evidence_gaps = IntGaugeVec::new(
             Opts::new(
