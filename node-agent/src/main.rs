@@ -7,6 +7,7 @@
 /// judges them: glibc's allocator serializes such frees on the arena lock of
 /// the thread that made them (most of the judging thread's waits), mimalloc
 /// frees them without a lock.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use tracing::warn;
 
 use super::{Engine, Outcome, ScanError};
-use crate::baseline::{Prefetched, Snapshot};
+use crate::baseline::{KnownChild, Prefetched, Snapshot};
 use crate::hostfs::{HostRoot, InspectError, Inspected, Item};
 use crate::paths::{escape, host_path, unescape};
 use crate::plan::{Entry, Plan};
@@ -309,9 +309,8 @@ impl Engine {
                 let Some(node) = stack.pop() else {
                     break;
                 };
-                let children = self.children(&node, plan, &mut out.errors);
                 let at = stack.len();
-                for child in children {
+                self.children(&node, plan, &mut out.errors, |child| {
                     let down = descends(plan, &child);
                     match (candidate(plan, &child), down) {
                         (true, true) => {
@@ -322,7 +321,7 @@ impl Engine {
                         (false, true) => stack.push(child),
                         (false, false) => {}
                     }
-                }
+                });
                 // Popped in name order.
                 stack[at..].reverse();
             }
@@ -355,31 +354,31 @@ impl Engine {
         }
     }
 
-    /// The children of a directory the scan descends into, in name order:
-    /// what is in it on disk (if an entry lists it), what the baseline knows
-    /// in it, and the way to the bases of entries deeper down.
+    /// The children of a directory the scan descends into, handed to `each`
+    /// in name order (as in keys): what is in it on disk (if an entry lists
+    /// it), what the baseline knows in it, and the way to the bases of
+    /// entries deeper down. The three are merged as streams, each sorted by
+    /// name: a directory of 20,000 entries is held once (its listing), not
+    /// again in a map of the merged children.
     pub(super) fn children(
         &mut self,
         node: &Node,
         plan: &Plan,
         errors: &mut Vec<ScanError>,
-    ) -> Vec<Node> {
-        let mut by_name: BTreeMap<String, Node> = BTreeMap::new();
+        mut each: impl FnMut(Node),
+    ) {
+        // On disk: (name as in keys, is a directory), sorted.
+        let mut on_disk: Vec<(String, bool)> = Vec::new();
         if lists(plan, node) {
             match self.root.list_dir(&node.path) {
                 Ok(children) => {
                     self.dirs.insert(node.path.clone());
-                    for c in children {
-                        by_name.insert(
-                            escape(&c.name),
-                            Node {
-                                path: node.path.join(&c.name),
-                                listed: Some(c.is_dir),
-                                known: false,
-                                below: false,
-                            },
-                        );
-                    }
+                    // In place: a name replaces the entry it comes from.
+                    on_disk = children
+                        .into_iter()
+                        .map(|c| (escape(&c.name), c.is_dir))
+                        .collect();
+                    on_disk.sort_unstable_by(|a, b| a.0.cmp(&b.0));
                 }
                 // Not a directory (a file, a symlink): nothing below.
                 Err(InspectError::Io(_)) | Err(InspectError::Loop) => {}
@@ -389,30 +388,61 @@ impl Engine {
                 }),
             }
         }
-        for e in &plan.entries {
-            if let Ok(rest) = e.base.strip_prefix(&node.path)
-                && let Some(first) = rest.components().next()
-            {
-                let name = first.as_os_str();
-                by_name.entry(escape(name)).or_insert_with(|| Node {
-                    path: node.path.join(name),
-                    listed: None,
-                    known: false,
-                    below: false,
-                });
+        // On the way to deeper bases (a few).
+        let mut ways: Vec<String> = plan
+            .entries
+            .iter()
+            .filter_map(|e| e.base.strip_prefix(&node.path).ok())
+            .filter_map(|rest| rest.components().next())
+            .map(|first| escape(first.as_os_str()))
+            .collect();
+        ways.sort_unstable();
+        ways.dedup();
+        let known = self.baseline.children(&host_path(&node.path));
+        let mut on_disk = on_disk.into_iter().peekable();
+        let mut ways = ways.into_iter().peekable();
+        let mut known = known.into_iter().peekable();
+        loop {
+            // Which streams are at the least name (no name is cloned).
+            let (d, w, k) = {
+                let d = on_disk.peek().map(|(n, _)| n.as_str());
+                let w = ways.peek().map(String::as_str);
+                let k = known.peek().map(|(n, _)| n.as_str());
+                let Some(least) = [d, w, k].into_iter().flatten().min() else {
+                    break;
+                };
+                (d == Some(least), w == Some(least), k == Some(least))
+            };
+            let mut name = None;
+            let mut listed = None;
+            if let Some((n, dir)) = d.then(|| on_disk.next()).flatten() {
+                listed = Some(dir);
+                name = Some(n);
             }
-        }
-        for (name, k) in self.baseline.children(&host_path(&node.path)) {
-            let n = by_name.entry(name).or_insert_with_key(|name| Node {
-                path: node.path.join(unescape(name)),
-                listed: None,
-                known: false,
-                below: false,
+            if let Some(n) = w.then(|| ways.next()).flatten() {
+                name.get_or_insert(n);
+            }
+            let mut child = KnownChild::default();
+            if let Some((n, c)) = k.then(|| known.next()).flatten() {
+                child = c;
+                name.get_or_insert(n);
+            }
+            let Some(name) = name else {
+                break;
+            };
+            // A name escaped as itself is the name (no `\\` in it).
+            let path = if name.contains('\\') {
+                node.path.join(unescape(&name))
+            } else {
+                node.path.join(&name)
+            };
+            each(Node {
+                path,
+                listed,
+                known: child.known,
+                below: child.below,
             });
-            n.known = k.known;
-            n.below = k.below;
         }
-        by_name.into_values().collect()
     }
 
     /// Judges, in order, the paths of a batch planned and inspected on the
@@ -549,6 +579,191 @@ mod tests {
             );
             // One file fewer, one more.
             assert_eq!(e.files_total, 2 + n + 4, "threads {threads}");
+        }
+    }
+
+    /// The children of a directory as they were computed before they were
+    /// streamed: every source into one map by name.
+    fn children_by_map(e: &mut Engine, node: &Node) -> Vec<String> {
+        let plan = Arc::clone(&e.plan);
+        let mut by_name: BTreeMap<String, Node> = BTreeMap::new();
+        if lists(&plan, node)
+            && let Ok(children) = e.root.list_dir(&node.path)
+        {
+            for c in children {
+                let n = Node {
+                    path: node.path.join(&c.name),
+                    listed: Some(c.is_dir),
+                    known: false,
+                    below: false,
+                };
+                by_name.insert(escape(&c.name), n);
+            }
+        }
+        for en in &plan.entries {
+            if let Ok(rest) = en.base.strip_prefix(&node.path)
+                && let Some(first) = rest.components().next()
+            {
+                let name = first.as_os_str();
+                by_name.entry(escape(name)).or_insert_with(|| Node {
+                    path: node.path.join(name),
+                    listed: None,
+                    known: false,
+                    below: false,
+                });
+            }
+        }
+        for (name, k) in e.baseline.children(&host_path(&node.path)) {
+            let n = by_name.entry(name).or_insert_with_key(|name| Node {
+                path: node.path.join(unescape(name)),
+                listed: None,
+                known: false,
+                below: false,
+            });
+            n.known = k.known;
+            n.below = k.below;
+        }
+        by_name.into_values().map(|n| format!("{n:?}")).collect()
+    }
+
+    #[test]
+    fn children_stream_the_listing_the_records_and_the_way_to_deeper_bases_in_name_order() {
+        use std::os::unix::ffi::OsStrExt;
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let etc = root.path().join("etc");
+        std::fs::create_dir_all(etc.join("a/x")).unwrap();
+        std::fs::create_dir_all(etc.join("gone-dir/y")).unwrap();
+        std::fs::write(etc.join("gone-dir/y/f"), "f").unwrap();
+        // Names whose order differs escaped and raw: `-` and `.` sort before
+        // `/`, a backslash is escaped, a byte that is not UTF-8 too.
+        let odd = [
+            &b"a-b"[..],
+            b"a.b",
+            b"b\\c",
+            b"b\xffc",
+            b"b]",
+            b"\xc3\xa9t\xc3\xa9",
+            b"z",
+        ];
+        for n in odd {
+            std::fs::write(etc.join(std::ffi::OsStr::from_bytes(n)), n).unwrap();
+        }
+        for i in 0..SCAN_BATCH + 3 {
+            std::fs::write(etc.join(format!("m{i:05}")), "m").unwrap();
+        }
+        let paths = vec![
+            crate::engine::tests::etc(true),
+            entry("deep", "/etc/q/deeper", true),
+        ];
+        let mut e = engine(root.path(), state.path(), paths);
+        scan(&mut e, DetectionSource::Startup);
+        e.save().unwrap();
+        // Records removed, added and changed on disk; some of it still
+        // pending in the baseline (not saved), some saved.
+        std::fs::remove_file(etc.join("a-b")).unwrap();
+        std::fs::remove_dir_all(etc.join("gone-dir")).unwrap();
+        std::fs::write(etc.join("a.c"), "new").unwrap();
+        std::fs::write(etc.join("m00007"), "changed").unwrap();
+        std::fs::remove_file(etc.join("m01000")).unwrap();
+        std::fs::write(etc.join("b\\d"), "new").unwrap();
+        scan(&mut e, DetectionSource::Scan);
+        std::fs::remove_file(etc.join("z")).unwrap();
+        std::fs::write(etc.join("a/x/new"), "new").unwrap();
+        for node in [
+            Node {
+                path: "etc".into(),
+                listed: Some(true),
+                known: true,
+                below: true,
+            },
+            Node {
+                path: "etc/a".into(),
+                listed: Some(true),
+                known: true,
+                below: true,
+            },
+            Node {
+                path: "etc/gone-dir".into(),
+                listed: None,
+                known: true,
+                below: true,
+            },
+        ] {
+            let expected = children_by_map(&mut e, &node);
+            let plan = Arc::clone(&e.plan);
+            let mut streamed = Vec::new();
+            e.children(&node, &plan, &mut Vec::new(), |n| {
+                streamed.push(format!("{n:?}"))
+            });
+            assert_eq!(streamed, expected, "{:?}", node.path);
+        }
+        // The first of them, for the record.
+        let plan = Arc::clone(&e.plan);
+        let mut names = Vec::new();
+        let etc_node = Node {
+            path: "etc".into(),
+            listed: Some(true),
+            known: true,
+            below: true,
+        };
+        e.children(&etc_node, &plan, &mut Vec::new(), |n| {
+            names.push(host_path(&n.path))
+        });
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+        for n in [
+            "/etc/a.c",
+            "/etc/b\\xffc",
+            "/etc/gone-dir",
+            "/etc/q",
+            "/etc/z",
+        ] {
+            assert!(names.iter().any(|m| m == n), "{n} in {names:?}");
+        }
+        // a, gone-dir, q; the odd names, the m files, a.c and b\d.
+        assert_eq!(names.len(), 3 + odd.len() + SCAN_BATCH + 3 + 2);
+    }
+
+    #[test]
+    fn changes_of_a_directory_larger_than_a_batch_come_in_the_order_of_the_walk() {
+        let n = SCAN_BATCH + 5;
+        for threads in [1, 2] {
+            let root = tempfile::tempdir().unwrap();
+            let state = tempfile::tempdir().unwrap();
+            let big = root.path().join("etc/big");
+            std::fs::create_dir_all(big.join("a-sub")).unwrap();
+            std::fs::create_dir_all(big.join("z-sub")).unwrap();
+            for i in 0..n {
+                std::fs::write(big.join(format!("f{i:05}")), "x").unwrap();
+            }
+            let mut e = engine(root.path(), state.path(), vec![etc(true)]);
+            e.set_threads(threads);
+            scan(&mut e, DetectionSource::Startup);
+            e.save().unwrap();
+            std::fs::write(big.join("z-sub/new"), "n").unwrap();
+            std::fs::write(big.join("a-sub/new"), "n").unwrap();
+            std::fs::write(big.join(format!("f{:05}", n - 1)), "last").unwrap();
+            std::fs::remove_file(big.join(format!("f{:05}", SCAN_BATCH))).unwrap();
+            std::fs::write(big.join("f00001"), "first").unwrap();
+            std::fs::write(big.join("a-new"), "n").unwrap();
+            let o = scan(&mut e, DetectionSource::Scan);
+            let d: Vec<String> = o
+                .changes
+                .iter()
+                .map(|c| format!("{} {}", c.category.as_str(), c.path))
+                .collect();
+            assert_eq!(
+                d,
+                [
+                    "Added /etc/big/a-new".to_string(),
+                    "Modified /etc/big/f00001".to_string(),
+                    format!("Removed /etc/big/f{SCAN_BATCH:05}"),
+                    format!("Modified /etc/big/f{:05}", n - 1),
+                    "Added /etc/big/a-sub/new".to_string(),
+                    "Added /etc/big/z-sub/new".to_string(),
+                ],
+                "threads {threads}"
+            );
         }
     }
 
