@@ -26,7 +26,10 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use kube_fim_crds::validate::validate_policy;
-use kube_fim_crds::{FileIntegrityNode, FileIntegrityPolicy, FileIntegrityPolicyStatus};
+use kube_fim_crds::{
+    ChangeFloodRecord, ChangeStormRecord, FileIntegrityNode, FileIntegrityPolicy,
+    FileIntegrityPolicyStatus,
+};
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
@@ -38,7 +41,7 @@ use crate::metrics::Metrics;
 use crate::seen::{Change, Seen};
 use crate::status::{self, DEGRADED};
 use crate::triggers::{self, Wake};
-use crate::{chain, evidence, fleet, flood, retention, rollouts, storm};
+use crate::{chain, evidence, fleet, flood, noderecord, retention, rollouts, storm};
 
 /// The fleet is looked at again this often without any event.
 const FLEET_RESYNC: Duration = Duration::from_secs(30);
@@ -89,6 +92,7 @@ pub async fn run(
 
     let heartbeat_timeout = config.heartbeat_timeout;
     let storms = Arc::new(storm::Storms::default());
+    let floods = Arc::new(noderecord::Pending::default());
     let watches = [
         tokio::spawn(watch(
             Api::<FileIntegrityPolicy>::all(client.clone()),
@@ -135,8 +139,9 @@ pub async fn run(
             changes::api(client.clone()),
             ctx.clone(),
             storms.clone(),
+            floods.clone(),
         )),
-        tokio::spawn(record_storms(ctx.clone(), storms)),
+        tokio::spawn(record_alarms(ctx.clone(), storms, floods)),
         tokio::spawn(retention::run(ctx.clone())),
         tokio::spawn(chain::run(ctx.clone())),
         tokio::spawn(follow_fingerprints(ctx.clone())),
@@ -292,9 +297,15 @@ async fn watch<K, V>(
 /// Of each, only what the counts and retention need is kept ([`Changes`]).
 ///
 /// New ones are also counted per node ([`flood`]): a node creating them far
-/// faster than its policies allow is a `ChangeFlood`. Their detection times
-/// are kept per entry for [`record_storms`].
-async fn watch_changes(api: Api<ChangeView>, ctx: Arc<Context>, storms: Arc<storm::Storms>) {
+/// faster than its policies allow is a `ChangeFlood`, to record
+/// (`recorded`). Their detection times are kept per entry for
+/// [`record_alarms`].
+async fn watch_changes(
+    api: Api<ChangeView>,
+    ctx: Arc<Context>,
+    storms: Arc<storm::Storms>,
+    recorded: Arc<noderecord::Pending<ChangeFloodRecord>>,
+) {
     let events = watcher(api, watcher::Config::default()).default_backoff();
     futures::pin_mut!(events);
     let floods = flood::Floods::default();
@@ -318,7 +329,7 @@ async fn watch_changes(api: Api<ChangeView>, ctx: Arc<Context>, storms: Arc<stor
                     new: Some(item),
                 } = &change
                 {
-                    count_new_change(&floods, item, &ctx);
+                    count_new_change(&floods, &recorded, item, &ctx);
                 }
                 let woken = triggers::change_wake(change, &ctx.policies.state());
                 if woken != Wake::default() {
@@ -327,25 +338,6 @@ async fn watch_changes(api: Api<ChangeView>, ctx: Arc<Context>, storms: Arc<stor
             }
             Err(error) => warn!(kind = "FileChange", %error, "watch"),
         }
-    }
-}
-
-/// Records a node's floods on its FileIntegrityNode: `status.floods` only,
-/// server-side applied under a field manager of its own, so the chain
-/// verifier's writes of `status.verification` and the agent's merge patches
-/// leave it alone (admission refuses the agent's writes of it).
-async fn write_floods(ctx: &Context, node: &str, floods: Vec<kube_fim_crds::ChangeFloodRecord>) {
-    let api: Api<FileIntegrityNode> = Api::all(ctx.client.clone());
-    let patch = serde_json::json!({
-        "apiVersion": "fim.kube-fim.io/v1alpha1",
-        "kind": "FileIntegrityNode",
-        "status": { "floods": floods },
-    });
-    let params = PatchParams::apply(FLOODS_FIELD_MANAGER).force();
-    if let Err(error) = api.patch_status(node, &params, &Patch::Apply(&patch)).await {
-        // No record (a node token used before any agent ran): the Event and
-        // the metric still say it.
-        warn!(%node, %error, "could not record the flood on the node's FileIntegrityNode");
     }
 }
 
@@ -389,18 +381,22 @@ fn follow_detections(storms: &storm::Storms, event: &watcher::Event<ChangeView>)
     }
 }
 
-/// How often the lanes that changed are judged, and storms not yet recorded
-/// tried again.
-const STORM_PASS: Duration = Duration::from_secs(1);
+/// How often the lanes that changed are judged, and storms and floods not
+/// yet recorded tried again.
+const ALARM_PASS: Duration = Duration::from_secs(1);
 
 /// Judges the lanes whose changes moved ([`storm::Storms::due`]) against
-/// their policies' caps and records each storm on its node's
-/// FileIntegrityNode. A storm is kept until its record is written: a node
-/// without a record yet, or an API outage, only delays it; an operator
-/// restarting finds it again in the FileChanges.
-async fn record_storms(ctx: Arc<Context>, storms: Arc<storm::Storms>) {
-    let mut pending = storm::Pending::default();
-    let mut tick = tokio::time::interval(STORM_PASS);
+/// their policies' caps, and records each storm and flood on its node's
+/// FileIntegrityNode ([`noderecord`]). One is kept until its record is
+/// written: a node without a record yet, or an API outage, only delays it;
+/// an operator restarting finds a storm again in the FileChanges.
+async fn record_alarms(
+    ctx: Arc<Context>,
+    storms: Arc<storm::Storms>,
+    floods: Arc<noderecord::Pending<ChangeFloodRecord>>,
+) {
+    let pending_storms = noderecord::Pending::default();
+    let mut tick = tokio::time::interval(ALARM_PASS);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -409,72 +405,35 @@ async fn record_storms(ctx: Arc<Context>, storms: Arc<storm::Storms>) {
                 .get(&ObjectRef::new(policy))
                 .map(|p| p.spec.max_changes_per_node_per_minute)
         }) {
-            pending.add(&found);
+            pending_storms.add(&found.lane.node, &[found.record()]);
         }
-        for (node, found) in pending.take() {
+        for (node, found) in pending_storms.take() {
             if let Err(found) = record_node_storms(&ctx, &node, found).await {
-                pending.put_back(node, found);
+                pending_storms.add(&node, &found);
+            }
+        }
+        for (node, found) in floods.take() {
+            if let Err(found) = record_node_floods(&ctx, &node, found).await {
+                floods.add(&node, &found);
             }
         }
     }
 }
 
-/// Records `found` on `node`'s FileIntegrityNode, merged into the storms it
-/// holds (read afresh, not from the cache, which may not show the last
-/// write yet: a storm of another entry recorded a moment ago stays).
-/// Gives `found` back when it could not.
+/// Records `found` on `node`'s FileIntegrityNode ([`noderecord::record`]);
+/// counts and logs the storms it recorded. Gives `found` back when it could
+/// not.
 pub(crate) async fn record_node_storms(
     ctx: &Context,
     node: &str,
-    found: Vec<kube_fim_crds::ChangeStormRecord>,
-) -> Result<(), Vec<kube_fim_crds::ChangeStormRecord>> {
-    let stored_storms = |r: &FileIntegrityNode| {
-        r.status
-            .as_ref()
-            .map(|s| s.storms.clone())
-            .unwrap_or_default()
-    };
-    // Already recorded (a storm judged again): no request.
-    if let Some(cached) = ctx
-        .records
-        .get(&ObjectRef::new(node))
-        .map(|r| stored_storms(&r))
-        && storm::merged(&cached, &found) == cached
-    {
+    found: Vec<ChangeStormRecord>,
+) -> Result<(), Vec<ChangeStormRecord>> {
+    let Some(noderecord::Written { before, after }) = noderecord::record(ctx, node, found).await?
+    else {
         return Ok(());
-    }
-    let api: Api<FileIntegrityNode> = Api::all(ctx.client.clone());
-    let stored = match api.get(node).await {
-        Ok(r) => stored_storms(&r),
-        // The node is gone, and so is its record (the fleet deletes it):
-        // nothing left to record on; its FileChanges stay.
-        Err(kube::Error::Api(e))
-            if e.code == 404 && ctx.nodes.get(&ObjectRef::new(node)).is_none() =>
-        {
-            debug!(%node, "storm of a node that is gone: not recorded");
-            return Ok(());
-        }
-        Err(error) => {
-            debug!(%node, %error, "storm not recorded yet: no FileIntegrityNode to read");
-            return Err(found);
-        }
     };
-    let storms = storm::merged(&stored, &found);
-    if storms == stored {
-        return Ok(());
-    }
-    let patch = serde_json::json!({
-        "apiVersion": "fim.kube-fim.io/v1alpha1",
-        "kind": "FileIntegrityNode",
-        "status": { "storms": storms },
-    });
-    let params = PatchParams::apply(STORMS_FIELD_MANAGER).force();
-    if let Err(error) = api.patch_status(node, &params, &Patch::Apply(&patch)).await {
-        warn!(%node, %error, "could not record the change storm on the node's FileIntegrityNode");
-        return Err(found);
-    }
-    for new in storms.iter().filter(|s| !stored.contains(s)) {
-        let extended = stored
+    for new in after.iter().filter(|s| !before.contains(s)) {
+        let extended = before
             .iter()
             .any(|s| (&s.policy, &s.entry, s.since.0) == (&new.policy, &new.entry, new.since.0));
         if !extended {
@@ -485,15 +444,27 @@ pub(crate) async fn record_node_storms(
     Ok(())
 }
 
-/// The field manager of `status.storms`.
-const STORMS_FIELD_MANAGER: &str = "kube-fim-operator-storms";
-
-/// The field manager of `status.floods`.
-const FLOODS_FIELD_MANAGER: &str = "kube-fim-operator-floods";
+/// Records `found` on `node`'s FileIntegrityNode ([`noderecord::record`]).
+/// Gives `found` back when it could not.
+pub(crate) async fn record_node_floods(
+    ctx: &Context,
+    node: &str,
+    found: Vec<ChangeFloodRecord>,
+) -> Result<(), Vec<ChangeFloodRecord>> {
+    if let Some(noderecord::Written { after, .. }) = noderecord::record(ctx, node, found).await? {
+        debug!(%node, floods = after.len(), "change flood recorded");
+    }
+    Ok(())
+}
 
 /// Counts a new FileChange against its node's allowance; says a flood once a
 /// window (the Event is published beside the watch, never holding it up).
-fn count_new_change(floods: &flood::Floods, item: &changes::Item, ctx: &Arc<Context>) {
+fn count_new_change(
+    floods: &flood::Floods,
+    recorded: &noderecord::Pending<ChangeFloodRecord>,
+    item: &changes::Item,
+    ctx: &Arc<Context>,
+) {
     let now = Timestamp::now();
     let node = ctx.nodes.get(&ObjectRef::new(&item.node));
     let budget = match &node {
@@ -506,15 +477,8 @@ fn count_new_change(floods: &flood::Floods, item: &changes::Item, ctx: &Arc<Cont
     };
     ctx.metrics.change_floods.inc();
     warn!(node = %found.node, count = found.count, budget = found.budget, "change flood");
-    let recorded = ctx
-        .records
-        .get(&ObjectRef::new(&found.node))
-        .and_then(|r| r.status.as_ref().map(|s| s.floods.clone()))
-        .unwrap_or_default();
-    let floods = flood::record(&recorded, &found, now);
-    let writer = ctx.clone();
-    let name = found.node.clone();
-    tokio::spawn(async move { write_floods(&writer, &name, floods).await });
+    // Recorded by [`record_alarms`], merged into the record as read then.
+    recorded.add(&found.node, &[found.record(now)]);
     let Some(node) = node else {
         return;
     };

@@ -573,3 +573,76 @@ async fn a_storm_is_recorded_beside_those_the_cache_does_not_show_yet_and_kept_u
     .await;
     assert_eq!(given_back.map_err(|f| f.len()), Err(1));
 }
+
+fn flood_record(since: &str, last: &str, count: u64) -> kube_fim_crds::ChangeFloodRecord {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    kube_fim_crds::ChangeFloodRecord {
+        since: Time(since.parse().unwrap()),
+        last: Time(last.parse().unwrap()),
+        count,
+        budget: 120,
+    }
+}
+
+/// A flood is merged into the floods the node's record holds as read just
+/// now, not as the cache shows them (at operator start the cache is empty,
+/// and a flood recorded a moment ago is not in it yet: both must stay); a
+/// write refused is given back, to be tried again.
+#[tokio::test(start_paused = true)]
+async fn a_flood_is_recorded_beside_those_the_cache_does_not_show_yet_and_kept_until_written() {
+    use crate::controller::record_node_floods;
+    let (ctx, mut server) = context(vec![], vec![node("a", "web")], vec![record("a")]);
+    let earlier = flood_record("2026-12-07T04:00:00Z", "2026-12-07T04:02:00Z", 300);
+    let found = vec![flood_record(
+        "2026-12-07T05:00:00Z",
+        "2026-12-07T05:00:00Z",
+        150,
+    )];
+    let mut stored = serde_json::to_value(record("a")).unwrap();
+    stored["status"] = json!({ "floods": [earlier] });
+    let answer = stored.clone();
+    let want = vec![earlier, found[0].clone()];
+    let written = drive(record_node_floods(&ctx, "a", found.clone()), async move {
+        server
+            .expect(Method::GET, RECORD_A)
+            .await
+            .respond(StatusCode::OK, &answer);
+        let patch = server
+            .expect(Method::PATCH, &format!("{RECORD_A}/status"))
+            .await;
+        assert!(
+            patch
+                .query
+                .contains("fieldManager=kube-fim-operator-floods"),
+            "{:?}",
+            patch.query
+        );
+        let floods: Vec<kube_fim_crds::ChangeFloodRecord> =
+            serde_json::from_value(patch.body["status"]["floods"].clone()).unwrap();
+        assert_eq!(floods, want);
+        let mut now = serde_json::to_value(record("a")).unwrap();
+        now["status"] = json!({ "floods": floods });
+        patch.respond(StatusCode::OK, &now);
+        server.no_more_requests().await;
+    })
+    .await;
+    assert_eq!(written, Ok(()));
+
+    let (ctx, mut server) = context(vec![], vec![node("a", "web")], vec![record("a")]);
+    let given_back = drive(record_node_floods(&ctx, "a", found.clone()), async move {
+        server
+            .expect(Method::GET, RECORD_A)
+            .await
+            .respond(StatusCode::OK, &stored);
+        server
+            .expect(Method::PATCH, &format!("{RECORD_A}/status"))
+            .await
+            .respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &status(500, "InternalError", "etcd is away"),
+            );
+        server.no_more_requests().await;
+    })
+    .await;
+    assert_eq!(given_back.map_err(|f| f.len()), Err(1));
+}

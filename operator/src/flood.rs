@@ -102,36 +102,66 @@ impl Floods {
 /// Floods a node's record keeps.
 pub const RECORDED: usize = 16;
 
-/// The node's flood records with `flood` (said at `now`) added: the same
-/// flood said again a minute later extends the newest record (one alarm per
-/// flood, however long), a new one starts a record; the newest
-/// [`RECORDED`] are kept.
+/// The node's flood records with `flood` (said at `now`) added ([`merge`]).
 pub fn record(
     existing: &[ChangeFloodRecord],
     flood: &Flood,
     now: Timestamp,
 ) -> Vec<ChangeFloodRecord> {
-    let mut out = existing.to_vec();
-    out.sort_by_key(|r| r.since.0);
-    let ongoing = out
-        .last_mut()
-        .filter(|r| r.last.0 >= now - jiff_span(WINDOW * 2) && r.last.0 <= now);
-    match ongoing {
-        Some(r) => {
-            r.last = Time(now);
-            r.count = r.count.max(flood.count as u64);
-            r.budget = flood.budget;
-        }
-        None => out.push(ChangeFloodRecord {
+    merge(existing, &flood.record(now))
+}
+
+impl Flood {
+    /// Its record, said at `now`.
+    pub fn record(&self, now: Timestamp) -> ChangeFloodRecord {
+        ChangeFloodRecord {
             since: Time(now),
             last: Time(now),
-            count: flood.count as u64,
-            budget: flood.budget,
-        }),
+            count: self.count as u64,
+            budget: self.budget,
+        }
+    }
+}
+
+/// The node's flood records with `flood` added: a flood said within two
+/// windows of a record (the same flood said again a minute later, or a
+/// record written a moment ago) extends that record, its `since` (the
+/// alarm's id) unchanged: one alarm per flood, however long; a new one
+/// starts a record; the newest [`RECORDED`] are kept.
+pub fn merge(existing: &[ChangeFloodRecord], flood: &ChangeFloodRecord) -> Vec<ChangeFloodRecord> {
+    let mut out = existing.to_vec();
+    out.sort_by_key(|r| r.since.0);
+    let gap = jiff_span(WINDOW * 2);
+    let same = out
+        .iter_mut()
+        .rev()
+        .find(|r| flood.since.0 <= r.last.0 + gap && flood.last.0 + gap >= r.since.0);
+    match same {
+        Some(r) => {
+            if flood.last.0 >= r.last.0 {
+                r.last = flood.last.clone();
+                r.budget = flood.budget;
+            }
+            r.count = r.count.max(flood.count);
+        }
+        None => {
+            out.push(flood.clone());
+            out.sort_by_key(|r| r.since.0);
+        }
     }
     let excess = out.len().saturating_sub(RECORDED);
     out.drain(..excess);
     out
+}
+
+/// `existing` with every flood of `found` recorded ([`merge`]).
+pub fn merged(
+    existing: &[ChangeFloodRecord],
+    found: &[ChangeFloodRecord],
+) -> Vec<ChangeFloodRecord> {
+    found
+        .iter()
+        .fold(existing.to_vec(), |acc, f| merge(&acc, f))
 }
 
 impl Floods {
@@ -224,6 +254,29 @@ mod tests {
         }
         assert_eq!(r.len(), RECORDED);
         assert!(r.windows(2).all(|w| w[0].since.0 < w[1].since.0));
+    }
+
+    #[test]
+    fn a_flood_written_late_joins_its_record_and_keeps_its_id() {
+        let flood = |count| Flood {
+            node: "a".into(),
+            count,
+            budget: 120,
+        };
+        let t0 = Timestamp::from_second(1_000).unwrap();
+        let stored = record(&[], &flood(121), t0);
+        let stored = record(&stored, &flood(300), t0 + jiff_span(WINDOW));
+        // Said a minute before the newest write, its own write refused and
+        // tried again: the same flood, its id, end and peak kept.
+        let again = merged(&stored, &[flood(200).record(t0 + jiff_span(WINDOW / 2))]);
+        assert_eq!(again, stored);
+        // An earlier flood, retried after a later one was written: a record
+        // of its own, beside it, in order.
+        let early = flood(500).record(t0 - jiff_span(WINDOW * 10));
+        let both = merged(&stored, std::slice::from_ref(&early));
+        assert_eq!(both.len(), 2);
+        assert_eq!(both[0], early);
+        assert_eq!(both[1], stored[0]);
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod fixtures;
 pub mod fleet;
 pub mod flood;
 pub mod metrics;
+pub mod noderecord;
 pub mod retention;
 pub mod rollouts;
 pub mod seen;

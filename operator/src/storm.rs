@@ -84,7 +84,8 @@ pub struct Storm {
 }
 
 impl Storm {
-    fn record(&self) -> ChangeStormRecord {
+    /// Its record on the node's FileIntegrityNode.
+    pub fn record(&self) -> ChangeStormRecord {
         ChangeStormRecord {
             policy: self.lane.policy.clone(),
             entry: self.lane.entry.clone(),
@@ -259,31 +260,6 @@ pub fn record(existing: &[ChangeStormRecord], storm: &ChangeStormRecord) -> Vec<
     let excess = out.len().saturating_sub(RECORDED);
     out.drain(..excess);
     out
-}
-
-/// The storms found but not yet on their nodes' records: per node, merged
-/// as their records would be ([`record`]), so at most [`RECORDED`] a node.
-#[derive(Debug, Default)]
-pub struct Pending(HashMap<String, Vec<ChangeStormRecord>>);
-
-impl Pending {
-    pub fn add(&mut self, storm: &Storm) {
-        let node = self.0.entry(storm.lane.node.clone()).or_default();
-        *node = record(node, &storm.record());
-    }
-
-    /// The nodes with storms to record, and their storms, taken out.
-    pub fn take(&mut self) -> Vec<(String, Vec<ChangeStormRecord>)> {
-        self.0.drain().collect()
-    }
-
-    /// Storms whose recording failed, to try again.
-    pub fn put_back(&mut self, node: String, storms: Vec<ChangeStormRecord>) {
-        let mine = self.0.entry(node).or_default();
-        for s in &storms {
-            *mine = record(mine, s);
-        }
-    }
 }
 
 /// `existing` with every storm of `found` recorded.
