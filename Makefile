@@ -76,15 +76,21 @@ e2e: controlplane helm ## Integration tests against a fresh local control plane
 	rm -rf "$(E2E_DIR)"
 	$(CONTROLPLANE) run "$(E2E_DIR)" -- $(CARGO) test -p kube-fim-e2e
 
+# The real-node tier's images hold the debug binaries `make e2e` built (debug
+# information stripped): the same code as a release, without a second
+# profile of every dependency to compile (~9 min cold on 2 cores). `make demo`
+# and `make bench` use the release build. NODE_BINDIR=... to test others.
+NODE_BINDIR ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/debug
+
 .PHONY: e2e-node
-e2e-node: deps controlplane helm release ## Real-node tests: the chart's images as pods under a real kubelet (root)
+e2e-node: deps controlplane helm build ## Real-node tests: the chart's images as pods under a real kubelet (root)
 	$(CARGO) test -p kube-fim-e2e --test node --test node_drift --no-run
 	rm -rf "$(NODE_DIR)"
 	# Container drift with its writers runs on the same node and install, after the rest.
-	e2e/node/node.sh run "$(NODE_DIR)" -- sh -c '$(CARGO) test -p kube-fim-e2e --test node -- --skip upgrade_from_the_previous_chart && $(CARGO) test -p kube-fim-e2e --test node_drift'
+	KUBE_FIM_NODE_BINDIR="$(NODE_BINDIR)" e2e/node/node.sh run "$(NODE_DIR)" -- sh -c '$(CARGO) test -p kube-fim-e2e --test node -- --skip upgrade_from_the_previous_chart && $(CARGO) test -p kube-fim-e2e --test node_drift'
 	# The upgrade scenario installs the previous chart: it needs a node of its own.
 	rm -rf "$(NODE_DIR)"
-	e2e/node/node.sh run "$(NODE_DIR)" -- $(CARGO) test -p kube-fim-e2e --test node upgrade_from_the_previous_chart
+	KUBE_FIM_NODE_BINDIR="$(NODE_BINDIR)" e2e/node/node.sh run "$(NODE_DIR)" -- $(CARGO) test -p kube-fim-e2e --test node upgrade_from_the_previous_chart
 
 .PHONY: crds
 crds: ## Regenerate the CRD YAML in crds/ from the Rust types

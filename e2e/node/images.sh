@@ -10,7 +10,8 @@
 #
 # Same entrypoint, user, exposed port and binary path as the Dockerfiles (the
 # real-node tests compare them). The Dockerfiles build static musl binaries on
-# distroless/static; here the binaries are the workspace's glibc release build,
+# distroless/static; here the binaries are the workspace's glibc build (debug
+# for `make e2e-node`, release for `make demo`),
 # so the image carries the few shared libraries they load (ld.so, libc, libm,
 # libgcc_s) plus distroless's /etc/passwd, /etc/group, /tmp and /home/nonroot.
 # An image is rebuilt only when its binary changed.
@@ -82,15 +83,21 @@ fill_busybox() {
   printf 'welcome\n' >"$1/etc/motd"
   printf 'multi on\n' >"$1/etc/host.conf"
 }
+# install_bin NAME ROOTFS: the binary without its debug information (a debug
+# build's is most of its size; symbols stay for backtraces).
+install_bin() {
+  install -d "$2/usr/local/bin"
+  strip --strip-debug -o "$2/usr/local/bin/$1" "$bindir/$1"
+  chmod 0755 "$2/usr/local/bin/$1"
+  copy_libs "$bindir/$1" "$2"
+}
 fill_kube-fim-agent() {
   base_rootfs "$1"
-  install -m 0755 "$bindir/kube-fim-agent" "$1/usr/local/bin/kube-fim-agent"
-  copy_libs "$bindir/kube-fim-agent" "$1"
+  install_bin kube-fim-agent "$1"
 }
 fill_kube-fim-operator() {
   base_rootfs "$1"
-  install -m 0755 "$bindir/kube-fim-operator" "$1/usr/local/bin/kube-fim-operator"
-  copy_libs "$bindir/kube-fim-operator" "$1"
+  install_bin kube-fim-operator "$1"
 }
 
 build pause "$(cat "$here/pause/main.go" "$here/pause/go.mod")" \

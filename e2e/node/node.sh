@@ -25,7 +25,8 @@
 # binds to the machine's own addresses.
 #
 # Environment: KUBE_FIM_NODE_BINDIR (default $CARGO_TARGET_DIR/release, else
-# ./target/release) holds kube-fim-agent and kube-fim-operator for the images.
+# ./target/release; `make e2e-node` passes the debug build's directory) holds
+# kube-fim-agent and kube-fim-operator for the images.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

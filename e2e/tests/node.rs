@@ -3,7 +3,8 @@
 //! `make e2e-node` runs this file inside `e2e/node/node.sh run`: a control plane
 //! whose API server pods can reach, and a node next to it (containerd, runc,
 //! bridge CNI, kubelet, kube-scheduler, kube-proxy) that holds the images built
-//! from the release binaries by `e2e/node/images.sh`. The tests install the
+//! from the workspace's binaries by `e2e/node/images.sh` (`make e2e-node`: the
+//! debug build, debug information stripped). The tests install the
 //! chart with `helm install` (values only for the image names, the node's
 //! directories and test addresses), and watch what a user would: the operator
 //! pods leading, the agent DaemonSet pod Ready on the node with the chart's
