@@ -2,7 +2,7 @@
 # Installs what `make test` and `make demo` need and a fresh Debian/Ubuntu machine
 # lacks: the Debian packages of the test tiers (Prometheus for the scrape and
 # alert tests; containerd, runc, the CNI plugins, iptables, conntrack, umoci,
-# skopeo, busybox and bindfs for the real node; rsyslog and its TLS driver as
+# skopeo, busybox, bindfs and strip (binutils) for the real node; rsyslog and its TLS driver as
 # the export tests' syslog receiver; rpm and rpmbuild to make the rpm databases of
 # the package-verification tests), and clippy/rustfmt. Checks that the
 # toolchains it cannot install (Go, cargo, kubectl) are there.
@@ -18,7 +18,7 @@ wanted=(
   iptables:iptables ip6tables:iptables conntrack:conntrack ip:iproute2
   umoci:umoci skopeo:skopeo /bin/busybox:busybox-static bindfs:bindfs
   rsyslogd:rsyslog /usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so:rsyslog-gnutls
-  rpm:rpm rpmbuild:rpm md5sum:coreutils
+  rpm:rpm rpmbuild:rpm md5sum:coreutils strip:binutils
 )
 missing=()
 for entry in "${wanted[@]}"; do
