@@ -512,7 +512,6 @@ fn storm_record(
 #[tokio::test(start_paused = true)]
 async fn a_storm_is_recorded_beside_those_the_cache_does_not_show_yet_and_kept_until_written() {
     use crate::controller::record_node_storms;
-    let (ctx, mut server) = context(vec![], vec![node("a", "web")], vec![record("a")]);
     let earlier = storm_record(
         "sudoers",
         "2026-12-07T05:00:00Z",
@@ -525,53 +524,10 @@ async fn a_storm_is_recorded_beside_those_the_cache_does_not_show_yet_and_kept_u
         "2026-12-07T05:00:30Z",
         40,
     )];
-    let mut stored = serde_json::to_value(record("a")).unwrap();
-    stored["status"] = json!({ "storms": [earlier] });
-    let answer = stored.clone();
-    let want = vec![earlier, found[0].clone()];
-    let written = drive(record_node_storms(&ctx, "a", found.clone()), async move {
-        server
-            .expect(Method::GET, RECORD_A)
-            .await
-            .respond(StatusCode::OK, &answer);
-        let patch = server
-            .expect(Method::PATCH, &format!("{RECORD_A}/status"))
-            .await;
-        assert!(
-            patch
-                .query
-                .contains("fieldManager=kube-fim-operator-storms"),
-            "{:?}",
-            patch.query
-        );
-        let storms: Vec<kube_fim_crds::ChangeStormRecord> =
-            serde_json::from_value(patch.body["status"]["storms"].clone()).unwrap();
-        assert_eq!(storms, want);
-        let mut now = serde_json::to_value(record("a")).unwrap();
-        now["status"] = json!({ "storms": storms });
-        patch.respond(StatusCode::OK, &now);
-        server.no_more_requests().await;
+    records_beside_the_stored_and_given_back("storms", earlier, found, |ctx, found| async move {
+        record_node_storms(&ctx, "a", found).await
     })
     .await;
-    assert_eq!(written, Ok(()));
-
-    let (ctx, mut server) = context(vec![], vec![node("a", "web")], vec![record("a")]);
-    let given_back = drive(record_node_storms(&ctx, "a", found.clone()), async move {
-        server
-            .expect(Method::GET, RECORD_A)
-            .await
-            .respond(StatusCode::OK, &stored);
-        server
-            .expect(Method::PATCH, &format!("{RECORD_A}/status"))
-            .await
-            .respond(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &status(500, "InternalError", "etcd is away"),
-            );
-        server.no_more_requests().await;
-    })
-    .await;
-    assert_eq!(given_back.map_err(|f| f.len()), Err(1));
 }
 
 fn flood_record(since: &str, last: &str, count: u64) -> kube_fim_crds::ChangeFloodRecord {
@@ -591,18 +547,48 @@ fn flood_record(since: &str, last: &str, count: u64) -> kube_fim_crds::ChangeFlo
 #[tokio::test(start_paused = true)]
 async fn a_flood_is_recorded_beside_those_the_cache_does_not_show_yet_and_kept_until_written() {
     use crate::controller::record_node_floods;
-    let (ctx, mut server) = context(vec![], vec![node("a", "web")], vec![record("a")]);
     let earlier = flood_record("2026-12-07T04:00:00Z", "2026-12-07T04:02:00Z", 300);
     let found = vec![flood_record(
         "2026-12-07T05:00:00Z",
         "2026-12-07T05:00:00Z",
         150,
     )];
+    records_beside_the_stored_and_given_back("floods", earlier, found, |ctx, found| async move {
+        record_node_floods(&ctx, "a", found).await
+    })
+    .await;
+}
+
+/// What a storm and a flood are recorded through (`noderecord`), driven by
+/// `write` (node a, the records `found`): the node's record as read holds
+/// `earlier` under `status.<list>`, the cache nothing; the PATCH, under the
+/// list's own field manager, carries `earlier` then `found`; a PATCH refused
+/// gives `found` back.
+async fn records_beside_the_stored_and_given_back<R, W, F>(
+    list: &str,
+    earlier: R,
+    found: Vec<R>,
+    write: W,
+) where
+    R: serde::Serialize
+        + serde::de::DeserializeOwned
+        + PartialEq
+        + std::fmt::Debug
+        + Clone
+        + Send
+        + 'static,
+    W: Fn(Arc<Context>, Vec<R>) -> F,
+    F: Future<Output = Result<(), Vec<R>>>,
+{
+    let manager = format!("fieldManager=kube-fim-operator-{list}");
+    let list = list.to_string();
+    let (ctx, mut server) = context(vec![], vec![node("a", "web")], vec![record("a")]);
     let mut stored = serde_json::to_value(record("a")).unwrap();
-    stored["status"] = json!({ "floods": [earlier] });
+    stored["status"] = json!({ list.clone(): [earlier] });
     let answer = stored.clone();
-    let want = vec![earlier, found[0].clone()];
-    let written = drive(record_node_floods(&ctx, "a", found.clone()), async move {
+    let mut want = vec![earlier];
+    want.extend(found.iter().cloned());
+    let written = drive(write(ctx, found.clone()), async move {
         server
             .expect(Method::GET, RECORD_A)
             .await
@@ -610,18 +596,11 @@ async fn a_flood_is_recorded_beside_those_the_cache_does_not_show_yet_and_kept_u
         let patch = server
             .expect(Method::PATCH, &format!("{RECORD_A}/status"))
             .await;
-        assert!(
-            patch
-                .query
-                .contains("fieldManager=kube-fim-operator-floods"),
-            "{:?}",
-            patch.query
-        );
-        let floods: Vec<kube_fim_crds::ChangeFloodRecord> =
-            serde_json::from_value(patch.body["status"]["floods"].clone()).unwrap();
-        assert_eq!(floods, want);
+        assert!(patch.query.contains(&manager), "{:?}", patch.query);
+        let records: Vec<R> = serde_json::from_value(patch.body["status"][&list].clone()).unwrap();
+        assert_eq!(records, want);
         let mut now = serde_json::to_value(record("a")).unwrap();
-        now["status"] = json!({ "floods": floods });
+        now["status"] = json!({ list: records });
         patch.respond(StatusCode::OK, &now);
         server.no_more_requests().await;
     })
@@ -629,7 +608,7 @@ async fn a_flood_is_recorded_beside_those_the_cache_does_not_show_yet_and_kept_u
     assert_eq!(written, Ok(()));
 
     let (ctx, mut server) = context(vec![], vec![node("a", "web")], vec![record("a")]);
-    let given_back = drive(record_node_floods(&ctx, "a", found.clone()), async move {
+    let given_back = drive(write(ctx, found), async move {
         server
             .expect(Method::GET, RECORD_A)
             .await
